@@ -1,0 +1,50 @@
+# preserve-onnx: every target does its own set-up from nothing but Python, gcc and make.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CLI    := $(VENV)/bin/preserve-onnx
+LIBDIR := preserve_onnx/runtime/_lib
+LIB    := $(LIBDIR)/libpreserve_ops.so
+HDRDIR := build/ort-headers
+# Debian's libonnxruntime-dev carries the C API headers that the PyPI wheel lacks. It is fetched into
+# build/ with a private apt state (no change to the system); ORT_INCLUDE_DIR=... skips the fetch.
+ORT_INCLUDE_DIR ?= $(HDRDIR)/usr/include/onnxruntime
+APT_OPTS := -o Dir::Etc::SourceList=$(CURDIR)/build/apt/sources.list -o Dir::Etc::SourceParts=/dev/null \
+            -o Dir::State::Lists=$(CURDIR)/build/apt/lists -o Dir::Cache=$(CURDIR)/build/apt/cache \
+            -o Debug::NoLocking=1
+
+.PHONY: setup demo test bench fuzz lib clean
+
+setup: $(VENV)/.installed $(LIB)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(HDRDIR)/usr/include/onnxruntime/onnxruntime_c_api.h:
+	mkdir -p build/apt/lists/partial build/apt/cache/archives/partial $(HDRDIR)
+	echo "deb http://deb.debian.org/debian trixie main" > build/apt/sources.list
+	apt-get $(APT_OPTS) update -qq
+	cd build/apt && apt-get $(APT_OPTS) download libonnxruntime-dev
+	dpkg -x build/apt/libonnxruntime-dev_*.deb $(HDRDIR)
+
+lib: $(LIB)
+
+$(LIB): preserve_onnx/runtime/csrc/preserve_ops.cc $(if $(filter $(HDRDIR)/%,$(ORT_INCLUDE_DIR)),$(HDRDIR)/usr/include/onnxruntime/onnxruntime_c_api.h)
+	mkdir -p $(LIBDIR)
+	g++ -O2 -std=c++17 -fPIC -shared -pthread -I$(ORT_INCLUDE_DIR) -o $@.tmp $< && mv $@.tmp $@
+
+demo: setup
+	$(CLI) optimize sample_models/llama-gqa/tp2 build/demo/llama-gqa-tp2 --report build/demo/report.json
+	$(CLI) run build/demo/llama-gqa-tp2 --against sample_models/llama-gqa/tp2 --steps 3
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/run_bench.py
+
+clean:
+	rm -rf build $(LIBDIR) $(VENV)
