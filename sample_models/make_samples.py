@@ -349,8 +349,9 @@ class Decoder:
     """Emits one decoder (llama or gpt) for one rank into a Graph."""
 
     def __init__(self, g: Graph, src, rank: int, world: int, collectives: bool, quant: str | None,
-                 nbits_block: int = 32):
+                 nbits_block: int = 32, vocab_parallel: bool = False):
         self.g, self.src, self.cfg = g, src, src.cfg
+        self.vocab_parallel = vocab_parallel and world > 1 and collectives
         self.rank, self.world, self.collectives = rank, world, collectives
         self.quant, self.block = quant, nbits_block
         self.dtype = src.dtype
@@ -504,7 +505,13 @@ class Decoder:
                       f"{L}/final_norm_layernorm/SkipLayerNorm", domain=MS, epsilon=cfg.eps,
                       outputs=[f"{g.prefix}{L}/final_norm_layernorm/output_0", "", "",
                                f"{g.prefix}{L}/final_norm_layernorm/output_3"])
-        logits = self.linear(outs[0], "lm_head", "lm_head", None, dq_first)
+        if self.vocab_parallel:  # LM head split by vocabulary columns, logits gathered on every rank
+            if self.quant is not None:
+                raise ValueError("vocab_parallel is implemented for float weights only")
+            part = self.linear(outs[0], "lm_head", "lm_head", "col")
+            logits = g.node("AllGather", [part], "/lm_head/AllGather", domain=MS, group_size=self.world, axis=-1)
+        else:
+            logits = self.linear(outs[0], "lm_head", "lm_head", None, dq_first)
         # the LM head writes the graph output directly
         producer = next(n for n in reversed(g.nodes) if logits in n.output)
         producer.output[0] = out_names["logits"]
@@ -605,14 +612,18 @@ def io_spec(cfg: Config, arch: str, world: int, dtype: np.dtype):
 
 def build_rank_model(cfg: Config, src, arch: str, rank: int, world: int, collectives: bool,
                      quant: str | None = None, merged: bool = False, sink=None,
-                     nbits_block: int = 32) -> tuple[onnx.ModelProto, list]:
+                     nbits_block: int = 32, vocab_parallel: bool = False) -> tuple[onnx.ModelProto, list]:
+    """One model: rank `rank` of `world` (collectives=True) or the twin (world 1, collectives=False).
+
+    Returns the ModelProto (initializers inline, or external references when `sink` is ExternalRefs)
+    and the shard log used by verify_sharding."""
     sink = sink or InlineTensors()
     ins, outs = io_spec(cfg, arch, world, src.dtype)
     inits: dict[str, TensorProto] = {}
     shard_log: list = []
     if not merged:
         g = Graph(sink, "", inits)
-        dec = Decoder(g, src, rank, world, collectives, quant, nbits_block)
+        dec = Decoder(g, src, rank, world, collectives, quant, nbits_block, vocab_parallel)
         names = {n: n for n, _, _ in outs}
         (dec.llama if arch == "llama" else dec.gpt)({n: n for n, _, _ in ins}, names)
         nodes, shard_log = g.nodes, g.shard_log
@@ -621,7 +632,7 @@ def build_rank_model(cfg: Config, src, arch: str, rank: int, world: int, collect
         branches = {}
         for br in ("then", "else"):
             g = Graph(sink, f"/{br}", inits)
-            dec = Decoder(g, src, rank, world, collectives, quant, nbits_block)
+            dec = Decoder(g, src, rank, world, collectives, quant, nbits_block, vocab_parallel)
             names = {n: f"/{br}/{n}" for n, _, _ in outs}
             (dec.llama if arch == "llama" else dec.gpt)({n: n for n, _, _ in ins}, names)
             # branch graphs have no initializers of their own: weights are captured from outside

@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Shape-only tensor-parallel rank models of real LLM sizes, in seconds and without the weights.
+
+    python bench/make_big_model.py OUT_DIR [--preset llama3-70b] [--ranks 8] [--layers N]
+                                   [--dtype float16] [--vocab-parallel]
+
+Each rank r gets OUT_DIR/model_{r:02d}.onnx with the same graph as sample_models' llama-gqa
+(GroupQueryAttention, SkipSimplifiedLayerNormalization, com.microsoft::AllReduce after o_proj and
+down_proj). Its weight initializers are external-data references (location `model_{r:02d}.onnx.data`,
+4096-aligned offsets, lengths) into a SPARSE data file made with truncate(): no weight byte is
+computed or written, so disk use stays near zero while sizes, offsets and shapes are those of the
+real model (Llama-3-70B at 8 ranks: about 21 GB per rank with a replicated embedding and LM head).
+Reading the data gives zeros. Small int64 constants stay inline.
+
+Function API: make_big_model(out_dir, preset="llama3-70b", ranks=8, layers=None, ...) -> [paths].
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+_SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+if str(_SAMPLES) not in sys.path:
+    sys.path.insert(0, str(_SAMPLES))
+
+import make_samples as ms  # noqa: E402
+
+PRESETS: dict[str, ms.Config] = {
+    "llama3-70b": ms.Config(hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=28672, vocab=128256,
+                            max_seq=8192, rope_theta=500000.0),
+    "llama3-8b": ms.Config(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
+                           max_seq=8192, rope_theta=500000.0),
+    "llama2-70b": ms.Config(hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=28672, vocab=32000,
+                            max_seq=4096),
+    "llama2-7b": ms.Config(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000,
+                           max_seq=4096),
+}
+
+
+def make_big_model(out_dir, preset: str = "llama3-70b", ranks: int = 8, layers: int | None = None,
+                   dtype: str = "float16", vocab_parallel: bool = False, align: int = 4096,
+                   **overrides) -> list[Path]:
+    """Write OUT_DIR/model_{r:02d}.onnx + sparse .data for every rank; return the model paths.
+
+    `overrides` replace Config fields (hidden, heads, kv_heads, intermediate, vocab, max_seq, ...)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]
+    if layers is not None:
+        overrides["layers"] = layers
+    if overrides:
+        cfg = replace(cfg, **overrides)
+    cfg.check(ranks, "llama")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    src = ms.ShapeOnlyWeights(cfg, "llama", ms.np_dtype(dtype))
+    paths = []
+    for r in range(ranks):
+        name = f"model_{r:02d}.onnx"
+        sink = ms.ExternalRefs(name + ".data", align=align)
+        model, _ = ms.build_rank_model(cfg, src, "llama", r, ranks, True, sink=sink,
+                                       vocab_parallel=vocab_parallel)
+        meta = model.metadata_props.add()
+        meta.key, meta.value = "preserve.sample.shape_only", "1"
+        path = out / name
+        tmp = out / (name + ".tmp")
+        tmp.write_bytes(model.SerializeToString())
+        sink.create_sparse_file(out / (name + ".data"))
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="shape-only tensor-parallel rank models with sparse data files")
+    ap.add_argument("out_dir")
+    ap.add_argument("--preset", default="llama3-70b", choices=sorted(PRESETS))
+    ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
+    ap.add_argument("--vocab-parallel", action="store_true",
+                    help="split the LM head by vocabulary and AllGather the logits")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    paths = make_big_model(a.out_dir, a.preset, a.ranks, a.layers, a.dtype, a.vocab_parallel)
+    data = [Path(str(p) + ".data") for p in paths]
+    logical = sum(d.stat().st_size for d in data)
+    on_disk = sum(d.stat().st_blocks * 512 for d in data)
+    print(f"{len(paths)} rank models in {a.out_dir} ({time.perf_counter() - t0:.1f} s): "
+          f"{logical / 2**30:.1f} GiB of weights referenced, {on_disk / 2**20:.1f} MiB on disk")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
