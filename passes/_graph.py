@@ -1,0 +1,144 @@
+"""Read-only views of an ONNX model that the passes share: graphs and their scopes, tensor sizes.
+
+Nothing here reads weight bytes: sizes come from TensorProto dims and data_type only, so a model
+loaded with ``load_external_data=False`` costs no more than its graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import onnx
+from onnx import AttributeProto, GraphProto, NodeProto, TensorProto
+
+from preserve_onnx.errors import PreserveError
+
+MS_DOMAIN = "com.microsoft"
+COLLECTIVE_OPS = ("AllReduce", "AllGather", "AllToAll")
+
+# Bits per element for every TensorProto data type we can size; sub-byte types pack.
+_BITS = {
+    TensorProto.FLOAT: 32, TensorProto.UINT8: 8, TensorProto.INT8: 8, TensorProto.UINT16: 16,
+    TensorProto.INT16: 16, TensorProto.INT32: 32, TensorProto.INT64: 64, TensorProto.BOOL: 8,
+    TensorProto.FLOAT16: 16, TensorProto.DOUBLE: 64, TensorProto.UINT32: 32, TensorProto.UINT64: 64,
+    TensorProto.COMPLEX64: 64, TensorProto.COMPLEX128: 128, TensorProto.BFLOAT16: 16,
+    TensorProto.FLOAT8E4M3FN: 8, TensorProto.FLOAT8E4M3FNUZ: 8, TensorProto.FLOAT8E5M2: 8,
+    TensorProto.FLOAT8E5M2FNUZ: 8, TensorProto.UINT4: 4, TensorProto.INT4: 4,
+}
+for _name, _bits in (("FLOAT4E2M1", 4), ("FLOAT8E8M0", 8), ("UINT2", 2), ("INT2", 2)):
+    if hasattr(TensorProto, _name):
+        _BITS[getattr(TensorProto, _name)] = _bits
+
+
+def dtype_bits(data_type: int, what: str) -> int:
+    """Bits per element of ``data_type``; PreserveError naming ``what`` for unknown or string types."""
+    if data_type not in _BITS:
+        name = TensorProto.DataType.Name(data_type) if data_type in TensorProto.DataType.values() else data_type
+        raise PreserveError(f"{what}: unsupported element type {name}")
+    return _BITS[data_type]
+
+
+def nbytes(shape: tuple[int, ...], data_type: int, what: str) -> int:
+    """Bytes of a dense tensor of ``shape`` (sub-byte types round up)."""
+    count = 1
+    for d in shape:
+        count *= d
+    return (count * dtype_bits(data_type, what) + 7) // 8
+
+
+def initializer_nbytes(t: TensorProto) -> int:
+    """Bytes of an initializer from its metadata (dims, data_type), never from its data."""
+    return nbytes(tuple(t.dims), t.data_type, f"initializer '{t.name}'")
+
+
+def is_default_domain(domain: str) -> bool:
+    return domain in ("", "ai.onnx")
+
+
+def is_collective(node: NodeProto) -> bool:
+    return node.domain == MS_DOMAIN and node.op_type in COLLECTIVE_OPS
+
+
+def node_label(node: NodeProto, index: int) -> str:
+    """A node's name, or a deterministic stand-in for an unnamed one."""
+    return node.name or f"{node.op_type}_{index}"
+
+
+@dataclass
+class Scope:
+    """One graph with everything visible from it: own and outer initializers, producers, graph inputs.
+
+    ``path`` is "" for the main graph and ``<node>/<attribute>`` (nested with '/') for subgraphs.
+    ``main_inputs`` are the main graph's inputs (KV-cache lives there); a subgraph's own formal inputs
+    (Loop/Scan state) are activations.
+    """
+
+    path: str
+    graph: GraphProto
+    initializers: dict[str, TensorProto]
+    producers: dict[str, NodeProto]
+    main_inputs: dict[str, onnx.ValueInfoProto]
+    local_inputs: frozenset[str] = field(default_factory=frozenset)
+
+
+def iter_scopes(model: onnx.ModelProto) -> Iterator[Scope]:
+    """Every graph of the model (main first, then subgraphs depth-first in node order)."""
+    main = model.graph
+    main_inputs = {vi.name: vi for vi in main.input}
+    yield from _walk(main, "", {}, {}, main_inputs, frozenset(main_inputs))
+
+
+def _walk(graph, path, outer_inits, outer_producers, main_inputs, local_inputs):
+    inits = dict(outer_inits)
+    producers = dict(outer_producers)
+    for name in local_inputs:
+        # A subgraph's formal input shadows an outer tensor of the same name.
+        inits.pop(name, None)
+        producers.pop(name, None)
+    for t in graph.initializer:
+        inits[t.name] = t
+        producers.pop(t.name, None)
+    for node in graph.node:
+        for out in node.output:
+            if out:
+                producers[out] = node
+                inits.pop(out, None)
+    yield Scope(path, graph, inits, producers, main_inputs, local_inputs)
+    for index, node in enumerate(graph.node):
+        for attr in node.attribute:
+            subs = []
+            if attr.type == AttributeProto.GRAPH:
+                subs = [(attr.name, attr.g)]
+            elif attr.type == AttributeProto.GRAPHS:
+                subs = [(f"{attr.name}[{i}]", g) for i, g in enumerate(attr.graphs)]
+            for attr_name, sub in subs:
+                sub_path = f"{path}/{node_label(node, index)}:{attr_name}" if path else \
+                    f"{node_label(node, index)}:{attr_name}"
+                sub_inputs = frozenset(vi.name for vi in sub.input)
+                yield from _walk(sub, sub_path, inits, producers, main_inputs, sub_inputs)
+
+
+def all_names(model: onnx.ModelProto) -> set[str]:
+    """Every node and tensor name in every graph: what new names must not collide with."""
+    names: set[str] = set()
+    for scope in iter_scopes(model):
+        g = scope.graph
+        names.update(vi.name for vi in g.input)
+        names.update(vi.name for vi in g.output)
+        names.update(vi.name for vi in g.value_info)
+        names.update(t.name for t in g.initializer)
+        for node in g.node:
+            names.add(node.name)
+            names.update(node.input)
+            names.update(node.output)
+    names.discard("")
+    return names
+
+
+def graph_by_path(model: onnx.ModelProto, path: str) -> GraphProto:
+    """The (mutable) GraphProto at ``path`` in ``model``."""
+    for scope in iter_scopes(model):
+        if scope.path == path:
+            return scope.graph
+    raise PreserveError(f"internal: no graph at path '{path}'")  # pragma: no cover

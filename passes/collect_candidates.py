@@ -1,0 +1,203 @@
+"""Analysis `collect-candidates`: the weights and KV-cache that a window's operators read.
+
+Rule (SPEC §2, §4.2): consumers are the window's operators listed in ``CONSUMERS``; each input slot
+named there is resolved to what is read from HBM:
+
+* an initializer (own or outer scope) is a weight;
+* a tensor made by constant-only operators (DequantizeLinear, Cast, Transpose, Reshape, ...) from
+  initializers resolves to those root initializers, wherever the chain sits in the node list;
+* a main-graph input in a KV slot is KV-cache, sized from ``batch``/``context``.
+
+Refused, each with a reason that ``-v`` shows: activations (anything computed from a graph input),
+the scale of a DequantizeLinear (onnxruntime fuses DQ+MatMul into a quantized kernel only while the
+scale has no other reader), outputs of ``Constant`` nodes (exporters put weights in initializers),
+the collective's own input, and a tensor already covered in the window. Candidates come in order of
+first use (node order, then input index). Nothing here reads weight bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import NodeProto
+
+from preserve_onnx.errors import PreserveError
+from preserve_onnx.passes._graph import MS_DOMAIN, Scope, initializer_nbytes, is_default_domain, nbytes, \
+    node_label
+from preserve_onnx.passes.build_windows import Window
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Input indices of one consumer op: weights, KV-cache, and the KV layout (batch, sequence axes)."""
+
+    weights: tuple[int, ...] = ()
+    kv: tuple[int, ...] = ()
+    kv_axes: tuple[int, int] = (0, 2)
+
+
+# (domain, op_type) -> slots. Domain "" stands for ai.onnx. Any input count is accepted.
+CONSUMERS: dict[tuple[str, str], Slots] = {
+    ("", "MatMul"): Slots(weights=(0, 1)),
+    ("", "Gemm"): Slots(weights=(1, 2)),
+    (MS_DOMAIN, "MatMulNBits"): Slots(weights=(1, 2, 3, 5)),
+    (MS_DOMAIN, "Attention"): Slots(weights=(1, 2), kv=(4,), kv_axes=(1, 3)),
+    (MS_DOMAIN, "MultiHeadAttention"): Slots(weights=(3,), kv=(6, 7)),
+    (MS_DOMAIN, "GroupQueryAttention"): Slots(weights=(7, 8), kv=(3, 4)),
+    ("", "Attention"): Slots(kv=(4, 5)),
+}
+
+# Constant-only operators a weight may pass through; value = input indices that carry the weight
+# (the others must be constant too, but are not prefetch targets).
+CONSTANT_OPS: dict[str, tuple[int, ...]] = {
+    "DequantizeLinear": (0, 2),
+    "Cast": (0,),
+    "CastLike": (0,),
+    "Transpose": (0,),
+    "Reshape": (0,),
+    "Flatten": (0,),
+    "Squeeze": (0,),
+    "Unsqueeze": (0,),
+    "Identity": (0,),
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A tensor worth prefetching in a window."""
+
+    tensor: str
+    kind: str  # "weight" | "kv_cache"
+    consumer: str
+    slot: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A consumer input that is not prefetched, and why."""
+
+    tensor: str
+    consumer: str
+    slot: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class WindowCandidates:
+    window: Window
+    candidates: tuple[Candidate, ...]
+    skipped: tuple[Skipped, ...]
+
+
+def consumer_slots(node: NodeProto) -> Slots | None:
+    domain = "" if is_default_domain(node.domain) else node.domain
+    return CONSUMERS.get((domain, node.op_type))
+
+
+def collect_candidates(scope: Scope, window: Window, *, batch: int, context: int,
+                       kv: bool = True) -> WindowCandidates:
+    """Candidates of ``window`` (which lives in ``scope``), in first-use order."""
+    nodes = scope.graph.node
+    in_window = {out for i in window.nodes for out in nodes[i].output if out}
+    candidates: list[Candidate] = []
+    skipped: list[Skipped] = []
+    seen: dict[str, str] = {}
+    for i in window.nodes:
+        node = nodes[i]
+        slots = consumer_slots(node)
+        if slots is None:
+            continue
+        consumer = node_label(node, i)
+        for slot in sorted({*slots.weights, *slots.kv}):
+            if slot >= len(node.input) or not node.input[slot]:
+                continue  # optional input not given
+            name = node.input[slot]
+
+            def skip(reason: str, tensor: str = name) -> None:
+                skipped.append(Skipped(tensor, consumer, slot, reason))
+
+            if name == window.anchor:
+                skip("the collective's own input")
+                continue
+            if slot in slots.kv and name in scope.main_inputs and name not in scope.initializers:
+                if not kv:
+                    skip("KV-cache excluded by --no-kv")
+                    continue
+                found = [(name, kv_nbytes(scope.main_inputs[name], slots.kv_axes, batch, context))]
+                kind = "kv_cache"
+            elif slot in slots.weights:
+                roots, reason = resolve_roots(scope, name, in_window)
+                if reason:
+                    skip(reason)
+                    continue
+                found = [(r, initializer_nbytes(scope.initializers[r])) for r in roots]
+                kind = "weight"
+            else:
+                skip("KV slot not fed by a graph input" if name not in scope.initializers
+                     else "KV slot fed by an initializer")
+                continue
+            for tensor, size in found:
+                if tensor in seen:
+                    skip(f"already covered in this window (first read by {seen[tensor]})", tensor)
+                    continue
+                seen[tensor] = consumer
+                candidates.append(Candidate(tensor, kind, consumer, slot, size))
+    return WindowCandidates(window, tuple(candidates), tuple(skipped))
+
+
+def resolve_roots(scope: Scope, name: str, in_window: set[str] = frozenset(),
+                  depth: int = 0) -> tuple[tuple[str, ...], str | None]:
+    """The root initializers that ``name`` is computed from by constant-only operators.
+
+    Returns ``(roots, None)``, or ``((), reason)`` when ``name`` is not a prefetchable constant.
+    """
+    if name in scope.initializers:
+        return (name,), None
+    if depth > 64:
+        return (), "constant chain deeper than 64 operators"
+    node = scope.producers.get(name)
+    if node is None:
+        if name in scope.main_inputs or name in scope.local_inputs:
+            return (), "activation (graph input)"
+        return (), "activation (no producer in scope)"
+    if node.op_type == "Constant" and is_default_domain(node.domain):
+        return (), "output of a Constant node (exporters keep weights in initializers)"
+    targets = CONSTANT_OPS.get(node.op_type) if is_default_domain(node.domain) else None
+    if targets is None:
+        where = "in the window" if name in in_window else "outside the window"
+        return (), f"activation (computed by {node.op_type} {where})"
+    roots: list[str] = []
+    for index, inp in enumerate(node.input):
+        if not inp:
+            continue
+        sub_roots, reason = resolve_roots(scope, inp, in_window, depth + 1)
+        if reason and not (reason.startswith("output of a Constant") and index not in targets):
+            # Any non-constant operand makes the whole chain an activation.
+            return (), reason if reason.startswith("activation") else f"via {node.op_type}: {reason}"
+        if index in targets:
+            roots.extend(r for r in sub_roots if r not in roots)
+    return tuple(roots), None
+
+
+def kv_nbytes(vi: onnx.ValueInfoProto, axes: tuple[int, int], batch: int, context: int) -> int:
+    """Bytes of a KV-cache input: symbolic batch axis -> ``batch``, sequence axis -> ``context``."""
+    tt = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+        raise PreserveError(f"KV-cache input '{vi.name}' has no shape; cannot size it")
+    dims = []
+    batch_axis, seq_axis = axes
+    for axis, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value"):
+            dims.append(d.dim_value)
+        elif axis == batch_axis:
+            dims.append(batch)
+        elif axis == seq_axis:
+            dims.append(context)
+        else:
+            label = d.dim_param or "?"
+            raise PreserveError(
+                f"KV-cache input '{vi.name}': cannot bind symbolic dimension '{label}' (axis {axis}); "
+                f"only the batch (axis {batch_axis}) and sequence (axis {seq_axis}) axes may be symbolic")
+    return nbytes(tuple(dims), tt.elem_type, f"KV-cache input '{vi.name}'")

@@ -1,0 +1,137 @@
+"""Analysis `plan-prefetches`: decide, per window, which bytes to prefetch and name the nodes.
+
+Rule (SPEC §4.3-4.4): each window gets a byte budget, ``--budget`` when given, else
+``min(l2_fraction * L2, hbm_bw * t_collective)`` from the hardware profile. Candidates are taken in
+first-use order while they fit whole. The first one that does not fit is prefetched partially
+(``max_size`` = remaining budget) when the remainder is at least ``min_chunk``, and planning for the
+window stops there. A tensor larger than the profile's per-operation limit becomes several links of
+the chain with the same tensor and increasing offsets. Names are derived from the collective and the
+tensor, made unique against every name in the model, so the same input always gives the same plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from preserve_onnx.config import OptimizeConfig
+from preserve_onnx.passes._graph import all_names, iter_scopes
+from preserve_onnx.passes.build_windows import Window, build_windows
+from preserve_onnx.passes.collect_candidates import Candidate, Skipped, collect_candidates
+
+
+@dataclass(frozen=True)
+class PlannedPrefetch:
+    """One Prefetch node: ``output = Prefetch(input, tensor)`` over bytes [offset, offset+max_size)."""
+
+    node: str
+    output: str
+    tensor: str
+    kind: str
+    consumer: str
+    offset: int
+    max_size: int  # 0 = the whole tensor
+    nbytes: int  # bytes this node brings in
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    window: Window
+    budget: int
+    candidates: tuple[Candidate, ...]
+    skipped: tuple[Skipped, ...]
+    prefetches: tuple[PlannedPrefetch, ...]
+
+    @property
+    def prefetched_bytes(self) -> int:
+        return sum(p.nbytes for p in self.prefetches)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole model's plan: one WindowPlan per selected collective."""
+
+    hardware: str
+    budget_rule: str
+    ranks: int
+    windows: tuple[WindowPlan, ...]
+
+    @property
+    def prefetch_count(self) -> int:
+        return sum(len(w.prefetches) for w in self.windows)
+
+    @property
+    def prefetched_bytes(self) -> int:
+        return sum(w.prefetched_bytes for w in self.windows)
+
+
+def plan_prefetches(model: onnx.ModelProto, config: OptimizeConfig, ranks: int = 1) -> Plan:
+    """Plan every selected collective of ``model``."""
+    hw = config.hardware
+    scopes = {s.path: s for s in iter_scopes(model)}
+    taken = all_names(model)
+    plans = []
+    for window in build_windows(model, config.collectives, config.batch):
+        if not window.selected:
+            continue
+        found = collect_candidates(scopes[window.graph], window, batch=config.batch,
+                                   context=config.context, kv=config.kv)
+        budget = config.budget if config.budget is not None else \
+            hw.window_budget(window.message_bytes, ranks, config.l2_fraction)
+        prefetches, skipped = _fill(window, found.candidates, budget, config.min_chunk,
+                                    hw.max_prefetch_bytes, taken)
+        plans.append(WindowPlan(window, budget, found.candidates, found.skipped + skipped,
+                                tuple(prefetches)))
+    rule = (f"--budget {config.budget} B per window" if config.budget is not None else
+            f"min({config.l2_fraction} x L2, HBM BW x t_collective) on {hw.name}")
+    return Plan(hw.name, rule, ranks, tuple(plans))
+
+
+def _fill(window: Window, candidates, budget: int, min_chunk: int, max_op: int,
+          taken: set[str]) -> tuple[list[PlannedPrefetch], tuple[Skipped, ...]]:
+    prefetches: list[PlannedPrefetch] = []
+    skipped: list[Skipped] = []
+    remaining = budget
+    for i, cand in enumerate(candidates):
+        if cand.nbytes <= remaining:
+            span = cand.nbytes
+        elif remaining >= min_chunk:
+            span = remaining
+        else:
+            for rest in candidates[i:]:
+                skipped.append(Skipped(rest.tensor, rest.consumer, rest.slot,
+                                       f"budget exhausted ({remaining} B left < min chunk {min_chunk} B)"))
+            break
+        whole = span == cand.nbytes
+        pieces = _split(span, max_op)
+        for k, (offset, size) in enumerate(pieces):
+            base = f"{window.collective}/Prefetch/{cand.tensor}" + (f"/{k}" if len(pieces) > 1 else "")
+            node = _unique(base, taken)
+            output = _unique(f"{base}/out", taken)
+            max_size = 0 if whole and len(pieces) == 1 else size
+            prefetches.append(PlannedPrefetch(node, output, cand.tensor, cand.kind, cand.consumer,
+                                              offset, max_size, size))
+        remaining -= span
+        if not whole:
+            for rest in candidates[i + 1:]:
+                skipped.append(Skipped(rest.tensor, rest.consumer, rest.slot,
+                                       f"budget exhausted after partial prefetch of {cand.tensor}"))
+            break
+    return prefetches, tuple(skipped)
+
+
+def _split(span: int, max_op: int) -> list[tuple[int, int]]:
+    """[(offset, size)] covering ``span`` bytes in pieces of at most ``max_op`` (0 = no limit)."""
+    if max_op <= 0 or span <= max_op:
+        return [(0, span)]
+    return [(off, min(max_op, span - off)) for off in range(0, span, max_op)]
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        candidate = f"{name}_{n}"
+        n += 1
+    taken.add(candidate)
+    return candidate

@@ -1,0 +1,73 @@
+"""Pass `strip-prefetches`: remove every Prefetch node and reconnect its readers to its input 0.
+
+Invariant: values never change. ``strip(optimize(m))`` equals ``m`` as a graph: the collective gets
+its original input back, value_info entries of removed tensors go, and the Prefetch domain's opset
+import is dropped once no node uses it. Handles subgraphs (a reader inside an If branch of an outer
+Prefetch output is reconnected too). Refuses a Prefetch whose output is a graph output (removing it
+would rename a model output) or that has no input.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from preserve_onnx.config import PrefetchNaming
+from preserve_onnx.errors import PreserveError
+from preserve_onnx.passes._graph import iter_scopes
+from preserve_onnx.pipeline import Pass, PassResult
+
+
+class StripPrefetchesPass(Pass):
+    name = "strip-prefetches"
+    summary = "remove Prefetch nodes and reconnect each collective to its original input"
+
+    def __init__(self, naming: PrefetchNaming = PrefetchNaming()):
+        self.naming = naming
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        if not any(self.naming.matches(n) for s in iter_scopes(model) for n in s.graph.node):
+            return PassResult(model, False, 0)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        replaced: dict[str, str] = {}
+        scopes = list(iter_scopes(out))
+        for scope in scopes:
+            for node in scope.graph.node:
+                if self.naming.matches(node):
+                    if len(node.input) < 1 or len(node.output) != 1 or not node.input[0]:
+                        raise PreserveError(f"Prefetch node '{node.name}' is malformed (needs input 0 and "
+                                            f"one output); cannot strip it")
+                    replaced[node.output[0]] = node.input[0]
+
+        def source(name: str) -> str:
+            seen = 0
+            while name in replaced:
+                name = replaced[name]
+                seen += 1
+                if seen > len(replaced):
+                    raise PreserveError("Prefetch nodes form a cycle; cannot strip them")
+            return name
+
+        removed = 0
+        for scope in scopes:
+            g = scope.graph
+            for vi in g.output:
+                if vi.name in replaced:
+                    raise PreserveError(f"Prefetch output '{vi.name}' is a graph output; cannot strip it")
+            kept = [n for n in g.node if not self.naming.matches(n)]
+            removed += len(g.node) - len(kept)
+            if len(kept) != len(g.node):
+                del g.node[:]
+                g.node.extend(kept)
+            for node in g.node:
+                for i, name in enumerate(node.input):
+                    if name in replaced:
+                        node.input[i] = source(name)
+            stale = [vi for vi in g.value_info if vi.name in replaced]
+            for vi in stale:
+                g.value_info.remove(vi)
+        if not any(n.domain == self.naming.domain for s in iter_scopes(out) for n in s.graph.node):
+            for op in list(out.opset_import):
+                if op.domain == self.naming.domain:
+                    out.opset_import.remove(op)
+        return PassResult(out, True, removed)

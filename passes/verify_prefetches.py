@@ -1,0 +1,120 @@
+"""Pass `verify-prefetches`: prove the rewritten model is still a valid graph. Changes nothing.
+
+Checks: every graph is in topological order (subgraphs see their outer scope); every Prefetch has
+two inputs and one output, reads an initializer or a graph input as X, carries non-negative
+``max_size``/``offset`` within X's size and a ``collective`` name, and its chain ends at that
+collective; and the onnx checker reports no complaint that the input model did not already have
+(real exports fail the checker before we touch them, e.g. contrib ops in the default domain).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import AttributeProto
+
+from preserve_onnx.config import PrefetchNaming
+from preserve_onnx.errors import PreserveError
+from preserve_onnx.passes._graph import initializer_nbytes, is_collective, iter_scopes
+from preserve_onnx.pipeline import Pass, PassResult
+
+
+@dataclass(frozen=True)
+class Verification:
+    graphs: int
+    prefetches: int
+    checker: str  # "clean" or "same complaint as the input: ..."
+
+
+def checker_complaint(model: onnx.ModelProto) -> str | None:
+    """The onnx checker's first complaint about ``model`` (one line), or None."""
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, Exception) as exc:  # noqa: BLE001 - the checker raises several types
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def check_topological(graph: onnx.GraphProto, outer: frozenset[str], where: str) -> None:
+    """Raise PreserveError naming the first node that reads a tensor not yet produced."""
+    available = set(outer)
+    available.update(vi.name for vi in graph.input)
+    available.update(t.name for t in graph.initializer)
+    available.add("")
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            if name not in available:
+                raise PreserveError(f"{where}node {index} '{node.name or node.op_type}' reads '{name}' "
+                                    f"before it is produced (graph not in topological order, or a cycle)")
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                check_topological(sub, frozenset(available), f"{where}{node.name or node.op_type}/")
+        available.update(node.output)
+
+
+class VerifyPrefetchesPass(Pass):
+    name = "verify-prefetches"
+    summary = "check topological order, Prefetch well-formedness and no new onnx checker complaint"
+
+    def __init__(self, baseline: onnx.ModelProto, naming: PrefetchNaming = PrefetchNaming()):
+        self.baseline = baseline
+        self.naming = naming
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        check_topological(model.graph, frozenset(), "")
+        prefetches = 0
+        graphs = 0
+        for scope in iter_scopes(model):
+            graphs += 1
+            readers: dict[str, list[onnx.NodeProto]] = {}
+            for node in scope.graph.node:
+                for name in node.input:
+                    readers.setdefault(name, []).append(node)
+            for node in scope.graph.node:
+                if self.naming.matches(node):
+                    prefetches += 1
+                    self._check_prefetch(node, scope, readers)
+        complaint = checker_complaint(model) if model is not self.baseline else None
+        if complaint is not None:
+            before = checker_complaint(self.baseline)
+            # A new complaint means the rewrite broke something the input had right.
+            if before != complaint:
+                raise PreserveError(f"onnx checker: {complaint}")
+            verdict = f"same complaint as the input: {complaint}"
+        else:
+            verdict = "clean"
+        return PassResult(model, False, Verification(graphs, prefetches, verdict))
+
+    def _check_prefetch(self, node, scope, readers) -> None:
+        n = self.naming
+        label = f"Prefetch node '{node.name}'"
+        if len(node.input) != 2 or len(node.output) != 1:
+            raise PreserveError(f"{label} must have 2 inputs and 1 output")
+        x = node.input[1]
+        if x not in scope.initializers and x not in scope.main_inputs:
+            raise PreserveError(f"{label} reads '{x}', which is neither an initializer nor a graph input")
+        attrs = {a.name: a for a in node.attribute}
+        for key in (n.max_size, n.offset, n.collective):
+            if key not in attrs:
+                raise PreserveError(f"{label} lacks attribute '{key}'")
+        max_size, offset = attrs[n.max_size].i, attrs[n.offset].i
+        if max_size < 0 or offset < 0:
+            raise PreserveError(f"{label} has a negative max_size or offset")
+        if x in scope.initializers and offset + max_size > initializer_nbytes(scope.initializers[x]):
+            raise PreserveError(f"{label} covers bytes past the end of '{x}'")
+        # Walk the chain: each output must feed exactly one node, ending at the named collective.
+        current = node
+        while True:
+            users = readers.get(current.output[0], [])
+            if len(users) != 1:
+                raise PreserveError(f"{label}: its chain output feeds {len(users)} nodes, not 1")
+            current = users[0]
+            if not n.matches(current):
+                break
+        want = attrs[n.collective].s.decode()
+        if not is_collective(current):
+            raise PreserveError(f"{label}: its chain ends at {current.op_type}, not a collective")
+        if current.name and current.name != want:
+            raise PreserveError(f"{label} names collective '{want}' but feeds '{current.name}'")

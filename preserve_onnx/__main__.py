@@ -1,0 +1,4 @@
+from preserve_onnx.cli import main
+
+if __name__ == "__main__":
+    main()

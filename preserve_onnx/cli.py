@@ -1,0 +1,206 @@
+"""The command line: parse, call the library, render. No graph logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+from preserve_onnx.config import OptimizeConfig, PrefetchNaming
+from preserve_onnx.errors import PreserveError
+from preserve_onnx.hardware import DEFAULT_PROFILE, builtin_profiles, format_size, load_profile, parse_size
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
+                  help="Prefetch weights and KV-cache into L2 while tensor-parallel collectives communicate.")
+out = Console()
+err = Console(stderr=True)
+
+BIG_COPY = 64 << 20  # show a progress bar for data files above this size
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """A PreserveError becomes one red line and exit 1; Ctrl-C exits 130; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PreserveError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/red]: nothing was written", highlight=False)
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
+            if os.environ.get("PRESERVE_DEBUG"):
+                raise
+            err.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
+                      f"(set PRESERVE_DEBUG=1 for a traceback)", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _progress(quiet: bool):
+    """A factory of progress callbacks for large file copies (None when quiet)."""
+    if quiet:
+        return None
+
+    def factory(name: str, total: int):
+        if total < BIG_COPY:
+            return lambda n: None
+        progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                            TransferSpeedColumn(), console=err, transient=True)
+        progress.start()
+        task = progress.add_task(f"copying {name}", total=total)
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            progress.update(task, advance=n)
+            if done[0] >= total:
+                progress.stop()
+
+        return advance
+
+    return factory
+
+
+def _naming(domain: str, op: str) -> PrefetchNaming:
+    if not domain or not op:
+        raise PreserveError("--prefetch-domain and --prefetch-op must not be empty")
+    return PrefetchNaming(domain=domain, op_type=op)
+
+
+DomainOpt = Annotated[str, typer.Option("--prefetch-domain", help="domain of the Prefetch op")]
+OpOpt = Annotated[str, typer.Option("--prefetch-op", help="op type of the Prefetch op")]
+VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="say why tensors were skipped")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="only errors and the closing line")]
+
+
+@app.command()
+@handle_errors
+def optimize(
+    src: Annotated[Path, typer.Argument(metavar="IN", help="rank model (.onnx) or directory of rank models")],
+    dest: Annotated[Path, typer.Argument(metavar="OUT", help="output file, or directory for a rank directory")],
+    hardware: Annotated[str, typer.Option(help="hardware profile NAME or FILE.toml")] = DEFAULT_PROFILE,
+    budget: Annotated[Optional[str], typer.Option(help="bytes per window, e.g. 96MiB (overrides the rule)")] = None,
+    l2_fraction: Annotated[float, typer.Option(help="share of L2 a window may fill")] = 0.5,
+    batch: Annotated[int, typer.Option(help="batch size that sizes the KV-cache and messages")] = 8,
+    context: Annotated[int, typer.Option(help="context length that sizes the KV-cache")] = 16384,
+    no_kv: Annotated[bool, typer.Option("--no-kv", help="do not prefetch KV-cache")] = False,
+    collectives: Annotated[str, typer.Option(help="comma-separated collectives to plan")] = "AllReduce",
+    prefetch_domain: DomainOpt = "preserve",
+    prefetch_op: OpOpt = "Prefetch",
+    min_chunk: Annotated[str, typer.Option(help="smallest partial prefetch")] = "64KiB",
+    ranks: Annotated[Optional[int], typer.Option(help="rank count for collective time (default: from files)")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="write the JSON report here")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="plan and report, write no model")] = False,
+    replan: Annotated[bool, typer.Option("--replan", help="strip existing Prefetch nodes, plan again")] = False,
+    in_place: Annotated[bool, typer.Option("--in-place", help="allow OUT == IN")] = False,
+    disable: Annotated[Optional[list[str]], typer.Option(help="skip a pass by name (repeatable)")] = None,
+    jobs: Annotated[Optional[int], typer.Option(help="ranks optimized in parallel (default: cores)")] = None,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Insert Prefetch nodes so weight and KV-cache reads overlap each collective."""
+    from preserve_onnx.optimizer import optimize_path
+    from preserve_onnx.report import render_outcomes, report_dict, write_json
+
+    start = time.perf_counter()
+    known = ("AllReduce", "AllGather", "AllToAll")
+    chosen = tuple(c.strip() for c in collectives.split(",") if c.strip())
+    bad = [c for c in chosen if c not in known]
+    if bad or not chosen:
+        raise PreserveError(f"--collectives: unknown '{bad[0] if bad else collectives}' (choose from {', '.join(known)})")
+    for label, value in (("--batch", batch), ("--context", context)):
+        if value < 1:
+            raise PreserveError(f"{label} must be at least 1")
+    if not 0 < l2_fraction <= 1:
+        raise PreserveError("--l2-fraction must be in (0, 1]")
+    config = OptimizeConfig(
+        hardware=load_profile(hardware), budget=parse_size(budget) if budget is not None else None,
+        l2_fraction=l2_fraction, batch=batch, context=context, kv=not no_kv, collectives=chosen,
+        naming=_naming(prefetch_domain, prefetch_op), min_chunk=parse_size(min_chunk), ranks=ranks,
+        replan=replan, disabled=tuple(disable or ()))
+    outcomes = optimize_path(src, None if dry_run else dest, config, in_place=in_place, jobs=jobs,
+                             progress=_progress(quiet))
+    if report is not None:
+        write_json(report, report_dict(outcomes, config))
+    if not quiet:
+        render_outcomes(out, outcomes, verbose)
+    count = sum(o.plan.prefetch_count for o in outcomes)
+    total = sum(o.plan.prefetched_bytes for o in outcomes)
+    where = "dry run, nothing written" if dry_run else f"wrote {dest}"
+    out.print(f"[green]done[/green]: {len(outcomes)} model(s), {count} prefetches, {format_size(total)} "
+              f"planned; {where} in {time.perf_counter() - start:.2f} s", highlight=False)
+
+
+@app.command()
+@handle_errors
+def strip(
+    src: Annotated[Path, typer.Argument(metavar="IN")],
+    dest: Annotated[Path, typer.Argument(metavar="OUT")],
+    prefetch_domain: DomainOpt = "preserve",
+    prefetch_op: OpOpt = "Prefetch",
+    in_place: Annotated[bool, typer.Option("--in-place", help="allow OUT == IN")] = False,
+) -> None:
+    """Remove every Prefetch node and reconnect each collective to its original input."""
+    from preserve_onnx.optimizer import strip_path
+
+    removed = strip_path(src, dest, _naming(prefetch_domain, prefetch_op), in_place=in_place)
+    out.print(f"[green]done[/green]: removed {removed} Prefetch nodes; wrote {dest}", highlight=False)
+
+
+@app.command("passes")
+@handle_errors
+def list_passes() -> None:
+    """List the passes and analyses of the optimize pipeline."""
+    from rich.table import Table
+
+    from preserve_onnx.optimizer import PASSES
+
+    table = Table(title="optimize pipeline", title_justify="left")
+    for col in ("pass", "kind", "what it does"):
+        table.add_column(col)
+    for name, (kind, summary) in PASSES.items():
+        table.add_row(name, kind, summary)
+    out.print(table)
+
+
+@app.command("hardware")
+@handle_errors
+def list_hardware() -> None:
+    """List the built-in hardware profiles."""
+    from rich.table import Table
+
+    table = Table(title="hardware profiles", title_justify="left")
+    for col in ("name", "L2", "HBM BW", "link BW", "collective latency", "per-op prefetch limit", "description"):
+        table.add_column(col)
+    for hw in builtin_profiles().values():
+        table.add_row(hw.name, format_size(hw.l2_bytes), f"{hw.hbm_bw / 1e12:.2f} TB/s",
+                      f"{hw.link_bw / 1e9:.0f} GB/s", f"{hw.collective_alpha * 1e6:.0f} us",
+                      format_size(hw.max_prefetch_bytes) if hw.max_prefetch_bytes else "none", hw.description)
+    out.print(table)
+
+
+@app.command("runtime-lib")
+@handle_errors
+def runtime_lib() -> None:
+    """Print the path of the reference runtime's custom-op library."""
+    from preserve_onnx.runtime import library_path
+
+    print(library_path())
+
+
+def main() -> None:
+    app()

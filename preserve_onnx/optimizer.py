@@ -1,0 +1,214 @@
+"""The optimize and strip pipelines, on one model or on whole rank directories.
+
+``optimize`` = [strip-prefetches (only with replan)] -> insert-prefetches -> verify-prefetches.
+insert-prefetches consumes the analyses build-windows -> collect-candidates -> plan-prefetches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from preserve_onnx.config import OptimizeConfig, PrefetchNaming
+from preserve_onnx.errors import PreserveError
+from preserve_onnx.model_io import (ProgressFactory, copy_tree_entry, find_rank_sets, is_rank_file,
+                                    load_model, save_model, sibling_rank_count)
+from preserve_onnx.passes import InsertPrefetchesPass, Plan, StripPrefetchesPass, VerifyPrefetchesPass
+from preserve_onnx.passes.verify_prefetches import Verification
+from preserve_onnx.pipeline import Sequential
+
+# name -> (kind, one-line summary), in pipeline order; `preserve-onnx passes` prints this.
+PASSES = {
+    "strip-prefetches": ("transform", StripPrefetchesPass.summary + " (runs only with --replan)"),
+    "build-windows": ("analysis", "find every collective and the operators up to the next collective"),
+    "collect-candidates": ("analysis", "weights (through constant-only chains) and KV-cache each window reads"),
+    "plan-prefetches": ("analysis", "fit candidates into each window's budget; split, cut and name them"),
+    "insert-prefetches": ("transform", InsertPrefetchesPass.summary),
+    "verify-prefetches": ("check", VerifyPrefetchesPass.summary),
+}
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    """What optimizing one file gave."""
+
+    source: Path | None
+    output: Path | None
+    ranks: int
+    modified: bool
+    plan: Plan
+    verification: Verification | None
+    seconds: float
+
+
+def build_pipeline(config: OptimizeConfig, baseline: onnx.ModelProto, ranks: int) -> Sequential:
+    passes = []
+    if config.replan:
+        passes.append(StripPrefetchesPass(config.naming))
+    passes += [InsertPrefetchesPass(config, ranks), VerifyPrefetchesPass(baseline, config.naming)]
+    return Sequential(passes, [d for d in config.disabled if d in {p.name for p in passes}])
+
+
+def optimize(model: onnx.ModelProto | str | Path, config: OptimizeConfig | None = None,
+             ranks: int | None = None) -> tuple[onnx.ModelProto, Plan]:
+    """Optimize one model (a ModelProto or a path) and return ``(optimized model, plan)``.
+
+    The input is not changed. ``ranks`` (for the collective time in the budget rule) defaults to
+    ``config.ranks``, else the number of sibling rank files of a path, else 1.
+    """
+    outcome, out = _optimize_loaded(model, config or OptimizeConfig(), ranks)
+    return out, outcome.plan
+
+
+def _optimize_loaded(model, config: OptimizeConfig, ranks: int | None):
+    start = time.perf_counter()
+    source = None
+    if isinstance(model, (str, Path)):
+        source = Path(model)
+        if ranks is None and config.ranks is None:
+            ranks = sibling_rank_count(source)
+        model = load_model(source)
+    ranks = ranks or config.ranks or 1
+    _check_disabled(config)
+    result = build_pipeline(config, model, ranks)(model)
+    plan = result.stats("insert-prefetches")
+    if plan is None:  # insert-prefetches disabled: still report what would have been planned
+        from preserve_onnx.passes import plan_prefetches
+        plan = plan_prefetches(result.model, config, ranks)
+    outcome = RankOutcome(source, None, ranks, result.modified, plan,
+                          result.stats("verify-prefetches"), time.perf_counter() - start)
+    return outcome, result.model
+
+
+def _check_disabled(config: OptimizeConfig) -> None:
+    unknown = [d for d in config.disabled if d not in PASSES]
+    if unknown:
+        raise PreserveError(f"--disable: unknown pass '{unknown[0]}' (passes: {', '.join(PASSES)})")
+
+
+def strip(model: onnx.ModelProto | str | Path, naming: PrefetchNaming = PrefetchNaming()) -> onnx.ModelProto:
+    """``model`` without Prefetch nodes, each collective reconnected to its original input."""
+    if isinstance(model, (str, Path)):
+        model = load_model(Path(model))
+    return StripPrefetchesPass(naming)(model).model
+
+
+def _optimize_one(config: OptimizeConfig, progress: ProgressFactory | None, src: Path, dest: Path | None,
+                  ranks: int | None, copy_data: bool | None) -> RankOutcome:
+    outcome, model = _optimize_loaded(src, config, ranks)
+    if dest is not None:
+        save_model(model, dest, src.parent, copy_data=copy_data, progress=progress)
+    return dataclasses.replace(outcome, output=dest)
+
+
+def _strip_one(naming: PrefetchNaming, progress: ProgressFactory | None, src: Path, dest: Path | None,
+               ranks: int | None, copy_data: bool | None) -> int:
+    result = StripPrefetchesPass(naming)(load_model(src))
+    if dest is not None:
+        save_model(result.model, dest, src.parent, copy_data=copy_data, progress=progress)
+    return result.stats
+
+
+def resolve_output(src: Path, out: Path, in_place: bool) -> Path:
+    """OUT for a single file: a folder means ``folder/<IN's name>``; IN itself needs ``--in-place``."""
+    if out.is_dir() and not src.is_dir():
+        out = out / src.name
+    if out.exists() and src.exists() and os.path.samefile(src, out) and not in_place:
+        raise PreserveError(f"OUT is IN ({src}); pass --in-place to overwrite it")
+    if not out.parent.is_dir():
+        raise PreserveError(f"{out.parent}: output folder does not exist")
+    return out
+
+
+def map_path(task: Callable, src: Path, out: Path | None, *, in_place: bool = False,
+             jobs: int | None = None, progress: ProgressFactory | None = None) -> tuple:
+    """Apply ``task(progress, src_file, dest_file, ranks, copy_data)`` to a file or a rank directory.
+
+    A directory OUT is built in a hidden staging folder beside it (rank files by ``task``, every
+    other file copied along) and renamed into place at the end; ``out=None`` writes nothing.
+    """
+    src = Path(src)
+    if not src.exists():
+        raise PreserveError(f"{src}: no such file or directory")
+    if not src.is_dir():
+        dest = resolve_output(src, Path(out), in_place) if out is not None else None
+        return (task(progress, src, dest, None, None),)
+    files = [(f, len(rs.files)) for rs in find_rank_sets(src) for f in rs.files]
+    if out is None:
+        return _run_all(task, [(f, None, n, None) for f, n in files], jobs)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PreserveError(f"OUT {out} is a file; a rank directory needs a directory OUT")
+    if out.exists() and os.path.samefile(src, out):
+        if not in_place:
+            raise PreserveError(f"OUT is IN ({src}); pass --in-place to overwrite it")
+        return _run_all(task, [(f, f, n, False) for f, n in files], jobs)
+    if not out.parent.is_dir():
+        raise PreserveError(f"{out.parent}: output folder does not exist")
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as exc:
+        raise PreserveError(f"cannot write into {out.parent}: {exc.strerror}") from None
+    try:
+        # Everything that is not a rank model (data files, configs, tokenizers) is copied along.
+        for entry in sorted(src.iterdir()):
+            if not is_rank_file(entry.name):
+                copy_tree_entry(entry, staging / entry.name, progress)
+        results = _run_all(task, [(f, staging / f.name, n, False) for f, n in files], jobs)
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return results
+
+
+def optimize_path(src: Path, out: Path | None, config: OptimizeConfig, *, in_place: bool = False,
+                  jobs: int | None = None, progress: ProgressFactory | None = None) -> tuple[RankOutcome, ...]:
+    """Optimize a file or a rank directory into ``out`` (None = dry run, nothing written)."""
+    outcomes = map_path(functools.partial(_optimize_one, config), src, out, in_place=in_place, jobs=jobs,
+                        progress=progress)
+    if out is not None and Path(src).is_dir():
+        # Report final paths, not the staging folder's.
+        outcomes = tuple(dataclasses.replace(o, output=Path(out) / o.source.name) for o in outcomes)
+    return outcomes
+
+
+def strip_path(src: Path, dest: Path, naming: PrefetchNaming = PrefetchNaming(), *,
+               in_place: bool = False) -> int:
+    """Strip a file or every rank file of a directory into ``dest``; returns Prefetch nodes removed."""
+    return sum(map_path(functools.partial(_strip_one, naming), src, dest, in_place=in_place, jobs=1))
+
+
+def _run_all(task: Callable, tasks: list[tuple], jobs: int | None) -> tuple:
+    jobs = jobs if jobs is not None else min(len(tasks), os.cpu_count() or 1)
+    if jobs <= 1 or len(tasks) <= 1:
+        return tuple(task(None, *t) for t in tasks)
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(task, None, *t) for t in tasks]
+        try:
+            return tuple(f.result() for f in futures)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace ``out`` by ``staging`` with renames: readers see the old tree or the new, never a mix."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.{os.getpid()}.old"
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

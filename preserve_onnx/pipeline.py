@@ -1,0 +1,87 @@
+"""Pass infrastructure: every pass returns a frozen PassResult; Sequential runs a named list of them.
+
+Contract (after onnx-ir's pass infrastructure): a pass never mutates the model it is given; it returns
+``PassResult(model, modified, stats)`` where ``stats`` is the pass's own frozen data (a plan, a count).
+A failure inside a pass is re-raised as ``PassError("<name> failed after <previous passes>: ...")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import onnx
+
+from preserve_onnx.errors import PassError, PreserveError
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass returns: the (possibly new) model, whether it changed, and the pass's data."""
+
+    model: onnx.ModelProto
+    modified: bool
+    stats: Any = None
+
+
+class Pass:
+    """Base class. Subclasses set ``name`` (kebab-case), ``summary`` (one line) and implement ``run``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def run(self, model: onnx.ModelProto) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        result = self.run(model)
+        # A pass that returns anything else breaks every caller that reads .model/.modified.
+        if not isinstance(result, PassResult):
+            raise TypeError(f"pass {self.name} returned {type(result).__name__}, not PassResult")
+        # A pass that claims "unchanged" but hands back another object hides a modification.
+        if not result.modified and result.model is not model:
+            raise TypeError(f"pass {self.name} returned a new model but modified=False")
+        return result
+
+
+@dataclass(frozen=True)
+class SequentialResult:
+    """The outcome of a pipeline: final model, whether any pass changed it, and each pass's result."""
+
+    model: onnx.ModelProto
+    modified: bool
+    results: tuple[tuple[str, PassResult], ...]
+
+    def stats(self, name: str) -> Any:
+        """The stats of the pass called ``name`` (None if it did not run)."""
+        for pass_name, result in self.results:
+            if pass_name == name:
+                return result.stats
+        return None
+
+
+class Sequential:
+    """Runs passes in order, skipping the disabled ones; failures name the pass and its predecessors."""
+
+    def __init__(self, passes: Sequence[Pass], disabled: Sequence[str] = ()):
+        known = {p.name for p in passes}
+        unknown = [d for d in disabled if d not in known]
+        if unknown:
+            raise PreserveError(
+                f"--disable: unknown pass '{unknown[0]}' (pipeline: {', '.join(p.name for p in passes)})"
+            )
+        self.passes = [p for p in passes if p.name not in set(disabled)]
+
+    def __call__(self, model: onnx.ModelProto) -> SequentialResult:
+        results: list[tuple[str, PassResult]] = []
+        modified = False
+        for p in self.passes:
+            try:
+                result = p(model)
+            except PreserveError as exc:
+                before = ", ".join(name for name, _ in results) or "nothing"
+                raise PassError(f"{p.name} failed after {before}: {exc}") from exc
+            results.append((p.name, result))
+            model = result.model
+            modified = modified or result.modified
+        return SequentialResult(model, modified, tuple(results))
