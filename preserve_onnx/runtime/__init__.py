@@ -1,0 +1,25 @@
+"""Reference CPU runtime: run tensor-parallel rank models with the project's custom-op library.
+
+Invariant: nothing here changes a value. The C++ kernels (``csrc/preserve_ops.cc``) make ``Prefetch``
+a byte-exact pass-through and ``AllReduce`` a fixed-order sum, so a model optimized by preserve-onnx
+must run bit-identical to its original; :func:`compare_outputs` checks exactly that.
+"""
+
+from preserve_onnx.runtime.compare import Comparison, compare_outputs, max_abs_diff
+from preserve_onnx.runtime.decode import kv_feedback_map, run_steps
+from preserve_onnx.runtime.feeds import generate_feeds, load_feeds, save_outputs
+from preserve_onnx.runtime.session import RankSession, TensorMeta, library_path
+
+__all__ = [
+    "Comparison",
+    "RankSession",
+    "TensorMeta",
+    "compare_outputs",
+    "generate_feeds",
+    "kv_feedback_map",
+    "library_path",
+    "load_feeds",
+    "max_abs_diff",
+    "run_steps",
+    "save_outputs",
+]

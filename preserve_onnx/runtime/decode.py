@@ -1,0 +1,112 @@
+"""A greedy decode loop over rank sessions: each step's KV-cache outputs become the next step's inputs.
+
+Invariant: the loop only moves tensors between steps (``present.X`` -> ``past_key_values.X``) and
+advances the bookkeeping inputs (attention mask, position ids, next token); it computes nothing
+itself, so two models that run bit-identical for one step stay bit-identical for every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from preserve_onnx.errors import PreserveError
+from preserve_onnx.runtime.feeds import is_kv_cache_input
+from preserve_onnx.runtime.session import RankSession
+
+
+def kv_feedback_map(output_names: list[str], input_names: list[str]) -> dict[str, str]:
+    """Pairs each KV-cache output with the input it feeds in the next step.
+
+    ``present.X`` -> ``past_key_values.X`` (or ``past.X``, ``pastX``); outputs left over are paired
+    with the KV-cache inputs left over by position (``present_0`` -> ``past_0`` style exports).
+
+    Args:
+        output_names: Graph output names of one rank.
+        input_names: Graph input names of the same rank.
+
+    Returns:
+        Output name to input name.
+    """
+    inputs = set(input_names)
+    mapping: dict[str, str] = {}
+    presents = [n for n in output_names if n.startswith("present")]
+    for name in presents:
+        suffix = name[len("present"):]
+        for candidate in (f"past_key_values{suffix}", f"past{suffix}"):
+            if candidate in inputs and candidate not in mapping.values():
+                mapping[name] = candidate
+                break
+    left_out = [n for n in presents if n not in mapping]
+    free = [n for n in input_names if is_kv_cache_input(n) and n not in mapping.values()]
+    if left_out and len(left_out) == len(free):
+        mapping.update(zip(left_out, free))
+    return mapping
+
+
+def _next_feeds(feeds: dict[str, np.ndarray], next_ids: np.ndarray | None) -> None:
+    """Advances the bookkeeping inputs of one feed dict in place by one token."""
+    if "attention_mask" in feeds:
+        mask = feeds["attention_mask"]
+        ones = np.ones(mask.shape[:-1] + (1,), dtype=mask.dtype)
+        feeds["attention_mask"] = np.concatenate([mask, ones], axis=-1)
+    if "position_ids" in feeds:
+        pos = feeds["position_ids"]
+        feeds["position_ids"] = (pos[..., -1:] + 1).astype(pos.dtype)
+    for name in ("seqlens_k", "total_sequence_length"):
+        if name in feeds:
+            feeds[name] = (feeds[name] + 1).astype(feeds[name].dtype)
+    if next_ids is not None and "input_ids" in feeds:
+        ids = feeds["input_ids"]
+        feeds["input_ids"] = next_ids.reshape(ids.shape[0], 1).astype(ids.dtype)
+
+
+def run_steps(
+    session: RankSession,
+    shared: Mapping[str, np.ndarray],
+    per_rank: Mapping[int, Mapping[str, np.ndarray]],
+    steps: int,
+) -> list[dict[str, np.ndarray]]:
+    """Runs ``steps`` greedy decode steps and returns every rank's outputs of the last one.
+
+    After each step: every ``present*`` output is fed back into its KV-cache input on the same rank,
+    ``attention_mask`` grows by one column of ones, ``position_ids`` (and GroupQueryAttention's
+    ``seqlens_k`` / ``total_sequence_length``) advance by one, and ``input_ids`` becomes the argmax of
+    rank 0's ``logits`` at the last position (the same ids when there are no logits). The caller's
+    dicts are not modified.
+
+    Args:
+        session: The rank sessions.
+        shared: Inputs for every rank (see :func:`generate_feeds`).
+        per_rank: Per-rank inputs.
+        steps: Number of steps, at least 1.
+
+    Returns:
+        One dict of outputs per rank from the last step.
+
+    Raises:
+        PreserveError: ``steps`` < 1 or a step fails.
+    """
+    if steps < 1:
+        raise PreserveError(f"steps must be at least 1, got {steps}")
+    shared_now = dict(shared)
+    ranks_now = {r: dict(f) for r, f in per_rank.items()}
+    outputs: list[dict[str, np.ndarray]] = []
+    for step in range(steps):
+        outputs = session.run(shared_now, ranks_now)
+        if step == steps - 1:
+            break
+        next_ids = None
+        logits = outputs[0].get("logits")
+        if logits is not None and logits.ndim >= 2:
+            last = logits[:, -1, :] if logits.ndim == 3 else logits
+            next_ids = np.argmax(last.astype(np.float32), axis=-1)
+        _next_feeds(shared_now, next_ids)
+        for rank in range(session.world_size):
+            own = ranks_now.setdefault(rank, {})
+            _next_feeds(own, next_ids)
+            mapping = kv_feedback_map(session.output_names(rank), session.input_names(rank))
+            for out_name, in_name in mapping.items():
+                own[in_name] = outputs[rank][out_name]
+    return outputs

@@ -1,0 +1,396 @@
+"""Rank sessions: one onnxruntime InferenceSession per tensor-parallel rank, run on threads.
+
+Invariant: the runtime never changes a value. Every rank's session loads the project's custom-op
+library (``Prefetch`` is a pass-through of its anchor, ``AllReduce`` sums the ranks in the fixed order
+0..p-1, ``AllGather`` concatenates), so running the same rank models on the same feeds gives the same
+bytes on every run, and an optimized model that only adds Prefetch nodes gives the bytes of the
+original.
+
+The ranks of one :class:`RankSession` rendezvous in the library through a group id that is unique to
+that object. When one rank fails, the others are woken through ``preserve_abort_group`` so that
+:meth:`RankSession.run` raises within seconds instead of waiting for the collective's timeout.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import itertools
+import os
+import pathlib
+import re
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from preserve_onnx.errors import PreserveError
+
+ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+
+_LIB_NAME = "libpreserve_ops.so"
+
+# onnxruntime type strings -> numpy dtypes (ml_dtypes for the types numpy lacks).
+_ORT_TYPES: dict[str, np.dtype] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(bfloat16)": np.dtype(ml_dtypes.bfloat16),
+    "tensor(float8e4m3fn)": np.dtype(ml_dtypes.float8_e4m3fn),
+    "tensor(float8e5m2)": np.dtype(ml_dtypes.float8_e5m2),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(bool)": np.dtype(np.bool_),
+    "tensor(string)": np.dtype(object),
+}
+
+# numpy dtypes that onnxruntime's Python binding cannot take or return directly: they cross as raw
+# bytes with an explicit ONNX element type.
+_RAW_TYPES: dict[np.dtype, int] = {
+    np.dtype(ml_dtypes.bfloat16): onnx.TensorProto.BFLOAT16,
+    np.dtype(ml_dtypes.float8_e4m3fn): onnx.TensorProto.FLOAT8E4M3FN,
+    np.dtype(ml_dtypes.float8_e5m2): onnx.TensorProto.FLOAT8E5M2,
+}
+_UINT_OF_SIZE = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16)}
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+if hasattr(ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT"):
+    _OPT_LEVELS["layout"] = ort.GraphOptimizationLevel.ORT_ENABLE_LAYOUT
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_ABORTED_MARK = "group aborted:"
+_GROUP_COUNTER = itertools.count()
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Name, element type and shape of a graph input or output of one rank's model.
+
+    Attributes:
+        name: The graph input or output name.
+        dtype: The numpy dtype of its elements (``ml_dtypes.bfloat16`` for bfloat16).
+        shape: One entry per axis: an int when static, the symbol name when symbolic, None when
+            unknown. None as a whole when the rank is unknown.
+        onnx_type: onnxruntime's type string, e.g. ``tensor(float16)``.
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None
+    onnx_type: str
+
+
+def library_path() -> pathlib.Path:
+    """Returns the path of the built custom-op library.
+
+    Returns:
+        The absolute path of ``libpreserve_ops.so`` inside the package.
+
+    Raises:
+        PreserveError: The library has not been built.
+    """
+    path = (pathlib.Path(__file__).resolve().parent / "_lib" / _LIB_NAME).resolve()
+    if not path.is_file():
+        raise PreserveError(f"the custom-op library {path} is missing: run `make lib` in the project root")
+    return path
+
+
+_native_lock = threading.Lock()
+_native_lib: ctypes.CDLL | None = None
+
+
+def _native() -> ctypes.CDLL:
+    """Loads the library into this process once (the same image onnxruntime loads for the sessions)."""
+    global _native_lib
+    with _native_lock:
+        if _native_lib is None:
+            lib = ctypes.CDLL(str(library_path()))
+            for fn in ("preserve_abort_group", "preserve_reset_group", "preserve_release_group"):
+                getattr(lib, fn).argtypes = [ctypes.c_char_p]
+                getattr(lib, fn).restype = ctypes.c_int
+            _native_lib = lib
+        return _native_lib
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message on one line, without onnxruntime's status prefix.
+
+    onnxruntime puts the useful part of some messages on their second line ("index: 1 Got: 7
+    Expected: 8"), so the lines are joined rather than cut.
+    """
+    text = str(exc).strip() or type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return _ORT_PREFIX.sub("", " ".join(lines)).strip()
+
+
+def _opt_level(level: ort.GraphOptimizationLevel | str) -> ort.GraphOptimizationLevel:
+    if isinstance(level, ort.GraphOptimizationLevel):
+        return level
+    key = str(level).lower().removeprefix("ort_").removeprefix("enable_").removesuffix("_all")
+    if key in _OPT_LEVELS:
+        return _OPT_LEVELS[key]
+    raise PreserveError(f"unknown optimization level {level!r}: use one of {', '.join(_OPT_LEVELS)}")
+
+
+def _meta(args: Sequence[ort.NodeArg]) -> tuple[TensorMeta, ...]:
+    out = []
+    for arg in args:
+        dims = None if arg.shape is None else tuple(d if isinstance(d, (int, str)) or d is None else None
+                                                    for d in arg.shape)
+        out.append(TensorMeta(arg.name, _ORT_TYPES.get(arg.type, np.dtype(object)), dims, arg.type))
+    return tuple(out)
+
+
+def _to_ortvalue(array: np.ndarray, meta: TensorMeta) -> ort.OrtValue:
+    """Wraps a numpy array for onnxruntime, passing types numpy lacks as raw bytes."""
+    array = np.asarray(array)
+    if meta.dtype in _RAW_TYPES and array.dtype != meta.dtype and array.dtype.itemsize == meta.dtype.itemsize \
+            and array.dtype.kind in "Vu":
+        # bfloat16 read back from .npz files arrives as raw bytes (|V2) or as its uint16 view.
+        array = array.view(meta.dtype)
+    if array.dtype in _RAW_TYPES:
+        raw = np.ascontiguousarray(array).view(_UINT_OF_SIZE[array.dtype.itemsize])
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, onnx_element_type=_RAW_TYPES[array.dtype])
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+
+
+def _from_ortvalue(value: ort.OrtValue, meta: TensorMeta) -> np.ndarray:
+    """Copies an output into a numpy array that owns its memory."""
+    if meta.dtype in _RAW_TYPES:
+        shape = tuple(value.shape())
+        nbytes = int(np.prod(shape, dtype=np.int64)) * meta.dtype.itemsize
+        raw = ctypes.string_at(value.data_ptr(), nbytes) if nbytes else b""
+        return np.frombuffer(raw, dtype=meta.dtype).reshape(shape).copy()
+    return np.array(value.numpy(), copy=True)
+
+
+class RankSession:
+    """One onnxruntime session per rank, run concurrently on threads of this process.
+
+    Example:
+        >>> session = RankSession(["model_00.onnx", "model_01.onnx"])
+        >>> outputs = session.run({"x": x}, {0: {"past": p0}, 1: {"past": p1}})
+        >>> outputs[1]["logits"]
+
+    Args:
+        models: One model per rank, in rank order: file paths or ``onnx.ModelProto``. A single path or
+            ModelProto is a world of size one.
+        prefetch_domain: Domain of the Prefetch op in these models.
+        prefetch_op: Op type of the Prefetch op in these models.
+        opt_level: onnxruntime graph optimization level (a ``GraphOptimizationLevel`` or one of
+            ``disable``, ``basic``, ``extended``, ``layout``, ``all``).
+        timeout_s: How long a rank waits in a collective for the others before it fails.
+        intra_op_threads: onnxruntime intra-op threads per rank; default: the CPU count divided by
+            the world size (at least 1), so that ranks do not oversubscribe the machine.
+
+    Raises:
+        PreserveError: The library is missing or a rank's model cannot be loaded.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[ModelLike] | ModelLike,
+        *,
+        prefetch_domain: str = "preserve",
+        prefetch_op: str = "Prefetch",
+        opt_level: ort.GraphOptimizationLevel | str = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        timeout_s: float = 60,
+        intra_op_threads: int | None = None,
+    ) -> None:
+        if isinstance(models, (str, os.PathLike, onnx.ModelProto)):
+            models = [models]
+        models = list(models)
+        if not models:
+            raise PreserveError("RankSession needs at least one model")
+        if timeout_s <= 0:
+            raise PreserveError(f"timeout_s must be positive, got {timeout_s}")
+        self._lib = _native()
+        lib_path = str(library_path())
+        self._world = len(models)
+        self._timeout_s = float(timeout_s)
+        self._group = f"preserve-{os.getpid()}-{next(_GROUP_COUNTER)}-{uuid.uuid4().hex[:8]}"
+        level = _opt_level(opt_level)
+        threads = intra_op_threads or max(1, (os.cpu_count() or 1) // self._world)
+
+        def create(rank: int) -> ort.InferenceSession:
+            options = ort.SessionOptions()
+            options.graph_optimization_level = level
+            options.intra_op_num_threads = threads
+            # Failures reach the caller as one PreserveError; onnxruntime's own log would repeat them.
+            options.log_severity_level = 4
+            # The library reads these while it registers, so they must be set before it is loaded.
+            for key, value in (
+                ("preserve.rank", rank),
+                ("preserve.world_size", self._world),
+                ("preserve.group", self._group),
+                ("preserve.timeout_ms", max(1, round(self._timeout_s * 1000))),
+                ("preserve.prefetch_domain", prefetch_domain),
+                ("preserve.prefetch_op", prefetch_op),
+            ):
+                options.add_session_config_entry(key, str(value))
+            options.register_custom_ops_library(lib_path)
+            model = models[rank]
+            source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
+            try:
+                return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises several unrelated types here
+                raise PreserveError(f"rank {rank}: {_first_line(exc)}") from exc
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self._world) as pool:
+            futures = [pool.submit(create, r) for r in range(self._world)]
+            self._sessions = tuple(f.result() for f in futures)
+        self._inputs = tuple(_meta(s.get_inputs()) for s in self._sessions)
+        self._outputs = tuple(_meta(s.get_outputs()) for s in self._sessions)
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks."""
+        return self._world
+
+    @property
+    def group(self) -> str:
+        """The rendezvous group id shared by this object's ranks."""
+        return self._group
+
+    @property
+    def sessions(self) -> tuple[ort.InferenceSession, ...]:
+        """The onnxruntime sessions, in rank order."""
+        return self._sessions
+
+    @property
+    def input_meta(self) -> tuple[tuple[TensorMeta, ...], ...]:
+        """Per rank, the graph inputs (name, dtype, shape) in graph order."""
+        return self._inputs
+
+    @property
+    def output_meta(self) -> tuple[tuple[TensorMeta, ...], ...]:
+        """Per rank, the graph outputs (name, dtype, shape) in graph order."""
+        return self._outputs
+
+    def input_names(self, rank: int = 0) -> list[str]:
+        """Names of rank ``rank``'s graph inputs."""
+        return [m.name for m in self._inputs[rank]]
+
+    def output_names(self, rank: int = 0) -> list[str]:
+        """Names of rank ``rank``'s graph outputs."""
+        return [m.name for m in self._outputs[rank]]
+
+    def _rank_feeds(
+        self, feeds: Mapping[str, np.ndarray], rank_feeds: Mapping[int, Mapping[str, np.ndarray]]
+    ) -> list[dict[str, ort.OrtValue]]:
+        for rank in rank_feeds:
+            if not isinstance(rank, (int, np.integer)) or not 0 <= rank < self._world:
+                raise PreserveError(f"feeds given for rank {rank}, but the world has {self._world} rank(s)")
+        known = set().union(*(self.input_names(r) for r in range(self._world)))
+        unknown = sorted(set(feeds) - known)
+        if unknown:
+            raise PreserveError(f"feed {unknown[0]!r} is not an input of any rank model")
+        result = []
+        for rank in range(self._world):
+            meta = {m.name: m for m in self._inputs[rank]}
+            own = dict(rank_feeds.get(rank, {}))
+            for name in own:
+                if name not in meta:
+                    raise PreserveError(f"rank {rank}: feed {name!r} is not an input of this rank's model")
+            merged = {k: v for k, v in feeds.items() if k in meta}
+            merged.update(own)
+            missing = [name for name in meta if name not in merged]
+            if missing:
+                raise PreserveError(f"rank {rank}: no feed for input {missing[0]!r}")
+            result.append({name: _to_ortvalue(value, meta[name]) for name, value in merged.items()})
+        return result
+
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        rank_feeds: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Runs every rank once, concurrently, and returns every rank's outputs.
+
+        Args:
+            feeds: Inputs given to every rank that has an input of that name.
+            rank_feeds: Per rank, inputs for that rank only; they override ``feeds``.
+
+        Returns:
+            One dict per rank (rank order) mapping each output name to a numpy array.
+
+        Raises:
+            PreserveError: ``rank r: <reason>`` for the first rank that failed; the other ranks are
+                released from their collectives first.
+        """
+        per_rank = self._rank_feeds(feeds, rank_feeds or {})
+        results: list[dict[str, np.ndarray] | None] = [None] * self._world
+        errors: list[tuple[float, int, BaseException]] = []
+        lock = threading.Lock()
+
+        def work(rank: int) -> None:
+            try:
+                values = self._sessions[rank].run_with_ort_values(None, per_rank[rank])
+                results[rank] = {
+                    m.name: _from_ortvalue(v, m) for m, v in zip(self._outputs[rank], values, strict=True)
+                }
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+                with lock:
+                    errors.append((time.monotonic(), rank, exc))
+                if self._world > 1:
+                    # Wake the ranks that wait in a collective for this one.
+                    self._lib.preserve_abort_group(self._group.encode())
+
+        if self._world == 1:
+            work(0)
+        else:
+            threads = [
+                threading.Thread(target=work, args=(r,), name=f"preserve-rank-{r}", daemon=True)
+                for r in range(self._world)
+            ]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + self._timeout_s + 30
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            stuck = [r for r, t in enumerate(threads) if t.is_alive()]
+            if stuck:
+                self._lib.preserve_abort_group(self._group.encode())
+                raise PreserveError(f"rank {stuck[0]}: did not finish within {self._timeout_s + 30:.0f} s")
+            # Every rank has returned: clear the aborted state so the next run starts clean.
+            self._lib.preserve_reset_group(self._group.encode())
+        if errors:
+            errors.sort(key=lambda e: e[0])
+            # The root cause is the first failure that was not just the abort it triggered.
+            root = next((e for e in errors if _ABORTED_MARK not in str(e[2])), errors[0])
+            _, rank, exc = root
+            raise PreserveError(f"rank {rank}: {_first_line(exc)}") from exc
+        return [r for r in results if r is not None]
+
+    def close(self) -> None:
+        """Releases the sessions and the rendezvous group; the object cannot run afterwards."""
+        self._sessions = ()
+        if self._world > 1:
+            self._lib.preserve_release_group(self._group.encode())
+
+    def __enter__(self) -> RankSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RankSession(world_size={self._world}, group={self._group!r})"
