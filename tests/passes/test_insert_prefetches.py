@@ -1,0 +1,99 @@
+import onnx
+import pytest
+from onnx import TensorProto
+
+from preserve_onnx.config import OptimizeConfig, PrefetchNaming
+from preserve_onnx.errors import PreserveError
+from preserve_onnx.passes import InsertPrefetchesPass
+from tests.builders import G, ops, two_layer_mlp
+
+
+def run(model, **kw):
+    kw.setdefault("budget", 10_000)
+    return InsertPrefetchesPass(OptimizeConfig(**kw))(model)
+
+
+def test_exact_structure_after_insertion():
+    m = two_layer_mlp(16, 32)
+    result = run(m, budget=3000, min_chunk=512)
+    assert result.modified
+    g = result.model.graph
+    assert ops(g) == ["MatMul", "Prefetch(w1)", "Prefetch(w2)", "AllReduce", "MatMul", "MatMul",
+                      "Prefetch(w3)", "AllReduce", "MatMul"]
+    p1, p2, ar = g.node[1], g.node[2], g.node[3]
+    assert (p1.name, list(p1.input), list(p1.output), p1.domain) == (
+        "ar0/Prefetch/w1", ["h0", "w1"], ["ar0/Prefetch/w1/out"], "preserve")
+    assert list(p2.input) == ["ar0/Prefetch/w1/out", "w2"]
+    assert list(ar.input) == ["ar0/Prefetch/w2/out"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in p2.attribute}
+    assert attrs == {"max_size": 952, "offset": 0, "collective": b"ar0"}
+    # The consumers still read the weights directly.
+    assert list(g.node[4].input) == ["a0", "w1"]
+    # Each window has its own budget: ar1 gets w3 whole.
+    assert list(g.node[7].input) == ["ar1/Prefetch/w3/out"]
+    assert [o.domain for o in result.model.opset_import][-1] == "preserve"
+
+
+def test_input_model_is_not_mutated():
+    m = two_layer_mlp()
+    before = m.SerializeToString()
+    run(m)
+    assert m.SerializeToString() == before
+
+
+def test_same_input_gives_byte_identical_output():
+    a = run(two_layer_mlp()).model.SerializeToString()
+    b = run(two_layer_mlp()).model.SerializeToString()
+    assert a == b
+
+
+def test_no_collectives_leaves_model_unchanged():
+    g = G()
+    g.input("x", ["batch", 8])
+    g.node("MatMul", ["x", g.weight("w", (8, 8))], ["y"], name="mm")
+    g.output("y")
+    m = g.model()
+    result = run(m)
+    assert not result.modified and result.model is m and result.stats.windows == ()
+
+
+def test_refuses_model_that_already_has_prefetches():
+    once = run(two_layer_mlp()).model
+    with pytest.raises(PreserveError, match="already contains 3 preserve::Prefetch nodes; pass --replan"):
+        run(once)
+
+
+def test_vendor_naming():
+    naming = PrefetchNaming(domain="vendor.cmo", op_type="CmoPrefetch", version=2, max_size="size")
+    g = run(two_layer_mlp(), naming=naming).model
+    p = g.graph.node[1]
+    assert (p.op_type, p.domain) == ("CmoPrefetch", "vendor.cmo")
+    assert sorted(a.name for a in p.attribute) == ["collective", "offset", "size"]
+    assert ("vendor.cmo", 2) in [(o.domain, o.version) for o in g.opset_import]
+
+
+def if_model():
+    then = G("then")
+    then.allreduce("x", "a", name="ar_then")
+    then.node("MatMul", ["a", "w_outer"], ["y_then"], name="mm_then")
+    then.output("y_then")
+    other = G("else")
+    other.allreduce("x", "b", name="ar_else")
+    other.node("MatMul", ["b", "w_outer"], ["y_else"], name="mm_else")
+    other.output("y_else")
+    g = G()
+    g.input("x", ["batch", 8])
+    g.input("cond", [], TensorProto.BOOL)
+    g.weight("w_outer", (8, 8))
+    g.node("If", ["cond"], ["y"], name="if", then_branch=then.graph(), else_branch=other.graph())
+    g.output("y")
+    return g.model()
+
+
+def test_collective_inside_if_branch_prefetches_outer_weight_inside_branch():
+    out = run(if_model()).model
+    then_g = out.graph.node[0].attribute[1].g if out.graph.node[0].attribute[1].name == "then_branch" else \
+        out.graph.node[0].attribute[0].g
+    assert ops(then_g) == ["Prefetch(w_outer)", "AllReduce", "MatMul"]
+    assert [t.name for t in out.graph.initializer] == ["w_outer"]  # the weight stays in the outer graph
+    assert [t.name for t in then_g.initializer] == []
