@@ -1,0 +1,16 @@
+"""Runtime tests need the compiled custom-op library; without it they are skipped with the reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from preserve_onnx.errors import PreserveError
+from preserve_onnx.runtime import library_path
+
+
+@pytest.fixture(autouse=True)
+def _custom_op_library():
+    try:
+        return library_path()
+    except PreserveError as exc:
+        pytest.skip(str(exc))

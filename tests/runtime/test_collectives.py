@@ -1,0 +1,269 @@
+"""AllReduce / AllGather kernels: exact fixed-order sums and concatenations across thread ranks."""
+
+from __future__ import annotations
+
+import time
+
+import ml_dtypes
+import numpy as np
+import pytest
+from _rt_graphs import allreduce, model, tp_mlp, vi
+from onnx import TensorProto, helper
+
+from preserve_onnx.errors import PreserveError
+from preserve_onnx.runtime import RankSession, library_path
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _weights(seed, ranks, shape):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(np.float32) for _ in range(ranks)]
+
+
+def _same_bytes(arrays):
+    return all(a.dtype == arrays[0].dtype and a.tobytes() == arrays[0].tobytes() for a in arrays)
+
+
+def test_library_path_points_at_built_library():
+    path = library_path()
+    assert path.is_absolute() and path.name == "libpreserve_ops.so" and path.is_file()
+
+
+def test_matmul_allreduce_is_the_fixed_order_sum_on_two_ranks():
+    w1, w2 = _weights(1, 2, (8, 16)), _weights(2, 2, (16, 4))
+    x = np.random.default_rng(3).standard_normal((3, 8)).astype(np.float32)
+    session = RankSession([tp_mlp(w1[r], w2[r]) for r in range(2)])
+    out = session.run({"x": x})
+    expected = out[0]["mm"] + out[1]["mm"]
+    assert out[0]["mm"].tobytes() != out[1]["mm"].tobytes()  # the ranks' partial sums differ
+    for rank in range(2):
+        assert out[rank]["ar"].dtype == np.float32 and out[rank]["ar"].shape == (3, 16)
+        np.testing.assert_array_equal(out[rank]["ar"], expected)
+    assert _same_bytes([o["ar"] for o in out])
+
+
+def test_allreduce_with_different_inputs_per_rank():
+    w1, w2 = _weights(4, 2, (8, 16)), _weights(5, 2, (16, 4))
+    xs = [np.random.default_rng(10 + r).standard_normal((2, 8)).astype(np.float32) for r in range(2)]
+    session = RankSession([tp_mlp(w1[r], w2[r]) for r in range(2)])
+    out = session.run({}, {0: {"x": xs[0]}, 1: {"x": xs[1]}})
+    np.testing.assert_array_equal(out[1]["ar"], out[0]["mm"] + out[1]["mm"])
+
+
+def _allreduce_identity_model(elem, ranks_shape=("n", 5)):
+    return model(
+        [allreduce("x", "y")],
+        [vi("x", elem, list(ranks_shape))],
+        [vi("y", elem, None)],
+    )
+
+
+@pytest.mark.parametrize(
+    ("elem", "dtype"),
+    [
+        (TensorProto.FLOAT, np.dtype(np.float32)),
+        (TensorProto.FLOAT16, np.dtype(np.float16)),
+        (TensorProto.BFLOAT16, BF16),
+        (TensorProto.DOUBLE, np.dtype(np.float64)),
+    ],
+)
+def test_allreduce_sums_in_rank_order_accumulating_in_float(elem, dtype):
+    ranks = 3
+    rng = np.random.default_rng(7)
+    # Values of very different magnitudes make the summation order and the single final rounding visible.
+    xs = [(rng.standard_normal((4, 5)) * 10.0 ** (2 * r)).astype(np.float32).astype(dtype) for r in range(ranks)]
+    acc = np.float64 if dtype == np.float64 else np.float32
+    expected = xs[0].astype(acc)
+    for r in range(1, ranks):
+        expected = expected + xs[r].astype(acc)
+    expected = expected.astype(dtype)
+    session = RankSession([_allreduce_identity_model(elem)] * ranks)
+    out = session.run({}, {r: {"x": xs[r]} for r in range(ranks)})
+    for r in range(ranks):
+        assert out[r]["y"].dtype == dtype and out[r]["y"].shape == (4, 5)
+        assert out[r]["y"].tobytes() == expected.tobytes()
+    if dtype != np.float64:
+        # Summing pairwise in the narrow type (what an unordered kernel might do) differs here.
+        naive = ((xs[2] + xs[1]) + xs[0]) if dtype == np.float32 else None
+        if naive is not None:
+            assert naive.tobytes() != expected.tobytes()
+
+
+def test_allreduce_fp16_matmul_chain_two_ranks():
+    w1 = [w.astype(np.float16) for w in _weights(8, 2, (8, 16))]
+    w2 = [w.astype(np.float16) for w in _weights(9, 2, (16, 4))]
+    x = np.random.default_rng(11).standard_normal((3, 8)).astype(np.float16)
+    session = RankSession([tp_mlp(w1[r], w2[r], elem=TensorProto.FLOAT16) for r in range(2)])
+    out = session.run({"x": x})
+    expected = (out[0]["mm"].astype(np.float32) + out[1]["mm"].astype(np.float32)).astype(np.float16)
+    for r in range(2):
+        assert out[r]["ar"].tobytes() == expected.tobytes()
+
+
+def test_allreduce_runs_repeatedly_and_in_several_collectives_per_step():
+    # Two AllReduces in sequence: the generation counter must separate them.
+    m = model(
+        [allreduce("x", "a", "ar0"), helper.make_node("Mul", ["a", "x"], ["b"]), allreduce("b", "y", "ar1")],
+        [vi("x", TensorProto.FLOAT, [3])],
+        [vi("y", TensorProto.FLOAT, [3])],
+    )
+    xs = [np.array([1.0, 2.0, 3.0], np.float32), np.array([10.0, 20.0, 30.0], np.float32)]
+    session = RankSession([m, m])
+    for _ in range(5):
+        out = session.run({}, {0: {"x": xs[0]}, 1: {"x": xs[1]}})
+        a = xs[0] + xs[1]
+        expected = a * xs[0] + a * xs[1]
+        for r in range(2):
+            np.testing.assert_array_equal(out[r]["y"], expected)
+
+
+def test_allreduce_is_variadic():
+    m = model(
+        [helper.make_node("AllReduce", ["x", "z"], ["y", "w"], name="ar2", domain="com.microsoft")],
+        [vi("x", TensorProto.FLOAT, [2]), vi("z", TensorProto.FLOAT16, [3])],
+        [vi("y", TensorProto.FLOAT, [2]), vi("w", TensorProto.FLOAT16, [3])],
+    )
+    feeds = {
+        r: {"x": np.array([1.5, -2.0], np.float32) * (r + 1), "z": np.array([1, 2, 3], np.float16) * (r + 1)}
+        for r in range(2)
+    }
+    out = RankSession([m, m]).run({}, feeds)
+    np.testing.assert_array_equal(out[1]["y"], np.array([4.5, -6.0], np.float32))
+    np.testing.assert_array_equal(out[0]["w"], np.array([3, 6, 9], np.float16))
+    assert out[0]["w"].dtype == np.float16
+
+
+@pytest.mark.parametrize("axis", [0, -1, 1])
+def test_allgather_concatenates_in_rank_order(axis):
+    m = model(
+        [helper.make_node("AllGather", ["x"], ["y"], name="ag", domain="com.microsoft", group_size=2, axis=axis)],
+        [vi("x", TensorProto.FLOAT, [2, 3])],
+        [vi("y", TensorProto.FLOAT, None)],
+    )
+    xs = [np.arange(6, dtype=np.float32).reshape(2, 3) + 100 * r for r in range(2)]
+    session = RankSession([m, m])
+    out = session.run({}, {r: {"x": xs[r]} for r in range(2)})
+    expected = np.concatenate(xs, axis=axis)
+    for r in range(2):
+        assert out[r]["y"].shape == expected.shape
+        np.testing.assert_array_equal(out[r]["y"], expected)
+    static = session.output_meta[0][0].shape
+    assert static == ((4, 3) if axis == 0 else (2, 6))
+
+
+def test_allgather_bfloat16_last_axis():
+    m = model(
+        [helper.make_node("AllGather", ["x"], ["y"], name="ag", domain="com.microsoft", group_size=2, axis=-1)],
+        [vi("x", TensorProto.BFLOAT16, ["b", 2])],
+        [vi("y", TensorProto.BFLOAT16, None)],
+    )
+    xs = [np.array([[1.0, 2.0]], np.float32).astype(BF16) * (r + 1) for r in range(2)]
+    out = RankSession([m, m]).run({}, {r: {"x": xs[r]} for r in range(2)})
+    assert out[0]["y"].dtype == BF16
+    assert out[0]["y"].tobytes() == np.array([[1.0, 2.0, 2.0, 4.0]], np.float32).astype(BF16).tobytes()
+
+
+def test_allgather_rejects_group_size_other_than_world():
+    m = model(
+        [helper.make_node("AllGather", ["x"], ["y"], name="ag", domain="com.microsoft", group_size=4, axis=0)],
+        [vi("x", TensorProto.FLOAT, [2])],
+        [vi("y", TensorProto.FLOAT, None)],
+    )
+    with pytest.raises(PreserveError, match=r"^rank \d: .*group_size 4 differs from the world size 2"):
+        RankSession([m, m]).run({"x": np.ones(2, np.float32)})
+
+
+def test_single_model_is_a_world_of_one_and_allreduce_is_identity():
+    w1, w2 = _weights(12, 1, (8, 16)), _weights(13, 1, (16, 4))
+    session = RankSession(tp_mlp(w1[0], w2[0]))
+    assert session.world_size == 1
+    x = np.random.default_rng(14).standard_normal((2, 8)).astype(np.float32)
+    out = session.run({"x": x})
+    assert len(out) == 1
+    assert out[0]["ar"].tobytes() == out[0]["mm"].tobytes()
+
+
+def test_models_from_files(tmp_path):
+    import onnx
+
+    w1, w2 = _weights(15, 2, (8, 16)), _weights(16, 2, (16, 4))
+    paths = []
+    for r in range(2):
+        paths.append(tmp_path / f"model_{r:02d}.onnx")
+        onnx.save(tp_mlp(w1[r], w2[r]), paths[-1])
+    session = RankSession(paths)
+    x = np.ones((1, 8), np.float32)
+    out = session.run({"x": x})
+    np.testing.assert_array_equal(out[0]["ar"], out[0]["mm"] + out[1]["mm"])
+    assert session.input_names(1) == ["x"]
+    assert session.input_meta[0][0].shape == ("batch", 8)
+    assert session.output_names(0) == ["mm", "ar", "y"]
+
+
+def test_failing_rank_raises_within_seconds_and_session_recovers():
+    w1, w2 = _weights(17, 2, (8, 16)), _weights(18, 2, (16, 4))
+    session = RankSession([tp_mlp(w1[r], w2[r]) for r in range(2)], timeout_s=60)
+    x = np.ones((2, 8), np.float32)
+    start = time.monotonic()
+    with pytest.raises(PreserveError, match=r"^rank 1: Got invalid dimensions for input: x .*Got: 7 Expected: 8"):
+        session.run({"x": x}, {1: {"x": np.ones((2, 7), np.float32)}})
+    assert time.monotonic() - start < 10
+    # The group was reset: the next run works.
+    out = session.run({"x": x})
+    np.testing.assert_array_equal(out[0]["ar"], out[0]["mm"] + out[1]["mm"])
+
+
+def test_timeout_names_the_collective_rank_and_what_it_waited_for():
+    with_ar = model([allreduce("x", "y", "the_allreduce")], [vi("x", TensorProto.FLOAT, [2])],
+                    [vi("y", TensorProto.FLOAT, [2])])
+    without = model([helper.make_node("Identity", ["x"], ["y"])], [vi("x", TensorProto.FLOAT, [2])],
+                    [vi("y", TensorProto.FLOAT, [2])])
+    session = RankSession([with_ar, without], timeout_s=1)
+    start = time.monotonic()
+    with pytest.raises(PreserveError) as info:
+        session.run({"x": np.ones(2, np.float32)})
+    elapsed = time.monotonic() - start
+    assert 0.9 < elapsed < 10
+    assert str(info.value).startswith(
+        "rank 0: Non-zero status code returned while running AllReduce node. Name:'the_allreduce'"
+    )
+    assert "timed out after 1000 ms waiting for rank(s) 1 to enter the collective" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_ranks_in_different_collectives_fail_on_every_rank():
+    ar = model([allreduce("x", "y", "ar")], [vi("x", TensorProto.FLOAT, [2])], [vi("y", TensorProto.FLOAT, None)])
+    ag = model(
+        [helper.make_node("AllGather", ["x"], ["y"], name="ag", domain="com.microsoft", group_size=2, axis=0)],
+        [vi("x", TensorProto.FLOAT, [2])],
+        [vi("y", TensorProto.FLOAT, None)],
+    )
+    with pytest.raises(PreserveError, match=r"rank 0 is in AllReduce 'ar' but rank 1 is in AllGather 'ag'"):
+        RankSession([ar, ag]).run({"x": np.ones(2, np.float32)})
+
+
+def test_allreduce_shape_mismatch_between_ranks_is_an_error():
+    m = model([allreduce("x", "y")], [vi("x", TensorProto.FLOAT, ["n"])], [vi("y", TensorProto.FLOAT, None)])
+    feeds = {0: {"x": np.ones(2, np.float32)}, 1: {"x": np.ones(3, np.float32)}}
+    with pytest.raises(PreserveError, match=r"input 0 is float32\[2\] on rank 0 but float32\[3\] on rank 1"):
+        RankSession([m, m]).run({}, feeds)
+
+
+def test_unknown_feed_names_and_ranks_are_refused():
+    m = _allreduce_identity_model(TensorProto.FLOAT)
+    session = RankSession([m, m])
+    with pytest.raises(PreserveError, match="feed 'nope' is not an input of any rank model"):
+        session.run({"nope": np.ones(1)})
+    with pytest.raises(PreserveError, match="feeds given for rank 2, but the world has 2 rank"):
+        session.run({}, {2: {"x": np.ones((1, 5), np.float32)}})
+    with pytest.raises(PreserveError, match="rank 0: no feed for input 'x'"):
+        session.run({})
+
+
+def test_bad_model_is_a_preserve_error():
+    broken = model([helper.make_node("NoSuchOp", ["x"], ["y"], domain="nowhere")],
+                   [vi("x", TensorProto.FLOAT, [1])], [vi("y", TensorProto.FLOAT, [1])],
+                   opsets=[helper.make_opsetid("", 17), helper.make_opsetid("nowhere", 1)])
+    with pytest.raises(PreserveError, match=r"^rank 0: .*NoSuchOp"):
+        RankSession([broken])

@@ -1,0 +1,124 @@
+"""Prefetch kernel: a byte-exact pass-through that onnxruntime neither folds nor drops."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from _rt_graphs import allreduce, init, model, prefetch, tp_mlp, vi
+from onnx import TensorProto, helper
+
+from preserve_onnx.errors import PreserveError
+from preserve_onnx.runtime import RankSession, compare_outputs, library_path
+from preserve_onnx.runtime import session as session_module
+
+
+def _weights(seed, shape, dtype=np.float32):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("level", ["all", "extended", "basic", "disable"])
+def test_prefetch_chain_is_bit_identical_to_the_original(level):
+    w1 = [_weights(r, (32, 64)) for r in range(2)]
+    w2 = [_weights(10 + r, (64, 32)) for r in range(2)]
+    x = _weights(20, (4, 32))
+    original = RankSession([tp_mlp(w1[r], w2[r]) for r in range(2)], opt_level=level)
+    optimized = RankSession([tp_mlp(w1[r], w2[r], with_prefetch=True) for r in range(2)], opt_level=level)
+    a, b = original.run({"x": x}), optimized.run({"x": x})
+    result = compare_outputs(a, b)
+    assert result.identical, result
+    assert result.worst == (0, "ar", 0.0)
+
+
+def test_prefetch_is_bit_identical_for_fp16_and_keeps_dtype():
+    w1 = [_weights(r, (16, 8), np.float16) for r in range(2)]
+    w2 = [_weights(5 + r, (8, 16), np.float16) for r in range(2)]
+    x = _weights(9, (2, 16), np.float16)
+    models = [tp_mlp(w1[r], w2[r], elem=TensorProto.FLOAT16) for r in range(2)]
+    optimized = [tp_mlp(w1[r], w2[r], elem=TensorProto.FLOAT16, with_prefetch=True) for r in range(2)]
+    a = RankSession(models).run({"x": x})
+    b = RankSession(optimized).run({"x": x})
+    assert compare_outputs(a, b).identical
+    assert b[0]["y"].dtype == np.float16
+
+
+def test_prefetch_passes_any_type_through_exactly():
+    # Anchor and X are different types; NaN payloads and -0.0 must survive bit for bit.
+    anchor = np.array([np.nan, -0.0, 1.0, np.inf], np.float32)
+    anchor.view(np.uint32)[0] = 0x7FC01234
+    for elem, value in [
+        (TensorProto.FLOAT, anchor),
+        (TensorProto.BFLOAT16, anchor.astype(ml_dtypes.bfloat16)),
+        (TensorProto.INT64, np.array([[1, -2], [3, 2**40]], np.int64)),
+        (TensorProto.BOOL, np.array([True, False])),
+    ]:
+        m = model(
+            [prefetch("a", "w", "y", max_size=4, offset=2)],
+            [vi("a", elem, list(value.shape))],
+            [vi("y", elem, list(value.shape))],
+            [init("w", np.arange(10, dtype=np.int8))],
+        )
+        out = RankSession(m).run({"a": value})
+        assert out[0]["y"].dtype == value.dtype
+        assert out[0]["y"].tobytes() == value.tobytes()
+
+
+def test_prefetch_of_a_kv_cache_input_and_offset_beyond_the_tensor():
+    m = model(
+        [prefetch("a", "past", "a1", offset=1 << 40), prefetch("a1", "past", "a2", max_size=1 << 40),
+         allreduce("a2", "y")],
+        [vi("a", TensorProto.FLOAT, [3]), vi("past", TensorProto.FLOAT16, ["b", 2, "s", 4])],
+        [vi("y", TensorProto.FLOAT, [3])],
+    )
+    a = np.array([1.0, 2.0, 3.0], np.float32)
+    out = RankSession([m, m]).run({"a": a, "past": np.zeros((1, 2, 5, 4), np.float16)})
+    np.testing.assert_array_equal(out[1]["y"], a * 2)
+
+
+def test_onnxruntime_keeps_prefetch_on_constant_inputs(tmp_path):
+    # Both inputs are initializers: constant folding would replace the node if it could.
+    m = model(
+        [prefetch("c", "w", "c1"), helper.make_node("Add", ["x", "c1"], ["y"])],
+        [vi("x", TensorProto.FLOAT, [2])],
+        [vi("y", TensorProto.FLOAT, [2])],
+        [init("c", np.array([1.0, 2.0], np.float32)), init("w", np.ones((4, 4), np.float32))],
+    )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.register_custom_ops_library(str(library_path()))
+    sess = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, {"x": np.zeros(2, np.float32)})[0], [1.0, 2.0])
+    kept = onnx.load(tmp_path / "optimized.onnx")
+    assert [(n.domain, n.op_type) for n in kept.graph.node] == [("preserve", "Prefetch"), ("", "Add")]
+
+
+def test_prefetch_domain_and_op_are_configurable():
+    w1 = [_weights(r, (8, 8)) for r in range(2)]
+    w2 = [_weights(3 + r, (8, 8)) for r in range(2)]
+    x = _weights(7, (1, 8))
+    custom = [tp_mlp(w1[r], w2[r], with_prefetch=True, domain="vendor.cmo", op="CmoPrefetch") for r in range(2)]
+    plain = [tp_mlp(w1[r], w2[r]) for r in range(2)]
+    b = RankSession(custom, prefetch_domain="vendor.cmo", prefetch_op="CmoPrefetch").run({"x": x})
+    a = RankSession(plain).run({"x": x})
+    assert compare_outputs(a, b).identical
+    # With the names overridden, the default preserve::Prefetch is not registered.
+    default_named = [tp_mlp(w1[r], w2[r], with_prefetch=True) for r in range(2)]
+    with pytest.raises(PreserveError, match=r"^rank \d: .*Prefetch"):
+        RankSession(default_named, prefetch_domain="vendor.cmo", prefetch_op="CmoPrefetch")
+
+
+def test_prefetch_may_live_in_the_com_microsoft_domain():
+    w1 = [_weights(r, (4, 4)) for r in range(2)]
+    w2 = [_weights(3 + r, (4, 4)) for r in range(2)]
+    ms = [tp_mlp(w1[r], w2[r], with_prefetch=True, domain="com.microsoft", op="Prefetch") for r in range(2)]
+    out = RankSession(ms, prefetch_domain="com.microsoft").run({"x": np.ones((1, 4), np.float32)})
+    np.testing.assert_array_equal(out[0]["ar"], out[0]["mm"] + out[1]["mm"])
+
+
+def test_missing_library_is_a_one_line_preserve_error(monkeypatch):
+    monkeypatch.setattr(session_module, "_LIB_NAME", "libdoes_not_exist.so")
+    with pytest.raises(PreserveError, match=r"custom-op library .*libdoes_not_exist\.so is missing: run `make lib`"):
+        library_path()
