@@ -184,13 +184,17 @@ def list_hardware() -> None:
     from rich.table import Table
 
     table = Table(title="hardware profiles", title_justify="left")
-    for col in ("name", "L2", "HBM BW", "link BW", "collective latency", "per-op prefetch limit", "description"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True)
+    for col in ("L2", "HBM BW", "link BW", "latency", "per-op limit"):
+        table.add_column(col, justify="right", no_wrap=True)
+
     for hw in builtin_profiles().values():
         table.add_row(hw.name, format_size(hw.l2_bytes), f"{hw.hbm_bw / 1e12:.2f} TB/s",
                       f"{hw.link_bw / 1e9:.0f} GB/s", f"{hw.collective_alpha * 1e6:.0f} us",
-                      format_size(hw.max_prefetch_bytes) if hw.max_prefetch_bytes else "none", hw.description)
+                      format_size(hw.max_prefetch_bytes) if hw.max_prefetch_bytes else "none")
     out.print(table)
+    for hw in builtin_profiles().values():
+        out.print(f"[bold]{hw.name}[/bold]: {hw.description}", highlight=False)
 
 
 @app.command("runtime-lib")

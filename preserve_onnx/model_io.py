@@ -38,6 +38,14 @@ RANK_PATTERNS = (
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain ``open``/``mkdir`` would give (mkstemp/mkdtemp use 0600/0700)."""
+    return (0o777 if directory else 0o666) & ~_UMASK
+
 
 @dataclass(frozen=True)
 class RankSet:
@@ -186,8 +194,7 @@ def write_bytes_atomic(dest: Path, data: bytes) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            mode = dest.stat().st_mode & 0o777 if dest.exists() else 0o644
-            os.chmod(tmp, mode)
+            os.chmod(tmp, dest.stat().st_mode & 0o777 if dest.exists() else default_mode())
     except OSError as exc:
         raise PreserveError(f"cannot write {dest}: {exc.strerror}") from None
 
@@ -202,6 +209,7 @@ def copy_file_atomic(src: Path, dest: Path, progress: ProgressFactory | None = N
                 _copy_sparse(fin, fout, total, advance)
                 fout.flush()
                 os.fsync(fout.fileno())
+            os.chmod(tmp, src.stat().st_mode & 0o777)
     except OSError as exc:
         raise PreserveError(f"cannot copy {src} to {dest}: {exc.strerror}") from None
 

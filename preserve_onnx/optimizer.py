@@ -21,7 +21,7 @@ import onnx
 
 from preserve_onnx.config import OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.model_io import (ProgressFactory, copy_tree_entry, find_rank_sets, is_rank_file,
+from preserve_onnx.model_io import (ProgressFactory, copy_tree_entry, default_mode, find_rank_sets, is_rank_file,
                                     load_model, save_model, sibling_rank_count)
 from preserve_onnx.passes import InsertPrefetchesPass, Plan, StripPrefetchesPass, VerifyPrefetchesPass
 from preserve_onnx.passes.verify_prefetches import Verification
@@ -157,6 +157,7 @@ def map_path(task: Callable, src: Path, out: Path | None, *, in_place: bool = Fa
         raise PreserveError(f"{out.parent}: output folder does not exist")
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        os.chmod(staging, default_mode(directory=True))
     except OSError as exc:
         raise PreserveError(f"cannot write into {out.parent}: {exc.strerror}") from None
     try:

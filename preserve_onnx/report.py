@@ -81,29 +81,38 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def plan_table(outcome: RankOutcome, title: str) -> Table:
-    table = Table(title=title, title_justify="left", show_lines=False)
-    table.add_column("collective", overflow="fold")
-    table.add_column("graph", overflow="fold")
-    table.add_column("prefetched tensors", overflow="fold")
-    table.add_column("bytes", justify="right")
-    table.add_column("budget", justify="right")
-    table.add_column("% of budget", justify="right")
+    """One row per window: what its Prefetch chain brings in, against the window's budget."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("collective", overflow="fold", ratio=3)
+    table.add_column("tensors", justify="right")
+    table.add_column("weights", justify="right", no_wrap=True)
+    table.add_column("KV-cache", justify="right", no_wrap=True)
+    table.add_column("budget", justify="right", no_wrap=True)
+    table.add_column("used", justify="right", no_wrap=True)
     for wp in outcome.plan.windows:
-        tensors = ", ".join(_prefetch_label(p) for p in wp.prefetches) or "[dim]-[/dim]"
+        weights = sum(p.nbytes for p in wp.prefetches if p.kind == "weight")
+        kv = sum(p.nbytes for p in wp.prefetches if p.kind == "kv_cache")
         pct = f"{100 * wp.prefetched_bytes / wp.budget:.0f}%" if wp.budget else "-"
-        table.add_row(wp.window.collective, wp.window.graph or "main", tensors,
-                      format_size(wp.prefetched_bytes), format_size(wp.budget), pct)
+        name = wp.window.collective if not wp.window.graph else f"{wp.window.graph}/{wp.window.collective}"
+        table.add_row(name, str(len({p.tensor for p in wp.prefetches})), format_size(weights),
+                      format_size(kv), format_size(wp.budget), pct)
     return table
 
 
-def _prefetch_label(p) -> str:
-    tag = " (kv)" if p.kind == "kv_cache" else ""
-    if p.max_size:
-        return f"{p.tensor}{tag} [{p.offset}:+{p.max_size}]"
-    return p.tensor + tag
+def prefetch_table(outcome: RankOutcome) -> Table:
+    """One row per Prefetch node (``-v``)."""
+    table = Table(title="prefetches", title_justify="left")
+    for col in ("collective", "tensor", "kind", "bytes", "range"):
+        table.add_column(col, overflow="fold")
+    for wp in outcome.plan.windows:
+        for p in wp.prefetches:
+            span = f"[{p.offset}, {p.offset + p.nbytes})" if p.max_size else "whole"
+            table.add_row(wp.window.collective, p.tensor, p.kind, format_size(p.nbytes), span)
+    return table
 
 
-def skipped_table(outcome: RankOutcome) -> Table:
+def skipped_table(outcome: RankOutcome, verbose: int) -> Table:
+    """Consumer inputs not prefetched and why; activations only at ``-vv`` (they are never candidates)."""
     table = Table(title="not prefetched", title_justify="left")
     table.add_column("collective", overflow="fold")
     table.add_column("tensor", overflow="fold")
@@ -111,6 +120,8 @@ def skipped_table(outcome: RankOutcome) -> Table:
     table.add_column("why", overflow="fold")
     for wp in outcome.plan.windows:
         for s in wp.skipped:
+            if verbose < 2 and s.reason.startswith("activation"):
+                continue
             table.add_row(wp.window.collective, s.tensor, f"{s.consumer}[{s.slot}]", s.reason)
     return table
 
@@ -121,7 +132,8 @@ def render_outcomes(console: Console, outcomes: Sequence[RankOutcome], verbose: 
         console.print(plan_table(o, f"{name}: {len(o.plan.windows)} windows, {o.plan.prefetch_count} "
                                     f"prefetches, {format_size(o.plan.prefetched_bytes)}"))
         if verbose:
-            console.print(skipped_table(o))
+            console.print(prefetch_table(o))
+            console.print(skipped_table(o, verbose))
         if o.verification is not None and verbose:
             console.print(f"[dim]verify: {o.verification.graphs} graphs, {o.verification.prefetches} "
                           f"prefetches, onnx checker {o.verification.checker}[/dim]")
