@@ -22,6 +22,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -77,6 +78,7 @@ if hasattr(ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT"):
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 _ABORTED_MARK = "group aborted:"
+_ABORT_GRACE_S = 10.0
 _GROUP_COUNTER = itertools.count()
 
 
@@ -141,9 +143,13 @@ def _first_line(exc: BaseException) -> str:
     return _ORT_PREFIX.sub("", " ".join(lines)).strip()
 
 
-def _opt_level(level: ort.GraphOptimizationLevel | str) -> ort.GraphOptimizationLevel:
+def _opt_level(level: ort.GraphOptimizationLevel | str | int) -> ort.GraphOptimizationLevel:
     if isinstance(level, ort.GraphOptimizationLevel):
         return level
+    if isinstance(level, int) and not isinstance(level, bool):
+        by_value = {int(v): v for v in _OPT_LEVELS.values()}
+        if level in by_value:
+            return by_value[level]
     key = str(level).lower().removeprefix("ort_").removeprefix("enable_").removesuffix("_all")
     if key in _OPT_LEVELS:
         return _OPT_LEVELS[key]
@@ -196,7 +202,7 @@ class RankSession:
         prefetch_domain: Domain of the Prefetch op in these models.
         prefetch_op: Op type of the Prefetch op in these models.
         opt_level: onnxruntime graph optimization level (a ``GraphOptimizationLevel`` or one of
-            ``disable``, ``basic``, ``extended``, ``layout``, ``all``).
+            ``disable``, ``basic``, ``extended``, ``layout``, ``all``, or its int value).
         timeout_s: How long a rank waits in a collective for the others before it fails.
         intra_op_threads: onnxruntime intra-op threads per rank; default: the CPU count divided by
             the world size (at least 1), so that ranks do not oversubscribe the machine.
@@ -211,7 +217,7 @@ class RankSession:
         *,
         prefetch_domain: str = "preserve",
         prefetch_op: str = "Prefetch",
-        opt_level: ort.GraphOptimizationLevel | str = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        opt_level: ort.GraphOptimizationLevel | str | int = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         timeout_s: float = 60,
         intra_op_threads: int | None = None,
     ) -> None:
@@ -258,6 +264,9 @@ class RankSession:
             futures = [pool.submit(create, r) for r in range(self._world)]
             self._sessions = tuple(f.result() for f in futures)
         self._inputs = tuple(_meta(s.get_inputs()) for s in self._sessions)
+        self._run_lock = threading.Lock()  # one run at a time: ranks of two runs would mix in the group
+        if self._world > 1:
+            weakref.finalize(self, self._lib.preserve_release_group, self._group.encode())
         self._outputs = tuple(_meta(s.get_outputs()) for s in self._sessions)
 
     @property
@@ -336,10 +345,19 @@ class RankSession:
             PreserveError: ``rank r: <reason>`` for the first rank that failed; the other ranks are
                 released from their collectives first.
         """
+        if not self._sessions:
+            raise PreserveError("this RankSession is closed")
         per_rank = self._rank_feeds(feeds, rank_feeds or {})
+        with self._run_lock:
+            return self._run(per_rank)
+
+    def _run(self, per_rank: list[dict[str, ort.OrtValue]]) -> list[dict[str, np.ndarray]]:
+        """Runs the ranks on threads; see :meth:`run`."""
         results: list[dict[str, np.ndarray] | None] = [None] * self._world
         errors: list[tuple[float, int, BaseException]] = []
         lock = threading.Lock()
+        finished = threading.Condition()
+        done = [0]  # ranks whose thread has finished its work, guarded by `finished`
 
         def work(rank: int) -> None:
             try:
@@ -353,6 +371,10 @@ class RankSession:
                 if self._world > 1:
                     # Wake the ranks that wait in a collective for this one.
                     self._lib.preserve_abort_group(self._group.encode())
+            finally:
+                with finished:
+                    done[0] += 1
+                    finished.notify_all()
 
         if self._world == 1:
             work(0)
@@ -363,13 +385,26 @@ class RankSession:
             ]
             for t in threads:
                 t.start()
-            deadline = time.monotonic() + self._timeout_s + 30
-            for t in threads:
-                t.join(max(0.0, deadline - time.monotonic()))
-            stuck = [r for r, t in enumerate(threads) if t.is_alive()]
-            if stuck:
+            # No deadline while all ranks are healthy (a CPU step of a big model may take minutes and
+            # every collective wait is bounded in the library); once one failed, the others were
+            # aborted and must return promptly.
+            deadline = None
+            try:
+                with finished:
+                    while done[0] < self._world:
+                        if errors and deadline is None:
+                            deadline = time.monotonic() + _ABORT_GRACE_S
+                        if deadline is not None and time.monotonic() > deadline:
+                            stuck = [r for r, t in enumerate(threads) if t.is_alive()] or [-1]
+                            _, rank, exc = min(errors, key=lambda e: e[0])
+                            raise PreserveError(
+                                f"rank {rank}: {_first_line(exc)} (rank {stuck[0]} did not stop within "
+                                f"{_ABORT_GRACE_S:.0f} s)"
+                            )
+                        finished.wait(timeout=0.5 if deadline is None else max(0.01, deadline - time.monotonic()))
+            except KeyboardInterrupt:
                 self._lib.preserve_abort_group(self._group.encode())
-                raise PreserveError(f"rank {stuck[0]}: did not finish within {self._timeout_s + 30:.0f} s")
+                raise
             # Every rank has returned: clear the aborted state so the next run starts clean.
             self._lib.preserve_reset_group(self._group.encode())
         if errors:

@@ -267,3 +267,52 @@ def test_bad_model_is_a_preserve_error():
                    opsets=[helper.make_opsetid("", 17), helper.make_opsetid("nowhere", 1)])
     with pytest.raises(PreserveError, match=r"^rank 0: .*NoSuchOp"):
         RankSession([broken])
+
+
+@pytest.mark.parametrize("level", ["all", "ORT_ENABLE_EXTENDED", "basic", "disable", 99, 0, "layout"])
+def test_opt_levels_by_name_or_value(level):
+    m = _allreduce_identity_model(TensorProto.FLOAT)
+    out = RankSession([m, m], opt_level=level).run({"x": np.ones((1, 5), np.float32)})
+    np.testing.assert_array_equal(out[0]["y"], np.full((1, 5), 2.0, np.float32))
+
+
+def test_unknown_opt_level_and_bad_arguments():
+    m = _allreduce_identity_model(TensorProto.FLOAT)
+    with pytest.raises(PreserveError, match="unknown optimization level 'fast'"):
+        RankSession([m], opt_level="fast")
+    with pytest.raises(PreserveError, match="at least one model"):
+        RankSession([])
+    with pytest.raises(PreserveError, match="timeout_s must be positive"):
+        RankSession([m], timeout_s=0)
+
+
+def test_closed_session_refuses_to_run():
+    m = _allreduce_identity_model(TensorProto.FLOAT)
+    with RankSession([m, m]) as session:
+        pass
+    with pytest.raises(PreserveError, match="this RankSession is closed"):
+        session.run({"x": np.ones((1, 5), np.float32)})
+
+
+def test_four_ranks_many_runs_and_concurrent_callers():
+    import threading
+
+    m = _allreduce_identity_model(TensorProto.FLOAT)
+    session = RankSession([m] * 4)
+    failures = []
+
+    def caller(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(20):
+            xs = [rng.standard_normal((3, 5)).astype(np.float32) for _ in range(4)]
+            out = session.run({}, {r: {"x": xs[r]} for r in range(4)})
+            expected = ((xs[0] + xs[1]) + xs[2]) + xs[3]
+            if not all(o["y"].tobytes() == expected.tobytes() for o in out):
+                failures.append(seed)
+
+    threads = [threading.Thread(target=caller, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert failures == []

@@ -546,7 +546,10 @@ struct PrefetchKernel {
     }
   }
 
-  // Cache hint only: reads nothing into any value and never writes X.
+  // Cache hint only: reads nothing into any value and never writes X. A CPU cache holds a few MiB,
+  // so hinting more than kMaxTouch bytes would only cost memory bandwidth.
+  static constexpr size_t kMaxTouch = size_t{2} << 20;
+
   void Touch(Ort::KernelContext& ctx) const {
     if (ctx.GetInputCount() < 2) return;
     Ort::ConstValue x = ctx.GetInput(1);
@@ -558,7 +561,7 @@ struct PrefetchKernel {
     const size_t begin = offset_ > 0 ? static_cast<size_t>(offset_) : 0;
     if (begin >= total) return;
     size_t end = max_size_ > 0 ? begin + static_cast<size_t>(max_size_) : total;
-    end = std::min(end, total);
+    end = std::min({end, total, begin + kMaxTouch});
     const char* base = static_cast<const char*>(x.GetTensorRawData());
     for (size_t off = begin; off < end; off += 64) __builtin_prefetch(base + off, 0, 3);
   }
