@@ -28,10 +28,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -415,7 +414,7 @@ class Decoder:
         self._qcache: dict[str, dict] = {}
 
     # -- sharding helpers ---------------------------------------------------------------------
-    def shard(self, key: str, full: np.ndarray, split: str | None, axis_len_unit: int = 1) -> np.ndarray:
+    def shard(self, key: str, full: np.ndarray, split: str | None) -> np.ndarray:
         """Cut rank's shard of `full`: split None (replicated), 'col' (last axis), 'row' (axis 0)."""
         if split is None or self.world == 1:
             out = full
