@@ -10,7 +10,9 @@ named there is resolved to what is read from HBM:
 
 Refused, each with a reason that ``-v`` shows: activations (anything computed from a graph input),
 the scale of a DequantizeLinear (onnxruntime fuses DQ+MatMul into a quantized kernel only while the
-scale has no other reader), outputs of ``Constant`` nodes (exporters put weights in initializers),
+scale has no other reader), the quantized weight of a DequantizeLinear unless ``qdq_weights`` (measured:
+onnxruntime 1.32 rewrites DQ+MatMul into MatMulNBits only while the weight has no other reader, so a
+Prefetch reading it changes the logits; vendor toolchains that do not fuse can opt in), outputs of ``Constant`` nodes (exporters put weights in initializers),
 the collective's own input, and a tensor already covered in the window. Candidates come in order of
 first use (node order, then input index). Nothing here reads weight bytes.
 """
@@ -97,7 +99,7 @@ def consumer_slots(node: NodeProto) -> Slots | None:
 
 
 def collect_candidates(scope: Scope, window: Window, *, batch: int, context: int,
-                       kv: bool = True) -> WindowCandidates:
+                       kv: bool = True, qdq_weights: bool = False) -> WindowCandidates:
     """Candidates of ``window`` (which lives in ``scope``), in first-use order."""
     nodes = scope.graph.node
     in_window = {out for i in window.nodes for out in nodes[i].output if out}
@@ -128,11 +130,13 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int, context: int
                 found = [(name, kv_nbytes(scope.main_inputs[name], slots.kv_axes, batch, context))]
                 kind = "kv_cache"
             elif slot in slots.weights:
-                roots, reason = resolve_roots(scope, name, in_window)
-                if reason:
-                    skip(reason)
+                res = resolve_roots(scope, name, in_window, qdq_weights=qdq_weights)
+                if res.reason:
+                    skip(res.reason)
                     continue
-                found = [(r, initializer_nbytes(scope.initializers[r])) for r in roots]
+                for tensor, why in res.excluded:
+                    skip(why, tensor)
+                found = [(r, initializer_nbytes(scope.initializers[r])) for r in res.roots]
                 kind = "weight"
             else:
                 skip("KV slot not fed by a graph input" if name not in scope.initializers
@@ -147,38 +151,62 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int, context: int
     return WindowCandidates(window, tuple(candidates), tuple(skipped))
 
 
-def resolve_roots(scope: Scope, name: str, in_window: set[str] = frozenset(),
-                  depth: int = 0) -> tuple[tuple[str, ...], str | None]:
-    """The root initializers that ``name`` is computed from by constant-only operators.
+# Constant inputs that are read but never prefetch targets, and why (``-v`` shows these).
+DQ_SCALE = ("scale of DequantizeLinear: never a target (onnxruntime fuses DequantizeLinear+MatMul into a "
+            "quantized kernel only while the scale has no other reader)")
+DQ_WEIGHT = ("quantized weight of DequantizeLinear: not a target unless --qdq-weights (onnxruntime 1.32 "
+             "rewrites DequantizeLinear+MatMul into MatMulNBits only while the weight has no other reader; "
+             "a Prefetch reader changes its numerics)")
 
-    Returns ``(roots, None)``, or ``((), reason)`` when ``name`` is not a prefetchable constant.
-    """
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a consumer input is read from: root initializers, or the reason it is not a constant."""
+
+    roots: tuple[str, ...] = ()
+    reason: str | None = None
+    excluded: tuple[tuple[str, str], ...] = ()  # (initializer, why) read by the chain but not targets
+
+
+def resolve_roots(scope: Scope, name: str, in_window: set[str] = frozenset(), *, qdq_weights: bool = False,
+                  depth: int = 0) -> Resolution:
+    """The root initializers that ``name`` is computed from by constant-only operators."""
     if name in scope.initializers:
-        return (name,), None
+        return Resolution((name,))
     if depth > 64:
-        return (), "constant chain deeper than 64 operators"
+        return Resolution(reason="constant chain deeper than 64 operators")
     node = scope.producers.get(name)
     if node is None:
         if name in scope.main_inputs or name in scope.local_inputs:
-            return (), "activation (graph input)"
-        return (), "activation (no producer in scope)"
+            return Resolution(reason="activation (graph input)")
+        return Resolution(reason="activation (no producer in scope)")
     if node.op_type == "Constant" and is_default_domain(node.domain):
-        return (), "output of a Constant node (exporters keep weights in initializers)"
+        return Resolution(reason="output of a Constant node (exporters keep weights in initializers)")
     targets = CONSTANT_OPS.get(node.op_type) if is_default_domain(node.domain) else None
     if targets is None:
         where = "in the window" if name in in_window else "outside the window"
-        return (), f"activation (computed by {node.op_type} {where})"
+        return Resolution(reason=f"activation (computed by {node.op_type} {where})")
     roots: list[str] = []
+    excluded: list[tuple[str, str]] = []
     for index, inp in enumerate(node.input):
         if not inp:
             continue
-        sub_roots, reason = resolve_roots(scope, inp, in_window, depth + 1)
-        if reason and not (reason.startswith("output of a Constant") and index not in targets):
+        sub = resolve_roots(scope, inp, in_window, qdq_weights=qdq_weights, depth=depth + 1)
+        if sub.reason and not (sub.reason.startswith("output of a Constant") and index not in targets):
             # Any non-constant operand makes the whole chain an activation.
-            return (), reason if reason.startswith("activation") else f"via {node.op_type}: {reason}"
-        if index in targets:
-            roots.extend(r for r in sub_roots if r not in roots)
-    return tuple(roots), None
+            reason = sub.reason if sub.reason.startswith("activation") else f"via {node.op_type}: {sub.reason}"
+            return Resolution(reason=reason)
+        excluded.extend(sub.excluded)
+        why = None
+        if node.op_type == "DequantizeLinear" and index == 1:
+            why = DQ_SCALE
+        elif node.op_type == "DequantizeLinear" and index == 0 and not qdq_weights:
+            why = DQ_WEIGHT
+        if why:
+            excluded.extend((r, why) for r in sub.roots)
+        elif index in targets:
+            roots.extend(r for r in sub.roots if r not in roots)
+    return Resolution(tuple(roots), None, tuple(excluded))
 
 
 def kv_nbytes(vi: onnx.ValueInfoProto, axes: tuple[int, int], batch: int, context: int) -> int:

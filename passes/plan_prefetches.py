@@ -76,7 +76,8 @@ def plan_prefetches(model: onnx.ModelProto, config: OptimizeConfig, ranks: int =
         if not window.selected:
             continue
         found = collect_candidates(scopes[window.graph], window, batch=config.batch,
-                                   context=config.context, kv=config.kv)
+                                   context=config.context, kv=config.kv,
+                                   qdq_weights=config.qdq_weights)
         budget = config.budget if config.budget is not None else \
             hw.window_budget(window.message_bytes, ranks, config.l2_fraction)
         prefetches, skipped = _fill(window, found.candidates, budget, config.min_chunk,

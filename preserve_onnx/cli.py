@@ -98,6 +98,8 @@ def optimize(
     batch: Annotated[int, typer.Option(help="batch size that sizes the KV-cache and messages")] = 8,
     context: Annotated[int, typer.Option(help="context length that sizes the KV-cache")] = 16384,
     no_kv: Annotated[bool, typer.Option("--no-kv", help="do not prefetch KV-cache")] = False,
+    qdq_weights: Annotated[bool, typer.Option("--qdq-weights", help="also prefetch DequantizeLinear's "
+                           "quantized weights (blocks onnxruntime's DQ+MatMul fusion)")] = False,
     collectives: Annotated[str, typer.Option(help="comma-separated collectives to plan")] = "AllReduce",
     prefetch_domain: DomainOpt = "preserve",
     prefetch_op: OpOpt = "Prefetch",
@@ -129,7 +131,7 @@ def optimize(
         raise PreserveError("--l2-fraction must be in (0, 1]")
     config = OptimizeConfig(
         hardware=load_profile(hardware), budget=parse_size(budget) if budget is not None else None,
-        l2_fraction=l2_fraction, batch=batch, context=context, kv=not no_kv, collectives=chosen,
+        l2_fraction=l2_fraction, batch=batch, context=context, kv=not no_kv, qdq_weights=qdq_weights, collectives=chosen,
         naming=_naming(prefetch_domain, prefetch_op), min_chunk=parse_size(min_chunk), ranks=ranks,
         replan=replan, disabled=tuple(disable or ()))
     outcomes = optimize_path(src, None if dry_run else dest, config, in_place=in_place, jobs=jobs,
@@ -195,6 +197,58 @@ def list_hardware() -> None:
     out.print(table)
     for hw in builtin_profiles().values():
         out.print(f"[bold]{hw.name}[/bold]: {hw.description}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def run(
+    model: Annotated[Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")],
+    inputs: Annotated[Optional[Path], typer.Option(help="feeds .npz: NAME for every rank, rank{r}/NAME for one")] = None,
+    against: Annotated[Optional[Path], typer.Option(help="original model(s): require bit-identical outputs")] = None,
+    save: Annotated[Optional[Path], typer.Option(help="write outputs to .npz as rank{r}/NAME")] = None,
+    steps: Annotated[int, typer.Option(help="decode steps, feeding present.* back into past_key_values.*")] = 1,
+    batch: Annotated[int, typer.Option(help="batch size of generated feeds")] = 1,
+    context: Annotated[int, typer.Option(help="past length of generated feeds")] = 16,
+    seed: Annotated[int, typer.Option(help="seed of generated feeds")] = 0,
+    opt_level: Annotated[str, typer.Option(help="onnxruntime optimization: disable|basic|extended|all")] = "all",
+    prefetch_domain: DomainOpt = "preserve",
+    prefetch_op: OpOpt = "Prefetch",
+    quiet: QuietOpt = False,
+) -> None:
+    """Run rank models on the reference CPU runtime; with --against, prove outputs are unchanged."""
+    from rich.table import Table
+
+    from preserve_onnx.runtime.feeds import save_outputs
+    from preserve_onnx.runtime.runner import run_models
+
+    for label, value in (("--steps", steps), ("--batch", batch), ("--context", context)):
+        if value < 1:
+            raise PreserveError(f"{label} must be at least 1")
+    result = run_models(model, against=against, inputs=inputs, steps=steps, batch=batch, context=context,
+                        seed=seed, opt_level=opt_level, naming=_naming(prefetch_domain, prefetch_op))
+    if save is not None:
+        save_outputs(save, result.outputs)
+    if not quiet:
+        table = Table(title=f"{len(result.models)} rank(s), {steps} step(s)", title_justify="left")
+        for col in ("rank", "output", "dtype", "shape"):
+            table.add_column(col)
+        for rank, outputs in enumerate(result.outputs):
+            for name, value in outputs.items():
+                table.add_row(str(rank), name, str(value.dtype), "x".join(map(str, value.shape)))
+        out.print(table)
+    c = result.comparison
+    if c is None:
+        out.print(f"[green]done[/green]: ran {len(result.models)} rank(s) in {result.seconds:.2f} s", highlight=False)
+        return
+    count = sum(len(o) for o in result.outputs)
+    if c.identical:
+        out.print(f"[green]PASSED[/green]: {count} outputs on {len(result.models)} rank(s) bit-identical to "
+                  f"{against} after {steps} step(s) (max abs diff 0)", highlight=False)
+        return
+    rank, name, diff = c.worst
+    out.print(f"[red]FAILED[/red]: {len(c.differing)} of {count} outputs differ from {against}; worst: rank "
+              f"{rank} '{name}', max abs diff {diff:g}", highlight=False)
+    raise typer.Exit(1)
 
 
 @app.command("runtime-lib")

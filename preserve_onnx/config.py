@@ -35,6 +35,7 @@ class OptimizeConfig:
     batch: int = 8
     context: int = 16384
     kv: bool = True
+    qdq_weights: bool = False  # also prefetch DequantizeLinear's quantized weights (blocks ORT's fusion)
     collectives: tuple[str, ...] = ("AllReduce",)
     naming: PrefetchNaming = PrefetchNaming()
     min_chunk: int = 64 * 1024

@@ -65,7 +65,7 @@ def report_dict(outcomes: Sequence[RankOutcome], config: OptimizeConfig) -> dict
         "budget_rule": outcomes[0].plan.budget_rule if outcomes else None,
         "settings": {
             "l2_fraction": config.l2_fraction, "batch": config.batch, "context": config.context,
-            "kv": config.kv, "collectives": list(config.collectives), "min_chunk": config.min_chunk,
+            "kv": config.kv, "qdq_weights": config.qdq_weights, "collectives": list(config.collectives), "min_chunk": config.min_chunk,
             "prefetch_domain": config.naming.domain, "prefetch_op": config.naming.op_type,
         },
         "models": [

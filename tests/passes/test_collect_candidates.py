@@ -5,6 +5,7 @@ from onnx import TensorProto, helper
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.passes import build_windows, collect_candidates
 from preserve_onnx.passes._graph import iter_scopes
+from preserve_onnx.passes.collect_candidates import DQ_SCALE, DQ_WEIGHT
 from tests.builders import MS, G, two_layer_mlp
 
 
@@ -54,9 +55,25 @@ def test_constant_chain_resolves_to_root_and_skips_dq_scale():
     g.inits.append(helper.make_tensor("wq_scale", TensorProto.FLOAT, [8], [0.1] * 8))
     g.inits.append(helper.make_tensor("wq_zp", TensorProto.INT8, [8], [0] * 8))
     g.output("y")
-    found = collect(g.model())
+    found = collect(g.model(), qdq_weights=True)
     assert [(c.tensor, c.consumer, c.nbytes) for c in found.candidates] == [("wq", "mm", 64), ("wq_zp", "mm", 8)]
-    assert "wq_scale" not in [c.tensor for c in found.candidates]
+    assert [(s.tensor, s.reason) for s in found.skipped if s.tensor.startswith("wq")] == [("wq_scale", DQ_SCALE)]
+
+
+def test_dq_quantized_weight_is_not_a_target_by_default():
+    g = G()
+    g.input("x", ["batch", 8])
+    g.allreduce("x", "a", name="ar")
+    g.node("DequantizeLinear", ["wq", "wq_scale", "wq_zp"], ["wdq"], name="dq")
+    g.node("MatMul", ["a", "wdq"], ["y"], name="mm")
+    g.weight("wq", (8, 8), dtype=np.int8)
+    g.inits.append(helper.make_tensor("wq_scale", TensorProto.FLOAT, [], [0.1]))
+    g.inits.append(helper.make_tensor("wq_zp", TensorProto.INT8, [], [0]))
+    g.output("y")
+    found = collect(g.model())
+    assert [c.tensor for c in found.candidates] == ["wq_zp"]
+    assert [(s.tensor, s.reason) for s in found.skipped if s.tensor.startswith("wq")] == [
+        ("wq", DQ_WEIGHT), ("wq_scale", DQ_SCALE)]
 
 
 def test_constant_node_output_is_not_a_target():

@@ -1,0 +1,71 @@
+"""`preserve-onnx run` as a library call: run rank models (and optionally their originals) on the
+reference runtime over N decode steps, and compare outputs bit for bit.
+
+Invariant: the optimized and the original models see exactly the same feeds (generated once from
+a seed, or read from an .npz), so any output difference is the optimizer's fault.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from preserve_onnx.config import PrefetchNaming
+from preserve_onnx.errors import PreserveError
+from preserve_onnx.model_io import find_rank_sets
+from preserve_onnx.runtime.compare import Comparison, compare_outputs
+from preserve_onnx.runtime.decode import run_steps
+from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, generate_feeds, load_feeds
+from preserve_onnx.runtime.session import RankSession
+
+
+@dataclass(frozen=True)
+class RunResult:
+    models: tuple[Path, ...]
+    outputs: list[dict[str, np.ndarray]]  # per rank, the last step's outputs
+    comparison: Comparison | None  # against the original, when asked
+    steps: int
+    seconds: float
+
+
+def rank_models(path: Path) -> tuple[Path, ...]:
+    """The rank files of a directory (in rank order), or the single file itself."""
+    path = Path(path)
+    if not path.exists():
+        raise PreserveError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        return (path,)
+    sets = find_rank_sets(path)
+    if len(sets) > 1:
+        names = ", ".join(s.pattern.replace("{rank}", "*") for s in sets)
+        raise PreserveError(f"{path} holds several rank-model families ({names}); run one of them by file")
+    return sets[0].files
+
+
+def run_models(path: Path, *, against: Path | None = None, inputs: Path | None = None, steps: int = 1,
+               batch: int = 1, context: int = DEFAULT_CONTEXT, seed: int = 0, opt_level: str = "all",
+               naming: PrefetchNaming = PrefetchNaming(), timeout_s: float = 60) -> RunResult:
+    """Run ``path`` (file or rank directory) for ``steps`` decode steps; compare with ``against``."""
+    start = time.perf_counter()
+    models = rank_models(path)
+    originals: Sequence[Path] = rank_models(against) if against is not None else ()
+    if against is not None and len(originals) != len(models):
+        raise PreserveError(f"{path} has {len(models)} ranks but {against} has {len(originals)}")
+    kw = dict(prefetch_domain=naming.domain, prefetch_op=naming.op_type, opt_level=opt_level,
+              timeout_s=timeout_s)
+    with RankSession(list(models), **kw) as session:
+        if inputs is not None:
+            shared, per_rank = load_feeds(inputs)
+        else:
+            shared, per_rank = generate_feeds(session, batch=batch, context=context, seed=seed)
+        outputs = run_steps(session, shared, per_rank, steps)
+    comparison = None
+    if against is not None:
+        with RankSession(list(originals), **kw) as original:
+            expected = run_steps(original, shared, per_rank, steps)
+        comparison = compare_outputs(expected, outputs)
+    return RunResult(tuple(models), outputs, comparison, steps, time.perf_counter() - start)
