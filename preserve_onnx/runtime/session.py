@@ -77,6 +77,9 @@ if hasattr(ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT"):
     _OPT_LEVELS["layout"] = ort.GraphOptimizationLevel.ORT_ENABLE_LAYOUT
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+# Our kernels' messages already name the op, node, rank and group: drop onnxruntime's wrapper.
+_OWN_KERNEL = re.compile(r"Non-zero status code returned while running \S+ node\. Name:'[^']*' Status Message: "
+                         r"(?=(?:AllReduce|AllGather) '|Prefetch: )")
 _ABORTED_MARK = "group aborted:"
 _ABORT_GRACE_S = 10.0
 _GROUP_COUNTER = itertools.count()
@@ -140,7 +143,7 @@ def _first_line(exc: BaseException) -> str:
     """
     text = str(exc).strip() or type(exc).__name__
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return _ORT_PREFIX.sub("", " ".join(lines)).strip()
+    return _OWN_KERNEL.sub("", _ORT_PREFIX.sub("", " ".join(lines))).strip()
 
 
 def _opt_level(level: ort.GraphOptimizationLevel | str | int) -> ort.GraphOptimizationLevel:
