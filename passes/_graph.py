@@ -82,6 +82,27 @@ class Scope:
     local_inputs: frozenset[str] = field(default_factory=frozenset)
 
 
+def iter_graphs(model: onnx.ModelProto) -> Iterator[tuple[str, GraphProto]]:
+    """``(path, graph)`` for every graph, in the same order as :func:`iter_scopes`, without building
+    scopes (cheap: for walks that only look at nodes)."""
+    yield from _walk_graphs(model.graph, "")
+
+
+def _walk_graphs(graph: GraphProto, path: str) -> Iterator[tuple[str, GraphProto]]:
+    yield path, graph
+    for index, node in enumerate(graph.node):
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                subs = [(attr.name, attr.g)]
+            elif attr.type == AttributeProto.GRAPHS:
+                subs = [(f"{attr.name}[{i}]", g) for i, g in enumerate(attr.graphs)]
+            else:
+                continue
+            for attr_name, sub in subs:
+                label = f"{node_label(node, index)}:{attr_name}"
+                yield from _walk_graphs(sub, f"{path}/{label}" if path else label)
+
+
 def iter_scopes(model: onnx.ModelProto) -> Iterator[Scope]:
     """Every graph of the model (main first, then subgraphs depth-first in node order)."""
     main = model.graph
@@ -122,8 +143,7 @@ def _walk(graph, path, outer_inits, outer_producers, main_inputs, local_inputs):
 def all_names(model: onnx.ModelProto) -> set[str]:
     """Every node and tensor name in every graph: what new names must not collide with."""
     names: set[str] = set()
-    for scope in iter_scopes(model):
-        g = scope.graph
+    for _, g in iter_graphs(model):
         names.update(vi.name for vi in g.input)
         names.update(vi.name for vi in g.output)
         names.update(vi.name for vi in g.value_info)
@@ -138,7 +158,7 @@ def all_names(model: onnx.ModelProto) -> set[str]:
 
 def graph_by_path(model: onnx.ModelProto, path: str) -> GraphProto:
     """The (mutable) GraphProto at ``path`` in ``model``."""
-    for scope in iter_scopes(model):
-        if scope.path == path:
-            return scope.graph
+    for graph_path, graph in iter_graphs(model):
+        if graph_path == path:
+            return graph
     raise PreserveError(f"internal: no graph at path '{path}'")  # pragma: no cover

@@ -14,6 +14,7 @@ MatMul/Gemm/MatMulNBits that produces the message (row-parallel linear -> AllRed
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import onnx
 from onnx import NodeProto, TensorProto
@@ -39,12 +40,13 @@ class Window:
 
 
 def build_windows(model: onnx.ModelProto, collectives: tuple[str, ...] = ("AllReduce",),
-                  batch: int = 8) -> tuple[Window, ...]:
+                  batch: int = 8, scopes: Sequence[Scope] | None = None) -> tuple[Window, ...]:
     """All collectives of the model with their windows, main graph first, then subgraphs."""
     windows = []
-    for scope in iter_scopes(model):
+    for scope in scopes if scopes is not None else iter_scopes(model):
         nodes = scope.graph.node
         positions = [i for i, n in enumerate(nodes) if is_collective(n)]
+        declared = _declared(scope.graph) if positions else {}
         for k, index in enumerate(positions):
             node = nodes[index]
             end = positions[k + 1] if k + 1 < len(positions) else len(nodes)
@@ -57,23 +59,32 @@ def build_windows(model: onnx.ModelProto, collectives: tuple[str, ...] = ("AllRe
                 anchor=anchor,
                 selected=node.op_type in collectives,
                 nodes=tuple(range(index + 1, end)),
-                message_bytes=message_bytes(scope, anchor, batch),
+                message_bytes=message_bytes(scope, anchor, batch, declared),
             ))
     return tuple(windows)
 
 
-def message_bytes(scope: Scope, tensor: str, batch: int) -> int:
+def message_bytes(scope: Scope, tensor: str, batch: int,
+                  declared: dict[str, onnx.ValueInfoProto] | None = None) -> int:
     """Bytes of ``tensor`` in one decode step (sequence length 1, batch ``batch``); 0 when unknown."""
-    declared = _declared_bytes(scope.graph, tensor, batch)
-    if declared is not None:
-        return declared
+    vi = (declared if declared is not None else _declared(scope.graph)).get(tensor)
+    size = _declared_bytes(vi, batch) if vi is not None else None
+    if size is not None:
+        return size
     return _bytes_from_producer(scope, tensor, batch, depth=0)
 
 
-def _declared_bytes(graph: onnx.GraphProto, tensor: str, batch: int) -> int | None:
+def _declared(graph: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:
+    """Tensor name -> the exporter's type declaration (value_info, graph outputs, graph inputs)."""
+    found: dict[str, onnx.ValueInfoProto] = {}
     for vi in (*graph.value_info, *graph.output, *graph.input):
-        if vi.name != tensor or not vi.type.HasField("tensor_type"):
-            continue
+        found.setdefault(vi.name, vi)
+    return found
+
+
+def _declared_bytes(vi: onnx.ValueInfoProto, batch: int) -> int | None:
+    tensor = vi.name
+    if vi.type.HasField("tensor_type"):
         tt = vi.type.tensor_type
         if not tt.HasField("shape") or tt.elem_type not in _FLOAT_TYPES:
             return None

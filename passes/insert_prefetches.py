@@ -19,13 +19,13 @@ from onnx import helper
 
 from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.passes._graph import graph_by_path, iter_scopes
+from preserve_onnx.passes._graph import iter_graphs
 from preserve_onnx.passes.plan_prefetches import Plan, WindowPlan, plan_prefetches
 from preserve_onnx.pipeline import Pass, PassResult
 
 
 def count_prefetches(model: onnx.ModelProto, naming) -> int:
-    return sum(1 for s in iter_scopes(model) for n in s.graph.node if naming.matches(n))
+    return sum(1 for _, g in iter_graphs(model) for n in g.node if naming.matches(n))
 
 
 class InsertPrefetchesPass(Pass):
@@ -52,32 +52,39 @@ class InsertPrefetchesPass(Pass):
         for wp in plan.windows:
             if wp.prefetches:
                 by_graph[wp.window.graph][wp.window.index] = wp
-        for path, at in by_graph.items():
-            _rewrite(graph_by_path(out, path), at, self.config)
+        for path, graph in iter_graphs(out):
+            if path in by_graph:
+                _rewrite(graph, by_graph[path], self.config)
         _ensure_opset(out, naming.domain, naming.version)
         return PassResult(out, True, plan)
 
 
 def _rewrite(graph: onnx.GraphProto, at: dict[int, WindowPlan], config: OptimizeConfig) -> None:
+    """Insert each window's chain before its collective, last window first so indices stay valid."""
     naming = config.naming
-    nodes = list(graph.node)
-    new_nodes = []
-    for index, node in enumerate(nodes):
-        wp = at.get(index)
-        if wp is not None:
-            current = wp.window.anchor
-            for p in wp.prefetches:
-                new_nodes.append(helper.make_node(
-                    naming.op_type, [current, p.tensor], [p.output], name=p.node, domain=naming.domain,
-                    **{naming.max_size: p.max_size, naming.offset: p.offset,
-                       naming.collective: wp.window.collective}))
-                current = p.output
-            node = onnx.NodeProto()
-            node.CopyFrom(nodes[index])
-            node.input[0] = current
-        new_nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+    for index in sorted(at, reverse=True):
+        wp = at[index]
+        current = wp.window.anchor
+        chain = []
+        for p in wp.prefetches:
+            chain.append(_prefetch_node(naming, current, p, wp.window.collective))
+            current = p.output
+        graph.node[index].input[0] = current
+        for node in reversed(chain):
+            graph.node.insert(index, node)
+
+
+def _prefetch_node(naming, anchor: str, p, collective: str) -> onnx.NodeProto:
+    """``p.output = Prefetch(anchor, p.tensor)`` with attributes in name order (as onnx.helper does)."""
+    node = onnx.NodeProto(op_type=naming.op_type, domain=naming.domain, name=p.node,
+                          input=[anchor, p.tensor], output=[p.output])
+    attrs = [
+        onnx.AttributeProto(name=naming.max_size, type=onnx.AttributeProto.INT, i=p.max_size),
+        onnx.AttributeProto(name=naming.offset, type=onnx.AttributeProto.INT, i=p.offset),
+        onnx.AttributeProto(name=naming.collective, type=onnx.AttributeProto.STRING, s=collective.encode()),
+    ]
+    node.attribute.extend(sorted(attrs, key=lambda a: a.name))
+    return node
 
 
 def _ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:

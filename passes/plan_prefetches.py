@@ -69,10 +69,11 @@ class Plan:
 def plan_prefetches(model: onnx.ModelProto, config: OptimizeConfig, ranks: int = 1) -> Plan:
     """Plan every selected collective of ``model``."""
     hw = config.hardware
-    scopes = {s.path: s for s in iter_scopes(model)}
+    scope_list = list(iter_scopes(model))
+    scopes = {s.path: s for s in scope_list}
     taken = all_names(model)
     plans = []
-    for window in build_windows(model, config.collectives, config.batch):
+    for window in build_windows(model, config.collectives, config.batch, scope_list):
         if not window.selected:
             continue
         found = collect_candidates(scopes[window.graph], window, batch=config.batch,

@@ -13,7 +13,7 @@ import onnx
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.passes._graph import iter_scopes
+from preserve_onnx.passes._graph import iter_graphs
 from preserve_onnx.pipeline import Pass, PassResult
 
 
@@ -25,14 +25,14 @@ class StripPrefetchesPass(Pass):
         self.naming = naming
 
     def run(self, model: onnx.ModelProto) -> PassResult:
-        if not any(self.naming.matches(n) for s in iter_scopes(model) for n in s.graph.node):
+        if not any(self.naming.matches(n) for _, g in iter_graphs(model) for n in g.node):
             return PassResult(model, False, 0)
         out = onnx.ModelProto()
         out.CopyFrom(model)
         replaced: dict[str, str] = {}
-        scopes = list(iter_scopes(out))
-        for scope in scopes:
-            for node in scope.graph.node:
+        graphs = [g for _, g in iter_graphs(out)]
+        for g in graphs:
+            for node in g.node:
                 if self.naming.matches(node):
                     if len(node.input) < 1 or len(node.output) != 1 or not node.input[0]:
                         raise PreserveError(f"Prefetch node '{node.name}' is malformed (needs input 0 and "
@@ -49,8 +49,7 @@ class StripPrefetchesPass(Pass):
             return name
 
         removed = 0
-        for scope in scopes:
-            g = scope.graph
+        for g in graphs:
             for vi in g.output:
                 if vi.name in replaced:
                     raise PreserveError(f"Prefetch output '{vi.name}' is a graph output; cannot strip it")
@@ -66,7 +65,7 @@ class StripPrefetchesPass(Pass):
             stale = [vi for vi in g.value_info if vi.name in replaced]
             for vi in stale:
                 g.value_info.remove(vi)
-        if not any(n.domain == self.naming.domain for s in iter_scopes(out) for n in s.graph.node):
+        if not any(n.domain == self.naming.domain for g in graphs for n in g.node):
             for op in list(out.opset_import):
                 if op.domain == self.naming.domain:
                     out.opset_import.remove(op)

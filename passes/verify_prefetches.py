@@ -68,17 +68,21 @@ class VerifyPrefetchesPass(Pass):
         graphs = 0
         for scope in iter_scopes(model):
             graphs += 1
+            found = [n for n in scope.graph.node if self.naming.matches(n)]
+            if not found:
+                continue
+            outputs = {n.output[0] for n in found if n.output}
             readers: dict[str, list[onnx.NodeProto]] = {}
             for node in scope.graph.node:
                 for name in node.input:
-                    readers.setdefault(name, []).append(node)
-            for node in scope.graph.node:
-                if self.naming.matches(node):
-                    prefetches += 1
-                    self._check_prefetch(node, scope, readers)
+                    if name in outputs:
+                        readers.setdefault(name, []).append(node)
+            for node in found:
+                prefetches += 1
+                self._check_prefetch(node, scope, readers)
         complaint = checker_complaint(model) if model is not self.baseline else None
         if complaint is not None:
-            before = checker_complaint(self.baseline)
+            before = self._baseline_complaint()
             # A new complaint means the rewrite broke something the input had right.
             if before != complaint:
                 raise PreserveError(f"onnx checker: {complaint}")
@@ -86,6 +90,11 @@ class VerifyPrefetchesPass(Pass):
         else:
             verdict = "clean"
         return PassResult(model, False, Verification(graphs, prefetches, verdict))
+
+    def _baseline_complaint(self) -> str | None:
+        if not hasattr(self, "_baseline_result"):
+            self._baseline_result = checker_complaint(self.baseline)
+        return self._baseline_result
 
     def _check_prefetch(self, node, scope, readers) -> None:
         n = self.naming

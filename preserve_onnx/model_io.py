@@ -73,17 +73,21 @@ def load_model(path: Path) -> onnx.ModelProto:
         raise PreserveError(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from None
     if not model.HasField("graph") or model.ir_version <= 0:
         raise PreserveError(f"{path}: not an ONNX model (no graph or IR version)")
+    checked: set[str] = set()
     for tensor in external_tensors(model):
-        validate_location(tensor, path.parent)
+        location = external_info(tensor).get("location", "")
+        if location not in checked:  # thousands of tensors share one data file: check it once
+            validate_location(tensor, path.parent)
+            checked.add(location)
     return model
 
 
 def external_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
     """Every initializer (main graph and subgraphs) whose data lives in an external file."""
-    from preserve_onnx.passes._graph import iter_scopes  # local: keeps model_io importable alone
+    from preserve_onnx.passes._graph import iter_graphs  # local: keeps model_io importable alone
 
-    for scope in iter_scopes(model):
-        for t in scope.graph.initializer:
+    for _, graph in iter_graphs(model):
+        for t in graph.initializer:
             if t.data_location == TensorProto.EXTERNAL:
                 yield t
 
