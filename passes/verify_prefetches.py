@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx
-from onnx import AttributeProto
-
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
+from preserve_onnx.passes.check_order import check_topological
 from preserve_onnx.passes._graph import initializer_nbytes, is_collective, iter_scopes
 from preserve_onnx.pipeline import Pass, PassResult
 
@@ -34,24 +33,6 @@ def checker_complaint(model: onnx.ModelProto) -> str | None:
     except (onnx.checker.ValidationError, Exception) as exc:  # noqa: BLE001 - the checker raises several types
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return None
-
-
-def check_topological(graph: onnx.GraphProto, outer: frozenset[str], where: str) -> None:
-    """Raise PreserveError naming the first node that reads a tensor not yet produced."""
-    available = set(outer)
-    available.update(vi.name for vi in graph.input)
-    available.update(t.name for t in graph.initializer)
-    available.add("")
-    for index, node in enumerate(graph.node):
-        for name in node.input:
-            if name not in available:
-                raise PreserveError(f"{where}node {index} '{node.name or node.op_type}' reads '{name}' "
-                                    f"before it is produced (graph not in topological order, or a cycle)")
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                check_topological(sub, frozenset(available), f"{where}{node.name or node.op_type}/")
-        available.update(node.output)
 
 
 class VerifyPrefetchesPass(Pass):

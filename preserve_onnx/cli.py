@@ -26,7 +26,7 @@ BIG_COPY = 64 << 20  # show a progress bar for data files above this size
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """A PreserveError becomes one red line and exit 1; Ctrl-C exits 130; never a traceback."""
+    """A PreserveError becomes one red line and exit 1 (Ctrl-C too, after cleaning up); never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -37,7 +37,7 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[red]interrupted[/red]: nothing was written", highlight=False)
-            raise typer.Exit(130) from None
+            raise typer.Exit(1) from None
         except typer.Exit:
             raise
         except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback

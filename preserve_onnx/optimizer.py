@@ -1,6 +1,6 @@
 """The optimize and strip pipelines, on one model or on whole rank directories.
 
-``optimize`` = [strip-prefetches (only with replan)] -> insert-prefetches -> verify-prefetches.
+``optimize`` = check-order -> [strip-prefetches (only with replan)] -> insert-prefetches -> verify-prefetches.
 insert-prefetches consumes the analyses build-windows -> collect-candidates -> plan-prefetches.
 """
 
@@ -23,12 +23,13 @@ from preserve_onnx.config import OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.model_io import (ProgressFactory, copy_tree_entry, default_mode, find_rank_sets, is_rank_file,
                                     load_model, save_model, sibling_rank_count)
-from preserve_onnx.passes import InsertPrefetchesPass, Plan, StripPrefetchesPass, VerifyPrefetchesPass
+from preserve_onnx.passes import CheckOrderPass, InsertPrefetchesPass, Plan, StripPrefetchesPass, VerifyPrefetchesPass
 from preserve_onnx.passes.verify_prefetches import Verification
 from preserve_onnx.pipeline import Sequential
 
 # name -> (kind, one-line summary), in pipeline order; `preserve-onnx passes` prints this.
 PASSES = {
+    "check-order": ("check", CheckOrderPass.summary),
     "strip-prefetches": ("transform", StripPrefetchesPass.summary + " (runs only with --replan)"),
     "build-windows": ("analysis", "find every collective and the operators up to the next collective"),
     "collect-candidates": ("analysis", "weights (through constant-only chains) and KV-cache each window reads"),
@@ -52,7 +53,7 @@ class RankOutcome:
 
 
 def build_pipeline(config: OptimizeConfig, baseline: onnx.ModelProto, ranks: int) -> Sequential:
-    passes = []
+    passes = [CheckOrderPass()]
     if config.replan:
         passes.append(StripPrefetchesPass(config.naming))
     passes += [InsertPrefetchesPass(config, ranks), VerifyPrefetchesPass(baseline, config.naming)]
