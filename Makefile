@@ -37,6 +37,7 @@ $(LIB): preserve_onnx/runtime/csrc/preserve_ops.cc $(if $(filter $(HDRDIR)/%,$(O
 	g++ -O2 -std=c++17 -fPIC -shared -pthread -I$(ORT_INCLUDE_DIR) -o $@.tmp $< && mv $@.tmp $@
 
 demo: setup
+	mkdir -p build/demo
 	$(CLI) optimize sample_models/llama-gqa/tp2 build/demo/llama-gqa-tp2 --report build/demo/report.json
 	$(CLI) run build/demo/llama-gqa-tp2 --against sample_models/llama-gqa/tp2 --steps 3
 
