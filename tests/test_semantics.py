@@ -59,3 +59,23 @@ def test_qdq_weights_opt_in_changes_onnxruntime_numerics(tmp_path):
     assert not result.comparison.identical
     result = run_models(tmp_path / "opt", against=src, steps=1, batch=2, context=8, opt_level="basic")
     assert result.comparison.identical  # without the fusion, the same bits
+
+
+def test_cli_run_with_inputs_npz_shared_and_per_rank(tmp_path):
+    """--inputs: NAME feeds every rank, rank{r}/NAME feeds rank r only; same feeds -> same outputs."""
+    from preserve_onnx.runtime import RankSession, generate_feeds
+
+    src = SAMPLES / "llama-gqa" / "tp2"
+    session = RankSession([src / "model_00.onnx", src / "model_01.onnx"])
+    shared, per_rank = generate_feeds(session, batch=1, context=5, seed=7)
+    arrays = dict(shared)
+    arrays.update({f"rank{r}/{k}": v for r, feeds in per_rank.items() for k, v in feeds.items()})
+    np.savez(tmp_path / "feeds.npz", **arrays)
+    expected = session.run(shared, per_rank)
+    r = runner.invoke(app, ["run", str(src), "--inputs", str(tmp_path / "feeds.npz"), "--save",
+                            str(tmp_path / "out.npz"), "-q"])
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "out.npz") as saved:
+        for rank in (0, 1):
+            for name, value in expected[rank].items():
+                assert saved[f"rank{rank}/{name}"].tobytes() == value.tobytes()
