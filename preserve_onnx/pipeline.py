@@ -7,6 +7,8 @@ A failure inside a pass is re-raised as ``PassError("<name> failed after <previo
 
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -24,14 +26,15 @@ class PassResult:
     stats: Any = None
 
 
-class Pass:
+class Pass(abc.ABC):
     """Base class. Subclasses set ``name`` (kebab-case), ``summary`` (one line) and implement ``run``."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
 
-    def run(self, model: onnx.ModelProto) -> PassResult:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        """Return the pass's result; never mutate ``model``."""
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         result = self.run(model)
