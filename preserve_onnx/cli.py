@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-from preserve_onnx.config import OptimizeConfig, PrefetchNaming
+from preserve_onnx.config import PREFETCH_ATTRIBUTES, OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.hardware import DEFAULT_PROFILE, builtin_profiles, format_size, load_profile, parse_size
 
@@ -25,8 +25,14 @@ err = Console(stderr=True)
 BIG_COPY = 64 << 20  # show a progress bar for data files above this size
 
 
-def handle_errors(fn: Callable) -> Callable:
-    """A PreserveError becomes one red line and exit 1 (Ctrl-C too, after cleaning up); never a traceback."""
+def handle_errors(fn: Callable | None = None, *, error_code: int = 1) -> Callable:
+    """A PreserveError becomes one red line and exit 1 (Ctrl-C too, after cleaning up); never a traceback.
+
+    ``@handle_errors(error_code=2)`` exits 2 instead, for a command whose 1 means something else
+    (`diff`: 1 = different, 2 = trouble).
+    """
+    if fn is None:
+        return functools.partial(handle_errors, error_code=error_code)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,10 +40,10 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except PreserveError as exc:
             err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(error_code) from None
         except KeyboardInterrupt:
             err.print("[red]interrupted[/red]: nothing was written", highlight=False)
-            raise typer.Exit(1) from None
+            raise typer.Exit(error_code) from None
         except typer.Exit:
             raise
         except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
@@ -45,7 +51,7 @@ def handle_errors(fn: Callable) -> Callable:
                 raise
             err.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
                       f"(set PRESERVE_DEBUG=1 for a traceback)", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(error_code) from None
 
     return wrapper
 
@@ -75,15 +81,65 @@ def _progress(quiet: bool):
     return factory
 
 
-def _naming(domain: str, op: str) -> PrefetchNaming:
+def _naming(domain: str, op: str, attrs: Optional[list[str]] = None, version: int = 1) -> PrefetchNaming:
+    """The Prefetch spelling from --prefetch-domain/-op/-version and ``--prefetch-attr OURS=THEIRS``."""
     if not domain or not op:
         raise PreserveError("--prefetch-domain and --prefetch-op must not be empty")
-    return PrefetchNaming(domain=domain, op_type=op)
+    if version < 1:
+        raise PreserveError("--prefetch-version must be at least 1")
+    renames: dict[str, str] = {}
+    for item in attrs or ():
+        ours, sep, theirs = item.partition("=")
+        ours, theirs = ours.strip(), theirs.strip()
+        if not sep or ours not in PREFETCH_ATTRIBUTES or not theirs.isidentifier():
+            raise PreserveError(f"--prefetch-attr '{item}': expected NAME=NEW with NAME one of "
+                                f"{', '.join(PREFETCH_ATTRIBUTES)} and NEW an identifier")
+        renames[ours] = theirs
+    names = {a: renames.get(a, a) for a in PREFETCH_ATTRIBUTES}
+    if len(set(names.values())) != len(names):
+        raise PreserveError(f"--prefetch-attr: two attributes would share a name ({names})")
+    return PrefetchNaming(domain=domain, op_type=op, version=version, **names)
 
 
 DomainOpt = Annotated[str, typer.Option("--prefetch-domain", help="domain of the Prefetch op")]
 OpOpt = Annotated[str, typer.Option("--prefetch-op", help="op type of the Prefetch op")]
+AttrOpt = Annotated[Optional[list[str]], typer.Option(
+    "--prefetch-attr", metavar="NAME=NEW", help="rename a Prefetch attribute (max_size, offset, collective); repeatable")]
+VersionOpt = Annotated[int, typer.Option("--prefetch-version", help="opset version of the Prefetch domain")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="say why tensors were skipped")]
+# Planning options, shared by optimize and inspect (turned into an OptimizeConfig by _config).
+HardwareOpt = Annotated[str, typer.Option(help="hardware profile NAME or FILE.toml")]
+BudgetOpt = Annotated[Optional[str], typer.Option(help="bytes per window, e.g. 96MiB (overrides the rule)")]
+L2FractionOpt = Annotated[float, typer.Option(help="share of L2 a window may fill")]
+BatchOpt = Annotated[int, typer.Option(help="batch size that sizes the KV-cache and messages")]
+ContextOpt = Annotated[int, typer.Option(help="context length that sizes the KV-cache")]
+NoKvOpt = Annotated[bool, typer.Option("--no-kv", help="do not prefetch KV-cache")]
+QdqOpt = Annotated[bool, typer.Option("--qdq-weights", help="also prefetch DequantizeLinear's "
+                                      "quantized weights (blocks onnxruntime's DQ+MatMul fusion)")]
+CollectivesOpt = Annotated[str, typer.Option(help="comma-separated collectives to plan")]
+MinChunkOpt = Annotated[str, typer.Option(help="smallest partial prefetch")]
+RanksOpt = Annotated[Optional[int], typer.Option(help="rank count for collective time (default: from files)")]
+
+
+def _config(*, hardware: str, budget: Optional[str], l2_fraction: float, batch: int, context: int, no_kv: bool,
+            qdq_weights: bool, collectives: str, naming: PrefetchNaming, min_chunk: str, ranks: Optional[int],
+            replan: bool = False, disabled: tuple[str, ...] = ()) -> OptimizeConfig:
+    """The planning options, checked, as the optimizer's frozen config."""
+    known = ("AllReduce", "AllGather", "AllToAll")
+    chosen = tuple(c.strip() for c in collectives.split(",") if c.strip())
+    bad = [c for c in chosen if c not in known]
+    if bad or not chosen:
+        raise PreserveError(f"--collectives: unknown '{bad[0] if bad else collectives}' (choose from {', '.join(known)})")
+    for label, value in (("--batch", batch), ("--context", context)):
+        if value < 1:
+            raise PreserveError(f"{label} must be at least 1")
+    if not 0 < l2_fraction <= 1:
+        raise PreserveError("--l2-fraction must be in (0, 1]")
+    return OptimizeConfig(
+        hardware=load_profile(hardware), budget=parse_size(budget) if budget is not None else None,
+        l2_fraction=l2_fraction, batch=batch, context=context, kv=not no_kv, qdq_weights=qdq_weights,
+        collectives=chosen, naming=naming, min_chunk=parse_size(min_chunk), ranks=ranks, replan=replan,
+        disabled=disabled)
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="only errors and the closing line")]
 
 
@@ -92,19 +148,20 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="only errors and t
 def optimize(
     src: Annotated[Path, typer.Argument(metavar="IN", help="rank model (.onnx) or directory of rank models")],
     dest: Annotated[Path, typer.Argument(metavar="OUT", help="output file, or directory for a rank directory")],
-    hardware: Annotated[str, typer.Option(help="hardware profile NAME or FILE.toml")] = DEFAULT_PROFILE,
-    budget: Annotated[Optional[str], typer.Option(help="bytes per window, e.g. 96MiB (overrides the rule)")] = None,
-    l2_fraction: Annotated[float, typer.Option(help="share of L2 a window may fill")] = 0.5,
-    batch: Annotated[int, typer.Option(help="batch size that sizes the KV-cache and messages")] = 8,
-    context: Annotated[int, typer.Option(help="context length that sizes the KV-cache")] = 16384,
-    no_kv: Annotated[bool, typer.Option("--no-kv", help="do not prefetch KV-cache")] = False,
-    qdq_weights: Annotated[bool, typer.Option("--qdq-weights", help="also prefetch DequantizeLinear's "
-                           "quantized weights (blocks onnxruntime's DQ+MatMul fusion)")] = False,
-    collectives: Annotated[str, typer.Option(help="comma-separated collectives to plan")] = "AllReduce",
+    hardware: HardwareOpt = DEFAULT_PROFILE,
+    budget: BudgetOpt = None,
+    l2_fraction: L2FractionOpt = 0.5,
+    batch: BatchOpt = 8,
+    context: ContextOpt = 16384,
+    no_kv: NoKvOpt = False,
+    qdq_weights: QdqOpt = False,
+    collectives: CollectivesOpt = "AllReduce",
     prefetch_domain: DomainOpt = "preserve",
     prefetch_op: OpOpt = "Prefetch",
-    min_chunk: Annotated[str, typer.Option(help="smallest partial prefetch")] = "64KiB",
-    ranks: Annotated[Optional[int], typer.Option(help="rank count for collective time (default: from files)")] = None,
+    prefetch_attr: AttrOpt = None,
+    prefetch_version: VersionOpt = 1,
+    min_chunk: MinChunkOpt = "64KiB",
+    ranks: RanksOpt = None,
     report: Annotated[Optional[Path], typer.Option(help="write the JSON report here")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="plan and report, write no model")] = False,
     replan: Annotated[bool, typer.Option("--replan", help="strip existing Prefetch nodes, plan again")] = False,
@@ -119,21 +176,10 @@ def optimize(
     from preserve_onnx.report import render_outcomes, report_dict, write_json
 
     start = time.perf_counter()
-    known = ("AllReduce", "AllGather", "AllToAll")
-    chosen = tuple(c.strip() for c in collectives.split(",") if c.strip())
-    bad = [c for c in chosen if c not in known]
-    if bad or not chosen:
-        raise PreserveError(f"--collectives: unknown '{bad[0] if bad else collectives}' (choose from {', '.join(known)})")
-    for label, value in (("--batch", batch), ("--context", context)):
-        if value < 1:
-            raise PreserveError(f"{label} must be at least 1")
-    if not 0 < l2_fraction <= 1:
-        raise PreserveError("--l2-fraction must be in (0, 1]")
-    config = OptimizeConfig(
-        hardware=load_profile(hardware), budget=parse_size(budget) if budget is not None else None,
-        l2_fraction=l2_fraction, batch=batch, context=context, kv=not no_kv, qdq_weights=qdq_weights, collectives=chosen,
-        naming=_naming(prefetch_domain, prefetch_op), min_chunk=parse_size(min_chunk), ranks=ranks,
-        replan=replan, disabled=tuple(disable or ()))
+    config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
+                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives,
+                     naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
+                     min_chunk=min_chunk, ranks=ranks, replan=replan, disabled=tuple(disable or ()))
     outcomes = optimize_path(src, None if dry_run else dest, config, in_place=in_place, jobs=jobs,
                              progress=_progress(quiet))
     if report is not None:
@@ -154,13 +200,94 @@ def strip(
     dest: Annotated[Path, typer.Argument(metavar="OUT")],
     prefetch_domain: DomainOpt = "preserve",
     prefetch_op: OpOpt = "Prefetch",
+    prefetch_attr: AttrOpt = None,
+    prefetch_version: VersionOpt = 1,
     in_place: Annotated[bool, typer.Option("--in-place", help="allow OUT == IN")] = False,
 ) -> None:
     """Remove every Prefetch node and reconnect each collective to its original input."""
     from preserve_onnx.optimizer import strip_path
 
-    removed = strip_path(src, dest, _naming(prefetch_domain, prefetch_op), in_place=in_place)
+    removed = strip_path(src, dest, _naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version), in_place=in_place)
     out.print(f"[green]done[/green]: removed {removed} Prefetch nodes; wrote {dest}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def inspect(
+    model: Annotated[Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")],
+    json_out: Annotated[bool, typer.Option("--json", help="print the JSON report (schema 1) instead of tables")] = False,
+    hardware: HardwareOpt = DEFAULT_PROFILE,
+    budget: BudgetOpt = None,
+    l2_fraction: L2FractionOpt = 0.5,
+    batch: BatchOpt = 8,
+    context: ContextOpt = 16384,
+    no_kv: NoKvOpt = False,
+    qdq_weights: QdqOpt = False,
+    collectives: CollectivesOpt = "AllReduce",
+    prefetch_domain: DomainOpt = "preserve",
+    prefetch_op: OpOpt = "Prefetch",
+    prefetch_attr: AttrOpt = None,
+    prefetch_version: VersionOpt = 1,
+    min_chunk: MinChunkOpt = "64KiB",
+    ranks: RanksOpt = None,
+    jobs: Annotated[Optional[int], typer.Option(help="ranks inspected in parallel (default: cores)")] = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Show collectives, their windows, candidate tensors and what optimize would prefetch."""
+    import json
+
+    from preserve_onnx.inspection import inspect_path
+    from preserve_onnx.report_ci import inspection_dict, render_inspections
+
+    start = time.perf_counter()
+    config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
+                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives,
+                     naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
+                     min_chunk=min_chunk, ranks=ranks)
+    inspections = inspect_path(model, config, jobs=jobs)
+    if json_out:
+        print(json.dumps(inspection_dict(inspections, config), indent=2))
+        return
+    render_inspections(out, inspections, verbose)
+    count = sum(i.plan.prefetch_count for i in inspections)
+    total = sum(i.plan.prefetched_bytes for i in inspections)
+    collectives_found = sum(len(i.collectives) for i in inspections)
+    out.print(f"[green]done[/green]: {len(inspections)} model(s), {collectives_found} collectives, {count} "
+              f"prefetches, {format_size(total)} would be planned; nothing written "
+              f"in {time.perf_counter() - start:.2f} s", highlight=False)
+
+
+@app.command()
+@handle_errors(error_code=2)
+def diff(
+    a: Annotated[Path, typer.Argument(metavar="A", help="model or directory of models")],
+    b: Annotated[Path, typer.Argument(metavar="B", help="model or directory of models")],
+    json_out: Annotated[bool, typer.Option("--json", help="machine-readable diff")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="a pull-request comment in Markdown")] = False,
+    data: Annotated[bool, typer.Option("--data", help="also compare external weight bytes (reads them)")] = False,
+    prefetch_domain: DomainOpt = "preserve",
+    prefetch_op: OpOpt = "Prefetch",
+    prefetch_attr: AttrOpt = None,
+    prefetch_version: VersionOpt = 1,
+) -> None:
+    """Structural diff of two models or rank directories; exit 0 equal, 1 different, 2 trouble."""
+    import json
+
+    from preserve_onnx.diffing import diff as diff_paths
+    from preserve_onnx.report_ci import diff_dict, diff_markdown, render_diff
+
+    if json_out and markdown:
+        raise PreserveError("--json and --markdown exclude each other")
+    result = diff_paths(a, b, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
+                        data=data)
+    if json_out:
+        print(json.dumps(diff_dict(result), indent=2))
+    elif markdown:
+        print(diff_markdown(result), end="")
+    else:
+        render_diff(out, result)
+    if not result.equal:
+        raise typer.Exit(1)
 
 
 @app.command("passes")
@@ -213,6 +340,8 @@ def run(
     opt_level: Annotated[str, typer.Option(help="onnxruntime optimization: disable|basic|extended|all")] = "all",
     prefetch_domain: DomainOpt = "preserve",
     prefetch_op: OpOpt = "Prefetch",
+    prefetch_attr: AttrOpt = None,
+    prefetch_version: VersionOpt = 1,
     quiet: QuietOpt = False,
 ) -> None:
     """Run rank models on the reference CPU runtime; with --against, prove outputs are unchanged."""
@@ -225,7 +354,7 @@ def run(
         if value < 1:
             raise PreserveError(f"{label} must be at least 1")
     result = run_models(model, against=against, inputs=inputs, steps=steps, batch=batch, context=context,
-                        seed=seed, opt_level=opt_level, naming=_naming(prefetch_domain, prefetch_op))
+                        seed=seed, opt_level=opt_level, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version))
     if save is not None:
         save_outputs(save, result.outputs)
     if not quiet:

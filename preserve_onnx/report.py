@@ -11,7 +11,7 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from preserve_onnx.config import OptimizeConfig
+from preserve_onnx.config import PREFETCH_ATTRIBUTES, OptimizeConfig
 from preserve_onnx.hardware import HardwareProfile, format_size
 from preserve_onnx.model_io import write_bytes_atomic
 from preserve_onnx.optimizer import RankOutcome
@@ -67,6 +67,8 @@ def report_dict(outcomes: Sequence[RankOutcome], config: OptimizeConfig) -> dict
             "l2_fraction": config.l2_fraction, "batch": config.batch, "context": config.context,
             "kv": config.kv, "qdq_weights": config.qdq_weights, "collectives": list(config.collectives), "min_chunk": config.min_chunk,
             "prefetch_domain": config.naming.domain, "prefetch_op": config.naming.op_type,
+            "prefetch_version": config.naming.version,
+            "prefetch_attributes": {a: getattr(config.naming, a) for a in PREFETCH_ATTRIBUTES},
         },
         "models": [
             {"source": str(o.source) if o.source else None, "output": str(o.output) if o.output else None,

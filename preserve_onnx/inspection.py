@@ -1,0 +1,109 @@
+"""What `optimize` would see and do, without writing anything: collectives, windows, candidates, plan.
+
+``inspect`` reads one model (never its weight bytes) and returns an ``Inspection``: every collective
+with its window (also the ones ``--collectives`` does not select, since they still bound windows), the
+plan that ``optimize`` would make with the same config, and the Prefetch nodes already in the model.
+An already-optimized model is planned as ``--replan`` would: on the model without its Prefetch nodes,
+so inspecting a model and its optimized self shows the same plan.
+
+(The module is not called ``inspect`` so that ``preserve_onnx.inspect`` stays the function.)
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from preserve_onnx.config import OptimizeConfig, PrefetchNaming
+from preserve_onnx.model_io import load_model, sibling_rank_count
+from preserve_onnx.optimizer import RankOutcome, map_path
+from preserve_onnx.passes import Plan, StripPrefetchesPass, Window, build_windows, plan_prefetches
+from preserve_onnx.passes._graph import COLLECTIVE_OPS, iter_scopes
+
+
+@dataclass(frozen=True)
+class ExistingPrefetch:
+    """A Prefetch node already in the model, read back through the configured naming."""
+
+    graph: str  # scope path: "" for the main graph
+    node: str
+    anchor: str  # input 0
+    tensor: str  # input 1 (X)
+    collective: str  # the ``collective`` attribute ("" when absent)
+    offset: int
+    max_size: int  # 0 = the whole tensor
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """One model's collectives, windows, candidates and plan."""
+
+    source: Path | None
+    ranks: int
+    collectives: tuple[Window, ...]  # every collective, selected or not, in graph order
+    plan: Plan  # what optimize would insert (windows of the selected collectives only)
+    prefetches: tuple[ExistingPrefetch, ...]  # Prefetch nodes the model already has
+    seconds: float
+
+    @property
+    def outcome(self) -> RankOutcome:
+        """The plan as the optimizer's outcome (nothing written), for the JSON report."""
+        return RankOutcome(self.source, None, self.ranks, False, self.plan, None, self.seconds)
+
+
+def inspect(model: onnx.ModelProto | str | Path, config: OptimizeConfig | None = None,
+            ranks: int | None = None) -> Inspection:
+    """Inspect one model (a ModelProto or a path to a ``.onnx`` file); nothing is changed or written.
+
+    ``ranks`` (for the collective time in the budget rule) defaults to ``config.ranks``, else the
+    number of sibling rank files of a path, else 1, exactly as in ``optimize``.
+    """
+    config = config or OptimizeConfig()
+    start = time.perf_counter()
+    source = None
+    if isinstance(model, (str, Path)):
+        source = Path(model)
+        if ranks is None and config.ranks is None:
+            ranks = sibling_rank_count(source)
+        model = load_model(source)
+    ranks = ranks or config.ranks or 1
+    existing = _existing_prefetches(model, config.naming)
+    if existing:
+        # Plan what --replan would: the Prefetch nodes hide each collective's original input.
+        model = StripPrefetchesPass(config.naming)(model).model
+    collectives = build_windows(model, COLLECTIVE_OPS, config.batch)
+    plan = plan_prefetches(model, config, ranks)
+    return Inspection(source, ranks, collectives, plan, existing, time.perf_counter() - start)
+
+
+def inspect_path(src: str | Path, config: OptimizeConfig | None = None, *,
+                 jobs: int | None = None) -> tuple[Inspection, ...]:
+    """Inspect a model file or every rank model of a directory (rank order)."""
+    config = config or OptimizeConfig()
+    return map_path(functools.partial(_inspect_one, config), Path(src), None, jobs=jobs)
+
+
+def _inspect_one(config: OptimizeConfig, progress, src: Path, dest, ranks: int | None, copy_data) -> Inspection:
+    return inspect(src, config, ranks)
+
+
+def _existing_prefetches(model: onnx.ModelProto, naming: PrefetchNaming) -> tuple[ExistingPrefetch, ...]:
+    found = []
+    for scope in iter_scopes(model):
+        for node in scope.graph.node:
+            if not naming.matches(node):
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            collective = attrs.get(naming.collective, b"")
+            found.append(ExistingPrefetch(
+                graph=scope.path, node=node.name,
+                anchor=node.input[0] if len(node.input) > 0 else "",
+                tensor=node.input[1] if len(node.input) > 1 else "",
+                collective=collective.decode() if isinstance(collective, bytes) else str(collective),
+                offset=int(attrs.get(naming.offset, 0)), max_size=int(attrs.get(naming.max_size, 0))))
+    return tuple(found)

@@ -1,0 +1,245 @@
+"""Rendering for review and CI: `inspect` tables and JSON, `diff` as text, JSON and Markdown.
+
+The library (``inspection``, ``diffing``) returns frozen data; this module only turns it into
+something people read in a terminal or a pull request, or machines parse. Output is deterministic
+(no timestamps, no absolute paths beyond the ones given), so it diffs cleanly in CI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from preserve_onnx.config import OptimizeConfig
+from preserve_onnx.diffing import Diff, Entry, ModelDiff
+from preserve_onnx.hardware import format_size
+from preserve_onnx.inspection import Inspection
+from preserve_onnx.report import report_dict, skipped_table
+
+DIFF_SCHEMA = 1
+MARKDOWN_ROWS = 200  # per model; a PR comment holds at most 65536 characters
+
+_NOUNS = {  # kind -> (singular, plural)
+    "model": ("model field set", "model field sets"), "opset": ("opset import", "opset imports"),
+    "metadata": ("metadata entry", "metadata entries"), "function": ("function", "functions"),
+    "graph": ("graph header", "graph headers"), "input": ("graph input", "graph inputs"),
+    "output": ("graph output", "graph outputs"), "initializer": ("initializer", "initializers"),
+    "value_info": ("value_info entry", "value_info entries"), "node": ("node", "nodes"),
+}
+_MARK = {"added": "+", "removed": "-", "changed": "~"}
+_STYLE = {"added": "green", "removed": "red", "changed": "yellow"}
+
+
+# -- inspect -----------------------------------------------------------------------------------
+
+
+def inspection_dict(inspections: Sequence[Inspection], config: OptimizeConfig) -> dict:
+    """The report (schema 1, as ``optimize --report``) plus, per model, every collective and the
+    Prefetch nodes the model already has."""
+    data = report_dict([i.outcome for i in inspections], config)
+    for model, ins in zip(data["models"], inspections):
+        model["collectives"] = [
+            {"graph": w.graph, "collective": w.collective, "op_type": w.op_type, "selected": w.selected,
+             "message_bytes": w.message_bytes, "window_nodes": len(w.nodes)}
+            for w in ins.collectives
+        ]
+        model["existing_prefetches"] = [dataclasses.asdict(p) for p in ins.prefetches]
+    return data
+
+
+def _where(graph: str, name: str) -> str:
+    return f"{graph}/{name}" if graph else name
+
+
+def collectives_table(ins: Inspection, title: str) -> Table:
+    """One row per collective: operators in its window, candidate tensors and bytes, the plan."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("collective", overflow="fold", min_width=24)
+    for col in ("op", "ops", "tensors", "bytes", "budget", "planned", "used"):
+        table.add_column(col, justify="left" if col == "op" else "right", no_wrap=True)
+    plans = {(wp.window.graph, wp.window.index): wp for wp in ins.plan.windows}
+    for w in ins.collectives:
+        wp = plans.get((w.graph, w.index))
+        if wp is None:
+            table.add_row(escape(_where(w.graph, w.collective)), w.op_type, str(len(w.nodes)), "-", "-",
+                          "not selected", "-", "-")
+            continue
+        pct = f"{100 * wp.prefetched_bytes / wp.budget:.0f}%" if wp.budget else "-"
+        table.add_row(escape(_where(w.graph, w.collective)), w.op_type, str(len(w.nodes)),
+                      str(len(wp.candidates)), format_size(sum(c.nbytes for c in wp.candidates)),
+                      format_size(wp.budget), format_size(wp.prefetched_bytes), pct)
+    return table
+
+
+def candidates_table(ins: Inspection) -> Table:
+    """One row per candidate tensor of each window, with what the plan does with it."""
+    table = Table(title="candidates (first use order)", title_justify="left")
+    for col in ("collective", "tensor", "kind", "bytes", "consumer", "plan"):
+        table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left",
+                         no_wrap=col in ("kind", "bytes"))
+    for wp in ins.plan.windows:
+        if not wp.candidates:
+            continue
+        if table.row_count:
+            table.add_section()
+        for k, c in enumerate(wp.candidates):
+            links = [p for p in wp.prefetches if p.tensor == c.tensor]
+            covered = sum(p.nbytes for p in links)
+            if covered >= c.nbytes:
+                plan = "whole" + (f" ({len(links)} links)" if len(links) > 1 else "")
+            elif covered:
+                plan = f"first {format_size(covered)}"
+            else:
+                plan = "-"
+            table.add_row(escape(wp.window.collective) if k == 0 else "", escape(c.tensor), c.kind,
+                          format_size(c.nbytes),
+                          escape(f"{c.consumer}[{c.slot}]"), plan)
+    return table
+
+
+def existing_table(ins: Inspection) -> Table:
+    table = Table(title="Prefetch nodes already in the model", title_justify="left")
+    for col in ("collective", "tensor", "range"):
+        table.add_column(col, overflow="fold")
+    for p in ins.prefetches:
+        span = "whole" if p.max_size == 0 else f"[{p.offset}, {p.offset + p.max_size})"
+        table.add_row(escape(_where(p.graph, p.collective)), escape(p.tensor), span)
+    return table
+
+
+def render_inspections(console: Console, inspections: Sequence[Inspection], verbose: int) -> None:
+    for ins in inspections:
+        name = ins.source.name if ins.source else "model"
+        plan = ins.plan
+        console.print(collectives_table(ins, f"{name}: {len(ins.collectives)} collectives, {len(plan.windows)} "
+                                              f"planned, {plan.prefetch_count} prefetches, "
+                                              f"{format_size(plan.prefetched_bytes)} ({plan.budget_rule}, "
+                                              f"{ins.ranks} rank(s))"))
+        if any(wp.candidates for wp in plan.windows):
+            console.print(candidates_table(ins))
+        if ins.prefetches:
+            console.print(existing_table(ins))
+        if verbose:
+            console.print(skipped_table(ins.outcome, verbose))
+
+
+# -- diff --------------------------------------------------------------------------------------
+
+
+def _count(n: int, kind: str) -> str:
+    singular, plural = _NOUNS.get(kind, (kind, kind + "s"))
+    return f"{n} {singular if n == 1 else plural}"
+
+
+def summary_phrases(m: ModelDiff) -> list[str]:
+    """``["15 Prefetch nodes added", "4 collectives rewired", "1 opset import added"]``."""
+    phrases = []
+    special = set()
+    for label, entries in (("added", m.prefetches_added), ("removed", m.prefetches_removed)):
+        if entries:
+            phrases.append(f"{len(entries)} Prefetch node{'s' if len(entries) != 1 else ''} {label}")
+            special.update(map(id, entries))
+    if m.rewired_collectives:
+        n = len(m.rewired_collectives)
+        phrases.append(f"{n} collective{'s' if n != 1 else ''} rewired")
+        special.update(map(id, m.rewired_collectives))
+    counts: dict[tuple[str, str], int] = {}
+    for e in m.entries:
+        if id(e) not in special:
+            counts[(e.kind, e.status)] = counts.get((e.kind, e.status), 0) + 1
+    phrases += [f"{_count(n, kind)} {status}" for (kind, status), n in counts.items()]
+    return phrases
+
+
+def diff_dict(diff: Diff) -> dict:
+    """``diff --json``: every entry with its changes; ``equal`` is what the exit status says."""
+    return {
+        "schema": DIFF_SCHEMA,
+        "a": diff.a,
+        "b": diff.b,
+        "equal": diff.equal,
+        "only_a": list(diff.only_a),
+        "only_b": list(diff.only_b),
+        "models": [
+            {"a": m.a, "b": m.b, "equal": m.equal, "summary": summary_phrases(m), "counts": m.counts(),
+             "entries": [dataclasses.asdict(e) for e in m.entries]}
+            for m in diff.models
+        ],
+    }
+
+
+def _headline(diff: Diff) -> str:
+    if diff.equal:
+        return "no differences"
+    differing = sum(1 for m in diff.models if not m.equal)
+    parts = [f"{differing} of {len(diff.models)} model(s) differ"]
+    if diff.only_a:
+        parts.append(f"only in A: {', '.join(diff.only_a)}")
+    if diff.only_b:
+        parts.append(f"only in B: {', '.join(diff.only_b)}")
+    return "; ".join(parts)
+
+
+def _change_text(e: Entry) -> str:
+    return "; ".join(f"{c.field}: {c.before if c.before is not None else '(none)'} -> "
+                     f"{c.after if c.after is not None else '(none)'}" for c in e.changes)
+
+
+def render_diff(console: Console, diff: Diff) -> None:
+    """The default human summary: one header per differing model, one line per entry."""
+    for m in diff.models:
+        if m.equal:
+            continue
+        console.print(f"[bold]{escape(m.a)} -> {escape(m.b)}[/bold]: {escape(', '.join(summary_phrases(m)))}",
+                      highlight=False, soft_wrap=True)
+        for e in m.entries:
+            where = f" [dim]in {escape(e.graph)}[/dim]" if e.graph else ""
+            text = _change_text(e) if e.status == "changed" else e.detail
+            console.print(f"  [{_STYLE[e.status]}]{_MARK[e.status]} {e.kind}[/] {escape(e.name)}{where}: "
+                          f"{escape(text)}", highlight=False, soft_wrap=True)
+    for name in diff.only_a:
+        console.print(f"  [red]- model[/] {escape(name)}: only in {escape(diff.a)}", highlight=False)
+    for name in diff.only_b:
+        console.print(f"  [green]+ model[/] {escape(name)}: only in {escape(diff.b)}", highlight=False)
+    style = "green" if diff.equal else "yellow"
+    console.print(f"[{style}]{'equal' if diff.equal else 'different'}[/]: {escape(diff.a)} vs "
+                  f"{escape(diff.b)}: {_headline(diff)}", highlight=False, soft_wrap=True)
+
+
+def _md(text: str) -> str:
+    """Inline code for a table cell: no pipes or backticks break out of it."""
+    text = text.replace("|", "\\|").replace("`", "'")
+    return f"`{text}`" if text else ""
+
+
+def diff_markdown(diff: Diff) -> str:
+    """``diff --markdown``: a pull-request comment, one table per differing model."""
+    lines = [f"### preserve-onnx diff: {_md(diff.a)} → {_md(diff.b)}", ""]
+    if diff.equal:
+        lines.append(f"**No differences** in {len(diff.models)} model(s).")
+        return "\n".join(lines) + "\n"
+    lines += [f"**{_headline(diff)}**", ""]
+    for name in diff.only_a:
+        lines.append(f"- model {_md(name)} only in A")
+    for name in diff.only_b:
+        lines.append(f"- model {_md(name)} only in B")
+    if diff.only_a or diff.only_b:
+        lines.append("")
+    for m in diff.models:
+        if m.equal:
+            continue
+        lines += [f"#### {_md(m.b)}", "", ", ".join(summary_phrases(m)), "",
+                  "<details><summary>changes</summary>", "",
+                  "| | kind | graph | name | change |", "|---|---|---|---|---|"]
+        for e in m.entries[:MARKDOWN_ROWS]:
+            text = "<br>".join(f"{c.field}: {_md(c.before or '(none)')} → {_md(c.after or '(none)')}"
+                               for c in e.changes) if e.status == "changed" else _md(e.detail)
+            lines.append(f"| {_MARK[e.status]} | {e.kind} | {_md(e.graph)} | {_md(e.name)} | {text} |")
+        if len(m.entries) > MARKDOWN_ROWS:
+            lines.append(f"| | | | | … {len(m.entries) - MARKDOWN_ROWS} more (see `diff --json`) |")
+        lines += ["", "</details>", ""]
+    return "\n".join(lines)
