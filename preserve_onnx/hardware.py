@@ -31,6 +31,18 @@ _NUMERIC_FIELDS = (
     "max_prefetch_bytes",
 )
 
+# Area and cost figures for `explore` (optional: a profile without them still plans and estimates).
+AREA_COST_FIELDS = (
+    "die_mm2",
+    "dies",
+    "hbm_gb",
+    "sram_mm2_per_mb",
+    "wafer_cost_per_mm2",
+    "defect_density_per_mm2",
+    "hbm_cost_per_gb",
+    "package_cost",
+)
+
 
 @dataclass(frozen=True)
 class HardwareProfile:
@@ -47,6 +59,19 @@ class HardwareProfile:
     launch_overhead: float
     max_prefetch_bytes: int  # per prefetch operation; 0 = unlimited
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    # Area and cost (explore); 0 = not given. See hardware.toml for the model and the sources.
+    die_mm2: float = 0.0
+    dies: int = 1
+    hbm_gb: float = 0.0
+    sram_mm2_per_mb: float = 0.0
+    wafer_cost_per_mm2: float = 0.0
+    defect_density_per_mm2: float = 0.0
+    hbm_cost_per_gb: float = 0.0
+    package_cost: float = 0.0
+
+    @property
+    def has_area_cost(self) -> bool:
+        return self.die_mm2 > 0 and self.sram_mm2_per_mb > 0 and self.wafer_cost_per_mm2 > 0
 
     def collective_time(self, message_bytes: int, ranks: int) -> float:
         """Ring collective time ``alpha + 2 (p-1)/p * bytes / link_bw`` (SPEC §6)."""
@@ -74,7 +99,7 @@ def _parse_profiles(text: str, origin: str) -> dict[str, HardwareProfile]:
         if missing:
             raise PreserveError(f"{origin}: profile '{name}' lacks {', '.join(missing)}")
         values = {}
-        for f in _NUMERIC_FIELDS:
+        for f in (*_NUMERIC_FIELDS, *(f for f in AREA_COST_FIELDS if f in table)):
             v = table[f]
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise PreserveError(f"{origin}: profile '{name}': {f} must be a non-negative number")
@@ -91,6 +116,8 @@ def _parse_profiles(text: str, origin: str) -> dict[str, HardwareProfile]:
             launch_overhead=float(values["launch_overhead"]),
             max_prefetch_bytes=int(values["max_prefetch_bytes"]),
             sources={k[: -len("_source")]: str(v) for k, v in table.items() if k.endswith("_source")},
+            **{f: (int(values[f]) if f == "dies" else float(values[f]))
+               for f in AREA_COST_FIELDS if f in values},
         )
     return profiles
 

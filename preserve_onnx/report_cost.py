@@ -1,0 +1,93 @@
+"""Rendering of the cost model: rich tables for `estimate`, its sweep grid, and `explore`."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from preserve_onnx.cost_model import Estimate, SweepPoint
+from preserve_onnx.explore import MIB, Exploration
+from preserve_onnx.hardware import format_size
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.1f} us"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.3f} ms"
+
+
+def estimate_table(est: Estimate, limit: int | None = 12) -> Table:
+    """One row per window: collective time, planned and overlapped bytes, time saved."""
+    title = (f"{est.source}: {est.hardware}, batch {est.batch}, context {est.context}, {est.ranks} ranks"
+             + (f" (export: {est.model_ranks})" if est.ranks != est.model_ranks else ""))
+    table = Table(title=title, title_justify="left")
+    table.add_column("collective", overflow="fold", ratio=3)
+    for col in ("t_coll", "planned", "in L2", "saved", "upper bound"):
+        table.add_column(col, justify="right", no_wrap=True)
+    rows = est.windows if limit is None or len(est.windows) <= limit else est.windows[:limit]
+    for w in rows:
+        name = w.collective if not w.graph else f"{w.graph}/{w.collective}"
+        table.add_row(name, _us(w.collective_s), format_size(w.planned_bytes), format_size(w.overlapped_bytes),
+                      _us(w.saved_s), _us(w.upper_bound_saved_s))
+    if len(rows) < len(est.windows):
+        rest = est.windows[len(rows):]
+        table.add_row(f"... {len(rest)} more windows", "", format_size(sum(w.planned_bytes for w in rest)),
+                      format_size(sum(w.overlapped_bytes for w in rest)), _us(sum(w.saved_s for w in rest)),
+                      _us(sum(w.upper_bound_saved_s for w in rest)))
+    return table
+
+
+def estimate_summary(est: Estimate) -> str:
+    return (f"step: baseline {_ms(est.baseline_s)}, with prefetches {_ms(est.preserve_s)} "
+            f"([bold]{est.speedup:.3f}x[/bold]), upper bound {_ms(est.upper_bound_s)} "
+            f"({est.upper_bound_speedup:.3f}x); the plan reaches {100 * est.share_of_upper_bound:.0f}% "
+            f"of the upper bound's saving")
+
+
+def sweep_table(points: tuple[SweepPoint, ...], title: str) -> Table:
+    """The speedup grid: one row per (batch, context), one column per rank count."""
+    ranks = sorted({p.ranks for p in points})
+    table = Table(title=title, title_justify="left")
+    table.add_column("batch", justify="right")
+    table.add_column("context", justify="right")
+    for r in ranks:
+        table.add_column(f"{r} ranks", justify="right", no_wrap=True)
+    cells: dict[tuple[int, int], dict[int, SweepPoint]] = {}
+    for p in points:
+        cells.setdefault((p.batch, p.context), {})[p.ranks] = p
+    best = max(points, key=lambda p: p.speedup)
+    for (batch, context), row in cells.items():
+        values = []
+        for r in ranks:
+            p = row.get(r)
+            text = f"{p.speedup:.2f}x" if p else "-"
+            values.append(f"[bold]{text}[/bold]" if p is best else text)
+        table.add_row(str(batch), _context(context), *values)
+    return table
+
+
+def _context(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+def explore_table(ex: Exploration) -> Table:
+    norm = ex.best("baseline").perf_per_cost_baseline
+    table = Table(title=f"{ex.source}: L2 sweep on {ex.hardware}, batch {ex.batch}, context {ex.context}, "
+                        f"{ex.ranks} ranks (perf/cost relative to the baseline's best)", title_justify="left")
+    for col in ("L2", "area", "cost", "step baseline", "step plan", "perf/cost base", "perf/cost plan"):
+        table.add_column(col, justify="right", no_wrap=True)
+    best_b, best_p = ex.best("baseline"), ex.best("preserve")
+    for p in ex.points:
+        b = f"{p.perf_per_cost_baseline / norm:.3f}"
+        q = f"{p.perf_per_cost_preserve / norm:.3f}"
+        table.add_row(f"{p.l2_bytes // MIB} MiB", f"{p.area_mm2:.0f} mm2", f"${p.cost:,.0f}", _ms(p.baseline_s),
+                      _ms(p.preserve_s), f"[bold]{b}[/bold]" if p is best_b else b,
+                      f"[bold]{q}[/bold]" if p is best_p else q)
+    return table
+
+
+def explore_summary(ex: Exploration) -> str:
+    return (f"best L2: {ex.best('baseline').l2_bytes // MIB} MiB without prefetching, "
+            f"{ex.best('preserve').l2_bytes // MIB} MiB with it; best perf/cost "
+            f"[bold]{ex.gain:.3f}x[/bold] higher with prefetching")
