@@ -23,7 +23,8 @@ from preserve_onnx.config import OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.model_io import (ProgressFactory, copy_tree_entry, default_mode, find_rank_sets, is_rank_file,
                                     load_model, save_model, sibling_rank_count)
-from preserve_onnx.passes import CheckOrderPass, InsertPrefetchesPass, Plan, StripPrefetchesPass, VerifyPrefetchesPass
+from preserve_onnx.passes import (CheckOrderPass, InsertPrefetchesPass, Plan, StripPrefetchesPass,
+                                  VerifyPrefetchesPass, plan_prefetches)
 from preserve_onnx.passes.verify_prefetches import Verification
 from preserve_onnx.pipeline import Sequential
 
@@ -84,7 +85,6 @@ def _optimize_loaded(model, config: OptimizeConfig, ranks: int | None):
     result = build_pipeline(config, model, ranks)(model)
     plan = result.stats("insert-prefetches")
     if plan is None:  # insert-prefetches disabled: still report what would have been planned
-        from preserve_onnx.passes import plan_prefetches
         plan = plan_prefetches(result.model, config, ranks)
     outcome = RankOutcome(source, None, ranks, result.modified, plan,
                           result.stats("verify-prefetches"), time.perf_counter() - start)
@@ -92,9 +92,13 @@ def _optimize_loaded(model, config: OptimizeConfig, ranks: int | None):
 
 
 def _check_disabled(config: OptimizeConfig) -> None:
-    unknown = [d for d in config.disabled if d not in PASSES]
-    if unknown:
-        raise PreserveError(f"--disable: unknown pass '{unknown[0]}' (passes: {', '.join(PASSES)})")
+    for name in config.disabled:
+        if name not in PASSES:
+            raise PreserveError(f"--disable: unknown pass '{name}' (passes: {', '.join(PASSES)})")
+        if PASSES[name][0] == "analysis":
+            # Skipping an analysis silently would still plan with it: refuse instead.
+            raise PreserveError(f"--disable: '{name}' is an analysis inside insert-prefetches; disable "
+                                f"insert-prefetches instead")
 
 
 def strip(model: onnx.ModelProto | str | Path, naming: PrefetchNaming = PrefetchNaming()) -> onnx.ModelProto:
