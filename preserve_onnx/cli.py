@@ -314,16 +314,129 @@ def list_hardware() -> None:
 
     table = Table(title="hardware profiles", title_justify="left")
     table.add_column("name", no_wrap=True)
-    for col in ("L2", "HBM BW", "link BW", "latency", "per-op limit"):
+    for col in ("L2", "HBM BW", "L2 BW", "link BW", "latency", "peak", "per-op limit"):
         table.add_column(col, justify="right", no_wrap=True)
 
     for hw in builtin_profiles().values():
         table.add_row(hw.name, format_size(hw.l2_bytes), f"{hw.hbm_bw / 1e12:.2f} TB/s",
-                      f"{hw.link_bw / 1e9:.0f} GB/s", f"{hw.collective_alpha * 1e6:.0f} us",
+                      f"{hw.l2_bw / 1e12:.1f} TB/s", f"{hw.link_bw / 1e9:.0f} GB/s",
+                      f"{hw.collective_alpha * 1e6:.0f} us", f"{hw.peak_flops / 1e12:.0f} TF",
                       format_size(hw.max_prefetch_bytes) if hw.max_prefetch_bytes else "none")
     out.print(table)
     for hw in builtin_profiles().values():
         out.print(f"[bold]{hw.name}[/bold]: {hw.description}", highlight=False)
+
+
+SweepArgs = Annotated[Optional[list[str]], typer.Argument(
+    metavar="[KEY=V,...]...", show_default=False, help="further --sweep groups, e.g. context=1k,16k ranks=2,8")]
+
+
+@app.command()
+@handle_errors
+def estimate(
+    model: Annotated[Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")],
+    more_sweep: SweepArgs = None,
+    hardware: HardwareOpt = DEFAULT_PROFILE,
+    batch: BatchOpt = 8,
+    context: ContextOpt = 16384,
+    ranks: Annotated[Optional[int], typer.Option(help="ranks of the export (default: from files)")] = None,
+    budget: BudgetOpt = None,
+    l2_fraction: L2FractionOpt = 0.5,
+    no_kv: NoKvOpt = False,
+    qdq_weights: QdqOpt = False,
+    collectives: CollectivesOpt = "AllReduce",
+    min_chunk: MinChunkOpt = "64KiB",
+    trace: Annotated[Optional[Path], typer.Option(help="write a Chrome/Perfetto trace of the timelines")] = None,
+    sweep: Annotated[Optional[list[str]], typer.Option(
+        help="speedup grid: batch=1,8,32 context=1k,16k,128k ranks=2,4,8 (k = 1024; ranks re-shard)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+    all_windows: Annotated[bool, typer.Option("--all", help="one row per window, however many")] = False,
+) -> None:
+    """Estimate the decode step without and with the prefetches (cost model, SPEC §6)."""
+    import json
+
+    from preserve_onnx.cost_model import chrome_trace, estimate_dict, estimate_path, parse_sweep, sweep_list, \
+        sweep_path
+    from preserve_onnx.model_io import write_bytes_atomic
+    from preserve_onnx.report_cost import estimate_summary, estimate_table, sweep_table
+
+    start = time.perf_counter()
+    if more_sweep and not sweep:
+        raise PreserveError(f"unexpected argument '{more_sweep[0]}' (sweep groups follow --sweep)")
+    if ranks is not None and ranks < 1:
+        raise PreserveError("--ranks must be at least 1")
+    config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
+                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives, naming=PrefetchNaming(),
+                     min_chunk=min_chunk, ranks=ranks)
+    hw = config.hardware
+    if sweep:
+        if trace is not None:
+            raise PreserveError("--trace writes one timeline; it cannot be combined with --sweep")
+        grid = parse_sweep([*sweep, *(more_sweep or ())])
+        points = sweep_path(model, hw, config, grid, ranks, config.budget)
+        if json_out:
+            print(json.dumps(sweep_list(points), indent=2))
+            return
+        out.print(sweep_table(points, f"{model}: speedup on {hw.name} (plan / baseline step time)"))
+        best = max(points, key=lambda p: p.speedup)
+        out.print(f"[green]done[/green]: {len(points)} points; best {best.speedup:.3f}x at batch {best.batch}, "
+                  f"context {best.context}, {best.ranks} ranks in {time.perf_counter() - start:.2f} s",
+                  highlight=False)
+        return
+    est = estimate_path(model, hw, config, ranks, config.budget)
+    if trace is not None:
+        write_bytes_atomic(trace, json.dumps(chrome_trace(est)).encode())
+    if json_out:
+        print(json.dumps(estimate_dict(est), indent=2))
+        return
+    out.print(estimate_table(est, None if all_windows else 12))
+    out.print(estimate_summary(est), highlight=False)
+    where = f"; trace in {trace}" if trace is not None else ""
+    out.print(f"[green]done[/green]: {len(est.windows)} windows estimated{where} in "
+              f"{time.perf_counter() - start:.2f} s", highlight=False)
+
+
+@app.command()
+@handle_errors
+def explore(
+    model: Annotated[Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")],
+    hardware: HardwareOpt = DEFAULT_PROFILE,
+    batch: BatchOpt = 8,
+    context: ContextOpt = 16384,
+    ranks: Annotated[Optional[int], typer.Option(help="ranks of the export (default: from files)")] = None,
+    l2_fraction: L2FractionOpt = 0.5,
+    no_kv: NoKvOpt = False,
+    qdq_weights: QdqOpt = False,
+    collectives: CollectivesOpt = "AllReduce",
+    min_chunk: MinChunkOpt = "64KiB",
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of the table")] = False,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="write the sweep as CSV")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="write a PNG plot (needs matplotlib)")] = None,
+) -> None:
+    """Sweep the L2 size (0-256 MiB): performance per cost with and without prefetching."""
+    import json
+
+    from preserve_onnx.explore import exploration_dict, explore_path, write_csv, write_plot
+    from preserve_onnx.report_cost import explore_summary, explore_table
+
+    start = time.perf_counter()
+    if ranks is not None and ranks < 1:
+        raise PreserveError("--ranks must be at least 1")
+    config = _config(hardware=hardware, budget=None, l2_fraction=l2_fraction, batch=batch, context=context,
+                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives, naming=PrefetchNaming(),
+                     min_chunk=min_chunk, ranks=ranks)
+    ex = explore_path(model, config.hardware, config, ranks)
+    if csv_path is not None:
+        write_csv(csv_path, ex)
+    if plot is not None:
+        write_plot(plot, ex)
+    if json_out:
+        print(json.dumps(exploration_dict(ex), indent=2))
+        return
+    out.print(explore_table(ex))
+    out.print(explore_summary(ex), highlight=False)
+    out.print(f"[green]done[/green]: {len(ex.points)} L2 sizes in {time.perf_counter() - start:.2f} s",
+              highlight=False)
 
 
 @app.command()

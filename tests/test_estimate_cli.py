@@ -1,0 +1,169 @@
+"""`estimate` and `explore` on the command line: every sample, a 70B-shaped export, traces, JSON keys."""
+
+import csv
+import json
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from preserve_onnx.cli import app
+from tests.conftest import ROOT, SAMPLE_VARIANTS, SAMPLES
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# Chrome trace event format (the JSON Object Format of "Trace Event Format", the document Perfetto and
+# chrome://tracing read): phases used here and the fields each requires.
+_PHASES = {"X": ("name", "ph", "ts", "dur", "pid", "tid"), "M": ("name", "ph", "pid", "args")}
+_METADATA = {"process_name", "process_labels", "process_sort_index", "thread_name", "thread_sort_index"}
+
+
+def check_chrome_trace(doc) -> dict:
+    """Validate a trace document; returns {(pid, tid): [events]} of its complete events."""
+    assert isinstance(doc, dict) and isinstance(doc["traceEvents"], list)
+    assert doc.get("displayTimeUnit", "ms") in ("ms", "ns")
+    tracks: dict = {}
+    for e in doc["traceEvents"]:
+        assert e["ph"] in _PHASES, e
+        for key in _PHASES[e["ph"]]:
+            assert key in e, (key, e)
+        assert isinstance(e["pid"], int) and isinstance(e.get("tid", 0), int)
+        assert isinstance(e["name"], str) and e["name"]
+        if e["ph"] == "M":
+            assert e["name"] in _METADATA and isinstance(e["args"], dict)
+        else:
+            assert isinstance(e["ts"], (int, float)) and e["ts"] >= 0
+            assert isinstance(e["dur"], (int, float)) and e["dur"] >= 0
+            assert isinstance(e.get("args", {}), dict) and isinstance(e.get("cat", ""), str)
+            tracks.setdefault((e["pid"], e["tid"]), []).append(e)
+    return tracks
+
+
+@pytest.mark.parametrize("variant", SAMPLE_VARIANTS)
+def test_estimate_every_sample(variant, tmp_path):
+    src = SAMPLES / variant / "tp2"
+    r = cli("estimate", src, "--json", "--trace", tmp_path / "trace.json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    for key in ("baseline_s", "preserve_s", "speedup", "upper_bound_speedup", "windows", "upper_bound_s",
+                "share_of_upper_bound", "hardware", "batch", "context", "ranks"):
+        assert key in doc
+    assert doc["ranks"] == 2 and doc["hardware"] == "ascend-910b" and len(doc["windows"]) == 4
+    assert 1.0 <= doc["speedup"] <= doc["upper_bound_speedup"]
+    assert doc["baseline_s"] / doc["preserve_s"] == pytest.approx(doc["speedup"])
+    for w in doc["windows"]:
+        assert set(w) == {"graph", "collective", "collective_s", "budget_bytes", "planned_bytes",
+                          "overlapped_bytes", "saved_s", "upper_bound_bytes", "upper_bound_saved_s"}
+    tracks = check_chrome_trace(json.loads((tmp_path / "trace.json").read_text()))
+    assert {pid for pid, _ in tracks} == {1, 2, 3}  # baseline, preserve, upper bound
+    for (pid, tid), events in tracks.items():
+        if tid in (1, 2):  # compute and communication are in-order streams: no overlap
+            for a, b in zip(events, events[1:]):
+                assert b["ts"] >= a["ts"] + a["dur"] - 1e-6
+    assert (2, 3) in tracks  # the plan's timeline has prefetch spans
+
+
+def test_estimate_table_on_a_sample():
+    r = cli("estimate", SAMPLES / "llama-gqa" / "tp2")
+    assert r.exit_code == 0, r.output
+    assert "t_coll" in r.output and "upper bound" in r.output and "1.028x" in r.output
+
+
+@pytest.fixture(scope="module")
+def big_dir(tmp_path_factory):
+    """The full Llama-3-70B shape, 8 ranks, 80 layers (shape-only, about a second to write)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from make_big_model import make_big_model
+
+    out = tmp_path_factory.mktemp("big70b")
+    make_big_model(out, "llama3-70b", ranks=8)
+    return out
+
+
+def test_estimate_70b_in_seconds(big_dir):
+    start = time.perf_counter()
+    r = cli("estimate", big_dir, "--json")
+    assert r.exit_code == 0, r.output
+    assert time.perf_counter() - start < 20
+    doc = json.loads(r.output)
+    assert (doc["ranks"], len(doc["windows"])) == (8, 160)
+    assert round(doc["baseline_s"] * 1e3, 3) == 26.265
+    assert round(doc["preserve_s"] * 1e3, 3) == 19.773
+    assert round(doc["speedup"], 3) == 1.328
+    assert round(doc["upper_bound_speedup"], 3) == 1.346
+    w = doc["windows"][0]
+    assert (w["budget_bytes"], w["planned_bytes"], w["overlapped_bytes"]) == (86553600, 86553600, 86553600)
+
+
+def test_sweep_grid(big_dir):
+    start = time.perf_counter()
+    r = cli("estimate", big_dir, "--json", "--sweep", "batch=1,8", "context=1k,128k", "ranks=2,8")
+    assert r.exit_code == 0, r.output
+    assert time.perf_counter() - start < 30
+    points = json.loads(r.output)
+    assert [(p["batch"], p["context"], p["ranks"]) for p in points] == [
+        (b, c, n) for b in (1, 8) for c in (1024, 131072) for n in (2, 8)]
+    assert all(set(p) >= {"batch", "context", "ranks", "speedup"} for p in points)
+    best = max(points, key=lambda p: p["speedup"])
+    assert (best["batch"], best["context"], best["ranks"]) == (1, 131072, 8)
+    assert round(best["speedup"], 3) == 1.309
+    # The default point of the grid is the plain estimate's.
+    table = cli("estimate", big_dir, "--sweep", "batch=8 context=16k ranks=8")
+    assert table.exit_code == 0 and "1.33x" in table.output
+
+
+def test_explore(big_dir, tmp_path):
+    r = cli("explore", big_dir, "--json", "--csv", tmp_path / "l2.csv")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert (doc["best_l2_baseline_bytes"], doc["best_l2_preserve_bytes"]) == (2 << 20, 176 << 20)
+    assert round(doc["perf_per_cost_gain"], 3) == 1.284
+    assert doc["points"][0]["l2_bytes"] == 0 and doc["points"][-1]["l2_bytes"] == 256 << 20
+    for p in doc["points"]:
+        assert {"l2_bytes", "perf_per_cost_baseline", "perf_per_cost_preserve"} <= set(p)
+    rows = list(csv.DictReader((tmp_path / "l2.csv").open()))
+    assert len(rows) == len(doc["points"]) and int(rows[-1]["l2_bytes"]) == 256 << 20
+    r = cli("explore", big_dir)
+    assert r.exit_code == 0 and "176 MiB with it" in r.output
+
+
+def test_explore_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    r = cli("explore", SAMPLES / "llama-gqa" / "tp2", "--plot", tmp_path / "l2.png")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "l2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep", "heads=2"], "key in batch, context, ranks"),
+    (["batch=2"], "unexpected argument 'batch=2'"),
+    (["--sweep", "batch=1", "--trace", "t.json"], "cannot be combined with --sweep"),
+    (["--hardware", "tpu-v9"], "unknown hardware 'tpu-v9'"),
+    (["--batch", "0"], "--batch must be at least 1"),
+])
+def test_estimate_errors_are_one_line(args, message):
+    r = cli("estimate", SAMPLES / "llama-gqa" / "tp2", *args)
+    assert r.exit_code == 1, r.output
+    assert message in r.output and "Traceback" not in r.output
+
+
+def test_explore_needs_area_figures(tmp_path):
+    toml = tmp_path / "hw.toml"
+    toml.write_text("[bare]\nl2_bytes = 1000\nhbm_bw = 1e9\nl2_bw = 4e9\nlink_bw = 1e9\ncollective_alpha = 1e-6\n"
+                    "peak_flops = 1e12\nlaunch_overhead = 0\nmax_prefetch_bytes = 0\n")
+    r = cli("explore", SAMPLES / "llama-gqa" / "tp2", "--hardware", toml)
+    assert r.exit_code == 1 and "has no area/cost figures" in r.output
+    assert cli("estimate", SAMPLES / "llama-gqa" / "tp2", "--hardware", toml).exit_code == 0
+
+
+def test_hardware_lists_every_profile():
+    r = cli("hardware")
+    assert r.exit_code == 0
+    for name in ("ascend-910b", "h100-sxm", "h200", "b200", "mi300x", "tpu-v5e"):
+        assert name in r.output
