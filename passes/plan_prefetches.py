@@ -81,7 +81,7 @@ def plan_prefetches(model: onnx.ModelProto, config: OptimizeConfig, ranks: int =
                                    qdq_weights=config.qdq_weights)
         budget = config.budget if config.budget is not None else \
             hw.window_budget(window.message_bytes, ranks, config.l2_fraction)
-        prefetches, skipped = _fill(window, found.candidates, budget, config.min_chunk,
+        prefetches, skipped = fill_window(window, found.candidates, budget, config.min_chunk,
                                     hw.max_prefetch_bytes, taken)
         plans.append(WindowPlan(window, budget, found.candidates, found.skipped + skipped,
                                 tuple(prefetches)))
@@ -90,8 +90,10 @@ def plan_prefetches(model: onnx.ModelProto, config: OptimizeConfig, ranks: int =
     return Plan(hw.name, rule, ranks, tuple(plans))
 
 
-def _fill(window: Window, candidates, budget: int, min_chunk: int, max_op: int,
-          taken: set[str]) -> tuple[list[PlannedPrefetch], tuple[Skipped, ...]]:
+def fill_window(window: Window, candidates, budget: int, min_chunk: int, max_op: int,
+                taken: set[str]) -> tuple[list[PlannedPrefetch], tuple[Skipped, ...]]:
+    """The fill rule for one window (first use order, one partial cut, per-op split); names taken
+    from ``taken`` are avoided and added to it. Shared with the cost model so both agree."""
     prefetches: list[PlannedPrefetch] = []
     skipped: list[Skipped] = []
     remaining = budget

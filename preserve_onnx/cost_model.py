@@ -52,7 +52,7 @@ from preserve_onnx.passes._graph import Scope, dtype_bits, is_collective, is_def
     node_label
 from preserve_onnx.passes.build_windows import message_bytes
 from preserve_onnx.passes.collect_candidates import Candidate, consumer_slots, kv_nbytes, resolve_roots
-from preserve_onnx.passes.plan_prefetches import _fill as planner_fill  # the planner's own rule
+from preserve_onnx.passes.plan_prefetches import fill_window  # the planner's own rule
 from preserve_onnx.passes.plan_prefetches import plan_prefetches
 
 TRACKS = ("compute", "communication", "prefetch")
@@ -583,7 +583,7 @@ def plan_chains(analysis: Analysis, hw: HardwareProfile, ranks: int, budget: int
     for w in analysis.windows:
         cands = tuple(dataclasses.replace(c, nbytes=int(c.nbytes * scale)) for c in w.candidates)
         limit = budget if budget is not None else hw.window_budget(w.message_bytes, ranks, l2_fraction)
-        prefetches, _ = planner_fill(w.window, cands, limit, analysis.config.min_chunk, 0, set())
+        prefetches, _ = fill_window(w.window, cands, limit, analysis.config.min_chunk, 0, set())
         chains.append(tuple((p.tensor, p.nbytes) for p in prefetches))
     return tuple(chains)
 
