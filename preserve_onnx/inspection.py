@@ -23,7 +23,7 @@ from preserve_onnx.config import OptimizeConfig, PrefetchNaming
 from preserve_onnx.model_io import load_model, sibling_rank_count
 from preserve_onnx.optimizer import RankOutcome, map_path
 from preserve_onnx.passes import Plan, StripPrefetchesPass, Window, build_windows, plan_prefetches
-from preserve_onnx.passes._graph import COLLECTIVE_OPS, iter_scopes
+from preserve_onnx.passes._graph import iter_scopes
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def inspect(model: onnx.ModelProto | str | Path, config: OptimizeConfig | None =
     if existing:
         # Plan what --replan would: the Prefetch nodes hide each collective's original input.
         model = StripPrefetchesPass(config.naming)(model).model
-    collectives = build_windows(model, COLLECTIVE_OPS, config.batch)
+    collectives = build_windows(model, config.collectives, config.batch)  # every collective, flagged
     plan = plan_prefetches(model, config, ranks)
     return Inspection(source, ranks, collectives, plan, existing, time.perf_counter() - start)
 

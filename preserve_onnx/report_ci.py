@@ -166,7 +166,8 @@ def diff_dict(diff: Diff) -> dict:
         "only_b": list(diff.only_b),
         "models": [
             {"a": m.a, "b": m.b, "equal": m.equal, "summary": summary_phrases(m), "counts": m.counts(),
-             "entries": [dataclasses.asdict(e) for e in m.entries]}
+             "entries": [{**dataclasses.asdict(e), "changes": [dataclasses.asdict(c) for c in e.changes]}
+                         for e in m.entries]}
             for m in diff.models
         ],
     }

@@ -1,0 +1,69 @@
+"""The Python API: optimize, strip, inspect and diff return data; the CLI is a thin layer over them."""
+
+import dataclasses
+import json
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+import preserve_onnx
+from preserve_onnx import OptimizeConfig, diff, inspect, inspect_path, load_model, optimize, strip
+from preserve_onnx.cli import app
+from preserve_onnx.report_ci import diff_dict, inspection_dict
+from tests.conftest import SAMPLES
+
+runner = CliRunner()
+MODEL = SAMPLES / "llama-gqa" / "tp2" / "model_00.onnx"
+
+
+def test_public_names():
+    assert {"optimize", "optimize_path", "strip", "inspect", "inspect_path", "diff", "Diff", "Inspection",
+            "OptimizeConfig", "PrefetchNaming", "load_model", "save_model"} <= set(preserve_onnx.__all__)
+    for name in preserve_onnx.__all__:
+        assert hasattr(preserve_onnx, name)
+
+
+def test_inspect_and_diff_stay_functions_after_their_modules_are_imported():
+    import preserve_onnx.diffing  # noqa: F401
+    import preserve_onnx.inspection  # noqa: F401
+
+    assert callable(preserve_onnx.inspect) and callable(preserve_onnx.diff)
+    assert preserve_onnx.inspect.__module__ == "preserve_onnx.inspection"
+    assert preserve_onnx.diff.__module__ == "preserve_onnx.diffing"
+
+
+def test_optimize_inspect_strip_diff_round_trip():
+    config = OptimizeConfig(budget=1 << 20)
+    original = load_model(MODEL)
+    model, plan = optimize(MODEL, config)  # a path: ranks from the sibling rank file
+    assert (plan.ranks, plan.prefetch_count) == (2, 11)
+    assert inspect(MODEL, config).plan == plan
+    assert inspect(model, config, ranks=2).plan == plan
+    changes = diff(original, model)
+    (m,) = changes.models
+    assert (changes.a, changes.b, changes.equal) == ("a", "b", False)
+    assert len(m.prefetches_added) == plan.prefetch_count
+    assert [e.name for e in m.rewired_collectives] == [w.window.collective for w in plan.windows]
+    assert diff(original, strip(model)).equal
+    assert strip(model) == original
+
+
+def test_results_are_frozen():
+    ins = inspect(MODEL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ins.plan = None
+    d = diff(MODEL, MODEL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.models = ()
+    assert d.equal and (d.a, d.b) == (str(MODEL), str(MODEL))
+
+
+def test_the_cli_prints_what_the_library_returns(tmp_path):
+    src = SAMPLES / "llama-gqa" / "tp2"
+    r = runner.invoke(app, ["inspect", str(src), "--json"])
+    assert json.loads(r.output) == inspection_dict(inspect_path(src), OptimizeConfig())
+    model, _ = optimize(MODEL)
+    onnx.save_model(model, tmp_path / "o.onnx")
+    r = runner.invoke(app, ["diff", str(MODEL), str(tmp_path / "o.onnx"), "--json"])
+    assert json.loads(r.output) == diff_dict(diff(MODEL, tmp_path / "o.onnx"))
