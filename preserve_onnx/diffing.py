@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import onnx
 from onnx import AttributeProto, TensorProto, helper
@@ -111,13 +111,15 @@ class Diff:
 
 
 def diff(a: onnx.ModelProto | str | Path, b: onnx.ModelProto | str | Path, *,
-         naming: PrefetchNaming = PrefetchNaming(), data: bool = False) -> Diff:
+         naming: PrefetchNaming | None = None, data: bool = False) -> Diff:
     """Diff two models: ModelProtos, ``.onnx`` files, or two directories of models (paired by name).
 
     ``data=True`` also compares the bytes of external initializers (read from the data files next to
     each model); without it only their metadata is compared. Raises PreserveError for inputs that
-    cannot be read or paired.
+    cannot be read or paired. ``naming`` (default: ``PrefetchNaming()``) says which nodes are
+    Prefetch nodes (``Entry.prefetch``).
     """
+    naming = naming or PrefetchNaming()
     if isinstance(a, onnx.ModelProto) or isinstance(b, onnx.ModelProto):
         ma, base_a = (a, None) if isinstance(a, onnx.ModelProto) else (load_model(Path(a)), Path(a).parent)
         mb, base_b = (b, None) if isinstance(b, onnx.ModelProto) else (load_model(Path(b)), Path(b).parent)
@@ -151,11 +153,11 @@ def _diff_files(a: Path, b: Path, naming: PrefetchNaming, data: bool) -> ModelDi
                        base_b=b.parent, labels=(str(a), str(b)))
 
 
-def diff_models(a: onnx.ModelProto, b: onnx.ModelProto, *, naming: PrefetchNaming = PrefetchNaming(),
+def diff_models(a: onnx.ModelProto, b: onnx.ModelProto, *, naming: PrefetchNaming | None = None,
                 data: bool = False, base_a: Path | None = None, base_b: Path | None = None,
                 labels: tuple[str, str] = ("a", "b")) -> ModelDiff:
     """The differences between two loaded models; ``base_*`` are their folders (for ``data=True``)."""
-    d = _Differ(naming, data, base_a, base_b)
+    d = _Differ(naming or PrefetchNaming(), data, base_a, base_b)
     d.model(a, b)
     entries = d.entries
     if not entries and a.SerializeToString(deterministic=True) != b.SerializeToString(deterministic=True):
@@ -182,10 +184,12 @@ class _Differ:
             self.add("model", "changed", "", "(model)", "model fields", changes)
         ops_a = {o.domain: str(o.version) for o in a.opset_import}
         ops_b = {o.domain: str(o.version) for o in b.opset_import}
-        self.keyed("opset", "", ops_a, ops_b, lambda v: f"version {v}", lambda x, y: [Change("version", x, y)] if x != y else [])
+        self.keyed("opset", "", ops_a, ops_b, lambda v: f"version {v}",
+                   lambda x, y: [Change("version", x, y)] if x != y else [])
         meta_a = {p.key: p.value for p in a.metadata_props}
         meta_b = {p.key: p.value for p in b.metadata_props}
-        self.keyed("metadata", "", meta_a, meta_b, repr, lambda x, y: [Change("value", repr(x), repr(y))] if x != y else [])
+        self.keyed("metadata", "", meta_a, meta_b, repr,
+                   lambda x, y: [Change("value", repr(x), repr(y))] if x != y else [])
         fn_a = {_fn_key(f): f for f in a.functions}
         fn_b = {_fn_key(f): f for f in b.functions}
         self.keyed("function", "", fn_a, fn_b, lambda f: f"{len(f.node)} nodes",
@@ -216,7 +220,8 @@ class _Differ:
         for kind, la, lb in (("input", a.input, b.input), ("output", a.output, b.output)):
             self.keyed(kind, path, _value_infos(la), _value_infos(lb), lambda v: v[1],
                        lambda x, y: _io_changes(x, y))
-        self.keyed("initializer", path, {t.name: t for t in a.initializer}, {t.name: t for t in b.initializer},
+        self.keyed("initializer", path, {t.name: t for t in a.initializer},
+                   {t.name: t for t in b.initializer},
                    _tensor_detail, self.tensor_changes)
         self.keyed("value_info", path, _value_infos(a.value_info), _value_infos(b.value_info),
                    lambda v: v[1], lambda x, y: [] if x[1] == y[1] else [Change("type", x[1], y[1])])
@@ -332,7 +337,7 @@ def _match_nodes(a: list[onnx.NodeProto], b: list[onnx.NodeProto]) -> list[tuple
     # the other side is added or removed, never paired: its name is what reviewers look for.
     left_a = [i for i, n in enumerate(a) if i not in used_a and (not n.name or names_a[n.name] > 1)]
     left_b = [j for j, n in enumerate(b) if j not in used_b and (not n.name or names_b[n.name] > 1)]
-    for key in (lambda n: (n.domain, n.op_type, tuple(n.output)), lambda n: (n.domain, n.op_type, tuple(n.input))):
+    for key in (_by_outputs, _by_inputs):
         waiting: dict[tuple, list[int]] = defaultdict(list)
         for j in left_b:
             waiting[key(b[j])].append(j)
@@ -346,6 +351,14 @@ def _match_nodes(a: list[onnx.NodeProto], b: list[onnx.NodeProto]) -> list[tuple
         taken = {j for _, j in pairs}
         left_a, left_b = rest_a, [j for j in left_b if j not in taken]
     return pairs
+
+
+def _by_outputs(n: onnx.NodeProto) -> tuple:
+    return n.domain, n.op_type, tuple(n.output)
+
+
+def _by_inputs(n: onnx.NodeProto) -> tuple:
+    return n.domain, n.op_type, tuple(n.input)
 
 
 def _node_changes(a: onnx.NodeProto, b: onnx.NodeProto):
@@ -417,8 +430,8 @@ def _attr_str(attr: AttributeProto) -> str:
     if attr.type == AttributeProto.TENSOR:
         return f"<tensor {_dtype(attr.t.data_type)}{_dims(attr.t)} {_inline_digest(attr.t)}>"
     if attr.type == AttributeProto.TENSORS:
-        return f"<{len(attr.tensors)} tensors " + \
-            hashlib.sha256(b"".join(t.SerializeToString(deterministic=True) for t in attr.tensors)).hexdigest()[:16] + ">"
+        joined = b"".join(t.SerializeToString(deterministic=True) for t in attr.tensors)
+        return f"<{len(attr.tensors)} tensors sha256:{hashlib.sha256(joined).hexdigest()[:16]}>"
     value = helper.get_attribute_value(attr)
     if isinstance(value, bytes):
         value = value.decode(errors="replace")

@@ -88,7 +88,9 @@ def inspect_path(src: str | Path, config: OptimizeConfig | None = None, *,
     return map_path(functools.partial(_inspect_one, config), Path(src), None, jobs=jobs)
 
 
-def _inspect_one(config: OptimizeConfig, progress, src: Path, dest, ranks: int | None, copy_data) -> Inspection:
+def _inspect_one(config: OptimizeConfig, progress, src: Path, dest, ranks: int | None,
+                 copy_data) -> Inspection:
+    """A ``map_path`` task (module level, so worker processes can run it); writes nothing."""
     return inspect(src, config, ranks)
 
 

@@ -8,7 +8,7 @@ something people read in a terminal or a pull request, or machines parse. Output
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -115,10 +115,10 @@ def render_inspections(console: Console, inspections: Sequence[Inspection], verb
     for ins in inspections:
         name = ins.source.name if ins.source else "model"
         plan = ins.plan
-        console.print(collectives_table(ins, f"{name}: {len(ins.collectives)} collectives, {len(plan.windows)} "
-                                              f"planned, {plan.prefetch_count} prefetches, "
-                                              f"{format_size(plan.prefetched_bytes)} ({plan.budget_rule}, "
-                                              f"{ins.ranks} rank(s))"))
+        title = (f"{name}: {len(ins.collectives)} collectives, {len(plan.windows)} planned, "
+                 f"{plan.prefetch_count} prefetches, {format_size(plan.prefetched_bytes)} "
+                 f"({plan.budget_rule}, {ins.ranks} rank(s))")
+        console.print(collectives_table(ins, title))
         if any(wp.candidates for wp in plan.windows):
             console.print(candidates_table(ins))
         if ins.prefetches:

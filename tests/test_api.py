@@ -25,8 +25,8 @@ def test_public_names():
 
 
 def test_inspect_and_diff_stay_functions_after_their_modules_are_imported():
-    import preserve_onnx.diffing  # noqa: F401
-    import preserve_onnx.inspection  # noqa: F401
+    import preserve_onnx.diffing
+    import preserve_onnx.inspection
 
     assert callable(preserve_onnx.inspect) and callable(preserve_onnx.diff)
     assert preserve_onnx.inspect.__module__ == "preserve_onnx.inspection"

@@ -1,4 +1,4 @@
-"""`diff`: the structural diff as data (diffing.diff) and the command (exit 0 equal, 1 different, 2 trouble)."""
+"""`diff`: the structural diff as data (diffing.diff) and the command (0 equal, 1 different, 2 trouble)."""
 
 import json
 import shutil
@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from preserve_onnx.passes import plan_prefetches
 from typer.testing import CliRunner
 
 from preserve_onnx import OptimizeConfig, PrefetchNaming, diff, optimize
@@ -14,7 +15,6 @@ from preserve_onnx.cli import app
 from preserve_onnx.diffing import Change, Entry
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.model_io import load_model
-from preserve_onnx.passes import plan_prefetches
 from tests.builders import MS, G, two_layer_mlp
 from tests.conftest import SAMPLE_VARIANTS, SAMPLES
 from tests.passes.test_insert_prefetches import if_model
@@ -67,9 +67,11 @@ def test_subgraph_changes_are_reported_in_their_graph():
     assert rows(only(diff(m, optimized))) == [
         ("opset", "added", "", "preserve", ()),  # subgraphs in attribute order (make_node sorts them)
         ("node", "added", "if:else_branch", "ar_else/Prefetch/w_outer", ()),
-        ("node", "changed", "if:else_branch", "ar_else", (("input[0]", "x", "ar_else/Prefetch/w_outer/out"),)),
+        ("node", "changed", "if:else_branch", "ar_else",
+         (("input[0]", "x", "ar_else/Prefetch/w_outer/out"),)),
         ("node", "added", "if:then_branch", "ar_then/Prefetch/w_outer", ()),
-        ("node", "changed", "if:then_branch", "ar_then", (("input[0]", "x", "ar_then/Prefetch/w_outer/out"),)),
+        ("node", "changed", "if:then_branch", "ar_then",
+         (("input[0]", "x", "ar_then/Prefetch/w_outer/out"),)),
     ]
 
 
@@ -142,7 +144,8 @@ def test_attribute_rewire_and_op_changes():
     assert rows(only(diff(a, b))) == [
         ("node", "changed", "", "relu", (("op_type", "Relu", "Sigmoid"),)),
         ("node", "changed", "", "mul", (("input[0]", "r", "x"),)),
-        ("node", "changed", "", "leaky", (("attribute alpha", "0.10000000149011612", "0.20000000298023224"),)),
+        ("node", "changed", "", "leaky",
+         (("attribute alpha", "0.10000000149011612", "0.20000000298023224"),)),
     ]
 
 

@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from preserve_onnx.passes import Candidate, Window
 from typer.testing import CliRunner
 
 from preserve_onnx import OptimizeConfig, PrefetchNaming, inspect, inspect_path, optimize
 from preserve_onnx.cli import app
 from preserve_onnx.inspection import ExistingPrefetch
-from preserve_onnx.passes import Candidate, Window
 from tests.builders import MS, G, two_layer_mlp
 from tests.conftest import SAMPLE_VARIANTS, SAMPLES
 
@@ -33,7 +33,8 @@ def test_collectives_windows_and_candidates():
         (Candidate("w1", "weight", "mm1", 1, 2048), Candidate("w2", "weight", "mm2", 1, 2048)),
         (Candidate("w3", "weight", "mm3", 1, 1024),),
     ]
-    assert [(p.node, p.tensor, p.offset, p.max_size, p.nbytes) for wp in ins.plan.windows for p in wp.prefetches] == [
+    planned = [p for wp in ins.plan.windows for p in wp.prefetches]
+    assert [(p.node, p.tensor, p.offset, p.max_size, p.nbytes) for p in planned] == [
         ("ar0/Prefetch/w1", "w1", 0, 0, 2048), ("ar0/Prefetch/w2", "w2", 0, 0, 2048),
         ("ar1/Prefetch/w3", "w3", 0, 0, 1024)]
     assert ins.prefetches == ()

@@ -15,8 +15,9 @@ from tests.conftest import SAMPLES
 
 runner = CliRunner()
 SRC = SAMPLES / "llama-gqa" / "tp2"
-VENDOR = ["--prefetch-domain", "com.acme.npu", "--prefetch-op", "CmoPrefetch", "--prefetch-attr", "max_size=size",
-          "--prefetch-attr", "offset=start", "--prefetch-attr", "collective=tag", "--prefetch-version", "2"]
+VENDOR = ["--prefetch-domain", "com.acme.npu", "--prefetch-op", "CmoPrefetch", "--prefetch-version", "2",
+          "--prefetch-attr", "max_size=size", "--prefetch-attr", "offset=start",
+          "--prefetch-attr", "collective=tag"]
 
 
 def cli(*args):
@@ -43,7 +44,8 @@ def test_optimize_writes_the_vendor_spelling(vendor_dir):
     first = nodes[0]
     assert [(a.name, helper.get_attribute_value(a)) for a in first.attribute] == [
         ("size", 0), ("start", 0), ("tag", b"/model/layers.0/attn/o_proj/AllReduce")]
-    assert [(o.domain, o.version) for o in model.opset_import if o.domain == "com.acme.npu"] == [("com.acme.npu", 2)]
+    assert [(o.domain, o.version) for o in model.opset_import if o.domain == "com.acme.npu"] == [
+        ("com.acme.npu", 2)]
     assert not any(n.op_type == "Prefetch" for n in model.graph.node)
     partial = [n for n in nodes if helper.get_attribute_value(n.attribute[0]) != 0]
     assert [(n.input[1], helper.get_attribute_value(n.attribute[0])) for n in partial] == [
@@ -126,7 +128,8 @@ def test_bad_version_is_refused(tmp_path):
 def test_python_api_naming():
     naming = PrefetchNaming(domain="com.acme.npu", op_type="CmoPrefetch", version=2, max_size="size",
                             offset="start", collective="tag")
-    model, plan = optimize(two_layer_mlp(), OptimizeConfig(budget=10_000, naming=naming))
+    model, _ = optimize(two_layer_mlp(), OptimizeConfig(budget=10_000, naming=naming))
     nodes = prefetch_nodes(model)
-    assert [(n.op_type, [a.name for a in n.attribute]) for n in nodes] == [("CmoPrefetch", ["size", "start", "tag"])] * 3
+    assert [(n.op_type, [a.name for a in n.attribute]) for n in nodes] == [
+        ("CmoPrefetch", ["size", "start", "tag"])] * 3
     assert onnx.helper.make_opsetid("com.acme.npu", 2) in model.opset_import
