@@ -13,7 +13,7 @@ APT_OPTS := -o Dir::Etc::SourceList=$(CURDIR)/build/apt/sources.list -o Dir::Etc
             -o Dir::State::Lists=$(CURDIR)/build/apt/lists -o Dir::Cache=$(CURDIR)/build/apt/cache \
             -o Debug::NoLocking=1
 
-.PHONY: setup demo test bench fuzz lib clean
+.PHONY: setup demo test bench fuzz lib mpi clean
 
 setup: $(VENV)/.installed $(LIB)
 
@@ -34,17 +34,32 @@ lib: $(LIB)
 
 $(LIB): preserve_onnx/runtime/csrc/preserve_ops.cc $(if $(filter $(HDRDIR)/%,$(ORT_INCLUDE_DIR)),$(HDRDIR)/usr/include/onnxruntime/onnxruntime_c_api.h)
 	mkdir -p $(LIBDIR)
-	g++ -O2 -std=c++17 -fPIC -shared -pthread -I$(ORT_INCLUDE_DIR) -o $@.tmp $< && mv $@.tmp $@
+	g++ -O2 -std=c++17 -fPIC -shared -pthread -I$(ORT_INCLUDE_DIR) -o $@.tmp $< -ldl && mv $@.tmp $@
 
 demo: setup
 	mkdir -p build/demo
 	$(CLI) optimize sample_models/llama-gqa/tp2 build/demo/llama-gqa-tp2 --report build/demo/report.json
 	$(CLI) run build/demo/llama-gqa-tp2 --against sample_models/llama-gqa/tp2 --steps 3
 
-test: setup
+# The MPI backend (`run --backend mpi`): Open MPI from the distribution's packages (only when no mpirun is
+# on PATH; needs root or sudo) and mpi4py into the venv. `make test` runs the 2-process tests with it;
+# NO_MPI=1 skips the install (those tests then skip, the thread backend needs none of it).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+MPI_PACKAGES := openmpi-bin libopenmpi-dev
+
+mpi: $(VENV)/.mpi
+
+$(VENV)/.mpi: $(VENV)/.installed
+	command -v mpirun >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(MPI_PACKAGES); }
+	$(PY) -m pip install -q -e '.[test,mpi]'
+	$(PY) -c "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])"
+	touch $@
+
+test: setup $(if $(NO_MPI),,mpi)
 	$(PY) -m pytest -q
 
-bench: setup
+bench: setup $(if $(NO_MPI),,mpi)
 	$(PY) bench/run_bench.py
 
 clean:

@@ -451,6 +451,8 @@ def run(
     context: Annotated[int, typer.Option(help="past length of generated feeds")] = 16,
     seed: Annotated[int, typer.Option(help="seed of generated feeds")] = 0,
     opt_level: Annotated[str, typer.Option(help="onnxruntime optimization: disable|basic|extended|all")] = "all",
+    backend: Annotated[str, typer.Option(help="threads: all ranks in this process; mpi: one process per rank "
+                                              "under `mpirun -n RANKS` (rank 0 reports)")] = "threads",
     prefetch_domain: DomainOpt = "preserve",
     prefetch_op: OpOpt = "Prefetch",
     prefetch_attr: AttrOpt = None,
@@ -467,7 +469,12 @@ def run(
         if value < 1:
             raise PreserveError(f"{label} must be at least 1")
     result = run_models(model, against=against, inputs=inputs, steps=steps, batch=batch, context=context,
-                        seed=seed, opt_level=opt_level, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version))
+                        seed=seed, opt_level=opt_level, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
+                        backend=backend)
+    if not result.report:  # an MPI rank other than 0: rank 0 saves and prints for all; exit alike
+        if result.comparison is not None and not result.comparison.identical:
+            raise typer.Exit(1)
+        return
     if save is not None:
         save_outputs(save, result.outputs)
     if not quiet:

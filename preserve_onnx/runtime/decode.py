@@ -103,7 +103,8 @@ def run_steps(
             last = logits[:, -1, :] if logits.ndim == 3 else logits
             next_ids = np.argmax(last.astype(np.float32), axis=-1)
         _next_feeds(shared_now, next_ids)
-        for rank in range(session.world_size):
+        # Under MPI a process holds only its own rank's outputs (MpiRankSession.local_ranks).
+        for rank in getattr(session, "local_ranks", range(session.world_size)):
             own = ranks_now.setdefault(rank, {})
             _next_feeds(own, next_ids)
             mapping = kv_feedback_map(session.output_names(rank), session.input_names(rank))

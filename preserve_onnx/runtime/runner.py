@@ -23,6 +23,9 @@ from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, generate_feeds, load_fe
 from preserve_onnx.runtime.session import RankSession
 
 
+BACKENDS = ("threads", "mpi")
+
+
 @dataclass(frozen=True)
 class RunResult:
     models: tuple[Path, ...]
@@ -30,6 +33,10 @@ class RunResult:
     comparison: Comparison | None  # against the original, when asked
     steps: int
     seconds: float
+    backend: str = "threads"
+    # Under MPI only rank 0 reports (prints, saves): it holds every rank's outputs, the others their own.
+    report: bool = True
+    rank: int = 0
 
 
 def rank_models(path: Path) -> tuple[Path, ...]:
@@ -48,8 +55,20 @@ def rank_models(path: Path) -> tuple[Path, ...]:
 
 def run_models(path: Path, *, against: Path | None = None, inputs: Path | None = None, steps: int = 1,
                batch: int = 1, context: int = DEFAULT_CONTEXT, seed: int = 0, opt_level: str = "all",
-               naming: PrefetchNaming = PrefetchNaming(), timeout_s: float = 60) -> RunResult:
-    """Run ``path`` (file or rank directory) for ``steps`` decode steps; compare with ``against``."""
+               naming: PrefetchNaming = PrefetchNaming(), timeout_s: float = 60,
+               backend: str = "threads") -> RunResult:
+    """Run ``path`` (file or rank directory) for ``steps`` decode steps; compare with ``against``.
+
+    ``backend="mpi"``: call it in every process of ``mpirun -n RANKS``; process r runs rank r (see
+    :mod:`preserve_onnx.runtime.mpi`).
+    """
+    if backend not in BACKENDS:
+        raise PreserveError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if backend == "mpi":
+        from preserve_onnx.runtime.mpi import run_models_mpi
+
+        return run_models_mpi(path, against=against, inputs=inputs, steps=steps, batch=batch, context=context,
+                              seed=seed, opt_level=opt_level, naming=naming, timeout_s=timeout_s)
     start = time.perf_counter()
     models = rank_models(path)
     originals: Sequence[Path] = rank_models(against) if against is not None else ()

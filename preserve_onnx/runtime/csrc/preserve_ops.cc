@@ -23,13 +23,18 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <csignal>
 #include <cstdint>
 #include <cstring>
+#include <deque>
+#include <dlfcn.h>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <thread>
+#include <unistd.h>
 #include <unordered_map>
 #include <vector>
 
@@ -146,6 +151,7 @@ struct RankConfig {
   int world = 1;
   std::string group = "default";
   int64_t timeout_ms = 60000;
+  bool mpi = false;  // preserve.transport = mpi: ranks are processes, exchanging through MPI
 };
 
 std::string RankList(const Group& g, bool want_present) {
@@ -161,10 +167,10 @@ std::string RankList(const Group& g, bool want_present) {
 }
 
 // Checks that every rank entered the same collective with compatible tensors. Returns "" when fine.
-std::string CheckContributions(const Group& g) {
-  const Contribution& c0 = g.slots[0];
-  for (int r = 1; r < g.world; ++r) {
-    const Contribution& c = g.slots[r];
+std::string CheckContributions(const std::vector<Contribution>& slots) {
+  const Contribution& c0 = slots[0];
+  for (size_t r = 1; r < slots.size(); ++r) {
+    const Contribution& c = slots[r];
     std::ostringstream s;
     if (c.kind != c0.kind) {
       s << "rank 0 is in " << KindName(c0.kind) << " '" << c0.node << "' but rank " << r << " is in "
@@ -191,25 +197,261 @@ std::string CheckContributions(const Group& g) {
 }
 
 template <typename T>
-void SumDirect(const Group& g, size_t t, size_t n, T* out) {
-  const T* first = static_cast<const T*>(g.slots[0].tensors[t].data);
+void SumDirect(const std::vector<Contribution>& slots, size_t t, size_t n, T* out) {
+  const T* first = static_cast<const T*>(slots[0].tensors[t].data);
   std::copy(first, first + n, out);
-  for (int r = 1; r < g.world; ++r) {
-    const T* in = static_cast<const T*>(g.slots[r].tensors[t].data);
+  for (size_t r = 1; r < slots.size(); ++r) {
+    const T* in = static_cast<const T*>(slots[r].tensors[t].data);
     for (size_t i = 0; i < n; ++i) out[i] += in[i];
   }
 }
 
 // Half-precision sum: accumulate each element in float in rank order, round once at the end.
 template <typename H>
-void SumHalf(const Group& g, size_t t, size_t n, H* out) {
-  std::vector<const H*> ins(g.world);
-  for (int r = 0; r < g.world; ++r) ins[r] = static_cast<const H*>(g.slots[r].tensors[t].data);
+void SumHalf(const std::vector<Contribution>& slots, size_t t, size_t n, H* out) {
+  const size_t world = slots.size();
+  std::vector<const H*> ins(world);
+  for (size_t r = 0; r < world; ++r) ins[r] = static_cast<const H*>(slots[r].tensors[t].data);
   for (size_t i = 0; i < n; ++i) {
     float acc = ins[0][i].ToFloat();
-    for (int r = 1; r < g.world; ++r) acc += ins[r][i].ToFloat();
+    for (size_t r = 1; r < world; ++r) acc += ins[r][i].ToFloat();
     out[i] = H(acc);
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// MPI transport
+// ------------------------------------------------------------------------------------------------
+//
+// Under `mpirun`, each rank is its own process and the collectives exchange tensors through MPI.
+// The library is not linked against MPI: the host (preserve_onnx/runtime/mpi.py) passes the path of
+// the libmpi that mpi4py already loaded, and we take the few functions we need from that very image
+// with dlopen(RTLD_NOLOAD) + dlsym. So one build serves machines with and without MPI, and the
+// communicator and datatype handles the host gives us (duplicated communicators with
+// MPI_ERRORS_RETURN) are valid in it. Handles are pointers in Open MPI and ints in MPICH: the
+// function types are instantiated for the handle size the host reports.
+//
+// A collective posts, for every peer, nonblocking receives of a fixed-size header (collective number,
+// kind, node, axis, input types and shapes) and of each input's bytes, and nonblocking sends of its
+// own; it then polls until all complete, so it can give up on a deadline or on a failure notice
+// instead of blocking in MPI forever. The result is computed locally from the contributions in rank
+// order 0..p-1 by the same code as the thread transport, so both transports give the same bytes.
+//
+// A control communicator carries two notices, each a fixed 1 KiB message: FAIL (a rank failed, with
+// its reason; every rank waiting in a collective stops with that reason) and EXIT (a rank has
+// reported its failure and is about to exit; the host waits for every peer's EXIT so that no process
+// leaves, and has mpirun kill the rest, before the others have printed their errors).
+
+constexpr int kTagHeader = 11;
+constexpr int kTagData = 12;
+constexpr int kTagControl = 13;
+constexpr int kCtlFail = 1;
+constexpr int kCtlExit = 2;
+constexpr size_t kControlBytes = 1024;
+constexpr size_t kHeaderWords = 128;
+constexpr size_t kStatusBytes = 256;  // larger than MPI_Status of Open MPI (24) and MPICH (20)
+constexpr size_t kChunk = size_t{1} << 30;  // MPI counts are ints: larger tensors go in chunks
+constexpr int64_t kMagic = 0x5052455345525645;  // "PRESERVE"
+
+struct Request {
+  alignas(8) unsigned char handle[8] = {};  // MPI_Request: a pointer (Open MPI) or an int (MPICH)
+  bool active = false;
+  bool is_recv = false;
+  int peer = -1;
+  int tensor = -1;  // -1: header
+};
+
+// The MPI calls the transport makes, independent of the handle type.
+class MpiLink {
+ public:
+  virtual ~MpiLink() = default;
+  virtual int Isend(const void* buf, int bytes, int peer, bool control, int tag, Request* req) = 0;
+  virtual int Irecv(void* buf, int bytes, int peer, bool control, int tag, Request* req) = 0;
+  virtual int Test(Request* req, int* done) = 0;
+  virtual int Cancel(Request* req) = 0;
+  virtual std::string ErrorString(int code) = 0;
+};
+
+template <typename H>
+class MpiLinkT final : public MpiLink {
+ public:
+  using IsendFn = int (*)(const void*, int, H, int, int, H, void*);
+  using IrecvFn = int (*)(void*, int, H, int, int, H, void*);
+  using TestFn = int (*)(void*, int*, void*);
+  using CancelFn = int (*)(void*);
+  using ErrorStringFn = int (*)(int, char*, int*);
+
+  MpiLinkT(void* lib, int64_t data_comm, int64_t ctrl_comm, int64_t byte_type)
+      : data_(static_cast<H>(data_comm)), ctrl_(static_cast<H>(ctrl_comm)), byte_(static_cast<H>(byte_type)) {
+    isend_ = reinterpret_cast<IsendFn>(dlsym(lib, "MPI_Isend"));
+    irecv_ = reinterpret_cast<IrecvFn>(dlsym(lib, "MPI_Irecv"));
+    test_ = reinterpret_cast<TestFn>(dlsym(lib, "MPI_Test"));
+    cancel_ = reinterpret_cast<CancelFn>(dlsym(lib, "MPI_Cancel"));
+    error_string_ = reinterpret_cast<ErrorStringFn>(dlsym(lib, "MPI_Error_string"));
+  }
+  bool Complete() const { return isend_ && irecv_ && test_ && cancel_ && error_string_; }
+
+  int Isend(const void* buf, int bytes, int peer, bool control, int tag, Request* req) override {
+    req->active = true;
+    return isend_(buf, bytes, byte_, peer, tag, control ? ctrl_ : data_, req->handle);
+  }
+  int Irecv(void* buf, int bytes, int peer, bool control, int tag, Request* req) override {
+    req->active = true;
+    return irecv_(buf, bytes, byte_, peer, tag, control ? ctrl_ : data_, req->handle);
+  }
+  int Test(Request* req, int* done) override {
+    unsigned char status[kStatusBytes];
+    *done = 0;
+    int rc = test_(req->handle, done, status);
+    if (rc != 0 || *done) req->active = false;
+    return rc;
+  }
+  int Cancel(Request* req) override { return cancel_(req->handle); }
+  std::string ErrorString(int code) override {
+    char text[1024] = {};
+    int len = 0;
+    if (error_string_(code, text, &len) != 0) return "MPI error " + std::to_string(code);
+    return std::string(text, std::min<int>(std::max(len, 0), sizeof(text) - 1));
+  }
+
+ private:
+  H data_, ctrl_, byte_;
+  IsendFn isend_ = nullptr;
+  IrecvFn irecv_ = nullptr;
+  TestFn test_ = nullptr;
+  CancelFn cancel_ = nullptr;
+  ErrorStringFn error_string_ = nullptr;
+};
+
+struct ControlMessage {
+  int32_t type = 0;
+  int32_t from = -1;
+  char text[kControlBytes - 8] = {};
+};
+static_assert(sizeof(ControlMessage) == kControlBytes, "control messages are 1 KiB");
+
+struct MpiGroup {
+  std::mutex mu;  // one caller at a time: a kernel, or the host between runs
+  int rank = 0;
+  int world = 1;
+  std::unique_ptr<MpiLink> link;
+  uint64_t collectives = 0;  // collectives this process has entered (the same count on every rank)
+  std::vector<ControlMessage> ctl_in;  // one posted receive per peer
+  std::vector<Request> ctl_req;
+  std::vector<bool> peer_exited;
+  std::deque<ControlMessage> ctl_out;  // send buffers, kept alive (and in place) while the sends run
+  std::deque<Request> ctl_out_req;
+  bool sent_fail = false;
+  bool sent_exit = false;
+  int failed_rank = -1;  // first FAIL notice received (or this rank's own)
+  std::string failure;
+};
+
+std::mutex g_mpi_mu;
+std::unordered_map<std::string, std::shared_ptr<MpiGroup>>& MpiRegistry() {
+  static auto* groups = new std::unordered_map<std::string, std::shared_ptr<MpiGroup>>();
+  return *groups;
+}
+
+std::shared_ptr<MpiGroup> FindMpiGroup(const std::string& id) {
+  std::lock_guard<std::mutex> lock(g_mpi_mu);
+  auto it = MpiRegistry().find(id);
+  return it == MpiRegistry().end() ? nullptr : it->second;
+}
+
+thread_local std::string t_mpi_error;
+
+// Receives any control notices that arrived (caller holds g.mu). Returns "" or an MPI error.
+std::string PollControl(MpiGroup& g) {
+  for (int p = 0; p < g.world; ++p) {
+    if (p == g.rank || !g.ctl_req[p].active) continue;
+    int done = 0;
+    if (int rc = g.link->Test(&g.ctl_req[p], &done)) return "MPI_Test: " + g.link->ErrorString(rc);
+    if (!done) continue;
+    const ControlMessage& m = g.ctl_in[p];
+    if (m.type == kCtlFail || m.type == kCtlExit) {
+      if (g.failed_rank < 0) {
+        g.failed_rank = m.from;
+        g.failure = std::string(m.text, strnlen(m.text, sizeof(m.text)));
+      }
+      if (m.type == kCtlExit) g.peer_exited[p] = true;
+    }
+    if (!g.peer_exited[p]) {
+      if (int rc = g.link->Irecv(&g.ctl_in[p], kControlBytes, p, true, kTagControl, &g.ctl_req[p])) {
+        return "MPI_Irecv: " + g.link->ErrorString(rc);
+      }
+    }
+  }
+  return "";
+}
+
+// Sends a notice to every peer (caller holds g.mu). Small messages: they complete eagerly.
+std::string SendControl(MpiGroup& g, int type, const std::string& text) {
+  for (int p = 0; p < g.world; ++p) {
+    if (p == g.rank) continue;
+    g.ctl_out.emplace_back();
+    g.ctl_out_req.emplace_back();
+    ControlMessage& m = g.ctl_out.back();
+    m.type = type;
+    m.from = g.rank;
+    std::strncpy(m.text, text.c_str(), sizeof(m.text) - 1);
+    if (int rc = g.link->Isend(&m, kControlBytes, p, true, kTagControl, &g.ctl_out_req.back())) {
+      return "MPI_Isend: " + g.link->ErrorString(rc);
+    }
+  }
+  return "";
+}
+
+// Header of one collective: everything the ranks must agree on, in 128 int64 words.
+std::vector<int64_t> EncodeHeader(uint64_t number, Kind kind, const Contribution& c) {
+  std::vector<int64_t> h(kHeaderWords, 0);
+  h[0] = kMagic;
+  h[1] = static_cast<int64_t>(number);
+  h[2] = static_cast<int64_t>(kind);
+  h[3] = c.axis;
+  h[4] = static_cast<int64_t>(c.tensors.size());
+  std::memcpy(&h[6], c.node.data(), std::min<size_t>(c.node.size(), 8 * 8 - 1));  // words 6..13
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a over every tensor's type and shape
+  auto mix = [&](int64_t v) {
+    for (int b = 0; b < 8; ++b) hash = (hash ^ ((static_cast<uint64_t>(v) >> (8 * b)) & 0xff)) * 1099511628211ull;
+  };
+  size_t w = 16;
+  bool complete = true;
+  for (const TensorRef& t : c.tensors) {
+    mix(t.type);
+    mix(static_cast<int64_t>(t.shape.size()));
+    for (int64_t d : t.shape) mix(d);
+    if (complete && w + 2 + t.shape.size() <= kHeaderWords) {
+      h[w++] = t.type;
+      h[w++] = static_cast<int64_t>(t.shape.size());
+      for (int64_t d : t.shape) h[w++] = d;
+    } else {
+      complete = false;
+    }
+  }
+  h[5] = complete ? 1 : 0;
+  h[14] = static_cast<int64_t>(hash);
+  return h;
+}
+
+// Rebuilds a Contribution (without data) from a header, so CheckContributions can describe a mismatch.
+Contribution DecodeHeader(const std::vector<int64_t>& h) {
+  Contribution c;
+  c.present = true;
+  c.kind = static_cast<Kind>(h[2]);
+  c.axis = h[3];
+  char name[64] = {};
+  std::memcpy(name, &h[6], 63);
+  c.node = name;
+  size_t w = 16;
+  for (int64_t i = 0; i < h[4] && h[5] == 1 && w + 2 <= kHeaderWords; ++i) {
+    TensorRef t;
+    t.type = static_cast<ONNXTensorElementDataType>(h[w++]);
+    const int64_t nd = h[w++];
+    for (int64_t d = 0; d < nd && w < kHeaderWords; ++d) t.shape.push_back(h[w++]);
+    c.tensors.push_back(std::move(t));
+  }
+  return c;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -311,6 +553,7 @@ struct CollectiveKernel {
       }
       return nullptr;
     }
+    if (cfg_.mpi) return ComputeMpi(ctx, std::move(mine));
 
     std::shared_ptr<Group> g = FindGroup(cfg_.group);
     if (!g) return Fail(Where() + ": rendezvous group is not registered");
@@ -335,9 +578,9 @@ struct CollectiveKernel {
     lock.unlock();
 
     // Phase 2: compute this rank's output from every rank's inputs (all ranks compute the same bytes).
-    std::string problem = CheckContributions(*g);
+    std::string problem = CheckContributions(g->slots);
     if (problem.empty()) {
-      problem = Produce(ctx, *g);
+      problem = Produce(ctx, g->slots);
     }
 
     // Phase 3: barrier, so that no rank releases an input another rank may still be reading.
@@ -362,6 +605,171 @@ struct CollectiveKernel {
     return nullptr;
   }
 
+  // The MPI transport: see "MPI transport" above. Holds the group's lock for the whole collective
+  // (a process runs one collective at a time; the host only calls in between runs).
+  OrtStatus* ComputeMpi(Ort::KernelContext& ctx, Contribution mine) {
+    std::shared_ptr<MpiGroup> gp = FindMpiGroup(cfg_.group);
+    if (!gp) return Fail(Where() + ": the MPI group is not bound (preserve_mpi_bind)");
+    MpiGroup& g = *gp;
+    std::lock_guard<std::mutex> lock(g.mu);
+    if (std::string e = PollControl(g); !e.empty()) return Fail(Where() + ": " + e);
+    if (g.failed_rank >= 0) return Fail(Where() + ": " + Stopped(g));
+    const uint64_t number = g.collectives++;
+    const int world = g.world, me = g.rank;
+    const std::vector<int64_t> my_header = EncodeHeader(number, kind_, mine);
+    std::vector<std::vector<int64_t>> headers(world, std::vector<int64_t>(kHeaderWords, 0));
+    std::vector<std::vector<std::vector<char>>> bufs(world);
+    std::vector<bool> header_done(world, false);
+    header_done[me] = true;
+    std::deque<Request> reqs;
+    std::string mpi_error;
+    auto post = [&](bool recv, void* buf, size_t bytes, int peer, int tag, int tensor) {
+      if (!mpi_error.empty()) return;
+      size_t off = 0;
+      do {  // at least one message, also for an empty tensor
+        const size_t n = std::min(kChunk, bytes - off);
+        reqs.emplace_back();
+        Request& r = reqs.back();
+        r.is_recv = recv;
+        r.peer = peer;
+        r.tensor = tensor;
+        char* at = static_cast<char*>(buf) + off;
+        int rc = recv ? g.link->Irecv(at, static_cast<int>(n), peer, false, tag, &r)
+                      : g.link->Isend(at, static_cast<int>(n), peer, false, tag, &r);
+        if (rc) {
+          r.active = false;
+          mpi_error = std::string(recv ? "MPI_Irecv" : "MPI_Isend") + " with rank " + std::to_string(peer) +
+                      ": " + g.link->ErrorString(rc);
+          return;
+        }
+        off += n;
+      } while (off < bytes);
+    };
+    for (int p = 0; p < world; ++p) {  // receives first, so that sends find them posted
+      if (p == me) continue;
+      post(true, headers[p].data(), kHeaderWords * sizeof(int64_t), p, kTagHeader, -1);
+      bufs[p].resize(mine.tensors.size());
+      for (size_t t = 0; t < mine.tensors.size(); ++t) {
+        const TensorRef& ref = mine.tensors[t];
+        bufs[p][t].resize(ref.count * ElementSize(ref.type));
+        post(true, bufs[p][t].data(), bufs[p][t].size(), p, kTagData, static_cast<int>(t));
+      }
+    }
+    for (int p = 0; p < world; ++p) {
+      if (p == me) continue;
+      post(false, const_cast<int64_t*>(my_header.data()), kHeaderWords * sizeof(int64_t), p, kTagHeader, -1);
+      for (size_t t = 0; t < mine.tensors.size(); ++t) {
+        const TensorRef& ref = mine.tensors[t];
+        post(false, const_cast<void*>(ref.data), ref.count * ElementSize(ref.type), p, kTagData, static_cast<int>(t));
+      }
+    }
+
+    // Poll until everything completed: spin for a millisecond (the peer is usually about to arrive),
+    // then yield, then sleep in short naps so that a rank waiting long leaves its core to others.
+    const auto start = std::chrono::steady_clock::now();
+    const auto deadline = start + std::chrono::milliseconds(cfg_.timeout_ms);
+    size_t pending = 0;
+    for (const Request& r : reqs) pending += r.active ? 1 : 0;
+    std::string failure;
+    while (pending > 0 && failure.empty()) {
+      for (Request& r : reqs) {
+        if (!r.active) continue;
+        int done = 0;
+        if (int rc = g.link->Test(&r, &done)) {
+          --pending;
+          if (mpi_error.empty()) {
+            mpi_error = std::string(r.is_recv ? "receiving from" : "sending to") + " rank " + std::to_string(r.peer) +
+                        ": " + g.link->ErrorString(rc);
+          }
+          continue;
+        }
+        if (done) {
+          --pending;
+          if (r.is_recv && r.tensor < 0) header_done[r.peer] = true;
+        }
+      }
+      if (pending == 0) break;
+      if (std::string e = PollControl(g); !e.empty()) failure = e;
+      if (g.failed_rank >= 0) failure = Stopped(g);
+      const auto now = std::chrono::steady_clock::now();
+      if (failure.empty() && now > deadline) {
+        std::ostringstream s;
+        s << "timed out after " << cfg_.timeout_ms << " ms waiting for rank(s) ";
+        bool first = true;
+        for (int p = 0; p < world; ++p) {
+          if (!header_done[p]) {
+            s << (first ? "" : ", ") << p;
+            first = false;
+          }
+        }
+        if (first) s << "(all arrived; the transfer did not finish)";
+        s << " to enter the collective";
+        failure = s.str();
+      }
+      if (!failure.empty()) break;
+      if (now - start < std::chrono::milliseconds(1)) continue;
+      if (now - start < std::chrono::milliseconds(20)) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+    }
+    if (!failure.empty()) {
+      for (Request& r : reqs) {
+        if (r.active && r.is_recv) g.link->Cancel(&r);
+      }
+      // The process is going down (the host exits without MPI_Finalize after a failed collective):
+      // sends still in flight are left to MPI.
+      return Fail(Where() + ": " + failure);
+    }
+
+    // Every rank's header is here: check that all entered the same collective with the same inputs.
+    std::vector<Contribution> slots(world);
+    for (int p = 0; p < world; ++p) {
+      if (p == me) continue;
+      const std::vector<int64_t>& h = headers[p];
+      if (h[0] != kMagic) return Fail(Where() + ": rank " + std::to_string(p) + " sent a malformed header");
+      if (h[1] != my_header[1]) {
+        return Fail(Where() + ": rank " + std::to_string(p) + " is in collective #" + std::to_string(h[1]) +
+                    " but this rank is in #" + std::to_string(my_header[1]) +
+                    " (the ranks do not run matching models or steps)");
+      }
+      const bool same = h[2] == my_header[2] && h[3] == my_header[3] && h[4] == my_header[4] && h[14] == my_header[14];
+      if (!same) {
+        std::vector<Contribution> pair = {DecodeHeader(me < p ? my_header : h), DecodeHeader(me < p ? h : my_header)};
+        std::string what = CheckContributions(pair);
+        const std::string lo = std::to_string(std::min(me, p)), hi = std::to_string(std::max(me, p));
+        if (what.empty()) what = "rank 0 and rank 1 pass inputs of different types or shapes";
+        // CheckContributions names the pair "rank 0" and "rank 1": name the real ranks.
+        std::string out;
+        for (size_t i = 0; i < what.size();) {
+          if (what.compare(i, 6, "rank 0") == 0) {
+            out += "rank " + lo;
+            i += 6;
+          } else if (what.compare(i, 6, "rank 1") == 0) {
+            out += "rank " + hi;
+            i += 6;
+          } else {
+            out += what[i++];
+          }
+        }
+        return Fail(Where() + ": " + out);
+      }
+      slots[p] = mine;  // same kind, axis, types and shapes: only the data differ
+      for (size_t t = 0; t < mine.tensors.size(); ++t) slots[p].tensors[t].data = bufs[p][t].data();
+    }
+    if (!mpi_error.empty()) return Fail(Where() + ": " + mpi_error);
+    slots[me] = std::move(mine);
+    std::string problem = Produce(ctx, slots);
+    if (!problem.empty()) return Fail(Where() + ": " + problem);
+    return nullptr;
+  }
+
+  static std::string Stopped(const MpiGroup& g) {
+    if (g.failed_rank == g.rank) return "this rank failed earlier: " + g.failure;
+    return "stopped because rank " + std::to_string(g.failed_rank) + " failed: " + g.failure;
+  }
+
   static void Abort(Group& g, const std::string& reason) {
     if (!g.aborted) {
       g.aborted = true;
@@ -371,8 +779,9 @@ struct CollectiveKernel {
   }
 
   // Writes this rank's outputs; returns "" or a description of what is wrong.
-  std::string Produce(Ort::KernelContext& ctx, const Group& g) {
-    const Contribution& c0 = g.slots[0];
+  std::string Produce(Ort::KernelContext& ctx, const std::vector<Contribution>& slots) {
+    const int world = static_cast<int>(slots.size());
+    const Contribution& c0 = slots[0];
     for (size_t t = 0; t < c0.tensors.size(); ++t) {
       const TensorRef& ref = c0.tensors[t];
       if (kind_ == Kind::kAllReduce) {
@@ -380,16 +789,16 @@ struct CollectiveKernel {
         void* dst = out.GetTensorMutableRawData();
         switch (ref.type) {
           case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
-            SumDirect<float>(g, t, ref.count, static_cast<float*>(dst));
+            SumDirect<float>(slots, t, ref.count, static_cast<float*>(dst));
             break;
           case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE:
-            SumDirect<double>(g, t, ref.count, static_cast<double*>(dst));
+            SumDirect<double>(slots, t, ref.count, static_cast<double*>(dst));
             break;
           case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
-            SumHalf<Ort::Float16_t>(g, t, ref.count, static_cast<Ort::Float16_t*>(dst));
+            SumHalf<Ort::Float16_t>(slots, t, ref.count, static_cast<Ort::Float16_t*>(dst));
             break;
           case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16:
-            SumHalf<Ort::BFloat16_t>(g, t, ref.count, static_cast<Ort::BFloat16_t*>(dst));
+            SumHalf<Ort::BFloat16_t>(slots, t, ref.count, static_cast<Ort::BFloat16_t*>(dst));
             break;
           default:
             return std::string("unsupported element type ") + TypeName(ref.type);
@@ -397,7 +806,7 @@ struct CollectiveKernel {
       } else {
         std::vector<int64_t> shape = ref.shape;
         const size_t axis = static_cast<size_t>(c0.axis);
-        shape[axis] *= g.world;
+        shape[axis] *= world;
         auto out = ctx.GetOutput(t, shape);
         char* dst = static_cast<char*>(out.GetTensorMutableRawData());
         size_t outer = 1;
@@ -405,9 +814,9 @@ struct CollectiveKernel {
         size_t block = ElementSize(ref.type);
         for (size_t d = axis; d < ref.shape.size(); ++d) block *= static_cast<size_t>(ref.shape[d]);
         for (size_t o = 0; o < outer; ++o) {
-          for (int r = 0; r < g.world; ++r) {
-            const char* src = static_cast<const char*>(g.slots[r].tensors[t].data) + o * block;
-            std::memcpy(dst + (o * g.world + r) * block, src, block);
+          for (int r = 0; r < world; ++r) {
+            const char* src = static_cast<const char*>(slots[r].tensors[t].data) + o * block;
+            std::memcpy(dst + (o * world + r) * block, src, block);
           }
         }
       }
@@ -629,6 +1038,11 @@ OrtStatus* Register(OrtSessionOptions* options) {
   if (OrtStatus* st = ConfigEntry(options, "preserve.world_size", "1", &world_s)) return st;
   if (OrtStatus* st = ConfigEntry(options, "preserve.group", "default", &group)) return st;
   if (OrtStatus* st = ConfigEntry(options, "preserve.timeout_ms", "60000", &timeout_s)) return st;
+  std::string transport;
+  if (OrtStatus* st = ConfigEntry(options, "preserve.transport", "threads", &transport)) return st;
+  if (transport != "threads" && transport != "mpi") {
+    return Fail("preserve_ops: preserve.transport must be 'threads' or 'mpi', got '" + transport + "'");
+  }
   int64_t rank = 0, world = 1, timeout = 0;
   if (OrtStatus* st = ParseInt("preserve.rank", rank_s, &rank)) return st;
   if (OrtStatus* st = ParseInt("preserve.world_size", world_s, &world)) return st;
@@ -644,8 +1058,16 @@ OrtStatus* Register(OrtSessionOptions* options) {
   cfg.world = static_cast<int>(world);
   cfg.group = group;
   cfg.timeout_ms = timeout;
+  cfg.mpi = transport == "mpi";
 
-  if (world > 1) {
+  if (cfg.mpi && world > 1) {
+    std::shared_ptr<MpiGroup> g = FindMpiGroup(group);
+    if (!g) return Fail("preserve_ops: MPI group '" + group + "' is not bound (preserve_mpi_bind)");
+    if (g->world != cfg.world || g->rank != cfg.rank) {
+      return Fail("preserve_ops: MPI group '" + group + "' is rank " + std::to_string(g->rank) + " of " +
+                  std::to_string(g->world) + ", not " + rank_s + " of " + world_s);
+    }
+  } else if (world > 1) {
     std::lock_guard<std::mutex> lock(g_registry_mu);
     auto& slot = Registry()[group];
     if (!slot) slot = std::make_shared<Group>(cfg.world);
@@ -719,6 +1141,180 @@ __attribute__((visibility("default"))) int preserve_reset_group(const char* grou
 __attribute__((visibility("default"))) int preserve_release_group(const char* group) {
   std::lock_guard<std::mutex> lock(g_registry_mu);
   return Registry().erase(group ? group : "") ? 0 : 1;
+}
+
+// ---- MPI transport, host side (see "MPI transport"). All return 0 on success; on failure 1 and
+// preserve_mpi_last_error() says why. ----
+
+// Binds `group` to two duplicated communicators (data, control) of the MPI library at `libmpi`, which
+// must already be loaded in this process (by mpi4py). Handles are passed as integers of `handle_size`
+// bytes (8: Open MPI pointers, 4: MPICH ints). Posts the control receives.
+__attribute__((visibility("default"))) int preserve_mpi_bind(const char* group, const char* libmpi, int handle_size,
+                                                             int64_t data_comm, int64_t ctrl_comm,
+                                                             int64_t byte_type, int rank, int world) {
+  t_mpi_error.clear();
+  if (!group || !libmpi || world < 1 || rank < 0 || rank >= world) {
+    t_mpi_error = "preserve_mpi_bind: invalid arguments";
+    return 1;
+  }
+  void* lib = dlopen(libmpi, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+  if (!lib) {
+    const char* e = dlerror();
+    t_mpi_error = std::string("preserve_mpi_bind: ") + libmpi + " is not loaded in this process" + (e ? std::string(": ") + e : "");
+    return 1;
+  }
+  auto g = std::make_shared<MpiGroup>();
+  g->rank = rank;
+  g->world = world;
+  if (handle_size == 8) {
+    auto link = std::make_unique<MpiLinkT<int64_t>>(lib, data_comm, ctrl_comm, byte_type);
+    if (link->Complete()) g->link = std::move(link);
+  } else if (handle_size == 4) {
+    auto link = std::make_unique<MpiLinkT<int32_t>>(lib, data_comm, ctrl_comm, byte_type);
+    if (link->Complete()) g->link = std::move(link);
+  } else {
+    t_mpi_error = "preserve_mpi_bind: unsupported MPI handle size " + std::to_string(handle_size);
+    return 1;
+  }
+  if (!g->link) {
+    t_mpi_error = std::string("preserve_mpi_bind: ") + libmpi + " lacks MPI_Isend/MPI_Irecv/MPI_Test/MPI_Cancel";
+    return 1;
+  }
+  g->ctl_in.resize(world);
+  g->ctl_req.resize(world);
+  g->peer_exited.assign(world, false);
+  for (int p = 0; p < world; ++p) {
+    if (p == rank) continue;
+    if (int rc = g->link->Irecv(&g->ctl_in[p], kControlBytes, p, true, kTagControl, &g->ctl_req[p])) {
+      t_mpi_error = "preserve_mpi_bind: MPI_Irecv: " + g->link->ErrorString(rc);
+      return 1;
+    }
+  }
+  std::lock_guard<std::mutex> lock(g_mpi_mu);
+  MpiRegistry()[group] = g;
+  return 0;
+}
+
+__attribute__((visibility("default"))) const char* preserve_mpi_last_error() { return t_mpi_error.c_str(); }
+
+// Tells every peer that this rank failed (once; not when a peer's failure is what stopped this one).
+__attribute__((visibility("default"))) int preserve_mpi_fail(const char* group, const char* reason) {
+  std::shared_ptr<MpiGroup> g = FindMpiGroup(group ? group : "");
+  if (!g) {
+    t_mpi_error = "unknown MPI group";
+    return 1;
+  }
+  std::lock_guard<std::mutex> lock(g->mu);
+  PollControl(*g);
+  if (g->sent_fail || (g->failed_rank >= 0 && g->failed_rank != g->rank)) return 0;
+  g->sent_fail = true;
+  g->failed_rank = g->rank;
+  g->failure = reason ? reason : "";
+  t_mpi_error = SendControl(*g, kCtlFail, g->failure);
+  return t_mpi_error.empty() ? 0 : 1;
+}
+
+// The first failure known to this rank: copies its reason into buf and returns the failed rank, or
+// -1 when no rank failed (so far).
+__attribute__((visibility("default"))) int preserve_mpi_failure(const char* group, char* buf, int size) {
+  std::shared_ptr<MpiGroup> g = FindMpiGroup(group ? group : "");
+  if (!g) return -1;
+  std::lock_guard<std::mutex> lock(g->mu);
+  PollControl(*g);
+  if (g->failed_rank < 0) return -1;
+  if (buf && size > 0) {
+    std::strncpy(buf, g->failure.c_str(), static_cast<size_t>(size) - 1);
+    buf[size - 1] = '\0';
+  }
+  return g->failed_rank;
+}
+
+// After a failure: tells the peers this rank is about to exit, then waits up to timeout_s until every
+// peer said the same. Returns the number of peers not heard from.
+__attribute__((visibility("default"))) int preserve_mpi_finish(const char* group, double timeout_s) {
+  std::shared_ptr<MpiGroup> g = FindMpiGroup(group ? group : "");
+  if (!g) return 0;
+  std::lock_guard<std::mutex> lock(g->mu);
+  if (!g->sent_exit) {
+    g->sent_exit = true;
+    SendControl(*g, kCtlExit, g->failure);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  while (true) {
+    PollControl(*g);
+    int missing = 0;
+    for (int p = 0; p < g->world; ++p) missing += (p != g->rank && !g->peer_exited[p]) ? 1 : 0;
+    if (missing == 0 || std::chrono::steady_clock::now() > deadline) return missing;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+}
+
+// After a clean run: cancels the control receives (so MPI_Finalize finds nothing pending) and forgets
+// the group. Call before the communicators are freed.
+__attribute__((visibility("default"))) int preserve_mpi_unbind(const char* group) {
+  std::shared_ptr<MpiGroup> g;
+  {
+    std::lock_guard<std::mutex> lock(g_mpi_mu);
+    auto it = MpiRegistry().find(group ? group : "");
+    if (it == MpiRegistry().end()) return 1;
+    g = it->second;
+    MpiRegistry().erase(it);
+  }
+  std::lock_guard<std::mutex> lock(g->mu);
+  for (int p = 0; p < g->world; ++p) {
+    if (g->ctl_req[p].active) g->link->Cancel(&g->ctl_req[p]);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  auto all_done = [&] {
+    bool done_all = true;
+    for (auto& r : g->ctl_req) {
+      int done = 0;
+      if (r.active && g->link->Test(&r, &done) == 0 && !done) done_all = false;
+    }
+    for (auto& r : g->ctl_out_req) {
+      int done = 0;
+      if (r.active && g->link->Test(&r, &done) == 0 && !done) done_all = false;
+    }
+    return done_all;
+  };
+  while (!all_done() && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  return 0;
+}
+
+}  // extern "C"
+
+namespace {
+char g_sigterm_message[512] = {};
+size_t g_sigterm_length = 0;
+
+void OnSigterm(int) {
+  if (g_sigterm_length) {
+    ssize_t ignored = write(2, g_sigterm_message, g_sigterm_length);
+    (void)ignored;
+  }
+  _exit(143);
+}
+}  // namespace
+
+extern "C" {
+
+// Under mpirun a rank that dies takes the job down with SIGTERM to the others, usually while they wait
+// inside a kernel where no Python signal handler can run: this handler prints `message` (one line) to
+// stderr and exits with 143. An empty message restores the default action.
+__attribute__((visibility("default"))) int preserve_set_sigterm_message(const char* message) {
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof(sa));
+  if (!message || !*message) {
+    sa.sa_handler = SIG_DFL;
+    g_sigterm_length = 0;
+  } else {
+    std::strncpy(g_sigterm_message, message, sizeof(g_sigterm_message) - 2);
+    g_sigterm_length = std::strlen(g_sigterm_message);
+    if (g_sigterm_message[g_sigterm_length - 1] != '\n') g_sigterm_message[g_sigterm_length++] = '\n';
+    sa.sa_handler = OnSigterm;
+  }
+  sigemptyset(&sa.sa_mask);
+  return sigaction(SIGTERM, &sa, nullptr) == 0 ? 0 : 1;
 }
 
 }  // extern "C"
