@@ -407,6 +407,146 @@ for _key in ("cumulative", "tottime"):
     return {"op_s": r["op_s"]}
 
 
+# --------------------------------------------------------------------------------------------------
+# Reference runtime (issues 3 and 7): overhead against plain onnxruntime, MPI against threads
+
+RT_SHAPE = dict(hidden=1024, layers=8, heads=16, kv_heads=4, intermediate=2816, vocab=32000, world=2,
+                dtype="float32", seed=0)
+GOAL_RT_RATIO = 1.3
+RT_CONTEXT = 16
+RT_ITERS = 40
+RT_DIR = BENCH_DIR / "out" / "runtime"
+
+
+def _runtime_model() -> tuple[Path, Path, Path]:
+    """The 2-rank llama (hidden 1024, 8 layers), its unsharded twin and the optimized ranks, built once
+    into bench/out/runtime (rebuilt when the shape above changes)."""
+    stamp = RT_DIR / "shape.json"
+    opt = RT_DIR / "opt"
+    want = json.dumps(RT_SHAPE, sort_keys=True)
+    if not (stamp.is_file() and stamp.read_text() == want and (opt / "model_01.onnx").is_file()):
+        shutil.rmtree(RT_DIR, ignore_errors=True)
+        RT_DIR.mkdir(parents=True)
+        sys.path.insert(0, str(REPO / "sample_models"))
+        from make_samples import build_llama
+
+        from preserve_onnx.config import OptimizeConfig
+        from preserve_onnx.optimizer import optimize_path
+
+        shape = dict(RT_SHAPE)
+        build_llama(out_dir=RT_DIR, **shape)
+        optimize_path(RT_DIR / f"tp{shape['world']}", opt, OptimizeConfig())
+        stamp.write_text(want)
+    return RT_DIR / f"tp{RT_SHAPE['world']}", RT_DIR / "full" / "model.onnx", opt
+
+
+# One process, interleaved: the optimized 2-rank model on RankSession (threads) and the unsharded twin
+# on a plain InferenceSession with the same total CPU threads; median of RT_ITERS single decode steps.
+_RUNTIME = """
+import os, statistics
+import onnxruntime as ort
+from pathlib import Path
+from preserve_onnx.runtime import RankSession
+from preserve_onnx.runtime.feeds import generate_feeds
+ranks = sorted(Path("opt").glob("model_*.onnx"))
+session = RankSession(ranks)
+shared, per_rank = generate_feeds(session, batch=1, context=CONTEXT)
+opts = ort.SessionOptions()
+opts.intra_op_num_threads = max(1, os.cpu_count() or 1)
+twin = ort.InferenceSession("full/model.onnx", opts, providers=["CPUExecutionProvider"])
+t_shared, t_rank = generate_feeds(twin, batch=1, context=CONTEXT)
+twin_feeds = {**t_shared, **t_rank[0]}
+for _ in range(3):
+    session.run(shared, per_rank)
+    twin.run(None, twin_feeds)
+_T1 = _time.perf_counter()
+ours, plain = [], []
+for _ in range(ITERS):
+    t = _time.perf_counter(); session.run(shared, per_rank); ours.append(_time.perf_counter() - t)
+    t = _time.perf_counter(); twin.run(None, twin_feeds); plain.append(_time.perf_counter() - t)
+_T2 = _time.perf_counter()
+_EXTRA.update(ours_s=statistics.median(ours), plain_s=statistics.median(plain), ours_min_s=min(ours),
+              plain_min_s=min(plain), rank_threads=max(1, (os.cpu_count() or 1) // len(ranks)),
+              twin_threads=opts.intra_op_num_threads, collectives=sum(
+                  1 for n in __import__("onnx").load(str(ranks[0]), load_external_data=False).graph.node
+                  if n.op_type in ("AllReduce", "AllGather")))
+"""
+
+
+def section_runtime(b: Bench) -> dict:
+    """Runtime overhead: optimized 2-rank model on our runtime vs its unsharded twin on plain onnxruntime."""
+    _, _, _ = _runtime_model()
+    snippet = _RUNTIME.replace("CONTEXT", str(RT_CONTEXT)).replace("ITERS", str(RT_ITERS))
+    load_before = os.getloadavg()[0]
+    r = run_child(snippet, RT_DIR)
+    ratio = r["ours_s"] / r["plain_s"]
+    r["ratio"] = ratio
+    r["ratio_min"] = r["ours_min_s"] / r["plain_min_s"]
+    r["loadavg_1min_before"] = load_before
+    s = RT_SHAPE
+    r["lines"] = [
+        f"runtime overhead (hidden {s['hidden']}, {s['layers']} layers, vocab {s['vocab']}, {s['dtype']}, batch 1, "
+        f"1 decode step, context {RT_CONTEXT}; median of {RT_ITERS}): optimized {s['world']}-rank model on "
+        f"RankSession {r['ours_s'] * 1000:.1f} ms ({r['rank_threads']} thread/rank, {r['collectives']} "
+        f"collectives/rank) vs unsharded twin on plain onnxruntime {r['plain_s'] * 1000:.1f} ms "
+        f"({r['twin_threads']} threads): {ratio:.2f}x (best steps: {r['ours_min_s'] * 1000:.1f} vs "
+        f"{r['plain_min_s'] * 1000:.1f} ms, {r['ratio_min']:.2f}x; 1-min load average before: {load_before:.1f} "
+        f"on {os.cpu_count()} cpus: the ranks run in lock step, so a core taken by another process stalls both)"]
+    return r
+
+
+_MPI_CHILD = """
+import os, statistics, sys, time, json
+from pathlib import Path
+from preserve_onnx.runtime.feeds import generate_feeds
+from preserve_onnx.runtime.mpi import MpiRankSession, get_context
+ctx = get_context()
+session = MpiRankSession(sorted(Path("opt").glob("model_*.onnx")))
+shared, per_rank = generate_feeds(session, batch=1, context=CONTEXT)
+for _ in range(3):
+    session.run(shared, per_rank)
+times = []
+for _ in range(ITERS):
+    ctx.allgather(None, "bench barrier")  # start every step together, as the thread backend does
+    t = time.perf_counter(); session.run(shared, per_rank); times.append(time.perf_counter() - t)
+every = ctx.gather(times, 0, "bench gather")
+if ctx.rank == 0:
+    step = [max(ts) for ts in zip(*every)]  # a step ends when its slowest rank does
+    print("@@MPI@@" + json.dumps({"mpi_s": statistics.median(step), "mpi_min_s": min(step)}))
+"""
+
+
+def section_runtime_mpi(b: Bench) -> dict:
+    """The same 2-rank model, one process per rank under mpirun, against the thread backend's time."""
+    mpirun = shutil.which("mpirun")
+    threads = b.results.get("runtime", {})
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        mpirun = None
+    if mpirun is None or not threads:
+        why = "no mpirun/mpi4py (make mpi)" if mpirun is None else "the runtime section did not run"
+        return {"skipped": why, "lines": [f"runtime, MPI backend: skipped ({why})"]}
+    snippet = _MPI_CHILD.replace("CONTEXT", str(RT_CONTEXT)).replace("ITERS", str(RT_ITERS))
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_btl_vader_single_copy_mechanism="none")
+    proc = subprocess.run([mpirun, "-n", str(RT_SHAPE["world"]), "--oversubscribe", sys.executable, "-c", snippet],
+                          cwd=RT_DIR, env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@MPI@@")]
+    if proc.returncode != 0 or not lines:
+        raise MeasureError(f"mpirun failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    r = json.loads(lines[-1][len("@@MPI@@"):])
+    r["threads_s"] = threads["ours_s"]
+    r["ratio"] = r["mpi_s"] / threads["ours_s"]
+    r["ratio_min"] = r["mpi_min_s"] / threads["ours_min_s"]
+    r["lines"] = [
+        f"runtime, MPI backend (mpirun -n {RT_SHAPE['world']}, shared memory, same model and step): "
+        f"{r['mpi_s'] * 1000:.1f} ms vs threads {threads['ours_s'] * 1000:.1f} ms: {r['ratio']:.2f}x "
+        f"(best steps {r['mpi_min_s'] * 1000:.1f} vs {threads['ours_min_s'] * 1000:.1f} ms: {r['ratio_min']:.2f}x; "
+        f"vs plain onnxruntime twin: {r['mpi_s'] / threads['plain_s']:.2f}x)"]
+    return r
+
+
 # name, function, runs only when (args) says so. A section gets the Bench (args, workdir, model_dir,
 # rank0, the results so far) and returns a JSON-able dict, stored as results[name] in bench.json; a
 # "lines" entry (list of str) is printed in the report. Raise MeasureError to stop the run with a message.
@@ -418,6 +558,8 @@ SECTIONS: list[tuple[str, Callable[[Bench], dict], Callable[[argparse.Namespace]
     ("cli_one", section_cli_one, lambda a: not a.no_cli),
     ("optimize_dir", section_optimize_dir, lambda a: True),
     ("profile", section_profile, lambda a: a.profile),
+    ("runtime", section_runtime, lambda a: not a.no_runtime),
+    ("runtime_mpi", section_runtime_mpi, lambda a: not a.no_runtime),
 ]
 
 
@@ -446,6 +588,10 @@ def verdicts(res: dict) -> list[tuple[str, str, bool | None]]:
                     f"{'ok' if ino.get('control_sees_read') else 'FAILED'}); "
                     f"{one['data_opens_audit']} py opens")
         out.append(("0 bytes of .data read by optimize", seen, one["data_bytes_read"] == 0))
+    rt = res.get("runtime")
+    if rt:
+        out.append((f"runtime overhead vs plain onnxruntime at most {GOAL_RT_RATIO:g}x", f"{rt['ratio']:.2f}x",
+                     rt["ratio"] <= GOAL_RT_RATIO))
     return out
 
 
@@ -526,6 +672,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=BENCH_DIR / "out" / "bench.json", help="results file")
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
     ap.add_argument("--no-cli", action="store_true", help="skip the end-to-end CLI measurement")
+    ap.add_argument("--no-runtime", action="store_true",
+                    help="skip the reference runtime's overhead and MPI measurements (bench/out/runtime)")
     ap.add_argument("--profile", action="store_true", help="also print a cProfile of optimize on rank 0")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     a = ap.parse_args(argv)
