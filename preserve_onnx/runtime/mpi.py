@@ -283,6 +283,7 @@ class MpiRankSession(RankSession):
         comm: Any = None,
         prefetch_domain: str = "preserve",
         prefetch_op: str = "Prefetch",
+        prefetch_attrs: tuple[str, str] = ("max_size", "offset"),
         opt_level: ort.GraphOptimizationLevel | str | int = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         timeout_s: float = 60,
         intra_op_threads: int | None = None,
@@ -312,6 +313,8 @@ class MpiRankSession(RankSession):
             ("preserve.timeout_ms", max(1, round(self._timeout_s * 1000))),
             ("preserve.prefetch_domain", prefetch_domain),
             ("preserve.prefetch_op", prefetch_op),
+            ("preserve.prefetch_attr_max_size", prefetch_attrs[0]),
+            ("preserve.prefetch_attr_offset", prefetch_attrs[1]),
         ):
             options.add_session_config_entry(key, str(value))
         options.register_custom_ops_library(str(library_path()))
@@ -461,7 +464,8 @@ def run_models_mpi(path: Path, *, against: Path | None = None, inputs: Path | No
         for rank, other in enumerate(seen):
             if other != args:
                 raise PreserveError(f"rank {rank} was started with other arguments than rank {ctx.rank}")
-        kw = dict(prefetch_domain=naming.domain, prefetch_op=naming.op_type, opt_level=opt_level, timeout_s=timeout_s)
+        kw = dict(prefetch_domain=naming.domain, prefetch_op=naming.op_type,
+                  prefetch_attrs=(naming.max_size, naming.offset), opt_level=opt_level, timeout_s=timeout_s)
         with MpiRankSession(list(models), comm=comm, **kw) as session:
             if inputs is not None:
                 shared, per_rank = load_feeds(inputs)

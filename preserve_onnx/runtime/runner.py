@@ -74,7 +74,8 @@ def run_models(path: Path, *, against: Path | None = None, inputs: Path | None =
     originals: Sequence[Path] = rank_models(against) if against is not None else ()
     if against is not None and len(originals) != len(models):
         raise PreserveError(f"{path} has {len(models)} ranks but {against} has {len(originals)}")
-    kw = dict(prefetch_domain=naming.domain, prefetch_op=naming.op_type, opt_level=opt_level,
+    kw = dict(prefetch_domain=naming.domain, prefetch_op=naming.op_type,
+              prefetch_attrs=(naming.max_size, naming.offset), opt_level=opt_level,
               timeout_s=timeout_s)
     with RankSession(list(models), **kw) as session:
         if inputs is not None:

@@ -204,6 +204,8 @@ class RankSession:
             ModelProto is a world of size one.
         prefetch_domain: Domain of the Prefetch op in these models.
         prefetch_op: Op type of the Prefetch op in these models.
+        prefetch_attrs: The names of Prefetch's ``max_size`` and ``offset`` attributes in these models
+            (vendor naming); only the cache hint reads them.
         opt_level: onnxruntime graph optimization level (a ``GraphOptimizationLevel`` or one of
             ``disable``, ``basic``, ``extended``, ``layout``, ``all``, or its int value).
         timeout_s: How long a rank waits in a collective for the others before it fails.
@@ -220,6 +222,7 @@ class RankSession:
         *,
         prefetch_domain: str = "preserve",
         prefetch_op: str = "Prefetch",
+        prefetch_attrs: tuple[str, str] = ("max_size", "offset"),
         opt_level: ort.GraphOptimizationLevel | str | int = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         timeout_s: float = 60,
         intra_op_threads: int | None = None,
@@ -253,6 +256,8 @@ class RankSession:
                 ("preserve.timeout_ms", max(1, round(self._timeout_s * 1000))),
                 ("preserve.prefetch_domain", prefetch_domain),
                 ("preserve.prefetch_op", prefetch_op),
+                ("preserve.prefetch_attr_max_size", prefetch_attrs[0]),
+                ("preserve.prefetch_attr_offset", prefetch_attrs[1]),
             ):
                 options.add_session_config_entry(key, str(value))
             options.register_custom_ops_library(lib_path)

@@ -932,9 +932,10 @@ struct CollectiveOp : Ort::CustomOpBase<CollectiveOp, CollectiveKernel, true> {
 // ------------------------------------------------------------------------------------------------
 
 struct PrefetchKernel {
-  explicit PrefetchKernel(const OrtKernelInfo* info) {
-    max_size_ = CollectiveKernel::ReadInt(info, "max_size", 0);
-    offset_ = CollectiveKernel::ReadInt(info, "offset", 0);
+  // The attribute names are the vendor naming's (`preserve.prefetch_attr_max_size` / `_offset`).
+  PrefetchKernel(const OrtKernelInfo* info, const std::string& max_size_attr, const std::string& offset_attr) {
+    max_size_ = CollectiveKernel::ReadInt(info, max_size_attr.c_str(), 0);
+    offset_ = CollectiveKernel::ReadInt(info, offset_attr.c_str(), 0);
   }
 
   OrtStatus* ComputeV2(OrtKernelContext* context) {
@@ -980,13 +981,14 @@ struct PrefetchKernel {
 };
 
 struct PrefetchOp : Ort::CustomOpBase<PrefetchOp, PrefetchKernel, true> {
-  explicit PrefetchOp(std::string name) : name_(std::move(name)) {
+  PrefetchOp(std::string name, std::string max_size_attr, std::string offset_attr)
+      : name_(std::move(name)), max_size_attr_(std::move(max_size_attr)), offset_attr_(std::move(offset_attr)) {
     OrtCustomOp::InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* ctx) -> OrtStatusPtr {
       return CopyTypeShape(ctx, 1, false, 0, 1);
     };
   }
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    *kernel = new PrefetchKernel(info);
+    *kernel = new PrefetchKernel(info, max_size_attr_, offset_attr_);
     return nullptr;
   }
   const char* GetName() const { return name_.c_str(); }
@@ -996,6 +998,8 @@ struct PrefetchOp : Ort::CustomOpBase<PrefetchOp, PrefetchKernel, true> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
 
   std::string name_;
+  std::string max_size_attr_;
+  std::string offset_attr_;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -1034,6 +1038,9 @@ OrtStatus* Register(OrtSessionOptions* options) {
   std::string domain, op, rank_s, world_s, group, timeout_s;
   if (OrtStatus* st = ConfigEntry(options, "preserve.prefetch_domain", "preserve", &domain)) return st;
   if (OrtStatus* st = ConfigEntry(options, "preserve.prefetch_op", "Prefetch", &op)) return st;
+  std::string max_size_attr, offset_attr;
+  if (OrtStatus* st = ConfigEntry(options, "preserve.prefetch_attr_max_size", "max_size", &max_size_attr)) return st;
+  if (OrtStatus* st = ConfigEntry(options, "preserve.prefetch_attr_offset", "offset", &offset_attr)) return st;
   if (OrtStatus* st = ConfigEntry(options, "preserve.rank", "0", &rank_s)) return st;
   if (OrtStatus* st = ConfigEntry(options, "preserve.world_size", "1", &world_s)) return st;
   if (OrtStatus* st = ConfigEntry(options, "preserve.group", "default", &group)) return st;
@@ -1079,7 +1086,7 @@ OrtStatus* Register(OrtSessionOptions* options) {
 
   // One domain object per distinct name: the Prefetch domain may be com.microsoft itself.
   std::map<std::string, std::vector<OrtCustomOp*>> by_domain;
-  by_domain[domain].push_back(new PrefetchOp(op));
+  by_domain[domain].push_back(new PrefetchOp(op, max_size_attr, offset_attr));
   by_domain["com.microsoft"].push_back(new CollectiveOp(Kind::kAllReduce, cfg));
   by_domain["com.microsoft"].push_back(new CollectiveOp(Kind::kAllGather, cfg));
   for (auto& entry : by_domain) {
