@@ -191,7 +191,21 @@ def atomic_path(dest: Path) -> Iterator[Path]:
 
 
 def write_bytes_atomic(dest: Path, data: bytes) -> None:
-    """Write ``data`` to ``dest`` through a temporary file and a rename (fsync'd)."""
+    """Write ``data`` to ``dest`` through a temporary file and a rename (fsync'd).
+
+    A destination that exists and is not a regular file (``/dev/null``, a FIFO) is written through:
+    renaming onto it would replace the device node itself.
+    """
+    dest = Path(dest)
+    if dest.exists() and not dest.is_file():
+        try:
+            with open(dest, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            raise PreserveError(f"cannot write {dest}: {exc.strerror}") from None
+        return
+    if not dest.parent.is_dir():
+        raise PreserveError(f"cannot write {dest}: folder {dest.parent} does not exist")
     try:
         with atomic_path(dest) as tmp:
             with open(tmp, "wb") as f:

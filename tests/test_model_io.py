@@ -148,3 +148,22 @@ def test_rank_gap_and_empty_directory_are_refused(tmp_path):
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(PreserveError, match="rank 1 is missing from model_00.onnx, model_02.onnx"):
         find_rank_sets(tmp_path)
+
+
+def test_writing_to_dev_null_keeps_the_device(tmp_path):
+    import stat
+
+    from preserve_onnx.model_io import write_bytes_atomic
+
+    write_bytes_atomic("/dev/null", b"report")  # e.g. --report /dev/null
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    import threading
+
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()))
+    reader.start()
+    write_bytes_atomic(fifo, b"through the pipe")
+    reader.join(5)
+    assert got == [b"through the pipe"] and stat.S_ISFIFO(os.stat(fifo).st_mode)

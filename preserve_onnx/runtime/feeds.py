@@ -12,11 +12,11 @@ extra key ``__dtypes__`` so that they survive the round trip.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
 import re
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
@@ -26,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from preserve_onnx.errors import PreserveError
+from preserve_onnx.model_io import write_bytes_atomic
 from preserve_onnx.runtime.session import RankSession, TensorMeta, _meta
 
 SharedFeeds = dict[str, np.ndarray]
@@ -259,15 +260,7 @@ def save_outputs(path: str | os.PathLike, outputs_per_rank: Sequence[Mapping[str
             arrays[key] = value
     if dtypes:
         arrays[_DTYPES_KEY] = np.array(json.dumps(dtypes, sort_keys=True))
-    directory = path.parent if str(path.parent) else pathlib.Path(".")
-    tmp_name = None
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-            tmp_name = tmp.name
-            np.savez(tmp, **arrays)
-        os.replace(tmp_name, path)
-    except OSError as exc:
-        if tmp_name and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise PreserveError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes_atomic(path, buffer.getvalue())
     return path
