@@ -59,6 +59,12 @@ $(VENV)/.mpi: $(VENV)/.installed
 test: setup $(if $(NO_MPI),,mpi)
 	$(PY) -m pytest -q
 
+# The property tests (tests/test_properties.py) with fresh seeds for FUZZ_MINUTES of wall clock;
+# prints the examples tried and every failure with its reproduction. `make test` runs them bounded.
+FUZZ_MINUTES ?= 10
+fuzz: setup
+	$(PY) -m tests.fuzz --minutes $(FUZZ_MINUTES)
+
 bench: setup $(if $(NO_MPI),,mpi)
 	$(PY) bench/run_bench.py
 

@@ -18,3 +18,18 @@ def sample_copy(tmp_path):
         return dest
 
     return make
+
+
+# Hypothesis profiles for tests/test_properties.py: "ci" (default; fixed seed, bounded so `make test`
+# stays fast) and "fuzz" (`make fuzz`: fresh seeds, many examples). Pick with --hypothesis-profile=NAME
+# or HYPOTHESIS_PROFILE=NAME.
+import os as _os
+
+from hypothesis import HealthCheck, settings
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=200,
+                          suppress_health_check=_SLOW_OK, print_blob=True)
+settings.register_profile("fuzz", database=None, deadline=None, max_examples=1_000_000,
+                          suppress_health_check=_SLOW_OK, print_blob=True)
+settings.load_profile(_os.environ.get("HYPOTHESIS_PROFILE", "ci"))

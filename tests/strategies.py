@@ -1,0 +1,551 @@
+"""Hypothesis strategies for the property tests: random tensor-parallel graphs, built from a plain spec.
+
+A strategy draws a :class:`ModelSpec` (a readable value that hypothesis prints and shrinks); :func:`build`
+turns it into the ModelProto of one rank (weight *values* depend on the rank, the graph does not) plus a
+:class:`Facts` record of what the graph is made of, written independently of the passes so that the
+tests can compute the expected plan (SPEC §2, §4) themselves.
+
+What the graphs contain (all float32 activations, stream ``[batch, 1, H]``):
+
+* layers of weight consumers of every kind in SPEC §2 that the CPU onnxruntime runs: MatMul with the
+  weight in input 1 or input 0, Gemm with B and C, MatMulNBits (4 bit, scales, zero points, bias),
+  com.microsoft Attention (fused QKV weights, bias, ``past``), MultiHeadAttention (bias, past_key,
+  past_value), GroupQueryAttention (past kv, cos/sin caches, head size 16) and the ONNX-domain
+  Attention of opset 23 (past_key, past_value);
+* collectives after any layer: AllReduce, and AllGather (axis -1 or 2, followed by a MatMul that
+  brings the width back), which bounds windows even when it is not a selected collective;
+* weights reaching their consumer through constant-only chains (DequantizeLinear of int8 with
+  per-tensor or per-axis scale and optional zero point, Cast from float16, Transpose, Reshape of a
+  flat initializer) or from a ``Constant`` node, with the chain's nodes scattered anywhere earlier in
+  the node list;
+* shared weights: a consumer may reuse a weight expression made for an earlier one (same or outer
+  graph), so one tensor is read in several windows and several times in one window;
+* ``If`` nodes whose branches hold layers and collectives and read outer-scope weights (or their own
+  initializers) and main-graph KV-cache inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+MS = "com.microsoft"
+PAST = 3  # past sequence length fed to the runtime
+BATCH = 2  # batch fed to the runtime
+GQA_HEAD = 16  # GroupQueryAttention on CPU needs head_size % 16 == 0
+NBITS_BLOCK = 16
+ROPE_CACHE = 8  # rows of the cos/sin caches (>= PAST + 1)
+
+# The consumer table of SPEC §2, written out again here on purpose (not imported from the passes):
+# (domain, op_type) -> (weight slots, kv slots, (batch axis, sequence axis) of the KV inputs).
+CONSUMERS = {
+    ("", "MatMul"): ((0, 1), (), None),
+    ("", "Gemm"): ((1, 2), (), None),
+    (MS, "MatMulNBits"): ((1, 2, 3, 5), (), None),
+    (MS, "Attention"): ((1, 2), (4,), (1, 3)),
+    (MS, "MultiHeadAttention"): ((3,), (6, 7), (0, 2)),
+    (MS, "GroupQueryAttention"): ((7, 8), (3, 4), (0, 2)),
+    ("", "Attention"): ((), (4, 5), (0, 2)),
+}
+
+BLOCK_KINDS = ("mm", "mm0", "gemm", "nbits", "msattn", "mha", "gqa", "attn23", "none")
+
+
+# --------------------------------------------------------------------------------------------- spec
+
+
+class ShortRepr:
+    """A repr with only the fields that differ from their defaults, so failing examples read short."""
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.default is dataclasses.MISSING or value != f.default:
+                parts.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # hypothesis' pretty printer
+        printer.text(repr(self))
+
+
+@dataclass(frozen=True, repr=False)
+class WeightSpec(ShortRepr):
+    """How one float weight reaches its consumer.
+
+    base: ``f32`` (initializer as is), ``f16`` (float16 initializer -> Cast), ``int8`` (int8
+    initializer -> DequantizeLinear), ``const`` (a Constant node: never a prefetch target).
+    transpose / reshape: the initializer is stored transposed / flat and brought back by Transpose /
+    Reshape (both: stored flat-transposed, Reshape then Transpose).
+    share: 0 makes a fresh weight; k > 0 reuses the (k-1)-th visible weight expression of the same
+    shape, when there is one.
+    local: inside an If branch, store the initializer in the branch rather than the main graph.
+    """
+
+    base: str = "f32"
+    transpose: bool = False
+    reshape: bool = False
+    zero_point: bool = False
+    per_axis: bool = False
+    share: int = 0
+    local: bool = False
+
+
+@dataclass(frozen=True, repr=False)
+class Block(ShortRepr):
+    """One layer: a weight consumer (or none) followed by an optional collective."""
+
+    kind: str
+    weights: tuple[WeightSpec, ...] = ()
+    flags: tuple[bool, ...] = (False, False, False)
+    heads: int = 1
+    kv_share: int = 0  # k > 0: reuse an earlier KV-cache input of the same shape
+    collective: str = ""  # "", "AllReduce", "AllGather"
+    gather_axis: int = -1
+    gather_weight: WeightSpec = WeightSpec()
+
+
+@dataclass(frozen=True, repr=False)
+class IfBlock(ShortRepr):
+    then_branch: tuple[Block, ...]
+    else_branch: tuple[Block, ...]
+    collective: str = ""
+
+
+@dataclass(frozen=True, repr=False)
+class ModelSpec(ShortRepr):
+    hidden: int
+    layers: tuple
+    placement_seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------- facts
+
+
+@dataclass
+class Facts:
+    """What the built graph is made of, recorded while building (no pass code involved).
+
+    exprs: tensor name -> root initializers it is computed from by constant-only operators, each with
+        its role: ``target`` (a weight to prefetch), ``dq_weight`` (quantized weight of a
+        DequantizeLinear: a target only with ``qdq_weights``), ``dq_scale`` (never a target). Constant
+        node outputs map to an empty list.
+    init_bytes: initializer name -> bytes (from the numpy array).
+    kv_inputs: main-graph KV-cache input -> its shape (symbols ``batch`` and ``past``).
+    collectives: collective node name -> its original input.
+    opset: default-domain opset of the model.
+    """
+
+    exprs: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    init_bytes: dict[str, int] = field(default_factory=dict)
+    kv_inputs: dict[str, tuple] = field(default_factory=dict)
+    collectives: dict[str, str] = field(default_factory=dict)
+    has_gqa: bool = False
+    has_if: bool = False
+    opset: int = 17
+
+
+# ------------------------------------------------------------------------------------------ builder
+
+
+class _Graph:
+    """One graph under construction (the main graph or an If branch)."""
+
+    def __init__(self, parent: "_Graph | None"):
+        self.parent = parent
+        self.nodes: list[onnx.NodeProto] = []
+        self.chain: set[int] = set()  # ids of constant-chain nodes (scattered later)
+        self.inits: list[TensorProto] = []
+        self.pool: list[tuple[tuple, str]] = []  # (shape, expression name) visible from here
+
+    def visible_pool(self) -> list[tuple[tuple, str]]:
+        out = self.parent.visible_pool() if self.parent else []
+        return out + self.pool
+
+
+class _Builder:
+    def __init__(self, spec: ModelSpec, rank: int):
+        self.spec = spec
+        self.rank = rank
+        self.H = spec.hidden
+        self.facts = Facts()
+        self.counter = 0
+        self.main = _Graph(None)
+        self.inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, self.H])]
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.kv_pool: list[tuple[tuple, tuple[str, ...]]] = []
+        self.shape_inits: dict[tuple, str] = {}
+
+    # -- names and values ------------------------------------------------------------------------
+    def name(self, stem: str) -> str:
+        self.counter += 1
+        return f"{stem}_{self.counter}"
+
+    def values(self, shape, dtype, scale=1.0) -> np.ndarray:
+        # Values depend on the rank and the tensor's position, never on the structure drawn later.
+        rng = np.random.default_rng([self.rank, self.counter, len(shape)])
+        if np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            return rng.integers(max(info.min, -100), min(info.max, 100) + 1, size=shape).astype(dtype)
+        return (rng.standard_normal(shape) * scale).astype(dtype)
+
+    def init(self, g: _Graph, stem: str, array: np.ndarray, local: bool = False) -> str:
+        name = self.name(stem)
+        target = g if local else self.main
+        target.inits.append(numpy_helper.from_array(array, name))
+        self.facts.init_bytes[name] = array.nbytes
+        return name
+
+    def node(self, g: _Graph, op, inputs, outputs, *, domain="", chain=False, **attrs) -> onnx.NodeProto:
+        n = helper.make_node(op, list(inputs), list(outputs), name=self.name(f"{op}"), domain=domain, **attrs)
+        g.nodes.append(n)
+        if chain:
+            g.chain.add(id(n))
+        return n
+
+    def shape_init(self, shape: tuple) -> str:
+        if shape not in self.shape_inits:
+            self.shape_inits[shape] = self.init(self.main, "shape", np.array(shape, dtype=np.int64))
+        return self.shape_inits[shape]
+
+    # -- weights ---------------------------------------------------------------------------------
+    def weight(self, g: _Graph, ws: WeightSpec, shape: tuple, scale: float) -> str:
+        """A float32 tensor of ``shape`` that is constant: an initializer or a constant-only chain."""
+        if ws.share:
+            compatible = [name for s, name in g.visible_pool() if s == shape]
+            if compatible:
+                return compatible[(ws.share - 1) % len(compatible)]
+        # onnxruntime 1.32 cannot load a DequantizeLinear(int8 outer-scope initializer) -> MatMul inside a
+        # subgraph ("TransposeDQWeightsForMatMulNBits Missing required weight"), so in branches int8
+        # weights live in the branch.
+        local = (ws.local or ws.base == "int8") and g is not self.main
+        if ws.base == "const":
+            out = self.name("const")
+            self.node(g, "Constant", [], [out], chain=True,
+                      value=numpy_helper.from_array(self.values(shape, np.float32, scale), out + "_value"))
+            self.facts.exprs[out] = []
+            g.pool.append((shape, out))
+            return out
+        stored = tuple(reversed(shape)) if ws.transpose and len(shape) == 2 else shape
+        flat = ws.reshape
+        store_shape = (int(np.prod(stored)),) if flat else stored
+        if flat and len(stored) == 1:
+            store_shape = (1, stored[0])  # a 1-D weight is stored as a row and reshaped back
+        roots: list[tuple[str, str]] = []
+        if ws.base == "int8":
+            q = self.init(g, "wq", self.values(store_shape, np.int8), local)
+            per_axis = ws.per_axis and len(store_shape) == 2
+            axis = 0
+            scale_arr = (np.abs(self.values((store_shape[axis],), np.float32)) + 0.5) * scale / 50 \
+                if per_axis \
+                else np.array(scale / 50, dtype=np.float32)
+            s = self.init(g, "wscale", scale_arr.astype(np.float32), local)
+            ins = [q, s]
+            roots = [(q, "dq_weight")]
+            if ws.zero_point:
+                zp_shape = scale_arr.shape
+                zp = self.init(g, "wzp", self.values(zp_shape, np.int8) // 10, local)
+                ins.append(zp)
+                roots.append((zp, "target"))
+            cur = self.name("dq")
+            attrs = {"axis": axis} if per_axis else {}
+            self.node(g, "DequantizeLinear", ins, [cur], chain=True, **attrs)
+        elif ws.base == "f16":
+            w = self.init(g, "wh", self.values(store_shape, np.float16, scale), local)
+            roots = [(w, "target")]
+            cur = self.name("cast")
+            self.node(g, "Cast", [w], [cur], chain=True, to=TensorProto.FLOAT)
+        else:
+            cur = self.init(g, "w", self.values(store_shape, np.float32, scale), local)
+            roots = [(cur, "target")]
+        self.facts.exprs[cur] = list(roots)
+        if flat:
+            nxt = self.name("reshape")
+            self.node(g, "Reshape", [cur, self.shape_init(stored)], [nxt], chain=True)
+            cur = nxt
+            self.facts.exprs[cur] = list(roots)
+        if stored != shape:
+            nxt = self.name("transpose")
+            self.node(g, "Transpose", [cur], [nxt], chain=True, perm=[1, 0])
+            cur = nxt
+            self.facts.exprs[cur] = list(roots)
+        g.pool.append((shape, cur))
+        return cur
+
+    def plain(self, g: _Graph, stem: str, array: np.ndarray) -> str:
+        name = self.init(g, stem, array)
+        self.facts.exprs[name] = [(name, "target")]
+        return name
+
+    def kv(self, stem: str, shape: tuple, share: int) -> tuple[str, ...]:
+        """Main-graph KV-cache input(s) of ``shape`` (symbols 'batch' and 'past')."""
+        if share:
+            compatible = [names for s, names in self.kv_pool if s == shape]
+            if compatible:
+                return compatible[(share - 1) % len(compatible)]
+        names = []
+        for part in ("key", "value"):
+            name = self.name(f"past_key_values.{stem}.{part}")
+            self.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape)))
+            self.facts.kv_inputs[name] = shape
+            names.append(name)
+        names = tuple(names)
+        self.kv_pool.append((shape, names))
+        return names
+
+    def present(self, g: _Graph, names: list[str], shape: list) -> None:
+        if g is self.main:
+            self.outputs.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in names)
+
+    # -- layers ----------------------------------------------------------------------------------
+    def block(self, g: _Graph, b: Block, h: str) -> str:
+        H = self.H
+        sc = 1.0 / np.sqrt(H)
+        ws = list(b.weights) + [WeightSpec()] * 6
+        if b.kind == "mm":
+            out = self.name("mm")
+            self.node(g, "MatMul", [h, self.weight(g, ws[0], (H, H), sc)], [out])
+            h = out
+        elif b.kind == "mm0":
+            t, m, out = self.name("t"), self.name("mm0"), self.name("tb")
+            self.node(g, "Transpose", [h], [t], perm=[0, 2, 1])
+            self.node(g, "MatMul", [self.weight(g, ws[0], (H, H), sc), t], [m])
+            self.node(g, "Transpose", [m], [out], perm=[0, 2, 1])
+            h = out
+        elif b.kind == "gemm":
+            flat, gm, out = self.name("flat"), self.name("gemm"), self.name("unflat")
+            self.node(g, "Reshape", [h, self.shape_init((-1, H))], [flat])
+            ins = [flat, self.weight(g, ws[0], (H, H), sc)]
+            if b.flags[1]:
+                ins.append(self.weight(g, ws[1], (H,), 1.0))
+            self.node(g, "Gemm", ins, [gm], transB=int(b.flags[0]), alpha=1.0, beta=1.0)
+            self.node(g, "Reshape", [gm, self.shape_init((-1, 1, H))], [out])
+            h = out
+        elif b.kind == "nbits":
+            blocks = H // NBITS_BLOCK
+            bq = self.plain(g, "nbits_b", self.values((H, blocks, NBITS_BLOCK // 2), np.uint8))
+            scales = self.weight(g, ws[0], (H * blocks,), 0.02)
+            ins = [h, bq, scales]
+            if b.flags[0]:
+                ins.append(self.plain(g, "nbits_zp", self.values((H * ((blocks + 1) // 2),), np.uint8)))
+            if b.flags[1]:
+                ins += [""] * (5 - len(ins)) + [self.weight(g, ws[1], (H,), 1.0)]
+            out = self.name("nbits")
+            self.node(g, "MatMulNBits", ins, [out], domain=MS, K=H, N=H, bits=4, block_size=NBITS_BLOCK)
+            h = out
+        elif b.kind == "msattn":
+            n = b.heads
+            past = self.kv("ms", (2, "batch", n, "past", H // n), b.kv_share)[0]
+            out, present = self.name("attn"), self.name("present")
+            w, bias = self.weight(g, ws[0], (H, 3 * H), sc), self.weight(g, ws[1], (3 * H,), 0.1)
+            self.node(g, "Attention", [h, w, bias, "", past], [out, present], domain=MS, num_heads=n,
+                      unidirectional=1)
+            self.present(g, [present], [2, "batch", n, "total", H // n])
+            h = out
+        elif b.kind == "mha":
+            n = b.heads
+            pk, pv = self.kv("mha", ("batch", n, "past", H // n), b.kv_share)
+            out, rk, rv = self.name("mha"), self.name("present_key"), self.name("present_value")
+            bias = self.weight(g, ws[0], (3 * H,), 0.1)
+            self.node(g, "MultiHeadAttention", [h, h, h, bias, "", "", pk, pv], [out, rk, rv], domain=MS,
+                      num_heads=n)
+            self.present(g, [rk, rv], ["batch", n, "total", H // n])
+            h = out
+        elif b.kind == "gqa":
+            self.facts.has_gqa = True
+            n = H // GQA_HEAD
+            kvn = 1 if b.flags[0] else n
+            pk, pv = self.kv("gqa", ("batch", kvn, "past", GQA_HEAD), b.kv_share)
+            q, k, v = self.name("q"), self.name("k"), self.name("v")
+            self.node(g, "MatMul", [h, self.weight(g, ws[0], (H, H), sc)], [q])
+            self.node(g, "MatMul", [h, self.weight(g, ws[1], (H, kvn * GQA_HEAD), sc)], [k])
+            self.node(g, "MatMul", [h, self.weight(g, ws[2], (H, kvn * GQA_HEAD), sc)], [v])
+            ins = [q, k, v, pk, pv, "seqlens_k", "total_sequence_length"]
+            rotary = b.flags[1]
+            if rotary:
+                ins += [self.weight(g, ws[3], (ROPE_CACHE, GQA_HEAD // 2), 1.0),
+                        self.weight(g, ws[4], (ROPE_CACHE, GQA_HEAD // 2), 1.0)]
+            out, rk, rv = self.name("gqa"), self.name("present_key"), self.name("present_value")
+            self.node(g, "GroupQueryAttention", ins, [out, rk, rv], domain=MS, num_heads=n, kv_num_heads=kvn,
+                      do_rotary=int(rotary))
+            self.present(g, [rk, rv], ["batch", kvn, "total", GQA_HEAD])
+            h = out
+        elif b.kind == "attn23":
+            self.facts.opset = 23
+            n = b.heads
+            pk, pv = self.kv("attn", ("batch", n, "past", H // n), b.kv_share)
+            out, rk, rv = self.name("attn23"), self.name("present_key"), self.name("present_value")
+            self.node(g, "Attention", [h, h, h, "", pk, pv], [out, rk, rv], q_num_heads=n, kv_num_heads=n)
+            self.present(g, [rk, rv], ["batch", n, "total", H // n])
+            h = out
+        # "none": no operator, so collectives follow each other (empty windows, anchors that are graph
+        # inputs or outer-scope tensors)
+        return self.collective(g, b.collective, h, b.gather_axis, b.gather_weight)
+
+    def collective(self, g: _Graph, kind: str, h: str, axis: int = -1, ws: WeightSpec = WeightSpec()) -> str:
+        if kind == "AllReduce":
+            out = self.name("reduced")
+            n = self.node(g, "AllReduce", [h], [out], domain=MS)
+            self.facts.collectives[n.name] = h
+            return out
+        if kind == "AllGather":
+            out, back = self.name("gathered"), self.name("mm_gather")
+            n = self.node(g, "AllGather", [h], [out], domain=MS, group_size=2, axis=axis)
+            self.facts.collectives[n.name] = h
+            w = self.weight(g, ws, (2 * self.H, self.H), 1.0 / np.sqrt(2 * self.H))
+            self.node(g, "MatMul", [out, w], [back])
+            return back
+        return h
+
+    def if_block(self, g: _Graph, b: IfBlock, h: str) -> str:
+        self.facts.has_if = True
+        if "cond" not in [vi.name for vi in self.inputs]:
+            self.inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+        branches = []
+        for layers in (b.then_branch, b.else_branch):
+            sub = _Graph(g)
+            cur = h
+            for layer in layers:
+                cur = self.layer(sub, layer, cur)
+            out = self.name("branch_out")
+            self.node(sub, "Identity", [cur], [out])
+            branches.append((sub, out))
+        out = self.name("if_out")
+        attrs = {}
+        for attr, (sub, bout) in zip(("then_branch", "else_branch"), branches):
+            _scatter(sub, self.spec.placement_seed + self.counter)
+            attrs[attr] = helper.make_graph(sub.nodes, self.name(attr), [],
+                                            [helper.make_tensor_value_info(bout, TensorProto.FLOAT,
+                                                                           ["batch", 1, self.H])],
+                                            sub.inits)
+        self.node(g, "If", ["cond"], [out], **attrs)
+        return self.collective(g, b.collective, out)
+
+    def layer(self, g: _Graph, layer, h: str) -> str:
+        return self.if_block(g, layer, h) if isinstance(layer, IfBlock) else self.block(g, layer, h)
+
+    def model(self) -> onnx.ModelProto:
+        h = "x"
+        for layer in self.spec.layers:
+            h = self.layer(self.main, layer, h)
+        self.node(self.main, "Identity", [h], ["y"])
+        if self.facts.has_gqa:
+            self.inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+                            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [1])]
+        _scatter(self.main, self.spec.placement_seed)
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1, self.H])] + self.outputs
+        graph = helper.make_graph(self.main.nodes, "prop", self.inputs, outputs, self.main.inits)
+        opset = self.facts.opset
+        return helper.make_model(graph, ir_version=9 if opset <= 21 else 11,
+                                 opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)])
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor a node reads, including names its subgraphs read from outer scopes."""
+    names = set(node.input)
+    for attr in node.attribute:
+        subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in subs:
+            for n in sub.node:
+                names |= _reads(n)
+    return names
+
+
+def _scatter(g: _Graph, seed: int) -> None:
+    """Move every constant-chain node to a random earlier place that keeps the list topological."""
+    rng = random.Random(seed)
+    nodes = g.nodes
+    for node in [n for n in nodes if id(n) in g.chain]:
+        i = next(k for k, n in enumerate(nodes) if n is node)
+        ins = set(node.input)
+        lo = max((k + 1 for k, n in enumerate(nodes[:i]) if ins & set(n.output)), default=0)
+        nodes.pop(i)
+        nodes.insert(rng.randint(lo, i), node)
+
+
+def build(spec: ModelSpec, rank: int = 0) -> tuple[onnx.ModelProto, Facts]:
+    """The rank's model for ``spec`` and what it is made of."""
+    b = _Builder(spec, rank)
+    model = b.model()
+    return model, b.facts
+
+
+# -------------------------------------------------------------------------------------- strategies
+
+
+@st.composite
+def weight_specs(draw, in_branch: bool = False) -> WeightSpec:
+    base = draw(st.sampled_from(("f32", "f32", "f16", "int8", "const")))
+    if base == "const":
+        return WeightSpec(base="const", share=draw(st.integers(0, 2)))
+    return WeightSpec(
+        base=base,
+        transpose=draw(st.booleans()),
+        reshape=draw(st.booleans()),
+        zero_point=base == "int8" and draw(st.booleans()),
+        per_axis=base == "int8" and draw(st.booleans()),
+        share=draw(st.sampled_from((0, 0, 1, 2, 3))),
+        local=in_branch and draw(st.booleans()),
+    )
+
+
+WEIGHT_COUNT = {"mm": 1, "mm0": 1, "gemm": 2, "nbits": 2, "msattn": 2, "mha": 1, "gqa": 5, "attn23": 0,
+                "none": 0}
+
+
+@st.composite
+def blocks(draw, hidden: int, in_branch: bool = False, kinds=BLOCK_KINDS) -> Block:
+    kind = draw(st.sampled_from(kinds))
+    weights = tuple(draw(weight_specs(in_branch)) for _ in range(WEIGHT_COUNT[kind]))
+    heads = draw(st.sampled_from([n for n in (1, 2, 4) if hidden % n == 0 and hidden // n >= 4]))
+    collective = draw(st.sampled_from(("", "AllReduce", "AllReduce", "AllGather")))
+    return Block(
+        kind=kind,
+        weights=weights,
+        flags=tuple(draw(st.booleans()) for _ in range(3)),
+        heads=heads,
+        kv_share=draw(st.sampled_from((0, 0, 1, 2))),
+        collective=collective,
+        gather_axis=draw(st.sampled_from((-1, 2))),
+        gather_weight=draw(weight_specs(in_branch)) if collective == "AllGather" else WeightSpec(),
+    )
+
+
+@st.composite
+def if_blocks(draw, hidden: int, depth: int) -> IfBlock:
+    """An If whose branches hold 0-3 layers (the then branch at least one), nested up to ``depth``."""
+    layer = blocks(hidden, True)
+    if depth > 1:
+        layer = st.one_of(layer, if_blocks(hidden, depth - 1))
+    then = tuple(draw(st.lists(layer, min_size=1, max_size=3)))
+    other = tuple(draw(st.lists(layer, min_size=0, max_size=3)))
+    return IfBlock(then, other, draw(st.sampled_from(("", "AllReduce"))))
+
+
+@st.composite
+def model_specs(draw, max_layers: int = 8, subgraphs: bool = True) -> ModelSpec:
+    hidden = draw(st.sampled_from((16, 32)))
+    n = draw(st.integers(1, max_layers))
+    layers = []
+    for _ in range(n):
+        if subgraphs and draw(st.integers(0, 5)) == 0:
+            layers.append(draw(if_blocks(hidden, depth=2)))
+        else:
+            layers.append(draw(blocks(hidden)))
+    # At least one AllReduce, so that there is something to plan.
+    if not any(_has_allreduce(layer) for layer in layers):
+        layers.append(dataclasses.replace(draw(blocks(hidden)), collective="AllReduce"))
+    return ModelSpec(hidden, tuple(layers), draw(st.integers(0, 2**16)))
+
+
+def _has_allreduce(layer) -> bool:
+    if isinstance(layer, IfBlock):
+        inner = layer.then_branch + layer.else_branch
+        return layer.collective == "AllReduce" or any(_has_allreduce(b) for b in inner)
+    return layer.collective == "AllReduce"
