@@ -52,7 +52,8 @@ class InsertPrefetchesPass(Pass):
         for wp in plan.windows:
             if wp.prefetches:
                 by_graph[wp.window.graph][wp.window.index] = wp
-        for path, graph in iter_graphs(out):
+        # Paths are taken before any edit, and inner graphs are edited before the graphs that hold them.
+        for path, graph in reversed(list(iter_graphs(out))):
             if path in by_graph:
                 _rewrite(graph, by_graph[path], self.config)
         _ensure_opset(out, naming.domain, naming.version)

@@ -49,7 +49,9 @@ class StripPrefetchesPass(Pass):
             return name
 
         removed = 0
-        for g in graphs:
+        # Innermost graphs first: rebuilding an outer node list copies its nodes, which would detach
+        # subgraphs not yet edited.
+        for g in reversed(graphs):
             for vi in g.output:
                 if vi.name in replaced:
                     raise PreserveError(f"Prefetch output '{vi.name}' is a graph output; cannot strip it")

@@ -38,16 +38,9 @@ from tests.strategies import BATCH, CONSUMERS, MS, PAST, Facts, ModelSpec, Short
 COLLECTIVE_OPS = ("AllReduce", "AllGather", "AllToAll")
 HARDWARE = load_profile(DEFAULT_PROFILE)
 
-# strip() misses Prefetch nodes in a subgraph when an enclosing graph had Prefetch nodes too (the
-# enclosing graph's node list is rebuilt first, which detaches the subgraphs already collected).
-# test_strip_removes_prefetches_in_subgraphs_below_a_graph_with_prefetches is the minimal case, marked
-# xfail(strict=True); when the fix lands, it passes (XPASS fails the suite): remove its marker and this
-# flag.
-KNOWN_BUG_STRIP_NESTED = True
 
 # Examples tried by this process (the fuzz driver prints them).
 COUNTS = {"structure": 0, "runtime": 0}
-KNOWN_BUG_HITS = {"strip-nested": 0}
 
 
 # ------------------------------------------------------------------------------------- strategies
@@ -308,17 +301,11 @@ def test_optimize_plans_and_rewrites_per_spec(spec: ModelSpec, cs: ConfigSpec):
     assert _checker_ok(model) is None, "the generator made a model the onnx checker rejects"
     assert _checker_ok(optimized) is None
     check_prefetches(model, optimized, facts, plan, config)
-    stripped = strip(optimized).SerializeToString()
     assert reference_strip(optimized).SerializeToString() == before
-    known_bug = KNOWN_BUG_STRIP_NESTED and stripped != before
-    if known_bug:
-        KNOWN_BUG_HITS["strip-nested"] += 1
-        note("known bug: strip leaves Prefetch nodes in subgraphs; replan check skipped")
-    else:
-        assert stripped == before
+    assert strip(optimized).SerializeToString() == before
     again, _ = optimize(model, config, ranks=2)
     assert again.SerializeToString() == optimized.SerializeToString(), "optimize is not deterministic"
-    if plan.prefetch_count and not known_bug:
+    if plan.prefetch_count:
         with pytest.raises(PreserveError, match="replan"):
             optimize(optimized, config, ranks=2)
         replanned, _ = optimize(optimized, dataclasses.replace(config, replan=True), ranks=2)
@@ -372,9 +359,6 @@ def test_optimized_ranks_run_bit_identical(spec: ModelSpec, cs: ConfigSpec, cond
 # ---------------------------------------------------------------------------------- minimal repros
 
 
-@pytest.mark.xfail(strict=True, reason="bug: StripPrefetchesPass.run rebuilds an enclosing graph's node "
-                   "list (del g.node[:] + extend) before it strips the subgraphs it collected beforehand, so "
-                   "their Prefetch nodes survive in detached copies (passes/strip_prefetches.py)")
 def test_strip_removes_prefetches_in_subgraphs_below_a_graph_with_prefetches():
     from tests.builders import G
 

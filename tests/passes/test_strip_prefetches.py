@@ -36,3 +36,30 @@ def test_prefetch_feeding_a_graph_output_is_refused():
     g.output("y")
     with pytest.raises(PreserveError, match="Prefetch output 'y' is a graph output"):
         StripPrefetchesPass()(g.model())
+
+
+def test_strip_reaches_subgraphs_below_a_graph_that_also_had_prefetches():
+    """Found by the property tests: rebuilding the outer node list first detached the If branch."""
+    from onnx import TensorProto
+
+    then = G("then")
+    then.allreduce("h0", "a1", name="ar1")
+    then.node("MatMul", ["a1", "w1"], ["y_then"], name="mm1")
+    then.output("y_then")
+    other = G("else")
+    other.node("Identity", ["h0"], ["y_else"], name="id")
+    other.output("y_else")
+    g = G()
+    g.input("x", ["batch", 8])
+    g.input("cond", [], TensorProto.BOOL)
+    g.weight("w1", (8, 8))
+    g.allreduce("x", "a0", name="ar0")
+    g.node("MatMul", ["a0", g.weight("w0", (8, 8))], ["h0"], name="mm0")
+    g.node("If", ["cond"], ["y"], name="if", then_branch=then.graph(), else_branch=other.graph())
+    g.output("y")
+    m = g.model()
+    optimized = InsertPrefetchesPass(OptimizeConfig(budget=1 << 20))(m).model
+    assert sum(n.op_type == "Prefetch" for n in optimized.graph.node) == 1
+    then_g = next(a.g for a in optimized.graph.node[-1].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then_g.node] == ["Prefetch", "AllReduce", "MatMul"]
+    assert StripPrefetchesPass()(optimized).model.SerializeToString() == m.SerializeToString()
