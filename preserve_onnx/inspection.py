@@ -20,8 +20,7 @@ import onnx
 from onnx import helper
 
 from preserve_onnx.config import OptimizeConfig, PrefetchNaming
-from preserve_onnx.model_io import load_model, sibling_rank_count
-from preserve_onnx.optimizer import RankOutcome, map_path
+from preserve_onnx.optimizer import RankOutcome, map_path, resolve_model
 from preserve_onnx.passes import Plan, StripPrefetchesPass, Window, build_windows, plan_prefetches
 from preserve_onnx.passes._graph import iter_scopes
 
@@ -65,13 +64,7 @@ def inspect(model: onnx.ModelProto | str | Path, config: OptimizeConfig | None =
     """
     config = config or OptimizeConfig()
     start = time.perf_counter()
-    source = None
-    if isinstance(model, (str, Path)):
-        source = Path(model)
-        if ranks is None and config.ranks is None:
-            ranks = sibling_rank_count(source)
-        model = load_model(source)
-    ranks = ranks or config.ranks or 1
+    model, source, ranks = resolve_model(model, config, ranks)
     existing = _existing_prefetches(model, config.naming)
     if existing:
         # Plan what --replan would: the Prefetch nodes hide each collective's original input.

@@ -72,15 +72,22 @@ def optimize(model: onnx.ModelProto | str | Path, config: OptimizeConfig | None 
     return out, outcome.plan
 
 
-def _optimize_loaded(model, config: OptimizeConfig, ranks: int | None):
-    start = time.perf_counter()
+def resolve_model(model: onnx.ModelProto | str | Path, config: OptimizeConfig,
+                  ranks: int | None) -> tuple[onnx.ModelProto, Path | None, int]:
+    """``(model, source path or None, ranks)``: loads a path (never its weights) and settles the rank
+    count: ``ranks``, else ``config.ranks``, else the number of sibling rank files of a path, else 1."""
     source = None
     if isinstance(model, (str, Path)):
         source = Path(model)
         if ranks is None and config.ranks is None:
             ranks = sibling_rank_count(source)
         model = load_model(source)
-    ranks = ranks or config.ranks or 1
+    return model, source, ranks or config.ranks or 1
+
+
+def _optimize_loaded(model, config: OptimizeConfig, ranks: int | None):
+    start = time.perf_counter()
+    model, source, ranks = resolve_model(model, config, ranks)
     _check_disabled(config)
     result = build_pipeline(config, model, ranks)(model)
     plan = result.stats("insert-prefetches")

@@ -51,7 +51,7 @@ from preserve_onnx.runtime.session import (
     _native,
     _opt_level,
     _to_ortvalue,
-    library_path,
+    session_options,
 )
 
 INSTALL_HINT = ("the mpi backend needs mpi4py and an MPI library: `make mpi` (Open MPI from the distribution's "
@@ -301,23 +301,10 @@ class MpiRankSession(RankSession):
         self._timeout_s = float(timeout_s)
         self._group = ctx.group
         self._run_lock = threading.Lock()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = _opt_level(opt_level)
-        options.intra_op_num_threads = intra_op_threads or max(1, (os.cpu_count() or 1) // ctx.local_size)
-        options.log_severity_level = 4
-        for key, value in (
-            ("preserve.rank", ctx.rank),
-            ("preserve.world_size", ctx.size),
-            ("preserve.group", ctx.group),
-            ("preserve.transport", "mpi"),
-            ("preserve.timeout_ms", max(1, round(self._timeout_s * 1000))),
-            ("preserve.prefetch_domain", prefetch_domain),
-            ("preserve.prefetch_op", prefetch_op),
-            ("preserve.prefetch_attr_max_size", prefetch_attrs[0]),
-            ("preserve.prefetch_attr_offset", prefetch_attrs[1]),
-        ):
-            options.add_session_config_entry(key, str(value))
-        options.register_custom_ops_library(str(library_path()))
+        options = session_options(
+            rank=ctx.rank, world=ctx.size, group=ctx.group, level=_opt_level(opt_level),
+            threads=intra_op_threads or max(1, (os.cpu_count() or 1) // ctx.local_size),
+            timeout_s=self._timeout_s, prefetch=(prefetch_domain, prefetch_op, *prefetch_attrs), transport="mpi")
         model = models[ctx.rank]
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
         try:

@@ -191,6 +191,36 @@ def _from_ortvalue(value: ort.OrtValue, meta: TensorMeta) -> np.ndarray:
     return np.array(value.numpy(), copy=True)
 
 
+def session_options(*, rank: int, world: int, group: str, level: ort.GraphOptimizationLevel, threads: int,
+                    timeout_s: float, prefetch: tuple[str, str, str, str], transport: str = "threads",
+                    ) -> ort.SessionOptions:
+    """Options for one rank's session with the custom-op library registered.
+
+    ``prefetch`` is (domain, op type, max_size attribute, offset attribute). The library reads the
+    ``preserve.*`` entries while it registers, so they are set before it is loaded.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.intra_op_num_threads = threads
+    # Failures reach the caller as one PreserveError; onnxruntime's own log would repeat them.
+    options.log_severity_level = 4
+    domain, op, max_size_attr, offset_attr = prefetch
+    for key, value in (
+        ("preserve.rank", rank),
+        ("preserve.world_size", world),
+        ("preserve.group", group),
+        ("preserve.transport", transport),
+        ("preserve.timeout_ms", max(1, round(timeout_s * 1000))),
+        ("preserve.prefetch_domain", domain),
+        ("preserve.prefetch_op", op),
+        ("preserve.prefetch_attr_max_size", max_size_attr),
+        ("preserve.prefetch_attr_offset", offset_attr),
+    ):
+        options.add_session_config_entry(key, str(value))
+    options.register_custom_ops_library(str(library_path()))
+    return options
+
+
 class RankSession:
     """One onnxruntime session per rank, run concurrently on threads of this process.
 
@@ -235,7 +265,6 @@ class RankSession:
         if timeout_s <= 0:
             raise PreserveError(f"timeout_s must be positive, got {timeout_s}")
         self._lib = _native()
-        lib_path = str(library_path())
         self._world = len(models)
         self._timeout_s = float(timeout_s)
         self._group = f"preserve-{os.getpid()}-{next(_GROUP_COUNTER)}-{uuid.uuid4().hex[:8]}"
@@ -243,24 +272,9 @@ class RankSession:
         threads = intra_op_threads or max(1, (os.cpu_count() or 1) // self._world)
 
         def create(rank: int) -> ort.InferenceSession:
-            options = ort.SessionOptions()
-            options.graph_optimization_level = level
-            options.intra_op_num_threads = threads
-            # Failures reach the caller as one PreserveError; onnxruntime's own log would repeat them.
-            options.log_severity_level = 4
-            # The library reads these while it registers, so they must be set before it is loaded.
-            for key, value in (
-                ("preserve.rank", rank),
-                ("preserve.world_size", self._world),
-                ("preserve.group", self._group),
-                ("preserve.timeout_ms", max(1, round(self._timeout_s * 1000))),
-                ("preserve.prefetch_domain", prefetch_domain),
-                ("preserve.prefetch_op", prefetch_op),
-                ("preserve.prefetch_attr_max_size", prefetch_attrs[0]),
-                ("preserve.prefetch_attr_offset", prefetch_attrs[1]),
-            ):
-                options.add_session_config_entry(key, str(value))
-            options.register_custom_ops_library(lib_path)
+            options = session_options(rank=rank, world=self._world, group=self._group, level=level,
+                                      threads=threads, timeout_s=self._timeout_s, prefetch=(
+                                          prefetch_domain, prefetch_op, *prefetch_attrs))
             model = models[rank]
             source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
             try:
