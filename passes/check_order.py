@@ -29,7 +29,12 @@ def check_topological(graph: onnx.GraphProto, outer: frozenset[str] = frozenset(
             if name not in available:
                 raise PreserveError(_order_error(graph, outer, where, index, name))
         for attr in node.attribute:
-            subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+            if attr.type == AttributeProto.GRAPH:
+                subs = [attr.g]
+            elif attr.type == AttributeProto.GRAPHS:
+                subs = list(attr.graphs)
+            else:
+                continue
             for sub in subs:
                 check_topological(sub, frozenset(available), f"{where}{node.name or node.op_type}/")
         available.update(node.output)

@@ -755,7 +755,7 @@ def verify_sharding(log: list) -> int:
 
 def build_variant(out_dir: Path, cfg: Config, arch: str, dtype: str, world: int, seed: int,
                   quant: str | None = None, merged: bool = False, nbits_block: int = 32,
-                  align: int = 64) -> dict:
+                  align: int = 64, vocab_parallel: bool = False) -> dict:
     """Write out_dir/tp{world}/model_0r.onnx for every rank and out_dir/full/model.onnx (the twin).
 
     Data offsets are `align`-byte aligned. Raises AssertionError if a shard does not reassemble."""
@@ -770,7 +770,8 @@ def build_variant(out_dir: Path, cfg: Config, arch: str, dtype: str, world: int,
     for r in range(world):
         p = tp / f"model_{r:02d}.onnx"
         log += write_model(p, lambda sink, r=r: build_rank_model(cfg, src, arch, r, world, True, quant, merged,
-                                                                 sink=sink, nbits_block=nbits_block), align)
+                                                                 sink=sink, nbits_block=nbits_block,
+                                                                 vocab_parallel=vocab_parallel), align)
         written["ranks"].append(p)
     p = out_dir / "full" / "model.onnx"
     lg_full = write_model(p, lambda sink: build_rank_model(cfg, src, arch, 0, 1, False, quant, merged,
@@ -786,15 +787,18 @@ def build_variant(out_dir: Path, cfg: Config, arch: str, dtype: str, world: int,
 
 def build_llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
                 world: int, dtype: str, out_dir, seed: int = 0, *, quant: str | None = None,
-                merged: bool = False, max_seq: int = 2048, nbits_block: int = 32, align: int = 4096) -> dict:
+                merged: bool = False, max_seq: int = 2048, nbits_block: int = 32, align: int = 4096,
+                vocab_parallel: bool = False) -> dict:
     """Benchmark entry point: llama-style tp ranks + twin for arbitrary sizes.
 
     Writes out_dir/tp{world}/model_{r:02d}.onnx (+ .data) and out_dir/full/model.onnx (+ .data).
     quant: None (float MatMul), 'int4' (MatMulNBits) or 'qdq' (int8 DequantizeLinear -> MatMul);
-    merged: wrap the decoder in an If on `use_cache_branch`. Returns the written paths."""
+    merged: wrap the decoder in an If on `use_cache_branch`; vocab_parallel: split the LM head by vocabulary
+    and AllGather the logits (Megatron's parallel LM head). Returns the written paths."""
     cfg = Config(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
                  vocab=vocab, max_seq=max_seq)
-    return build_variant(Path(out_dir), cfg, "llama", dtype, world, seed, quant, merged, nbits_block, align)
+    return build_variant(Path(out_dir), cfg, "llama", dtype, world, seed, quant, merged, nbits_block, align,
+                         vocab_parallel)
 
 
 SAMPLE_CFG = Config()

@@ -956,9 +956,10 @@ struct PrefetchKernel {
     }
   }
 
-  // Cache hint only: reads nothing into any value and never writes X. A CPU cache holds a few MiB,
+  // Cache hint only: reads nothing into any value and never writes X. A CPU core's L2 holds a few
+  // hundred KiB (the hint must not evict what the running kernels use),
   // so hinting more than kMaxTouch bytes would only cost memory bandwidth.
-  static constexpr size_t kMaxTouch = size_t{2} << 20;
+  static constexpr size_t kMaxTouch = size_t{256} << 10;
 
   void Touch(Ort::KernelContext& ctx) const {
     if (ctx.GetInputCount() < 2) return;
