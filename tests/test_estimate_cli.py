@@ -134,10 +134,16 @@ def test_explore(big_dir, tmp_path):
 
 
 def test_explore_plot(tmp_path):
-    pytest.importorskip("matplotlib")
     r = cli("explore", SAMPLES / "llama-gqa" / "tp2", "--plot", tmp_path / "l2.png")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "l2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explore_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    r = cli("explore", SAMPLES / "llama-gqa" / "tp2", "--plot", tmp_path / "l2.png")
+    assert r.exit_code == 1 and "--plot needs matplotlib" in r.output
+    assert not (tmp_path / "l2.png").exists()
 
 
 @pytest.mark.parametrize("args, message", [
