@@ -69,3 +69,20 @@ def test_new_checker_complaint_is_refused_but_an_old_one_is_tolerated():
     base.CopyFrom(m)
     base.graph.node[0].op_type = "NoSuchOp"  # the input already had this complaint
     assert VerifyPrefetchesPass(base)(bad).stats.checker.startswith("same complaint as the input")
+
+
+def test_checker_is_not_masked_by_external_data_outside_the_current_directory(tmp_path, monkeypatch):
+    """With external weights, the checker used to stop at 'data file not found' (relative to the
+    current directory) on both sides, hiding any new complaint about the nodes."""
+    from preserve_onnx.model_io import load_model
+    from tests.conftest import SAMPLES
+
+    monkeypatch.chdir(tmp_path)  # the data files are not here
+    m = load_model(SAMPLES / "gpt-attention" / "tp2" / "model_00.onnx")
+    result = InsertPrefetchesPass(OptimizeConfig(budget=1 << 20))(m)
+    assert result.modified
+    out = result.model
+    assert VerifyPrefetchesPass(m)(out).stats.checker == "clean"
+    out.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(PreserveError, match="onnx checker: No Op registered for NoSuchOp"):
+        VerifyPrefetchesPass(m)(out)
