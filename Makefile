@@ -60,7 +60,7 @@ $(VENV)/.mpi: $(VENV)/.installed
 	touch $@
 
 test: setup $(if $(NO_MPI),,mpi)
-	$(PY) -m pytest -q
+	$(if $(NO_MPI),,PRESERVE_REQUIRE_MPI=1) $(PY) -m pytest -q
 
 # The property tests (tests/test_properties.py) with fresh seeds for FUZZ_MINUTES of wall clock;
 # prints the examples tried and every failure with its reproduction. `make test` runs them bounded.
