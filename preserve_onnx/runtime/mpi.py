@@ -433,8 +433,7 @@ def run_models_mpi(path: Path, *, against: Path | None = None, inputs: Path | No
     The comparison against ``against`` is merged over all ranks on every rank, so all exit alike.
     """
     from preserve_onnx.runtime.decode import run_steps
-    from preserve_onnx.runtime.feeds import generate_feeds, load_feeds
-    from preserve_onnx.runtime.runner import RunResult, rank_models
+    from preserve_onnx.runtime.runner import RunResult, decode, rank_models, session_kwargs
 
     start = time.perf_counter()
     models = rank_models(path)
@@ -451,14 +450,10 @@ def run_models_mpi(path: Path, *, against: Path | None = None, inputs: Path | No
         for rank, other in enumerate(seen):
             if other != args:
                 raise PreserveError(f"rank {rank} was started with other arguments than rank {ctx.rank}")
-        kw = dict(prefetch_domain=naming.domain, prefetch_op=naming.op_type,
-                  prefetch_attrs=(naming.max_size, naming.offset), opt_level=opt_level, timeout_s=timeout_s)
+        kw = session_kwargs(naming, opt_level, timeout_s)
         with MpiRankSession(list(models), comm=comm, **kw) as session:
-            if inputs is not None:
-                shared, per_rank = load_feeds(inputs)
-            else:
-                shared, per_rank = generate_feeds(session, batch=batch, context=context, seed=seed)
-            outputs = run_steps(session, shared, per_rank, steps)
+            shared, per_rank, outputs = decode(session, inputs, steps=steps, batch=batch, context=context,
+                                               seed=seed)
         comparison = None
         if against is not None:
             with MpiRankSession(list(originals), comm=comm, **kw) as original:

@@ -53,6 +53,22 @@ def rank_models(path: Path) -> tuple[Path, ...]:
     return sets[0].files
 
 
+def session_kwargs(naming: PrefetchNaming, opt_level: str, timeout_s: float) -> dict:
+    """The keyword arguments both backends' sessions take for one `run`."""
+    return dict(prefetch_domain=naming.domain, prefetch_op=naming.op_type,
+                prefetch_attrs=(naming.max_size, naming.offset), opt_level=opt_level, timeout_s=timeout_s)
+
+
+def decode(session, inputs: Path | None, *, steps: int, batch: int, context: int, seed: int):
+    """``(shared, per_rank, outputs)``: feeds from ``inputs`` (or generated), then ``steps`` decode
+    steps on ``session`` (a RankSession or an MpiRankSession)."""
+    if inputs is not None:
+        shared, per_rank = load_feeds(inputs)
+    else:
+        shared, per_rank = generate_feeds(session, batch=batch, context=context, seed=seed)
+    return shared, per_rank, run_steps(session, shared, per_rank, steps)
+
+
 def run_models(path: Path, *, against: Path | None = None, inputs: Path | None = None, steps: int = 1,
                batch: int = 1, context: int = DEFAULT_CONTEXT, seed: int = 0, opt_level: str = "all",
                naming: PrefetchNaming = PrefetchNaming(), timeout_s: float = 60,
@@ -74,15 +90,9 @@ def run_models(path: Path, *, against: Path | None = None, inputs: Path | None =
     originals: Sequence[Path] = rank_models(against) if against is not None else ()
     if against is not None and len(originals) != len(models):
         raise PreserveError(f"{path} has {len(models)} ranks but {against} has {len(originals)}")
-    kw = dict(prefetch_domain=naming.domain, prefetch_op=naming.op_type,
-              prefetch_attrs=(naming.max_size, naming.offset), opt_level=opt_level,
-              timeout_s=timeout_s)
+    kw = session_kwargs(naming, opt_level, timeout_s)
     with RankSession(list(models), **kw) as session:
-        if inputs is not None:
-            shared, per_rank = load_feeds(inputs)
-        else:
-            shared, per_rank = generate_feeds(session, batch=batch, context=context, seed=seed)
-        outputs = run_steps(session, shared, per_rank, steps)
+        shared, per_rank, outputs = decode(session, inputs, steps=steps, batch=batch, context=context, seed=seed)
     comparison = None
     if against is not None:
         with RankSession(list(originals), **kw) as original:
