@@ -73,3 +73,22 @@ def ops(graph: onnx.GraphProto) -> list[str]:
     for n in graph.node:
         out.append(f"{n.op_type}({n.input[1]})" if n.op_type == "Prefetch" else n.op_type)
     return out
+
+
+def if_model() -> onnx.ModelProto:
+    """An If whose two branches each AllReduce x and MatMul it with the outer weight w_outer."""
+    then = G("then")
+    then.allreduce("x", "a", name="ar_then")
+    then.node("MatMul", ["a", "w_outer"], ["y_then"], name="mm_then")
+    then.output("y_then")
+    other = G("else")
+    other.allreduce("x", "b", name="ar_else")
+    other.node("MatMul", ["b", "w_outer"], ["y_else"], name="mm_else")
+    other.output("y_else")
+    g = G()
+    g.input("x", ["batch", 8])
+    g.input("cond", [], TensorProto.BOOL)
+    g.weight("w_outer", (8, 8))
+    g.node("If", ["cond"], ["y"], name="if", then_branch=then.graph(), else_branch=other.graph())
+    g.output("y")
+    return g.model()

@@ -17,7 +17,7 @@ from preserve_onnx.errors import PreserveError
 from preserve_onnx.model_io import load_model
 from tests.builders import MS, G, two_layer_mlp
 from tests.conftest import SAMPLE_VARIANTS, SAMPLES
-from tests.passes.test_insert_prefetches import if_model
+from tests.builders import if_model
 
 runner = CliRunner()
 

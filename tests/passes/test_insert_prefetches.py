@@ -1,11 +1,10 @@
 import onnx
 import pytest
-from onnx import TensorProto
 
 from preserve_onnx.config import OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.passes import InsertPrefetchesPass
-from tests.builders import G, ops, two_layer_mlp
+from tests.builders import G, if_model, ops, two_layer_mlp
 
 
 def run(model, **kw):
@@ -70,24 +69,6 @@ def test_vendor_naming():
     assert (p.op_type, p.domain) == ("CmoPrefetch", "vendor.cmo")
     assert sorted(a.name for a in p.attribute) == ["collective", "offset", "size"]
     assert ("vendor.cmo", 2) in [(o.domain, o.version) for o in g.opset_import]
-
-
-def if_model():
-    then = G("then")
-    then.allreduce("x", "a", name="ar_then")
-    then.node("MatMul", ["a", "w_outer"], ["y_then"], name="mm_then")
-    then.output("y_then")
-    other = G("else")
-    other.allreduce("x", "b", name="ar_else")
-    other.node("MatMul", ["b", "w_outer"], ["y_else"], name="mm_else")
-    other.output("y_else")
-    g = G()
-    g.input("x", ["batch", 8])
-    g.input("cond", [], TensorProto.BOOL)
-    g.weight("w_outer", (8, 8))
-    g.node("If", ["cond"], ["y"], name="if", then_branch=then.graph(), else_branch=other.graph())
-    g.output("y")
-    return g.model()
 
 
 def test_collective_inside_if_branch_prefetches_outer_weight_inside_branch():

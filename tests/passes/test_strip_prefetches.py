@@ -3,8 +3,7 @@ import pytest
 from preserve_onnx.config import OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.passes import InsertPrefetchesPass, StripPrefetchesPass
-from tests.builders import G, two_layer_mlp
-from tests.passes.test_insert_prefetches import if_model
+from tests.builders import G, if_model, two_layer_mlp
 
 
 @pytest.mark.parametrize("make", [two_layer_mlp, if_model])
