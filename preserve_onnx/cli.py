@@ -11,6 +11,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from preserve_onnx.config import PREFETCH_ATTRIBUTES, OptimizeConfig, PrefetchNaming
@@ -39,17 +40,17 @@ def handle_errors(fn: Callable | None = None, *, error_code: int = 1) -> Callabl
         try:
             return fn(*args, **kwargs)
         except PreserveError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(error_code) from None
         except KeyboardInterrupt:
-            err.print("[red]interrupted[/red]: nothing was written", highlight=False)
+            err.print("[red]interrupted[/red]: nothing was written", highlight=False, soft_wrap=True)
             raise typer.Exit(error_code) from None
         except typer.Exit:
             raise
         except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
             if os.environ.get("PRESERVE_DEBUG"):
                 raise
-            err.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
+            err.print(f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))} "
                       f"(set PRESERVE_DEBUG=1 for a traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(error_code) from None
 
@@ -188,9 +189,9 @@ def optimize(
         render_outcomes(out, outcomes, verbose)
     count = sum(o.plan.prefetch_count for o in outcomes)
     total = sum(o.plan.prefetched_bytes for o in outcomes)
-    where = "dry run, nothing written" if dry_run else f"wrote {dest}"
+    where = "dry run, nothing written" if dry_run else f"wrote {escape(str(dest))}"
     out.print(f"[green]done[/green]: {len(outcomes)} model(s), {count} prefetches, {format_size(total)} "
-              f"planned; {where} in {time.perf_counter() - start:.2f} s", highlight=False)
+              f"planned; {where} in {time.perf_counter() - start:.2f} s", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -208,7 +209,7 @@ def strip(
     from preserve_onnx.optimizer import strip_path
 
     removed = strip_path(src, dest, _naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version), in_place=in_place)
-    out.print(f"[green]done[/green]: removed {removed} Prefetch nodes; wrote {dest}", highlight=False)
+    out.print(f"[green]done[/green]: removed {removed} Prefetch nodes; wrote {escape(str(dest))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -254,7 +255,7 @@ def inspect(
     collectives_found = sum(len(i.collectives) for i in inspections)
     out.print(f"[green]done[/green]: {len(inspections)} model(s), {collectives_found} collectives, {count} "
               f"prefetches, {format_size(total)} would be planned; nothing written "
-              f"in {time.perf_counter() - start:.2f} s", highlight=False)
+              f"in {time.perf_counter() - start:.2f} s", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -324,7 +325,7 @@ def list_hardware() -> None:
                       format_size(hw.max_prefetch_bytes) if hw.max_prefetch_bytes else "none")
     out.print(table)
     for hw in builtin_profiles().values():
-        out.print(f"[bold]{hw.name}[/bold]: {hw.description}", highlight=False)
+        out.print(f"[bold]{escape(hw.name)}[/bold]: {escape(hw.description)}", highlight=False, soft_wrap=True)
 
 
 SweepArgs = Annotated[Optional[list[str]], typer.Argument(
@@ -381,7 +382,7 @@ def estimate(
         best = max(points, key=lambda p: p.speedup)
         out.print(f"[green]done[/green]: {len(points)} points; best {best.speedup:.3f}x at batch {best.batch}, "
                   f"context {best.context}, {best.ranks} ranks in {time.perf_counter() - start:.2f} s",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
         return
     est = estimate_path(model, hw, config, ranks, config.budget)
     if trace is not None:
@@ -390,10 +391,10 @@ def estimate(
         print(json.dumps(estimate_dict(est), indent=2))
         return
     out.print(estimate_table(est, None if all_windows else 12))
-    out.print(estimate_summary(est), highlight=False)
-    where = f"; trace in {trace}" if trace is not None else ""
+    out.print(estimate_summary(est), highlight=False, soft_wrap=True)
+    where = f"; trace in {escape(str(trace))}" if trace is not None else ""
     out.print(f"[green]done[/green]: {len(est.windows)} windows estimated{where} in "
-              f"{time.perf_counter() - start:.2f} s", highlight=False)
+              f"{time.perf_counter() - start:.2f} s", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -434,9 +435,9 @@ def explore(
         print(json.dumps(exploration_dict(ex), indent=2))
         return
     out.print(explore_table(ex))
-    out.print(explore_summary(ex), highlight=False)
+    out.print(explore_summary(ex), highlight=False, soft_wrap=True)
     out.print(f"[green]done[/green]: {len(ex.points)} L2 sizes in {time.perf_counter() - start:.2f} s",
-              highlight=False)
+              highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -487,16 +488,16 @@ def run(
         out.print(table)
     c = result.comparison
     if c is None:
-        out.print(f"[green]done[/green]: ran {len(result.models)} rank(s) in {result.seconds:.2f} s", highlight=False)
+        out.print(f"[green]done[/green]: ran {len(result.models)} rank(s) in {result.seconds:.2f} s", highlight=False, soft_wrap=True)
         return
     count = sum(len(o) for o in result.outputs)
     if c.identical:
         out.print(f"[green]PASSED[/green]: {count} outputs on {len(result.models)} rank(s) bit-identical to "
-                  f"{against} after {steps} step(s) (max abs diff 0)", highlight=False)
+                  f"{escape(str(against))} after {steps} step(s) (max abs diff 0)", highlight=False, soft_wrap=True)
         return
     rank, name, diff = c.worst
-    out.print(f"[red]FAILED[/red]: {len(c.differing)} of {count} outputs differ from {against}; worst: rank "
-              f"{rank} '{name}', max abs diff {diff:g}", highlight=False)
+    out.print(f"[red]FAILED[/red]: {len(c.differing)} of {count} outputs differ from {escape(str(against))}; worst: rank "
+              f"{rank} '{escape(name)}', max abs diff {diff:g}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 

@@ -203,9 +203,9 @@ def render_diff(console: Console, diff: Diff) -> None:
             console.print(f"  [{_STYLE[e.status]}]{_MARK[e.status]} {e.kind}[/] {escape(e.name)}{where}: "
                           f"{escape(text)}", highlight=False, soft_wrap=True)
     for name in diff.only_a:
-        console.print(f"  [red]- model[/] {escape(name)}: only in {escape(diff.a)}", highlight=False)
+        console.print(f"  [red]- model[/] {escape(name)}: only in {escape(diff.a)}", highlight=False, soft_wrap=True)
     for name in diff.only_b:
-        console.print(f"  [green]+ model[/] {escape(name)}: only in {escape(diff.b)}", highlight=False)
+        console.print(f"  [green]+ model[/] {escape(name)}: only in {escape(diff.b)}", highlight=False, soft_wrap=True)
     style = "green" if diff.equal else "yellow"
     console.print(f"[{style}]{'equal' if diff.equal else 'different'}[/]: {escape(diff.a)} vs "
                   f"{escape(diff.b)}: {_headline(diff)}", highlight=False, soft_wrap=True)

@@ -7,6 +7,20 @@ SAMPLES = ROOT / "sample_models"
 SAMPLE_VARIANTS = sorted(p.name for p in SAMPLES.iterdir() if (p / "tp2").is_dir())
 
 
+@pytest.fixture(autouse=True)
+def console_width(monkeypatch):
+    """Pin the CLI's consoles to 120 columns, so table assertions do not depend on the terminal (or CI's
+    lack of one). Returns a setter for tests that check narrow terminals."""
+    from preserve_onnx import cli
+
+    def set_width(columns: int) -> None:
+        monkeypatch.setattr(cli.out, "_width", columns)
+        monkeypatch.setattr(cli.err, "_width", columns)
+
+    set_width(120)
+    return set_width
+
+
 @pytest.fixture
 def sample_copy(tmp_path):
     """Copy a sample variant's tp2 directory into tmp_path (tests never touch the committed files)."""

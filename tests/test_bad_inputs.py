@@ -50,6 +50,13 @@ def test_path_that_does_not_exist(work):
     fails_cleanly(["optimize", work / "nope", work / "out"], "no such file or directory", work)
 
 
+def test_long_bracketed_path_is_one_literal_line(work, console_width):
+    console_width(60)
+    missing = work / ("[bold]" + "y" * 150) / "model.onnx"
+    r = fails_cleanly(["optimize", missing, work / "out"], f"{missing}", work)
+    assert r.output.startswith("error: ") and "[bold]" in r.output
+
+
 def test_directory_without_rank_files(work):
     (work / "empty").mkdir()
     (work / "empty" / "config.json").write_text("{}")
