@@ -7,9 +7,11 @@
 // Ranks are threads of one process, one InferenceSession per rank. Each session's options carry the
 // config entries `preserve.rank`, `preserve.world_size`, `preserve.group` and `preserve.timeout_ms`;
 // RegisterCustomOps (called once per session's options) bakes them into that registration's op
-// instances. A process-global registry keyed by group implements the rendezvous: every rank publishes
-// pointers to its inputs, waits until all ranks have done so, computes its own output from all of
-// them, then waits at a barrier so that no input is released while another rank still reads it.
+// instances. A process-global registry keyed by group implements the rendezvous: every rank copies
+// its inputs into the group's buffers for the collective's parity (collective n uses set n % 2),
+// arrives, waits until all ranks have arrived, and computes its own output from all the copies. One
+// synchronisation per collective: a rank can only reach collective n+2, and overwrite set n % 2,
+// after every rank has arrived at n+1, that is after every rank has finished reading set n % 2.
 // Waits end with an error status on timeout or when the host calls `preserve_abort_group`.
 //
 // Prefetch's domain and op type come from `preserve.prefetch_domain` / `preserve.prefetch_op`
@@ -21,6 +23,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <csignal>
@@ -120,31 +123,44 @@ struct Contribution {
   std::vector<TensorRef> tensors;
 };
 
-// Before sleeping on the condition variable, poll for a few microseconds: in lock-step decoding the
-// other ranks usually arrive within that time, and a futex sleep/wake costs tens of microseconds per
-// collective (two per collective, dozens per step). Bounded, so oversubscribed runs lose little.
-template <typename Pred>
-void SpinBriefly(std::unique_lock<std::mutex>& lock, Pred done) {
-  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
-  while (!done() && std::chrono::steady_clock::now() < until) {
-    lock.unlock();
-    std::this_thread::yield();
-    lock.lock();
-  }
+// How a rank waits for the others: in lock-step decoding they usually arrive within microseconds, and
+// a futex sleep/wake costs tens of microseconds (dozens of collectives per step). So a waiter first
+// polls the generation counter, then polls while yielding its core to any other runnable thread
+// (ranks oversubscribing the CPU lose little), and only then sleeps on the condition variable.
+constexpr auto kSpin = std::chrono::microseconds(20);
+constexpr auto kYieldSpin = std::chrono::microseconds(2000);
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
 }
 
 struct Group {
-  explicit Group(int world_size) : world(world_size), slots(world_size) {}
-  std::mutex mu;
-  std::condition_variable cv;
+  explicit Group(int world_size) : world(world_size), entered(new std::atomic<uint64_t>[world_size]) {
+    for (int p = 0; p < 2; ++p) {
+      slots[p].resize(world_size);
+      data[p].resize(world_size);
+      arrived[p].store(0);
+    }
+    for (int r = 0; r < world_size; ++r) entered[r].store(0);
+  }
   const int world;
-  uint64_t generation = 0;  // number of completed collectives
-  int arrived = 0;
-  int departed = 0;
-  bool ready = false;  // all ranks arrived for the current generation
-  bool aborted = false;
+  std::atomic<uint64_t> generation{0};  // number of completed collectives
+  std::atomic<int> arrived[2];          // ranks arrived at the current collective of each parity
+  std::atomic<bool> aborted{false};
+  // Per rank, the number of collectives it has entered: only that rank's thread writes it while the
+  // group runs (the host resets it when no rank runs); others read it for the timeout message.
+  std::unique_ptr<std::atomic<uint64_t>[]> entered;
+  // Per parity and rank: the contribution (kind, node, shapes) and a copy of each input's bytes. Each
+  // rank writes only its own entries, before it arrives.
+  std::vector<Contribution> slots[2];
+  std::vector<std::vector<std::vector<char>>> data[2];
+  std::mutex mu;  // guards abort_reason and the sleep/wake handshake
+  std::condition_variable cv;
   std::string abort_reason;
-  std::vector<Contribution> slots;
 };
 
 std::mutex g_registry_mu;
@@ -167,11 +183,12 @@ struct RankConfig {
   bool mpi = false;  // preserve.transport = mpi: ranks are processes, exchanging through MPI
 };
 
-std::string RankList(const Group& g, bool want_present) {
+// The ranks that have not entered collective number `n` yet.
+std::string MissingRanks(const Group& g, uint64_t n) {
   std::ostringstream s;
   bool first = true;
   for (int r = 0; r < g.world; ++r) {
-    if (g.slots[r].present == want_present) {
+    if (g.entered[r].load(std::memory_order_relaxed) <= n) {
       s << (first ? "" : ", ") << r;
       first = false;
     }
@@ -570,51 +587,45 @@ struct CollectiveKernel {
 
     std::shared_ptr<Group> g = FindGroup(cfg_.group);
     if (!g) return Fail(Where() + ": rendezvous group is not registered");
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(cfg_.timeout_ms);
+    if (g->aborted.load(std::memory_order_acquire)) return Fail(Where() + ": group aborted: " + AbortReason(*g));
 
-    // Phase 1: publish this rank's inputs and wait until every rank has published.
-    std::unique_lock<std::mutex> lock(g->mu);
-    if (g->aborted) return Fail(Where() + ": group aborted: " + g->abort_reason);
-    const uint64_t my_generation = g->generation;
-    g->slots[cfg_.rank] = std::move(mine);
-    if (++g->arrived == g->world) {
-      g->ready = true;
-      g->cv.notify_all();
+    // Publish a copy of this rank's inputs in the set of this collective's parity, then arrive.
+    const uint64_t n = g->entered[cfg_.rank].load(std::memory_order_relaxed);
+    const int parity = static_cast<int>(n & 1);
+    auto& copies = g->data[parity][cfg_.rank];
+    copies.resize(mine.tensors.size());
+    for (size_t t = 0; t < mine.tensors.size(); ++t) {
+      TensorRef& ref = mine.tensors[t];
+      const size_t bytes = ref.count * ElementSize(ref.type);
+      copies[t].resize(bytes);
+      if (bytes) std::memcpy(copies[t].data(), ref.data, bytes);
+      ref.data = copies[t].data();
     }
-    SpinBriefly(lock, [&] { return g->ready || g->aborted; });
-    if (!g->cv.wait_until(lock, deadline, [&] { return g->ready || g->aborted; })) {
+    g->slots[parity][cfg_.rank] = std::move(mine);
+    g->entered[cfg_.rank].store(n + 1, std::memory_order_relaxed);
+    if (g->arrived[parity].fetch_add(1, std::memory_order_acq_rel) + 1 == g->world) {
+      // Last to arrive: this collective is complete. The counter of this parity is next used by
+      // collective n+2, which no rank can enter before every rank has arrived at n+1.
+      g->arrived[parity].store(0, std::memory_order_relaxed);
+      g->generation.store(n + 1, std::memory_order_release);
+      { std::lock_guard<std::mutex> wake(g->mu); }
+      g->cv.notify_all();
+    } else if (!WaitForOthers(*g, n)) {
       std::string msg = Where() + ": timed out after " + std::to_string(cfg_.timeout_ms) +
-                        " ms waiting for rank(s) " + RankList(*g, false) + " to enter the collective";
+                        " ms waiting for rank(s) " + MissingRanks(*g, n) + " to enter the collective";
+      std::lock_guard<std::mutex> lock(g->mu);
       Abort(*g, "rank " + std::to_string(cfg_.rank) + " timed out in " + KindName(kind_) + " '" + node_ + "'");
       return Fail(msg);
     }
-    if (g->aborted) return Fail(Where() + ": group aborted: " + g->abort_reason);
-    lock.unlock();
+    if (g->generation.load(std::memory_order_acquire) <= n) {
+      return Fail(Where() + ": group aborted: " + AbortReason(*g));
+    }
 
-    // Phase 2: compute this rank's output from every rank's inputs (all ranks compute the same bytes).
-    std::string problem = CheckContributions(g->slots);
+    // Compute this rank's output from every rank's copies (all ranks compute the same bytes).
+    const std::vector<Contribution>& slots = g->slots[parity];
+    std::string problem = CheckContributions(slots);
     if (problem.empty()) {
-      problem = Produce(ctx, g->slots);
-    }
-
-    // Phase 3: barrier, so that no rank releases an input another rank may still be reading.
-    lock.lock();
-    if (++g->departed == g->world) {
-      for (auto& slot : g->slots) slot = Contribution();
-      g->arrived = 0;
-      g->departed = 0;
-      g->ready = false;
-      ++g->generation;
-      g->cv.notify_all();
-    } else if (SpinBriefly(lock, [&] { return g->generation != my_generation || g->aborted; }),
-               !g->cv.wait_until(lock, deadline,
-                                 [&] { return g->generation != my_generation || g->aborted; })) {
-      Abort(*g, "rank " + std::to_string(cfg_.rank) + " timed out leaving " + KindName(kind_) + " '" + node_ + "'");
-      return Fail(Where() + ": timed out after " + std::to_string(cfg_.timeout_ms) +
-                  " ms waiting for the other ranks to finish reading the inputs");
-    }
-    if (g->aborted && g->generation == my_generation) {
-      return Fail(Where() + ": group aborted: " + g->abort_reason);
+      problem = Produce(ctx, slots);
     }
     if (!problem.empty()) return Fail(Where() + ": " + problem);
     return nullptr;
@@ -785,10 +796,37 @@ struct CollectiveKernel {
     return "stopped because rank " + std::to_string(g.failed_rank) + " failed: " + g.failure;
   }
 
+  // Waits until collective `n` is complete or the group is aborted (true), or the deadline passes
+  // (false).
+  bool WaitForOthers(Group& g, uint64_t n) const {
+    auto done = [&] {
+      return g.generation.load(std::memory_order_acquire) > n || g.aborted.load(std::memory_order_acquire);
+    };
+    const auto start = std::chrono::steady_clock::now();
+    while (!done()) {
+      const auto waited = std::chrono::steady_clock::now() - start;
+      if (waited < kSpin) {
+        for (int i = 0; i < 64; ++i) CpuRelax();
+      } else if (waited < kYieldSpin) {
+        std::this_thread::yield();
+      } else {
+        std::unique_lock<std::mutex> lock(g.mu);
+        return g.cv.wait_until(lock, start + std::chrono::milliseconds(cfg_.timeout_ms), done);
+      }
+    }
+    return true;
+  }
+
+  static std::string AbortReason(Group& g) {
+    std::lock_guard<std::mutex> lock(g.mu);
+    return g.abort_reason;
+  }
+
+  // Call with g.mu held.
   static void Abort(Group& g, const std::string& reason) {
-    if (!g.aborted) {
-      g.aborted = true;
+    if (!g.aborted.load(std::memory_order_relaxed)) {
       g.abort_reason = reason;
+      g.aborted.store(true, std::memory_order_release);
     }
     g.cv.notify_all();
   }
@@ -1149,13 +1187,16 @@ __attribute__((visibility("default"))) int preserve_reset_group(const char* grou
   std::shared_ptr<Group> g = FindGroup(group ? group : "");
   if (!g) return 1;
   std::lock_guard<std::mutex> lock(g->mu);
-  for (auto& slot : g->slots) slot = Contribution();
-  g->arrived = 0;
-  g->departed = 0;
-  g->ready = false;
-  g->aborted = false;
+  // Ranks may have stopped at different collectives: start every rank at the next parity-0 collective.
+  const uint64_t next = (g->generation.load() + 2) & ~uint64_t{1};
+  for (int p = 0; p < 2; ++p) {
+    for (auto& slot : g->slots[p]) slot = Contribution();
+    g->arrived[p].store(0);
+  }
+  for (int r = 0; r < g->world; ++r) g->entered[r].store(next);
+  g->generation.store(next);
   g->abort_reason.clear();
-  ++g->generation;
+  g->aborted.store(false);
   g->cv.notify_all();
   return 0;
 }
