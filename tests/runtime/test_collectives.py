@@ -378,3 +378,23 @@ def test_rank_failing_after_an_odd_number_of_collectives_then_the_session_recove
         out = session.run({"x": x, "shape": good})
         for r in range(2):
             assert out[r]["y"].tobytes() == (x * 16).tobytes()
+
+
+def test_ctrl_c_during_a_run_leaves_the_session_usable():
+    import _thread
+    import threading
+
+    with_ar = model([allreduce("x", "y", "the_allreduce")], [vi("x", TensorProto.FLOAT, [2])],
+                    [vi("y", TensorProto.FLOAT, [2])])
+    without = model([helper.make_node("Identity", ["x"], ["y"])], [vi("x", TensorProto.FLOAT, [2])],
+                    [vi("y", TensorProto.FLOAT, [2])])
+    session = RankSession([with_ar, without], timeout_s=3)  # rank 0 waits for a rank 1 that never comes
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        session.run({"x": np.ones(2, np.float32)})
+    assert time.monotonic() - start < 2
+    # The group was reset once the ranks returned: the next run is a fresh wait, not "group aborted".
+    with pytest.raises(PreserveError, match=r"timed out after 3000 ms waiting for rank\(s\) 1 to enter"):
+        session.run({"x": np.ones(2, np.float32)})
