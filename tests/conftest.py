@@ -1,6 +1,13 @@
+import os
 from pathlib import Path
 
 import pytest
+
+# Child processes (the CLI run as a subprocess, mpirun's ranks) see a fixed terminal: no colour, 120
+# columns, whatever the environment the suite runs in (FORCE_COLOR in CI, a narrow COLUMNS).
+for _var in ("FORCE_COLOR", "CLICOLOR_FORCE", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+    os.environ.pop(_var, None)
+os.environ.update(NO_COLOR="1", COLUMNS="120", TERM="dumb")
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -9,9 +16,14 @@ SAMPLE_VARIANTS = sorted(p.name for p in SAMPLES.iterdir() if (p / "tp2").is_dir
 
 @pytest.fixture(autouse=True)
 def console_width(monkeypatch):
-    """Pin the CLI's consoles to 120 columns, so table assertions do not depend on the terminal (or CI's
-    lack of one). Returns a setter for tests that check narrow terminals."""
+    """Pin the CLI's consoles to 120 columns, no colour and no terminal, so assertions do not depend on
+    the terminal (or CI's lack of one, or FORCE_COLOR/COLUMNS in its environment). Returns a setter for
+    tests that check narrow terminals."""
     from preserve_onnx import cli
+
+    for console in (cli.out, cli.err):
+        monkeypatch.setattr(console, "_color_system", None)
+        monkeypatch.setattr(console, "_force_terminal", False)
 
     def set_width(columns: int) -> None:
         monkeypatch.setattr(cli.out, "_width", columns)
@@ -37,7 +49,7 @@ def sample_copy(tmp_path):
 # Hypothesis profiles for tests/test_properties.py: "ci" (default; fixed seed, bounded so `make test`
 # stays fast) and "fuzz" (`make fuzz`: fresh seeds, many examples). Pick with --hypothesis-profile=NAME
 # or HYPOTHESIS_PROFILE=NAME.
-import os as _os
+
 
 from hypothesis import HealthCheck, settings
 
@@ -46,4 +58,4 @@ settings.register_profile("ci", derandomize=True, database=None, deadline=None, 
                           suppress_health_check=_SLOW_OK, print_blob=True)
 settings.register_profile("fuzz", database=None, deadline=None, max_examples=1_000_000,
                           suppress_health_check=_SLOW_OK, print_blob=True)
-settings.load_profile(_os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
