@@ -49,8 +49,6 @@ def sample_copy(tmp_path):
 # Hypothesis profiles for tests/test_properties.py: "ci" (default; fixed seed, bounded so `make test`
 # stays fast) and "fuzz" (`make fuzz`: fresh seeds, many examples). Pick with --hypothesis-profile=NAME
 # or HYPOTHESIS_PROFILE=NAME.
-
-
 from hypothesis import HealthCheck, settings
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
