@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 # Child processes (the CLI run as a subprocess, mpirun's ranks) see a fixed terminal: no colour, 120
 # columns, whatever the environment the suite runs in (FORCE_COLOR in CI, a narrow COLUMNS).
@@ -49,7 +50,6 @@ def sample_copy(tmp_path):
 # Hypothesis profiles for tests/test_properties.py: "ci" (default; fixed seed, bounded so `make test`
 # stays fast) and "fuzz" (`make fuzz`: fresh seeds, many examples). Pick with --hypothesis-profile=NAME
 # or HYPOTHESIS_PROFILE=NAME.
-from hypothesis import HealthCheck, settings
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=200,
