@@ -6,6 +6,7 @@ same keys (one table per profile). Every numeric field ``f`` has a companion ``f
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from dataclasses import dataclass, field
@@ -124,6 +125,12 @@ def _parse_profiles(text: str, origin: str) -> dict[str, HardwareProfile]:
 
 def builtin_profiles() -> dict[str, HardwareProfile]:
     """The profiles shipped in the package, by name."""
+    return dict(_builtin_profiles())
+
+
+@functools.cache
+def _builtin_profiles() -> dict[str, HardwareProfile]:
+    """Parsed once per process (7 ms of TOML, on every optimize otherwise)."""
     text = (Path(__file__).parent / "hardware.toml").read_text(encoding="utf-8")
     return _parse_profiles(text, "hardware.toml")
 
