@@ -165,8 +165,8 @@ def map_path(task: Callable, src: Path, out: Path | None, *, in_place: bool = Fa
         if not in_place:
             raise PreserveError(f"OUT is IN ({src}); pass --in-place to overwrite it")
         return _run_all(task, [(f, f, n, False) for f, n in files], jobs)
-    if not out.parent.is_dir():
-        raise PreserveError(f"{out.parent}: output folder does not exist")
+    _check_directory_out(src, out)
+    out = out.resolve()  # "." and ".." have no name to stage beside
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         os.chmod(staging, default_mode(directory=True))
@@ -183,6 +183,27 @@ def map_path(task: Callable, src: Path, out: Path | None, *, in_place: bool = Fa
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return results
+
+
+def _check_directory_out(src: Path, out: Path) -> None:
+    """Refuses a directory OUT whose replacement would lose anything: one that contains IN, one inside
+    IN, or an existing one holding files that the run would not write again."""
+    src_r, out_r = src.resolve(), out.resolve()
+    if src_r.is_relative_to(out_r):
+        raise PreserveError(f"OUT {out} contains IN {src}: writing it would replace the input; "
+                            f"choose a new folder")
+    if out_r.is_relative_to(src_r):
+        raise PreserveError(f"OUT {out} is inside IN {src}; choose a folder outside it")
+    if not out_r.parent.is_dir():
+        raise PreserveError(f"{out.parent}: output folder does not exist")
+    if out_r.is_dir():
+        # OUT is replaced as a whole: allowed when everything in it is a rank model or a name that IN
+        # has too (a previous run's output), so that nothing the user put there is lost.
+        foreign = sorted(e.name for e in out_r.iterdir()
+                         if not is_rank_file(e.name) and not (src_r / e.name).exists())
+        if foreign:
+            raise PreserveError(f"OUT {out} exists and holds '{foreign[0]}', which is not from IN "
+                                f"(OUT is replaced as a whole): remove it or choose a new folder")
 
 
 def optimize_path(src: Path, out: Path | None, config: OptimizeConfig, *, in_place: bool = False,

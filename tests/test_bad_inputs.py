@@ -170,6 +170,31 @@ def test_out_equal_to_in(work):
     fails_cleanly(["optimize", work / "in" / "model_00.onnx", work / "in" / "model_00.onnx"], "OUT is IN", work)
 
 
+@pytest.mark.parametrize("command", ["optimize", "strip"])
+def test_out_containing_in_is_refused(work, command, monkeypatch):
+    (work / "notes.txt").write_text("the user's")
+    message = "contains IN"
+    fails_cleanly([command, work / "in", work], message, work)
+    monkeypatch.chdir(work)
+    fails_cleanly([command, "in", "."], f"OUT . contains IN in: writing it would replace the input", work)
+    monkeypatch.chdir(work / "in")
+    fails_cleanly([command, ".", "../.."], message, work)
+
+
+def test_out_inside_in_is_refused(work):
+    fails_cleanly(["optimize", work / "in", work / "in" / "out"], "is inside IN", work)
+
+
+def test_existing_out_with_files_not_from_in_is_refused(work):
+    assert runner.invoke(app, ["optimize", str(work / "in"), str(work / "out"), "-q"]).exit_code == 0
+    # A previous run's output is replaced as a whole...
+    assert runner.invoke(app, ["optimize", str(work / "in"), str(work / "out"), "-q"]).exit_code == 0
+    # ...but not when the user keeps something of their own in it.
+    (work / "out" / "mine.txt").write_text("keep me")
+    fails_cleanly(["optimize", work / "in", work / "out"], f"OUT {work / 'out'} exists and holds 'mine.txt', "
+                  "which is not from IN", work)
+
+
 def test_out_in_a_read_only_folder(work, monkeypatch):
     (work / "ro").mkdir()
 
@@ -185,7 +210,7 @@ def test_out_in_a_read_only_folder(work, monkeypatch):
 
 def test_disk_that_fills_up_while_writing(work, monkeypatch):
     assert runner.invoke(app, ["optimize", str(work / "in"), str(work / "out"), "-q"]).exit_code == 0
-    (work / "out" / "old-marker").write_text("previous OUT")
+    previous = (work / "out" / "model_00.onnx").read_bytes()
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -193,7 +218,7 @@ def test_disk_that_fills_up_while_writing(work, monkeypatch):
     monkeypatch.setattr(os, "fsync", full)
     fails_cleanly(["optimize", work / "in", work / "out", "--budget", "1MiB"], "No space left on device", work)
     fails_cleanly(["optimize", work / "in" / "model_00.onnx", work / "one.onnx"], "No space left on device", work)
-    assert (work / "out" / "old-marker").read_text() == "previous OUT"  # the old OUT survives
+    assert (work / "out" / "model_00.onnx").read_bytes() == previous  # the old OUT survives
 
 
 def test_interrupt_in_the_middle_of_a_rank_directory(work, monkeypatch):
