@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from preserve_onnx.config import PREFETCH_ATTRIBUTES, OptimizeConfig, PrefetchNaming
-from preserve_onnx.errors import PreserveError
+from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.hardware import DEFAULT_PROFILE, builtin_profiles, format_size, load_profile, parse_size
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
@@ -41,7 +41,7 @@ def handle_errors(fn: Callable | None = None, *, error_code: int = 1) -> Callabl
             return fn(*args, **kwargs)
         except PreserveError as exc:
             err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(error_code) from None
+            raise typer.Exit(2 if isinstance(exc, UsageError) else error_code) from None
         except KeyboardInterrupt:
             err.print("[red]interrupted[/red]: nothing was written", highlight=False, soft_wrap=True)
             raise typer.Exit(error_code) from None
@@ -85,20 +85,20 @@ def _progress(quiet: bool):
 def _naming(domain: str, op: str, attrs: Optional[list[str]] = None, version: int = 1) -> PrefetchNaming:
     """The Prefetch spelling from --prefetch-domain/-op/-version and ``--prefetch-attr OURS=THEIRS``."""
     if not domain or not op:
-        raise PreserveError("--prefetch-domain and --prefetch-op must not be empty")
+        raise UsageError("--prefetch-domain and --prefetch-op must not be empty")
     if version < 1:
-        raise PreserveError("--prefetch-version must be at least 1")
+        raise UsageError("--prefetch-version must be at least 1")
     renames: dict[str, str] = {}
     for item in attrs or ():
         ours, sep, theirs = item.partition("=")
         ours, theirs = ours.strip(), theirs.strip()
         if not sep or ours not in PREFETCH_ATTRIBUTES or not theirs.isidentifier():
-            raise PreserveError(f"--prefetch-attr '{item}': expected NAME=NEW with NAME one of "
+            raise UsageError(f"--prefetch-attr '{item}': expected NAME=NEW with NAME one of "
                                 f"{', '.join(PREFETCH_ATTRIBUTES)} and NEW an identifier")
         renames[ours] = theirs
     names = {a: renames.get(a, a) for a in PREFETCH_ATTRIBUTES}
     if len(set(names.values())) != len(names):
-        raise PreserveError(f"--prefetch-attr: two attributes would share a name ({names})")
+        raise UsageError(f"--prefetch-attr: two attributes would share a name ({names})")
     return PrefetchNaming(domain=domain, op_type=op, version=version, **names)
 
 
@@ -130,17 +130,38 @@ def _config(*, hardware: str, budget: Optional[str], l2_fraction: float, batch: 
     chosen = tuple(c.strip() for c in collectives.split(",") if c.strip())
     bad = [c for c in chosen if c not in known]
     if bad or not chosen:
-        raise PreserveError(f"--collectives: unknown '{bad[0] if bad else collectives}' (choose from {', '.join(known)})")
+        raise UsageError(f"--collectives: unknown '{bad[0] if bad else collectives}' (choose from {', '.join(known)})")
     for label, value in (("--batch", batch), ("--context", context)):
-        if value < 1:
-            raise PreserveError(f"{label} must be at least 1")
+        _at_least_one(label, value)
     if not 0 < l2_fraction <= 1:
-        raise PreserveError("--l2-fraction must be in (0, 1]")
+        raise UsageError("--l2-fraction must be in (0, 1]")
+    _at_least_one("--ranks", ranks)
     return OptimizeConfig(
-        hardware=load_profile(hardware), budget=parse_size(budget) if budget is not None else None,
+        hardware=load_profile(hardware), budget=_size("--budget", budget) if budget is not None else None,
         l2_fraction=l2_fraction, batch=batch, context=context, kv=not no_kv, qdq_weights=qdq_weights,
-        collectives=chosen, naming=naming, min_chunk=parse_size(min_chunk), ranks=ranks, replan=replan,
+        collectives=chosen, naming=naming, min_chunk=_size("--min-chunk", min_chunk), ranks=ranks, replan=replan,
         disabled=disabled)
+
+
+def _writable(*paths: Optional[Path]) -> None:
+    """Check the files a command will write before it writes anything (an OUT, a CSV)."""
+    from preserve_onnx.model_io import check_destination
+
+    for path in paths:
+        if path is not None:
+            check_destination(path)
+
+
+def _size(label: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except PreserveError as exc:
+        raise UsageError(f"{label}: {exc}") from None
+
+
+def _at_least_one(label: str, value: Optional[int]) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{label} must be at least 1")
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="only errors and the closing line")]
 
 
@@ -181,6 +202,8 @@ def optimize(
                      no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives,
                      naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                      min_chunk=min_chunk, ranks=ranks, replan=replan, disabled=tuple(disable or ()))
+    _at_least_one("--jobs", jobs)
+    _writable(report)
     outcomes = optimize_path(src, None if dry_run else dest, config, in_place=in_place, jobs=jobs,
                              progress=_progress(quiet))
     if report is not None:
@@ -245,6 +268,7 @@ def inspect(
                      no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives,
                      naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                      min_chunk=min_chunk, ranks=ranks)
+    _at_least_one("--jobs", jobs)
     inspections = inspect_path(model, config, jobs=jobs)
     if json_out:
         print(json.dumps(inspection_dict(inspections, config), indent=2))
@@ -278,7 +302,7 @@ def diff(
     from preserve_onnx.report_ci import diff_dict, diff_markdown, render_diff
 
     if json_out and markdown:
-        raise PreserveError("--json and --markdown exclude each other")
+        raise UsageError("--json and --markdown exclude each other")
     result = diff_paths(a, b, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                         data=data)
     if json_out:
@@ -347,6 +371,10 @@ def estimate(
     qdq_weights: QdqOpt = False,
     collectives: CollectivesOpt = "AllReduce",
     min_chunk: MinChunkOpt = "64KiB",
+    prefetch_domain: DomainOpt = "preserve",
+    prefetch_op: OpOpt = "Prefetch",
+    prefetch_attr: AttrOpt = None,
+    prefetch_version: VersionOpt = 1,
     trace: Annotated[Optional[Path], typer.Option(help="write a Chrome/Perfetto trace of the timelines")] = None,
     sweep: Annotated[Optional[list[str]], typer.Option(
         help="speedup grid: batch=1,8,32 context=1k,16k,128k ranks=2,4,8 (k = 1024; ranks re-shard)")] = None,
@@ -363,16 +391,15 @@ def estimate(
 
     start = time.perf_counter()
     if more_sweep and not sweep:
-        raise PreserveError(f"unexpected argument '{more_sweep[0]}' (sweep groups follow --sweep)")
-    if ranks is not None and ranks < 1:
-        raise PreserveError("--ranks must be at least 1")
+        raise UsageError(f"unexpected argument '{more_sweep[0]}' (sweep groups follow --sweep)")
     config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
-                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives, naming=PrefetchNaming(),
+                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                      min_chunk=min_chunk, ranks=ranks)
     hw = config.hardware
+    _writable(trace)
     if sweep:
         if trace is not None:
-            raise PreserveError("--trace writes one timeline; it cannot be combined with --sweep")
+            raise UsageError("--trace writes one timeline; it cannot be combined with --sweep")
         grid = parse_sweep([*sweep, *(more_sweep or ())])
         points = sweep_path(model, hw, config, grid, ranks, config.budget)
         if json_out:
@@ -410,6 +437,10 @@ def explore(
     qdq_weights: QdqOpt = False,
     collectives: CollectivesOpt = "AllReduce",
     min_chunk: MinChunkOpt = "64KiB",
+    prefetch_domain: DomainOpt = "preserve",
+    prefetch_op: OpOpt = "Prefetch",
+    prefetch_attr: AttrOpt = None,
+    prefetch_version: VersionOpt = 1,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of the table")] = False,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="write the sweep as CSV")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="write a PNG plot (needs matplotlib)")] = None,
@@ -421,11 +452,10 @@ def explore(
     from preserve_onnx.report_cost import explore_summary, explore_table
 
     start = time.perf_counter()
-    if ranks is not None and ranks < 1:
-        raise PreserveError("--ranks must be at least 1")
     config = _config(hardware=hardware, budget=None, l2_fraction=l2_fraction, batch=batch, context=context,
-                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives, naming=PrefetchNaming(),
+                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                      min_chunk=min_chunk, ranks=ranks)
+    _writable(csv_path, plot)
     ex = explore_path(model, config.hardware, config, ranks)
     if csv_path is not None:
         write_csv(csv_path, ex)
@@ -467,8 +497,10 @@ def run(
     from preserve_onnx.runtime.runner import run_models
 
     for label, value in (("--steps", steps), ("--batch", batch), ("--context", context)):
-        if value < 1:
-            raise PreserveError(f"{label} must be at least 1")
+        _at_least_one(label, value)
+    if seed < 0:
+        raise UsageError("--seed must be at least 0")
+    _writable(save)
     result = run_models(model, against=against, inputs=inputs, steps=steps, batch=batch, context=context,
                         seed=seed, opt_level=opt_level, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                         backend=backend)

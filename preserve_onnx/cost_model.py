@@ -45,7 +45,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from preserve_onnx.config import OptimizeConfig
-from preserve_onnx.errors import PreserveError
+from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.hardware import HardwareProfile
 from preserve_onnx.model_io import find_rank_sets, load_model, sibling_rank_count
 from preserve_onnx.passes._graph import Scope, dtype_bits, is_collective, is_default_domain, iter_scopes, \
@@ -54,6 +54,7 @@ from preserve_onnx.passes.build_windows import message_bytes
 from preserve_onnx.passes.collect_candidates import Candidate, consumer_slots, kv_nbytes, resolve_roots
 from preserve_onnx.passes.plan_prefetches import fill_window  # the planner's own rule
 from preserve_onnx.passes.plan_prefetches import plan_prefetches
+from preserve_onnx.passes.strip_prefetches import StripPrefetchesPass
 
 TRACKS = ("compute", "communication", "prefetch")
 _LINEAR = {"MatMul", "Gemm", "MatMulNBits"}
@@ -395,7 +396,12 @@ class _Walker:
 
 
 def analyze(model: onnx.ModelProto, config: OptimizeConfig, model_ranks: int, source: str = "model") -> Analysis:
-    """Flatten ``model``'s decode step and plan it as ``optimize`` would (``config``, ``model_ranks``)."""
+    """Flatten ``model``'s decode step and plan it as ``optimize`` would (``config``, ``model_ranks``).
+
+    Prefetch nodes already in ``model`` (spelled as ``config.naming`` says) are removed first, as
+    ``optimize --replan`` would: an optimized model is estimated exactly like its original.
+    """
+    model = StripPrefetchesPass(config.naming)(model).model
     walker = _Walker(model, config.batch, config.context, config.qdq_weights)
     walker.walk("")
     ops = tuple(walker.ops)
@@ -674,16 +680,16 @@ def parse_sweep(groups: list[str]) -> dict[str, tuple[int, ...]]:
         for part in group.replace(";", " ").split():
             key, sep, values = part.partition("=")
             if not sep or key not in SWEEP_KEYS:
-                raise PreserveError(f"--sweep: expected key=v1,v2,... with key in {', '.join(SWEEP_KEYS)}; "
+                raise UsageError(f"--sweep: expected key=v1,v2,... with key in {', '.join(SWEEP_KEYS)}; "
                                     f"got '{part}'")
             if key in out:
-                raise PreserveError(f"--sweep: '{key}' given twice")
+                raise UsageError(f"--sweep: '{key}' given twice")
             try:
                 parsed = tuple(_sweep_int(v) for v in values.split(",") if v.strip())
             except ValueError:
-                raise PreserveError(f"--sweep: '{part}' holds a value that is not a whole number") from None
+                raise UsageError(f"--sweep: '{part}' holds a value that is not a whole number") from None
             if not parsed or min(parsed) < 1:
-                raise PreserveError(f"--sweep: '{part}' needs values of at least 1")
+                raise UsageError(f"--sweep: '{part}' needs values of at least 1")
             out[key] = parsed
     return out
 

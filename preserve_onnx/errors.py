@@ -9,3 +9,7 @@ class PreserveError(Exception):
 
 class PassError(PreserveError):
     """A pass of the pipeline failed; the message names the pass and the passes run before it."""
+
+
+class UsageError(PreserveError):
+    """A bad option value or combination of options. CLI exit code 2, like the parser's own errors."""

@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
-from preserve_onnx.errors import PreserveError
+from preserve_onnx.errors import PreserveError, UsageError
 
 DEFAULT_PROFILE = "ascend-910b"
 
@@ -157,7 +157,7 @@ def load_profile(name_or_file: str) -> HardwareProfile:
         return next(iter(profiles.values()))
     profiles = builtin_profiles()
     if name_or_file not in profiles:
-        raise PreserveError(f"unknown hardware '{name_or_file}' (known: {', '.join(sorted(profiles))})")
+        raise UsageError(f"unknown hardware '{name_or_file}' (known: {', '.join(sorted(profiles))})")
     return profiles[name_or_file]
 
 

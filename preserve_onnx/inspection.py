@@ -20,9 +20,11 @@ import onnx
 from onnx import helper
 
 from preserve_onnx.config import OptimizeConfig, PrefetchNaming
+from preserve_onnx.errors import PreserveError
 from preserve_onnx.optimizer import RankOutcome, map_path, resolve_model
 from preserve_onnx.passes import Plan, StripPrefetchesPass, Window, build_windows, plan_prefetches
 from preserve_onnx.passes._graph import iter_scopes
+from preserve_onnx.passes.check_order import check_topological
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ def inspect(model: onnx.ModelProto | str | Path, config: OptimizeConfig | None =
     config = config or OptimizeConfig()
     start = time.perf_counter()
     model, source, ranks = resolve_model(model, config, ranks)
+    try:
+        check_topological(model.graph)  # what optimize refuses, inspect does not plan
+    except PreserveError as exc:
+        raise PreserveError(f"check-order failed: {exc}") from None
     existing = _existing_prefetches(model, config.naming)
     if existing:
         # Plan what --replan would: the Prefetch nodes hide each collective's original input.
@@ -84,7 +90,7 @@ def inspect_path(src: str | Path, config: OptimizeConfig | None = None, *,
 def _inspect_one(config: OptimizeConfig, progress, src: Path, dest, ranks: int | None,
                  copy_data) -> Inspection:
     """A ``map_path`` task (module level, so worker processes can run it); writes nothing."""
-    return inspect(src, config, ranks)
+    return inspect(src, config, config.ranks or ranks)  # an explicit --ranks wins, as in optimize
 
 
 def _existing_prefetches(model: onnx.ModelProto, naming: PrefetchNaming) -> tuple[ExistingPrefetch, ...]:

@@ -190,6 +190,16 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         raise
 
 
+def check_destination(dest: Path) -> None:
+    """Fails now, before any work is done or any other file written, when ``dest`` cannot be written as
+    a file: its folder does not exist, or it is a directory."""
+    dest = Path(dest)
+    if dest.is_dir():
+        raise PreserveError(f"cannot write {dest}: it is a directory")
+    if not dest.parent.is_dir():
+        raise PreserveError(f"cannot write {dest}: folder {dest.parent} does not exist")
+
+
 def write_bytes_atomic(dest: Path, data: bytes) -> None:
     """Write ``data`` to ``dest`` through a temporary file and a rename (fsync'd).
 

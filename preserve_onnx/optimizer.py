@@ -20,7 +20,7 @@ from typing import Callable
 import onnx
 
 from preserve_onnx.config import OptimizeConfig, PrefetchNaming
-from preserve_onnx.errors import PreserveError
+from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.model_io import (ProgressFactory, copy_tree_entry, default_mode, find_rank_sets, is_rank_file,
                                     load_model, save_model, sibling_rank_count)
 from preserve_onnx.passes import (CheckOrderPass, InsertPrefetchesPass, Plan, StripPrefetchesPass,
@@ -101,10 +101,10 @@ def _optimize_loaded(model, config: OptimizeConfig, ranks: int | None):
 def _check_disabled(config: OptimizeConfig) -> None:
     for name in config.disabled:
         if name not in PASSES:
-            raise PreserveError(f"--disable: unknown pass '{name}' (passes: {', '.join(PASSES)})")
+            raise UsageError(f"--disable: unknown pass '{name}' (passes: {', '.join(PASSES)})")
         if PASSES[name][0] == "analysis":
             # Skipping an analysis silently would still plan with it: refuse instead.
-            raise PreserveError(f"--disable: '{name}' is an analysis inside insert-prefetches; disable "
+            raise UsageError(f"--disable: '{name}' is an analysis inside insert-prefetches; disable "
                                 f"insert-prefetches instead")
 
 
@@ -117,7 +117,7 @@ def strip(model: onnx.ModelProto | str | Path, naming: PrefetchNaming = Prefetch
 
 def _optimize_one(config: OptimizeConfig, progress: ProgressFactory | None, src: Path, dest: Path | None,
                   ranks: int | None, copy_data: bool | None) -> RankOutcome:
-    outcome, model = _optimize_loaded(src, config, ranks)
+    outcome, model = _optimize_loaded(src, config, config.ranks or ranks)  # an explicit --ranks wins
     if dest is not None:
         save_model(model, dest, src.parent, copy_data=copy_data, progress=progress)
     return dataclasses.replace(outcome, output=dest)

@@ -2,7 +2,7 @@
 
 Contract (after onnx-ir's pass infrastructure): a pass never mutates the model it is given; it returns
 ``PassResult(model, modified, stats)`` where ``stats`` is the pass's own frozen data (a plan, a count).
-A failure inside a pass is re-raised as ``PassError("<name> failed after <previous passes>: ...")``.
+A failure inside a pass is re-raised as ``PassError("<name> failed[ after <previous passes>]: ...")``.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ class Sequential:
             try:
                 result = p(model)
             except PreserveError as exc:
-                before = ", ".join(name for name, _ in results) or "nothing"
-                raise PassError(f"{p.name} failed after {before}: {exc}") from exc
+                before = f" after {', '.join(name for name, _ in results)}" if results else ""
+                raise PassError(f"{p.name} failed{before}: {exc}") from exc
             results.append((p.name, result))
             model = result.model
             modified = modified or result.modified

@@ -98,6 +98,11 @@ def test_graph_not_in_topological_order(work):
     m.graph.node.extend(nodes)
     save(m, work / "unsorted.onnx")
     fails_cleanly(["optimize", work / "unsorted.onnx", work / "out.onnx"], "not in topological order", work)
+    # inspect and a dry run refuse it the same way: they do not show a plan that optimize would not make
+    r = fails_cleanly(["inspect", work / "unsorted.onnx"], "not in topological order", work)
+    d = fails_cleanly(["optimize", work / "unsorted.onnx", work / "out.onnx", "--dry-run"], "not in topological",
+                      work)
+    assert r.output.startswith("error: check-order failed: node 0 ") and r.output == d.output
 
 
 def test_missing_external_data_file_when_it_must_be_copied(work):
@@ -236,3 +241,31 @@ def test_interrupt_in_the_middle_of_a_rank_directory(work, monkeypatch):
     monkeypatch.setattr(optimizer, "_optimize_one", interrupted)
     fails_cleanly(["optimize", work / "in", work / "out", "--jobs", "1"], "interrupted: nothing was written", work)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("where", ["nodir/r.json", "."])
+def test_unwritable_report_fails_before_out_is_written(work, where):
+    report = work / where
+    message = (f"cannot write {report}: folder {report.parent} does not exist" if where != "."
+               else f"cannot write {report}: it is a directory")
+    fails_cleanly(["optimize", work / "in", work / "out", "--report", report], message, work)
+
+
+def test_run_inputs_that_are_not_an_npz(work):
+    import numpy as np
+
+    np.save(work / "feeds.npy", np.ones(3, np.float32))
+    fails_cleanly(["run", work / "in", "--inputs", work / "feeds.npy"],
+                  "is not an .npz archive of named arrays (write one with numpy.savez): it holds one unnamed "
+                  "array (.npy)", work)
+    (work / "notes.txt").write_text("hello")
+    fails_cleanly(["run", work / "in", "--inputs", work / "notes.txt"], "notes.txt is not an .npz archive", work)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--steps", "0"], "--steps must be at least 1"),
+])
+def test_run_bad_numbers_are_usage_errors(work, args, message):
+    r = runner.invoke(app, ["run", str(work / "in"), *args])
+    assert (r.exit_code, r.output.strip()) == (2, f"error: {message}")

@@ -148,15 +148,17 @@ def test_cli_tables_show_existing_prefetches(tmp_path, wide):
                                              "model.layers.0.mlp.gate_proj.MatMul.weight", "whole"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["nope.onnx"], "error: nope.onnx: no such file or directory"),
-    ([str(SAMPLES / "llama-gqa" / "tp2"), "--collectives", "Bogus"], "error: --collectives: unknown 'Bogus'"),
-    ([str(SAMPLES / "llama-gqa" / "tp2"), "--batch", "0"], "error: --batch must be at least 1"),
-    ([str(SAMPLES / "llama-gqa" / "tp2"), "--hardware", "nope"], "error: "),
+@pytest.mark.parametrize("args, message, code", [
+    (["nope.onnx"], "error: nope.onnx: no such file or directory", 1),
+    ([str(SAMPLES / "llama-gqa" / "tp2"), "--collectives", "Bogus"], "error: --collectives: unknown 'Bogus'", 2),
+    ([str(SAMPLES / "llama-gqa" / "tp2"), "--batch", "0"], "error: --batch must be at least 1", 2),
+    ([str(SAMPLES / "llama-gqa" / "tp2"), "--hardware", "nope"], "error: unknown hardware 'nope'", 2),
+    ([str(SAMPLES / "llama-gqa" / "tp2"), "--jobs", "0"], "error: --jobs must be at least 1", 2),
+    ([str(SAMPLES / "llama-gqa" / "tp2"), "--ranks", "-2"], "error: --ranks must be at least 1", 2),
 ])
-def test_cli_errors_are_one_line_exit_1(args, message):
+def test_cli_errors_are_one_line(args, message, code):
     r = cli("inspect", *args)
-    assert r.exit_code == 1
+    assert r.exit_code == code
     assert r.output.startswith(message) and len(r.output.strip().splitlines()) == 1
 
 
@@ -167,3 +169,10 @@ def test_inspect_honours_vendor_naming():
     assert [(p.node, p.max_size) for p in inspect(optimized, config).prefetches] == [
         ("ar0/Prefetch/w1", 0), ("ar0/Prefetch/w2", 952), ("ar1/Prefetch/w3", 0)]
     assert inspect(optimized, OptimizeConfig(budget=3_000, min_chunk=512)).prefetches == ()
+
+
+def test_explicit_ranks_win_over_the_directory_count():
+    by_files = json.loads(cli("inspect", SAMPLES / "llama-gqa" / "tp2", "--json").output)
+    forced = json.loads(cli("inspect", SAMPLES / "llama-gqa" / "tp2", "--json", "--ranks", "4").output)
+    assert [m["ranks"] for m in by_files["models"]] == [2, 2]
+    assert [m["ranks"] for m in forced["models"]] == [4, 4]

@@ -86,3 +86,11 @@ def test_cli_run_with_inputs_npz_shared_and_per_rank(tmp_path):
         for rank in (0, 1):
             for name, value in expected[rank].items():
                 assert saved[f"rank{rank}/{name}"].tobytes() == value.tobytes()
+
+
+def test_cli_run_on_one_rank_file_runs_its_whole_rank_set(tmp_path):
+    # A rank alone would run its AllReduce as a world of one (not the model): its family is run.
+    src = SAMPLES / "llama-gqa" / "tp2"
+    r = runner.invoke(app, ["run", str(src / "model_01.onnx"), "--against", str(src / "model_00.onnx")])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1].startswith("PASSED: 10 outputs on 2 rank(s) bit-identical")

@@ -114,7 +114,7 @@ def test_bad_attribute_renames_are_one_line_errors(command, value, message, tmp_
     args = {"optimize": [SRC, tmp_path / "o"], "strip": [SRC, tmp_path / "o"], "inspect": [SRC],
             "diff": [SRC, SRC]}[command]
     r = cli(command, *args, "--prefetch-attr", value)
-    assert r.exit_code == (2 if command == "diff" else 1)
+    assert r.exit_code == 2  # a usage error
     assert r.output.startswith(f"error: {message}")
     assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
@@ -122,7 +122,7 @@ def test_bad_attribute_renames_are_one_line_errors(command, value, message, tmp_
 
 def test_bad_version_is_refused(tmp_path):
     r = cli("optimize", SRC, tmp_path / "o", "--prefetch-version", "0")
-    assert (r.exit_code, r.output.strip()) == (1, "error: --prefetch-version must be at least 1")
+    assert (r.exit_code, r.output.strip()) == (2, "error: --prefetch-version must be at least 1")
 
 
 def test_python_api_naming():

@@ -8,11 +8,13 @@ must run bit-identical to its original; :func:`compare_outputs` checks exactly t
 from preserve_onnx.runtime.compare import Comparison, compare_outputs, max_abs_diff
 from preserve_onnx.runtime.decode import kv_feedback_map, run_steps
 from preserve_onnx.runtime.feeds import generate_feeds, load_feeds, save_outputs
+from preserve_onnx.runtime.runner import RunResult, run_models
 from preserve_onnx.runtime.session import RankSession, TensorMeta, library_path
 
 __all__ = [
     "Comparison",
     "RankSession",
+    "RunResult",
     "TensorMeta",
     "compare_outputs",
     "generate_feeds",
@@ -20,6 +22,7 @@ __all__ = [
     "library_path",
     "load_feeds",
     "max_abs_diff",
+    "run_models",
     "run_steps",
     "save_outputs",
 ]

@@ -209,12 +209,20 @@ def load_feeds(path: str | os.PathLike) -> tuple[SharedFeeds, PerRankFeeds]:
     """
     shared: SharedFeeds = {}
     per_rank: PerRankFeeds = {}
+    not_npz = f"inputs file {path} is not an .npz archive of named arrays (write one with numpy.savez)"
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise PreserveError(f"{not_npz}: it holds one unnamed array (.npy)")
+        with loaded as archive:
             arrays = {key: archive[key] for key in archive.files}
     except FileNotFoundError as exc:
         raise PreserveError(f"inputs file {path} does not exist") from exc
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except ValueError as exc:
+        if "pickled" in str(exc):  # numpy's guess for a file that is neither .npy nor .npz
+            raise PreserveError(not_npz) from exc
+        raise PreserveError(f"cannot read inputs file {path}: {str(exc).splitlines()[0]}") from exc
+    except (OSError, zipfile.BadZipFile) as exc:
         raise PreserveError(f"cannot read inputs file {path}: {str(exc).splitlines()[0]}") from exc
     dtypes = {}
     if _DTYPES_KEY in arrays:

@@ -16,7 +16,7 @@ import numpy as np
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.model_io import find_rank_sets
+from preserve_onnx.model_io import find_rank_sets, sibling_rank_count
 from preserve_onnx.runtime.compare import Comparison, compare_outputs
 from preserve_onnx.runtime.decode import run_steps
 from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, generate_feeds, load_feeds
@@ -40,16 +40,20 @@ class RunResult:
 
 
 def rank_models(path: Path) -> tuple[Path, ...]:
-    """The rank files of a directory (in rank order), or the single file itself."""
+    """The rank files of a directory (in rank order); for one rank file, its whole family in its folder
+    (a rank alone would run its collectives as a world of one: not the model); else the file itself."""
     path = Path(path)
     if not path.exists():
         raise PreserveError(f"{path}: no such file or directory")
     if not path.is_dir():
-        return (path,)
+        if sibling_rank_count(path) == 1:
+            return (path,)
+        return next(s.files for s in find_rank_sets(path.parent) if path in s.files)
     sets = find_rank_sets(path)
     if len(sets) > 1:
         names = ", ".join(s.pattern.replace("{rank}", "*") for s in sets)
-        raise PreserveError(f"{path} holds several rank-model families ({names}); run one of them by file")
+        raise PreserveError(f"{path} holds several rank-model families ({names}); run one of them by naming "
+                            f"any of its files")
     return sets[0].files
 
 

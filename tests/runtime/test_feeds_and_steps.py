@@ -239,8 +239,13 @@ def test_load_feeds_errors_are_one_line(tmp_path):
         load_feeds(tmp_path / "missing.npz")
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(PreserveError, match=r"^cannot read inputs file .*bad\.npz"):
+    with pytest.raises(PreserveError, match=r"^inputs file .*bad\.npz is not an \.npz archive of named arrays "
+                                            r"\(write one with numpy\.savez\)$"):
         load_feeds(bad)
+    single = tmp_path / "one.npy"
+    np.save(single, np.ones(3, np.float32))
+    with pytest.raises(PreserveError, match=r"one\.npy is not an \.npz archive .*: it holds one unnamed array"):
+        load_feeds(single)
 
 
 def test_save_outputs_is_atomic_and_leaves_no_temporary(tmp_path):
