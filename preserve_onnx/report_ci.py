@@ -21,7 +21,8 @@ from preserve_onnx.inspection import Inspection
 from preserve_onnx.report import report_dict, skipped_table
 
 DIFF_SCHEMA = 1
-MARKDOWN_ROWS = 200  # per model; a PR comment holds at most 65536 characters
+MARKDOWN_ROWS = 200  # per model
+MARKDOWN_CHARS = 60_000  # in all, with room for the closing lines: a PR comment holds at most 65536
 
 _NOUNS = {  # kind -> (singular, plural)
     "model": ("model field set", "model field sets"), "opset": ("opset import", "opset imports"),
@@ -230,17 +231,31 @@ def diff_markdown(diff: Diff) -> str:
         lines.append(f"- model {_md(name)} only in B")
     if diff.only_a or diff.only_b:
         lines.append("")
-    for m in diff.models:
-        if m.equal:
-            continue
-        lines += [f"#### {_md(m.b)}", "", ", ".join(summary_phrases(m)), "",
-                  "<details><summary>changes</summary>", "",
-                  "| | kind | graph | name | change |", "|---|---|---|---|---|"]
+    # GitHub refuses a comment over 65536 characters: rows stop at MARKDOWN_CHARS in all, the models
+    # left over get their summary line only while there is room, then one line that counts the rest.
+    size = sum(len(x) + 1 for x in lines)
+    differing = [m for m in diff.models if not m.equal]
+    for k, m in enumerate(differing):
+        head = [f"#### {_md(m.b)}", "", ", ".join(summary_phrases(m)), ""]
+        if size + sum(len(x) + 1 for x in head) > MARKDOWN_CHARS:
+            lines.append(f"… {len(differing) - k} more differing model(s) (see `diff --json`)")
+            break
+        table = ["<details><summary>changes</summary>", "",
+                 "| | kind | graph | name | change |", "|---|---|---|---|---|"]
+        size += sum(len(x) + 1 for x in head + table)
+        shown = 0
         for e in m.entries[:MARKDOWN_ROWS]:
             text = "<br>".join(f"{c.field}: {_md(c.before or '(none)')} → {_md(c.after or '(none)')}"
                                for c in e.changes) if e.status == "changed" else _md(e.detail)
-            lines.append(f"| {_MARK[e.status]} | {e.kind} | {_md(e.graph)} | {_md(e.name)} | {text} |")
-        if len(m.entries) > MARKDOWN_ROWS:
-            lines.append(f"| | | | | … {len(m.entries) - MARKDOWN_ROWS} more (see `diff --json`) |")
-        lines += ["", "</details>", ""]
+            row = f"| {_MARK[e.status]} | {e.kind} | {_md(e.graph)} | {_md(e.name)} | {text} |"
+            if size + len(row) + 1 > MARKDOWN_CHARS:
+                break
+            table.append(row)
+            size += len(row) + 1
+            shown += 1
+        if shown < len(m.entries):
+            table.append(f"| | | | | … {len(m.entries) - shown} more (see `diff --json`) |")
+        table += ["", "</details>", ""]
+        size += sum(len(x) + 1 for x in table[-4:])
+        lines += head + table
     return "\n".join(lines)

@@ -200,3 +200,17 @@ def test_explore_checks_every_destination_before_writing(tmp_path):
     assert r.output.strip() == f"error: cannot write {tmp_path / 'nodir' / 'x.png'}: folder {tmp_path / 'nodir'} " \
                                "does not exist"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_markdown_diff_of_a_70b_export_fits_a_pull_request_comment(big_dir, tmp_path):
+    # 8 ranks x 556 inserted Prefetch nodes: 663 KB of rows before the cap; GitHub takes 65536 chars.
+    assert cli("optimize", big_dir, tmp_path / "opt", "-q").exit_code == 0
+    r = cli("diff", big_dir, tmp_path / "opt", "--markdown")
+    assert r.exit_code == 1
+    assert 50_000 < len(r.output) <= 60_000 + 200
+    lines = r.output.splitlines()
+    assert lines[0] == f"### preserve-onnx diff: `{big_dir}` → `{tmp_path / 'opt'}`"
+    shown = sum(1 for x in lines if x.startswith("#### "))
+    assert 1 <= shown < 8
+    assert any(x.startswith("| | | | | … ") and x.endswith(" more (see `diff --json`) |") for x in lines)
+    assert lines[-1] == f"… {8 - shown} more differing model(s) (see `diff --json`)"
