@@ -47,6 +47,15 @@ def handle_errors(fn: Callable | None = None, *, error_code: int = 1) -> Callabl
             raise typer.Exit(error_code) from None
         except typer.Exit:
             raise
+        except BrokenPipeError:
+            # `preserve-onnx ... --json | head`: the reader left; say nothing more, like other CLI tools.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(error_code) from None
+        except OSError as exc:  # writing the output itself failed (a full disk under `> file`)
+            where = f" ({exc.filename})" if exc.filename else ""
+            err.print(f"[red]error:[/red] {escape(exc.strerror or str(exc))}{escape(where)}", highlight=False,
+                      soft_wrap=True)
+            raise typer.Exit(error_code) from None
         except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
             if os.environ.get("PRESERVE_DEBUG"):
                 raise

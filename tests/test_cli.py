@@ -165,3 +165,20 @@ def test_module_entry_point():
 
     r = subprocess.run([sys.executable, "-m", "preserve_onnx", "passes"], capture_output=True, text=True)
     assert r.returncode == 0 and "insert-prefetches" in r.stdout
+
+
+def test_output_that_cannot_be_written_is_one_line():
+    import subprocess
+    import sys
+
+    src = str(SAMPLES / "llama-gqa" / "tp2")
+    # A reader that went away (`... --json | head`): no message, no traceback, exit 1.
+    p = subprocess.Popen([sys.executable, "-m", "preserve_onnx", "inspect", src, "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    assert p.wait(60) == 1 and p.stderr.read() == b""
+    # A full disk under `> file`.
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "preserve_onnx", "inspect", src, "--json"], stdout=full,
+                           stderr=subprocess.PIPE, text=True)
+    assert (r.returncode, r.stderr) == (1, "error: No space left on device\n")
