@@ -221,7 +221,9 @@ def optimize(
         render_outcomes(out, outcomes, verbose)
     count = sum(o.plan.prefetch_count for o in outcomes)
     total = sum(o.plan.prefetched_bytes for o in outcomes)
-    where = "dry run, nothing written" if dry_run else f"wrote {escape(str(dest))}"
+    written = outcomes[0].output if len(outcomes) == 1 and outcomes[0].output is not None and not src.is_dir() \
+        else dest  # a file written into a folder OUT is named
+    where = "dry run, nothing written" if dry_run else f"wrote {escape(str(written))}"
     out.print(f"[green]done[/green]: {len(outcomes)} model(s), {count} prefetches, {format_size(total)} "
               f"planned; {where} in {time.perf_counter() - start:.2f} s", highlight=False, soft_wrap=True)
 
@@ -241,7 +243,9 @@ def strip(
     from preserve_onnx.optimizer import strip_path
 
     removed = strip_path(src, dest, _naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version), in_place=in_place)
-    out.print(f"[green]done[/green]: removed {removed} Prefetch nodes; wrote {escape(str(dest))}", highlight=False, soft_wrap=True)
+    written = dest / src.name if src.is_file() and dest.is_dir() else dest
+    out.print(f"[green]done[/green]: removed {removed} Prefetch nodes; wrote {escape(str(written))}",
+              highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -409,6 +413,8 @@ def estimate(
     if sweep:
         if trace is not None:
             raise UsageError("--trace writes one timeline; it cannot be combined with --sweep")
+        if all_windows:
+            raise UsageError("--all lists the windows of one estimate; it cannot be combined with --sweep")
         grid = parse_sweep([*sweep, *(more_sweep or ())])
         points = sweep_path(model, hw, config, grid, ranks, config.budget)
         if json_out:
@@ -452,12 +458,12 @@ def explore(
     prefetch_version: VersionOpt = 1,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of the table")] = False,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="write the sweep as CSV")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="write a PNG plot (needs matplotlib)")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="write a plot, .png, .svg or .pdf (needs matplotlib)")] = None,
 ) -> None:
     """Sweep the L2 size (0-256 MiB): performance per cost with and without prefetching."""
     import json
 
-    from preserve_onnx.explore import exploration_dict, explore_path, write_csv, write_plot
+    from preserve_onnx.explore import exploration_dict, explore_path, plot_format, write_csv, write_plot
     from preserve_onnx.report_cost import explore_summary, explore_table
 
     start = time.perf_counter()
@@ -465,6 +471,8 @@ def explore(
                      no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                      min_chunk=min_chunk, ranks=ranks)
     _writable(csv_path, plot)
+    if plot is not None:
+        plot_format(plot)
     ex = explore_path(model, config.hardware, config, ranks)
     if csv_path is not None:
         write_csv(csv_path, ex)
@@ -490,7 +498,7 @@ def run(
     batch: Annotated[int, typer.Option(help="batch size of generated feeds")] = 1,
     context: Annotated[int, typer.Option(help="past length of generated feeds")] = 16,
     seed: Annotated[int, typer.Option(help="seed of generated feeds")] = 0,
-    opt_level: Annotated[str, typer.Option(help="onnxruntime optimization: disable|basic|extended|all")] = "all",
+    opt_level: Annotated[str, typer.Option(help="onnxruntime optimization: disable|basic|extended|layout|all")] = "all",
     backend: Annotated[str, typer.Option(help="threads: all ranks in this process; mpi: one process per rank "
                                               "under `mpirun -n RANKS` (rank 0 reports)")] = "threads",
     prefetch_domain: DomainOpt = "preserve",
@@ -552,4 +560,8 @@ def runtime_lib() -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # before a command's own handler is in place (argument parsing)
+        err.print("[red]interrupted[/red]: nothing was written", highlight=False)
+        sys.exit(1)

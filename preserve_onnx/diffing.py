@@ -132,7 +132,8 @@ def diff(a: onnx.ModelProto | str | Path, b: onnx.ModelProto | str | Path, *,
         if not p.exists():
             raise PreserveError(f"{p}: no such file or directory")
     if a.is_dir() != b.is_dir():
-        raise PreserveError(f"cannot diff a directory against a file ({a} vs {b})")
+        kinds = ("a directory", "a file") if a.is_dir() else ("a file", "a directory")
+        raise PreserveError(f"cannot diff {kinds[0]} against {kinds[1]} ({a} vs {b})")
     if not a.is_dir():
         return Diff(str(a), str(b), (_diff_files(a, b, naming, data),))
     names_a, names_b = _model_files(a), _model_files(b)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.cost_model import analyze, evaluate, rank_model
-from preserve_onnx.errors import PreserveError
+from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.hardware import HardwareProfile
 from preserve_onnx.model_io import load_model, write_bytes_atomic
 
@@ -125,8 +125,21 @@ def write_csv(path: Path, ex: Exploration) -> None:
     write_bytes_atomic(Path(path), buf.getvalue().encode())
 
 
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+
+def plot_format(path: Path) -> str:
+    """The plot format named by ``path``'s suffix; refuses others (before any work is done)."""
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt not in PLOT_FORMATS:
+        raise UsageError(f"--plot {path}: the name must end in {', '.join('.' + f for f in PLOT_FORMATS)}")
+    return fmt
+
+
 def write_plot(path: Path, ex: Exploration) -> None:
-    """PNG of perf/cost against L2 size, both normalized to the baseline's best (needs matplotlib)."""
+    """Plot of perf/cost against L2 size, both normalized to the baseline's best (needs matplotlib); the
+    format follows the suffix: ``.png``, ``.svg`` or ``.pdf``."""
+    fmt = plot_format(path)
     try:
         import matplotlib
 
@@ -150,6 +163,6 @@ def write_plot(path: Path, ex: Exploration) -> None:
     ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format=fmt)
     plt.close(fig)
     write_bytes_atomic(Path(path), buf.getvalue())

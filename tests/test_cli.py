@@ -182,3 +182,12 @@ def test_output_that_cannot_be_written_is_one_line():
         r = subprocess.run([sys.executable, "-m", "preserve_onnx", "inspect", src, "--json"], stdout=full,
                            stderr=subprocess.PIPE, text=True)
     assert (r.returncode, r.stderr) == (1, "error: No space left on device\n")
+
+
+def test_closing_line_names_the_file_written_into_a_folder(tmp_path):
+    src = SAMPLES / "llama-gqa" / "tp2" / "model_00.onnx"
+    r = cli("optimize", src, tmp_path, "-q")
+    assert r.exit_code == 0 and f"; wrote {tmp_path / 'model_00.onnx'} in " in r.output
+    (tmp_path / "stripped").mkdir()
+    r = cli("strip", tmp_path / "model_00.onnx", tmp_path / "stripped")
+    assert r.output.strip() == f"done: removed 15 Prefetch nodes; wrote {tmp_path / 'stripped' / 'model_00.onnx'}"

@@ -352,7 +352,10 @@ def test_cli_exit_codes(pair, tmp_path):
     assert missing.output.strip() == f"error: {tmp_path / 'nope.onnx'}: no such file or directory"
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     assert cli("diff", a, tmp_path / "junk.onnx").exit_code == 2
-    assert cli("diff", a, tmp_path).exit_code == 2  # a file against a directory
+    r = cli("diff", a, tmp_path)
+    assert (r.exit_code, r.output.strip()) == (2, f"error: cannot diff a file against a directory ({a} vs {tmp_path})")
+    r = cli("diff", tmp_path, a)
+    assert (r.exit_code, r.output.strip()) == (2, f"error: cannot diff a directory against a file ({tmp_path} vs {a})")
     assert cli("diff", a, b, "--json", "--markdown").exit_code == 2
     assert cli("diff", a).exit_code == 2  # usage
 

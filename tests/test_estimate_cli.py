@@ -139,6 +139,20 @@ def test_explore_plot(tmp_path):
     assert (tmp_path / "l2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("name, magic", [("l2.svg", b"<?xml"), ("l2.pdf", b"%PDF")])
+def test_explore_plot_format_follows_the_suffix(tmp_path, name, magic):
+    r = cli("explore", SAMPLES / "llama-gqa" / "tp2", "--plot", tmp_path / name)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / name).read_bytes().startswith(magic)
+
+
+def test_explore_plot_with_an_unknown_suffix_is_refused(tmp_path):
+    r = cli("explore", SAMPLES / "llama-gqa" / "tp2", "--csv", tmp_path / "ok.csv", "--plot", tmp_path / "l2.jpeg")
+    assert (r.exit_code, r.output.strip()) == (2, f"error: --plot {tmp_path / 'l2.jpeg'}: the name must end in "
+                                                  ".png, .svg, .pdf")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_explore_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     r = cli("explore", SAMPLES / "llama-gqa" / "tp2", "--plot", tmp_path / "l2.png")
@@ -150,6 +164,7 @@ def test_explore_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch)
     (["--sweep", "heads=2"], "key in batch, context, ranks"),
     (["batch=2"], "unexpected argument 'batch=2'"),
     (["--sweep", "batch=1", "--trace", "t.json"], "cannot be combined with --sweep"),
+    (["--sweep", "batch=1", "--all"], "--all lists the windows of one estimate; it cannot be combined with --sweep"),
     (["--hardware", "tpu-v9"], "unknown hardware 'tpu-v9'"),
     (["--batch", "0"], "--batch must be at least 1"),
 ])
