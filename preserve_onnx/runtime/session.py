@@ -207,15 +207,12 @@ class _RankWorkers:
             threading.Thread(target=_serve, args=(q,), name=f"preserve-rank-{rank}", daemon=True).start()
         q.put(fn)
 
-    def abandon(self, rank: int) -> None:
-        """Lets rank's thread end after its current work; the next submit starts a new one."""
-        q, self._queues[rank] = self._queues[rank], None
-        if q is not None:
-            q.put(None)
-
     def close(self) -> None:
-        for rank in range(len(self._queues)):
-            self.abandon(rank)
+        """Lets every thread end after its current work."""
+        for rank, q in enumerate(self._queues):
+            self._queues[rank] = None
+            if q is not None:
+                q.put(None)
 
 
 def _serve(q: queue.SimpleQueue) -> None:
@@ -320,6 +317,7 @@ class RankSession:
         self._inputs = tuple(_meta(s.get_inputs()) for s in self._sessions)
         self._run_lock = threading.Lock()  # one run at a time: ranks of two runs would mix in the group
         self._workers = _RankWorkers(self._world)
+        self._stragglers: tuple[threading.Condition, list[int], list[int]] | None = None
         weakref.finalize(self, self._workers.close)
         if self._world > 1:
             weakref.finalize(self, self._lib.preserve_release_group, self._group.encode())
@@ -437,6 +435,7 @@ class RankSession:
         if self._world == 1:
             work(0)
         else:
+            self._await_stragglers()
             for r in range(self._world):
                 self._workers.submit(r, functools.partial(work, r))
             # No deadline while all ranks are healthy (a CPU step of a big model may take minutes and
@@ -450,8 +449,7 @@ class RankSession:
                             deadline = time.monotonic() + _ABORT_GRACE_S
                         if deadline is not None and time.monotonic() > deadline:
                             stuck = [r for r in range(self._world) if not finished_ranks[r]] or [-1]
-                            for r in stuck:
-                                self._workers.abandon(r)  # the next run gets a fresh thread
+                            self._stragglers = (finished, done, stuck)
                             _, rank, exc = min(errors, key=lambda e: e[0])
                             raise PreserveError(
                                 f"rank {rank}: {_first_line(exc)} (rank {stuck[0]} did not stop within "
@@ -464,6 +462,9 @@ class RankSession:
                 with finished:
                     if finished.wait_for(lambda: done[0] == self._world, timeout=_ABORT_GRACE_S):
                         self._lib.preserve_reset_group(self._group.encode())
+                    else:
+                        stuck = [r for r in range(self._world) if not finished_ranks[r]]
+                        self._stragglers = (finished, done, stuck)
                 raise
             # Every rank has returned: clear the aborted state so the next run starts clean.
             self._lib.preserve_reset_group(self._group.encode())
@@ -474,6 +475,20 @@ class RankSession:
             _, rank, exc = root
             raise PreserveError(f"rank {rank}: {_first_line(exc)}") from exc
         return [r for r in results if r is not None]
+
+    def _await_stragglers(self) -> None:
+        """Before a run: the ranks of an earlier run that did not stop in time (a long operator after a
+        failure, Ctrl-C) must have returned, or two threads would act as one rank. Waits for them a
+        while, then resets the group; refuses to run if they are still busy."""
+        if self._stragglers is None:
+            return
+        finished, done, stuck = self._stragglers
+        with finished:
+            if not finished.wait_for(lambda: done[0] == self._world, timeout=_ABORT_GRACE_S):
+                raise PreserveError(f"rank {stuck[0]} of an earlier run is still running (it did not stop after "
+                                    f"that run failed); wait for it or create a new RankSession")
+        self._stragglers = None
+        self._lib.preserve_reset_group(self._group.encode())
 
     def close(self) -> None:
         """Releases the sessions and the rendezvous group; the object cannot run afterwards."""

@@ -398,3 +398,36 @@ def test_ctrl_c_during_a_run_leaves_the_session_usable():
     # The group was reset once the ranks returned: the next run is a fresh wait, not "group aborted".
     with pytest.raises(PreserveError, match=r"timed out after 3000 ms waiting for rank\(s\) 1 to enter"):
         session.run({"x": np.ones(2, np.float32)})
+
+
+def test_a_rank_that_outlives_its_failed_run_is_waited_for_before_the_next(monkeypatch):
+    # Rank 1 fails at once; rank 0 is deep in a chain of MatMuls and only notices at its AllReduce,
+    # long after the (shortened) grace period. The next run must not start rank 0 a second time while
+    # the old rank 0 still runs: it waits, then refuses; once the old one returned, runs work again.
+    from _rt_graphs import init
+
+    import preserve_onnx.runtime.session as session_module
+
+    monkeypatch.setattr(session_module, "_ABORT_GRACE_S", 0.2)
+    n = 1000
+    nodes, cur = [], "x"
+    for i in range(24):  # about 50 GFLOP: a second or more on one core
+        nodes.append(helper.make_node("MatMul", [cur, "w"], [f"m{i}"]))
+        cur = f"m{i}"
+    nodes.append(allreduce(cur, "y", "ar"))
+    w = np.eye(n, dtype=np.float32)
+    m = model(nodes, [vi("x", TensorProto.FLOAT, [n, n])], [vi("y", TensorProto.FLOAT, None)], [init("w", w)])
+    session = RankSession([m, m], timeout_s=60, intra_op_threads=1)
+    x = np.ones((n, n), np.float32)
+    with pytest.raises(PreserveError, match=r"^rank 1: .*\(rank 0 did not stop within 0 s\)$"):
+        session.run({"x": x}, {1: {"x": np.ones((n, 3), np.float32)}})
+    with pytest.raises(PreserveError, match="^rank 0 of an earlier run is still running"):
+        session.run({"x": x})
+    deadline = time.monotonic() + 30
+    while True:  # the old rank 0 returns once its MatMuls are done
+        try:
+            out = session.run({"x": x})
+            break
+        except PreserveError as exc:
+            assert "still running" in str(exc) and time.monotonic() < deadline
+    assert out[0]["y"].tobytes() == out[1]["y"].tobytes() == (2 * x).tobytes()

@@ -139,13 +139,17 @@ inline void CpuRelax() {
 }
 
 struct Group {
-  explicit Group(int world_size) : world(world_size), entered(new std::atomic<uint64_t>[world_size]) {
+  explicit Group(int world_size)
+      : world(world_size), entered(new std::atomic<uint64_t>[world_size]), busy(new std::atomic<bool>[world_size]) {
     for (int p = 0; p < 2; ++p) {
       slots[p].resize(world_size);
       data[p].resize(world_size);
       arrived[p].store(0);
     }
-    for (int r = 0; r < world_size; ++r) entered[r].store(0);
+    for (int r = 0; r < world_size; ++r) {
+      entered[r].store(0);
+      busy[r].store(false);
+    }
   }
   const int world;
   std::atomic<uint64_t> generation{0};  // number of completed collectives
@@ -154,6 +158,9 @@ struct Group {
   // Per rank, the number of collectives it has entered: only that rank's thread writes it while the
   // group runs (the host resets it when no rank runs); others read it for the timeout message.
   std::unique_ptr<std::atomic<uint64_t>[]> entered;
+  // Per rank, whether a thread is inside a collective as that rank: a second one (a thread the host
+  // gave up on, still running an old step) is refused instead of corrupting the rank's buffers.
+  std::unique_ptr<std::atomic<bool>[]> busy;
   // Per parity and rank: the contribution (kind, node, shapes) and a copy of each input's bytes. Each
   // rank writes only its own entries, before it arrives.
   std::vector<Contribution> slots[2];
@@ -174,6 +181,8 @@ std::shared_ptr<Group> FindGroup(const std::string& id) {
   auto it = Registry().find(id);
   return it == Registry().end() ? nullptr : it->second;
 }
+
+constexpr int64_t kMaxTimeoutMs = int64_t{365} * 24 * 3600 * 1000;  // a year: "never" in practice
 
 struct RankConfig {
   int rank = 0;
@@ -587,6 +596,14 @@ struct CollectiveKernel {
 
     std::shared_ptr<Group> g = FindGroup(cfg_.group);
     if (!g) return Fail(Where() + ": rendezvous group is not registered");
+    if (g->busy[cfg_.rank].exchange(true, std::memory_order_acquire)) {
+      return Fail(Where() + ": another thread is already in a collective as this rank (an earlier run "
+                  "that did not stop); this group cannot run until it returns");
+    }
+    struct Release {
+      std::atomic<bool>& flag;
+      ~Release() { flag.store(false, std::memory_order_release); }
+    } release{g->busy[cfg_.rank]};
     if (g->aborted.load(std::memory_order_acquire)) return Fail(Where() + ": group aborted: " + AbortReason(*g));
 
     // Publish a copy of this rank's inputs in the set of this collective's parity, then arrive.
@@ -610,7 +627,7 @@ struct CollectiveKernel {
       g->generation.store(n + 1, std::memory_order_release);
       { std::lock_guard<std::mutex> wake(g->mu); }
       g->cv.notify_all();
-    } else if (!WaitForOthers(*g, n)) {
+    } else if (!WaitForOthers(*g, n) && g->generation.load(std::memory_order_acquire) <= n) {
       std::string msg = Where() + ": timed out after " + std::to_string(cfg_.timeout_ms) +
                         " ms waiting for rank(s) " + MissingRanks(*g, n) + " to enter the collective";
       std::lock_guard<std::mutex> lock(g->mu);
@@ -1118,7 +1135,7 @@ OrtStatus* Register(OrtSessionOptions* options) {
   cfg.rank = static_cast<int>(rank);
   cfg.world = static_cast<int>(world);
   cfg.group = group;
-  cfg.timeout_ms = timeout;
+  cfg.timeout_ms = std::min<int64_t>(timeout, kMaxTimeoutMs);  // deadlines must not overflow the clock
   cfg.mpi = transport == "mpi";
 
   if (cfg.mpi && world > 1) {
@@ -1162,8 +1179,12 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
                                                                                    const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (api == nullptr) return nullptr;  // cannot even report: the runtime is older than our headers
-  g_api = api;
-  Ort::InitApi(api);
+  // Sessions are created on several threads at once: publish the API pointers once.
+  static std::once_flag init_once;
+  std::call_once(init_once, [api] {
+    g_api = api;
+    Ort::InitApi(api);
+  });
   try {
     return Register(options);
   } catch (const std::exception& e) {
@@ -1182,11 +1203,15 @@ __attribute__((visibility("default"))) int preserve_abort_group(const char* grou
 }
 
 // Clears the aborted state and any half-finished rendezvous of `group`. Call only when no rank of
-// the group is running. Returns 0, or 1 when the group is unknown.
+// the group is running. Returns 0, 1 when the group is unknown, or 2 (and changes nothing) when a
+// thread is still inside a collective of the group.
 __attribute__((visibility("default"))) int preserve_reset_group(const char* group) {
   std::shared_ptr<Group> g = FindGroup(group ? group : "");
   if (!g) return 1;
   std::lock_guard<std::mutex> lock(g->mu);
+  for (int r = 0; r < g->world; ++r) {
+    if (g->busy[r].load(std::memory_order_acquire)) return 2;
+  }
   // Ranks may have stopped at different collectives: start every rank at the next parity-0 collective.
   const uint64_t next = (g->generation.load() + 2) & ~uint64_t{1};
   for (int p = 0; p < 2; ++p) {
