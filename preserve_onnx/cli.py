@@ -171,6 +171,8 @@ def _size(label: str, text: str) -> int:
 def _at_least_one(label: str, value: Optional[int]) -> None:
     if value is not None and value < 1:
         raise UsageError(f"{label} must be at least 1")
+
+
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="only errors and the closing line")]
 
 
@@ -242,7 +244,8 @@ def strip(
     """Remove every Prefetch node and reconnect each collective to its original input."""
     from preserve_onnx.optimizer import strip_path
 
-    removed = strip_path(src, dest, _naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version), in_place=in_place)
+    naming = _naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version)
+    removed = strip_path(src, dest, naming, in_place=in_place)
     written = dest / src.name if src.is_file() and dest.is_dir() else dest
     out.print(f"[green]done[/green]: removed {removed} Prefetch nodes; wrote {escape(str(written))}",
               highlight=False, soft_wrap=True)
@@ -362,7 +365,8 @@ def list_hardware() -> None:
                       format_size(hw.max_prefetch_bytes) if hw.max_prefetch_bytes else "none")
     out.print(table)
     for hw in builtin_profiles().values():
-        out.print(f"[bold]{escape(hw.name)}[/bold]: {escape(hw.description)}", highlight=False, soft_wrap=True)
+        out.print(f"[bold]{escape(hw.name)}[/bold]: {escape(hw.description)}", highlight=False,
+                  soft_wrap=True)
 
 
 SweepArgs = Annotated[Optional[list[str]], typer.Argument(
@@ -406,7 +410,8 @@ def estimate(
     if more_sweep and not sweep:
         raise UsageError(f"unexpected argument '{more_sweep[0]}' (sweep groups follow --sweep)")
     config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
-                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
+                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives,
+                     naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                      min_chunk=min_chunk, ranks=ranks)
     hw = config.hardware
     _writable(trace)
@@ -458,7 +463,8 @@ def explore(
     prefetch_version: VersionOpt = 1,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of the table")] = False,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="write the sweep as CSV")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="write a plot, .png, .svg or .pdf (needs matplotlib)")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="write a plot, .png, .svg or .pdf (needs matplotlib)")] = None,
 ) -> None:
     """Sweep the L2 size (0-256 MiB): performance per cost with and without prefetching."""
     import json
@@ -468,7 +474,8 @@ def explore(
 
     start = time.perf_counter()
     config = _config(hardware=hardware, budget=None, l2_fraction=l2_fraction, batch=batch, context=context,
-                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
+                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives,
+                     naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                      min_chunk=min_chunk, ranks=ranks)
     _writable(csv_path, plot)
     if plot is not None:
@@ -498,7 +505,8 @@ def run(
     batch: Annotated[int, typer.Option(help="batch size of generated feeds")] = 1,
     context: Annotated[int, typer.Option(help="past length of generated feeds")] = 16,
     seed: Annotated[int, typer.Option(help="seed of generated feeds")] = 0,
-    opt_level: Annotated[str, typer.Option(help="onnxruntime optimization: disable|basic|extended|layout|all")] = "all",
+    opt_level: Annotated[str, typer.Option(
+        help="onnxruntime optimization: disable|basic|extended|layout|all")] = "all",
     backend: Annotated[str, typer.Option(help="threads: all ranks in this process; mpi: one process per rank "
                                               "under `mpirun -n RANKS` (rank 0 reports)")] = "threads",
     prefetch_domain: DomainOpt = "preserve",
@@ -519,7 +527,8 @@ def run(
         raise UsageError("--seed must be at least 0")
     _writable(save)
     result = run_models(model, against=against, inputs=inputs, steps=steps, batch=batch, context=context,
-                        seed=seed, opt_level=opt_level, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
+                        seed=seed, opt_level=opt_level,
+                        naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                         backend=backend)
     if not result.report:  # an MPI rank other than 0: rank 0 saves and prints for all; exit alike
         if result.comparison is not None and not result.comparison.identical:
@@ -537,16 +546,18 @@ def run(
         out.print(table)
     c = result.comparison
     if c is None:
-        out.print(f"[green]done[/green]: ran {len(result.models)} rank(s) in {result.seconds:.2f} s", highlight=False, soft_wrap=True)
+        out.print(f"[green]done[/green]: ran {len(result.models)} rank(s) in {result.seconds:.2f} s",
+                  highlight=False, soft_wrap=True)
         return
     count = sum(len(o) for o in result.outputs)
     if c.identical:
         out.print(f"[green]PASSED[/green]: {count} outputs on {len(result.models)} rank(s) bit-identical to "
-                  f"{escape(str(against))} after {steps} step(s) (max abs diff 0)", highlight=False, soft_wrap=True)
+                  f"{escape(str(against))} after {steps} step(s) (max abs diff 0)", highlight=False,
+                  soft_wrap=True)
         return
     rank, name, diff = c.worst
-    out.print(f"[red]FAILED[/red]: {len(c.differing)} of {count} outputs differ from {escape(str(against))}; worst: rank "
-              f"{rank} '{escape(name)}', max abs diff {diff:g}", highlight=False, soft_wrap=True)
+    out.print(f"[red]FAILED[/red]: {len(c.differing)} of {count} outputs differ from {escape(str(against))}; "
+              f"worst: rank {rank} '{escape(name)}', max abs diff {diff:g}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
