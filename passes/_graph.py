@@ -14,8 +14,7 @@ from onnx import AttributeProto, GraphProto, NodeProto, TensorProto
 
 from preserve_onnx.errors import PreserveError
 
-MS_DOMAIN = "com.microsoft"
-COLLECTIVE_OPS = ("AllReduce", "AllGather", "AllToAll")
+from preserve_onnx.config import COLLECTIVE_OPS, MS_DOMAIN  # noqa: F401 - re-exported for the passes
 
 # Bits per element for every TensorProto data type we can size; sub-byte types pack.
 _BITS = {

@@ -1,12 +1,19 @@
-"""The optimizer's settings as one frozen value, passed explicitly to every pass that needs it."""
+"""The optimizer's settings as one frozen value, passed explicitly to every pass that needs it.
+
+Both dataclasses check themselves when built, so the Python API refuses what the command line refuses
+(a PreserveError naming the field) instead of writing an invalid model.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from preserve_onnx.errors import UsageError
 from preserve_onnx.hardware import DEFAULT_PROFILE, HardwareProfile, load_profile
 
 PREFETCH_ATTRIBUTES = ("max_size", "offset", "collective")
+MS_DOMAIN = "com.microsoft"
+COLLECTIVE_OPS = ("AllReduce", "AllGather", "AllToAll")
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,20 @@ class PrefetchNaming:
     max_size: str = "max_size"
     offset: str = "offset"
     collective: str = "collective"
+
+    def __post_init__(self) -> None:
+        if not self.domain or not self.op_type:
+            raise UsageError("the Prefetch domain and op type must not be empty")
+        if self.domain == MS_DOMAIN and self.op_type in COLLECTIVE_OPS:
+            # strip/--replan would delete the model's collectives as if they were prefetches
+            raise UsageError(f"the Prefetch op cannot be spelled {MS_DOMAIN}::{self.op_type}: that is a collective")
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise UsageError(f"the Prefetch opset version must be an integer of at least 1, got {self.version!r}")
+        names = [getattr(self, a) for a in PREFETCH_ATTRIBUTES]
+        if not all(isinstance(n, str) and n.isidentifier() for n in names):
+            raise UsageError(f"Prefetch attribute names must be identifiers, got {names}")
+        if len(set(names)) != len(names):
+            raise UsageError(f"two Prefetch attributes would share a name ({dict(zip(PREFETCH_ATTRIBUTES, names))})")
 
     def matches(self, node) -> bool:
         return node.op_type == self.op_type and node.domain == self.domain
@@ -42,3 +63,29 @@ class OptimizeConfig:
     ranks: int | None = None  # None: from the rank directory / sibling rank files, else 1
     replan: bool = False
     disabled: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hardware, str):  # a profile name or FILE.toml, as on the command line
+            object.__setattr__(self, "hardware", load_profile(self.hardware))
+        if not isinstance(self.hardware, HardwareProfile):
+            raise UsageError(f"hardware must be a HardwareProfile or a profile name, got {self.hardware!r}")
+        if not isinstance(self.naming, PrefetchNaming):
+            raise UsageError(f"naming must be a PrefetchNaming, got {self.naming!r}")
+        for name in ("batch", "context"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("budget", "min_chunk"):
+            _check_int(name, getattr(self, name), 0)
+        _check_int("ranks", self.ranks, 1)
+        if not (isinstance(self.l2_fraction, (int, float)) and 0 < self.l2_fraction <= 1):
+            raise UsageError(f"l2_fraction must be in (0, 1], got {self.l2_fraction!r}")
+        unknown = [c for c in self.collectives if c not in COLLECTIVE_OPS]
+        if unknown or not self.collectives or isinstance(self.collectives, str):
+            raise UsageError(f"collectives must be a tuple drawn from {', '.join(COLLECTIVE_OPS)}, "
+                             f"got {self.collectives!r}")
+
+
+def _check_int(name: str, value: object, least: int) -> None:
+    if value is None and name in ("budget", "ranks"):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise UsageError(f"{name} must be an integer of at least {least}, got {value!r}")

@@ -7,6 +7,7 @@ same keys (one table per profile). Every numeric field ``f`` has a companion ``f
 from __future__ import annotations
 
 import functools
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ _NUMERIC_FIELDS = (
     "max_prefetch_bytes",
 )
 
+_POSITIVE_FIELDS = ("hbm_bw", "l2_bw", "link_bw", "peak_flops")  # rates the cost model divides by
+
 # Area and cost figures for `explore` (optional: a profile without them still plans and estimates).
 AREA_COST_FIELDS = (
     "die_mm2",
@@ -43,6 +46,7 @@ AREA_COST_FIELDS = (
     "hbm_cost_per_gb",
     "package_cost",
 )
+_KNOWN_KEYS = ("description", *_NUMERIC_FIELDS, *AREA_COST_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -96,14 +100,20 @@ def _parse_profiles(text: str, origin: str) -> dict[str, HardwareProfile]:
     for name, table in data.items():
         if not isinstance(table, dict):
             raise PreserveError(f"{origin}: '{name}' is not a table of hardware figures")
+        unknown = [k for k in table if k not in _KNOWN_KEYS and not k.endswith("_source")]
+        if unknown:  # a misspelt figure would otherwise be dropped without a word
+            raise PreserveError(f"{origin}: profile '{name}': unknown key '{unknown[0]}' (known: "
+                                f"{', '.join(_KNOWN_KEYS)}, and NAME_source for a figure's source)")
         missing = [f for f in _NUMERIC_FIELDS if f not in table]
         if missing:
             raise PreserveError(f"{origin}: profile '{name}' lacks {', '.join(missing)}")
         values = {}
         for f in (*_NUMERIC_FIELDS, *(f for f in AREA_COST_FIELDS if f in table)):
             v = table[f]
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                raise PreserveError(f"{origin}: profile '{name}': {f} must be a non-negative number")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise PreserveError(f"{origin}: profile '{name}': {f} must be a finite non-negative number")
+            if f in _POSITIVE_FIELDS and v == 0:  # rates the cost model divides by
+                raise PreserveError(f"{origin}: profile '{name}': {f} must be greater than 0")
             values[f] = v
         profiles[name] = HardwareProfile(
             name=name,
@@ -152,6 +162,8 @@ def load_profile(name_or_file: str) -> HardwareProfile:
             if pick not in profiles:
                 raise PreserveError(f"{path} has no profile '{pick}' (has: {', '.join(profiles)})")
             return profiles[pick]
+        if not profiles:
+            raise PreserveError(f"{path} holds no hardware profile (a [NAME] table of figures)")
         if len(profiles) != 1:
             raise PreserveError(f"{path} holds {len(profiles)} profiles; name one as {path}:NAME")
         return next(iter(profiles.values()))

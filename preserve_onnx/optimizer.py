@@ -76,8 +76,12 @@ def resolve_model(model: onnx.ModelProto | str | Path, config: OptimizeConfig,
                   ranks: int | None) -> tuple[onnx.ModelProto, Path | None, int]:
     """``(model, source path or None, ranks)``: loads a path (never its weights) and settles the rank
     count: ``ranks``, else ``config.ranks``, else the number of sibling rank files of a path, else 1."""
+    if ranks is not None and (isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1):
+        raise UsageError(f"ranks must be an integer of at least 1, got {ranks!r}")
+    if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
+        raise UsageError(f"expected an onnx.ModelProto or a path to an .onnx file, got {type(model).__name__}")
     source = None
-    if isinstance(model, (str, Path)):
+    if isinstance(model, (str, os.PathLike)):
         source = Path(model)
         if ranks is None and config.ranks is None:
             ranks = sibling_rank_count(source)
