@@ -681,7 +681,7 @@ def parse_sweep(groups: list[str]) -> dict[str, tuple[int, ...]]:
             key, sep, values = part.partition("=")
             if not sep or key not in SWEEP_KEYS:
                 raise UsageError(f"--sweep: expected key=v1,v2,... with key in {', '.join(SWEEP_KEYS)}; "
-                                    f"got '{part}'")
+                                 f"got '{part}'")
             if key in out:
                 raise UsageError(f"--sweep: '{key}' given twice")
             try:
@@ -690,6 +690,8 @@ def parse_sweep(groups: list[str]) -> dict[str, tuple[int, ...]]:
                 raise UsageError(f"--sweep: '{part}' holds a value that is not a whole number") from None
             if not parsed or min(parsed) < 1:
                 raise UsageError(f"--sweep: '{part}' needs values of at least 1")
+            if len(set(parsed)) != len(parsed):  # one point per value: a repeat would be counted twice
+                raise UsageError(f"--sweep: '{part}' repeats a value")
             out[key] = parsed
     return out
 

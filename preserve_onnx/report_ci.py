@@ -213,8 +213,8 @@ def render_diff(console: Console, diff: Diff) -> None:
 
 
 def _md(text: str) -> str:
-    """Inline code for a table cell: no pipes or backticks break out of it."""
-    text = text.replace("|", "\\|").replace("`", "'")
+    """Inline code for a table cell: no pipes, backticks or line breaks break out of it."""
+    text = text.replace("|", "\\|").replace("`", "'").replace("\r\n", "↵").replace("\n", "↵").replace("\r", "↵")
     return f"`{text}`" if text else ""
 
 

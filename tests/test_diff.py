@@ -435,3 +435,9 @@ def test_markdown_cells_cannot_break_the_table():
     b.graph.node[0].name = "a|b`c"
     text = diff_markdown(diff(a, b))
     assert "| + | node |  | `a\\|b'c` |" in text
+    # A line break inside a value (a doc_string) would end the row and spill the rest out of the table.
+    a, b = chain(), chain()
+    b.graph.node[0].doc_string = "line1\nline2 | </details>\r\nend"
+    rows = [x for x in diff_markdown(diff(a, b)).splitlines() if "doc_string" in x]
+    assert len(rows) == 1 and rows[0].startswith("| ~ | node |") and rows[0].endswith(
+        "doc_string: `(none)` → `line1↵line2 \\| </details>↵end` |")

@@ -162,6 +162,7 @@ def test_explore_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("args, message", [
     (["--sweep", "heads=2"], "key in batch, context, ranks"),
+    (["--sweep", "batch=1,8,1"], "--sweep: 'batch=1,8,1' repeats a value"),
     (["batch=2"], "unexpected argument 'batch=2'"),
     (["--sweep", "batch=1", "--trace", "t.json"], "cannot be combined with --sweep"),
     (["--sweep", "batch=1", "--all"], "--all lists the windows of one estimate; it cannot be combined with --sweep"),

@@ -72,6 +72,15 @@ def test_cli_against_passes_under_mpi(tmp_path):
     assert res.stdout.count("PASSED") == 1 and "10 outputs on 2 rank(s) bit-identical" in " ".join(res.stdout.split())
 
 
+def test_against_with_another_rank_count_says_so_under_mpi():
+    src = SAMPLES / "llama-gqa" / "tp2"
+    twin = SAMPLES / "llama-gqa" / "full" / "model.onnx"
+    res = mpirun(2, str(CLI), "run", str(src), "--backend", "mpi", "--against", str(twin))
+    assert res.returncode == 1
+    assert f"error: {src} has 2 ranks but {twin} has 1" in " ".join(res.stderr.split())
+    assert "mpirun -n 1" not in res.stderr
+
+
 def test_cli_inputs_file_under_mpi(tmp_path):
     src = SAMPLES / "llama-gqa" / "tp2"
     shared, per_rank = generate_feeds(RankSession(sorted(src.glob("model_*.onnx"))), seed=5, context=7)
