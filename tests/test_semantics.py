@@ -94,3 +94,24 @@ def test_cli_run_on_one_rank_file_runs_its_whole_rank_set(tmp_path):
     r = runner.invoke(app, ["run", str(src / "model_01.onnx"), "--against", str(src / "model_00.onnx")])
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[-1].startswith("PASSED: 10 outputs on 2 rank(s) bit-identical")
+
+
+def test_in_memory_flow_load_optimize_run(tmp_path, monkeypatch):
+    # load_model -> optimize -> RankSession, with the weights left in the sample's external data files.
+    from preserve_onnx import load_model, optimize
+    from preserve_onnx.errors import PreserveError
+    from preserve_onnx.runtime import RankSession, generate_feeds
+
+    monkeypatch.chdir(tmp_path)  # not the models' folder: the data must not be looked for here
+    src = SAMPLES / "llama-gqa" / "tp2"
+    originals = [load_model(src / f"model_0{r}.onnx") for r in range(2)]
+    with pytest.raises(PreserveError, match=r"^rank 0: the model keeps '.*' in an external data file, and a "
+                                            r"ModelProto does not know its folder: pass data_dir=\.\.\."):
+        RankSession(originals)
+    with pytest.raises(PreserveError, match="data_dir names 1 folders for 2 models"):
+        RankSession(originals, data_dir=[src])
+    before = RankSession(originals, data_dir=src)
+    after = RankSession([optimize(m)[0] for m in originals], data_dir=[src, src])
+    shared, per_rank = generate_feeds(before, batch=2, context=5)
+    a, b = before.run(shared, per_rank), after.run(shared, per_rank)
+    assert all(a[r][k].tobytes() == b[r][k].tobytes() for r in range(2) for k in a[r])

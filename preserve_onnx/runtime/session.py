@@ -270,6 +270,9 @@ class RankSession:
         timeout_s: How long a rank waits in a collective for the others before it fails.
         intra_op_threads: onnxruntime intra-op threads per rank; default: the CPU count divided by
             the world size (at least 1), so that ranks do not oversubscribe the machine.
+        data_dir: For models given as ``onnx.ModelProto`` whose weights live in external data
+            files: the folder those files are in (one for all ranks, or one per rank). A ModelProto
+            does not know where it was loaded from, so without it such a model is refused.
 
     Raises:
         PreserveError: The library is missing or a rank's model cannot be loaded.
@@ -285,12 +288,19 @@ class RankSession:
         opt_level: ort.GraphOptimizationLevel | str | int = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         timeout_s: float = 60,
         intra_op_threads: int | None = None,
+        data_dir: str | os.PathLike | Sequence[str | os.PathLike | None] | None = None,
     ) -> None:
         if isinstance(models, (str, os.PathLike, onnx.ModelProto)):
             models = [models]
         models = list(models)
         if not models:
             raise PreserveError("RankSession needs at least one model")
+        if data_dir is None or isinstance(data_dir, (str, os.PathLike)):
+            data_dirs = [data_dir] * len(models)
+        else:
+            data_dirs = list(data_dir)
+            if len(data_dirs) != len(models):
+                raise PreserveError(f"data_dir names {len(data_dirs)} folders for {len(models)} models")
         if timeout_s <= 0:
             raise PreserveError(f"timeout_s must be positive, got {timeout_s}")
         self._lib = _native()
@@ -305,7 +315,20 @@ class RankSession:
                                       threads=threads, timeout_s=self._timeout_s, prefetch=(
                                           prefetch_domain, prefetch_op, *prefetch_attrs))
             model = models[rank]
-            source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
+            if isinstance(model, onnx.ModelProto):
+                external = next((t for t in model.graph.initializer
+                                 if t.data_location == onnx.TensorProto.EXTERNAL), None)
+                if external is not None:
+                    if data_dirs[rank] is None:
+                        raise PreserveError(
+                            f"rank {rank}: the model keeps '{external.name}' in an external data file, and a "
+                            f"ModelProto does not know its folder: pass data_dir=..., or the model's path")
+                    # onnxruntime would otherwise look for the files in the current directory.
+                    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                     os.fspath(data_dirs[rank]))
+                source = model.SerializeToString()
+            else:
+                source = os.fspath(model)
             try:
                 return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises several unrelated types here
