@@ -509,6 +509,7 @@ def run(
         help="onnxruntime optimization: disable|basic|extended|layout|all")] = "all",
     backend: Annotated[str, typer.Option(help="threads: all ranks in this process; mpi: one process per rank "
                                               "under `mpirun -n RANKS` (rank 0 reports)")] = "threads",
+    timeout: Annotated[float, typer.Option(help="seconds a rank waits in a collective for the others")] = 60,
     prefetch_domain: DomainOpt = "preserve",
     prefetch_op: OpOpt = "Prefetch",
     prefetch_attr: AttrOpt = None,
@@ -525,11 +526,13 @@ def run(
         _at_least_one(label, value)
     if seed < 0:
         raise UsageError("--seed must be at least 0")
+    if not timeout > 0:
+        raise UsageError("--timeout must be positive")
     _writable(save)
     result = run_models(model, against=against, inputs=inputs, steps=steps, batch=batch, context=context,
                         seed=seed, opt_level=opt_level,
                         naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
-                        backend=backend)
+                        timeout_s=timeout, backend=backend)
     if not result.report:  # an MPI rank other than 0: rank 0 saves and prints for all; exit alike
         if result.comparison is not None and not result.comparison.identical:
             raise typer.Exit(1)

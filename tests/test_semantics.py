@@ -115,3 +115,33 @@ def test_in_memory_flow_load_optimize_run(tmp_path, monkeypatch):
     shared, per_rank = generate_feeds(before, batch=2, context=5)
     a, b = before.run(shared, per_rank), after.run(shared, per_rank)
     assert all(a[r][k].tobytes() == b[r][k].tobytes() for r in range(2) for k in a[r])
+
+
+def test_cli_run_names_the_original_when_it_fails(tmp_path):
+    r = runner.invoke(app, ["run", str(SAMPLES / "llama-gqa" / "tp2"), "--against",
+                            str(SAMPLES / "llama-gqa-fp16" / "tp2")])
+    assert r.exit_code == 1
+    assert r.output.startswith(f"error: the original {SAMPLES / 'llama-gqa-fp16' / 'tp2'}: rank 0: Unexpected input "
+                               "data type")
+
+
+def test_cli_run_timeout_option(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    # Rank 1 runs no collective: rank 0 waits in its AllReduce for --timeout seconds, then fails.
+    def rank(with_collective):
+        node = (helper.make_node("AllReduce", ["x"], ["y"], name="ar", domain="com.microsoft") if with_collective
+                else helper.make_node("Identity", ["x"], ["y"]))
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        m.ir_version = 8
+        return m
+
+    onnx.save(rank(True), tmp_path / "model_00.onnx")
+    onnx.save(rank(False), tmp_path / "model_01.onnx")
+    r = runner.invoke(app, ["run", str(tmp_path), "--timeout", "0.5"])
+    assert r.exit_code == 1 and "timed out after 500 ms waiting for rank(s) 1" in r.output
+    r = runner.invoke(app, ["run", str(tmp_path), "--timeout", "0"])
+    assert (r.exit_code, r.output.strip()) == (2, "error: --timeout must be positive")

@@ -433,7 +433,7 @@ def run_models_mpi(path: Path, *, against: Path | None = None, inputs: Path | No
     The comparison against ``against`` is merged over all ranks on every rank, so all exit alike.
     """
     from preserve_onnx.runtime.decode import run_steps
-    from preserve_onnx.runtime.runner import RunResult, decode, rank_models, session_kwargs
+    from preserve_onnx.runtime.runner import RunResult, decode, rank_models, running_original, session_kwargs
 
     start = time.perf_counter()
     models = rank_models(path)
@@ -456,7 +456,8 @@ def run_models_mpi(path: Path, *, against: Path | None = None, inputs: Path | No
                                                seed=seed)
         comparison = None
         if against is not None:
-            with MpiRankSession(list(originals), comm=comm, **kw) as original:
+            with running_original(against, keep=(PeerFailed,)), \
+                    MpiRankSession(list(originals), comm=comm, **kw) as original:
                 expected = run_steps(original, shared, per_rank, steps)
             pad = [{} for _ in range(ctx.size)]
             mine = compare_outputs([*pad[:ctx.rank], expected[ctx.rank]], [*pad[:ctx.rank], outputs[ctx.rank]])

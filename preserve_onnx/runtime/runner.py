@@ -7,6 +7,7 @@ a seed, or read from an .npz), so any output difference is the optimizer's fault
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,18 @@ def decode(session, inputs: Path | None, *, steps: int, batch: int, context: int
     return shared, per_rank, run_steps(session, shared, per_rank, steps)
 
 
+@contextlib.contextmanager
+def running_original(against: Path, keep: tuple[type, ...] = ()):
+    """Names ``--against``'s model in a failure of its run (its feeds are MODEL's: a dtype or input
+    it does not share fails there, not in MODEL). Exceptions of the ``keep`` types pass unchanged."""
+    try:
+        yield
+    except keep:
+        raise
+    except PreserveError as exc:
+        raise PreserveError(f"the original {against}: {exc}") from exc
+
+
 def run_models(path: Path, *, against: Path | None = None, inputs: Path | None = None, steps: int = 1,
                batch: int = 1, context: int = DEFAULT_CONTEXT, seed: int = 0, opt_level: str = "all",
                naming: PrefetchNaming = PrefetchNaming(), timeout_s: float = 60,
@@ -99,7 +112,7 @@ def run_models(path: Path, *, against: Path | None = None, inputs: Path | None =
         shared, per_rank, outputs = decode(session, inputs, steps=steps, batch=batch, context=context, seed=seed)
     comparison = None
     if against is not None:
-        with RankSession(list(originals), **kw) as original:
+        with running_original(against), RankSession(list(originals), **kw) as original:
             expected = run_steps(original, shared, per_rank, steps)
         comparison = compare_outputs(expected, outputs)
     return RunResult(tuple(models), outputs, comparison, steps, time.perf_counter() - start)
