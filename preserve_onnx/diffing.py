@@ -27,8 +27,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import AttributeProto, TensorProto, helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
@@ -183,8 +184,8 @@ class _Differ:
         changes = _field_changes(a, b, _MODEL_FIELDS)
         if changes:
             self.add("model", "changed", "", "(model)", "model fields", changes)
-        ops_a = {o.domain: str(o.version) for o in a.opset_import}
-        ops_b = {o.domain: str(o.version) for o in b.opset_import}
+        ops_a = {o.domain or "ai.onnx": str(o.version) for o in a.opset_import}  # "" is the default domain
+        ops_b = {o.domain or "ai.onnx": str(o.version) for o in b.opset_import}
         self.keyed("opset", "", ops_a, ops_b, lambda v: f"version {v}",
                    lambda x, y: [Change("version", x, y)] if x != y else [])
         meta_a = {p.key: p.value for p in a.metadata_props}
@@ -433,6 +434,10 @@ def _attr_str(attr: AttributeProto) -> str:
     if attr.type == AttributeProto.TENSORS:
         joined = b"".join(t.SerializeToString(deterministic=True) for t in attr.tensors)
         return f"<{len(attr.tensors)} tensors sha256:{hashlib.sha256(joined).hexdigest()[:16]}>"
+    if attr.type == AttributeProto.FLOAT:  # stored as float32: 0.1, not 0.10000000149011612
+        return str(np.float32(attr.f))
+    if attr.type == AttributeProto.FLOATS:
+        return _short(f"[{', '.join(str(np.float32(v)) for v in attr.floats)}]")
     value = helper.get_attribute_value(attr)
     if isinstance(value, bytes):
         value = value.decode(errors="replace")
@@ -518,8 +523,15 @@ def _ext_key_order(key: str) -> tuple[int, str]:
 
 
 def _inline_digest(t: TensorProto) -> str:
-    """A short hash of an inline tensor's values (whatever field holds them)."""
-    if t.HasField("raw_data"):
+    """A short hash of an inline tensor's values: the same values give the same hash whichever field
+    holds them (``raw_data`` or ``float_data``, ...)."""
+    if t.data_type != TensorProto.STRING:
+        try:
+            array = numpy_helper.to_array(t)
+            payload = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        except Exception:  # noqa: BLE001 - a malformed tensor: hash what is stored instead
+            payload = t.raw_data if t.HasField("raw_data") else t.SerializeToString(deterministic=True)
+    elif t.HasField("raw_data"):
         payload = t.raw_data
     else:
         values = TensorProto()
