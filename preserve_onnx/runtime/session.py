@@ -216,8 +216,12 @@ class _RankWorkers:
 
 
 def _serve(q: queue.SimpleQueue) -> None:
-    while (fn := q.get()) is not None:
+    while True:
+        fn = q.get()
+        if fn is None:
+            return
         fn()
+        del fn  # the work holds its RankSession: waiting with it would keep the session alive forever
 
 
 def session_options(*, rank: int, world: int, group: str, level: ort.GraphOptimizationLevel, threads: int,

@@ -431,3 +431,23 @@ def test_a_rank_that_outlives_its_failed_run_is_waited_for_before_the_next(monke
         except PreserveError as exc:
             assert "still running" in str(exc) and time.monotonic() < deadline
     assert out[0]["y"].tobytes() == out[1]["y"].tobytes() == (2 * x).tobytes()
+
+
+def test_a_session_that_ran_is_freed_with_its_threads():
+    import gc
+    import threading
+    import weakref
+
+    before = threading.active_count()
+    m = _allreduce_identity_model(TensorProto.FLOAT)
+    session = RankSession([m, m])
+    session.run({"x": np.ones((1, 5), np.float32)})
+    assert threading.active_count() == before + 2  # one persistent thread per rank
+    ref = weakref.ref(session)
+    del session
+    gc.collect()
+    assert ref() is None
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before
