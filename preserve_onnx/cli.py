@@ -20,8 +20,11 @@ from preserve_onnx.hardware import DEFAULT_PROFILE, builtin_profiles, format_siz
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
                   help="Prefetch weights and KV-cache into L2 while tensor-parallel collectives communicate.")
-out = Console()
-err = Console(stderr=True)
+# Under mpirun, Open MPI gives each rank a pseudo-terminal even when the job's output goes to a pipe or
+# a file, so a rank cannot tell: no colour there.
+_UNDER_MPI = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+out = Console(force_terminal=False if _UNDER_MPI else None)
+err = Console(stderr=True, force_terminal=False if _UNDER_MPI else None)
 
 BIG_COPY = 64 << 20  # show a progress bar for data files above this size
 

@@ -39,7 +39,8 @@ def mpirun(n: int, *argv: str, timeout: float = 120, env: dict | None = None) ->
     """Runs argv in n processes on this machine, over loopback only."""
     environ = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                    OMPI_MCA_btl_tcp_if_include="lo", OMPI_MCA_oob_tcp_if_include="lo",
-                   OMPI_MCA_btl_vader_single_copy_mechanism="none", NO_COLOR="1", COLUMNS="200", **(env or {}))
+                   OMPI_MCA_btl_vader_single_copy_mechanism="none", NO_COLOR="1", COLUMNS="200")
+    environ.update(env or {})
     cmd = [MPIRUN, "-n", str(n), "--oversubscribe", *argv]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environ, cwd=REPO)
 
@@ -70,6 +71,14 @@ def test_cli_against_passes_under_mpi(tmp_path):
     res = mpirun(2, str(CLI), "run", str(opt), "--backend", "mpi", "--against", str(src), "--steps", "3", "-q")
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("PASSED") == 1 and "10 outputs on 2 rank(s) bit-identical" in " ".join(res.stdout.split())
+
+
+def test_no_colour_codes_under_mpirun():
+    # Open MPI hands each rank a pseudo-terminal even when the job's output is piped.
+    res = mpirun(2, str(CLI), "run", str(SAMPLES / "llama-gqa" / "tp2"), "--backend", "mpi", "-q",
+                 env={"NO_COLOR": "", "TERM": "xterm-256color"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().startswith("done: ran 2 rank(s) in ") and "\x1b[" not in res.stdout + res.stderr
 
 
 def test_against_with_another_rank_count_says_so_under_mpi():
