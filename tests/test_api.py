@@ -101,3 +101,16 @@ def test_strip_refuses_nodes_that_only_share_the_prefetch_spelling(tmp_path):
     with pytest.raises(preserve_onnx.PreserveError, match=r"^node '.*' \(com\.microsoft::"
                        r"SkipSimplifiedLayerNormalization\) is not a Prefetch \(2 inputs, 1 output\)"):
         strip(MODEL, naming)
+
+
+def test_optimizing_does_not_load_the_diff_and_inspect_modules():
+    import subprocess
+    import sys
+
+    code = ("import sys; from preserve_onnx.optimizer import optimize_path; "
+            "print(sorted(m for m in ('preserve_onnx.diffing', 'preserve_onnx.inspection') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (r.returncode, r.stdout.strip()) == (0, "[]"), r.stderr
+    assert "diff" in dir(preserve_onnx)
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        preserve_onnx.nope
