@@ -52,8 +52,16 @@ def _graph_only(model: onnx.ModelProto) -> onnx.ModelProto:
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept)
     declared = {vi.name for vi in out.graph.input}
-    out.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                           for t in external if t.name not in declared)
+    for t in external:
+        if t.name not in declared:
+            # What onnx.helper.make_tensor_value_info builds, without its per-call checks (1000s here).
+            vi = out.graph.input.add()
+            vi.name = t.name
+            tensor_type = vi.type.tensor_type
+            tensor_type.elem_type = t.data_type
+            tensor_type.shape.SetInParent()
+            for d in t.dims:
+                tensor_type.shape.dim.add().dim_value = d
     return out
 
 
