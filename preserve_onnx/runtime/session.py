@@ -344,7 +344,8 @@ class RankSession:
         self._inputs = tuple(_meta(s.get_inputs()) for s in self._sessions)
         self._run_lock = threading.Lock()  # one run at a time: ranks of two runs would mix in the group
         self._workers = _RankWorkers(self._world)
-        self._stragglers: tuple[threading.Condition, list[int], list[int]] | None = None
+        # An earlier run's rank threads that had not returned when it raised: (its condition, its flags).
+        self._stragglers: tuple[threading.Condition, list[bool]] | None = None
         weakref.finalize(self, self._workers.close)
         if self._world > 1:
             weakref.finalize(self, self._lib.preserve_release_group, self._group.encode())
@@ -438,8 +439,7 @@ class RankSession:
         errors: list[tuple[float, int, BaseException]] = []
         lock = threading.Lock()
         finished = threading.Condition()
-        done = [0]  # ranks whose thread has finished its work, guarded by `finished`
-        finished_ranks = [False] * self._world
+        done = [False] * self._world  # per rank: its thread has finished its work; guarded by `finished`
 
         def work(rank: int) -> None:
             try:
@@ -455,8 +455,7 @@ class RankSession:
                     self._lib.preserve_abort_group(self._group.encode())
             finally:
                 with finished:
-                    done[0] += 1
-                    finished_ranks[rank] = True
+                    done[rank] = True
                     finished.notify_all()
 
         if self._world == 1:
@@ -471,12 +470,12 @@ class RankSession:
             deadline = None
             try:
                 with finished:
-                    while done[0] < self._world:
+                    while not all(done):
                         if errors and deadline is None:
                             deadline = time.monotonic() + _ABORT_GRACE_S
                         if deadline is not None and time.monotonic() > deadline:
-                            stuck = [r for r in range(self._world) if not finished_ranks[r]] or [-1]
-                            self._stragglers = (finished, done, stuck)
+                            stuck = [r for r in range(self._world) if not done[r]] or [-1]
+                            self._stragglers = (finished, done)
                             _, rank, exc = min(errors, key=lambda e: e[0])
                             raise PreserveError(
                                 f"rank {rank}: {_first_line(exc)} (rank {stuck[0]} did not stop within "
@@ -487,11 +486,10 @@ class RankSession:
                 # Release the ranks and, once they have returned, leave the group ready for the next run.
                 self._lib.preserve_abort_group(self._group.encode())
                 with finished:
-                    if finished.wait_for(lambda: done[0] == self._world, timeout=_ABORT_GRACE_S):
+                    if finished.wait_for(lambda: all(done), timeout=_ABORT_GRACE_S):
                         self._lib.preserve_reset_group(self._group.encode())
                     else:
-                        stuck = [r for r in range(self._world) if not finished_ranks[r]]
-                        self._stragglers = (finished, done, stuck)
+                        self._stragglers = (finished, done)
                 raise
             # Every rank has returned: clear the aborted state so the next run starts clean.
             self._lib.preserve_reset_group(self._group.encode())
@@ -509,10 +507,11 @@ class RankSession:
         while, then resets the group; refuses to run if they are still busy."""
         if self._stragglers is None:
             return
-        finished, done, stuck = self._stragglers
+        finished, done = self._stragglers
         with finished:
-            if not finished.wait_for(lambda: done[0] == self._world, timeout=_ABORT_GRACE_S):
-                raise PreserveError(f"rank {stuck[0]} of an earlier run is still running (it did not stop after "
+            if not finished.wait_for(lambda: all(done), timeout=_ABORT_GRACE_S):
+                stuck = next(r for r, d in enumerate(done) if not d)
+                raise PreserveError(f"rank {stuck} of an earlier run is still running (it did not stop after "
                                     f"that run failed); wait for it or create a new RankSession")
         self._stragglers = None
         self._lib.preserve_reset_group(self._group.encode())
