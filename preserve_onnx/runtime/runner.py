@@ -49,7 +49,7 @@ def rank_models(path: Path) -> tuple[Path, ...]:
     if not path.is_dir():
         if sibling_rank_count(path) == 1:
             return (path,)
-        return next(s.files for s in find_rank_sets(path.parent) if path in s.files)
+        return next(s.files for s in find_rank_sets(path.parent) if any(f.name == path.name for f in s.files))
     sets = find_rank_sets(path)
     if len(sets) > 1:
         names = ", ".join(s.pattern.replace("{rank}", "*") for s in sets)
