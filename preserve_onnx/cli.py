@@ -580,5 +580,13 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:  # before a command's own handler is in place (argument parsing)
-        err.print("[red]interrupted[/red]: nothing was written", highlight=False)
-        sys.exit(1)
+        _interrupted()
+    except SystemExit as exc:
+        if exc.code == 130:  # typer's silent exit for a Ctrl-C outside a command's handler
+            _interrupted()
+        raise
+
+
+def _interrupted() -> None:
+    err.print("[red]interrupted[/red]: nothing was written", highlight=False)
+    sys.exit(1)

@@ -191,3 +191,21 @@ def test_closing_line_names_the_file_written_into_a_folder(tmp_path):
     (tmp_path / "stripped").mkdir()
     r = cli("strip", tmp_path / "model_00.onnx", tmp_path / "stripped")
     assert r.output.strip() == f"done: removed 15 Prefetch nodes; wrote {tmp_path / 'stripped' / 'model_00.onnx'}"
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.12, 0.2])
+def test_ctrl_c_at_any_moment_is_one_line(delay):
+    # While the command line's modules load, while typer parses, or while the command runs.
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    command = Path(sys.executable).parent / "preserve-onnx"
+    p = subprocess.Popen([str(command), "inspect", str(SAMPLES / "llama-gqa" / "tp2")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert (p.returncode, err.decode()) == (1, "interrupted: nothing was written\n")
