@@ -53,7 +53,10 @@ def inspection_dict(inspections: Sequence[Inspection], config: OptimizeConfig) -
 
 
 def _where(graph: str, name: str) -> str:
-    return f"{graph}/{name}" if graph else name
+    """``graph/node``; exporters' node names often start with ``/`` already (``/model/layers.0/...``)."""
+    if not graph:
+        return name
+    return f"{graph}{name}" if name.startswith("/") else f"{graph}/{name}"
 
 
 def collectives_table(ins: Inspection, title: str) -> Table:

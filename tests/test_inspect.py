@@ -176,3 +176,11 @@ def test_explicit_ranks_win_over_the_directory_count():
     forced = json.loads(cli("inspect", SAMPLES / "llama-gqa" / "tp2", "--json", "--ranks", "4").output)
     assert [m["ranks"] for m in by_files["models"]] == [2, 2]
     assert [m["ranks"] for m in forced["models"]] == [4, 4]
+
+
+def test_collectives_in_branches_are_named_without_a_double_slash(wide):
+    r = cli("inspect", SAMPLES / "merged-decoder" / "tp2" / "model_00.onnx")
+    assert r.exit_code == 0
+    rows = [x.split("│")[1].strip() for x in r.output.splitlines() if x.startswith("│")]
+    assert "optimum::if:else_branch/else/model/layers.0/attn/o_proj/AllReduce" in rows
+    assert not any("//" in x for x in rows)
