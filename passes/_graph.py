@@ -69,8 +69,10 @@ class Scope:
     """One graph with everything visible from it: own and outer initializers, producers, graph inputs.
 
     ``path`` is "" for the main graph and ``<node>/<attribute>`` (nested with '/') for subgraphs.
-    ``main_inputs`` are the main graph's inputs (KV-cache lives there); a subgraph's own formal inputs
-    (Loop/Scan state) are activations.
+    ``main_inputs`` are the main graph's inputs (KV-cache lives there); the formal inputs of this
+    subgraph and of the subgraphs around it (Loop/Scan state) are activations, even when they share a
+    main input's name (``local_inputs``). ``dq_scales`` / ``dq_weights``: the tensors visible here that
+    a DequantizeLinear reads as its scale / its quantized input (never, or only on request, targets).
     """
 
     path: str
@@ -79,6 +81,8 @@ class Scope:
     producers: dict[str, NodeProto]
     main_inputs: dict[str, onnx.ValueInfoProto]
     local_inputs: frozenset[str] = field(default_factory=frozenset)
+    dq_scales: frozenset[str] = field(default_factory=frozenset)
+    dq_weights: frozenset[str] = field(default_factory=frozenset)
 
 
 def iter_graphs(model: onnx.ModelProto) -> Iterator[tuple[str, GraphProto]]:
@@ -106,25 +110,32 @@ def iter_scopes(model: onnx.ModelProto) -> Iterator[Scope]:
     """Every graph of the model (main first, then subgraphs depth-first in node order)."""
     main = model.graph
     main_inputs = {vi.name: vi for vi in main.input}
-    yield from _walk(main, "", {}, {}, main_inputs, frozenset(main_inputs))
+    yield from _walk(main, "", {}, {}, main_inputs, frozenset(), frozenset(), (frozenset(), frozenset()))
 
 
-def _walk(graph, path, outer_inits, outer_producers, main_inputs, local_inputs):
+def _walk(graph, path, outer_inits, outer_producers, main_inputs, own_inputs, outer_locals, outer_dq):
     inits = dict(outer_inits)
     producers = dict(outer_producers)
-    for name in local_inputs:
+    for name in own_inputs:
         # A subgraph's formal input shadows an outer tensor of the same name.
         inits.pop(name, None)
         producers.pop(name, None)
     for t in graph.initializer:
         inits[t.name] = t
         producers.pop(t.name, None)
+    scales, quantized = set(outer_dq[0]), set(outer_dq[1])
     for node in graph.node:
         for out in node.output:
             if out:
                 producers[out] = node
                 inits.pop(out, None)
-    yield Scope(path, graph, inits, producers, main_inputs, local_inputs)
+        if node.op_type == "DequantizeLinear" and is_default_domain(node.domain):
+            quantized.add(node.input[0])
+            if len(node.input) > 1:
+                scales.add(node.input[1])
+    local_inputs = outer_locals | own_inputs
+    dq = (frozenset(scales), frozenset(quantized))
+    yield Scope(path, graph, inits, producers, main_inputs, local_inputs, *dq)
     for index, node in enumerate(graph.node):
         for attr in node.attribute:
             subs = []
@@ -136,7 +147,7 @@ def _walk(graph, path, outer_inits, outer_producers, main_inputs, local_inputs):
                 sub_path = f"{path}/{node_label(node, index)}:{attr_name}" if path else \
                     f"{node_label(node, index)}:{attr_name}"
                 sub_inputs = frozenset(vi.name for vi in sub.input)
-                yield from _walk(sub, sub_path, inits, producers, main_inputs, sub_inputs)
+                yield from _walk(sub, sub_path, inits, producers, main_inputs, sub_inputs, local_inputs, dq)
 
 
 def all_names(model: onnx.ModelProto) -> set[str]:

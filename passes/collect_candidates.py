@@ -103,6 +103,8 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int, context: int
     """Candidates of ``window`` (which lives in ``scope``), in first-use order."""
     nodes = scope.graph.node
     in_window = {out for i in window.nodes for out in nodes[i].output if out}
+    # Every input of the collective (input 0 is the anchor; AllReduce is variadic): never a target.
+    collective_inputs = set(nodes[window.index].input) - {""}
     candidates: list[Candidate] = []
     skipped: list[Skipped] = []
     seen: dict[str, str] = {}
@@ -120,10 +122,11 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int, context: int
             def skip(reason: str, tensor: str = name) -> None:
                 skipped.append(Skipped(tensor, consumer, slot, reason))
 
-            if name == window.anchor:
+            if name in collective_inputs:
                 skip("the collective's own input")
                 continue
-            if slot in slots.kv and name in scope.main_inputs and name not in scope.initializers:
+            if slot in slots.kv and name in scope.main_inputs and name not in scope.initializers \
+                    and name not in scope.local_inputs:  # a Loop's carried state may reuse a KV name
                 if not kv:
                     skip("KV-cache excluded by --no-kv")
                     continue
@@ -136,7 +139,16 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int, context: int
                     continue
                 for tensor, why in res.excluded:
                     skip(why, tensor)
-                found = [(r, initializer_nbytes(scope.initializers[r])) for r in res.roots]
+                found = []
+                for root in res.roots:
+                    if root in collective_inputs:
+                        skip("the collective's own input (through a constant-only chain)", root)
+                    elif root in scope.dq_scales:  # read here directly, but a DequantizeLinear's scale too
+                        skip(DQ_SCALE, root)
+                    elif root in scope.dq_weights and not qdq_weights:
+                        skip(DQ_WEIGHT, root)
+                    else:
+                        found.append((root, initializer_nbytes(scope.initializers[root])))
                 kind = "weight"
             else:
                 skip("KV slot not fed by a graph input" if name not in scope.initializers

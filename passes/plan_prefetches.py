@@ -100,12 +100,13 @@ def fill_window(window: Window, candidates, budget: int, min_chunk: int, max_op:
     for i, cand in enumerate(candidates):
         if cand.nbytes <= remaining:
             span = cand.nbytes
-        elif remaining >= min_chunk:
+        elif remaining > 0 and remaining >= min_chunk:  # max_size 0 would mean the whole tensor
             span = remaining
         else:
+            why = (f"budget exhausted ({remaining} B left < min chunk {min_chunk} B)" if remaining > 0
+                   else "budget exhausted (0 B left)")
             for rest in candidates[i:]:
-                skipped.append(Skipped(rest.tensor, rest.consumer, rest.slot,
-                                       f"budget exhausted ({remaining} B left < min chunk {min_chunk} B)"))
+                skipped.append(Skipped(rest.tensor, rest.consumer, rest.slot, why))
             break
         whole = span == cand.nbytes
         pieces = _split(span, max_op)

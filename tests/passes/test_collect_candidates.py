@@ -152,3 +152,78 @@ def test_collective_input_is_never_prefetched():
     found = collect(g.model())
     assert found.candidates == ()
     assert ("h", "the collective's own input") in [(s.tensor, s.reason) for s in found.skipped]
+
+
+def test_the_collectives_inputs_are_never_candidates_even_through_a_chain():
+    g = G()
+    g.input("x", ["batch", 16])
+    g.weight("wc", (16, 16))
+    g.allreduce("wc", "a0", name="ar0")  # a collective over a constant (odd, but legal)
+    g.node("Transpose", ["wc"], ["wcT"], name="tr", perm=[1, 0])
+    g.node("MatMul", ["x", "wcT"], ["h1"], name="mm1")
+    g.node("MatMul", ["h1", "a0"], ["y"], name="mm2")
+    g.output("y")
+    found = collect(g.model())
+    assert found.candidates == ()
+    assert ("wc", "the collective's own input (through a constant-only chain)") in [
+        (s.tensor, s.reason) for s in found.skipped]
+    # A variadic AllReduce: its second input is its own too.
+    g = G()
+    g.input("x", ["batch", 16])
+    g.node("MatMul", ["x", g.weight("w0", (16, 16))], ["h0"], name="mm0")
+    g.weight("wd", (16, 16))
+    g.node("AllReduce", ["h0", "wd"], ["a0", "a0b"], name="ar0", domain=MS)
+    g.node("MatMul", ["a0", "wd"], ["y"], name="mm1")
+    g.output("y")
+    g.output("a0b")
+    found = collect(g.model())
+    assert found.candidates == () and ("wd", "the collective's own input") in [
+        (s.tensor, s.reason) for s in found.skipped]
+
+
+def test_a_dequantize_scale_or_weight_read_by_another_op_is_still_not_a_target():
+    g = G()
+    g.input("x", ["batch", 16])
+    g.node("MatMul", ["x", g.weight("w0", (16, 16))], ["h0"], name="mm0")
+    g.allreduce("h0", "a0", name="ar0")
+    g.weight("wq", (16, 16), dtype=np.int8)
+    g.weight("sc", (16,))
+    g.weight("zp", (16,), dtype=np.int8)
+    g.node("DequantizeLinear", ["wq", "sc", "zp"], ["wdq"], name="dq", axis=1)
+    g.node("MatMul", ["a0", "wdq"], ["h1"], name="mm1")
+    g.node("Gemm", ["h1", g.weight("wg", (16, 16)), "sc"], ["h2"], name="gemm")  # the scale as a bias
+    g.node("Gemm", ["h2", "wq", "zp"], ["y"], name="gemm_q", transB=0)  # hypothetically: the int8 weight
+    g.output("y", ["batch", 16])
+    found = collect(g.model())
+    assert [c.tensor for c in found.candidates] == ["zp", "wg"]
+    reasons = {(s.tensor, s.consumer): s.reason for s in found.skipped}
+    assert reasons[("sc", "gemm")] == DQ_SCALE and reasons[("wq", "gemm_q")] == DQ_WEIGHT
+    assert [c.tensor for c in collect(g.model(), qdq_weights=True).candidates] == ["wq", "zp", "wg"]
+
+
+def test_loop_state_named_like_a_kv_input_is_an_activation():
+    body = G("body")
+    body.input("i", [], TensorProto.INT64)
+    body.input("c", [], TensorProto.BOOL)
+    body.input("past", ["batch", 2, "past", 16])  # loop-carried, shadows the main input 'past'
+    body.allreduce("h", "a", name="ar_body")
+    body.node("MultiHeadAttention", ["q", "q", "q", "", "", "", "past", "past_main"], ["o", "pk", "pv"],
+              name="mha_body", domain=MS, num_heads=2)
+    body.node("Identity", ["c"], ["c_out"], name="idc")
+    body.node("Identity", ["past"], ["past_out"], name="idp")
+    body.output("c_out", [], TensorProto.BOOL)
+    body.output("past_out", ["batch", 2, "past", 16])
+    body.output("a", ["batch", 32])
+    g = G()
+    g.input("h", ["batch", 32])
+    g.input("q", ["batch", 1, 32])
+    g.input("past", ["batch", 2, "past", 16])
+    g.input("past_main", ["batch", 2, "past", 16])
+    g.input("n", [], TensorProto.INT64)
+    g.input("cond", [], TensorProto.BOOL)
+    g.node("Loop", ["n", "cond", "past"], ["pfinal", "hs"], name="loop", body=body.graph())
+    g.output("pfinal", ["batch", 2, "past", 16])
+    g.output("hs", ["n", "batch", 32])
+    found = collect(g.model(), batch=1, context=64)
+    assert [(c.tensor, c.kind, c.slot) for c in found.candidates] == [("past_main", "kv_cache", 7)]
+    assert ("past", "KV slot not fed by a graph input") in [(s.tensor, s.reason) for s in found.skipped]

@@ -37,6 +37,15 @@ def test_remainder_below_min_chunk_stops_planning():
         "budget exhausted (952 B left < min chunk 1024 B)"]
 
 
+def test_no_budget_left_plans_nothing_even_with_min_chunk_zero():
+    # A partial link of 0 bytes would be written as max_size 0, which means the whole tensor.
+    assert spans(plan(two_layer_mlp(16, 32), budget=0, min_chunk=0).windows[0]) == []
+    p = plan(two_layer_mlp(16, 32), budget=2048, min_chunk=0)
+    assert spans(p.windows[0]) == [("w1", 0, 0, 2048)]
+    assert [s.reason for s in p.windows[0].skipped if s.tensor == "w2"] == [
+        "budget exhausted (0 B left)"]
+
+
 def test_partial_prefetch_ends_the_window():
     g = G()
     g.input("x", ["batch", 16])
