@@ -541,8 +541,24 @@ class WindowEstimate:
     upper_bound_saved_s: float
 
 
+class _Speedups:
+    """Speedups from ``baseline_s``, ``preserve_s`` and ``upper_bound_s`` (fields or properties)."""
+
+    baseline_s: float
+    preserve_s: float
+    upper_bound_s: float
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_s / self.preserve_s if self.preserve_s else 1.0
+
+    @property
+    def upper_bound_speedup(self) -> float:
+        return self.baseline_s / self.upper_bound_s if self.upper_bound_s else 1.0
+
+
 @dataclass(frozen=True)
-class Estimate:
+class Estimate(_Speedups):
     source: str
     hardware: str
     batch: int
@@ -566,13 +582,6 @@ class Estimate:
     def upper_bound_s(self) -> float:
         return self.upper.step_s
 
-    @property
-    def speedup(self) -> float:
-        return self.baseline_s / self.preserve_s if self.preserve_s else 1.0
-
-    @property
-    def upper_bound_speedup(self) -> float:
-        return self.baseline_s / self.upper_bound_s if self.upper_bound_s else 1.0
 
     @property
     def share_of_upper_bound(self) -> float:
@@ -653,21 +662,13 @@ def estimate_path(path: Path, hw: HardwareProfile, config: OptimizeConfig, ranks
 
 
 @dataclass(frozen=True)
-class SweepPoint:
+class SweepPoint(_Speedups):
     batch: int
     context: int
     ranks: int
     baseline_s: float
     preserve_s: float
     upper_bound_s: float
-
-    @property
-    def speedup(self) -> float:
-        return self.baseline_s / self.preserve_s if self.preserve_s else 1.0
-
-    @property
-    def upper_bound_speedup(self) -> float:
-        return self.baseline_s / self.upper_bound_s if self.upper_bound_s else 1.0
 
 
 SWEEP_KEYS = ("batch", "context", "ranks")

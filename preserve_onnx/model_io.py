@@ -214,8 +214,7 @@ def write_bytes_atomic(dest: Path, data: bytes) -> None:
         except OSError as exc:
             raise PreserveError(f"cannot write {dest}: {exc.strerror}") from None
         return
-    if not dest.parent.is_dir():
-        raise PreserveError(f"cannot write {dest}: folder {dest.parent} does not exist")
+    check_destination(dest)
     try:
         with atomic_path(dest) as tmp:
             with open(tmp, "wb") as f:
