@@ -97,17 +97,24 @@ def _declared_bytes(vi: onnx.ValueInfoProto, batch: int) -> int | None:
 
 
 def _bytes_from_producer(scope: Scope, tensor: str, batch: int, depth: int) -> int:
+    width, dtype = producer_width(scope, tensor)
+    return nbytes((batch, width), dtype, tensor) if width else 0
+
+
+def producer_width(scope: Scope, tensor: str, depth: int = 0) -> tuple[int, int]:
+    """(last-axis width, element type) of ``tensor`` when a linear layer with a constant weight makes
+    it (through elementwise/layout operators such as a bias Add), else (0, 0)."""
     node: NodeProto | None = scope.producers.get(tensor)
     if node is None or depth > 8:
-        return 0
+        return 0, 0
     width, dtype = _linear_output(scope, node)
     if width:
-        return nbytes((batch, width), dtype, tensor)
+        return width, dtype
     if node.op_type in _PASS_THROUGH:
         for name in node.input:
             if name and name not in scope.initializers:
-                return _bytes_from_producer(scope, name, batch, depth + 1)
-    return 0
+                return producer_width(scope, name, depth + 1)
+    return 0, 0
 
 
 def _linear_output(scope: Scope, node: NodeProto) -> tuple[int, int]:

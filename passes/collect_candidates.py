@@ -6,7 +6,11 @@ named there is resolved to what is read from HBM:
 * an initializer (own or outer scope) is a weight;
 * a tensor made by constant-only operators (DequantizeLinear, Cast, Transpose, Reshape, ...) from
   initializers resolves to those root initializers, wherever the chain sits in the node list;
-* a main-graph input in a KV slot is KV-cache, sized from ``batch``/``context``.
+* a main-graph input in a KV slot is KV-cache; so is a structural KV-cache input (a graph input that
+  reaches a graph output through a ``Concat`` with only layout operators between, docs/design.md §2),
+  whose consumer is the window's first operator that reads its bytes or a layout copy of them
+  (``Shape``/``Size`` read none: skipped with that reason). KV-cache is sized from ``--dim``,
+  ``batch``/``context`` and the dims the graph fixes (``_dims``).
 
 Refused, each with a reason that ``-v`` shows: activations (anything computed from a graph input),
 the scale of a DequantizeLinear (onnxruntime fuses DQ+MatMul into a quantized kernel only while the
@@ -19,14 +23,16 @@ first use (node order, then input index). Nothing here reads weight bytes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import onnx
 from onnx import NodeProto
 
-from preserve_onnx.errors import PreserveError
 from preserve_onnx.passes._graph import MS_DOMAIN, Scope, initializer_nbytes, is_default_domain, nbytes, \
     node_label
+from preserve_onnx.passes._dims import Sizing
+from preserve_onnx.passes._structure import KvCachePath, kv_cache_paths, reads_bytes
 from preserve_onnx.passes.build_windows import Window
 
 
@@ -98,9 +104,20 @@ def consumer_slots(node: NodeProto) -> Slots | None:
     return CONSUMERS.get((domain, node.op_type))
 
 
-def collect_candidates(scope: Scope, window: Window, *, batch: int, context: int,
-                       kv: bool = True, qdq_weights: bool = False) -> WindowCandidates:
-    """Candidates of ``window`` (which lives in ``scope``), in first-use order."""
+def collect_candidates(scope: Scope, window: Window, *, batch: int = 8, context: int = 16384,
+                       kv: bool = True, qdq_weights: bool = False, sizing: Sizing | None = None,
+                       kv_paths: Mapping[str, KvCachePath] | None = None) -> WindowCandidates:
+    """Candidates of ``window`` (which lives in ``scope``), in first-use order.
+
+    ``sizing`` binds KV-cache dims (default: ``batch``/``context`` and nothing else); ``kv_paths`` are
+    the main graph's structural KV-cache inputs (default: found here when ``scope`` is the main graph).
+    """
+    sizing = sizing or Sizing(batch, context)
+    if kv_paths is None:
+        kv_paths = kv_cache_paths(scope.graph) if not scope.path else {}
+    # Tensor -> the structural KV input whose bytes it carries (the input and its layout copies).
+    kv_alias = {alias: path for path in kv_paths.values() for alias in path.aliases
+                if path.input not in scope.local_inputs}
     nodes = scope.graph.node
     in_window = {out for i in window.nodes for out in nodes[i].output if out}
     # Every input of the collective (input 0 is the anchor; AllReduce is variadic): never a target.
@@ -110,11 +127,12 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int, context: int
     seen: dict[str, str] = {}
     for i in window.nodes:
         node = nodes[i]
-        slots = consumer_slots(node)
-        if slots is None:
+        slots = consumer_slots(node) or Slots()
+        structural = {slot for slot, name in enumerate(node.input) if name in kv_alias}
+        if not slots.weights and not slots.kv and not structural:
             continue
         consumer = node_label(node, i)
-        for slot in sorted({*slots.weights, *slots.kv}):
+        for slot in sorted({*slots.weights, *slots.kv, *structural}):
             if slot >= len(node.input) or not node.input[slot]:
                 continue  # optional input not given
             name = node.input[slot]
@@ -125,12 +143,24 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int, context: int
             if name in collective_inputs:
                 skip("the collective's own input")
                 continue
-            if slot in slots.kv and name in scope.main_inputs and name not in scope.initializers \
+            if slot in structural:  # plain-operator KV-cache (docs/design.md §2, way 2)
+                path = kv_alias[name]
+                if not reads_bytes(node):
+                    skip(f"{node.op_type} reads only the KV-cache's shape, not its bytes: not a consumer",
+                         path.input)
+                    continue
+                if not kv:
+                    skip("KV-cache excluded by --no-kv", path.input)
+                    continue
+                found = [(path.input, sizing.kv_bytes(scope.main_inputs[path.input], structural_kv_axes(
+                    path, scope.main_inputs[path.input])))]
+                kind = "kv_cache"
+            elif slot in slots.kv and name in scope.main_inputs and name not in scope.initializers \
                     and name not in scope.local_inputs:  # a Loop's carried state may reuse a KV name
                 if not kv:
                     skip("KV-cache excluded by --no-kv")
                     continue
-                found = [(name, kv_nbytes(scope.main_inputs[name], slots.kv_axes, batch, context))]
+                found = [(name, sizing.kv_bytes(scope.main_inputs[name], slots.kv_axes))]
                 kind = "kv_cache"
             elif slot in slots.weights:
                 res = resolve_roots(scope, name, in_window, qdq_weights=qdq_weights)
@@ -222,22 +252,12 @@ def resolve_roots(scope: Scope, name: str, in_window: set[str] = frozenset(), *,
 
 
 def kv_nbytes(vi: onnx.ValueInfoProto, axes: tuple[int, int], batch: int, context: int) -> int:
-    """Bytes of a KV-cache input: symbolic batch axis -> ``batch``, sequence axis -> ``context``."""
-    tt = vi.type.tensor_type
-    if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
-        raise PreserveError(f"KV-cache input '{vi.name}' has no shape; cannot size it")
-    dims = []
-    batch_axis, seq_axis = axes
-    for axis, d in enumerate(tt.shape.dim):
-        if d.HasField("dim_value"):
-            dims.append(d.dim_value)
-        elif axis == batch_axis:
-            dims.append(batch)
-        elif axis == seq_axis:
-            dims.append(context)
-        else:
-            label = d.dim_param or "?"
-            raise PreserveError(
-                f"KV-cache input '{vi.name}': cannot bind symbolic dimension '{label}' (axis {axis}); "
-                f"only the batch (axis {batch_axis}) and sequence (axis {seq_axis}) axes may be symbolic")
-    return nbytes(tuple(dims), tt.elem_type, f"KV-cache input '{vi.name}'")
+    """Bytes of a KV-cache input with only ``batch``/``context`` to bind its symbolic dims."""
+    return Sizing(batch, context).kv_bytes(vi, axes)
+
+
+def structural_kv_axes(path: KvCachePath, vi: onnx.ValueInfoProto) -> tuple[int, int]:
+    """(batch, sequence) axes of a plain-operator KV-cache input: batch first, the sequence the axis its
+    Concat grows, else the usual ``[batch, heads, sequence, head_size]`` position (rank - 2)."""
+    rank = len(vi.type.tensor_type.shape.dim)
+    return 0, path.seq_axis if path.seq_axis is not None else max(0, rank - 2)

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 import onnx
 
 from preserve_onnx.config import OptimizeConfig
+from preserve_onnx.passes._dims import Sizing
 from preserve_onnx.passes._graph import all_names, iter_scopes
+from preserve_onnx.passes._roofline import window_max_tokens
+from preserve_onnx.passes._structure import kv_cache_paths
 from preserve_onnx.passes.build_windows import Window, build_windows
 from preserve_onnx.passes.collect_candidates import Candidate, Skipped, collect_candidates
 
@@ -42,6 +45,7 @@ class WindowPlan:
     candidates: tuple[Candidate, ...]
     skipped: tuple[Skipped, ...]
     prefetches: tuple[PlannedPrefetch, ...]
+    max_tokens: int = 0  # largest tokens per step at which the prefetches still save time; 0 = no limit
 
     @property
     def prefetched_bytes(self) -> int:
@@ -72,21 +76,23 @@ def plan_prefetches(model: onnx.ModelProto, config: OptimizeConfig, ranks: int =
     scope_list = list(iter_scopes(model))
     scopes = {s.path: s for s in scope_list}
     taken = all_names(model)
+    sizing = Sizing.for_model(model, config.batch, config.context, config.dims)
+    kv_paths = kv_cache_paths(model.graph)
     plans = []
     for window in build_windows(model, config.collectives, config.batch, scope_list):
         if not window.selected:
             continue
-        found = collect_candidates(scopes[window.graph], window, batch=config.batch,
-                                   context=config.context, kv=config.kv,
-                                   qdq_weights=config.qdq_weights)
+        found = collect_candidates(scopes[window.graph], window, kv=config.kv, qdq_weights=config.qdq_weights,
+                                   sizing=sizing, kv_paths=kv_paths)
         budget = config.budget if config.budget is not None else \
             hw.window_budget(window.message_bytes, ranks, config.l2_fraction)
         prefetches, skipped = fill_window(window, found.candidates, budget, config.min_chunk,
                                     hw.max_prefetch_bytes, taken)
+        max_tokens = window_max_tokens(scopes[window.graph], window, found.candidates, prefetches, hw)
         plans.append(WindowPlan(window, budget, found.candidates, found.skipped + skipped,
-                                tuple(prefetches)))
+                                tuple(prefetches), max_tokens))
     rule = (f"--budget {config.budget} B per window" if config.budget is not None else
-            f"min({config.l2_fraction} x L2, HBM BW x t_collective) on {hw.name}")
+            f"min({config.l2_fraction} x usable L2, achieved HBM BW x t_collective) on {hw.name}")
     return Plan(hw.name, rule, ranks, tuple(plans))
 
 

@@ -1,0 +1,183 @@
+"""Symbolic dimensions: how a tensor's dims become numbers (docs/design.md §2, "Sizes come from dims").
+
+Exporters leave dims symbolic beyond batch and sequence (onnxruntime-genai's builder writes the
+KV-cache as ``[batch_size, kv_heads, past_sequence_length, kv_cache_dim]``). A symbolic dim is bound in
+this order:
+
+1. ``--dim NAME=N`` (the spelling of onnxruntime's free-dimension overrides);
+2. the batch and sequence axes of a KV-cache tensor by ``--batch`` / ``--context``;
+3. the graph itself: the consuming attention operator (KV heads from ``kv_num_heads``, heads from
+   ``num_heads``, head size = query width / ``num_heads``, the query width read from value_info or from
+   the weight of the linear layer that makes it), or the ``present`` output that the cache flows into
+   when that one has the dim fixed. A name bound to two different values by the graph is ambiguous and
+   left unbound.
+
+A dim that none of these binds is a one-line error naming the dim, the tensor and ``--dim``.
+Nothing here reads weight bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import onnx
+
+from preserve_onnx.errors import PreserveError, UsageError
+from preserve_onnx.passes._graph import MS_DOMAIN, Scope, is_default_domain, iter_scopes, nbytes
+from preserve_onnx.passes._structure import kv_cache_paths
+from preserve_onnx.passes.build_windows import _declared, producer_width
+
+
+def parse_dim_options(values: Iterable[str] | None) -> tuple[tuple[str, int], ...]:
+    """``["kv_cache_dim=128", ...]`` -> ``(("kv_cache_dim", 128), ...)``; UsageError on bad spellings."""
+    found: dict[str, int] = {}
+    for text in values or ():
+        name, sep, value = text.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value.isdigit() or int(value) < 1:
+            raise UsageError(f"--dim: expected NAME=N with N a positive integer, got '{text}'")
+        if name in found and found[name] != int(value):
+            raise UsageError(f"--dim: '{name}' given twice ({found[name]} and {value})")
+        found[name] = int(value)
+    return tuple(found.items())
+
+
+# The KV-cache layout of each attention operator: axis -> (attribute giving that dim, or "head").
+# GroupQueryAttention / MultiHeadAttention / ONNX Attention: [batch, heads, sequence, head_size];
+# com.microsoft Attention's fused past: [2, batch, heads, sequence, head_size].
+_KV_LAYOUT: dict[tuple[str, str], dict[int, str]] = {
+    (MS_DOMAIN, "GroupQueryAttention"): {1: "kv_num_heads", 3: "head"},
+    (MS_DOMAIN, "MultiHeadAttention"): {1: "num_heads", 3: "head"},
+    (MS_DOMAIN, "Attention"): {2: "num_heads", 4: "head"},
+    ("", "Attention"): {1: "kv_num_heads", 3: "head"},
+}
+_KV_SLOTS = {(MS_DOMAIN, "GroupQueryAttention"): (3, 4), (MS_DOMAIN, "MultiHeadAttention"): (6, 7),
+             (MS_DOMAIN, "Attention"): (4,), ("", "Attention"): (4, 5)}
+
+
+def _attr(node: onnx.NodeProto, name: str) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), 0)
+
+
+def _head_size(scope: Scope, node: onnx.NodeProto, key: tuple[str, str]) -> int:
+    """Head size from the query's width and the head counts (0 when the graph does not say)."""
+    if key == (MS_DOMAIN, "Attention"):
+        weights = scope.initializers.get(node.input[1]) if len(node.input) > 1 else None
+        width = int(weights.dims[-1]) // 3 if weights is not None and weights.dims else 0
+        heads = _attr(node, "num_heads")
+        return width // heads if heads and width % heads == 0 else 0
+    query = node.input[0] if node.input else ""
+    vi = _declared(scope.graph).get(query)
+    width = 0
+    if vi is not None and vi.type.tensor_type.HasField("shape") and vi.type.tensor_type.shape.dim:
+        last = vi.type.tensor_type.shape.dim[-1]
+        width = last.dim_value if last.HasField("dim_value") else 0
+    width = width or producer_width(scope, query)[0]
+    heads = _attr(node, "num_heads") or _attr(node, "q_num_heads")
+    if key == (MS_DOMAIN, "GroupQueryAttention") and (len(node.input) < 2 or not node.input[1]):
+        heads += 2 * _attr(node, "kv_num_heads")  # packed q|k|v in the query input
+    return width // heads if heads and width and width % heads == 0 else 0
+
+
+def _fixed_dims(vi: onnx.ValueInfoProto | None) -> dict[int, int]:
+    if vi is None or not vi.type.tensor_type.HasField("shape"):
+        return {}
+    return {axis: d.dim_value for axis, d in enumerate(vi.type.tensor_type.shape.dim) if d.HasField("dim_value")}
+
+
+def graph_dims(model: onnx.ModelProto) -> dict[str, int]:
+    """Symbolic dim name -> value, for every KV-cache dim the graph itself fixes (rule 3 above)."""
+    main = model.graph
+    by_name: dict[str, set[int]] = {}
+    inputs = {vi.name: vi for vi in main.input}
+    outputs = {vi.name: vi for vi in main.output}
+
+    def learn(tensor: str, axis_values: Mapping[int, int]) -> None:
+        vi = inputs.get(tensor)
+        if vi is None or not vi.type.tensor_type.HasField("shape"):
+            return
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.dim_param and axis_values.get(axis, 0) > 0:
+                by_name.setdefault(d.dim_param, set()).add(axis_values[axis])
+
+    for scope in iter_scopes(model):
+        for node in scope.graph.node:
+            key = ("" if is_default_domain(node.domain) else node.domain, node.op_type)
+            if key not in _KV_LAYOUT:
+                continue
+            values = {}
+            for axis, source in _KV_LAYOUT[key].items():
+                values[axis] = _head_size(scope, node, key) if source == "head" else _attr(node, source)
+            batch_seq = (1, 3) if key == (MS_DOMAIN, "Attention") else (0, 2)
+            if key == (MS_DOMAIN, "Attention"):
+                values[0] = 2
+            for slot in _KV_SLOTS[key]:
+                if slot < len(node.input) and node.input[slot]:
+                    learn(node.input[slot], values)
+            for present in node.output[1:3]:  # present key/value: the same layout
+                if present in outputs:
+                    learn_from = _fixed_dims(outputs[present])
+                    for slot in _KV_SLOTS[key]:
+                        if slot < len(node.input) and node.input[slot]:
+                            learn(node.input[slot], {a: v for a, v in learn_from.items()
+                                                     if a not in values and a not in batch_seq})
+    for path in kv_cache_paths(main).values():
+        concat_out = main.node[path.concat].output[0]
+        if len(path.aliases) == 1 and concat_out == path.output:  # same axes on both sides
+            fixed = _fixed_dims(outputs.get(path.output))
+            learn(path.input, {a: v for a, v in fixed.items() if a not in (0, path.seq_axis)})
+    return {name: next(iter(values)) for name, values in by_name.items() if len(values) == 1}
+
+
+def bind_shape(vi: onnx.ValueInfoProto, *, dims: Mapping[str, int], graph: Mapping[str, int],
+               batch_axis: int | None, seq_axis: int | None, batch: int, context: int,
+               what: str) -> tuple[int, ...]:
+    """``vi``'s dims as numbers, bound in the documented order; PreserveError names an unbindable dim."""
+    tt = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+        raise PreserveError(f"{what} '{vi.name}' has no shape; cannot size it")
+    shape = []
+    for axis, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value"):
+            shape.append(d.dim_value)
+        elif d.dim_param in dims:
+            shape.append(dims[d.dim_param])
+        elif axis == batch_axis:
+            shape.append(batch)
+        elif axis == seq_axis:
+            shape.append(context)
+        elif d.dim_param in graph:
+            shape.append(graph[d.dim_param])
+        else:
+            label = f"symbolic dimension '{d.dim_param}'" if d.dim_param else "an unnamed dimension"
+            hint = f"give it with --dim {d.dim_param}=N" if d.dim_param else "name it in the model to bind it with --dim"
+            raise PreserveError(f"{what} '{vi.name}': cannot bind {label} (axis {axis}): {hint}")
+    return tuple(shape)
+
+
+def kv_bytes(vi: onnx.ValueInfoProto, axes: tuple[int | None, int | None], *, batch: int, context: int,
+             dims: Mapping[str, int], graph: Mapping[str, int]) -> int:
+    """Bytes of a KV-cache input with its batch/sequence axes ``axes`` bound to ``batch``/``context``."""
+    shape = bind_shape(vi, dims=dims, graph=graph, batch_axis=axes[0], seq_axis=axes[1], batch=batch,
+                       context=context, what="KV-cache input")
+    return nbytes(shape, vi.type.tensor_type.elem_type, f"KV-cache input '{vi.name}'")
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """Everything that turns a KV-cache input's dims into bytes: ``--batch``/``--context``, ``--dim``
+    overrides and the dims the graph fixes (:func:`graph_dims`)."""
+
+    batch: int = 8
+    context: int = 16384
+    dims: Mapping[str, int] = field(default_factory=dict)
+    graph: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def for_model(cls, model: onnx.ModelProto, batch: int, context: int,
+                  dims: Iterable[tuple[str, int]] = ()) -> "Sizing":
+        return cls(batch, context, dict(dims), graph_dims(model))
+
+    def kv_bytes(self, vi: onnx.ValueInfoProto, axes: tuple[int | None, int | None]) -> int:
+        return kv_bytes(vi, axes, batch=self.batch, context=self.context, dims=self.dims, graph=self.graph)
