@@ -1,0 +1,154 @@
+"""``shard``: a single-device decoder export -> N tensor-parallel rank models (docs/design.md §8).
+
+Output: ``OUT/model_00.onnx`` ... ``model_{N-1:02d}.onnx``, each with ``model_0r.onnx.data``, plus the
+other files of MODEL's folder (genai_config.json, tokenizer files), copied unchanged. Everything is
+built in a temporary folder beside OUT and renamed into place: a refusal or a failure leaves nothing.
+Weights are read through memory maps and written tensor by tensor; the model's weights are never held.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from preserve_onnx.errors import PreserveError, UsageError
+from preserve_onnx.model_io import default_mode, external_info, load_model
+from preserve_onnx.passes._graph import is_collective, iter_graphs, node_label
+from preserve_onnx.shard.cutting import rank_value
+from preserve_onnx.shard.graph import GraphIndex
+from preserve_onnx.shard.layout import Layout, find_layout
+from preserve_onnx.shard.rewrite import Rewriter
+from preserve_onnx.shard.tensors import DataWriter, TensorReader
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What ``shard`` wrote: the rank files, and the layout it found (counts for the closing line)."""
+
+    out: Path
+    files: tuple[Path, ...]
+    world: int
+    column_parallel: int
+    row_parallel: int
+    vocab_parallel: bool
+    bytes_written: int
+    seconds: float
+
+
+def find_model_file(model: Path) -> Path:
+    """MODEL itself, or the one .onnx file of a folder (an onnxruntime-genai builder output)."""
+    model = Path(model)
+    if model.is_dir():
+        found = sorted(p for p in model.iterdir() if p.suffix == ".onnx" and p.is_file())
+        if len(found) != 1:
+            raise PreserveError(f"{model}: expected exactly one .onnx file in the folder, found {len(found)}")
+        return found[0]
+    if not model.exists():
+        raise PreserveError(f"{model}: no such file")
+    return model
+
+
+def _check_out(model_file: Path, out: Path) -> None:
+    folder = model_file.parent.resolve()
+    target = out.resolve()
+    if target == folder or folder in target.parents:
+        raise PreserveError(f"OUT {out} is inside MODEL's folder {model_file.parent}; choose a folder elsewhere")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PreserveError(f"OUT {out} exists and is not an empty folder")
+    if not out.parent.is_dir():
+        raise PreserveError(f"cannot write {out}: folder {out.parent} does not exist")
+
+
+def _check_input(model: onnx.ModelProto) -> None:
+    for path, graph in iter_graphs(model):
+        for i, node in enumerate(graph.node):
+            if is_collective(node):
+                raise PreserveError(f"the model already has collectives ({node.op_type} '{node_label(node, i)}'): "
+                                    f"it is sharded already")
+            if path and node.op_type in ("MatMul", "MatMulNBits", "GroupQueryAttention", "MultiHeadAttention",
+                                         "Attention"):
+                raise PreserveError(f"unrecognised layer structure at node '{node_label(node, i)}' in {path}: "
+                                    f"layers inside If/Loop/Scan subgraphs are not supported")
+
+
+def _companions(model_file: Path, model: onnx.ModelProto) -> list[Path]:
+    """Files of MODEL's folder to copy along: everything but ONNX files and the model's data files."""
+    data = {external_info(t).get("location", "") for _, g in iter_graphs(model) for t in g.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL}
+    return sorted(p for p in model_file.parent.iterdir()
+                  if p.is_file() and p.suffix != ".onnx" and p.name not in data and not p.name.startswith("."))
+
+
+def _write_rank(template: onnx.ModelProto, rewriter: Rewriter, reader: TensorReader, source: dict,
+                world: int, rank: int, folder: Path) -> tuple[Path, int]:
+    model = onnx.ModelProto()
+    model.CopyFrom(template)
+    name = f"model_{rank:02d}.onnx"
+    data_path = folder / f"{name}.data"
+    writer = DataWriter(data_path, data_path.name)
+    try:
+        for t in model.graph.initializer:
+            src = source.get(t.name)
+            if src is None:  # a constant the rewrite added: already inline, same on every rank
+                continue
+            value = rank_value(reader.array(src), rewriter.cuts.get(t.name), world, rank, t.data_type, t.name)
+            writer.write(t, value)
+    finally:
+        writer.close()
+    if writer.size == 0:
+        data_path.unlink()
+    for key, value in (("preserve.shard.world", str(world)), ("preserve.shard.rank", str(rank))):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    (folder / name).write_bytes(model.SerializeToString())
+    return folder / name, writer.size
+
+
+def plan(model: onnx.ModelProto, tp: int, *, vocab_parallel: bool = False,
+         dims: dict[str, int] | None = None) -> tuple[Layout, Rewriter, onnx.ModelProto]:
+    """The layout, the rewriter (with its per-initializer cuts) and the rank graph; no bytes read."""
+    _check_input(model)
+    ix = GraphIndex(model.graph)
+    layout = find_layout(ix, tp, vocab_parallel=vocab_parallel, dims=dims)
+    rewriter = Rewriter(model, ix, layout, tp)
+    return layout, rewriter, rewriter.apply(vocab_parallel)
+
+
+def shard_model(model: Path, out: Path, tp: int, *, vocab_parallel: bool = False,
+                dims: dict[str, int] | None = None) -> ShardResult:
+    """Write ``tp`` rank models of ``model`` into the new folder ``out``. PreserveError on any refusal."""
+    start = time.perf_counter()
+    if tp < 2:
+        raise UsageError("--tp must be at least 2")
+    model_file = find_model_file(Path(model))
+    out = Path(out)
+    _check_out(model_file, out)
+    proto = load_model(model_file)
+    layout, rewriter, template = plan(proto, tp, vocab_parallel=vocab_parallel, dims=dims)
+    source = {t.name: t for t in proto.graph.initializer}
+    reader = TensorReader(model_file.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        files, total = [], 0
+        for rank in range(tp):
+            path, size = _write_rank(template, rewriter, reader, source, tp, rank, tmp)
+            files.append(out / path.name)
+            total += size
+        for extra in _companions(model_file, proto):
+            shutil.copy2(extra, tmp / extra.name)
+        os.chmod(tmp, default_mode(directory=True))
+        if out.is_dir():
+            out.rmdir()  # empty (checked): replaced by the finished folder
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    lm = layout.lm_head
+    return ShardResult(out, tuple(files), tp, len(layout.columns), len(layout.rows),
+                       bool(vocab_parallel and lm is not None), total, time.perf_counter() - start)

@@ -1,0 +1,394 @@
+"""The Megatron layout of a single-device decoder, found by structure (docs/design.md §8).
+
+* Attention: every ``GroupQueryAttention`` / ``MultiHeadAttention`` / ``com.microsoft::Attention``, and
+  every plain-operator core ``MatMul(Softmax(...), V)``. The linear that reads its output (through
+  layout operators) is o_proj (row-parallel); walking back from o_proj's input to the first linears
+  finds q/k/v (column-parallel; one fused linear counts as its parts), the KV-cache inputs, and every
+  node in between (the *region*: rank-local, head-sharded work).
+* MLP: a linear whose input comes only from other linears through element-wise operators (SiLU/GELU,
+  the gate*up product, a Split/Slice of a fused gate_up) is down_proj (row); those linears are
+  gate/up (column).
+* The LM head is the linear left over whose output reaches a graph output; anything else left over
+  is refused, by name. Nothing here reads weight bytes; the result is data for :mod:`.rewrite`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import NodeProto
+
+from preserve_onnx.config import MS_DOMAIN
+from preserve_onnx.errors import PreserveError
+from preserve_onnx.passes._structure import LAYOUT_OPS, kv_cache_paths
+from preserve_onnx.shard.graph import GraphIndex, Linear, attr, is_op
+
+ELEMENTWISE = frozenset({
+    "Mul", "Add", "Sub", "Div", "Sigmoid", "Tanh", "Relu", "Gelu", "Erf", "Pow", "Sqrt", "Neg", "Softplus",
+    "Mish", "HardSigmoid", "HardSwish", "Clip", "Cast", "Identity", "Split", "Slice", "Swish", "Elu",
+    "LeakyRelu", "FastGelu", "BiasGelu", "QuickGelu", "Gelu", "Silu", "BiasSplitGelu", "Where", "Min", "Max",
+})
+ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
+HEAD_ATTRS = ("num_heads", "kv_num_heads", "q_num_heads")
+BIAS_OPS = ("Add", "FastGelu", "BiasGelu", "BiasAdd")
+
+
+def refuse(message: str) -> PreserveError:
+    return PreserveError(message)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column-parallel linear: its output columns cut per fused part, each part into N blocks."""
+
+    linear: Linear
+    parts: tuple[int, ...]  # widths of the fused parts (q|k|v, gate|up), summing to the width
+    unit: int  # columns per head (1 for the MLP and the LM head): a rank gets whole units
+    labels: tuple[str, ...]  # what each part's units are, for messages
+    biases: tuple[str, ...] = ()  # 1-D initializers added to the output: cut like the columns
+    cuts: tuple[int, ...] = ()  # Split/Slice nodes that separate the fused parts
+
+
+@dataclass
+class Layout:
+    """Everything :mod:`.rewrite` changes. Node references are indices into the graph's node list."""
+
+    columns: dict[int, Column] = field(default_factory=dict)
+    rows: dict[int, Linear] = field(default_factory=dict)
+    region: set[int] = field(default_factory=set)  # rank-local nodes between column and row linears
+    sharded: set[str] = field(default_factory=set)  # tensors cut on their head/width axis
+    kv_inputs: set[str] = field(default_factory=set)
+    lm_head: Linear | None = None
+    heads: set[int] = field(default_factory=set)  # head counts seen (for Reshape shape constants)
+    widths: set[int] = field(default_factory=set)  # full widths of sharded parts
+    head_size: set[int] = field(default_factory=set)
+
+
+def _through_layout_forward(ix: GraphIndex, tensor: str) -> list[tuple[int, str]]:
+    """(node, tensor it reads) for every non-layout, non-metadata reader reached via layout operators."""
+    found, todo, seen = [], [tensor], set()
+    while todo:
+        t = todo.pop()
+        for i in ix.consumers.get(t, ()):
+            node = ix.nodes[i]
+            if is_op(node, "Shape") or is_op(node, "Size"):
+                continue
+            if node.op_type in LAYOUT_OPS and node.input[0] == t and node.output[0] not in seen:
+                seen.add(node.output[0])
+                todo.append(node.output[0])
+            else:
+                found.append((i, t))
+    return found
+
+
+def _root_input(ix: GraphIndex, tensor: str) -> str | None:
+    """The graph input behind ``tensor`` through layout operators, if any."""
+    for _ in range(16):
+        if tensor in ix.inputs:
+            return tensor
+        node = ix.producer_node(tensor)
+        if node is None or node.op_type not in LAYOUT_OPS:
+            return None
+        tensor = node.input[0]
+    return None
+
+
+def _walk_back(ix: GraphIndex, tensor: str, allowed=None) -> tuple[set[int], set[int], bool]:
+    """Walk producers back from ``tensor``, stopping at linears, constants, graph inputs and Shape/Size.
+
+    Returns (nodes passed, linears reached, ok); ok is False when ``allowed`` is given and a node
+    outside it was met."""
+    region, linears, todo, seen = set(), set(), [tensor], set()
+    while todo:
+        t = todo.pop()
+        if not t or t in seen or ix.is_constant(t) or t in ix.inputs:
+            continue
+        seen.add(t)
+        i = ix.producer.get(t)
+        if i is None:
+            continue  # captured from an outer scope
+        node = ix.nodes[i]
+        if i in ix.linears and t == node.output[0]:
+            linears.add(i)
+            continue
+        if is_op(node, "Shape") or is_op(node, "Size"):
+            continue
+        if allowed is not None and node.op_type not in allowed:
+            return region, linears, False
+        region.add(i)
+        reads = node.input[:1] if is_op(node, "CastLike") else node.input
+        todo.extend(reads)
+    return region, linears, True
+
+
+def _attention_sites(ix: GraphIndex) -> list[int]:
+    sites = []
+    for i, node in enumerate(ix.nodes):
+        if node.domain == MS_DOMAIN and node.op_type in ATTENTION_OPS[:2]:
+            sites.append(i)
+        elif i in ix.linears and ix.linears[i].kind == "attention":
+            sites.append(i)
+        elif is_op(node, "MatMul") and i not in ix.linears:
+            src = ix.producer_node(node.input[0])
+            while src is not None and src.op_type in ("Cast", "Dropout", "Identity"):
+                src = ix.producer_node(src.input[0])
+            if src is not None and is_op(src, "Softmax"):
+                sites.append(i)
+    return sites
+
+
+def _fused_parts(ix: GraphIndex, lin: Linear, tensor: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(part widths, cutting nodes) when ``tensor`` (a linear's output) is cut by Split/Slice on its last
+    axis; ((width,), ()) otherwise."""
+    readers = [i for i in ix.consumers.get(tensor, ()) if not is_op(ix.nodes[i], "Shape")]
+    if len(readers) == 1 and is_op(ix.nodes[readers[0]], "Split"):
+        node = ix.nodes[readers[0]]
+        sizes = ix.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "split")
+        if sizes is None:
+            sizes = [lin.width // len(node.output)] * len(node.output)
+        return tuple(int(s) for s in np.asarray(sizes).reshape(-1)), (readers[0],)
+    if readers and all(is_op(ix.nodes[i], "Slice") for i in readers):
+        bounds = []
+        for i in readers:
+            node = ix.nodes[i]
+            starts, ends = ix.constant(node.input[1]), ix.constant(node.input[2])
+            axes = ix.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            if starts is None or ends is None or starts.size != 1 or (axes is not None and int(axes) not in (-1, 2)):
+                return (lin.width,), ()
+            bounds.append((int(starts), min(int(ends), lin.width)))
+        bounds = sorted(set(bounds))
+        if bounds[0][0] == 0 and bounds[-1][1] == lin.width and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])):
+            return tuple(b - a for a, b in bounds), tuple(sorted(readers))
+    return (lin.width,), ()
+
+
+def _bias_after(ix: GraphIndex, lin: Linear) -> tuple[tuple[str, ...], str]:
+    """1-D constants of the linear's width added to its output right after it; and the tensor after them."""
+    tensor = ix.nodes[lin.index].output[0]
+    readers = ix.consumers.get(tensor, ())
+    if len(readers) == 1:
+        node = ix.nodes[readers[0]]
+        if node.op_type in BIAS_OPS and len(node.input) == 2:
+            other = node.input[1] if node.input[0] == tensor else node.input[0]
+            t = ix.inits.get(other)
+            if t is not None and list(t.dims) == [lin.width]:
+                return (other,), node.output[0]
+    return (), tensor
+
+
+def _column(ix: GraphIndex, lin: Linear, unit: int, label_of) -> Column:
+    biases, tensor = _bias_after(ix, lin)
+    node = ix.nodes[lin.index]
+    if lin.kind == "attention":
+        sizes = attr(node, "qkv_hidden_sizes") or [lin.width // 3] * 3
+        parts, cuts = tuple(sizes), ()
+        biases = (node.input[2],) if len(node.input) > 2 and node.input[2] in ix.inits else ()
+    else:
+        parts, cuts = _fused_parts(ix, lin, tensor)
+        packed = [i for i, t in _through_layout_forward(ix, tensor)
+                  if is_op(ix.nodes[i], "GroupQueryAttention", MS_DOMAIN) and ix.nodes[i].input[0] == t
+                  and (len(ix.nodes[i].input) < 2 or not ix.nodes[i].input[1])]
+        if packed and not cuts:  # q|k|v packed into GroupQueryAttention's query input
+            gqa = ix.nodes[packed[0]]
+            nh, nkv = attr(gqa, "num_heads", 0), attr(gqa, "kv_num_heads", 0)
+            hs = lin.width // (nh + 2 * nkv)
+            parts = (nh * hs, nkv * hs, nkv * hs)
+    if lin.kind == "nbits" and len(node.input) > 5 and node.input[5] in ix.inits:
+        biases += (node.input[5],)
+    return Column(lin, parts, unit, tuple(label_of(p) for p in parts), biases, cuts)
+
+
+def _site_heads(ix: GraphIndex, site: int, cols: list[Linear], kv_inputs: set[str],
+                dims: dict[str, int]) -> tuple[int, int, int]:
+    """(q heads, KV heads, head size) of one attention site; 0 where the graph does not say."""
+    node = ix.nodes[site]
+    nh, nkv = attr(node, "num_heads", 0), attr(node, "kv_num_heads", 0)
+    if node.op_type == "MultiHeadAttention":
+        nkv = nh
+    if node.op_type == "Attention" and node.domain == MS_DOMAIN:
+        width = ix.linears[site].width
+        sizes = attr(node, "qkv_hidden_sizes") or [width // 3] * 3
+        return nh, nh, sizes[0] // nh if nh else 0
+    if nh:
+        query = [c for c in cols if any(i == site and ix.nodes[i].input[0] == t
+                                        for i, t in _through_layout_forward(ix, _bias_after(ix, c)[1]))]
+        width = query[0].width if query else 0
+        packed = len(node.input) < 2 or not node.input[1]
+        hs = width // (nh + 2 * nkv) if packed else width // nh
+        return nh, nkv, hs
+    hs = 0
+    for name in sorted(kv_inputs):
+        dim = ix.inputs[name].type.tensor_type.shape.dim
+        if dim:
+            last = dim[-1]
+            hs = last.dim_value or dims.get(last.dim_param, 0)
+            if hs:
+                break
+    if not hs:  # a Reshape right after a column linear: [..., heads or -1, head_size]
+        for c in cols:
+            for i in ix.consumers.get(_bias_after(ix, c)[1], ()):
+                shape = ix.constant(ix.nodes[i].input[1]) if is_op(ix.nodes[i], "Reshape") else None
+                if shape is not None and shape.size >= 3 and int(shape.reshape(-1)[-1]) > 0:
+                    hs = int(shape.reshape(-1)[-1])
+    return 0, 0, hs
+
+
+def _propagate(ix: GraphIndex, layout: Layout, seeds: set[str]) -> set[str]:
+    sharded = set(seeds)
+    for i, node in enumerate(ix.nodes):
+        if i in layout.region and not is_op(node, "Shape") and not is_op(node, "Size") and \
+                any(t in sharded for t in node.input):
+            sharded.update(o for o in node.output if o)
+    return sharded
+
+
+def find_layout(ix: GraphIndex, world: int, *, vocab_parallel: bool = False,
+                dims: dict[str, int] | None = None) -> Layout:
+    """The Megatron layout of ``ix``'s graph for ``world`` ranks; PreserveError names what is refused."""
+    dims = dict(dims or {})
+    layout = Layout()
+    sites = _attention_sites(ix)
+    if not sites:
+        raise refuse("unrecognised layer structure: no attention found (GroupQueryAttention, "
+                     "MultiHeadAttention, Attention, or MatMul -> Softmax -> MatMul)")
+    col_seeds: set[str] = set()
+    kv_paths = kv_cache_paths(ix.graph)
+    for site in sites:
+        out = ix.nodes[site].output[0]
+        rows = {i for i, t in _through_layout_forward(ix, out) if i in ix.linears and ix.nodes[i].input[0] == t}
+        if len(rows) != 1:
+            raise refuse(f"unrecognised layer structure at node '{ix.label(site)}': its output does not reach "
+                         f"exactly one output projection (found {len(rows)})")
+        row = ix.linears[rows.pop()]
+        region, cols, _ = _walk_back(ix, ix.nodes[row.index].input[0])
+        if site in ix.linears:
+            cols.add(site)
+        col_lins = [ix.linears[c] for c in sorted(cols)]
+        kv = {r for i in region for r in (_root_input(ix, t) for t in ix.nodes[i].input) if r in kv_paths}
+        nh, nkv, hs = _site_heads(ix, site, col_lins, kv, dims)
+        if not hs:
+            raise refuse(f"unrecognised layer structure at node '{ix.label(site)}': cannot tell its head size "
+                         f"(give the KV-cache's last dim with --dim NAME=N)")
+        for what, count in (("attention heads", nh), ("KV heads", nkv)):
+            if count and count % world:
+                raise refuse(f"--tp {world} does not divide the {count} {what} of '{ix.label(site)}'")
+
+        def label(width: int, nh=nh, hs=hs) -> str:
+            return "attention heads" if nh and width == nh * hs else "KV heads" if nh else "heads"
+
+        for lin in col_lins:
+            layout.columns[lin.index] = _column(ix, lin, hs, label)
+        layout.rows[row.index] = row
+        layout.region |= region
+        layout.head_size.add(hs)
+        layout.heads |= {h for h in (nh, nkv) if h}
+        for lin in col_lins:
+            col_seeds.update(o for o in ix.nodes[lin.index].output if o)
+    _find_mlps(ix, layout, col_seeds)
+    _find_lm_head(ix, layout, vocab_parallel)
+    _find_kv_and_shards(ix, layout, col_seeds)
+    _check_divisible(ix, layout, world)
+    return layout
+
+
+def _find_mlps(ix: GraphIndex, layout: Layout, col_seeds: set[str]) -> None:
+    for i, lin in sorted(ix.linears.items()):
+        if i in layout.columns or i in layout.rows:
+            continue
+        region, cols, ok = _walk_back(ix, ix.nodes[i].input[0], ELEMENTWISE)
+        if not ok or not cols or cols & (layout.columns.keys() | layout.rows.keys()):
+            continue
+        for c in sorted(cols):
+            layout.columns[c] = _column(ix, ix.linears[c], 1, lambda w: "FFN columns")
+            col_seeds.update(o for o in ix.nodes[c].output if o)
+        layout.rows[i] = lin
+        layout.region |= region
+
+
+def _find_lm_head(ix: GraphIndex, layout: Layout, vocab_parallel: bool) -> None:
+    for i, lin in sorted(ix.linears.items()):
+        if i in layout.columns or i in layout.rows:
+            continue
+        if not _reaches_output(ix, ix.nodes[i].output[0]) or layout.lm_head is not None:
+            raise refuse(f"unrecognised layer structure at node '{lin.name}': a linear layer that is not part "
+                         f"of attention, an MLP or the LM head")
+        layout.lm_head = lin
+    if vocab_parallel:
+        if layout.lm_head is None:
+            raise refuse("--vocab-parallel: no LM head found (a linear layer whose output is the logits)")
+        layout.columns[layout.lm_head.index] = _column(ix, layout.lm_head, 1, lambda w: "vocabulary entries")
+
+
+def _reaches_output(ix: GraphIndex, tensor: str) -> bool:
+    """Whether ``tensor`` becomes a graph output through layout operators (or a bias Add)."""
+    for _ in range(16):
+        if tensor in ix.outputs:
+            return True
+        readers = [ix.nodes[i] for i in ix.consumers.get(tensor, ())]
+        nxt = [n for n in readers if n.op_type in LAYOUT_OPS or n.op_type in ("Add",)]
+        if len(nxt) != 1:
+            return False
+        tensor = nxt[0].output[0]
+    return False
+
+
+def _find_kv_and_shards(ix: GraphIndex, layout: Layout, col_seeds: set[str]) -> None:
+    """KV-cache inputs (attention KV slots, or a Concat that joins them to sharded k/v) and the closure of
+    sharded tensors; a sharded tensor read outside the region is refused."""
+    first = _propagate(ix, layout, col_seeds)
+    slots = {"GroupQueryAttention": (3, 4), "MultiHeadAttention": (6, 7), "Attention": (4,)}
+    for i in sorted(layout.region | set(layout.columns)):
+        node = ix.nodes[i]
+        picks = []
+        if node.domain == MS_DOMAIN and node.op_type in slots:
+            picks = [node.input[s] for s in slots[node.op_type] if s < len(node.input)]
+        elif is_op(node, "Concat") and i in layout.region and any(t in first for t in node.input):
+            picks = list(node.input)
+        layout.kv_inputs.update(r for r in (_root_input(ix, t) for t in picks if t) if r)
+    if layout.lm_head is not None and layout.lm_head.index in layout.columns:
+        col_seeds = col_seeds | {ix.nodes[layout.lm_head.index].output[0]}
+    layout.sharded = _propagate(ix, layout, col_seeds | layout.kv_inputs)
+    for t in sorted(layout.sharded):
+        for i in ix.consumers.get(t, ()):
+            node = ix.nodes[i]
+            if i in layout.region or is_op(node, "Shape") or is_op(node, "Size") or \
+                    (i in layout.rows and node.input[0] == t) or \
+                    (layout.lm_head is not None and t == ix.nodes[layout.lm_head.index].output[0]):
+                continue
+            if i in layout.columns and ix.linears[i].kind == "attention":
+                continue
+            raise refuse(f"unrecognised layer structure at node '{ix.label(i)}': it reads '{t}', which is "
+                         f"split across ranks, outside attention and MLP")
+    for c in layout.columns.values():
+        layout.widths.update(c.parts)
+        layout.widths.add(c.linear.width)
+
+
+def _check_divisible(ix: GraphIndex, layout: Layout, world: int) -> None:
+    for i in sorted(layout.columns):
+        col = layout.columns[i]
+        if sum(col.parts) != col.linear.width:
+            raise refuse(f"unrecognised layer structure at node '{col.linear.name}': its fused parts "
+                         f"{list(col.parts)} do not add up to its {col.linear.width} columns")
+        for part, label in zip(col.parts, col.labels):
+            count = part // col.unit
+            if part % col.unit or count % world:
+                raise refuse(f"--tp {world} does not divide the {count} {label} of '{col.linear.name}'")
+    for i in sorted(layout.rows):
+        row = layout.rows[i]
+        if row.kind == "nbits":
+            node = ix.nodes[i]
+            block = attr(node, "block_size", 0)
+            blocks = -(-row.depth // block) if block else 0
+            if not block or row.depth % block or blocks % world:
+                raise refuse(f"--tp {world} does not divide the {blocks} K blocks (block_size {block}) of "
+                             f"'{row.name}'")
+            if len(node.input) > 4 and node.input[4]:
+                raise refuse(f"unrecognised layer structure at node '{row.name}': MatMulNBits with g_idx")
+        elif row.depth % world:
+            raise refuse(f"--tp {world} does not divide the {row.depth} input rows of '{row.name}'")
+
+
+def head_attrs(node: NodeProto) -> list[str]:
+    return [a.name for a in node.attribute if a.name in HEAD_ATTRS and a.i > 0]
