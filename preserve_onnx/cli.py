@@ -567,6 +567,28 @@ def run(
     raise typer.Exit(1)
 
 
+@app.command()
+@handle_errors
+def shard(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="single-device decoder .onnx (or its folder)")],
+    dest: Annotated[Path, typer.Argument(metavar="OUT", help="new folder for model_00.onnx ... (+ .data)")],
+    tp: Annotated[int, typer.Option("--tp", help="tensor-parallel ranks N")],
+    vocab_parallel: Annotated[bool, typer.Option(
+        "--vocab-parallel", help="split the LM head by vocabulary and AllGather the logits")] = False,
+    dim: DimOpt = None,
+) -> None:
+    """Shard a single-device decoder export into N tensor-parallel rank models (Megatron layout)."""
+    from preserve_onnx.passes._dims import parse_dim_options
+    from preserve_onnx.shard import shard_model
+
+    result = shard_model(model, dest, tp, vocab_parallel=vocab_parallel, dims=dict(parse_dim_options(dim)))
+    gathered = ", logits gathered by AllGather" if result.vocab_parallel else ""
+    out.print(f"[green]done[/green]: {result.world} rank models ({result.column_parallel} column-parallel and "
+              f"{result.row_parallel} row-parallel linears, {result.row_parallel} AllReduce per rank{gathered}), "
+              f"{format_size(result.bytes_written)} of weights; wrote {escape(str(dest))} in "
+              f"{result.seconds:.2f} s", highlight=False, soft_wrap=True)
+
+
 @app.command("runtime-lib")
 @handle_errors
 def runtime_lib() -> None:
