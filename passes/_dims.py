@@ -60,7 +60,8 @@ def _attr(node: onnx.NodeProto, name: str) -> int:
     return next((int(a.i) for a in node.attribute if a.name == name), 0)
 
 
-def _head_size(scope: Scope, node: onnx.NodeProto, key: tuple[str, str]) -> int:
+def _head_size(scope: Scope, declared: Mapping[str, onnx.ValueInfoProto], node: onnx.NodeProto,
+               key: tuple[str, str]) -> int:
     """Head size from the query's width and the head counts (0 when the graph does not say)."""
     if key == (MS_DOMAIN, "Attention"):
         weights = scope.initializers.get(node.input[1]) if len(node.input) > 1 else None
@@ -68,7 +69,7 @@ def _head_size(scope: Scope, node: onnx.NodeProto, key: tuple[str, str]) -> int:
         heads = _attr(node, "num_heads")
         return width // heads if heads and width % heads == 0 else 0
     query = node.input[0] if node.input else ""
-    vi = _declared(scope.graph).get(query)
+    vi = declared.get(query)
     width = 0
     if vi is not None and vi.type.tensor_type.HasField("shape") and vi.type.tensor_type.shape.dim:
         last = vi.type.tensor_type.shape.dim[-1]
@@ -102,13 +103,15 @@ def graph_dims(model: onnx.ModelProto) -> dict[str, int]:
                 by_name.setdefault(d.dim_param, set()).add(axis_values[axis])
 
     for scope in iter_scopes(model):
+        declared = None
         for node in scope.graph.node:
             key = ("" if is_default_domain(node.domain) else node.domain, node.op_type)
             if key not in _KV_LAYOUT:
                 continue
+            declared = declared if declared is not None else _declared(scope.graph)
             values = {}
             for axis, source in _KV_LAYOUT[key].items():
-                values[axis] = _head_size(scope, node, key) if source == "head" else _attr(node, source)
+                values[axis] = _head_size(scope, declared, node, key) if source == "head" else _attr(node, source)
             batch_seq = (1, 3) if key == (MS_DOMAIN, "Attention") else (0, 2)
             if key == (MS_DOMAIN, "Attention"):
                 values[0] = 2
