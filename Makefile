@@ -5,39 +5,29 @@ PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/preserve-onnx
 LIBDIR := preserve_onnx/runtime/_lib
 LIB    := $(LIBDIR)/libpreserve_ops.so
-HDRDIR := build/ort-headers
-# Debian's libonnxruntime-dev carries the C API headers that the PyPI wheel lacks. It is fetched into
-# build/ with a private apt state (no change to the system); ORT_INCLUDE_DIR=... skips the fetch.
-ORT_INCLUDE_DIR ?= $(HDRDIR)/usr/include/onnxruntime
-APT_OPTS := -o Dir::Etc::SourceList=$(CURDIR)/build/apt/sources.list -o Dir::Etc::SourceParts=/dev/null \
-            -o Dir::State::Lists=$(CURDIR)/build/apt/lists -o Dir::Cache=$(CURDIR)/build/apt/cache \
-            -o Debug::NoLocking=1
+# The runtime's library is built by tools/build_runtime.py, the same code the package build (setup.py)
+# runs for pip: onnxruntime's C headers from ORT_INCLUDE_DIR=..., else from Debian's libonnxruntime-dev
+# fetched from this machine's configured Debian mirror into build/ (private apt state, no system change).
+export ORT_INCLUDE_DIR
 
 .PHONY: setup demo test bench fuzz lib mpi clean
 
 setup: $(VENV)/.installed $(LIB)
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	# An editable install compiles nothing; byte-compile like a regular install does (saves ~40 ms per
-	# CLI call, and PYTHONDONTWRITEBYTECODE environments never cache it themselves).
-	$(PY) -m compileall -q preserve_onnx passes >/dev/null
-	touch $@
-
-$(HDRDIR)/usr/include/onnxruntime/onnxruntime_c_api.h:
-	mkdir -p build/apt/lists/partial build/apt/cache/archives/partial $(HDRDIR)
-	echo "deb http://deb.debian.org/debian trixie main" > build/apt/sources.list
-	apt-get $(APT_OPTS) update -qq
-	cd build/apt && apt-get $(APT_OPTS) download libonnxruntime-dev
-	dpkg -x build/apt/libonnxruntime-dev_*.deb $(HDRDIR)
+# The editable install builds the library too (setup.py). pip's own output goes to build/setup.log,
+# shown when a step fails. An editable install byte-compiles nothing: compileall does it like a regular
+# install (saves ~40 ms per CLI call; PYTHONDONTWRITEBYTECODE environments never cache it themselves).
+$(VENV)/.installed: pyproject.toml setup.py
+	@echo "set-up: $(VENV) with preserve-onnx and its test dependencies, the runtime library (log: build/setup.log)"
+	@mkdir -p build
+	@{ $(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -e '.[test]' \
+	   && $(PY) -m compileall -q preserve_onnx passes; } > build/setup.log 2>&1 || { tail -n 20 build/setup.log; exit 1; }
+	@touch $@
 
 lib: $(LIB)
 
-$(LIB): preserve_onnx/runtime/csrc/preserve_ops.cc $(if $(filter $(HDRDIR)/%,$(ORT_INCLUDE_DIR)),$(HDRDIR)/usr/include/onnxruntime/onnxruntime_c_api.h)
-	mkdir -p $(LIBDIR)
-	g++ -O2 -std=c++17 -fPIC -shared -pthread -I$(ORT_INCLUDE_DIR) -o $@.tmp $< -ldl && mv $@.tmp $@
+$(LIB): preserve_onnx/runtime/csrc/preserve_ops.cc tools/build_runtime.py
+	$(PYTHON) tools/build_runtime.py $@
 
 demo: setup
 	mkdir -p build/demo

@@ -39,6 +39,7 @@ from preserve_onnx.errors import PreserveError
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
 _LIB_NAME = "libpreserve_ops.so"
+_LIB_DIR = pathlib.Path(__file__).resolve().parent / "_lib"  # setup.py and `make lib` build it there
 
 # onnxruntime type strings -> numpy dtypes (ml_dtypes for the types numpy lacks).
 _ORT_TYPES: dict[str, np.dtype] = {
@@ -114,9 +115,17 @@ def library_path() -> pathlib.Path:
     Raises:
         PreserveError: The library has not been built.
     """
-    path = (pathlib.Path(__file__).resolve().parent / "_lib" / _LIB_NAME).resolve()
+    path = (_LIB_DIR / _LIB_NAME).resolve()
     if not path.is_file():
-        raise PreserveError(f"the custom-op library {path} is missing: run `make lib` in the project root")
+        # The package build (setup.py) writes why it could not build the library next to where it would be.
+        marker = path.with_name("NOT_BUILT")
+        if marker.is_file():
+            reason = (marker.read_text().strip().splitlines() or ["unknown reason"])[0]
+            raise PreserveError(f"the runtime's custom-op library was not built when preserve-onnx was installed: "
+                                f"{reason}; then reinstall preserve-onnx (pip install --force-reinstall --no-deps "
+                                f"<its source folder or sdist>)")
+        raise PreserveError(f"the runtime's custom-op library {path} is missing: reinstall preserve-onnx from its "
+                            f"source folder or sdist where g++ is installed, or run `make lib` in a clone")
     return path
 
 
@@ -135,6 +144,15 @@ def _native() -> ctypes.CDLL:
                 getattr(lib, fn).restype = ctypes.c_int
             _native_lib = lib
         return _native_lib
+
+
+def prefetch_hints() -> tuple[int, int]:
+    """``(issued, skipped)``: cache hints the Prefetch kernels of this process issued, and skipped
+    because the step had more tokens than the node's ``max_tokens`` (counted since the library loaded)."""
+    lib = _native()
+    issued, skipped = ctypes.c_uint64(0), ctypes.c_uint64(0)
+    lib.preserve_prefetch_hints(ctypes.byref(issued), ctypes.byref(skipped))
+    return issued.value, skipped.value
 
 
 def _first_line(exc: BaseException) -> str:
@@ -225,19 +243,20 @@ def _serve(q: queue.SimpleQueue) -> None:
 
 
 def session_options(*, rank: int, world: int, group: str, level: ort.GraphOptimizationLevel, threads: int,
-                    timeout_s: float, prefetch: tuple[str, str, str, str], transport: str = "threads",
+                    timeout_s: float, prefetch: tuple[str, ...], transport: str = "threads",
                     ) -> ort.SessionOptions:
     """Options for one rank's session with the custom-op library registered.
 
-    ``prefetch`` is (domain, op type, max_size attribute, offset attribute). The library reads the
-    ``preserve.*`` entries while it registers, so they are set before it is loaded.
+    ``prefetch`` is (domain, op type, max_size attribute, offset attribute[, max_tokens attribute]).
+    The library reads the ``preserve.*`` entries while it registers, so they are set before it is loaded.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = level
     options.intra_op_num_threads = threads
     # Failures reach the caller as one PreserveError; onnxruntime's own log would repeat them.
     options.log_severity_level = 4
-    domain, op, max_size_attr, offset_attr = prefetch
+    domain, op, max_size_attr, offset_attr, *rest = prefetch
+    max_tokens_attr = rest[0] if rest else "max_tokens"
     for key, value in (
         ("preserve.rank", rank),
         ("preserve.world_size", world),
@@ -248,6 +267,7 @@ def session_options(*, rank: int, world: int, group: str, level: ort.GraphOptimi
         ("preserve.prefetch_op", op),
         ("preserve.prefetch_attr_max_size", max_size_attr),
         ("preserve.prefetch_attr_offset", offset_attr),
+        ("preserve.prefetch_attr_max_tokens", max_tokens_attr),
     ):
         options.add_session_config_entry(key, str(value))
     options.register_custom_ops_library(str(library_path()))
@@ -267,8 +287,8 @@ class RankSession:
             ModelProto is a world of size one.
         prefetch_domain: Domain of the Prefetch op in these models.
         prefetch_op: Op type of the Prefetch op in these models.
-        prefetch_attrs: The names of Prefetch's ``max_size`` and ``offset`` attributes in these models
-            (vendor naming); only the cache hint reads them.
+        prefetch_attrs: The names of Prefetch's ``max_size`` and ``offset`` attributes in these models,
+            and optionally of ``max_tokens`` (vendor naming); only the cache hint reads them.
         opt_level: onnxruntime graph optimization level (a ``GraphOptimizationLevel`` or one of
             ``disable``, ``basic``, ``extended``, ``layout``, ``all``, or its int value).
         timeout_s: How long a rank waits in a collective for the others before it fails.
@@ -288,7 +308,7 @@ class RankSession:
         *,
         prefetch_domain: str = "preserve",
         prefetch_op: str = "Prefetch",
-        prefetch_attrs: tuple[str, str] = ("max_size", "offset"),
+        prefetch_attrs: tuple[str, ...] = ("max_size", "offset", "max_tokens"),
         opt_level: ort.GraphOptimizationLevel | str | int = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         timeout_s: float = 60,
         intra_op_threads: int | None = None,

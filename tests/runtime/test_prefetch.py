@@ -118,7 +118,62 @@ def test_prefetch_may_live_in_the_com_microsoft_domain():
     np.testing.assert_array_equal(out[0]["ar"], out[0]["mm"] + out[1]["mm"])
 
 
-def test_missing_library_is_a_one_line_preserve_error(monkeypatch):
-    monkeypatch.setattr(session_module, "_LIB_NAME", "libdoes_not_exist.so")
-    with pytest.raises(PreserveError, match=r"custom-op library .*libdoes_not_exist\.so is missing: run `make lib`"):
+def test_missing_library_is_a_one_line_preserve_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(session_module, "_LIB_DIR", tmp_path)
+    with pytest.raises(PreserveError) as caught:
         library_path()
+    assert str(caught.value) == (
+        f"the runtime's custom-op library {tmp_path / 'libpreserve_ops.so'} is missing: reinstall preserve-onnx from "
+        f"its source folder or sdist where g++ is installed, or run `make lib` in a clone")
+
+
+def test_library_that_the_install_could_not_build_names_the_reason(monkeypatch, tmp_path):
+    """setup.py writes why it could not build the library into _lib/NOT_BUILT; `run` repeats it."""
+    monkeypatch.setattr(session_module, "_LIB_DIR", tmp_path)
+    (tmp_path / "NOT_BUILT").write_text("no C++ compiler: install g++ (Debian/Ubuntu: apt-get install g++), or set CXX\n")
+    with pytest.raises(PreserveError) as caught:
+        library_path()
+    assert str(caught.value) == (
+        "the runtime's custom-op library was not built when preserve-onnx was installed: no C++ compiler: install "
+        "g++ (Debian/Ubuntu: apt-get install g++), or set CXX; then reinstall preserve-onnx (pip install "
+        "--force-reinstall --no-deps <its source folder or sdist>)")
+
+
+def _limited_mlp(w1, w2, max_tokens, attr="max_tokens"):
+    """tp_mlp whose three Prefetch nodes carry a validity range (docs/design.md §3)."""
+    m = tp_mlp(w1, w2, with_prefetch=True)
+    for node in m.graph.node:
+        if node.op_type == "Prefetch":
+            node.attribute.append(helper.make_attribute(attr, max_tokens))
+    return m
+
+
+@pytest.mark.parametrize("attr", ["max_tokens", "vendor_tokens"])
+def test_prefetch_skips_its_hint_above_max_tokens_and_outputs_stay_bit_identical(attr):
+    from preserve_onnx.runtime.session import prefetch_hints
+
+    w1 = [_weights(r, (16, 32)) for r in range(2)]
+    w2 = [_weights(4 + r, (32, 16)) for r in range(2)]
+    plain = RankSession([tp_mlp(w1[r], w2[r]) for r in range(2)])
+    limited = RankSession([_limited_mlp(w1[r], w2[r], 4, attr) for r in range(2)],
+                          prefetch_attrs=("max_size", "offset", attr))
+    for tokens, issued, skipped in [(4, 6, 0), (5, 0, 6), (1, 6, 0), (64, 0, 6)]:
+        x = _weights(tokens, (tokens, 16))
+        before = prefetch_hints()
+        out = limited.run({"x": x})
+        after = prefetch_hints()
+        # 3 Prefetch nodes x 2 ranks: all hints issued at or below max_tokens, all skipped above it.
+        assert (after[0] - before[0], after[1] - before[1]) == (issued, skipped), tokens
+        result = compare_outputs(plain.run({"x": x}), out)
+        assert result.identical, result
+
+
+def test_prefetch_without_max_tokens_always_issues_its_hint():
+    from preserve_onnx.runtime.session import prefetch_hints
+
+    w1, w2 = _weights(1, (8, 8)), _weights(2, (8, 8))
+    session = RankSession(tp_mlp(w1, w2, with_prefetch=True))
+    before = prefetch_hints()
+    session.run({"x": _weights(3, (1000, 8))})
+    after = prefetch_hints()
+    assert (after[0] - before[0], after[1] - before[1]) == (3, 0)
