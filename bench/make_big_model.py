@@ -3,6 +3,7 @@
 
     python bench/make_big_model.py OUT_DIR [--preset llama3-70b] [--ranks 8] [--layers N]
                                    [--dtype float16] [--vocab-parallel]
+    python bench/make_big_model.py OUT_DIR --single [--preset llama3-8b] [--layers N] [--dtype float16]
 
 Each rank r gets OUT_DIR/model_{r:02d}.onnx with the same graph as sample_models' llama-gqa
 (GroupQueryAttention, SkipSimplifiedLayerNormalization, com.microsoft::AllReduce after o_proj and
@@ -12,7 +13,14 @@ computed or written, so disk use stays near zero while sizes, offsets and shapes
 real model (Llama-3-70B at 8 ranks: about 21 GB per rank with a replicated embedding and LM head).
 Reading the data gives zeros. Small int64 constants stay inline.
 
-Function API: make_big_model(out_dir, preset="llama3-70b", ranks=8, layers=None, ...) -> [paths].
+`--single` writes instead the single-device model the ranks would be sharded from, in the
+onnxruntime-genai model builder's layout (the same decoder without collectives, full head counts:
+SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, separate q/k/v MatMul,
+GroupQueryAttention with rotary, gate/up MatMul, lm_head MatMul): OUT_DIR/model.onnx + a sparse
+model.onnx.data, the input of `preserve-onnx shard` in `make bench`.
+
+Function API: make_big_model(out_dir, preset="llama3-70b", ranks=8, layers=None, ...) -> [paths];
+make_single_model(out_dir, preset="llama3-8b", layers=None, dtype="float16") -> path.
 """
 from __future__ import annotations
 
@@ -75,22 +83,55 @@ def make_big_model(out_dir, preset: str = "llama3-70b", ranks: int = 8, layers: 
     return paths
 
 
+def make_single_model(out_dir, preset: str = "llama3-8b", layers: int | None = None, dtype: str = "float16",
+                      align: int = 4096, **overrides) -> Path:
+    """Write OUT_DIR/model.onnx + a sparse model.onnx.data: the unsharded decoder; return the model path."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]
+    if layers is not None:
+        overrides["layers"] = layers
+    if overrides:
+        cfg = replace(cfg, **overrides)
+    cfg.check(1, "llama")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sink = ms.ExternalRefs("model.onnx.data", align=align)
+    model, _ = ms.build_rank_model(cfg, ms.ShapeOnlyWeights(cfg, "llama", ms.np_dtype(dtype)), "llama", 0, 1,
+                                   False, sink=sink)
+    meta = model.metadata_props.add()
+    meta.key, meta.value = "preserve.sample.shape_only", "1"
+    path = out / "model.onnx"
+    tmp = out / "model.onnx.tmp"
+    tmp.write_bytes(model.SerializeToString())
+    sink.create_sparse_file(out / "model.onnx.data")
+    os.replace(tmp, path)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="shape-only tensor-parallel rank models with sparse data files")
     ap.add_argument("out_dir")
-    ap.add_argument("--preset", default="llama3-70b", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                    help="model shape (default llama3-70b; llama3-8b with --single)")
     ap.add_argument("--ranks", type=int, default=8)
     ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
     ap.add_argument("--vocab-parallel", action="store_true",
                     help="split the LM head by vocabulary and AllGather the logits")
+    ap.add_argument("--single", action="store_true",
+                    help="write the single-device model (OUT_DIR/model.onnx), the input of `shard`")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    paths = make_big_model(a.out_dir, a.preset, a.ranks, a.layers, a.dtype, a.vocab_parallel)
+    if a.single:
+        paths = [make_single_model(a.out_dir, a.preset or "llama3-8b", a.layers, a.dtype)]
+    else:
+        paths = make_big_model(a.out_dir, a.preset or "llama3-70b", a.ranks, a.layers, a.dtype, a.vocab_parallel)
     data = [Path(str(p) + ".data") for p in paths]
     logical = sum(d.stat().st_size for d in data)
     on_disk = sum(d.stat().st_blocks * 512 for d in data)
-    print(f"{len(paths)} rank models in {a.out_dir} ({time.perf_counter() - t0:.1f} s): "
+    what = "single-device model" if a.single else f"{len(paths)} rank models"
+    print(f"{what} in {a.out_dir} ({time.perf_counter() - t0:.1f} s): "
           f"{logical / 2**30:.1f} GiB of weights referenced, {on_disk / 2**20:.1f} MiB on disk")
     return 0
 

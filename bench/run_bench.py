@@ -17,6 +17,9 @@ figure belongs to that measurement alone:
   cli-1         `preserve-onnx optimize -q` on rank 0, end to end (informative: what a user waits for)
   optimize-dir  optimize_path(rank dir, other dir): all ranks, process pool, data files copied
                 (sparse-aware: holes stay holes; the output's real disk use is reported)
+  shard         `preserve-onnx shard --tp 2` on a single-device Llama-3-8B-shaped fp16 model (builder
+                layout, sparse data, --shard-layers of its 32 layers) against `cp --sparse=never` of its
+                data file in the same run; peak RSS against the largest tensor + 200 MB (issue 11)
 
 Times: "op" is the measured call alone (interpreter start and imports excluded), "proc" is the
 whole subprocess from spawn to exit. Each measurement runs --repeat times (default 3): median time,
@@ -603,6 +606,81 @@ def section_runtime_mpi(b: Bench) -> dict:
     return r
 
 
+# --------------------------------------------------------------------------------------------------
+# shard (issue 11): a single-device Llama-3-8B-shaped fp16 model (builder layout, sparse data) -> 2 ranks
+
+GOAL_SHARD_RATIO = 2.0      # shard --tp 2 wall time / `cp --sparse=never` of the model's data file
+GOAL_SHARD_EXTRA_MB = 200.0  # peak RSS of shard at most the largest tensor + this
+
+
+def _timed_child(argv: list[str]) -> tuple[float, float, int, str]:
+    """(wall seconds, peak RSS in MB, exit status, stderr) of one command, its rusage alone (wait4)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = proc.stderr.read().decode(errors="replace")
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_maxrss / 1024, proc.returncode, stderr
+
+
+def _largest_tensor_bytes(model: Path) -> tuple[str, int]:
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    sizes = [(t.name, int(dict((e.key, e.value) for e in t.external_data).get("length", 0)) or len(t.raw_data))
+             for t in m.graph.initializer]
+    return max(sizes, key=lambda s: s[1])
+
+
+def section_shard(b: Bench) -> dict:
+    """`preserve-onnx shard --tp 2` on a single-device model, next to `cp` of its data file, same run."""
+    cli = Path(sys.executable).with_name("preserve-onnx")
+    argv = [str(cli)] if cli.exists() else [sys.executable, "-m", "preserve_onnx"]
+    probe = subprocess.run(argv + ["shard", "--help"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return {"available": False, "lines": ["shard: not available (`preserve-onnx shard --help` exited "
+                                              f"{probe.returncode})"]}
+    from make_big_model import make_single_model
+
+    where = b.workdir / "shard"
+    shutil.rmtree(where, ignore_errors=True)
+    model = make_single_model(where / "single", preset=b.args.shard_preset, layers=b.args.shard_layers)
+    data = Path(str(model) + ".data")
+    largest_name, largest = _largest_tensor_bytes(model)
+    copy, out = where / "cp.data", where / "tp2"
+    r: dict = {"available": True, "preset": b.args.shard_preset, "layers": b.args.shard_layers,
+               "data_bytes": data.stat().st_size, "largest_tensor": largest_name, "largest_tensor_bytes": largest}
+    try:
+        # Written bytes of one measurement must not be flushed during the next one: sync in between.
+        os.sync()
+        # Plain cp would copy the sparse file's holes as holes (no byte read or written); the shard
+        # reads and writes every byte, so cp must too.
+        r["cp_s"], r["cp_maxrss_mb"], status, err = _timed_child(["cp", "--sparse=never", str(data), str(copy)])
+        if status != 0:
+            raise MeasureError(f"cp failed: {err.strip()}")
+        r["cp_bytes"] = copy.stat().st_size
+        copy.unlink()
+        os.sync()
+        r["shard_s"], r["shard_maxrss_mb"], status, err = _timed_child(
+            argv + ["shard", str(model), str(out), "--tp", "2"])
+        if status != 0:
+            raise MeasureError(f"shard failed (exit {status}): {err.strip()}")
+        r["shard_bytes"] = sum(p.stat().st_size for p in out.iterdir())
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    r["ratio"] = r["shard_s"] / r["cp_s"]
+    r["peak_goal_mb"] = largest / MB + GOAL_SHARD_EXTRA_MB
+    gib = 2**30
+    r["lines"] = [
+        f"shard --tp 2, {r['preset']} x {r['layers']} layers fp16 ({r['data_bytes'] / gib:.1f} GiB, sparse): "
+        f"{r['shard_s']:.1f} s vs cp --sparse=never {r['cp_s']:.1f} s = {r['ratio']:.2f}x "
+        f"(writes {r['shard_bytes'] / gib:.1f} vs {r['cp_bytes'] / gib:.1f} GiB: "
+        f"{r['shard_bytes'] / r['shard_s'] / MB:.0f} vs {r['cp_bytes'] / r['cp_s'] / MB:.0f} MB/s); "
+        f"peak RSS {r['shard_maxrss_mb']:.0f} MB (largest tensor {largest_name} {largest / MB:.0f} MB)"]
+    return r
+
+
 # name, function, runs only when (args) says so. A section gets the Bench (args, workdir, model_dir,
 # rank0, the results so far) and returns a JSON-able dict, stored as results[name] in bench.json; a
 # "lines" entry (list of str) is printed in the report. Raise MeasureError to stop the run with a message.
@@ -617,6 +695,7 @@ SECTIONS: list[tuple[str, Callable[[Bench], dict], Callable[[argparse.Namespace]
     ("runtime", section_runtime, lambda a: not a.no_runtime),
     ("runtime_replicated", section_runtime_replicated, lambda a: not a.no_runtime),
     ("runtime_mpi", section_runtime_mpi, lambda a: not a.no_runtime),
+    ("shard", section_shard, lambda a: not a.no_shard),
 ]
 
 
@@ -649,6 +728,13 @@ def verdicts(res: dict) -> list[tuple[str, str, bool | None]]:
     if rt and "ratio" in rt:
         out.append((f"runtime vs plain onnxruntime at most {GOAL_RT_RATIO:g}x (vocab-parallel head)",
                     f"{rt['ratio']:.2f}x", rt["ratio"] <= GOAL_RT_RATIO))
+    sh = res.get("shard")
+    if sh and "ratio" in sh:
+        out.append((f"shard --tp 2 within {GOAL_SHARD_RATIO:g}x of cp of its data file",
+                    f"{sh['ratio']:.2f}x", sh["ratio"] <= GOAL_SHARD_RATIO))
+        out.append((f"shard peak memory at most largest tensor + {GOAL_SHARD_EXTRA_MB:g} MB",
+                    f"{sh['shard_maxrss_mb']:.0f} MB of {sh['peak_goal_mb']:.0f}",
+                    sh["shard_maxrss_mb"] <= sh["peak_goal_mb"]))
     return out
 
 
@@ -732,6 +818,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-runtime", action="store_true",
                     help="skip the reference runtime's overhead and MPI measurements (bench/out/runtime)")
     ap.add_argument("--profile", action="store_true", help="also print a cProfile of optimize on rank 0")
+    ap.add_argument("--no-shard", action="store_true", help="skip the `shard --tp 2` measurement")
+    ap.add_argument("--shard-preset", default="llama3-8b", help="make_big_model preset of the shard input")
+    ap.add_argument("--shard-layers", type=int, default=None,
+                    help="layers of the shard input (default 4, --quick 2; the preset's 32: the whole model)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     a = ap.parse_args(argv)
     if a.quick and a.layers is None:
@@ -742,10 +832,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.layers = PRESETS[a.preset].layers if a.preset in PRESETS else None
     if a.repeat is None:
         a.repeat = 1 if a.quick else 3
+    if a.shard_layers is None:
+        a.shard_layers = 2 if a.quick else 4
     if a.repeat_dir is None:
         a.repeat_dir = 1 if a.quick else 2
-    if a.repeat < 1 or a.repeat_dir < 1 or a.ranks < 1 or (a.layers is not None and a.layers < 1):
-        ap.error("--repeat, --repeat-dir, --ranks and --layers must be at least 1")
+    if a.repeat < 1 or a.repeat_dir < 1 or a.ranks < 1 or (a.layers is not None and a.layers < 1) \
+            or a.shard_layers < 1:
+        ap.error("--repeat, --repeat-dir, --ranks, --layers and --shard-layers must be at least 1")
     return a
 
 
