@@ -117,7 +117,7 @@ def _naming(domain: str, op: str, attrs: Optional[list[str]] = None, version: in
 DomainOpt = Annotated[str, typer.Option("--prefetch-domain", help="domain of the Prefetch op")]
 OpOpt = Annotated[str, typer.Option("--prefetch-op", help="op type of the Prefetch op")]
 AttrOpt = Annotated[Optional[list[str]], typer.Option(
-    "--prefetch-attr", metavar="NAME=NEW", help="rename a Prefetch attribute (max_size, offset, collective); repeatable")]
+    "--prefetch-attr", metavar="NAME=NEW", help="rename a Prefetch attribute (max_size, offset, collective, max_tokens); repeatable")]
 VersionOpt = Annotated[int, typer.Option("--prefetch-version", help="opset version of the Prefetch domain")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="say why tensors were skipped")]
 # Planning options, shared by optimize and inspect (turned into an OptimizeConfig by _config).
@@ -132,12 +132,16 @@ QdqOpt = Annotated[bool, typer.Option("--qdq-weights", help="also prefetch Dequa
 CollectivesOpt = Annotated[str, typer.Option(help="comma-separated collectives to plan")]
 MinChunkOpt = Annotated[str, typer.Option(help="smallest partial prefetch")]
 RanksOpt = Annotated[Optional[int], typer.Option(help="rank count for collective time (default: from files)")]
+DimOpt = Annotated[Optional[list[str]], typer.Option(
+    "--dim", metavar="NAME=N", help="bind a symbolic dim by name, before --batch/--context and the graph; repeatable")]
 
 
 def _config(*, hardware: str, budget: Optional[str], l2_fraction: float, batch: int, context: int, no_kv: bool,
             qdq_weights: bool, collectives: str, naming: PrefetchNaming, min_chunk: str, ranks: Optional[int],
-            replan: bool = False, disabled: tuple[str, ...] = ()) -> OptimizeConfig:
+            replan: bool = False, disabled: tuple[str, ...] = (), dim: Optional[list[str]] = None) -> OptimizeConfig:
     """The planning options, checked, as the optimizer's frozen config."""
+    from preserve_onnx.passes._dims import parse_dim_options
+
     known = ("AllReduce", "AllGather", "AllToAll")
     chosen = tuple(c.strip() for c in collectives.split(",") if c.strip())
     bad = [c for c in chosen if c not in known]
@@ -150,7 +154,8 @@ def _config(*, hardware: str, budget: Optional[str], l2_fraction: float, batch: 
     _at_least_one("--ranks", ranks)
     return OptimizeConfig(
         hardware=load_profile(hardware), budget=_size("--budget", budget) if budget is not None else None,
-        l2_fraction=l2_fraction, batch=batch, context=context, kv=not no_kv, qdq_weights=qdq_weights,
+        l2_fraction=l2_fraction, batch=batch, context=context, dims=parse_dim_options(dim), kv=not no_kv,
+        qdq_weights=qdq_weights,
         collectives=chosen, naming=naming, min_chunk=_size("--min-chunk", min_chunk), ranks=ranks, replan=replan,
         disabled=disabled)
 
@@ -197,6 +202,7 @@ def optimize(
     prefetch_attr: AttrOpt = None,
     prefetch_version: VersionOpt = 1,
     min_chunk: MinChunkOpt = "64KiB",
+    dim: DimOpt = None,
     ranks: RanksOpt = None,
     report: Annotated[Optional[Path], typer.Option(help="write the JSON report here")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="plan and report, write no model")] = False,
@@ -215,7 +221,7 @@ def optimize(
     config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
                      no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives,
                      naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
-                     min_chunk=min_chunk, ranks=ranks, replan=replan, disabled=tuple(disable or ()))
+                     min_chunk=min_chunk, ranks=ranks, replan=replan, disabled=tuple(disable or ()), dim=dim)
     _at_least_one("--jobs", jobs)
     _writable(report)
     outcomes = optimize_path(src, None if dry_run else dest, config, in_place=in_place, jobs=jobs,
@@ -272,6 +278,7 @@ def inspect(
     prefetch_attr: AttrOpt = None,
     prefetch_version: VersionOpt = 1,
     min_chunk: MinChunkOpt = "64KiB",
+    dim: DimOpt = None,
     ranks: RanksOpt = None,
     jobs: Annotated[Optional[int], typer.Option(help="ranks inspected in parallel (default: cores)")] = None,
     verbose: VerboseOpt = 0,
@@ -286,7 +293,7 @@ def inspect(
     config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
                      no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives,
                      naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
-                     min_chunk=min_chunk, ranks=ranks)
+                     min_chunk=min_chunk, ranks=ranks, dim=dim)
     _at_least_one("--jobs", jobs)
     inspections = inspect_path(model, config, jobs=jobs)
     if json_out:
@@ -356,17 +363,26 @@ def list_hardware() -> None:
     """List the built-in hardware profiles."""
     from rich.table import Table
 
-    table = Table(title="hardware profiles", title_justify="left")
+    table = Table(title="hardware profiles (usable L2, achieved HBM; --hardware NAME@IMPL picks a collective)",
+                  title_justify="left")
     table.add_column("name", no_wrap=True)
-    for col in ("L2", "HBM BW", "L2 BW", "link BW", "latency", "peak", "per-op limit"):
-        table.add_column(col, justify="right", no_wrap=True)
+    for col in ("L2", "HBM BW", "L2 BW", "link BW", "AllReduce alpha", "peak", "fp16 max tokens", "prefetch chunk"):
+        table.add_column(col, justify="right")
 
     for hw in builtin_profiles().values():
-        table.add_row(hw.name, format_size(hw.l2_bytes), f"{hw.hbm_bw / 1e12:.2f} TB/s",
-                      f"{hw.l2_bw / 1e12:.1f} TB/s", f"{hw.link_bw / 1e9:.0f} GB/s",
-                      f"{hw.collective_alpha * 1e6:.0f} us", f"{hw.peak_flops / 1e12:.0f} TF",
+        alphas = hw.collective_alphas or ((hw.collective, hw.collective_alpha),)
+        latency = ", ".join(f"{impl + ' ' if impl else ''}{alpha * 1e6:.1f} us" + ("*" if impl == hw.collective and
+                                                                                   len(alphas) > 1 else "")
+                            for impl, alpha in alphas)
+        table.add_row(hw.name, f"{format_size(hw.usable_l2_bytes)} of {format_size(hw.l2_bytes)}",
+                      f"{hw.effective_hbm_bw / 1e12:.2f} of {hw.hbm_bw / 1e12:.2f} TB/s",
+                      f"{hw.l2_bw / 1e12:.1f} TB/s", f"{hw.link_bw / 1e9:.0f} GB/s", latency,
+                      f"{hw.peak_flops / 1e12:.0f} TF", f"{hw.roofline_tokens(2, 2):.0f}",
                       format_size(hw.max_prefetch_bytes) if hw.max_prefetch_bytes else "none")
     out.print(table)
+    out.print("* the default: the library a user of the platform gets. fp16 max tokens: tokens per step past "
+              "which a linear layer is compute-bound and prefetching its fp16 weights saves nothing "
+              "(peak / (2 x achieved HBM BW / 2 B)).", highlight=False, soft_wrap=True)
     for hw in builtin_profiles().values():
         out.print(f"[bold]{escape(hw.name)}[/bold]: {escape(hw.description)}", highlight=False,
                   soft_wrap=True)
@@ -391,6 +407,7 @@ def estimate(
     qdq_weights: QdqOpt = False,
     collectives: CollectivesOpt = "AllReduce",
     min_chunk: MinChunkOpt = "64KiB",
+    dim: DimOpt = None,
     prefetch_domain: DomainOpt = "preserve",
     prefetch_op: OpOpt = "Prefetch",
     prefetch_attr: AttrOpt = None,
@@ -415,7 +432,7 @@ def estimate(
     config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
                      no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives,
                      naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
-                     min_chunk=min_chunk, ranks=ranks)
+                     min_chunk=min_chunk, ranks=ranks, dim=dim)
     hw = config.hardware
     _writable(trace)
     if sweep:
@@ -460,6 +477,7 @@ def explore(
     qdq_weights: QdqOpt = False,
     collectives: CollectivesOpt = "AllReduce",
     min_chunk: MinChunkOpt = "64KiB",
+    dim: DimOpt = None,
     prefetch_domain: DomainOpt = "preserve",
     prefetch_op: OpOpt = "Prefetch",
     prefetch_attr: AttrOpt = None,
@@ -479,7 +497,7 @@ def explore(
     config = _config(hardware=hardware, budget=None, l2_fraction=l2_fraction, batch=batch, context=context,
                      no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives,
                      naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
-                     min_chunk=min_chunk, ranks=ranks)
+                     min_chunk=min_chunk, ranks=ranks, dim=dim)
     _writable(csv_path, plot)
     if plot is not None:
         plot_format(plot)
@@ -503,6 +521,11 @@ def run(
     model: Annotated[Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")],
     inputs: Annotated[Optional[Path], typer.Option(help="feeds .npz: NAME for every rank, rank{r}/NAME for one")] = None,
     against: Annotated[Optional[Path], typer.Option(help="original model(s): require bit-identical outputs")] = None,
+    twin: Annotated[Optional[Path], typer.Option(
+        help="the single-device model the ranks were sharded from: require outputs within tolerance")] = None,
+    atol: Annotated[Optional[float], typer.Option(
+        help="--twin's absolute tolerance for every output (default by dtype: float32 1e-4, float16 2e-2, "
+             "bfloat16 0.16, integers exact)")] = None,
     save: Annotated[Optional[Path], typer.Option(help="write outputs to .npz as rank{r}/NAME")] = None,
     steps: Annotated[int, typer.Option(help="decode steps, feeding present.* back into past_key_values.*")] = 1,
     batch: Annotated[int, typer.Option(help="batch size of generated feeds")] = 1,
@@ -517,11 +540,14 @@ def run(
     prefetch_op: OpOpt = "Prefetch",
     prefetch_attr: AttrOpt = None,
     prefetch_version: VersionOpt = 1,
+    dim: DimOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run rank models on the reference CPU runtime; with --against, prove outputs are unchanged."""
+    """Run rank models on the reference CPU runtime; with --against, prove outputs are unchanged;
+    with --twin, compare them with the single-device model they were sharded from."""
     from rich.table import Table
 
+    from preserve_onnx.passes._dims import parse_dim_options
     from preserve_onnx.runtime.feeds import save_outputs
     from preserve_onnx.runtime.runner import run_models
 
@@ -531,11 +557,20 @@ def run(
         raise UsageError("--seed must be at least 0")
     if not timeout > 0:
         raise UsageError("--timeout must be positive")
+    _check_twin_options(twin, atol, against, backend)
     _writable(save)
-    result = run_models(model, against=against, inputs=inputs, steps=steps, batch=batch, context=context,
-                        seed=seed, opt_level=opt_level,
-                        naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
-                        timeout_s=timeout, backend=backend)
+    if twin is not None:
+        from preserve_onnx.runtime.twin import run_twin
+
+        result = run_twin(model, twin, inputs=inputs, steps=steps, batch=batch, context=context, seed=seed,
+                          opt_level=opt_level, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr,
+                                                              prefetch_version),
+                          timeout_s=timeout, atol=atol, dims=dict(parse_dim_options(dim)))
+    else:
+        result = run_models(model, against=against, inputs=inputs, steps=steps, batch=batch, context=context,
+                            seed=seed, opt_level=opt_level,
+                            naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
+                            timeout_s=timeout, backend=backend, dims=dict(parse_dim_options(dim)))
     if not result.report:  # an MPI rank other than 0: rank 0 saves and prints for all; exit alike
         if result.comparison is not None and not result.comparison.identical:
             raise typer.Exit(1)
@@ -550,6 +585,9 @@ def run(
             for name, value in outputs.items():
                 table.add_row(str(rank), name, str(value.dtype), "x".join(map(str, value.shape)))
         out.print(table)
+    if result.twin is not None:
+        _print_twin(result, twin, steps)
+        return
     c = result.comparison
     if c is None:
         out.print(f"[green]done[/green]: ran {len(result.models)} rank(s) in {result.seconds:.2f} s",
@@ -564,6 +602,38 @@ def run(
     rank, name, diff = c.worst
     out.print(f"[red]FAILED[/red]: {len(c.differing)} of {count} outputs differ from {escape(str(against))}; "
               f"worst: rank {rank} '{escape(name)}', max abs diff {diff:g}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _check_twin_options(twin: Optional[Path], atol: Optional[float], against: Optional[Path], backend: str) -> None:
+    if twin is None:
+        if atol is not None:
+            raise UsageError("--atol is --twin's tolerance: give --twin too")
+        return
+    if against is not None:
+        raise UsageError("--twin and --against are two different checks: give one of them")
+    if backend != "threads":
+        raise UsageError("--twin runs on the threads backend only (the single-device model runs in the same "
+                         "process as the ranks)")
+    if atol is not None and not atol >= 0:
+        raise UsageError("--atol must be at least 0")
+
+
+def _print_twin(result, twin: Path, steps: int) -> None:
+    """The closing line of `run --twin`; exit 1 on FAILED."""
+    c = result.twin
+    w = c.worst
+    at = f" at step {w.step}" if steps > 1 else ""
+    worst = f"worst: rank {w.rank} '{escape(w.name)}'{at}, max abs diff {w.diff:g} (atol {w.atol:g})"
+    if c.passed:
+        out.print(f"[green]PASSED[/green]: {c.outputs} outputs on {len(result.models)} rank(s) match "
+                  f"{escape(str(twin))} within tolerance after {steps} step(s); {worst}", highlight=False,
+                  soft_wrap=True)
+        return
+    out.print(f"[red]FAILED[/red]: {len(c.failing)} of {c.outputs} outputs beyond tolerance of "
+              f"{escape(str(twin))}; {worst}", highlight=False, soft_wrap=True)
+    if c.hint:
+        out.print(f"hint: {escape(c.hint)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 

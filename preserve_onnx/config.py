@@ -6,12 +6,13 @@ Both dataclasses check themselves when built, so the Python API refuses what the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from preserve_onnx.errors import UsageError
 from preserve_onnx.hardware import DEFAULT_PROFILE, HardwareProfile, load_profile
 
-PREFETCH_ATTRIBUTES = ("max_size", "offset", "collective")
+PREFETCH_ATTRIBUTES = ("max_size", "offset", "collective", "max_tokens")
 MS_DOMAIN = "com.microsoft"
 COLLECTIVE_OPS = ("AllReduce", "AllGather", "AllToAll")
 
@@ -27,6 +28,7 @@ class PrefetchNaming:
     max_size: str = "max_size"
     offset: str = "offset"
     collective: str = "collective"
+    max_tokens: str = "max_tokens"  # optional: absent = no limit (docs/design.md §3)
 
     def __post_init__(self) -> None:
         if not self.domain or not self.op_type:
@@ -55,6 +57,7 @@ class OptimizeConfig:
     l2_fraction: float = 0.5
     batch: int = 8
     context: int = 16384
+    dims: tuple[tuple[str, int], ...] = ()  # --dim NAME=N: symbolic dims bound first (docs/design.md §2)
     kv: bool = True
     qdq_weights: bool = False  # also prefetch DequantizeLinear's quantized weights (blocks ORT's fusion)
     collectives: tuple[str, ...] = ("AllReduce",)
@@ -73,6 +76,7 @@ class OptimizeConfig:
             raise UsageError(f"naming must be a PrefetchNaming, got {self.naming!r}")
         for name in ("batch", "context"):
             _check_int(name, getattr(self, name), 1)
+        object.__setattr__(self, "dims", check_dims(self.dims))
         for name in ("budget", "min_chunk"):
             _check_int(name, getattr(self, name), 0)
         _check_int("ranks", self.ranks, 1)
@@ -82,6 +86,16 @@ class OptimizeConfig:
         if unknown or not self.collectives or isinstance(self.collectives, str):
             raise UsageError(f"collectives must be a tuple drawn from {', '.join(COLLECTIVE_OPS)}, "
                              f"got {self.collectives!r}")
+
+
+def check_dims(dims: object) -> tuple[tuple[str, int], ...]:
+    """``dims`` as the API takes it (a mapping or pairs), checked: names non-empty, values >= 1."""
+    pairs = tuple(dims.items()) if isinstance(dims, Mapping) else tuple(dims)  # type: ignore[arg-type]
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and pair[0]
+                and isinstance(pair[1], int) and not isinstance(pair[1], bool) and pair[1] >= 1):
+            raise UsageError(f"dims must be (name, positive int) pairs, got {pair!r}")
+    return pairs
 
 
 def _check_int(name: str, value: object, least: int) -> None:

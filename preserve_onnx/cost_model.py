@@ -21,6 +21,12 @@ rank count differs from the export's)::
                 they fit in the L2 share prefetching leaves, (1 - l2_fraction) * L2, else at hbm_bw
     step        the end of the last event;  speedup = step(baseline) / step(plan)
 
+``hbm_bw`` is the achieved bandwidth (``hbm_bw x hbm_efficiency``) and ``L2`` the usable share
+(``l2_bytes x l2_usable_fraction``) of the profile (docs/design.md §6). Validity range: a window whose
+plan carries ``max_tokens`` (the roofline bound of its consumers, ``passes/_roofline.py``) and whose
+step has more tokens than that moves nothing in the ``preserve`` scenario, as the runtime skips the
+hints; the upper bound ignores the limit (it is the physics, not the policy).
+
 F and B come from the graph: weights from initializer metadata (through constant-only chains, as the
 planner resolves them), KV-cache from the graph inputs with batch and context bound, activations from a
 small shape propagation (symbolic batch -> ``batch``, past/total sequence -> ``context``, other
@@ -51,7 +57,9 @@ from preserve_onnx.model_io import find_rank_sets, load_model, sibling_rank_coun
 from preserve_onnx.passes._graph import Scope, dtype_bits, is_collective, is_default_domain, iter_scopes, \
     node_label
 from preserve_onnx.passes.build_windows import message_bytes
-from preserve_onnx.passes.collect_candidates import Candidate, consumer_slots, kv_nbytes, resolve_roots
+from preserve_onnx.passes._dims import Sizing
+from preserve_onnx.passes._structure import kv_cache_paths, reads_bytes
+from preserve_onnx.passes.collect_candidates import Candidate, consumer_slots, resolve_roots, structural_kv_axes
 from preserve_onnx.passes.plan_prefetches import fill_window  # the planner's own rule
 from preserve_onnx.passes.plan_prefetches import plan_prefetches
 from preserve_onnx.passes.strip_prefetches import StripPrefetchesPass
@@ -107,6 +115,8 @@ class WindowSpec:
     message_bytes: int
     window: object  # the planner's Window
     candidates: tuple[Candidate, ...]
+    max_tokens: int = 0  # the plan's validity range (0 = no limit); above it the runtime skips the hints
+    tokens: int = 1  # tokens per step at this batch: the anchor's dims except the last
 
 
 @dataclass(frozen=True)
@@ -152,11 +162,15 @@ def _bind_dim(name: str, axis: int, batch: int, context: int) -> int:
     return batch if axis == 0 else 1
 
 
-def _input_info(vi: onnx.ValueInfoProto, batch: int, context: int) -> _Info:
+def _input_info(vi: onnx.ValueInfoProto, sizing: Sizing) -> _Info:
+    """A graph input's shape: fixed dims, ``--dim``, the dims the graph fixes, then by name and axis."""
+    batch, context = sizing.batch, sizing.context
     tt = vi.type.tensor_type
     if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
         return _Info(None, batch, tt.elem_type or TensorProto.FLOAT)
-    dims = tuple(d.dim_value if d.HasField("dim_value") else _bind_dim(d.dim_param, axis, batch, context)
+    bound = {**sizing.graph, **sizing.dims}
+    dims = tuple(d.dim_value if d.HasField("dim_value") else
+                 bound.get(d.dim_param) or _bind_dim(d.dim_param, axis, batch, context)
                  for axis, d in enumerate(tt.shape.dim))
     return _Info(dims, math.prod(dims), tt.elem_type)
 
@@ -192,14 +206,18 @@ def _broadcast(infos: list[_Info]) -> _Info:
 class _Walker:
     """Flattens the step into Ops and propagates element counts (a decode step, batch/context bound)."""
 
-    def __init__(self, model: onnx.ModelProto, batch: int, context: int, qdq_weights: bool):
-        self.batch, self.context, self.qdq_weights = batch, context, qdq_weights
+    def __init__(self, model: onnx.ModelProto, sizing: Sizing, qdq_weights: bool):
+        self.batch, self.context, self.qdq_weights = sizing.batch, sizing.context, qdq_weights
+        self.sizing = sizing
         self.scopes = {s.path: s for s in iter_scopes(model)}
         self.info: dict[str, _Info] = {}
         self.const: set[str] = set()
         self.ops: list[Op] = []
+        # Plain-operator KV-cache (docs/design.md §2): tensor carrying the cache's bytes -> its path.
+        self.kv_alias = {alias: path for path in kv_cache_paths(model.graph).values() for alias in path.aliases}
+        self.kv_read: set[str] = set()  # structural KV inputs already read in this step
         for vi in model.graph.input:
-            self.info[vi.name] = _input_info(vi, batch, context)
+            self.info[vi.name] = _input_info(vi, sizing)
 
     def walk(self, path: str) -> None:
         scope = self.scopes[path]
@@ -259,6 +277,8 @@ class _Walker:
             if a.shape and b.shape and len(b.shape) >= 2:
                 dims = a.shape[:-1] + b.shape[-1:]
                 return [_Info(dims, math.prod(dims), a.dtype)]
+            if b.shape and len(b.shape) >= 2 and b.shape[-2]:  # A's rows x B's columns
+                return [_Info(None, a.numel // b.shape[-2] * b.shape[-1], a.dtype)]
             return [_Info(None, a.numel, a.dtype)]
         if op == "Gemm" and a is not None and len(ins) > 1 and ins[1] is not None and ins[1].shape:
             n = ins[1].shape[0] if _attr(node, "transB", 0) else ins[1].shape[-1]
@@ -296,10 +316,27 @@ class _Walker:
                 if -1 not in dims:
                     return [_Info(tuple(dims), a.numel, a.dtype)]
             return [_Info(None, a.numel, a.dtype)]
+        shaped = [i for i in ins if i is not None and i.shape]
+        if op == "Concat" and shaped and all(i is not None for i in ins) and len({len(i.shape) for i in shaped}) == 1:
+            # Inputs without a shape (a Reshape to a computed shape) extend the axis by their element count.
+            ref = shaped[0].shape
+            axis = int(_attr(node, "axis", 0)) % len(ref)
+            across = math.prod(ref[:axis] + ref[axis + 1:]) or 1
+            extent = sum(i.shape[axis] if i.shape else i.numel // across for i in ins)
+            dims = ref[:axis] + (extent,) + ref[axis + 1:]
+            return [_Info(dims, math.prod(dims), shaped[0].dtype)]
         if op == "Transpose" and a is not None and a.shape:
             perm = _attr(node, "perm") or list(reversed(range(len(a.shape))))
             return [_Info(tuple(a.shape[p] for p in perm), a.numel, a.dtype)]
         if op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin") and a is not None:
+            axes = _attr(node, "axes")
+            if axes is None and len(node.input) > 1 and node.input[1] in scope.initializers:
+                axes = _small_int_constant(scope.initializers[node.input[1]])
+            if a.shape and axes:
+                reduced = {int(x) % len(a.shape) for x in axes}
+                keep = int(_attr(node, "keepdims", 1))
+                dims = tuple(1 if i in reduced else d for i, d in enumerate(a.shape) if keep or i not in reduced)
+                return [_Info(dims, math.prod(dims), a.dtype)]
             return [_Info(None, max(1, a.numel // max(1, (a.shape or (1,))[-1])), a.dtype)]
         if op in _SAME_SHAPE and a is not None:
             return [a] * n_out
@@ -336,8 +373,7 @@ class _Walker:
                     continue
                 name = node.input[slot]
                 if slot in slots.kv and name in scope.main_inputs and name not in scope.initializers:
-                    reads.append(Read(name, kv_nbytes(scope.main_inputs[name], slots.kv_axes, self.batch,
-                                                      self.context), "kv_cache"))
+                    reads.append(Read(name, self.sizing.kv_bytes(scope.main_inputs[name], slots.kv_axes), "kv_cache"))
                     read_inputs.add(name)
                 elif slot in slots.weights:
                     res = resolve_roots(scope, name, qdq_weights=self.qdq_weights)
@@ -348,6 +384,17 @@ class _Walker:
                         reads.append(Read(tensor, _bytes(_Info(None, math.prod(t.dims), t.data_type)), "weight"))
                     read_inputs.add(name)
             flops = self._consumer_flops(node, reads)
+        if reads_bytes(node):
+            # The first operator that reads a plain-operator KV-cache's bytes (usually its Concat) reads
+            # them from HBM; later readers of the concatenation read an activation.
+            for name in node.input:
+                path = self.kv_alias.get(name)
+                if path is None or path.input in self.kv_read or path.input not in scope.main_inputs:
+                    continue
+                vi = scope.main_inputs[path.input]
+                reads.append(Read(path.input, self.sizing.kv_bytes(vi, structural_kv_axes(path, vi)), "kv_cache"))
+                read_inputs.add(name)
+                self.kv_read.add(path.input)
         for slot, name in enumerate(node.input):
             if not name or name in read_inputs:
                 continue
@@ -370,6 +417,12 @@ class _Walker:
                 elems = int(_attr(node, "K", 0)) * int(_attr(node, "N", 0))
             else:
                 w = node.input[1] if node.op_type == "Gemm" or node.input[0] not in self.const else node.input[0]
+                if node.op_type == "MatMul" and w not in self.const:
+                    # Both operands computed (attention in plain operators, Q @ K^T): batched, so
+                    # 2 x A's elements x B's columns, not A's rows x all of B.
+                    a, b = self.info.get(node.input[0]), self.info.get(node.input[1])
+                    if a is not None and b is not None and b.shape:
+                        return 2.0 * a.numel * b.shape[-1]
                 elems = self.info[w].numel if w in self.info else 0
             return 2.0 * rows * elems
         flops = 0.0
@@ -402,7 +455,7 @@ def analyze(model: onnx.ModelProto, config: OptimizeConfig, model_ranks: int, so
     ``optimize --replan`` would: an optimized model is estimated exactly like its original.
     """
     model = StripPrefetchesPass(config.naming)(model).model
-    walker = _Walker(model, config.batch, config.context, config.qdq_weights)
+    walker = _Walker(model, Sizing.for_model(model, config.batch, config.context, config.dims), config.qdq_weights)
     walker.walk("")
     ops = tuple(walker.ops)
     position = {(op.graph, op.index): pos for pos, op in enumerate(ops) if op.kind != "alias"}
@@ -415,8 +468,16 @@ def analyze(model: onnx.ModelProto, config: OptimizeConfig, model_ranks: int, so
         where = [position[(w.graph, i)] for i in w.nodes if (w.graph, i) in position]
         first = next((p for p in where if ops[p].reads), None)
         windows.append(WindowSpec(w.graph, w.collective, position[(w.graph, w.index)], tuple(where), first,
-                                  w.message_bytes, w, wp.candidates))
+                                  w.message_bytes, w, wp.candidates, wp.max_tokens,
+                                  _tokens(walker.info.get(w.anchor), config.batch)))
     return Analysis(source, model_ranks, config.batch, config.context, ops, tuple(windows), config)
+
+
+def _tokens(info: _Info | None, batch: int) -> int:
+    """Tokens per step a Prefetch sees: the product of its anchor's dims except the last (docs/design.md §3)."""
+    if info is None or not info.shape:
+        return batch
+    return max(1, math.prod(info.shape[:-1]))
 
 
 # -------------------------------------------------------------------------------------- the timeline
@@ -447,7 +508,8 @@ def simulate(analysis: Analysis, hw: HardwareProfile, chains: tuple[tuple[tuple[
              ranks: int, l2_fraction: float, scenario: str) -> Timeline:
     """Replay the step: ``chains[k]`` is window k's prefetch chain as ``(tensor, bytes)`` in chain order."""
     scale = analysis.model_ranks / ranks
-    act_limit = (1.0 - l2_fraction) * hw.l2_bytes
+    hbm_bw, l2_capacity = hw.effective_hbm_bw, hw.usable_l2_bytes
+    act_limit = (1.0 - l2_fraction) * l2_capacity
     window_of: dict[int, int] = {}
     for k, w in enumerate(analysis.windows):
         for pos in w.op_positions:
@@ -483,13 +545,16 @@ def simulate(analysis: Analysis, hw: HardwareProfile, chains: tuple[tuple[tuple[
         if k is not None and k in t0 and analysis.windows[k].first_consumer == pos:
             # The chain streamed from t0 until now; what it moved is what the consumers find in L2.
             chain = chains[k]
+            w = analysis.windows[k]
+            if scenario == "preserve" and 0 < w.max_tokens < w.tokens:
+                chain = ()  # outside the validity range the runtime skips the hints (docs/design.md §3)
             total = sum(b for _, b in chain)
-            amount = int(min(total, hw.hbm_bw * (start - t0[k]), hw.l2_bytes))
+            amount = int(min(total, hbm_bw * (start - t0[k]), l2_capacity))
             moved[k] = amount
             hits[k] = _take_prefix(chain, amount)
             if amount:
                 events.append(Event("prefetch", f"{analysis.windows[k].collective}/Prefetch", "prefetch", t0[k],
-                                    amount / hw.hbm_bw, (("bytes", amount), ("planned_bytes", total))))
+                                    amount / hbm_bw, (("bytes", amount), ("planned_bytes", total))))
         in_l2 = hits.get(k, {}) if k is not None else {}
         hbm = float(op.fixed_bytes)
         l2 = 0.0
@@ -503,7 +568,7 @@ def simulate(analysis: Analysis, hw: HardwareProfile, chains: tuple[tuple[tuple[
         else:
             hbm += op.act_bytes
         flops = op.flops * (scale if op.reads else 1.0)
-        dur = max(flops / hw.peak_flops, hbm / hw.hbm_bw + l2 / hw.l2_bw) + hw.launch_overhead
+        dur = max(flops / hw.peak_flops, hbm / hbm_bw + l2 / hw.l2_bw) + hw.launch_overhead
         durations[pos] = dur
         compute_free = start + dur
         events.append(Event("compute", op.name, op.op_type, start, dur,
@@ -539,6 +604,8 @@ class WindowEstimate:
     saved_s: float
     upper_bound_bytes: int
     upper_bound_saved_s: float
+    max_tokens: int = 0  # the window's validity range (0 = no limit)
+    tokens: int = 1  # tokens per step in this estimate (above max_tokens the plan's hints are skipped)
 
 
 class _Speedups:
@@ -629,7 +696,8 @@ def evaluate(analysis: Analysis, hw: HardwareProfile, ranks: int | None = None, 
 
         windows.append(WindowEstimate(
             w.graph, w.collective, hw.collective_time(w.message_bytes, ranks), limit,
-            sum(b for _, b in planned[k]), pres.moved[k], saved(pres), upper.moved[k], saved(upper)))
+            sum(b for _, b in planned[k]), pres.moved[k], saved(pres), upper.moved[k], saved(upper),
+            w.max_tokens, w.tokens))
     return Estimate(analysis.source, hw.name, analysis.batch, analysis.context, ranks, analysis.model_ranks,
                     base, pres, upper, tuple(windows))
 

@@ -269,3 +269,12 @@ def test_graph_dims_leave_a_name_bound_to_two_values_unbound():
         g.node("GroupQueryAttention", ["q", "", "", f"past.{i}.key", f"past.{i}.value"], [f"o{i}"], name=f"gqa{i}",
                domain="com.microsoft", num_heads=2, kv_num_heads=kv_heads)
     assert graph_dims(g.model()) == {}
+
+
+def test_cost_model_counts_plain_attention_matmuls_as_batched():
+    analysis = analyze(torchscript_decoder(), OptimizeConfig(batch=2, context=64), model_ranks=2)
+    flops = {op.name: op.flops for op in analysis.ops}
+    # scores = Q [2, heads, 1, head] @ K^T [2, heads, head, 65]: 2 x (2 x heads x 1 x 65) x head
+    assert flops["/model/layers.0/self_attn/MatMul"] == 2.0 * (2 * HEADS * 65) * HEAD
+    # context = P [2, heads, 1, 65] @ V [2, heads, 65, head]
+    assert flops["/model/layers.0/self_attn/MatMul_1"] == 2.0 * (2 * HEADS * HEAD) * 65

@@ -81,14 +81,18 @@ def _discover_vocab(source: object) -> int:
     return min(sizes) if sizes else DEFAULT_VOCAB
 
 
-def _bind_dim(dim: int | str | None, meta: TensorMeta, axis: int, batch: int, context: int) -> int:
-    """Binds one axis: symbols naming batch / past / total lengths first, then the input's role."""
+def _bind_dim(dim: int | str | None, meta: TensorMeta, axis: int, batch: int, context: int,
+              dims: Mapping[str, int] | None = None) -> int:
+    """Binds one axis: ``dims`` (--dim, then the dims the graph fixes), symbols naming batch / past /
+    total lengths, then the input's role."""
     if isinstance(dim, int) and dim >= 0:
         return dim
     if isinstance(dim, str):
+        if dims and dim in dims:
+            return dims[dim]
         expr = _EXPR.match(dim)
         if expr:
-            base = _bind_dim(expr.group(1), meta, axis, batch, context)
+            base = _bind_dim(expr.group(1), meta, axis, batch, context, dims)
             return base + int(expr.group(3)) if expr.group(2) == "+" else base - int(expr.group(3))
         symbol = dim.lower()
         if "batch" in symbol:
@@ -107,8 +111,8 @@ def _bind_dim(dim: int | str | None, meta: TensorMeta, axis: int, batch: int, co
     return 1  # sequence length of a decode step, and any other unknown axis
 
 
-def _shape(meta: TensorMeta, batch: int, context: int) -> tuple[int, ...]:
-    return tuple(_bind_dim(d, meta, i, batch, context) for i, d in enumerate(meta.shape or ()))
+def _shape(meta: TensorMeta, batch: int, context: int, dims: Mapping[str, int] | None = None) -> tuple[int, ...]:
+    return tuple(_bind_dim(d, meta, i, batch, context, dims) for i, d in enumerate(meta.shape or ()))
 
 
 def _rng(seed: int, name: str, rank: int | None) -> np.random.Generator:
@@ -146,6 +150,7 @@ def generate_feeds(
     context: int = DEFAULT_CONTEXT,
     seed: int = 0,
     vocab: int | None = None,
+    dims: Mapping[str, int] | None = None,
 ) -> tuple[SharedFeeds, PerRankFeeds]:
     """Generates the inputs of one decode step with a past of ``context`` tokens.
 
@@ -165,6 +170,8 @@ def generate_feeds(
         seed: Seed of every generator.
         vocab: Upper bound (exclusive) of generated token ids; default: the smallest static vocab of
             the ranks' ``logits`` outputs, else 100.
+        dims: Symbolic dim name -> value, bound before anything else (``--dim``, and the dims the
+            graph fixes: :func:`model_dims`).
 
     Returns:
         ``(shared, per_rank)``: inputs fed to every rank, and per rank those fed only to it (the
@@ -182,17 +189,31 @@ def generate_feeds(
     signatures: dict[str, set[tuple]] = {}
     for metas in ranks:
         for m in metas:
-            signatures.setdefault(m.name, set()).add((m.dtype, _shape(m, batch, context)))
+            signatures.setdefault(m.name, set()).add((m.dtype, _shape(m, batch, context, dims)))
     shared: SharedFeeds = {}
     per_rank: PerRankFeeds = {r: {} for r in range(len(ranks))}
     for rank, metas in enumerate(ranks):
         for m in metas:
-            shape = _shape(m, batch, context)
+            shape = _shape(m, batch, context, dims)
             if is_kv_cache_input(m.name) or len(signatures[m.name]) > 1:
                 per_rank[rank][m.name] = _generate(m, shape, _rng(seed, m.name, rank), context, vocab)
             elif m.name not in shared:
                 shared[m.name] = _generate(m, shape, _rng(seed, m.name, None), context, vocab)
     return shared, per_rank
+
+
+def model_dims(paths: Sequence[str | os.PathLike], dims: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Symbolic dims for generated feeds: those the rank graphs fix (head sizes, KV heads; see
+    ``preserve_onnx.passes._dims``), overridden by ``dims`` (``--dim``). Reads graphs, never weights."""
+    from preserve_onnx.model_io import load_model
+    from preserve_onnx.passes._dims import graph_dims
+
+    found: dict[str, int] = {}
+    for path in paths:
+        for name, value in graph_dims(load_model(pathlib.Path(path))).items():
+            found.setdefault(name, value)
+    found.update(dims or {})
+    return found
 
 
 def load_feeds(path: str | os.PathLike) -> tuple[SharedFeeds, PerRankFeeds]:

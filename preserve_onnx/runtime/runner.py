@@ -11,7 +11,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -20,8 +20,11 @@ from preserve_onnx.errors import PreserveError
 from preserve_onnx.model_io import find_rank_sets, sibling_rank_count
 from preserve_onnx.runtime.compare import Comparison, compare_outputs
 from preserve_onnx.runtime.decode import run_steps
-from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, generate_feeds, load_feeds
+from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, generate_feeds, load_feeds, model_dims
 from preserve_onnx.runtime.session import RankSession
+
+if TYPE_CHECKING:
+    from preserve_onnx.runtime.twin import TwinComparison
 
 
 BACKENDS = ("threads", "mpi")
@@ -38,6 +41,7 @@ class RunResult:
     # Under MPI only rank 0 reports (prints, saves): it holds every rank's outputs, the others their own.
     report: bool = True
     rank: int = 0
+    twin: TwinComparison | None = None  # against the single-device model (`run --twin`), when asked
 
 
 def rank_models(path: Path) -> tuple[Path, ...]:
@@ -61,16 +65,17 @@ def rank_models(path: Path) -> tuple[Path, ...]:
 def session_kwargs(naming: PrefetchNaming, opt_level: str, timeout_s: float) -> dict:
     """The keyword arguments both backends' sessions take for one `run`."""
     return dict(prefetch_domain=naming.domain, prefetch_op=naming.op_type,
-                prefetch_attrs=(naming.max_size, naming.offset), opt_level=opt_level, timeout_s=timeout_s)
+                prefetch_attrs=(naming.max_size, naming.offset, naming.max_tokens), opt_level=opt_level, timeout_s=timeout_s)
 
 
-def decode(session, inputs: Path | None, *, steps: int, batch: int, context: int, seed: int):
+def decode(session, inputs: Path | None, *, steps: int, batch: int, context: int, seed: int,
+           dims: Mapping[str, int] | None = None):
     """``(shared, per_rank, outputs)``: feeds from ``inputs`` (or generated), then ``steps`` decode
     steps on ``session`` (a RankSession or an MpiRankSession)."""
     if inputs is not None:
         shared, per_rank = load_feeds(inputs)
     else:
-        shared, per_rank = generate_feeds(session, batch=batch, context=context, seed=seed)
+        shared, per_rank = generate_feeds(session, batch=batch, context=context, seed=seed, dims=dims)
     return shared, per_rank, run_steps(session, shared, per_rank, steps)
 
 
@@ -89,11 +94,12 @@ def running_original(against: Path, keep: tuple[type, ...] = ()):
 def run_models(path: Path, *, against: Path | None = None, inputs: Path | None = None, steps: int = 1,
                batch: int = 1, context: int = DEFAULT_CONTEXT, seed: int = 0, opt_level: str = "all",
                naming: PrefetchNaming = PrefetchNaming(), timeout_s: float = 60,
-               backend: str = "threads") -> RunResult:
+               backend: str = "threads", dims: Mapping[str, int] | None = None) -> RunResult:
     """Run ``path`` (file or rank directory) for ``steps`` decode steps; compare with ``against``.
 
     ``backend="mpi"``: call it in every process of ``mpirun -n RANKS``; process r runs rank r (see
-    :mod:`preserve_onnx.runtime.mpi`).
+    :mod:`preserve_onnx.runtime.mpi`). ``dims`` (``--dim``) bind symbolic dims of generated feeds before
+    the dims the graphs fix and ``batch``/``context``.
     """
     if backend not in BACKENDS:
         raise PreserveError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -109,7 +115,8 @@ def run_models(path: Path, *, against: Path | None = None, inputs: Path | None =
         raise PreserveError(f"{path} has {len(models)} ranks but {against} has {len(originals)}")
     kw = session_kwargs(naming, opt_level, timeout_s)
     with RankSession(list(models), **kw) as session:
-        shared, per_rank, outputs = decode(session, inputs, steps=steps, batch=batch, context=context, seed=seed)
+        shared, per_rank, outputs = decode(session, inputs, steps=steps, batch=batch, context=context, seed=seed,
+                                           dims=model_dims(models, dims) if inputs is None else None)
     comparison = None
     if against is not None:
         with running_original(against), RankSession(list(originals), **kw) as original:
