@@ -154,9 +154,9 @@ def _fused_parts(ix: GraphIndex, lin: Linear, tensor: str) -> tuple[tuple[int, .
             node = ix.nodes[i]
             starts, ends = ix.constant(node.input[1]), ix.constant(node.input[2])
             axes = ix.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-            if starts is None or ends is None or starts.size != 1 or (axes is not None and int(axes) not in (-1, 2)):
+            if starts is None or ends is None or starts.size != 1 or (axes is not None and int(axes.reshape(-1)[0]) not in (-1, 2)):
                 return (lin.width,), ()
-            bounds.append((int(starts), min(int(ends), lin.width)))
+            bounds.append((int(starts.reshape(-1)[0]), min(int(ends.reshape(-1)[0]), lin.width)))
         bounds = sorted(set(bounds))
         if bounds[0][0] == 0 and bounds[-1][1] == lin.width and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])):
             return tuple(b - a for a, b in bounds), tuple(sorted(readers))
@@ -199,6 +199,37 @@ def _column(ix: GraphIndex, lin: Linear, unit: int, label_of) -> Column:
     return Column(lin, parts, unit, tuple(label_of(p) for p in parts), biases, cuts)
 
 
+def _width_of(ix: GraphIndex, tensor: str) -> int:
+    """The last-axis width of ``tensor``, read back through bias Adds, layout operators and a Split or
+    Slice to the linear that makes it (0 when unknown)."""
+    for _ in range(16):
+        i = ix.producer.get(tensor)
+        if i is None:
+            return 0
+        node = ix.nodes[i]
+        if i in ix.linears and tensor == node.output[0]:
+            return ix.linears[i].width
+        if is_op(node, "Split"):
+            sizes = ix.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "split")
+            if sizes is None:
+                return _width_of(ix, node.input[0]) // len(node.output)
+            return int(np.asarray(sizes).reshape(-1)[list(node.output).index(tensor)])
+        if is_op(node, "Slice"):
+            starts, ends = ix.constant(node.input[1]), ix.constant(node.input[2])
+            if starts is None or ends is None:
+                return 0
+            return min(int(ends.reshape(-1)[0]), _width_of(ix, node.input[0])) - int(starts.reshape(-1)[0])
+        if node.op_type in BIAS_OPS and not ix.is_constant(node.input[0]):
+            tensor = node.input[0]
+        elif node.op_type in BIAS_OPS:
+            tensor = node.input[1]
+        elif node.op_type in ("Cast", "Identity", "RotaryEmbedding"):
+            tensor = node.input[0]
+        else:
+            return 0
+    return 0
+
+
 def _site_heads(ix: GraphIndex, site: int, cols: list[Linear], kv_inputs: set[str],
                 dims: dict[str, int]) -> tuple[int, int, int]:
     """(q heads, KV heads, head size) of one attention site; 0 where the graph does not say."""
@@ -211,9 +242,7 @@ def _site_heads(ix: GraphIndex, site: int, cols: list[Linear], kv_inputs: set[st
         sizes = attr(node, "qkv_hidden_sizes") or [width // 3] * 3
         return nh, nh, sizes[0] // nh if nh else 0
     if nh:
-        query = [c for c in cols if any(i == site and ix.nodes[i].input[0] == t
-                                        for i, t in _through_layout_forward(ix, _bias_after(ix, c)[1]))]
-        width = query[0].width if query else 0
+        width = _width_of(ix, node.input[0])
         packed = len(node.input) < 2 or not node.input[1]
         hs = width // (nh + 2 * nkv) if packed else width // nh
         return nh, nkv, hs
@@ -283,6 +312,7 @@ def find_layout(ix: GraphIndex, world: int, *, vocab_parallel: bool = False,
         layout.region |= region
         layout.head_size.add(hs)
         layout.heads |= {h for h in (nh, nkv) if h}
+        layout.heads |= {p // hs for lin in col_lins for p in layout.columns[lin.index].parts if p % hs == 0}
         for lin in col_lins:
             col_seeds.update(o for o in ix.nodes[lin.index].output if o)
     _find_mlps(ix, layout, col_seeds)

@@ -1,0 +1,233 @@
+"""Small single-device decoders in the structures ``shard`` must recognise, written to disk the way exporters do
+(external data, size threshold 1024).
+
+``decoder(folder, attention=..., qkv=..., mlp=..., bias=..., quant=...)``:
+
+* attention ``gqa`` (onnxruntime-genai builder: GroupQueryAttention with rotary inside), ``mha``
+  (onnxruntime-transformers optimized: RotaryEmbedding + MultiHeadAttention), ``plain`` (torch.onnx:
+  Reshape/Transpose, rotate-half rotary from Constant caches, KV through Concat, repeat_kv by
+  Expand+Reshape, MatMul/Softmax/MatMul, RMSNorm as Pow/ReduceMean/Add/Sqrt/Div/Mul);
+* qkv ``separate``, ``split`` (one MatMul, then Split), ``packed`` (one MatMul into GQA's query input);
+* mlp ``separate``, ``split`` (fused gate_up + Split), ``slice`` (fused gate_up + two Slices);
+* bias: q/k/v biases as Add after the MatMul (Qwen2); quant ``int4``: MatMulNBits (block 16, zero points).
+
+hidden 64, 4 heads / 2 KV heads of size 16, FFN 96, vocab 160, 2 layers, rotary caches of 64 positions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+MS = "com.microsoft"
+H, NH, NKV, HS, FFN, VOCAB, LAYERS, MAXPOS = 64, 4, 2, 16, 96, 160, 2, 64
+_SAMPLES = Path(__file__).resolve().parents[2] / "sample_models" / "make_samples.py"
+
+
+def _make_samples():
+    spec = importlib.util.spec_from_file_location("make_samples_for_shard", _SAMPLES)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+class _B:
+    def __init__(self, seed: int, dtype, quant: str | None) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.dtype, self.quant = np.dtype(dtype), quant
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.count = 0
+        self.ms = _make_samples() if quant else None
+
+    def name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}_{self.count}"
+
+    def init(self, arr: np.ndarray, base: str = "w") -> str:
+        name = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def const_node(self, arr: np.ndarray) -> str:
+        """A Constant node (torch.onnx puts rotary caches and shapes there)."""
+        out = self.name("const")
+        self.nodes.append(helper.make_node("Constant", [], [out], name=out + "/Constant",
+                                           value=numpy_helper.from_array(np.asarray(arr), out + "_value")))
+        return out
+
+    def op(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs):
+        base = self.name(f"/{op}")
+        outs = [f"{base}/output_{j}" for j in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=base, domain=domain or None, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def i64(self, values) -> str:
+        return self.init(np.asarray(values, np.int64), "shape")
+
+    def linear(self, x: str, k: int, n: int) -> str:
+        w = (self.rng.standard_normal((k, n), dtype=np.float32) / np.float32(math.sqrt(k)))
+        if self.quant == "int4":
+            q = self.ms.quantize_nbits(w, 16)
+            b, s, z = self.ms.pack_nbits(q["q"], q["scales"], q["zp"], self.dtype)
+            return self.op("MatMulNBits", [x, self.init(b, "q4"), self.init(s, "scales"), self.init(z, "zp")],
+                           domain=MS, K=k, N=n, bits=4, block_size=16)
+        return self.op("MatMul", [x, self.init(w.astype(self.dtype))])
+
+    def vec(self, n: int, scale: float = 0.02, base: float = 0.0) -> str:
+        return self.init((np.float32(base) + np.float32(scale) * self.rng.standard_normal(n, dtype=np.float32))
+                         .astype(self.dtype), "b")
+
+
+def _rope(dtype) -> tuple[np.ndarray, np.ndarray]:
+    half = HS // 2
+    inv = 1.0 / (10000.0 ** (np.arange(half) * 2.0 / HS))
+    ang = np.arange(MAXPOS)[:, None] * inv[None, :]
+    return np.cos(ang).astype(dtype), np.sin(ang).astype(dtype)
+
+
+def _rms(b: _B, x: str) -> str:
+    """RMSNorm in plain operators (TorchScript)."""
+    two, eps = b.const_node(np.asarray(2.0, b.dtype)), b.const_node(np.asarray(1e-5, b.dtype))
+    var = b.op("ReduceMean", [b.op("Pow", [x, two]), b.i64([-1])], keepdims=1)
+    return b.op("Mul", [b.vec(H, 0.1, 1.0), b.op("Div", [x, b.op("Sqrt", [b.op("Add", [var, eps])])])])
+
+
+def _qkv(b: _B, h: str, qkv: str, bias: bool, kvh: int) -> tuple[str, ...]:
+    widths = (NH * HS, kvh * HS, kvh * HS)
+    if qkv == "separate":
+        outs = [b.linear(h, H, w) for w in widths]
+        return tuple(b.op("Add", [o, b.vec(w)]) if bias else o for o, w in zip(outs, widths))
+    fused = b.linear(h, H, sum(widths))
+    if bias:
+        fused = b.op("Add", [fused, b.vec(sum(widths))])
+    if qkv == "packed":
+        return (fused,)
+    return tuple(b.op("Split", [fused, b.i64(list(widths))], n_out=3, axis=-1))
+
+
+def _mlp(b: _B, h: str, mlp: str) -> str:
+    if mlp == "separate":
+        gate, up = b.linear(h, H, FFN), b.linear(h, H, FFN)
+    else:
+        gu = b.linear(h, H, 2 * FFN)
+        if mlp == "split":
+            gate, up = b.op("Split", [gu, b.i64([FFN, FFN])], n_out=2, axis=-1)
+        else:
+            gate = b.op("Slice", [gu, b.i64([0]), b.i64([FFN]), b.i64([-1])])
+            up = b.op("Slice", [gu, b.i64([FFN]), b.i64([2 ** 62]), b.i64([-1])])
+    act = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
+    return b.linear(b.op("Mul", [act, up]), FFN, H)
+
+
+def _rotate(b: _B, x: str, cos: str, sin: str) -> str:
+    """x * cos + rotate_half(x) * sin on [B, heads, S, HS]."""
+    x1 = b.op("Slice", [x, b.i64([0]), b.i64([HS // 2]), b.i64([-1])])
+    x2 = b.op("Slice", [x, b.i64([HS // 2]), b.i64([HS]), b.i64([-1])])
+    rot = b.op("Concat", [b.op("Neg", [x2]), x1], axis=-1)
+    return b.op("Add", [b.op("Mul", [x, cos]), b.op("Mul", [rot, sin])])
+
+
+def _plain_attention(b: _B, parts, past_k, past_v, present_k, present_v, cos, sin) -> str:
+    q, k, v = (b.op("Transpose", [b.op("Reshape", [p, b.i64([0, 0, n, HS])])], perm=[0, 2, 1, 3])
+               for p, n in zip(parts, (NH, NKV, NKV)))
+    q, k = _rotate(b, q, cos, sin), _rotate(b, k, cos, sin)
+    b.nodes.append(helper.make_node("Concat", [past_k, k], [present_k], name=b.name("/Concat"), axis=2))
+    b.nodes.append(helper.make_node("Concat", [past_v, v], [present_v], name=b.name("/Concat"), axis=2))
+
+    def repeat(t):  # repeat_kv: [B, kv, T, HS] -> [B, heads, T, HS]
+        e = b.op("Expand", [b.op("Unsqueeze", [t, b.i64([2])]), b.i64([1, 1, NH // NKV, 1, 1])])
+        return b.op("Reshape", [e, b.i64([0, NH, -1, HS])])
+
+    kt = b.op("Transpose", [repeat(present_k)], perm=[0, 1, 3, 2])
+    scores = b.op("Mul", [b.op("MatMul", [q, kt]), b.const_node(np.asarray(1 / math.sqrt(HS), b.dtype))])
+    ctx = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), repeat(present_v)])
+    return b.op("Reshape", [b.op("Transpose", [ctx], perm=[0, 2, 1, 3]), b.i64([0, 0, NH * HS])])
+
+
+def decoder(folder: Path, *, attention: str = "gqa", qkv: str = "separate", mlp: str = "separate",
+            bias: bool = False, quant: str | None = None, dtype=np.float32, seed: int = 7) -> Path:
+    """Write ``folder/model.onnx`` (+ ``model.onnx.data``) and return its path."""
+    b = _B(seed, dtype, quant)
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                            ["batch_size", "total_sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", et, ["batch_size", "sequence_length", VOCAB])]
+    cos_np, sin_np = _rope(dtype)
+    if attention == "gqa":
+        m = "attention_mask"
+        seqlens = b.op("Cast", [b.op("Sub", [b.op("ReduceSum", [m, b.i64([1])], keepdims=0),
+                                             b.init(np.asarray(1, np.int64), "one")])], to=TensorProto.INT32)
+        total = b.op("Cast", [b.op("Gather", [b.op("Shape", [m]), b.init(np.asarray(1, np.int64), "one")],
+                                   axis=0)], to=TensorProto.INT32)
+        cos, sin = b.init(cos_np, "cos_cache"), b.init(sin_np, "sin_cache")
+    else:
+        # positions of the new tokens: past length + 0..S-1, from the mask and the ids (no position_ids input)
+        s = b.op("Gather", [b.op("Shape", ["input_ids"]), b.init(np.asarray(1, np.int64), "one")], axis=0)
+        t = b.op("Gather", [b.op("Shape", ["attention_mask"]), b.init(np.asarray(1, np.int64), "one")], axis=0)
+        pos = b.op("Range", [b.op("Sub", [t, s]), t, b.init(np.asarray(1, np.int64), "one")])
+        if attention == "plain":
+            cos = b.op("Gather", [b.const_node(cos_np), pos], axis=0)
+            sin = b.op("Gather", [b.const_node(sin_np), pos], axis=0)
+            cos = b.op("Concat", [cos, cos], axis=-1)
+            sin = b.op("Concat", [sin, sin], axis=-1)
+        else:
+            cos, sin = b.init(cos_np, "cos_cache"), b.init(sin_np, "sin_cache")
+            position_ids = b.op("Expand", [b.op("Unsqueeze", [pos, b.i64([0])]), b.op("Shape", ["input_ids"])])
+    x = b.op("Gather", [b.init(b.rng.standard_normal((VOCAB, H), dtype=np.float32).astype(dtype), "embed"),
+                        "input_ids"], axis=0)
+    kvh = NH if attention == "mha" else NKV  # MultiHeadAttention: as many KV heads as heads
+    for i in range(LAYERS):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", et,
+                                                        ["batch_size", kvh, "past_sequence_length", HS]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", et,
+                                                         ["batch_size", kvh, "total_sequence_length", HS]))
+        past = (f"past_key_values.{i}.key", f"past_key_values.{i}.value")
+        present = (f"present.{i}.key", f"present.{i}.value")
+        if attention == "plain":
+            h = _rms(b, x)
+        else:
+            h = b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
+        parts = _qkv(b, h, qkv, bias, kvh)
+        if attention == "gqa":
+            q, k, v = parts if len(parts) == 3 else (parts[0], "", "")
+            outs = [b.name("/gqa") + "/output_0", *present]
+            b.nodes.append(helper.make_node(
+                "GroupQueryAttention", [q, k, v, *past, seqlens, total, cos, sin], outs, name=b.name("/GQA"),
+                domain=MS, num_heads=NH, kv_num_heads=NKV, do_rotary=1))
+            ctx = outs[0]
+        elif attention == "mha":
+            q = b.op("RotaryEmbedding", [parts[0], position_ids, cos, sin], domain=MS, num_heads=NH)
+            k = b.op("RotaryEmbedding", [parts[1], position_ids, cos, sin], domain=MS, num_heads=NH)
+            outs = [b.name("/mha") + "/output_0", *present]
+            b.nodes.append(helper.make_node(
+                "MultiHeadAttention", [q, k, parts[2], "", "", "", *past], outs, name=b.name("/MHA"), domain=MS,
+                num_heads=NH, unidirectional=1))
+            ctx = outs[0]
+        else:
+            ctx = _plain_attention(b, parts, *past, *present, cos, sin)
+        x = b.op("Add", [x, b.linear(ctx, NH * HS, H)])
+        h = _rms(b, x) if attention == "plain" else \
+            b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
+        x = b.op("Add", [x, _mlp(b, h, mlp)])
+    h = b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
+    logits = b.linear(h, H, VOCAB)
+    b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits/Identity"))
+    graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
+    model = helper.make_model(graph, ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    return path
