@@ -10,12 +10,14 @@ from preserve_onnx.runtime.decode import kv_feedback_map, run_steps
 from preserve_onnx.runtime.feeds import generate_feeds, load_feeds, save_outputs
 from preserve_onnx.runtime.runner import RunResult, run_models
 from preserve_onnx.runtime.session import RankSession, TensorMeta, library_path
+from preserve_onnx.runtime.twin import TwinComparison, run_twin
 
 __all__ = [
     "Comparison",
     "RankSession",
     "RunResult",
     "TensorMeta",
+    "TwinComparison",
     "compare_outputs",
     "generate_feeds",
     "kv_feedback_map",
@@ -24,5 +26,6 @@ __all__ = [
     "max_abs_diff",
     "run_models",
     "run_steps",
+    "run_twin",
     "save_outputs",
 ]

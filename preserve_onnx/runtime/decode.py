@@ -97,17 +97,32 @@ def run_steps(
         outputs = session.run(shared_now, ranks_now)
         if step == steps - 1:
             break
-        next_ids = None
-        logits = outputs[0].get("logits")
-        if logits is not None and logits.ndim >= 2:
-            last = logits[:, -1, :] if logits.ndim == 3 else logits
-            next_ids = np.argmax(last.astype(np.float32), axis=-1)
-        _next_feeds(shared_now, next_ids)
-        # Under MPI a process holds only its own rank's outputs (MpiRankSession.local_ranks).
-        for rank in getattr(session, "local_ranks", range(session.world_size)):
-            own = ranks_now.setdefault(rank, {})
-            _next_feeds(own, next_ids)
-            mapping = kv_feedback_map(session.output_names(rank), session.input_names(rank))
-            for out_name, in_name in mapping.items():
-                own[in_name] = outputs[rank][out_name]
+        advance_feeds(session, shared_now, ranks_now, outputs, next_token_ids(outputs))
     return outputs
+
+
+def next_token_ids(outputs: list[dict[str, np.ndarray]]) -> np.ndarray | None:
+    """The greedy next tokens: argmax of rank 0's ``logits`` at the last position (None without logits)."""
+    logits = outputs[0].get("logits")
+    if logits is None or logits.ndim < 2:
+        return None
+    last = logits[:, -1, :] if logits.ndim == 3 else logits
+    return np.argmax(last.astype(np.float32), axis=-1)
+
+
+def advance_feeds(
+    session: RankSession,
+    shared_now: dict[str, np.ndarray],
+    ranks_now: dict[int, dict[str, np.ndarray]],
+    outputs: list[dict[str, np.ndarray]],
+    next_ids: np.ndarray | None,
+) -> None:
+    """Turns one step's feeds into the next step's, in place (see :func:`run_steps`)."""
+    _next_feeds(shared_now, next_ids)
+    # Under MPI a process holds only its own rank's outputs (MpiRankSession.local_ranks).
+    for rank in getattr(session, "local_ranks", range(session.world_size)):
+        own = ranks_now.setdefault(rank, {})
+        _next_feeds(own, next_ids)
+        mapping = kv_feedback_map(session.output_names(rank), session.input_names(rank))
+        for out_name, in_name in mapping.items():
+            own[in_name] = outputs[rank][out_name]
