@@ -278,3 +278,10 @@ def test_cost_model_counts_plain_attention_matmuls_as_batched():
     assert flops["/model/layers.0/self_attn/MatMul"] == 2.0 * (2 * HEADS * 65) * HEAD
     # context = P [2, heads, 1, 65] @ V [2, heads, 65, head]
     assert flops["/model/layers.0/self_attn/MatMul_1"] == 2.0 * (2 * HEADS * HEAD) * 65
+
+
+def test_inspect_verbose_says_why_a_shape_reader_is_not_a_consumer(tmp_path):
+    onnx.save(_concat_graph(to_output=True, shape_only=True), tmp_path / "m.onnx")
+    r = runner.invoke(app, ["inspect", str(tmp_path / "m.onnx"), "-v", "--batch", "2", "--context", "16"])
+    assert r.exit_code == 0, r.output
+    assert "shape_of_past[0]" in r.output and "Shape reads only the KV-cache's" in r.output
