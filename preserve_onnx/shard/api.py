@@ -1,13 +1,15 @@
 """``shard``: a single-device decoder export -> N tensor-parallel rank models (docs/design.md §8).
 
 Output: ``OUT/model_00.onnx`` ... ``model_{N-1:02d}.onnx``, each with ``model_0r.onnx.data``, plus the
-other files of MODEL's folder (genai_config.json, tokenizer files), copied unchanged. Everything is
+other files of MODEL's folder (tokenizer files, ...) copied unchanged, and ``genai_config.json`` with
+the decoder's head counts per rank. Everything is
 built in a temporary folder beside OUT and renamed into place: a refusal or a failure leaves nothing.
 Weights are read through memory maps and written tensor by tensor; the model's weights are never held.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -85,6 +87,20 @@ def _companions(model_file: Path, model: onnx.ModelProto) -> list[Path]:
                   if p.is_file() and p.suffix != ".onnx" and p.name not in data and not p.name.startswith("."))
 
 
+def genai_config(path: Path, tp: int) -> str:
+    """onnxruntime-genai's config with the decoder's head counts per rank (what each rank model's
+    KV-cache inputs hold); every other field unchanged."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PreserveError(f"{path}: not readable as JSON ({exc})") from None
+    decoder = config.get("model", {}).get("decoder", {}) if isinstance(config, dict) else {}
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        if isinstance(decoder.get(key), int):
+            decoder[key] //= tp
+    return json.dumps(config, indent=4) + "\n"
+
+
 def _write_rank(template: onnx.ModelProto, rewriter: Rewriter, reader: TensorReader, source: dict,
                 world: int, rank: int, folder: Path) -> tuple[Path, int]:
     model = onnx.ModelProto()
@@ -141,7 +157,10 @@ def shard_model(model: Path, out: Path, tp: int, *, vocab_parallel: bool = False
             files.append(out / path.name)
             total += size
         for extra in _companions(model_file, proto):
-            shutil.copy2(extra, tmp / extra.name)
+            if extra.name == "genai_config.json":
+                (tmp / extra.name).write_text(genai_config(extra, tp))
+            else:
+                shutil.copy2(extra, tmp / extra.name)
         os.chmod(tmp, default_mode(directory=True))
         if out.is_dir():
             out.rmdir()  # empty (checked): replaced by the finished folder

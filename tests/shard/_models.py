@@ -113,7 +113,7 @@ def _qkv(b: _B, h: str, qkv: str, bias: bool, kvh: int) -> tuple[str, ...]:
     return tuple(b.op("Split", [fused, b.i64(list(widths))], n_out=3, axis=-1))
 
 
-def _mlp(b: _B, h: str, mlp: str) -> str:
+def _mlp(b: _B, h: str, mlp: str, FFN: int = FFN) -> str:  # noqa: N803 - the module constant's name
     if mlp == "separate":
         gate, up = b.linear(h, H, FFN), b.linear(h, H, FFN)
     else:
@@ -153,14 +153,15 @@ def _plain_attention(b: _B, parts, past_k, past_v, present_k, present_v, cos, si
 
 
 def decoder(folder: Path, *, attention: str = "gqa", qkv: str = "separate", mlp: str = "separate",
-            bias: bool = False, quant: str | None = None, dtype=np.float32, seed: int = 7) -> Path:
+            bias: bool = False, quant: str | None = None, dtype=np.float32, seed: int = 7, ffn: int = FFN,
+            extra_linear: bool = False, vocab: int = VOCAB) -> Path:
     """Write ``folder/model.onnx`` (+ ``model.onnx.data``) and return its path."""
     b = _B(seed, dtype, quant)
     et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
                                             ["batch_size", "total_sequence_length"])]
-    outputs = [helper.make_tensor_value_info("logits", et, ["batch_size", "sequence_length", VOCAB])]
+    outputs = [helper.make_tensor_value_info("logits", et, ["batch_size", "sequence_length", vocab])]
     cos_np, sin_np = _rope(dtype)
     if attention == "gqa":
         m = "attention_mask"
@@ -182,8 +183,10 @@ def decoder(folder: Path, *, attention: str = "gqa", qkv: str = "separate", mlp:
         else:
             cos, sin = b.init(cos_np, "cos_cache"), b.init(sin_np, "sin_cache")
             position_ids = b.op("Expand", [b.op("Unsqueeze", [pos, b.i64([0])]), b.op("Shape", ["input_ids"])])
-    x = b.op("Gather", [b.init(b.rng.standard_normal((VOCAB, H), dtype=np.float32).astype(dtype), "embed"),
+    x = b.op("Gather", [b.init(b.rng.standard_normal((vocab, H), dtype=np.float32).astype(dtype), "embed"),
                         "input_ids"], axis=0)
+    if extra_linear:  # a projection that is neither attention, MLP nor LM head: refused
+        x = b.linear(x, H, H)
     kvh = NH if attention == "mha" else NKV  # MultiHeadAttention: as many KV heads as heads
     for i in range(LAYERS):
         for kind in ("key", "value"):
@@ -218,9 +221,9 @@ def decoder(folder: Path, *, attention: str = "gqa", qkv: str = "separate", mlp:
         x = b.op("Add", [x, b.linear(ctx, NH * HS, H)])
         h = _rms(b, x) if attention == "plain" else \
             b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
-        x = b.op("Add", [x, _mlp(b, h, mlp)])
+        x = b.op("Add", [x, _mlp(b, h, mlp, ffn)])
     h = b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
-    logits = b.linear(h, H, VOCAB)
+    logits = b.linear(h, H, vocab)
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits/Identity"))
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
     model = helper.make_model(graph, ir_version=10,

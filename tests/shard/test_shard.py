@@ -1,0 +1,317 @@
+"""``shard``: structure of the rank models, numbers against the single-device model, determinism, refusals.
+
+Numerical equivalence: every rank's logits equal the single model's, and every rank's present KV-cache
+equals its heads' slice of the single model's, over 3 decode steps (float32 within 1e-4, like
+tests/runtime/test_twins.py). The committed 2-rank samples were sharded by hand by
+sample_models/make_samples.py from the same weights: ``shard`` of their single-device twin must write
+the same weight bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from preserve_onnx.cli import app
+from preserve_onnx.errors import PreserveError, UsageError
+from preserve_onnx.runtime import RankSession, generate_feeds, run_steps
+from preserve_onnx.shard import shard_model
+from tests.conftest import SAMPLES
+from tests.shard._models import decoder
+
+HAND_SHARDED = ["llama-gqa", "llama-gqa-fp16", "llama-int4", "llama-qdq", "gpt-attention"]
+TOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 2e-2}
+
+
+def kv_axis(name: str) -> int:
+    return 2 if name.startswith(("past_", "present_")) and name[-1].isdigit() else 1
+
+
+def assert_twin(out: Path, full: Path, opt_level: str = "all") -> None:
+    files = sorted(out.glob("model_*.onnx"))
+    world = len(files)
+    ranks = RankSession(files, opt_level=opt_level)
+    single = RankSession(full, opt_level=opt_level)
+    shared, per_rank = generate_feeds(ranks, batch=2, context=8, seed=3)
+    feeds = {n: np.concatenate([per_rank[r][n] for r in range(world)], axis=kv_axis(n)) for n in per_rank[0]}
+    sharded = run_steps(ranks, shared, per_rank, 3)
+    (expected,) = run_steps(single, shared, {0: feeds}, 3)
+    for name, value in expected.items():
+        parts = [value] * world if name == "logits" else np.split(value, world, axis=kv_axis(name))
+        for r in range(world):
+            np.testing.assert_allclose(sharded[r][name], parts[r], atol=TOL[value.dtype], rtol=0, err_msg=name)
+
+
+def nodes(path: Path, op: str) -> list[onnx.NodeProto]:
+    return [n for n in onnx.load(path, load_external_data=False).graph.node if n.op_type == op]
+
+
+def attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+@pytest.fixture(scope="module")
+def gqa2(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gqa") / "tp2"
+    shard_model(SAMPLES / "llama-gqa" / "full" / "model.onnx", out, 2)
+    return out
+
+
+# -- structure -------------------------------------------------------------------------------------
+
+
+def test_rank_files_and_megatron_shapes(gqa2):
+    assert sorted(p.name for p in gqa2.iterdir()) == ["model_00.onnx", "model_00.onnx.data",
+                                                      "model_01.onnx", "model_01.onnx.data"]
+    model = onnx.load(gqa2 / "model_01.onnx", load_external_data=False)
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    layer = "model.layers.0"
+    assert dims[f"{layer}.attn.q_proj.MatMul.weight"] == [64, 32]
+    assert dims[f"{layer}.attn.k_proj.MatMul.weight"] == [64, 16]
+    assert dims[f"{layer}.attn.o_proj.MatMul.weight"] == [32, 64]
+    assert dims[f"{layer}.mlp.gate_proj.MatMul.weight"] == [64, 48]
+    assert dims[f"{layer}.mlp.down_proj.MatMul.weight"] == [48, 64]
+    assert dims["lm_head.MatMul.weight"] == [64, 160]  # replicated
+    assert dims["model.embed_tokens.weight"] == [160, 64] and dims["cos_cache"] == [256, 8]
+    (gqa,) = [n for n in model.graph.node if n.name == "/model/layers.0/attn/GroupQueryAttention"]
+    assert (attrs(gqa)["num_heads"], attrs(gqa)["kv_num_heads"]) == (2, 1)
+    past = {vi.name: [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]
+            for vi in list(model.graph.input) + list(model.graph.output)}
+    assert past["past_key_values.1.value"] == ["batch_size", 1, "past_sequence_length", 16]
+    assert past["present.0.key"] == ["batch_size", 1, "total_sequence_length", 16]
+    assert {p.key: p.value for p in model.metadata_props}["preserve.shard.rank"] == "1"
+
+
+def test_allreduce_right_after_each_row_parallel_matmul(gqa2):
+    graph = onnx.load(gqa2 / "model_00.onnx", load_external_data=False).graph
+    order = list(graph.node)
+    reduces = [i for i, n in enumerate(order) if n.op_type == "AllReduce"]
+    assert [order[i - 1].name for i in reduces] == [
+        f"/model/layers.{i}/{p}/MatMul" for i in (0, 1) for p in ("attn/o_proj", "mlp/down_proj")]
+    for i in reduces:
+        assert order[i].domain == "com.microsoft" and not order[i].attribute
+        assert list(order[i].input) == [order[i - 1].output[0]]
+        assert order[i + 1].op_type == "SkipSimplifiedLayerNormalization" and order[i].output[0] in order[i + 1].input
+
+
+def test_bias_of_a_row_parallel_linear_is_added_after_the_allreduce(tmp_path):
+    shard_model(SAMPLES / "gpt-attention" / "full" / "model.onnx", tmp_path / "tp2", 2)
+    order = list(onnx.load(tmp_path / "tp2" / "model_00.onnx", load_external_data=False).graph.node)
+    for i, node in enumerate(order):
+        if node.op_type == "AllReduce":
+            assert order[i - 1].op_type == "MatMul" and order[i + 1].op_type == "Add"
+            assert order[i + 1].input[0] == node.output[0]
+    (att,) = [n for n in order if n.op_type == "Attention"][:1]
+    assert attrs(att)["num_heads"] == 2
+
+
+@pytest.mark.parametrize("variant", HAND_SHARDED)
+def test_same_weight_bytes_as_the_hand_sharded_samples(variant, tmp_path):
+    shard_model(SAMPLES / variant / "full" / "model.onnx", tmp_path / "tp2", 2)
+    for r in (0, 1):
+        ours = onnx.load(tmp_path / "tp2" / f"model_0{r}.onnx")
+        theirs = onnx.load(SAMPLES / variant / "tp2" / f"model_0{r}.onnx")
+        mine = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+        for t in theirs.graph.initializer:
+            expected = numpy_helper.to_array(t)
+            assert mine[t.name].shape == expected.shape and mine[t.name].tobytes() == expected.tobytes(), t.name
+
+
+def test_int4_row_parallel_splits_whole_k_blocks_and_repacks_zero_points(tmp_path):
+    shard_model(SAMPLES / "llama-int4" / "full" / "model.onnx", tmp_path / "tp2", 2)
+    model = onnx.load(tmp_path / "tp2" / "model_00.onnx", load_external_data=False)
+    found = {n.name: attrs(n) for n in model.graph.node if n.op_type == "MatMulNBits"}
+    down = found["/model/layers.0/mlp/down_proj/MatMulNBits"]
+    gate = found["/model/layers.0/mlp/gate_proj/MatMulNBits"]
+    assert (down["K"], down["N"], gate["K"], gate["N"]) == (48, 64, 64, 48)
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    # 3 K blocks of 16 per rank: the packed zero points hold 2 bytes per output column
+    assert dims["model.layers.0.mlp.down_proj.MatMul.weight_Q4"] == [64, 3, 8]
+    assert dims["model.layers.0.mlp.down_proj.MatMul.weight_zero_points"] == [128]
+
+
+def test_plain_operator_attention_gets_its_reshape_head_counts_divided(tmp_path):
+    full = decoder(tmp_path / "full", attention="plain")
+    shard_model(full, tmp_path / "tp2", 2)
+    model = onnx.load(tmp_path / "tp2" / "model_00.onnx", load_external_data=False)
+    values = {t.name: numpy_helper.to_array(t).tolist() for t in model.graph.initializer if t.raw_data}
+    shapes = [values[n.input[1]] for n in model.graph.node if n.op_type == "Reshape"][:5]
+    assert shapes == [[0, 0, 2, 16], [0, 0, 1, 16], [0, 0, 1, 16], [0, 2, -1, 16], [0, 2, -1, 16]]
+    assert [values[n.input[1]] for n in model.graph.node if n.op_type == "Reshape"][5] == [0, 0, 32]
+
+
+# -- numbers -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "llama-int4", "gpt-attention"])
+def test_hand_sharded_samples_twins(variant, tmp_path):
+    shard_model(SAMPLES / variant / "full" / "model.onnx", tmp_path / "tp2", 2)
+    assert_twin(tmp_path / "tp2", SAMPLES / variant / "full" / "model.onnx")
+
+
+STRUCTURES = {
+    "builder-gqa-packed-qkv": dict(attention="gqa", qkv="packed"),
+    "builder-gqa-qkv-split-bias-gate-up-slice": dict(attention="gqa", qkv="split", mlp="slice", bias=True),
+    "builder-gqa-separate-bias-gate-up-split": dict(attention="gqa", bias=True, mlp="split"),
+    "builder-int4-packed-qkv-bias": dict(attention="gqa", qkv="packed", bias=True, quant="int4"),
+    "optimized-mha-rotary": dict(attention="mha", bias=True),
+    "torch-plain": dict(attention="plain"),
+    "torch-plain-fused": dict(attention="plain", qkv="split", mlp="split", bias=True),
+}
+
+
+@pytest.mark.parametrize("structure", sorted(STRUCTURES))
+def test_rank_sum_equals_the_single_model(structure, tmp_path):
+    full = decoder(tmp_path / "full", **STRUCTURES[structure])
+    shard_model(full, tmp_path / "tp2", 2)
+    assert_twin(tmp_path / "tp2", full)
+
+
+def test_four_ranks(tmp_path):
+    full = decoder(tmp_path / "full", attention="mha")  # 4 heads and 4 KV heads
+    shard_model(full, tmp_path / "tp4", 4)
+    assert_twin(tmp_path / "tp4", full)
+
+
+def test_vocab_parallel_gathers_the_logits(tmp_path):
+    full = SAMPLES / "llama-gqa" / "full" / "model.onnx"
+    shard_model(full, tmp_path / "tp2", 2, vocab_parallel=True)
+    model = onnx.load(tmp_path / "tp2" / "model_00.onnx", load_external_data=False)
+    (gather,) = [n for n in model.graph.node if n.op_type == "AllGather"]
+    assert attrs(gather) == {"group_size": 2, "axis": -1} and gather.output[0] == "logits"
+    assert [list(t.dims) for t in model.graph.initializer if t.name == "lm_head.MatMul.weight"] == [[64, 80]]
+    assert_twin(tmp_path / "tp2", full)
+
+
+# -- files -------------------------------------------------------------------------------------------
+
+
+def test_same_input_same_bytes(tmp_path, gqa2):
+    shard_model(SAMPLES / "llama-gqa" / "full" / "model.onnx", tmp_path / "again", 2)
+    for p in gqa2.iterdir():
+        assert (tmp_path / "again" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_folder_input_copies_companions_and_rewrites_genai_head_counts(tmp_path):
+    src = tmp_path / "export"
+    shutil.copytree(SAMPLES / "llama-gqa" / "full", src)
+    (src / "tokenizer.json").write_text('{"v": 1}')
+    config = {"model": {"decoder": {"num_attention_heads": 4, "num_key_value_heads": 2, "head_size": 16,
+                                    "filename": "model.onnx"}}}
+    (src / "genai_config.json").write_text(json.dumps(config))
+    shard_model(src, tmp_path / "tp2", 2)
+    assert (tmp_path / "tp2" / "tokenizer.json").read_text() == '{"v": 1}'
+    written = json.loads((tmp_path / "tp2" / "genai_config.json").read_text())
+    assert written["model"]["decoder"] == {"num_attention_heads": 2, "num_key_value_heads": 1, "head_size": 16,
+                                           "filename": "model.onnx"}
+
+
+# -- refusals: one line, nothing written -----------------------------------------------------------
+
+
+def refused(model: Path, out: Path, tp: int, match: str, **kw) -> None:
+    before = sorted(out.parent.iterdir())
+    with pytest.raises(PreserveError, match=match):
+        shard_model(model, out, tp, **kw)
+    assert sorted(out.parent.iterdir()) == before  # no OUT, no temporary folder left
+
+
+def test_refuses_tp_not_dividing_heads(tmp_path):
+    refused(SAMPLES / "llama-gqa" / "full" / "model.onnx", tmp_path / "out", 3,
+            r"^--tp 3 does not divide the 4 attention heads of '/model/layers.0/attn/GroupQueryAttention'$")
+
+
+def test_refuses_tp_not_dividing_kv_heads(tmp_path):
+    refused(SAMPLES / "llama-gqa" / "full" / "model.onnx", tmp_path / "out", 4,
+            r"^--tp 4 does not divide the 2 KV heads of '/model/layers.0/attn/GroupQueryAttention'$")
+
+
+def test_refuses_tp_not_dividing_the_ffn(tmp_path):
+    full = decoder(tmp_path / "m" / "full", ffn=99)
+    refused(full, tmp_path / "out", 2, r"^--tp 2 does not divide the 99 FFN columns of '/MatMul_\d+'$")
+
+
+def test_refuses_tp_not_dividing_int4_k_blocks(tmp_path):
+    full = decoder(tmp_path / "m" / "full", quant="int4", ffn=80)  # down_proj: 5 blocks of 16
+    refused(full, tmp_path / "out", 2, r"^--tp 2 does not divide the 5 K blocks \(block_size 16\) of "
+                                       r"'/MatMulNBits_\d+'$")
+
+
+def test_refuses_vocab_parallel_when_tp_does_not_divide_the_vocabulary(tmp_path):
+    full = decoder(tmp_path / "m" / "full", vocab=161)
+    refused(full, tmp_path / "out", 2, r"^--tp 2 does not divide the 161 vocabulary entries of '/MatMul_\d+'$",
+            vocab_parallel=True)
+
+
+def test_refuses_an_unrecognised_linear_by_name(tmp_path):
+    full = decoder(tmp_path / "m" / "full", extra_linear=True)
+    refused(full, tmp_path / "out", 2, r"^unrecognised layer structure at node '/MatMul_\d+': a linear layer "
+                                       r"that is not part of attention, an MLP or the LM head$")
+
+
+def test_refuses_a_model_with_collectives(tmp_path):
+    refused(SAMPLES / "llama-gqa" / "tp2" / "model_00.onnx", tmp_path / "out", 2,
+            r"^the model already has collectives \(AllReduce '/model/layers.0/attn/o_proj/AllReduce'\)")
+
+
+def test_refuses_layers_inside_subgraphs(tmp_path):
+    refused(SAMPLES / "merged-decoder" / "full" / "model.onnx", tmp_path / "out", 2,
+            r"^unrecognised layer structure at node '/else/model/layers.0/attn/q_proj/MatMul' in optimum::if:"
+            r"else_branch: layers inside If/Loop/Scan subgraphs are not supported$")
+
+
+def test_refuses_out_inside_the_models_folder(tmp_path):
+    src = tmp_path / "export"
+    shutil.copytree(SAMPLES / "llama-gqa" / "full", src)
+    refused(src / "model.onnx", src / "tp2", 2, r"^OUT .*/export/tp2 is inside MODEL's folder")
+    refused(src, src, 2, r"is inside MODEL's folder")
+
+
+def test_refuses_a_non_empty_out(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    refused(SAMPLES / "llama-gqa" / "full" / "model.onnx", tmp_path / "out", 2, r"exists and is not an empty folder")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+
+
+def test_refuses_a_model_without_attention(tmp_path):
+    from tests.builders import two_layer_mlp
+
+    model = two_layer_mlp()
+    model.graph.ClearField("node")
+    model.graph.node.extend([onnx.helper.make_node("MatMul", ["x", "w0"], ["y"], name="mm")])
+    (tmp_path / "m").mkdir()
+    onnx.save(model, tmp_path / "m" / "m.onnx")
+    refused(tmp_path / "m" / "m.onnx", tmp_path / "out", 2, r"^unrecognised layer structure: no attention found")
+
+
+def test_tp_below_two_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="--tp must be at least 2"):
+        shard_model(SAMPLES / "llama-gqa" / "full" / "model.onnx", tmp_path / "out", 1)
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+
+def test_cli_closing_line_and_exit_codes(tmp_path):
+    runner = CliRunner()
+    full = str(SAMPLES / "llama-gqa" / "full" / "model.onnx")
+    ok = runner.invoke(app, ["shard", full, str(tmp_path / "tp2"), "--tp", "2"])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.startswith("done: 2 rank models (10 column-parallel and 4 row-parallel linears, "
+                                "4 AllReduce per rank), 432.0 KiB of weights; wrote ")
+    bad = runner.invoke(app, ["shard", full, str(tmp_path / "tp3"), "--tp", "3"])
+    assert bad.exit_code == 1
+    assert bad.output.strip() == ("error: --tp 3 does not divide the 4 attention heads of "
+                                  "'/model/layers.0/attn/GroupQueryAttention'")
+    usage = runner.invoke(app, ["shard", full, str(tmp_path / "tp1"), "--tp", "1"])
+    assert usage.exit_code == 2 and "--tp must be at least 2" in usage.output
+    dims = runner.invoke(app, ["shard", full, str(tmp_path / "tpd"), "--tp", "2", "--dim", "x"])
+    assert dims.exit_code == 2 and "--dim: expected NAME=N" in dims.output
