@@ -25,7 +25,7 @@ import onnx
 
 from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.passes._graph import MS_DOMAIN, Scope, is_default_domain, iter_scopes, nbytes
-from preserve_onnx.passes._structure import kv_cache_paths
+from preserve_onnx.passes._structure import KvCachePath, kv_cache_paths
 from preserve_onnx.passes.build_windows import _declared, producer_width
 
 
@@ -52,6 +52,7 @@ _KV_LAYOUT: dict[tuple[str, str], dict[int, str]] = {
     (MS_DOMAIN, "Attention"): {2: "num_heads", 4: "head"},
     ("", "Attention"): {1: "kv_num_heads", 3: "head"},
 }
+_ATTENTION_OPS = frozenset(op for _, op in _KV_LAYOUT)
 _KV_SLOTS = {(MS_DOMAIN, "GroupQueryAttention"): (3, 4), (MS_DOMAIN, "MultiHeadAttention"): (6, 7),
              (MS_DOMAIN, "Attention"): (4,), ("", "Attention"): (4, 5)}
 
@@ -87,8 +88,10 @@ def _fixed_dims(vi: onnx.ValueInfoProto | None) -> dict[int, int]:
     return {axis: d.dim_value for axis, d in enumerate(vi.type.tensor_type.shape.dim) if d.HasField("dim_value")}
 
 
-def graph_dims(model: onnx.ModelProto) -> dict[str, int]:
-    """Symbolic dim name -> value, for every KV-cache dim the graph itself fixes (rule 3 above)."""
+def graph_dims(model: onnx.ModelProto, scopes: Iterable[Scope] | None = None,
+               kv_paths: Mapping[str, KvCachePath] | None = None) -> dict[str, int]:
+    """Symbolic dim name -> value, for every KV-cache dim the graph itself fixes (rule 3 above).
+    ``scopes``/``kv_paths``: the model's, when the caller has them already."""
     main = model.graph
     by_name: dict[str, set[int]] = {}
     inputs = {vi.name: vi for vi in main.input}
@@ -102,9 +105,11 @@ def graph_dims(model: onnx.ModelProto) -> dict[str, int]:
             if d.dim_param and axis_values.get(axis, 0) > 0:
                 by_name.setdefault(d.dim_param, set()).add(axis_values[axis])
 
-    for scope in iter_scopes(model):
+    for scope in scopes if scopes is not None else iter_scopes(model):
         declared = None
         for node in scope.graph.node:
+            if node.op_type not in _ATTENTION_OPS:
+                continue
             key = ("" if is_default_domain(node.domain) else node.domain, node.op_type)
             if key not in _KV_LAYOUT:
                 continue
@@ -125,7 +130,7 @@ def graph_dims(model: onnx.ModelProto) -> dict[str, int]:
                         if slot < len(node.input) and node.input[slot]:
                             learn(node.input[slot], {a: v for a, v in learn_from.items()
                                                      if a not in values and a not in batch_seq})
-    for path in kv_cache_paths(main).values():
+    for path in (kv_paths if kv_paths is not None else kv_cache_paths(main)).values():
         concat_out = main.node[path.concat].output[0]
         if len(path.aliases) == 1 and concat_out == path.output:  # same axes on both sides
             fixed = _fixed_dims(outputs.get(path.output))
@@ -178,9 +183,10 @@ class Sizing:
     graph: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
-    def for_model(cls, model: onnx.ModelProto, batch: int, context: int,
-                  dims: Iterable[tuple[str, int]] = ()) -> "Sizing":
-        return cls(batch, context, dict(dims), graph_dims(model))
+    def for_model(cls, model: onnx.ModelProto, batch: int, context: int, dims: Iterable[tuple[str, int]] = (),
+                  scopes: Iterable[Scope] | None = None,
+                  kv_paths: Mapping[str, KvCachePath] | None = None) -> "Sizing":
+        return cls(batch, context, dict(dims), graph_dims(model, scopes, kv_paths))
 
     def kv_bytes(self, vi: onnx.ValueInfoProto, axes: tuple[int | None, int | None]) -> int:
         return kv_bytes(vi, axes, batch=self.batch, context=self.context, dims=self.dims, graph=self.graph)

@@ -8,7 +8,7 @@ output through a ``Concat`` (past -> present), with only layout operators betwee
 input is turned into on its way to that Concat (the input itself, the layout operators' outputs) reads
 the cache's bytes; ``Shape`` and ``Size`` read none.
 
-Linear in the graph: one consumer map, then a walk along layout-operator chains only.
+Linear in the graph: one producer map, then walks along layout-operator chains only.
 """
 
 from __future__ import annotations
@@ -41,68 +41,58 @@ class KvCachePath:
     seq_axis: int | None
 
 
-def _consumers(graph: GraphProto) -> dict[str, list[int]]:
-    readers: dict[str, list[int]] = {}
-    for index, node in enumerate(graph.node):
-        for name in dict.fromkeys(node.input):
-            if name:
-                readers.setdefault(name, []).append(index)
-    return readers
-
-
-def _is_layout(node: NodeProto, tensor: str) -> bool:
-    """Whether ``node`` only relabels ``tensor``'s elements (tensor must be its data input)."""
-    return is_default_domain(node.domain) and node.op_type in LAYOUT_OPS and node.input[0] == tensor
-
-
-def _is_concat(node: NodeProto) -> bool:
-    return is_default_domain(node.domain) and node.op_type == "Concat"
+def _is_layout(node: NodeProto) -> bool:
+    """Whether ``node`` only relabels its data input's elements (input 0)."""
+    return node.op_type in LAYOUT_OPS and is_default_domain(node.domain) and len(node.input) > 0
 
 
 def kv_cache_paths(graph: GraphProto) -> dict[str, KvCachePath]:
-    """Main-graph input name -> its KV-cache path, for every input that follows the structural rule."""
-    readers = _consumers(graph)
-    outputs = {vi.name for vi in graph.output}
-    initializers = {t.name for t in graph.initializer}
-    reaches_output: dict[str, str | None] = {}  # memo: tensor -> graph output reached by layout ops
+    """Main-graph input name -> its KV-cache path, for every input that follows the structural rule.
 
-    def output_of(tensor: str, depth: int = 0) -> str | None:
-        if tensor in reaches_output:
-            return reaches_output[tensor]
-        found = tensor if tensor in outputs else None
-        if found is None and depth < 16:
-            for i in readers.get(tensor, ()):
-                node = graph.node[i]
-                if _is_layout(node, tensor) and node.output and node.output[0]:
-                    found = output_of(node.output[0], depth + 1)
-                    if found:
-                        break
-        reaches_output[tensor] = found
-        return found
+    Walks backwards from each graph output through layout operators to a ``Concat``, and from each of
+    the Concat's inputs through layout operators to a graph input: one producer map, then short chains.
+    """
+    producer: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for out in node.output:
+            producer[out] = index
+    inputs = {vi.name: vi for vi in graph.input}
+    for t in graph.initializer:
+        inputs.pop(t.name, None)  # an input with a default value is a constant to every runtime
+
+    def back(tensor: str) -> tuple[str, list[int]]:
+        """Follow layout operators upwards from ``tensor``: (where the chain starts, its nodes top-down)."""
+        chain: list[int] = []
+        while tensor in producer and len(chain) < 16:
+            node = graph.node[producer[tensor]]
+            if not _is_layout(node):
+                break
+            chain.append(producer[tensor])
+            tensor = node.input[0]
+        return tensor, chain[::-1]
 
     paths: dict[str, KvCachePath] = {}
-    for vi in graph.input:
-        if vi.name in initializers:
-            continue  # an input with a default value is a constant to every runtime
-        rank = len(vi.type.tensor_type.shape.dim) if vi.type.tensor_type.HasField("shape") else None
-        # Walk the layout chain from the input; the first Concat whose output reaches an output wins.
-        # axes: for each axis of the current tensor, the input's axis it came from (None: lost).
-        frontier = [(vi.name, (vi.name,), tuple(range(rank)) if rank else None)]
-        while frontier and vi.name not in paths:
-            tensor, aliases, axes = frontier.pop(0)
-            for i in readers.get(tensor, ()):
-                node = graph.node[i]
-                if _is_concat(node):
-                    out = output_of(node.output[0]) if node.output and node.output[0] else None
-                    if out is not None:
-                        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
-                        seq = None
-                        if axes is not None and axis is not None and -len(axes) <= axis < len(axes):
-                            seq = axes[axis % len(axes)]
-                        paths[vi.name] = KvCachePath(vi.name, out, i, aliases, seq)
-                        break
-                elif _is_layout(node, tensor) and node.output and node.output[0] and len(aliases) < 16:
-                    frontier.append((node.output[0], (*aliases, node.output[0]), _follow_axes(node, axes)))
+    for out in graph.output:
+        top, _ = back(out.name)
+        concat = producer.get(top)
+        node = graph.node[concat] if concat is not None else None
+        if node is None or node.op_type != "Concat" or not is_default_domain(node.domain):
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+        for inp in node.input:
+            source, chain = back(inp)
+            if source not in inputs or source in paths:
+                continue
+            vi = inputs[source]
+            rank = len(vi.type.tensor_type.shape.dim) if vi.type.tensor_type.HasField("shape") else 0
+            axes: tuple[int, ...] | None = tuple(range(rank)) if rank else None
+            for i in chain:
+                axes = _follow_axes(graph.node[i], axes)
+            seq = None
+            if axes is not None and axis is not None and -len(axes) <= axis < len(axes):
+                seq = axes[axis % len(axes)]
+            aliases = (source, *(graph.node[i].output[0] for i in chain))
+            paths[source] = KvCachePath(source, out.name, concat, aliases, seq)
     return paths
 
 

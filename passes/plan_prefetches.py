@@ -76,8 +76,8 @@ def plan_prefetches(model: onnx.ModelProto, config: OptimizeConfig, ranks: int =
     scope_list = list(iter_scopes(model))
     scopes = {s.path: s for s in scope_list}
     taken = all_names(model)
-    sizing = Sizing.for_model(model, config.batch, config.context, config.dims)
     kv_paths = kv_cache_paths(model.graph)
+    sizing = Sizing.for_model(model, config.batch, config.context, config.dims, scope_list, kv_paths)
     plans = []
     for window in build_windows(model, config.collectives, config.batch, scope_list):
         if not window.selected:
