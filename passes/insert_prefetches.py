@@ -5,6 +5,9 @@ input A and planned tensors X1..Xn the pass writes, immediately before C in the 
 
     A1 = Prefetch(A, X1) ; A2 = Prefetch(A1, X2) ; ... ; C(An)
 
+Every node carries ``max_size``, ``offset`` and ``collective``, and ``max_tokens`` when the window has a
+validity range (the tokens per step past which the prefetch saves nothing; ``passes/_roofline.py``).
+
 Consumers keep reading X directly, so X stays a constant to every runtime (prepacking, constant
 folding and quantization fusions are unaffected). Refuses a model that already has Prefetch nodes
 (run `strip-prefetches` first, which is what ``--replan`` does).
@@ -68,15 +71,16 @@ def _rewrite(graph: onnx.GraphProto, at: dict[int, WindowPlan], config: Optimize
         current = wp.window.anchor
         chain = []
         for p in wp.prefetches:
-            chain.append(_prefetch_node(naming, current, p, wp.window.collective))
+            chain.append(_prefetch_node(naming, current, p, wp.window.collective, wp.max_tokens))
             current = p.output
         graph.node[index].input[0] = current
         for node in reversed(chain):
             graph.node.insert(index, node)
 
 
-def _prefetch_node(naming, anchor: str, p, collective: str) -> onnx.NodeProto:
-    """``p.output = Prefetch(anchor, p.tensor)`` with attributes in name order (as onnx.helper does)."""
+def _prefetch_node(naming, anchor: str, p, collective: str, max_tokens: int = 0) -> onnx.NodeProto:
+    """``p.output = Prefetch(anchor, p.tensor)`` with attributes in name order (as onnx.helper does);
+    ``max_tokens`` only when the window has a limit (absent = no limit, docs/design.md §3)."""
     node = onnx.NodeProto(op_type=naming.op_type, domain=naming.domain, name=p.node,
                           input=[anchor, p.tensor], output=[p.output])
     attrs = [
@@ -84,6 +88,8 @@ def _prefetch_node(naming, anchor: str, p, collective: str) -> onnx.NodeProto:
         onnx.AttributeProto(name=naming.offset, type=onnx.AttributeProto.INT, i=p.offset),
         onnx.AttributeProto(name=naming.collective, type=onnx.AttributeProto.STRING, s=collective.encode()),
     ]
+    if max_tokens > 0:
+        attrs.append(onnx.AttributeProto(name=naming.max_tokens, type=onnx.AttributeProto.INT, i=max_tokens))
     node.attribute.extend(sorted(attrs, key=lambda a: a.name))
     return node
 

@@ -22,6 +22,7 @@ SCHEMA = 1
 
 def hardware_dict(hw: HardwareProfile) -> dict:
     data = dataclasses.asdict(hw)
+    data["collective_alphas"] = dict(hw.collective_alphas)  # implementation -> seconds
     data["sources"] = dict(sorted(hw.sources.items()))
     return data
 
@@ -35,6 +36,7 @@ def window_dict(wp: WindowPlan, verbose: bool = True) -> dict:
         "message_bytes": w.message_bytes,
         "budget_bytes": wp.budget,
         "prefetched_bytes": wp.prefetched_bytes,
+        "max_tokens": wp.max_tokens,  # the validity range (docs/design.md §3); 0 = no limit
         "prefetches": [
             {"node": p.node, "tensor": p.tensor, "kind": p.kind, "consumer": p.consumer,
              "offset": p.offset, "max_size": p.max_size, "bytes": p.nbytes}
@@ -91,13 +93,14 @@ def plan_table(outcome: RankOutcome, title: str) -> Table:
     table.add_column("KV-cache", justify="right", no_wrap=True)
     table.add_column("budget", justify="right", no_wrap=True)
     table.add_column("used", justify="right", no_wrap=True)
+    table.add_column("max tokens", justify="right", no_wrap=True)
     for wp in outcome.plan.windows:
         weights = sum(p.nbytes for p in wp.prefetches if p.kind == "weight")
         kv = sum(p.nbytes for p in wp.prefetches if p.kind == "kv_cache")
         pct = f"{100 * wp.prefetched_bytes / wp.budget:.0f}%" if wp.budget else "-"
         name = wp.window.collective if not wp.window.graph else f"{wp.window.graph}/{wp.window.collective}"
         table.add_row(name, str(len({p.tensor for p in wp.prefetches})), format_size(weights),
-                      format_size(kv), format_size(wp.budget), pct)
+                      format_size(kv), format_size(wp.budget), pct, str(wp.max_tokens) if wp.max_tokens else "-")
     return table
 
 

@@ -18,24 +18,31 @@ def _ms(seconds: float) -> str:
 
 
 def estimate_table(est: Estimate, limit: int | None = 12) -> Table:
-    """One row per window: collective time, planned and overlapped bytes, time saved."""
+    """One row per window: collective time, planned and overlapped bytes, time saved, validity range."""
     title = (f"{est.source}: {est.hardware}, batch {est.batch}, context {est.context}, {est.ranks} ranks"
              + (f" (export: {est.model_ranks})" if est.ranks != est.model_ranks else ""))
     table = Table(title=title, title_justify="left")
     table.add_column("collective", overflow="fold", ratio=3)
-    for col in ("t_coll", "planned", "in L2", "saved", "upper bound"):
+    for col in ("t_coll", "planned", "in L2", "saved", "upper bound", "max tokens"):
         table.add_column(col, justify="right", no_wrap=True)
     rows = est.windows if limit is None or len(est.windows) <= limit else est.windows[:limit]
     for w in rows:
         name = w.collective if not w.graph else f"{w.graph}/{w.collective}"
         table.add_row(name, _us(w.collective_s), format_size(w.planned_bytes), format_size(w.overlapped_bytes),
-                      _us(w.saved_s), _us(w.upper_bound_saved_s))
+                      _us(w.saved_s), _us(w.upper_bound_saved_s), _max_tokens(w.max_tokens, w.tokens))
     if len(rows) < len(est.windows):
         rest = est.windows[len(rows):]
         table.add_row(f"... {len(rest)} more windows", "", format_size(sum(w.planned_bytes for w in rest)),
                       format_size(sum(w.overlapped_bytes for w in rest)), _us(sum(w.saved_s for w in rest)),
-                      _us(sum(w.upper_bound_saved_s for w in rest)))
+                      _us(sum(w.upper_bound_saved_s for w in rest)), "")
     return table
+
+
+def _max_tokens(limit: int, tokens: int) -> str:
+    """The validity range; marked when this step is past it (the runtime skips the hints)."""
+    if not limit:
+        return "-"
+    return f"{limit} (skipped)" if tokens > limit else str(limit)
 
 
 def estimate_summary(est: Estimate) -> str:

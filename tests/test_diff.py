@@ -54,7 +54,7 @@ def test_model_vs_optimized_self_is_exactly_the_prefetches_the_rewires_and_the_o
     ]
     assert d.entries[1] == Entry(
         "node", "added", "", "ar0/Prefetch/w1",
-        "preserve::Prefetch(h0, w1) -> ar0/Prefetch/w1/out  collective='ar0' max_size=0 offset=0",
+        "preserve::Prefetch(h0, w1) -> ar0/Prefetch/w1/out  collective='ar0' max_size=0 max_tokens=470 offset=0",
         op="preserve::Prefetch", prefetch=True)
     assert [e.name for e in d.prefetches_added] == ["ar0/Prefetch/w1", "ar0/Prefetch/w2", "ar1/Prefetch/w3"]
     assert [e.name for e in d.rewired_collectives] == ["ar0", "ar1"]
@@ -416,9 +416,9 @@ def test_cli_markdown(pair):
 | | kind | graph | name | change |
 |---|---|---|---|---|
 | + | opset |  | `preserve` | `version 1` |
-| + | node |  | `ar0/Prefetch/w1` | `preserve::Prefetch(h0, w1) -> ar0/Prefetch/w1/out  collective='ar0' max_size=0 offset=0` |
-| + | node |  | `ar0/Prefetch/w2` | `preserve::Prefetch(ar0/Prefetch/w1/out, w2) -> ar0/Prefetch/w2/out  collective='ar0' max_size=0 offset=0` |
-| + | node |  | `ar1/Prefetch/w3` | `preserve::Prefetch(h2, w3) -> ar1/Prefetch/w3/out  collective='ar1' max_size=0 offset=0` |
+| + | node |  | `ar0/Prefetch/w1` | `preserve::Prefetch(h0, w1) -> ar0/Prefetch/w1/out  collective='ar0' max_size=0 max_tokens=470 offset=0` |
+| + | node |  | `ar0/Prefetch/w2` | `preserve::Prefetch(ar0/Prefetch/w1/out, w2) -> ar0/Prefetch/w2/out  collective='ar0' max_size=0 max_tokens=470 offset=0` |
+| + | node |  | `ar1/Prefetch/w3` | `preserve::Prefetch(h2, w3) -> ar1/Prefetch/w3/out  collective='ar1' max_size=0 max_tokens=470 offset=0` |
 | ~ | node |  | `ar0` | input[0]: `h0` → `ar0/Prefetch/w2/out` |
 | ~ | node |  | `ar1` | input[0]: `h2` → `ar1/Prefetch/w3/out` |
 

@@ -17,7 +17,7 @@ runner = CliRunner()
 SRC = SAMPLES / "llama-gqa" / "tp2"
 VENDOR = ["--prefetch-domain", "com.acme.npu", "--prefetch-op", "CmoPrefetch", "--prefetch-version", "2",
           "--prefetch-attr", "max_size=size", "--prefetch-attr", "offset=start",
-          "--prefetch-attr", "collective=tag"]
+          "--prefetch-attr", "collective=tag", "--prefetch-attr", "max_tokens=valid_tokens"]
 
 
 def cli(*args):
@@ -43,7 +43,7 @@ def test_optimize_writes_the_vendor_spelling(vendor_dir):
     assert {n.op_type for n in nodes} == {"CmoPrefetch"}
     first = nodes[0]
     assert [(a.name, helper.get_attribute_value(a)) for a in first.attribute] == [
-        ("size", 0), ("start", 0), ("tag", b"/model/layers.0/attn/o_proj/AllReduce")]
+        ("size", 0), ("start", 0), ("tag", b"/model/layers.0/attn/o_proj/AllReduce"), ("valid_tokens", 470)]
     assert [(o.domain, o.version) for o in model.opset_import if o.domain == "com.acme.npu"] == [
         ("com.acme.npu", 2)]
     assert not any(n.op_type == "Prefetch" for n in model.graph.node)
@@ -58,7 +58,8 @@ def test_report_records_the_naming(tmp_path):
     settings = json.loads((tmp_path / "r.json").read_text())["settings"]
     assert {k: v for k, v in settings.items() if k.startswith("prefetch")} == {
         "prefetch_domain": "com.acme.npu", "prefetch_op": "CmoPrefetch", "prefetch_version": 2,
-        "prefetch_attributes": {"max_size": "size", "offset": "start", "collective": "tag"}}
+        "prefetch_attributes": {"max_size": "size", "offset": "start", "collective": "tag",
+                                "max_tokens": "valid_tokens"}}
 
 
 def test_strip_with_the_same_naming_gives_the_original_back(vendor_dir, tmp_path):
@@ -127,9 +128,9 @@ def test_bad_version_is_refused(tmp_path):
 
 def test_python_api_naming():
     naming = PrefetchNaming(domain="com.acme.npu", op_type="CmoPrefetch", version=2, max_size="size",
-                            offset="start", collective="tag")
+                            offset="start", collective="tag", max_tokens="valid_tokens")
     model, _ = optimize(two_layer_mlp(), OptimizeConfig(budget=10_000, naming=naming))
     nodes = prefetch_nodes(model)
     assert [(n.op_type, [a.name for a in n.attribute]) for n in nodes] == [
-        ("CmoPrefetch", ["size", "start", "tag"])] * 3
+        ("CmoPrefetch", ["size", "start", "tag", "valid_tokens"])] * 3
     assert onnx.helper.make_opsetid("com.acme.npu", 2) in model.opset_import

@@ -283,7 +283,7 @@ class MpiRankSession(RankSession):
         comm: Any = None,
         prefetch_domain: str = "preserve",
         prefetch_op: str = "Prefetch",
-        prefetch_attrs: tuple[str, str] = ("max_size", "offset"),
+        prefetch_attrs: tuple[str, ...] = ("max_size", "offset", "max_tokens"),
         opt_level: ort.GraphOptimizationLevel | str | int = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         timeout_s: float = 60,
         intra_op_threads: int | None = None,

@@ -25,7 +25,8 @@ def test_exact_structure_after_insertion():
     assert list(p2.input) == ["ar0/Prefetch/w1/out", "w2"]
     assert list(ar.input) == ["ar0/Prefetch/w2/out"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in p2.attribute}
-    assert attrs == {"max_size": 952, "offset": 0, "collective": b"ar0"}
+    # fp32 weights on ascend-910b: 320e12 x 4 B / (2 x 0.85 x 1.6e12) = 470 tokens per step.
+    assert attrs == {"max_size": 952, "offset": 0, "collective": b"ar0", "max_tokens": 470}
     # The consumers still read the weights directly.
     assert list(g.node[4].input) == ["a0", "w1"]
     # Each window has its own budget: ar1 gets w3 whole.
@@ -63,11 +64,12 @@ def test_refuses_model_that_already_has_prefetches():
 
 
 def test_vendor_naming():
-    naming = PrefetchNaming(domain="vendor.cmo", op_type="CmoPrefetch", version=2, max_size="size")
+    naming = PrefetchNaming(domain="vendor.cmo", op_type="CmoPrefetch", version=2, max_size="size",
+                            max_tokens="valid_tokens")
     g = run(two_layer_mlp(), naming=naming).model
     p = g.graph.node[1]
     assert (p.op_type, p.domain) == ("CmoPrefetch", "vendor.cmo")
-    assert sorted(a.name for a in p.attribute) == ["collective", "offset", "size"]
+    assert [a.name for a in p.attribute] == ["collective", "offset", "size", "valid_tokens"]
     assert ("vendor.cmo", 2) in [(o.domain, o.version) for o in g.opset_import]
 
 
@@ -78,3 +80,25 @@ def test_collective_inside_if_branch_prefetches_outer_weight_inside_branch():
     assert ops(then_g) == ["Prefetch(w_outer)", "AllReduce", "MatMul"]
     assert [t.name for t in out.graph.initializer] == ["w_outer"]  # the weight stays in the outer graph
     assert [t.name for t in then_g.initializer] == []
+
+
+def test_max_tokens_only_where_the_window_has_a_limit():
+    # A window whose consumer reads KV-cache (attention stays memory-bound at any batch) gets no
+    # max_tokens attribute (absent = no limit); a weights-only window gets the roofline bound.
+    from tests.builders import G
+
+    g = G()
+    g.input("x", ["batch", 8])
+    g.input("past", ["batch", 2, "past_seq", 4])
+    g.allreduce("x", "a", name="ar0")
+    g.node("MatMul", ["a", g.weight("w", (8, 8))], ["h"], name="mm")
+    g.node("Concat", ["past", "past"], ["present"], name="cat", axis=2)
+    g.allreduce("h", "b", name="ar1")
+    g.node("MatMul", ["b", g.weight("w2", (8, 8))], ["y"], name="mm2")
+    g.output("y", ["batch", 8])
+    g.output("present", ["batch", 2, "total_seq", 4])
+    model = run(g.model(), budget=1 << 20).model
+    attrs = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in model.graph.node if n.op_type == "Prefetch"}
+    assert {name: a.get("max_tokens") for name, a in attrs.items()} == {
+        "ar0/Prefetch/w": None, "ar0/Prefetch/past": None, "ar1/Prefetch/w2": 470}
