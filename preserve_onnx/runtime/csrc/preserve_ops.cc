@@ -1001,11 +1001,19 @@ struct CollectiveOp : Ort::CustomOpBase<CollectiveOp, CollectiveKernel, true> {
 // Prefetch
 // ------------------------------------------------------------------------------------------------
 
+// Cache hints issued and skipped (above max_tokens) by every Prefetch kernel of the process, for tests
+// and debugging: preserve_prefetch_hints() reads them.
+std::atomic<uint64_t> g_hints_issued{0};
+std::atomic<uint64_t> g_hints_skipped{0};
+
 struct PrefetchKernel {
-  // The attribute names are the vendor naming's (`preserve.prefetch_attr_max_size` / `_offset`).
-  PrefetchKernel(const OrtKernelInfo* info, const std::string& max_size_attr, const std::string& offset_attr) {
+  // The attribute names are the vendor naming's (`preserve.prefetch_attr_max_size` / `_offset` /
+  // `_max_tokens`).
+  PrefetchKernel(const OrtKernelInfo* info, const std::string& max_size_attr, const std::string& offset_attr,
+                 const std::string& max_tokens_attr) {
     max_size_ = CollectiveKernel::ReadInt(info, max_size_attr.c_str(), 0);
     offset_ = CollectiveKernel::ReadInt(info, offset_attr.c_str(), 0);
+    max_tokens_ = CollectiveKernel::ReadInt(info, max_tokens_attr.c_str(), 0);
   }
 
   OrtStatus* ComputeV2(OrtKernelContext* context) {
@@ -1017,9 +1025,19 @@ struct PrefetchKernel {
       const size_t elem = ElementSize(type);
       if (elem == 0) return Fail(std::string("Prefetch: the anchor has ") + TypeName(type) + " elements");
       const size_t bytes = a_info.GetElementCount() * elem;
-      auto out = ctx.GetOutput(0, a_info.GetShape());
+      const std::vector<int64_t> shape = a_info.GetShape();
+      auto out = ctx.GetOutput(0, shape);
       if (bytes) std::memcpy(out.GetTensorMutableRawData(), a.GetTensorRawData(), bytes);
-      Touch(ctx);
+      // The validity range (docs/design.md §3): above max_tokens tokens per step (the anchor's dims
+      // but the last) the prefetch saves no time, so the hint is skipped. The output is the same.
+      int64_t tokens = 1;
+      for (size_t i = 0; i + 1 < shape.size(); ++i) tokens *= shape[i];
+      if (max_tokens_ > 0 && tokens > max_tokens_) {
+        g_hints_skipped.fetch_add(1, std::memory_order_relaxed);
+      } else {
+        g_hints_issued.fetch_add(1, std::memory_order_relaxed);
+        Touch(ctx);
+      }
       return nullptr;
     } catch (const std::exception& e) {
       return Fail(std::string("Prefetch: ") + e.what());
@@ -1049,17 +1067,19 @@ struct PrefetchKernel {
 
   int64_t max_size_ = 0;
   int64_t offset_ = 0;
+  int64_t max_tokens_ = 0;  // 0 = no limit
 };
 
 struct PrefetchOp : Ort::CustomOpBase<PrefetchOp, PrefetchKernel, true> {
-  PrefetchOp(std::string name, std::string max_size_attr, std::string offset_attr)
-      : name_(std::move(name)), max_size_attr_(std::move(max_size_attr)), offset_attr_(std::move(offset_attr)) {
+  PrefetchOp(std::string name, std::string max_size_attr, std::string offset_attr, std::string max_tokens_attr)
+      : name_(std::move(name)), max_size_attr_(std::move(max_size_attr)), offset_attr_(std::move(offset_attr)),
+        max_tokens_attr_(std::move(max_tokens_attr)) {
     OrtCustomOp::InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* ctx) -> OrtStatusPtr {
       return CopyTypeShape(ctx, 1, false, 0, 1);
     };
   }
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    *kernel = new PrefetchKernel(info, max_size_attr_, offset_attr_);
+    *kernel = new PrefetchKernel(info, max_size_attr_, offset_attr_, max_tokens_attr_);
     return nullptr;
   }
   const char* GetName() const { return name_.c_str(); }
@@ -1071,6 +1091,7 @@ struct PrefetchOp : Ort::CustomOpBase<PrefetchOp, PrefetchKernel, true> {
   std::string name_;
   std::string max_size_attr_;
   std::string offset_attr_;
+  std::string max_tokens_attr_;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -1109,9 +1130,12 @@ OrtStatus* Register(OrtSessionOptions* options) {
   std::string domain, op, rank_s, world_s, group, timeout_s;
   if (OrtStatus* st = ConfigEntry(options, "preserve.prefetch_domain", "preserve", &domain)) return st;
   if (OrtStatus* st = ConfigEntry(options, "preserve.prefetch_op", "Prefetch", &op)) return st;
-  std::string max_size_attr, offset_attr;
+  std::string max_size_attr, offset_attr, max_tokens_attr;
   if (OrtStatus* st = ConfigEntry(options, "preserve.prefetch_attr_max_size", "max_size", &max_size_attr)) return st;
   if (OrtStatus* st = ConfigEntry(options, "preserve.prefetch_attr_offset", "offset", &offset_attr)) return st;
+  if (OrtStatus* st = ConfigEntry(options, "preserve.prefetch_attr_max_tokens", "max_tokens", &max_tokens_attr)) {
+    return st;
+  }
   if (OrtStatus* st = ConfigEntry(options, "preserve.rank", "0", &rank_s)) return st;
   if (OrtStatus* st = ConfigEntry(options, "preserve.world_size", "1", &world_s)) return st;
   if (OrtStatus* st = ConfigEntry(options, "preserve.group", "default", &group)) return st;
@@ -1157,7 +1181,7 @@ OrtStatus* Register(OrtSessionOptions* options) {
 
   // One domain object per distinct name: the Prefetch domain may be com.microsoft itself.
   std::map<std::string, std::vector<OrtCustomOp*>> by_domain;
-  by_domain[domain].push_back(new PrefetchOp(op, max_size_attr, offset_attr));
+  by_domain[domain].push_back(new PrefetchOp(op, max_size_attr, offset_attr, max_tokens_attr));
   by_domain["com.microsoft"].push_back(new CollectiveOp(Kind::kAllReduce, cfg));
   by_domain["com.microsoft"].push_back(new CollectiveOp(Kind::kAllGather, cfg));
   for (auto& entry : by_domain) {
@@ -1194,6 +1218,12 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
 
 // Wakes every rank waiting in a collective of `group` with an error; later collectives of the group
 // fail at once until preserve_reset_group. Returns 0, or 1 when the group is unknown.
+// Prefetch cache hints issued / skipped above max_tokens since the library was loaded (process-wide).
+__attribute__((visibility("default"))) void preserve_prefetch_hints(uint64_t* issued, uint64_t* skipped) {
+  if (issued) *issued = g_hints_issued.load(std::memory_order_relaxed);
+  if (skipped) *skipped = g_hints_skipped.load(std::memory_order_relaxed);
+}
+
 __attribute__((visibility("default"))) int preserve_abort_group(const char* group) {
   std::shared_ptr<Group> g = FindGroup(group ? group : "");
   if (!g) return 1;
