@@ -101,29 +101,39 @@ def genai_config(path: Path, tp: int) -> str:
     return json.dumps(config, indent=4) + "\n"
 
 
-def _write_rank(template: onnx.ModelProto, rewriter: Rewriter, reader: TensorReader, source: dict,
-                world: int, rank: int, folder: Path) -> tuple[Path, int]:
-    model = onnx.ModelProto()
-    model.CopyFrom(template)
-    name = f"model_{rank:02d}.onnx"
-    data_path = folder / f"{name}.data"
-    writer = DataWriter(data_path, data_path.name)
+def _write_ranks(template: onnx.ModelProto, rewriter: Rewriter, reader: TensorReader, source: dict,
+                 world: int, folder: Path) -> tuple[list[Path], int]:
+    """Every rank's model and data file, in one pass over the source tensors (each is read once)."""
+    models, writers = [], []
     try:
-        for t in model.graph.initializer:
+        for rank in range(world):
+            model = onnx.ModelProto()
+            model.CopyFrom(template)
+            models.append(model)
+            writers.append(DataWriter(folder / f"model_{rank:02d}.onnx.data", f"model_{rank:02d}.onnx.data"))
+        for k, t in enumerate(template.graph.initializer):
             src = source.get(t.name)
             if src is None:  # a constant the rewrite added: already inline, same on every rank
                 continue
-            value = rank_value(reader.array(src), rewriter.cuts.get(t.name), world, rank, t.data_type, t.name)
-            writer.write(t, value)
+            full = reader.array(src)
+            for rank in range(world):
+                value = rank_value(full, rewriter.cuts.get(t.name), world, rank, t.data_type, t.name)
+                writers[rank].write(models[rank].graph.initializer[k], value)
+            del full
+            reader.release()
     finally:
-        writer.close()
-    if writer.size == 0:
-        data_path.unlink()
-    for key, value in (("preserve.shard.world", str(world)), ("preserve.shard.rank", str(rank))):
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    (folder / name).write_bytes(model.SerializeToString())
-    return folder / name, writer.size
+        for writer in writers:
+            writer.close()
+    paths = []
+    for rank, (model, writer) in enumerate(zip(models, writers)):
+        if writer.size == 0:
+            (folder / f"model_{rank:02d}.onnx.data").unlink()
+        for key, value in (("preserve.shard.world", str(world)), ("preserve.shard.rank", str(rank))):
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        paths.append(folder / f"model_{rank:02d}.onnx")
+        paths[-1].write_bytes(model.SerializeToString())
+    return paths, sum(w.size for w in writers)
 
 
 def plan(model: onnx.ModelProto, tp: int, *, vocab_parallel: bool = False,
@@ -151,11 +161,8 @@ def shard_model(model: Path, out: Path, tp: int, *, vocab_parallel: bool = False
     reader = TensorReader(model_file.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        files, total = [], 0
-        for rank in range(tp):
-            path, size = _write_rank(template, rewriter, reader, source, tp, rank, tmp)
-            files.append(out / path.name)
-            total += size
+        paths, total = _write_ranks(template, rewriter, reader, source, tp, tmp)
+        files = [out / p.name for p in paths]
         for extra in _companions(model_file, proto):
             if extra.name == "genai_config.json":
                 (tmp / extra.name).write_text(genai_config(extra, tp))

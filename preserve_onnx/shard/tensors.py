@@ -3,12 +3,15 @@
 Reading: an external initializer is a read-only ``np.memmap`` window on its data file (only the pages a
 slice touches are read); an inline one is decoded from the protobuf (inline tensors are small).
 Writing: :class:`DataWriter` appends each output tensor of ``threshold`` bytes or more to the rank's
-``<model>.data`` file at an aligned offset, streaming large slices in row chunks; smaller tensors stay
-inline as ``raw_data``. The layout depends only on the input, so the same input gives the same bytes.
+``<model>.data`` file at an aligned offset, streaming large slices in row chunks (all-zero chunks become
+holes of a sparse file); smaller tensors stay inline as ``raw_data``. The layout depends only on the input, so the same input gives the same bytes.
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +39,25 @@ def storage_dtype(t: TensorProto) -> np.dtype:
         raise PreserveError(f"initializer '{t.name}': element type {TensorProto.DataType.Name(t.data_type)} "
                             f"cannot be sharded")
     return np.dtype(_STORAGE[t.data_type])
+
+
+def _is_hole(path: Path, offset: int, length: int) -> bool:
+    """Whether bytes [offset, offset+length) of a sparse file (a range inside it) are one hole."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as exc:
+        return exc.errno == errno.ENXIO  # no data after offset at all (EINVAL: SEEK_DATA unsupported)
+    finally:
+        os.close(fd)
+
+
+def _zeros(piece: np.ndarray) -> bool:
+    """A zero-strided view of a zero scalar: an all-zero tensor that was never materialised."""
+    return piece.size > 0 and not any(piece.strides) and not np.asarray(piece.reshape(-1)[:1]).view(np.uint8).any()
 
 
 class TensorReader:
@@ -67,7 +89,15 @@ class TensorReader:
         if "length" in info and int(info["length"]) != length or offset + length > data.size:
             raise PreserveError(f"initializer '{t.name}': {length} bytes at offset {offset} do not fit "
                                 f"its data file {path.name} ({data.size} bytes)")
+        if length and _is_hole(path, offset, length):  # never written: zeros, read without touching the disk
+            return np.broadcast_to(np.zeros((), dtype), shape)
         return data[offset:offset + length].view(dtype).reshape(shape)
+
+    def release(self) -> None:
+        """Drop the mapped pages read so far from this process (they stay in the page cache): the
+        resident set stays near one tensor, not the whole model."""
+        for data in self._maps.values():
+            data._mmap.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass(frozen=True)
@@ -115,10 +145,16 @@ class DataWriter:
             return
         align = 4096 if value.nbytes >= 1 << 20 else 64
         offset = -(-self.size // align) * align
-        self.file.write(b"\0" * (offset - self.size))
+        self.file.seek(offset)
         for piece in value.pieces:
+            if _zeros(piece):
+                self.file.seek(piece.nbytes, os.SEEK_CUR)
+                continue
             for block in chunks(piece):
-                self.file.write(block.astype(block.dtype.newbyteorder("<"), copy=False).data)
+                if block.reshape(-1).view(np.uint8).any():  # bytes: -0.0 is not a hole
+                    self.file.write(block.astype(block.dtype.newbyteorder("<"), copy=False).data)
+                else:  # zeros stay a hole (sparse file), as `cp` keeps them; they read back as zeros
+                    self.file.seek(block.nbytes, os.SEEK_CUR)
         self.size = offset + value.nbytes
         t.data_location = TensorProto.EXTERNAL
         for key, val in (("location", self.location), ("offset", str(offset)), ("length", str(value.nbytes))):
@@ -126,5 +162,6 @@ class DataWriter:
             entry.key, entry.value = key, val
 
     def close(self) -> None:
+        self.file.truncate(self.size)  # a trailing hole still counts
         self.file.flush()
         self.file.close()

@@ -315,3 +315,24 @@ def test_cli_closing_line_and_exit_codes(tmp_path):
     assert usage.exit_code == 2 and "--tp must be at least 2" in usage.output
     dims = runner.invoke(app, ["shard", full, str(tmp_path / "tpd"), "--tp", "2", "--dim", "x"])
     assert dims.exit_code == 2 and "--dim: expected NAME=N" in dims.output
+
+
+def test_streams_a_sparse_llama3_8b_shaped_model_without_reading_its_holes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_big_model_for_shard", SAMPLES.parent / "bench" /
+                                                  "make_big_model.py")
+    big = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(big)
+    single = Path(big.make_single_model(tmp_path / "single", "llama3-8b", 1, "float16"))
+    result = shard_model(single.parent, tmp_path / "tp2", 2)
+    embed, q, o = 128256 * 4096 * 2, 4096 * 4096 * 2, 4096 * 4096 * 2
+    assert result.bytes_written > 2 * (2 * embed + (q + o) // 2)  # embedding and LM head on both ranks
+    for r in (0, 1):
+        data = tmp_path / "tp2" / f"model_0{r}.onnx.data"
+        assert data.stat().st_size == result.bytes_written // 2
+        assert data.stat().st_blocks * 512 < 1 << 20  # holes stay holes: nothing was read or written
+    model = onnx.load(tmp_path / "tp2" / "model_01.onnx", load_external_data=False)
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    assert dims["model.layers.0.attn.q_proj.MatMul.weight"] == [4096, 2048]
+    assert dims["model.layers.0.mlp.down_proj.MatMul.weight"] == [7168, 4096]
