@@ -28,6 +28,7 @@ from tests import test_properties as props  # noqa: E402
 TESTS = (
     (props.test_optimize_plans_and_rewrites_per_spec, "structure", 300),
     (props.test_optimized_ranks_run_bit_identical, "runtime", 100),
+    (props.test_runtime_loads_what_onnxruntime_loads_with_identity, "shapes", 200),
 )
 
 

@@ -549,3 +549,180 @@ def _has_allreduce(layer) -> bool:
         inner = layer.then_branch + layer.else_branch
         return layer.collective == "AllReduce" or any(_has_allreduce(b) for b in inner)
     return layer.collective == "AllReduce"
+
+
+# ------------------------------------------------------------------ shape inference (docs/design.md §7)
+
+SHAPE_RUN = (2, 3, 8)  # the runtime shape of x in the shape-inference graphs
+
+
+@dataclass(frozen=True, repr=False)
+class ShapeSpec(ShortRepr):
+    """A graph for the runtime's shape inference: x -> [MatMul] -> Prefetch chain -> collective -> stages.
+
+    dims: x's declared dims, per axis an int (the runtime value of SHAPE_RUN), a name, or None (neither
+        value nor name); None as a whole: x has no shape at all (unknown rank).
+    prefetches: Prefetch links before the collective; ``prefetch_x`` is their X's type (``f32`` like
+        the anchor, or ``u8``).
+    collective: ``AllReduce``, ``AllGather`` (on ``gather_axis``, ``group_size`` = world) or ``""``
+        (the Prefetch chain only).
+    value_info: what the graph declares for the collective's output: ``""`` nothing, ``generated``
+        TorchScript's dim names unrelated to the input's (``..._AllReduce_output_0_dim_0``),
+        ``static`` the runtime dims as values, ``unknown`` dims with neither value nor name.
+    stages: the TorchScript attention's Shape-based reshapes, each ``Shape -> Gather -> Concat ->
+        Reshape`` with one -1: ``split`` [d0, d1, heads, -1] (rank 3 -> 4), ``merge`` [d0, d1, -1]
+        (-> rank 3), ``same`` the full Shape (rank kept).
+    """
+
+    dims: tuple | None = (None, None, 8)
+    matmul: bool = False
+    prefetches: int = 0
+    prefetch_x: str = "f32"
+    collective: str = "AllReduce"
+    gather_axis: int = -1
+    world: int = 1
+    value_info: str = ""
+    stages: tuple[str, ...] = ("split", "merge")
+    heads: int = 2
+
+
+@st.composite
+def shape_specs(draw) -> ShapeSpec:
+    known_rank = draw(st.integers(0, 7)) > 0
+    if known_rank:
+        dims = tuple(draw(st.sampled_from((SHAPE_RUN[axis], f"{prefix}{axis}", None)))
+                     for axis, prefix in enumerate(draw(st.sampled_from(("batch", "d", "seq_")))
+                                                   for _ in range(3)))
+    else:
+        dims = None
+    # An input of unknown rank arrives as a scalar; AllReduce and a Prefetch whose X has another type
+    # write their output as one (the documented limit), so unknown rank goes only through the others.
+    collective = draw(st.sampled_from(("AllReduce", "AllGather", "")) if known_rank else
+                      st.sampled_from(("AllGather", "")))
+    prefetches = draw(st.integers(0 if collective else 1, 3))
+    world = draw(st.sampled_from((1, 2))) if collective else 1
+    stages = []
+    rank = 3
+    for _ in range(draw(st.integers(1, 3))):
+        stage = draw(st.sampled_from(("split", "merge", "same") if rank == 3 else ("merge", "same")))
+        stages.append(stage)
+        rank = 4 if stage == "split" else 3 if stage == "merge" else rank
+    return ShapeSpec(
+        dims=dims,
+        matmul=draw(st.booleans()),
+        prefetches=prefetches,
+        prefetch_x=draw(st.sampled_from(("f32", "u8"))) if known_rank else "f32",
+        collective=collective,
+        gather_axis=draw(st.sampled_from((0, 1, 2, -1))),
+        world=world,
+        value_info=draw(st.sampled_from(("", "generated", "static", "unknown"))) if collective else "",
+        stages=tuple(stages),
+        heads=draw(st.sampled_from((1, 2, 4))),
+    )
+
+
+def _ints(name: str, values) -> TensorProto:
+    return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+
+
+def build_shape_model(spec: ShapeSpec, equivalent: bool = False) -> onnx.ModelProto:
+    """The model for ``spec`` (every rank runs it on the same x). ``equivalent``: with Prefetch and the
+    collective replaced by what they compute then, in plain ONNX: Identity, and on 2 ranks AllReduce ->
+    Add(x, x), AllGather -> Concat(x, x). On 1 rank that is :func:`identity_twin` of the model."""
+    nodes: list[onnx.NodeProto] = []
+    inits = [_ints("axis0", [0]), _ints("minus1", [-1])]
+    if "split" in spec.stages:
+        inits.append(_ints("heads", [spec.heads]))
+    cur = "x"
+    if spec.matmul:
+        inits.append(numpy_helper.from_array(np.eye(SHAPE_RUN[2], dtype=np.float32) * 0.5, "w"))
+        nodes.append(helper.make_node("MatMul", [cur, "w"], ["mm"], name="mm"))
+        cur = "mm"
+    if spec.prefetches:
+        x_dtype = np.float32 if spec.prefetch_x == "f32" else np.uint8
+        inits.append(numpy_helper.from_array(np.arange(64).astype(x_dtype), "pw"))
+    for i in range(spec.prefetches):
+        out = f"pf{i}"
+        if not equivalent:
+            nodes.append(helper.make_node("Prefetch", [cur, "pw"], [out], name=out, domain="preserve",
+                                          max_size=0, offset=0, collective="coll"))
+        else:
+            nodes.append(helper.make_node("Identity", [cur], [out], name=out))
+        cur = out
+    if spec.collective:
+        out = f"/model/layers.0/{spec.collective}_output_0"
+        if not equivalent:
+            attrs = {"axis": spec.gather_axis, "group_size": spec.world} if spec.collective == "AllGather" else {}
+            nodes.append(helper.make_node(spec.collective, [cur], [out], name="coll", domain=MS, **attrs))
+        elif spec.world == 1:
+            nodes.append(helper.make_node("Identity", [cur], [out], name="coll"))
+        elif spec.collective == "AllReduce":
+            nodes.append(helper.make_node("Add", [cur, cur], [out], name="coll"))
+        else:
+            nodes.append(helper.make_node("Concat", [cur] * spec.world, [out], name="coll", axis=spec.gather_axis))
+        cur = out
+    for s, stage in enumerate(spec.stages):
+        shape = f"shape{s}"
+        nodes.append(helper.make_node("Shape", [cur], [shape], name=shape))
+        parts = []
+        for axis in (0, 1):
+            inits.append(_ints(f"idx{s}_{axis}", axis))
+            nodes += [
+                helper.make_node("Gather", [shape, f"idx{s}_{axis}"], [f"g{s}_{axis}"], name=f"g{s}_{axis}", axis=0),
+                helper.make_node("Unsqueeze", [f"g{s}_{axis}", "axis0"], [f"u{s}_{axis}"], name=f"u{s}_{axis}"),
+            ]
+            parts.append(f"u{s}_{axis}")
+        target = f"target{s}"
+        if stage == "same":
+            target = shape
+        else:
+            parts += ["heads", "minus1"] if stage == "split" else ["minus1"]
+            nodes.append(helper.make_node("Concat", parts, [target], name=target, axis=0))
+        out = "y" if s == len(spec.stages) - 1 else f"r{s}"
+        nodes.append(helper.make_node("Reshape", [cur, target], [out], name=f"reshape{s}"))
+        cur = out
+    value_infos = []
+    if spec.collective and spec.value_info:
+        run = list(SHAPE_RUN)
+        if spec.collective == "AllGather":
+            run[spec.gather_axis] *= spec.world
+        declared = {
+            "generated": [f"/model/layers.0/{spec.collective}_output_0_dim_{i}" for i in range(3)],
+            "static": run,
+            "unknown": [None] * 3,
+        }[spec.value_info]
+        value_infos.append(helper.make_tensor_value_info(
+            f"/model/layers.0/{spec.collective}_output_0", TensorProto.FLOAT, declared))
+    graph = helper.make_graph(nodes, "shapes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, spec.dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+                              value_info=value_infos)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1),
+                                                    helper.make_opsetid("preserve", 1)])
+    model.ir_version = 8
+    return model
+
+
+def identity_twin(model: onnx.ModelProto, prefetch: tuple[str, str] = ("preserve", "Prefetch")) -> onnx.ModelProto:
+    """A copy of ``model`` with every Prefetch and com.microsoft AllReduce / AllGather (subgraphs too)
+    replaced by Identity of its input(s): the model whose loading docs/design.md §7's rule is about."""
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    ours = {prefetch, (MS, "AllReduce"), (MS, "AllGather")}
+
+    def edit(graph: onnx.GraphProto) -> None:
+        nodes = []
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                    edit(sub)
+            if (node.domain, node.op_type) not in ours:
+                nodes.append(node)
+                continue
+            count = 1 if (node.domain, node.op_type) == prefetch else len(node.output)
+            nodes += [helper.make_node("Identity", [node.input[i]], [node.output[i]], name=f"{node.name}/{i}")
+                      for i in range(count)]
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+    edit(twin.graph)
+    return twin

@@ -14,7 +14,11 @@ For every drawn model and configuration:
 * ``strip(optimize(m))`` serializes byte-identical to ``m``; optimizing twice gives the same bytes;
   an optimized model is refused without ``replan`` and re-planned to the same bytes with it;
 * on the reference runtime, two rank models (same graph, different weights and KV-cache) give
-  bit-identical outputs before and after optimization.
+  bit-identical outputs before and after optimization;
+* the runtime's shape inference (docs/design.md §7): every model onnxruntime loads with our ops
+  replaced by Identity loads in the runtime, drawn as collectives whose inputs mix known, named and
+  unnamed dims, followed by TorchScript's ``Shape -> Gather -> Concat -> Reshape`` stages; and it
+  computes what the same graph in plain ONNX computes.
 
 Profiles (tests/conftest.py): ``ci`` (default: fixed seed, bounded) and ``fuzz`` (``make fuzz``).
 """
@@ -33,14 +37,15 @@ from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.hardware import DEFAULT_PROFILE, load_profile
 from preserve_onnx.optimizer import optimize, strip
-from tests.strategies import BATCH, CONSUMERS, MS, PAST, Facts, ModelSpec, ShortRepr, build, model_specs
+from tests.strategies import (BATCH, CONSUMERS, MS, PAST, SHAPE_RUN, Facts, ModelSpec, ShapeSpec, ShortRepr, build,
+                              build_shape_model, identity_twin, model_specs, shape_specs)
 
 COLLECTIVE_OPS = ("AllReduce", "AllGather", "AllToAll")
 HARDWARE = load_profile(DEFAULT_PROFILE)
 
 
 # Examples tried by this process (the fuzz driver prints them).
-COUNTS = {"structure": 0, "runtime": 0}
+COUNTS = {"structure": 0, "runtime": 0, "shapes": 0}
 
 
 # ------------------------------------------------------------------------------------- strategies
@@ -350,6 +355,42 @@ def test_optimized_ranks_run_bit_identical(spec: ModelSpec, cs: ConfigSpec, cond
     got = RankSession(optimized, opt_level=level, intra_op_threads=1).run(shared, per_rank)
     result = compare_outputs(want, got)
     assert result.identical, result
+
+
+def _plain_session(model: onnx.ModelProto):
+    """A stock onnxruntime session (no custom ops), quiet about the initializers it drops."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_load_error(model: onnx.ModelProto) -> str | None:
+    try:
+        _plain_session(model)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
+        return str(exc)
+    return None
+
+
+@given(spec=shape_specs())
+def test_runtime_loads_what_onnxruntime_loads_with_identity(spec: ShapeSpec):
+    from preserve_onnx.runtime import RankSession
+
+    COUNTS["shapes"] += 1
+    model = build_shape_model(spec)
+    identity_error = _ort_load_error(identity_twin(model))
+    note(f"Identity twin: {identity_error or 'loads'}")
+    if spec.world == 1:  # the twin is then the equivalent model, which the generator makes loadable
+        assert identity_error is None, "the generator made a graph onnxruntime refuses"
+    x = np.random.default_rng(5).standard_normal(SHAPE_RUN).astype(np.float32)
+    want = _plain_session(build_shape_model(spec, equivalent=True)).run(None, {"x": x})[0]
+    # Loads whenever the twin does (the rule), and also on 2 ranks where the twin's shapes differ.
+    got = RankSession([model] * spec.world, intra_op_threads=1).run({"x": x})
+    for rank in range(spec.world):
+        assert got[rank]["y"].shape == want.shape
+        assert got[rank]["y"].tobytes() == want.tobytes()
 
 
 # ---------------------------------------------------------------------------------- minimal repros

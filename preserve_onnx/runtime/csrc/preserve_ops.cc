@@ -901,38 +901,78 @@ struct CollectiveKernel {
   int64_t group_size_ = 1;
 };
 
-// Copies input i's type and shape to output i (optionally scaling one axis for AllGather).
-OrtStatus* CopyTypeShape(OrtShapeInferContext* ctx, size_t n, bool gather, int64_t axis, int64_t factor) {
+// Shape inference (docs/design.md §7): output i gets input i's element type and dims, values and names
+// alike. onnxruntime writes a dim that has neither a value nor a name as the value -1, and a
+// `Shape -> Reshape` downstream then reads that as a literal -1 ("Target shape may not have multiple
+// -1 dimensions"), so such a dim gets a fresh symbolic name instead: the graph never holds a -1.
+// AllGather's gathered axis becomes value x group size when the value is known, else a fresh name.
+//
+// The context names neither the node nor its outputs, so fresh names are numbered per op instance (one
+// per session's registration) in the order onnxruntime infers the graph: `preserve.<op>.dim<n>`. A
+// name is never given twice: two dims of one name are the same size to onnxruntime.
+//
+// An input of unknown rank arrives as rank 0, like a scalar (the API cannot tell them apart). Where
+// onnxruntime's own inference types the output right (AllGather: like its one input; Prefetch when A
+// and X have one type: like X, its last input), the output is left without a shape, right for both.
+// Elsewhere only SetOutputTypeShape sets the type, and only with a shape, so the output is written as a
+// scalar: AllReduce (variadic with mixed types: onnxruntime types none of its outputs) and a Prefetch
+// whose X has another type cannot pass on a tensor of unknown rank.
+struct FreshDims {
+  std::string prefix;  // "preserve.<op>.dim"
+  std::atomic<uint64_t> next{0};
+  std::string Next() { return prefix + std::to_string(next.fetch_add(1)); }
+};
+
+struct ShapeRule {
+  bool types_here = true;  // false: onnxruntime's generic inference types the outputs right
+  bool gather = false;     // AllGather: `axis` grows `group_size` times
+  int64_t axis = 0;
+  int64_t group_size = 1;
+};
+
+OrtStatus* InputElementType(OrtShapeInferContext* ctx, size_t i, ONNXTensorElementDataType* type) {
+  OrtTensorTypeAndShapeInfo* in = nullptr;  // owned by the context: never released here
+  if (OrtStatus* st = g_api->ShapeInferContext_GetInputTypeShape(ctx, i, &in)) return st;
+  return g_api->GetTensorElementType(in, type);
+}
+
+OrtStatus* InferOutputs(OrtShapeInferContext* ctx, size_t n, FreshDims& fresh, const ShapeRule& rule) {
   for (size_t i = 0; i < n; ++i) {
     OrtTensorTypeAndShapeInfo* in = nullptr;  // owned by the context: never released here
     if (OrtStatus* st = g_api->ShapeInferContext_GetInputTypeShape(ctx, i, &in)) return st;
-    if (!gather) {
-      if (OrtStatus* st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, i, in)) return st;
-      continue;
-    }
     ONNXTensorElementDataType type;
     size_t rank = 0;
     if (OrtStatus* st = g_api->GetTensorElementType(in, &type)) return st;
     if (OrtStatus* st = g_api->GetDimensionsCount(in, &rank)) return st;
+    if (rank == 0 && !rule.types_here) continue;
     std::vector<int64_t> dims(rank);
     std::vector<const char*> syms(rank, nullptr);
     if (OrtStatus* st = g_api->GetDimensions(in, dims.data(), rank)) return st;
     if (rank > 0) {
       if (OrtStatus* st = g_api->GetSymbolicDimensions(in, syms.data(), rank)) return st;
     }
-    const int64_t a = axis < 0 ? axis + static_cast<int64_t>(rank) : axis;
-    if (a >= 0 && a < static_cast<int64_t>(rank)) {
-      dims[a] = dims[a] >= 0 ? dims[a] * factor : -1;
-      syms[a] = "";
+    const int64_t axis = rule.axis < 0 ? rule.axis + static_cast<int64_t>(rank) : rule.axis;
+    const bool grows = rule.gather && rule.group_size != 1 && axis >= 0 && axis < static_cast<int64_t>(rank);
+    // A dim with a value keeps an empty name (SetOutputTypeShape writes the value), every other dim a name.
+    std::vector<std::string> names(rank);
+    for (size_t d = 0; d < rank; ++d) {
+      if (grows && static_cast<int64_t>(d) == axis) {
+        if (dims[d] >= 0 && rule.group_size > 0) {
+          dims[d] *= rule.group_size;
+        } else {
+          names[d] = fresh.Next();  // `seq` x group size has no name of its own
+        }
+      } else if (dims[d] < 0) {
+        names[d] = syms[d] != nullptr && syms[d][0] != '\0' ? std::string(syms[d]) : fresh.Next();
+      }
     }
-    for (auto& s : syms) {
-      if (s == nullptr) s = "";
-    }
+    std::vector<const char*> out_syms(rank);
+    for (size_t d = 0; d < rank; ++d) out_syms[d] = names[d].c_str();
     OrtTensorTypeAndShapeInfo* out = nullptr;
     if (OrtStatus* st = g_api->CreateTensorTypeAndShapeInfo(&out)) return st;
     OrtStatus* st = g_api->SetTensorElementType(out, type);
     if (!st) st = g_api->SetDimensions(out, dims.data(), rank);
-    if (!st && rank > 0) st = g_api->SetSymbolicDimensions(out, syms.data(), rank);
+    if (!st && rank > 0) st = g_api->SetSymbolicDimensions(out, out_syms.data(), rank);
     if (!st) st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, i, out);
     g_api->ReleaseTensorTypeAndShapeInfo(out);
     if (st) return st;
@@ -959,14 +999,19 @@ int64_t InferAttrInt(OrtShapeInferContext* ctx, const char* name, int64_t fallba
 
 struct CollectiveOp : Ort::CustomOpBase<CollectiveOp, CollectiveKernel, true> {
   CollectiveOp(Kind kind, const RankConfig& cfg) : kind_(kind), cfg_(cfg) {
+    fresh_.prefix = std::string("preserve.") + KindName(kind) + ".dim";
     OrtCustomOp::InferOutputShapeFn = [](const OrtCustomOp* self, OrtShapeInferContext* ctx) -> OrtStatusPtr {
       const auto* op = static_cast<const CollectiveOp*>(self);
       size_t n = 0;
       if (OrtStatus* st = g_api->ShapeInferContext_GetInputCount(ctx, &n)) return st;
-      if (op->kind_ == Kind::kAllReduce) return CopyTypeShape(ctx, n, false, 0, 1);
-      const int64_t axis = InferAttrInt(ctx, "axis", 0);
-      const int64_t group_size = InferAttrInt(ctx, "group_size", op->cfg_.world);
-      return CopyTypeShape(ctx, n, true, axis, group_size);
+      ShapeRule rule;
+      if (op->kind_ == Kind::kAllGather) {
+        rule.types_here = false;
+        rule.gather = true;
+        rule.axis = InferAttrInt(ctx, "axis", 0);
+        rule.group_size = InferAttrInt(ctx, "group_size", op->cfg_.world);
+      }
+      return InferOutputs(ctx, n, op->fresh_, rule);
     };
   }
 
@@ -995,6 +1040,7 @@ struct CollectiveOp : Ort::CustomOpBase<CollectiveOp, CollectiveKernel, true> {
 
   Kind kind_;
   RankConfig cfg_;
+  mutable FreshDims fresh_;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -1074,8 +1120,14 @@ struct PrefetchOp : Ort::CustomOpBase<PrefetchOp, PrefetchKernel, true> {
   PrefetchOp(std::string name, std::string max_size_attr, std::string offset_attr, std::string max_tokens_attr)
       : name_(std::move(name)), max_size_attr_(std::move(max_size_attr)), offset_attr_(std::move(offset_attr)),
         max_tokens_attr_(std::move(max_tokens_attr)) {
-    OrtCustomOp::InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* ctx) -> OrtStatusPtr {
-      return CopyTypeShape(ctx, 1, false, 0, 1);
+    fresh_.prefix = "preserve." + name_ + ".dim";
+    OrtCustomOp::InferOutputShapeFn = [](const OrtCustomOp* self, OrtShapeInferContext* ctx) -> OrtStatusPtr {
+      ShapeRule rule;
+      ONNXTensorElementDataType a = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, x = a;
+      if (OrtStatus* st = InputElementType(ctx, 0, &a)) return st;
+      if (OrtStatus* st = InputElementType(ctx, 1, &x)) return st;
+      rule.types_here = a != x;
+      return InferOutputs(ctx, 1, static_cast<const PrefetchOp*>(self)->fresh_, rule);
     };
   }
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
@@ -1092,6 +1144,7 @@ struct PrefetchOp : Ort::CustomOpBase<PrefetchOp, PrefetchKernel, true> {
   std::string max_size_attr_;
   std::string offset_attr_;
   std::string max_tokens_attr_;
+  mutable FreshDims fresh_;
 };
 
 // ------------------------------------------------------------------------------------------------
