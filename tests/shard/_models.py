@@ -9,7 +9,8 @@
   Expand+Reshape, MatMul/Softmax/MatMul, RMSNorm as Pow/ReduceMean/Add/Sqrt/Div/Mul);
 * qkv ``separate``, ``split`` (one MatMul, then Split), ``packed`` (one MatMul into GQA's query input);
 * mlp ``separate``, ``split`` (fused gate_up + Split), ``slice`` (fused gate_up + two Slices);
-* bias: q/k/v biases as Add after the MatMul (Qwen2); quant ``int4``: MatMulNBits (block 16, zero points).
+* bias: q/k/v biases as Add after the MatMul (Qwen2); quant ``int4``: MatMulNBits (block 16, zero points),
+  ``int4+bias``: the same with MatMulNBits' fused bias (input 5) on every linear.
 
 hidden 64, 4 heads / 2 KV heads of size 16, FFN 96, vocab 160, 2 layers, rotary caches of 64 positions.
 """
@@ -46,6 +47,7 @@ class _B:
         self.inits: list[TensorProto] = []
         self.count = 0
         self.ms = _make_samples() if quant else None
+        self.quant_bias = quant == "int4+bias"
 
     def name(self, base: str) -> str:
         self.count += 1
@@ -74,11 +76,13 @@ class _B:
 
     def linear(self, x: str, k: int, n: int) -> str:
         w = (self.rng.standard_normal((k, n), dtype=np.float32) / np.float32(math.sqrt(k)))
-        if self.quant == "int4":
+        if self.quant in ("int4", "int4+bias"):
             q = self.ms.quantize_nbits(w, 16)
             b, s, z = self.ms.pack_nbits(q["q"], q["scales"], q["zp"], self.dtype)
-            return self.op("MatMulNBits", [x, self.init(b, "q4"), self.init(s, "scales"), self.init(z, "zp")],
-                           domain=MS, K=k, N=n, bits=4, block_size=16)
+            inputs = [x, self.init(b, "q4"), self.init(s, "scales"), self.init(z, "zp")]
+            if self.quant_bias:  # MatMulNBits' own bias, input 5 (g_idx, input 4, empty)
+                inputs += ["", self.init(self.rng.standard_normal(n, dtype=np.float32).astype(self.dtype), "b")]
+            return self.op("MatMulNBits", inputs, domain=MS, K=k, N=n, bits=4, block_size=16)
         return self.op("MatMul", [x, self.init(w.astype(self.dtype))])
 
     def vec(self, n: int, scale: float = 0.02, base: float = 0.0) -> str:

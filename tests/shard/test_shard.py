@@ -161,6 +161,7 @@ STRUCTURES = {
     "builder-gqa-qkv-split-bias-gate-up-slice": dict(attention="gqa", qkv="split", mlp="slice", bias=True),
     "builder-gqa-separate-bias-gate-up-split": dict(attention="gqa", bias=True, mlp="split"),
     "builder-int4-packed-qkv-bias": dict(attention="gqa", qkv="packed", bias=True, quant="int4"),
+    "builder-int4-fused-bias": dict(attention="gqa", mlp="split", quant="int4+bias"),
     "optimized-mha-rotary": dict(attention="mha", bias=True),
     "torch-plain": dict(attention="plain"),
     "torch-plain-fused": dict(attention="plain", qkv="split", mlp="split", bias=True),
