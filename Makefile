@@ -10,7 +10,7 @@ LIB    := $(LIBDIR)/libpreserve_ops.so
 # fetched from this machine's configured Debian mirror into build/ (private apt state, no system change).
 export ORT_INCLUDE_DIR
 
-.PHONY: setup demo test bench fuzz lib mpi clean
+.PHONY: setup demo test bench fuzz lib mpi clean exporter-samples
 
 setup: $(VENV)/.installed $(LIB)
 
@@ -60,6 +60,18 @@ fuzz: setup
 
 bench: setup $(if $(NO_MPI),,mpi)
 	$(PY) bench/run_bench.py
+
+# Samples made by real exporters (sample_models/exporters/README.md), in their own pinned venv (torch CPU,
+# transformers, onnxruntime-genai). Never part of `make test`, which only reads the committed files.
+# Stage 1 exports into sample_models/exporters/<name>/full/; stage 2 runs `preserve-onnx shard` into <name>/tpN/.
+EXPORTER_VENV := build/exporter-venv
+exporter-samples: setup $(EXPORTER_VENV)/.installed
+	$(EXPORTER_VENV)/bin/python sample_models/exporters/make_exporter_samples.py --shard $(CLI)
+
+$(EXPORTER_VENV)/.installed: sample_models/exporters/requirements.txt
+	$(PYTHON) -m venv $(EXPORTER_VENV)
+	$(EXPORTER_VENV)/bin/python -m pip install -q -r $<
+	touch $@
 
 clean:
 	rm -rf build $(LIBDIR) $(VENV)

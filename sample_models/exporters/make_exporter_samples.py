@@ -1,0 +1,394 @@
+"""Single-device decoder exports made by REAL exporters, committed as samples (docs: README.md beside this file).
+
+Tiny random Hugging Face models are built from configs written here (no downloads, fixed seeds), saved with
+`save_pretrained`, and exported with
+
+- the onnxruntime-genai model builder (`python -m onnxruntime_genai.models.builder`), and
+- `torch.onnx.export` (TorchScript exporter, dynamo=False; and the dynamo exporter where it works),
+
+each into `sample_models/exporters/<name>/full/` exactly as the tool wrote it, with a `source.json` that records
+the exporter, its version, the precision, the command and the Hugging Face config. Every export is then run in
+onnxruntime (a prefill and a decode step with past) and compared with the Hugging Face model in torch.
+
+Stage 2 (`--shard CLI`): `CLI shard <name>/full <name>/tp2 --tp 2` (and `--tp 4` for the 8-head models).
+
+Runs only in its own environment (sample_models/exporters/requirements.txt; `make exporter-samples`), never in
+`make test`, which only reads the committed files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SEED = 20261201
+VOCAB = 320  # distinct from every linear width: the builder finds the LM head by its output width
+MAX_POS = 256
+
+# Hugging Face configs. head_size 16 everywhere (GroupQueryAttention on CPU needs a multiple of 16).
+FAMILIES: dict[str, tuple[str, dict]] = {
+    # 4 q heads / 2 KV heads: shardable at --tp 2.
+    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=192, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16)),
+    # 8 q heads / 4 KV heads: shardable at --tp 2 and --tp 4 (int4: o_proj K 128 and down_proj K 384 are
+    # multiples of 4 x block 32).
+    "llama8h": ("LlamaConfig", dict(hidden_size=128, intermediate_size=384, num_attention_heads=8,
+                                    num_key_value_heads=4, head_dim=16)),
+    # q/k/v biases (Qwen2 always has them).
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=192, num_attention_heads=4,
+                                  num_key_value_heads=2)),
+    # fused qkv_proj and gate_up_proj in the checkpoint itself.
+    "phi3": ("Phi3Config", dict(hidden_size=64, intermediate_size=192, num_attention_heads=4,
+                                num_key_value_heads=2, pad_token_id=0)),
+}
+COMMON_CONFIG = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=MAX_POS,
+                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    name: str
+    family: str
+    exporter: str  # "genai" | "torchscript" | "dynamo"
+    precision: str  # fp32 | fp16 | int4
+    extra_options: tuple[str, ...] = ()
+    shard: tuple[int, ...] = (2,)
+    what: str = ""
+    ep: str = "cpu"  # the builder's -e: fp16 only for cuda (its `-p fp16 -e cpu` graph fails its decode step)
+
+
+SAMPLES = [
+    Sample("genai-llama-fp32", "llama", "genai", "fp32",
+           what="Llama, GQA 4/2, fused qkv MatMul, fp32"),
+    Sample("genai-llama-fp16", "llama", "genai", "fp16", ep="cuda",
+           what="Llama, GQA 4/2, fused qkv MatMul, fp16 (built for -e cuda; runs on onnxruntime's CPU too)"),
+    Sample("genai-llama-int4", "llama", "genai", "int4",
+           what="Llama, MatMulNBits int4 block 32, symmetric (no zero points)"),
+    Sample("genai-llama-int4-zp", "llama", "genai", "int4", ("is_symmetric=false",),
+           what="Llama, MatMulNBits uint4 block 32 with packed zero points"),
+    Sample("genai-llama-gateup-fp32", "llama", "genai", "fp32", ("fuse_mlp_gate_up=true",),
+           what="Llama with the builder's fused gate_up MatMul + Split"),
+    Sample("genai-llama8h-fp32", "llama8h", "genai", "fp32", shard=(2, 4),
+           what="Llama, GQA 8/4, hidden 128: shards at --tp 2 and --tp 4"),
+    Sample("genai-llama8h-int4-zp", "llama8h", "genai", "int4", ("is_symmetric=false",), shard=(2, 4),
+           what="Llama 8/4, MatMulNBits uint4 with zero points: whole K blocks at --tp 2 and --tp 4"),
+    Sample("genai-qwen2-fp32", "qwen2", "genai", "fp32",
+           what="Qwen2, fused qkv MatMul + qkv bias Add"),
+    Sample("genai-qwen2-sepqkv-fp32", "qwen2", "genai", "fp32", ("fuse_qkv=false",),
+           what="Qwen2, separate q/k/v MatMul + bias Add each"),
+    Sample("genai-phi3-fp32", "phi3", "genai", "fp32",
+           what="Phi-3 (fused qkv_proj and gate_up_proj in the checkpoint)"),
+    Sample("genai-phi3-int4", "phi3", "genai", "int4",
+           what="Phi-3, MatMulNBits int4 symmetric"),
+    Sample("torch-llama-fp32", "llama", "torchscript", "fp32",
+           what="Llama through torch.onnx TorchScript: MatMul/Softmax/MatMul attention, KV through Concat"),
+    Sample("torch-llama-dynamo-fp32", "llama", "dynamo", "fp32",
+           what="Llama through torch.onnx's dynamo exporter"),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face side
+
+
+def build_hf_model(family: str):
+    class_name, overrides = FAMILIES[family]
+    config = getattr(transformers, class_name)(**COMMON_CONFIG, **overrides)
+    config._attn_implementation = "eager"  # plain MatMul/Softmax/MatMul under torch.onnx
+    torch.manual_seed(SEED)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    # Trained-looking norms and biases: a fresh model has all-ones norm weights and zero biases, which the
+    # TorchScript exporter would fold into ONE shared initializer and which would hide a bias applied twice.
+    generator = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 1:
+                base = 1.0 if "norm" in name else 0.0
+                parameter.copy_(base + 0.1 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def save_hf_folder(model, folder: Path) -> None:
+    """save_pretrained plus a tiny offline word-level tokenizer (the builder copies the tokenizer along)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model.save_pretrained(folder)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"t{i}": i for i in range(3, VOCAB)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>", pad_token="<unk>")
+    fast.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exporters
+
+
+def export_genai(sample: Sample, hf_dir: Path, out: Path, cache: Path) -> list[str]:
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+               "-p", sample.precision, "-e", sample.ep, "-c", str(cache)]
+    if sample.extra_options:
+        command += ["--extra_options", *sample.extra_options]
+    # The builder stamps producer_version with `git rev-parse HEAD` run three folders above its package, which
+    # is THIS repository when the venv lives in build/: hide git so it takes the wheel's own commit instead.
+    env = dict(os.environ, GIT_DIR=os.devnull)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"{sample.name}: the builder failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    shown = ["python", "-m", "onnxruntime_genai.models.builder", "-i", "HF_DIR", "-o", "OUT", "-p",
+             sample.precision, "-e", sample.ep]
+    return shown + (["--extra_options", *sample.extra_options] if sample.extra_options else [])
+
+
+def torch_names(layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for i in range(layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+class CacheWrapper(torch.nn.Module):
+    """Flat tensors in and out around transformers' Cache objects (what exporters and runtimes feed)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        cache = transformers.DynamicCache(config=self.model.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def example_feeds(model, batch: int, seq: int, past: int, seed: int) -> list[torch.Tensor]:
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    kv_heads = config.num_key_value_heads
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    kv = [torch.randn(batch, kv_heads, past, head, generator=generator)
+          for _ in range(2 * config.num_hidden_layers)]
+    return [ids, mask, positions, *kv]
+
+
+def export_torch(sample: Sample, model, out: Path) -> list[str]:
+    wrapper = CacheWrapper(model).eval()
+    layers = model.config.num_hidden_layers
+    input_names, output_names = torch_names(layers)
+    args = tuple(example_feeds(model, 2, 3, 5, SEED))
+    out.mkdir(parents=True)
+    path = out / "model.onnx"
+    if sample.exporter == "torchscript":
+        dynamic_axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+                        "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+                        "position_ids": {0: "batch_size", 1: "sequence_length"},
+                        "logits": {0: "batch_size", 1: "sequence_length"}}
+        for name in input_names[3:]:
+            dynamic_axes[name] = {0: "batch_size", 2: "past_sequence_length"}
+        for name in output_names[1:]:
+            dynamic_axes[name] = {0: "batch_size", 2: "total_sequence_length"}
+        torch.onnx.export(wrapper, args, str(path), input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic_axes, dynamo=False)
+        return ["torch.onnx.export(wrapper, args, 'model.onnx', input_names=..., output_names=..., "
+                "dynamic_axes={batch_size, sequence_length, past_sequence_length, total_sequence_length}, "
+                "dynamo=False)"]
+    batch = torch.export.Dim("batch_size", min=1, max=64)
+    seq = torch.export.Dim("sequence_length", min=1, max=MAX_POS)
+    past = torch.export.Dim("past_sequence_length", min=1, max=MAX_POS)
+    total = torch.export.Dim("total_sequence_length", min=2, max=2 * MAX_POS)
+    # forward(input_ids, attention_mask, position_ids, *past): the varargs are one tuple for torch.export
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
+                      tuple({0: batch, 2: past} for _ in range(2 * layers)))
+    program = torch.onnx.export(wrapper, args, input_names=input_names, output_names=output_names,
+                                dynamic_shapes=dynamic_shapes, dynamo=True)
+    program.save(str(path))
+    return ["torch.onnx.export(wrapper, args, input_names=..., output_names=..., dynamic_shapes=(batch_size, "
+            "sequence_length, past_sequence_length), dynamo=True).save('model.onnx')"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checks: the export against the Hugging Face model in torch, prefill then one decode step with past
+
+
+TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "int4": 5e-1}
+
+
+def check_export(sample: Sample, model, folder: Path) -> dict:
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in session.get_inputs()}
+    output_names = [o.name for o in session.get_outputs()]
+    config = model.config
+    layers = config.num_hidden_layers
+    float_type = np.float16 if sample.precision == "fp16" else np.float32
+    generator = torch.Generator().manual_seed(SEED + 7)
+    batch, prompt = 2, 5
+    ids = torch.randint(3, VOCAB, (batch, prompt + 1), generator=generator)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits.numpy()
+
+    def feeds(step_ids, total, past):
+        feed = {"input_ids": step_ids.numpy(), "attention_mask": np.ones((batch, total), np.int64)}
+        if "position_ids" in inputs:
+            seq = step_ids.shape[1]
+            feed["position_ids"] = np.broadcast_to(np.arange(total - seq, total), (batch, seq)).astype(np.int64)
+        for i in range(layers):
+            for kind in ("key", "value"):
+                feed[f"past_key_values.{i}.{kind}"] = past[f"present.{i}.{kind}"]
+        return feed
+
+    kv_heads = config.num_key_value_heads
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    empty = {f"present.{i}.{k}": np.zeros((batch, kv_heads, 0, head), float_type)
+             for i in range(layers) for k in ("key", "value")}
+    first = dict(zip(output_names, session.run(None, feeds(ids[:, :prompt], prompt, empty))))
+    second = dict(zip(output_names, session.run(None, feeds(ids[:, prompt:], prompt + 1, first))))
+    prefill = float(np.abs(first["logits"].astype(np.float32) - reference[:, :prompt]).max())
+    decode = float(np.abs(second["logits"].astype(np.float32) - reference[:, prompt:]).max())
+    assert second["present.0.key"].shape == (batch, kv_heads, prompt + 1, head), second["present.0.key"].shape
+    worst = max(prefill, decode)
+    if not worst <= TOLERANCE[sample.precision]:
+        raise SystemExit(f"{sample.name}: onnxruntime differs from torch by {worst} "
+                         f"(tolerance {TOLERANCE[sample.precision]})")
+    return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode}
+
+
+def check_genai_runtime(folder: Path) -> list[int]:
+    """The folder is a working onnxruntime-genai package: greedy-generate a few tokens with it."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([[1, 17, 42, 99]])
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    return {name: md.version(name) for name in
+            ("torch", "transformers", "onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "numpy")}
+
+
+def make_sample(sample: Sample, root: Path, work: Path) -> None:
+    model = build_hf_model(sample.family)
+    hf_dir = work / f"hf-{sample.family}"
+    if not hf_dir.exists():
+        save_hf_folder(model, hf_dir)
+    staging = work / sample.name
+    if sample.exporter == "genai":
+        command = export_genai(sample, hf_dir, staging, work / "cache")
+    else:
+        command = export_torch(sample, model, staging)
+    numbers = check_export(sample, model, staging)
+    # onnxruntime-genai's CPU package cannot open a package whose genai_config asks for cuda.
+    tokens = check_genai_runtime(staging) if sample.exporter == "genai" and sample.ep == "cpu" else None
+    config = model.config.to_dict()
+    config.pop("transformers_version", None)
+    source = {
+        "name": sample.name,
+        "what": sample.what,
+        "exporter": {"genai": "onnxruntime-genai model builder", "torchscript": "torch.onnx (TorchScript)",
+                     "dynamo": "torch.onnx (dynamo)"}[sample.exporter],
+        "precision": sample.precision,
+        "command": command,
+        "versions": versions(),
+        "seed": SEED,
+        "hf_config": config,
+        "files": {p.name: p.stat().st_size for p in sorted(staging.iterdir())},
+    }
+    (staging / "source.json").write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
+    target = root / sample.name / "full"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.move(str(staging), str(target))
+    print(f"{sample.name}: {sum(source['files'].values())} bytes, vs torch prefill {numbers['prefill_max_abs_diff']:.2e}"
+          f" decode {numbers['decode_max_abs_diff']:.2e}" + (f", genai generated {tokens}" if tokens else ""))
+
+
+def shard_stage(samples: list[Sample], root: Path, cli: str) -> None:
+    """Stage 2: rank models from each export with `preserve-onnx shard` (skipped while the command is missing)."""
+    probe = subprocess.run([cli, "shard", "--help"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        print(f"shard stage skipped: `{cli} shard --help` failed (the shard command is not available)")
+        return
+    for sample in samples:
+        for tp in sample.shard:
+            out = root / sample.name / f"tp{tp}"
+            if out.exists():
+                shutil.rmtree(out)
+            command = [cli, "shard", str(root / sample.name / "full"), str(out), "--tp", str(tp)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            status = "ok" if result.returncode == 0 else f"FAILED ({(result.stdout + result.stderr).strip()})"
+            print(f"{sample.name} --tp {tp}: {status}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE, help="root of the sample folders (default: beside this file)")
+    parser.add_argument("--only", nargs="*", default=None, help="names of the samples to make (default: all)")
+    parser.add_argument("--shard", metavar="CLI", default=None,
+                        help="stage 2: run CLI shard on every sample (e.g. .venv/bin/preserve-onnx)")
+    parser.add_argument("--skip-export", action="store_true", help="only stage 2, on the committed exports")
+    args = parser.parse_args()
+    chosen = [s for s in SAMPLES if args.only is None or s.name in args.only]
+    unknown = set(args.only or ()) - {s.name for s in SAMPLES}
+    if unknown:
+        parser.error(f"unknown sample(s): {', '.join(sorted(unknown))}")
+    failed = []
+    if not args.skip_export:
+        with tempfile.TemporaryDirectory(prefix="exporter-samples-") as work:
+            for sample in chosen:
+                try:
+                    make_sample(sample, args.out, Path(work))
+                except Exception as error:  # report every sample, then fail
+                    print(f"{sample.name}: FAILED: {type(error).__name__}: {str(error)[-2000:]}")
+                    failed.append(sample.name)
+                except SystemExit as error:
+                    print(f"FAILED: {error}")
+                    failed.append(sample.name)
+    if args.shard:
+        shard_stage([s for s in chosen if s.name not in failed], args.out, args.shard)
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
