@@ -21,11 +21,9 @@ import onnx
 
 from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.model_io import default_mode, external_info, load_model
-from preserve_onnx.passes._graph import is_collective, iter_graphs, node_label
+from preserve_onnx.passes._graph import iter_graphs
 from preserve_onnx.shard.cutting import rank_value
-from preserve_onnx.shard.graph import GraphIndex
-from preserve_onnx.shard.layout import Layout, find_layout
-from preserve_onnx.shard.rewrite import Rewriter
+from preserve_onnx.shard.planning import ShardPlan, plan_shards
 from preserve_onnx.shard.tensors import DataWriter, TensorReader
 
 
@@ -67,18 +65,6 @@ def _check_out(model_file: Path, out: Path) -> None:
         raise PreserveError(f"cannot write {out}: folder {out.parent} does not exist")
 
 
-def _check_input(model: onnx.ModelProto) -> None:
-    for path, graph in iter_graphs(model):
-        for i, node in enumerate(graph.node):
-            if is_collective(node):
-                raise PreserveError(f"the model already has collectives ({node.op_type} '{node_label(node, i)}'): "
-                                    f"it is sharded already")
-            if path and node.op_type in ("MatMul", "MatMulNBits", "GroupQueryAttention", "MultiHeadAttention",
-                                         "Attention"):
-                raise PreserveError(f"unrecognised layer structure at node '{node_label(node, i)}' in {path}: "
-                                    f"layers inside If/Loop/Scan subgraphs are not supported")
-
-
 def _companions(model_file: Path, model: onnx.ModelProto) -> list[Path]:
     """Files of MODEL's folder to copy along: everything but ONNX files and the model's data files."""
     data = {external_info(t).get("location", "") for _, g in iter_graphs(model) for t in g.initializer
@@ -101,23 +87,23 @@ def genai_config(path: Path, tp: int) -> str:
     return json.dumps(config, indent=4) + "\n"
 
 
-def _write_ranks(template: onnx.ModelProto, rewriter: Rewriter, reader: TensorReader, source: dict,
-                 world: int, folder: Path) -> tuple[list[Path], int]:
+def _write_ranks(plan: ShardPlan, reader: TensorReader, source: dict, world: int,
+                 folder: Path) -> tuple[list[Path], int]:
     """Every rank's model and data file, in one pass over the source tensors (each is read once)."""
     models, writers = [], []
     try:
         for rank in range(world):
             model = onnx.ModelProto()
-            model.CopyFrom(template)
+            model.CopyFrom(plan.model)
             models.append(model)
             writers.append(DataWriter(folder / f"model_{rank:02d}.onnx.data", f"model_{rank:02d}.onnx.data"))
-        for k, t in enumerate(template.graph.initializer):
+        for k, t in enumerate(plan.model.graph.initializer):
             src = source.get(t.name)
             if src is None:  # a constant the rewrite added: already inline, same on every rank
                 continue
             full = reader.array(src)
             for rank in range(world):
-                value = rank_value(full, rewriter.cuts.get(t.name), world, rank, t.data_type, t.name)
+                value = rank_value(full, plan.cuts.get(t.name), world, rank, t.data_type, t.name)
                 writers[rank].write(models[rank].graph.initializer[k], value)
             del full
             reader.release()
@@ -136,16 +122,6 @@ def _write_ranks(template: onnx.ModelProto, rewriter: Rewriter, reader: TensorRe
     return paths, sum(w.size for w in writers)
 
 
-def plan(model: onnx.ModelProto, tp: int, *, vocab_parallel: bool = False,
-         dims: dict[str, int] | None = None) -> tuple[Layout, Rewriter, onnx.ModelProto]:
-    """The layout, the rewriter (with its per-initializer cuts) and the rank graph; no bytes read."""
-    _check_input(model)
-    ix = GraphIndex(model.graph)
-    layout = find_layout(ix, tp, vocab_parallel=vocab_parallel, dims=dims)
-    rewriter = Rewriter(model, ix, layout, tp)
-    return layout, rewriter, rewriter.apply(vocab_parallel)
-
-
 def shard_model(model: Path, out: Path, tp: int, *, vocab_parallel: bool = False,
                 dims: dict[str, int] | None = None) -> ShardResult:
     """Write ``tp`` rank models of ``model`` into the new folder ``out``. PreserveError on any refusal."""
@@ -156,12 +132,12 @@ def shard_model(model: Path, out: Path, tp: int, *, vocab_parallel: bool = False
     out = Path(out)
     _check_out(model_file, out)
     proto = load_model(model_file)
-    layout, rewriter, template = plan(proto, tp, vocab_parallel=vocab_parallel, dims=dims)
+    plan = plan_shards(proto, tp, vocab_parallel=vocab_parallel, dims=dims)
     source = {t.name: t for t in proto.graph.initializer}
     reader = TensorReader(model_file.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        paths, total = _write_ranks(template, rewriter, reader, source, tp, tmp)
+        paths, total = _write_ranks(plan, reader, source, tp, tmp)
         files = [out / p.name for p in paths]
         for extra in _companions(model_file, proto):
             if extra.name == "genai_config.json":
@@ -175,6 +151,6 @@ def shard_model(model: Path, out: Path, tp: int, *, vocab_parallel: bool = False
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    lm = layout.lm_head
-    return ShardResult(out, tuple(files), tp, len(layout.columns), len(layout.rows),
-                       bool(vocab_parallel and lm is not None), total, time.perf_counter() - start)
+    layouts = plan.layouts
+    return ShardResult(out, tuple(files), tp, sum(len(x.columns) for x in layouts), sum(len(x.rows) for x in layouts),
+                       vocab_parallel, total, time.perf_counter() - start)

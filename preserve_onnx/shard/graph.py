@@ -51,11 +51,14 @@ class Linear:
 class GraphIndex:
     """Producers, consumers and constants of ``graph`` (Constant nodes count as constants)."""
 
-    def __init__(self, graph: GraphProto) -> None:
+    def __init__(self, graph: GraphProto, outer: "GraphIndex | None" = None) -> None:
+        """``outer``: the main graph's index, for an If branch that captures its weights and inputs."""
         self.graph = graph
         self.nodes = list(graph.node)
-        self.inits = {t.name: t for t in graph.initializer}
-        self.inputs = {vi.name: vi for vi in graph.input if vi.name not in self.inits}
+        self.inits = dict(outer.inits) if outer else {}
+        self.inits.update((t.name, t) for t in graph.initializer)
+        self.inputs = dict(outer.inputs) if outer else {}
+        self.inputs.update((vi.name, vi) for vi in graph.input if vi.name not in self.inits)
         self.outputs = {vi.name: vi for vi in graph.output}
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}

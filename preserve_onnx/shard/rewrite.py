@@ -11,7 +11,6 @@ infers it again).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,12 +50,12 @@ def _set_attr(node: NodeProto, name: str, value) -> None:
 class Rewriter:
     """Applies a layout to a copy of the model; collects one :class:`Cut` per changed initializer."""
 
-    def __init__(self, model: onnx.ModelProto, ix: GraphIndex, layout: Layout, world: int) -> None:
-        self.model = copy.deepcopy(model)
-        self.graph = self.model.graph
+    def __init__(self, graph: onnx.GraphProto, ix: GraphIndex, layout: Layout, world: int,
+                 cuts: dict[str, Cut]) -> None:
+        self.graph = graph  # edited in place (a copy of the input model's graph or subgraph)
         self.nodes = list(self.graph.node)  # same order as ix.nodes: indices agree
         self.ix, self.layout, self.world = ix, layout, world
-        self.cuts: dict[str, Cut] = {}
+        self.cuts = cuts  # shared by every graph of the model: a weight captured by two If branches
         self.new_consts: dict[str, str] = {}
         self.names = {n.name for n in self.nodes} | {o for n in self.nodes for o in n.output}
 
@@ -222,21 +221,14 @@ class Rewriter:
 
     def io_shapes(self) -> None:
         for vi in list(self.graph.input) + list(self.graph.output):
-            if vi.name not in self.layout.sharded:
-                continue
-            dims = vi.type.tensor_type.shape.dim
-            axis = 2 if len(dims) == 5 else 1
-            if len(dims) > axis and dims[axis].HasField("dim_value"):
-                if dims[axis].dim_value % self.world:
-                    raise PreserveError(f"--tp {self.world} does not divide the {dims[axis].dim_value} heads "
-                                        f"of KV-cache tensor '{vi.name}'")
-                dims[axis].dim_value //= self.world
+            if vi.name in self.layout.sharded:
+                divide_head_axis(vi, self.world)
         keep = [vi for vi in self.graph.value_info if vi.name not in self.layout.sharded
                 and vi.name not in self.cuts]
         del self.graph.value_info[:]
         self.graph.value_info.extend(keep)
 
-    def apply(self, vocab_parallel: bool) -> onnx.ModelProto:
+    def apply(self, vocab_parallel: bool) -> None:
         for i in sorted(self.layout.columns):
             self.column_weights(self.layout.columns[i])
         for i in sorted(self.layout.rows):
@@ -263,6 +255,14 @@ class Rewriter:
             copies.append(c)
         del self.graph.node[:]
         self.graph.node.extend(copies)
-        if not any(o.domain == MS_DOMAIN for o in self.model.opset_import):
-            self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-        return self.model
+
+
+def divide_head_axis(vi: onnx.ValueInfoProto, world: int) -> None:
+    """A KV-cache input/output's head axis ([B, heads, S, D], or [2, B, heads, S, D]) divided, when fixed."""
+    dims = vi.type.tensor_type.shape.dim
+    axis = 2 if len(dims) == 5 else 1
+    if len(dims) > axis and dims[axis].HasField("dim_value"):
+        if dims[axis].dim_value % world:
+            raise PreserveError(f"--tp {world} does not divide the {dims[axis].dim_value} heads of KV-cache "
+                                f"tensor '{vi.name}'")
+        dims[axis].dim_value //= world

@@ -26,7 +26,7 @@ from preserve_onnx.shard import shard_model
 from tests.conftest import SAMPLES
 from tests.shard._models import decoder
 
-HAND_SHARDED = ["llama-gqa", "llama-gqa-fp16", "llama-int4", "llama-qdq", "gpt-attention"]
+HAND_SHARDED = ["llama-gqa", "llama-gqa-fp16", "llama-int4", "llama-qdq", "gpt-attention", "merged-decoder"]
 TOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 2e-2}
 
 
@@ -150,7 +150,7 @@ def test_plain_operator_attention_gets_its_reshape_head_counts_divided(tmp_path)
 # -- numbers -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "llama-int4", "gpt-attention"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "llama-int4", "gpt-attention", "merged-decoder"])
 def test_hand_sharded_samples_twins(variant, tmp_path):
     shard_model(SAMPLES / variant / "full" / "model.onnx", tmp_path / "tp2", 2)
     assert_twin(tmp_path / "tp2", SAMPLES / variant / "full" / "model.onnx")
@@ -262,10 +262,37 @@ def test_refuses_a_model_with_collectives(tmp_path):
             r"^the model already has collectives \(AllReduce '/model/layers.0/attn/o_proj/AllReduce'\)")
 
 
-def test_refuses_layers_inside_subgraphs(tmp_path):
-    refused(SAMPLES / "merged-decoder" / "full" / "model.onnx", tmp_path / "out", 2,
-            r"^unrecognised layer structure at node '/else/model/layers.0/attn/q_proj/MatMul' in optimum::if:"
-            r"else_branch: layers inside If/Loop/Scan subgraphs are not supported$")
+def test_merged_decoder_is_sharded_in_both_branches(tmp_path):
+    shard_model(SAMPLES / "merged-decoder" / "full" / "model.onnx", tmp_path / "tp2", 2)
+    model = onnx.load(tmp_path / "tp2" / "model_00.onnx", load_external_data=False)
+    (if_node,) = model.graph.node
+    for branch in (a.g for a in if_node.attribute):
+        assert [n.op_type for n in branch.node].count("AllReduce") == 4
+        assert {attrs(n)["kv_num_heads"] for n in branch.node if n.op_type == "GroupQueryAttention"} == {1}
+        assert [d.dim_value for d in branch.output[1].type.tensor_type.shape.dim][1] == 1
+    dims = {vi.name: vi.type.tensor_type.shape.dim[1].dim_value for vi in model.graph.input if "past" in vi.name}
+    assert set(dims.values()) == {1} and len(dims) == 4
+
+
+def test_refuses_layers_inside_a_loop_body(tmp_path):
+    h = onnx.helper
+    body = h.make_graph([h.make_node("MatMul", ["x_in", "w"], ["x_out"], name="body/MatMul"),
+                         h.make_node("Identity", ["cond_in"], ["cond_out"], name="body/cond")], "body",
+                        [h.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+                         h.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+                         h.make_tensor_value_info("x_in", onnx.TensorProto.FLOAT, [1, 4])],
+                        [h.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+                         h.make_tensor_value_info("x_out", onnx.TensorProto.FLOAT, [1, 4])])
+    graph = h.make_graph([h.make_node("Loop", ["n", "", "x"], ["y"], name="loop", body=body)], "g",
+                         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4]),
+                          h.make_tensor_value_info("n", onnx.TensorProto.INT64, [])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+                         [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")])
+    (tmp_path / "m").mkdir()
+    onnx.save(h.make_model(graph), tmp_path / "m" / "model.onnx")
+    refused(tmp_path / "m" / "model.onnx", tmp_path / "out", 2,
+            r"^unrecognised layer structure at node 'body/MatMul' in loop:body: layers inside Loop/Scan bodies "
+            r"or nested subgraphs are not supported$")
 
 
 def test_refuses_out_inside_the_models_folder(tmp_path):
