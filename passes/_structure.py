@@ -110,3 +110,29 @@ def _follow_axes(node: NodeProto, axes: tuple[int, ...] | None) -> tuple[int, ..
 def reads_bytes(node: NodeProto) -> bool:
     """Whether ``node`` reads its inputs' values (``Shape``/``Size`` read only metadata)."""
     return not (is_default_domain(node.domain) and node.op_type in METADATA_OPS)
+
+
+# -- attention cores (shared with `shard`, docs/design.md §8) ----------------------------------------
+
+# Contrib attention operators that hold a whole attention block (their output 0 is the context).
+ATTENTION_OPS = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attention"})
+
+
+def attention_cores(graph: GraphProto) -> list[int]:
+    """Indices of the nodes that end an attention block, found by structure: every
+    ``com.microsoft`` GroupQueryAttention / MultiHeadAttention / Attention, and in plain-operator exports
+    every ``MatMul`` whose first input is a ``Softmax`` output (through Cast/Dropout/Identity): the
+    probabilities times V. Output 0 of each is the attention context that o_proj reads."""
+    producers = {out: node for node in graph.node for out in node.output if out}
+    cores = []
+    for index, node in enumerate(graph.node):
+        if node.domain == "com.microsoft" and node.op_type in ATTENTION_OPS:
+            cores.append(index)
+        elif is_default_domain(node.domain) and node.op_type == "MatMul" and node.input:
+            src = producers.get(node.input[0])
+            while src is not None and is_default_domain(src.domain) and src.op_type in ("Cast", "Dropout",
+                                                                                        "Identity"):
+                src = producers.get(src.input[0])
+            if src is not None and is_default_domain(src.domain) and src.op_type == "Softmax":
+                cores.append(index)
+    return cores

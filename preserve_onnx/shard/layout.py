@@ -21,7 +21,7 @@ from onnx import NodeProto
 
 from preserve_onnx.config import MS_DOMAIN
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.passes._structure import LAYOUT_OPS, kv_cache_paths
+from preserve_onnx.passes._structure import LAYOUT_OPS, attention_cores, kv_cache_paths
 from preserve_onnx.shard.graph import GraphIndex, Linear, attr, is_op
 
 ELEMENTWISE = frozenset({
@@ -29,7 +29,6 @@ ELEMENTWISE = frozenset({
     "Mish", "HardSigmoid", "HardSwish", "Clip", "Cast", "Identity", "Split", "Slice", "Swish", "Elu",
     "LeakyRelu", "FastGelu", "BiasGelu", "QuickGelu", "Gelu", "Silu", "BiasSplitGelu", "Where", "Min", "Max",
 })
-ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 HEAD_ATTRS = ("num_heads", "kv_num_heads", "q_num_heads")
 BIAS_OPS = ("Add", "FastGelu", "BiasGelu", "BiasAdd")
 
@@ -120,22 +119,6 @@ def _walk_back(ix: GraphIndex, tensor: str, allowed=None) -> tuple[set[int], set
         reads = node.input[:1] if is_op(node, "CastLike") else node.input
         todo.extend(reads)
     return region, linears, True
-
-
-def _attention_sites(ix: GraphIndex) -> list[int]:
-    sites = []
-    for i, node in enumerate(ix.nodes):
-        if node.domain == MS_DOMAIN and node.op_type in ATTENTION_OPS[:2]:
-            sites.append(i)
-        elif i in ix.linears and ix.linears[i].kind == "attention":
-            sites.append(i)
-        elif is_op(node, "MatMul") and i not in ix.linears:
-            src = ix.producer_node(node.input[0])
-            while src is not None and src.op_type in ("Cast", "Dropout", "Identity"):
-                src = ix.producer_node(src.input[0])
-            if src is not None and is_op(src, "Softmax"):
-                sites.append(i)
-    return sites
 
 
 def _fused_parts(ix: GraphIndex, lin: Linear, tensor: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -238,6 +221,9 @@ def _site_heads(ix: GraphIndex, site: int, cols: list[Linear], kv_inputs: set[st
     if node.op_type == "MultiHeadAttention":
         nkv = nh
     if node.op_type == "Attention" and node.domain == MS_DOMAIN:
+        if site not in ix.linears:
+            raise refuse(f"unrecognised layer structure at node '{ix.label(site)}': its q|k|v weight is not "
+                         f"an initializer")
         width = ix.linears[site].width
         sizes = attr(node, "qkv_hidden_sizes") or [width // 3] * 3
         return nh, nh, sizes[0] // nh if nh else 0
@@ -277,7 +263,7 @@ def find_layout(ix: GraphIndex, world: int, *, vocab_parallel: bool = False,
     """The Megatron layout of ``ix``'s graph for ``world`` ranks; PreserveError names what is refused."""
     dims = dict(dims or {})
     layout = Layout()
-    sites = _attention_sites(ix)
+    sites = attention_cores(ix.graph)
     if not sites:
         raise refuse("unrecognised layer structure: no attention found (GroupQueryAttention, "
                      "MultiHeadAttention, Attention, or MatMul -> Softmax -> MatMul)")
