@@ -58,7 +58,9 @@ def _check_out(model_file: Path, out: Path) -> None:
     folder = model_file.parent.resolve()
     target = out.resolve()
     if target == folder or folder in target.parents:
-        raise PreserveError(f"OUT {out} is inside MODEL's folder {model_file.parent}; choose a folder elsewhere")
+        raise PreserveError(
+            f"OUT {out} is inside MODEL's folder {model_file.parent}; choose a folder elsewhere"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PreserveError(f"OUT {out} exists and is not an empty folder")
     if not out.parent.is_dir():
@@ -67,10 +69,17 @@ def _check_out(model_file: Path, out: Path) -> None:
 
 def _companions(model_file: Path, model: onnx.ModelProto) -> list[Path]:
     """Files of MODEL's folder to copy along: everything but ONNX files and the model's data files."""
-    data = {external_info(t).get("location", "") for _, g in iter_graphs(model) for t in g.initializer
-            if t.data_location == onnx.TensorProto.EXTERNAL}
-    return sorted(p for p in model_file.parent.iterdir()
-                  if p.is_file() and p.suffix != ".onnx" and p.name not in data and not p.name.startswith("."))
+    data = {
+        external_info(t).get("location", "")
+        for _, g in iter_graphs(model)
+        for t in g.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
+    return sorted(
+        p
+        for p in model_file.parent.iterdir()
+        if p.is_file() and p.suffix != ".onnx" and p.name not in data and not p.name.startswith(".")
+    )
 
 
 def genai_config(path: Path, tp: int) -> str:
@@ -87,8 +96,9 @@ def genai_config(path: Path, tp: int) -> str:
     return json.dumps(config, indent=4) + "\n"
 
 
-def _write_ranks(plan: ShardPlan, reader: TensorReader, source: dict, world: int,
-                 folder: Path) -> tuple[list[Path], int]:
+def _write_ranks(
+    plan: ShardPlan, reader: TensorReader, source: dict, world: int, folder: Path
+) -> tuple[list[Path], int]:
     """Every rank's model and data file, in one pass over the source tensors (each is read once)."""
     models, writers = [], []
     try:
@@ -122,8 +132,9 @@ def _write_ranks(plan: ShardPlan, reader: TensorReader, source: dict, world: int
     return paths, sum(w.size for w in writers)
 
 
-def shard_model(model: Path, out: Path, tp: int, *, vocab_parallel: bool = False,
-                dims: dict[str, int] | None = None) -> ShardResult:
+def shard_model(
+    model: Path, out: Path, tp: int, *, vocab_parallel: bool = False, dims: dict[str, int] | None = None
+) -> ShardResult:
     """Write ``tp`` rank models of ``model`` into the new folder ``out``. PreserveError on any refusal."""
     start = time.perf_counter()
     if tp < 2:
@@ -152,5 +163,13 @@ def shard_model(model: Path, out: Path, tp: int, *, vocab_parallel: bool = False
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     layouts = plan.layouts
-    return ShardResult(out, tuple(files), tp, sum(len(x.columns) for x in layouts), sum(len(x.rows) for x in layouts),
-                       vocab_parallel, total, time.perf_counter() - start)
+    return ShardResult(
+        out,
+        tuple(files),
+        tp,
+        sum(len(x.columns) for x in layouts),
+        sum(len(x.rows) for x in layouts),
+        vocab_parallel,
+        total,
+        time.perf_counter() - start,
+    )

@@ -41,7 +41,9 @@ def _scaled(arr: np.ndarray, world: int, data_type: int, name: str) -> np.ndarra
         values = np.asarray(arr).view(ml_dtypes.bfloat16).astype(np.float32) / np.float32(world)
         return values.astype(ml_dtypes.bfloat16).view(np.uint16)
     if arr.dtype.kind != "f":
-        raise PreserveError(f"initializer '{name}': a fused bias of type {arr.dtype} cannot be divided by --tp")
+        raise PreserveError(
+            f"initializer '{name}': a fused bias of type {arr.dtype} cannot be divided by --tp"
+        )
     return (np.asarray(arr) / arr.dtype.type(world)).astype(arr.dtype)
 
 

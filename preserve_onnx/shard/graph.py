@@ -51,7 +51,7 @@ class Linear:
 class GraphIndex:
     """Producers, consumers and constants of ``graph`` (Constant nodes count as constants)."""
 
-    def __init__(self, graph: GraphProto, outer: "GraphIndex | None" = None) -> None:
+    def __init__(self, graph: GraphProto, outer: GraphIndex | None = None) -> None:
         """``outer``: the main graph's index, for an If branch that captures its weights and inputs."""
         self.graph = graph
         self.nodes = list(graph.node)
@@ -114,8 +114,11 @@ class GraphIndex:
             dq = self.producer.get(w)
             if dq is not None and is_op(self.nodes[dq], "DequantizeLinear"):
                 q = self.nodes[dq].input[0]
-                if q in self.inits and len(self.inits[q].dims) == 2 and \
-                        all(x in self.inits or not x for x in self.nodes[dq].input):
+                if (
+                    q in self.inits
+                    and len(self.inits[q].dims) == 2
+                    and all(x in self.inits or not x for x in self.nodes[dq].input)
+                ):
                     dims = self.inits[q].dims
                     return Linear(i, label, "qdq", q, int(dims[0]), int(dims[1]), dq)
         if is_op(node, "MatMulNBits", MS_DOMAIN) and len(node.input) > 1 and node.input[1] in self.inits:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 from onnx import NodeProto
@@ -24,11 +25,42 @@ from preserve_onnx.errors import PreserveError
 from preserve_onnx.passes._structure import LAYOUT_OPS, attention_cores, kv_cache_paths
 from preserve_onnx.shard.graph import GraphIndex, Linear, attr, is_op
 
-ELEMENTWISE = frozenset({
-    "Mul", "Add", "Sub", "Div", "Sigmoid", "Tanh", "Relu", "Gelu", "Erf", "Pow", "Sqrt", "Neg", "Softplus",
-    "Mish", "HardSigmoid", "HardSwish", "Clip", "Cast", "Identity", "Split", "Slice", "Swish", "Elu",
-    "LeakyRelu", "FastGelu", "BiasGelu", "QuickGelu", "Gelu", "Silu", "BiasSplitGelu", "Where", "Min", "Max",
-})
+ELEMENTWISE = frozenset(
+    {
+        "Mul",
+        "Add",
+        "Sub",
+        "Div",
+        "Sigmoid",
+        "Tanh",
+        "Relu",
+        "Gelu",
+        "Erf",
+        "Pow",
+        "Sqrt",
+        "Neg",
+        "Softplus",
+        "Mish",
+        "HardSigmoid",
+        "HardSwish",
+        "Clip",
+        "Cast",
+        "Identity",
+        "Split",
+        "Slice",
+        "Swish",
+        "Elu",
+        "LeakyRelu",
+        "FastGelu",
+        "BiasGelu",
+        "QuickGelu",
+        "Silu",
+        "BiasSplitGelu",
+        "Where",
+        "Min",
+        "Max",
+    }
+)
 HEAD_ATTRS = ("num_heads", "kv_num_heads", "q_num_heads")
 BIAS_OPS = ("Add", "FastGelu", "BiasGelu", "BiasAdd")
 
@@ -137,11 +169,20 @@ def _fused_parts(ix: GraphIndex, lin: Linear, tensor: str) -> tuple[tuple[int, .
             node = ix.nodes[i]
             starts, ends = ix.constant(node.input[1]), ix.constant(node.input[2])
             axes = ix.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-            if starts is None or ends is None or starts.size != 1 or (axes is not None and int(axes.reshape(-1)[0]) not in (-1, 2)):
+            if (
+                starts is None
+                or ends is None
+                or starts.size != 1
+                or (axes is not None and int(axes.reshape(-1)[0]) not in (-1, 2))
+            ):
                 return (lin.width,), ()
             bounds.append((int(starts.reshape(-1)[0]), min(int(ends.reshape(-1)[0]), lin.width)))
         bounds = sorted(set(bounds))
-        if bounds[0][0] == 0 and bounds[-1][1] == lin.width and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])):
+        if (
+            bounds[0][0] == 0
+            and bounds[-1][1] == lin.width
+            and all(a[1] == b[0] for a, b in pairwise(bounds))
+        ):
             return tuple(b - a for a, b in bounds), tuple(sorted(readers))
     return (lin.width,), ()
 
@@ -169,9 +210,13 @@ def _column(ix: GraphIndex, lin: Linear, unit: int, label_of) -> Column:
         biases = (node.input[2],) if len(node.input) > 2 and node.input[2] in ix.inits else ()
     else:
         parts, cuts = _fused_parts(ix, lin, tensor)
-        packed = [i for i, t in _through_layout_forward(ix, tensor)
-                  if is_op(ix.nodes[i], "GroupQueryAttention", MS_DOMAIN) and ix.nodes[i].input[0] == t
-                  and (len(ix.nodes[i].input) < 2 or not ix.nodes[i].input[1])]
+        packed = [
+            i
+            for i, t in _through_layout_forward(ix, tensor)
+            if is_op(ix.nodes[i], "GroupQueryAttention", MS_DOMAIN)
+            and ix.nodes[i].input[0] == t
+            and (len(ix.nodes[i].input) < 2 or not ix.nodes[i].input[1])
+        ]
         if packed and not cuts:  # q|k|v packed into GroupQueryAttention's query input
             gqa = ix.nodes[packed[0]]
             nh, nkv = attr(gqa, "num_heads", 0), attr(gqa, "kv_num_heads", 0)
@@ -193,7 +238,9 @@ def _width_of(ix: GraphIndex, tensor: str) -> int:
         if i in ix.linears and tensor == node.output[0]:
             return ix.linears[i].width
         if is_op(node, "Split"):
-            sizes = ix.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "split")
+            sizes = (
+                ix.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "split")
+            )
             if sizes is None:
                 return _width_of(ix, node.input[0]) // len(node.output)
             return int(np.asarray(sizes).reshape(-1)[list(node.output).index(tensor)])
@@ -213,8 +260,9 @@ def _width_of(ix: GraphIndex, tensor: str) -> int:
     return 0
 
 
-def _site_heads(ix: GraphIndex, site: int, cols: list[Linear], kv_inputs: set[str],
-                dims: dict[str, int]) -> tuple[int, int, int]:
+def _site_heads(
+    ix: GraphIndex, site: int, cols: list[Linear], kv_inputs: set[str], dims: dict[str, int]
+) -> tuple[int, int, int]:
     """(q heads, KV heads, head size) of one attention site; 0 where the graph does not say."""
     node = ix.nodes[site]
     nh, nkv = attr(node, "num_heads", 0), attr(node, "kv_num_heads", 0)
@@ -222,8 +270,10 @@ def _site_heads(ix: GraphIndex, site: int, cols: list[Linear], kv_inputs: set[st
         nkv = nh
     if node.op_type == "Attention" and node.domain == MS_DOMAIN:
         if site not in ix.linears:
-            raise refuse(f"unrecognised layer structure at node '{ix.label(site)}': its q|k|v weight is not "
-                         f"an initializer")
+            raise refuse(
+                f"unrecognised layer structure at node '{ix.label(site)}': its q|k|v weight is not "
+                f"an initializer"
+            )
         width = ix.linears[site].width
         sizes = attr(node, "qkv_hidden_sizes") or [width // 3] * 3
         return nh, nh, sizes[0] // nh if nh else 0
@@ -252,29 +302,40 @@ def _site_heads(ix: GraphIndex, site: int, cols: list[Linear], kv_inputs: set[st
 def _propagate(ix: GraphIndex, layout: Layout, seeds: set[str]) -> set[str]:
     sharded = set(seeds)
     for i, node in enumerate(ix.nodes):
-        if i in layout.region and not is_op(node, "Shape") and not is_op(node, "Size") and \
-                any(t in sharded for t in node.input):
+        if (
+            i in layout.region
+            and not is_op(node, "Shape")
+            and not is_op(node, "Size")
+            and any(t in sharded for t in node.input)
+        ):
             sharded.update(o for o in node.output if o)
     return sharded
 
 
-def find_layout(ix: GraphIndex, world: int, *, vocab_parallel: bool = False,
-                dims: dict[str, int] | None = None) -> Layout:
+def find_layout(
+    ix: GraphIndex, world: int, *, vocab_parallel: bool = False, dims: dict[str, int] | None = None
+) -> Layout:
     """The Megatron layout of ``ix``'s graph for ``world`` ranks; PreserveError names what is refused."""
     dims = dict(dims or {})
     layout = Layout()
     sites = attention_cores(ix.graph)
     if not sites:
-        raise refuse("unrecognised layer structure: no attention found (GroupQueryAttention, "
-                     "MultiHeadAttention, Attention, or MatMul -> Softmax -> MatMul)")
+        raise refuse(
+            "unrecognised layer structure: no attention found (GroupQueryAttention, "
+            "MultiHeadAttention, Attention, or MatMul -> Softmax -> MatMul)"
+        )
     col_seeds: set[str] = set()
     kv_paths = kv_cache_paths(ix.graph)
     for site in sites:
         out = ix.nodes[site].output[0]
-        rows = {i for i, t in _through_layout_forward(ix, out) if i in ix.linears and ix.nodes[i].input[0] == t}
+        rows = {
+            i for i, t in _through_layout_forward(ix, out) if i in ix.linears and ix.nodes[i].input[0] == t
+        }
         if len(rows) != 1:
-            raise refuse(f"unrecognised layer structure at node '{ix.label(site)}': its output does not reach "
-                         f"exactly one output projection (found {len(rows)})")
+            raise refuse(
+                f"unrecognised layer structure at node '{ix.label(site)}': its output does not reach "
+                f"exactly one output projection (found {len(rows)})"
+            )
         row = ix.linears[rows.pop()]
         region, cols, _ = _walk_back(ix, ix.nodes[row.index].input[0])
         if site in ix.linears:
@@ -283,8 +344,10 @@ def find_layout(ix: GraphIndex, world: int, *, vocab_parallel: bool = False,
         kv = {r for i in region for r in (_root_input(ix, t) for t in ix.nodes[i].input) if r in kv_paths}
         nh, nkv, hs = _site_heads(ix, site, col_lins, kv, dims)
         if not hs:
-            raise refuse(f"unrecognised layer structure at node '{ix.label(site)}': cannot tell its head size "
-                         f"(give the KV-cache's last dim with --dim NAME=N)")
+            raise refuse(
+                f"unrecognised layer structure at node '{ix.label(site)}': cannot tell its head size "
+                f"(give the KV-cache's last dim with --dim NAME=N)"
+            )
         for what, count in (("attention heads", nh), ("KV heads", nkv)):
             if count and count % world:
                 raise refuse(f"--tp {world} does not divide the {count} {what} of '{ix.label(site)}'")
@@ -327,8 +390,10 @@ def _find_lm_head(ix: GraphIndex, layout: Layout, vocab_parallel: bool) -> None:
         if i in layout.columns or i in layout.rows:
             continue
         if not _reaches_output(ix, ix.nodes[i].output[0]) or layout.lm_head is not None:
-            raise refuse(f"unrecognised layer structure at node '{lin.name}': a linear layer that is not part "
-                         f"of attention, an MLP or the LM head")
+            raise refuse(
+                f"unrecognised layer structure at node '{lin.name}': a linear layer that is not part "
+                f"of attention, an MLP or the LM head"
+            )
         layout.lm_head = lin
     if vocab_parallel:
         if layout.lm_head is None:
@@ -368,14 +433,20 @@ def _find_kv_and_shards(ix: GraphIndex, layout: Layout, col_seeds: set[str]) -> 
     for t in sorted(layout.sharded):
         for i in ix.consumers.get(t, ()):
             node = ix.nodes[i]
-            if i in layout.region or is_op(node, "Shape") or is_op(node, "Size") or \
-                    (i in layout.rows and node.input[0] == t) or \
-                    (layout.lm_head is not None and t == ix.nodes[layout.lm_head.index].output[0]):
+            if (
+                i in layout.region
+                or is_op(node, "Shape")
+                or is_op(node, "Size")
+                or (i in layout.rows and node.input[0] == t)
+                or (layout.lm_head is not None and t == ix.nodes[layout.lm_head.index].output[0])
+            ):
                 continue
             if i in layout.columns and ix.linears[i].kind == "attention":
                 continue
-            raise refuse(f"unrecognised layer structure at node '{ix.label(i)}': it reads '{t}', which is "
-                         f"split across ranks, outside attention and MLP")
+            raise refuse(
+                f"unrecognised layer structure at node '{ix.label(i)}': it reads '{t}', which is "
+                f"split across ranks, outside attention and MLP"
+            )
     for c in layout.columns.values():
         layout.widths.update(c.parts)
         layout.widths.add(c.linear.width)
@@ -385,8 +456,10 @@ def _check_divisible(ix: GraphIndex, layout: Layout, world: int) -> None:
     for i in sorted(layout.columns):
         col = layout.columns[i]
         if sum(col.parts) != col.linear.width:
-            raise refuse(f"unrecognised layer structure at node '{col.linear.name}': its fused parts "
-                         f"{list(col.parts)} do not add up to its {col.linear.width} columns")
+            raise refuse(
+                f"unrecognised layer structure at node '{col.linear.name}': its fused parts "
+                f"{list(col.parts)} do not add up to its {col.linear.width} columns"
+            )
         for part, label in zip(col.parts, col.labels):
             count = part // col.unit
             if part % col.unit or count % world:
@@ -398,8 +471,9 @@ def _check_divisible(ix: GraphIndex, layout: Layout, world: int) -> None:
             block = attr(node, "block_size", 0)
             blocks = -(-row.depth // block) if block else 0
             if not block or row.depth % block or blocks % world:
-                raise refuse(f"--tp {world} does not divide the {blocks} K blocks (block_size {block}) of "
-                             f"'{row.name}'")
+                raise refuse(
+                    f"--tp {world} does not divide the {blocks} K blocks (block_size {block}) of '{row.name}'"
+                )
             if len(node.input) > 4 and node.input[4]:
                 raise refuse(f"unrecognised layer structure at node '{row.name}': MatMulNBits with g_idx")
         elif row.depth % world:

@@ -18,7 +18,9 @@ from preserve_onnx.shard.graph import GraphIndex
 from preserve_onnx.shard.layout import Layout, find_layout
 from preserve_onnx.shard.rewrite import Cut, Rewriter, divide_head_axis
 
-LAYER_OPS = frozenset({"MatMul", "MatMulNBits", "GroupQueryAttention", "MultiHeadAttention", "Attention", "Softmax"})
+LAYER_OPS = frozenset(
+    {"MatMul", "MatMulNBits", "GroupQueryAttention", "MultiHeadAttention", "Attention", "Softmax"}
+)
 BRANCHES = ("then_branch", "else_branch")
 
 
@@ -36,34 +38,48 @@ def _check_collectives(model: onnx.ModelProto) -> None:
     for _, graph in iter_graphs(model):
         for i, node in enumerate(graph.node):
             if is_collective(node):
-                raise PreserveError(f"the model already has collectives ({node.op_type} '{node_label(node, i)}'): "
-                                    f"it is sharded already")
+                raise PreserveError(
+                    f"the model already has collectives ({node.op_type} '{node_label(node, i)}'): "
+                    f"it is sharded already"
+                )
 
 
 def _layer_graphs(model: onnx.ModelProto) -> list[tuple[int | None, onnx.GraphProto]]:
     """(owning If node's index or None, graph) for each graph holding layers, If branches first (the main
     graph's rewrite copies its nodes, and the branches with them)."""
-    branches = {f"{node_label(n, i)}:{a.name}" for i, n in enumerate(model.graph.node)
-                for a in n.attribute if a.name in BRANCHES and a.type == onnx.AttributeProto.GRAPH}
+    branches = {
+        f"{node_label(n, i)}:{a.name}"
+        for i, n in enumerate(model.graph.node)
+        for a in n.attribute
+        if a.name in BRANCHES and a.type == onnx.AttributeProto.GRAPH
+    }
     for path, graph in iter_graphs(model):
         layers = [n for n in graph.node if n.op_type in LAYER_OPS]
         if layers and path and path not in branches:
-            raise PreserveError(f"unrecognised layer structure at node '{layers[0].name}' in {path}: layers "
-                                f"inside Loop/Scan bodies or nested subgraphs are not supported")
+            raise PreserveError(
+                f"unrecognised layer structure at node '{layers[0].name}' in {path}: layers "
+                f"inside Loop/Scan bodies or nested subgraphs are not supported"
+            )
     found: list[tuple[int | None, onnx.GraphProto]] = []
     for index, node in enumerate(model.graph.node):
         for a in node.attribute:
-            if a.name in BRANCHES and a.type == onnx.AttributeProto.GRAPH and \
-                    any(n.op_type in LAYER_OPS for n in a.g.node):
+            if (
+                a.name in BRANCHES
+                and a.type == onnx.AttributeProto.GRAPH
+                and any(n.op_type in LAYER_OPS for n in a.g.node)
+            ):
                 found.append((index, a.g))
     if any(n.op_type in LAYER_OPS for n in model.graph.node):
         found.append((None, model.graph))
     return found
 
 
-def _main_io(model: onnx.ModelProto, branch_layouts: dict[int, list[tuple[onnx.GraphProto, Layout]]],
-             main: Layout | None,
-             world: int) -> None:
+def _main_io(
+    model: onnx.ModelProto,
+    branch_layouts: dict[int, list[tuple[onnx.GraphProto, Layout]]],
+    main: Layout | None,
+    world: int,
+) -> None:
     """Main-graph KV-cache inputs read in If branches, and the If outputs their present caches become."""
     graph = model.graph
     names = set()
@@ -81,8 +97,9 @@ def _main_io(model: onnx.ModelProto, branch_layouts: dict[int, list[tuple[onnx.G
     graph.value_info.extend(keep)
 
 
-def plan_shards(model: onnx.ModelProto, world: int, *, vocab_parallel: bool = False,
-                dims: dict[str, int] | None = None) -> ShardPlan:
+def plan_shards(
+    model: onnx.ModelProto, world: int, *, vocab_parallel: bool = False, dims: dict[str, int] | None = None
+) -> ShardPlan:
     """Find the layout of every graph with layers and rewrite a copy of ``model`` into the rank graph."""
     _check_collectives(model)
     rank_model = copy.deepcopy(model)
@@ -91,8 +108,10 @@ def plan_shards(model: onnx.ModelProto, world: int, *, vocab_parallel: bool = Fa
     layouts, branch_layouts, main_layout = [], {}, None
     graphs = _layer_graphs(rank_model)
     if not graphs:
-        raise PreserveError("unrecognised layer structure: no attention found (GroupQueryAttention, "
-                            "MultiHeadAttention, Attention, or MatMul -> Softmax -> MatMul)")
+        raise PreserveError(
+            "unrecognised layer structure: no attention found (GroupQueryAttention, "
+            "MultiHeadAttention, Attention, or MatMul -> Softmax -> MatMul)"
+        )
     for owner, graph in graphs:
         ix = main_ix if owner is None else GraphIndex(graph, outer=main_ix)
         layout = find_layout(ix, world, vocab_parallel=vocab_parallel, dims=dims)

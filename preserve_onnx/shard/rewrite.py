@@ -50,8 +50,9 @@ def _set_attr(node: NodeProto, name: str, value) -> None:
 class Rewriter:
     """Applies a layout to a copy of the model; collects one :class:`Cut` per changed initializer."""
 
-    def __init__(self, graph: onnx.GraphProto, ix: GraphIndex, layout: Layout, world: int,
-                 cuts: dict[str, Cut]) -> None:
+    def __init__(
+        self, graph: onnx.GraphProto, ix: GraphIndex, layout: Layout, world: int, cuts: dict[str, Cut]
+    ) -> None:
         self.graph = graph  # edited in place (a copy of the input model's graph or subgraph)
         self.nodes = list(self.graph.node)  # same order as ix.nodes: indices agree
         self.ix, self.layout, self.world = ix, layout, world
@@ -63,8 +64,10 @@ class Rewriter:
     def cut(self, name: str, cut: Cut, who: str) -> None:
         old = self.cuts.get(name)
         if old is not None and old != cut:
-            raise PreserveError(f"initializer '{name}' is shared by layers that split it differently "
-                                f"(at '{who}'); cannot shard")
+            raise PreserveError(
+                f"initializer '{name}' is shared by layers that split it differently "
+                f"(at '{who}'); cannot shard"
+            )
         self.cuts[name] = cut
 
     def _split(self, name: str, axis: int, parts) -> Cut:
@@ -109,7 +112,9 @@ class Rewriter:
             blocks = lin.depth // block
             b = self.ix.inits[node.input[1]]
             view = (lin.width, blocks, int(np.prod(b.dims)) // (lin.width * blocks))
-            self.cut(node.input[1], Cut("split", 1, (blocks,), view, (lin.width, blocks // W, view[2])), lin.name)
+            self.cut(
+                node.input[1], Cut("split", 1, (blocks,), view, (lin.width, blocks // W, view[2])), lin.name
+            )
             scales = node.input[2]
             sdims = tuple(int(d) for d in self.ix.inits[scales].dims)
             out = (int(np.prod(sdims)) // W,) if len(sdims) == 1 else (lin.width, blocks // W)
@@ -150,12 +155,15 @@ class Rewriter:
         out = node.output[0]
         partial = self._unique(f"{out}/rank_partial")
         node.output[0] = partial
-        return helper.make_node(op, [partial], [out], name=self._unique(f"{lin.name}/{op}"), domain=MS_DOMAIN,
-                                **attrs)
+        return helper.make_node(
+            op, [partial], [out], name=self._unique(f"{lin.name}/{op}"), domain=MS_DOMAIN, **attrs
+        )
 
     def heads(self) -> None:
-        for i in sorted(self.layout.region | {c for c, col in self.layout.columns.items()
-                                               if col.linear.kind == "attention"}):
+        for i in sorted(
+            self.layout.region
+            | {c for c, col in self.layout.columns.items() if col.linear.kind == "attention"}
+        ):
             node = self.nodes[i]
             for name in head_attrs(node):
                 _set_attr(node, name, attr(node, name) // self.world)
@@ -184,8 +192,8 @@ class Rewriter:
         pos = 0
         for k, (piece, v) in enumerate(zip(pieces, values)):
             n = v.size if v is not None else 1
-            if v is not None and patched[pos:pos + n] != flat[pos:pos + n]:
-                new = np.asarray(patched[pos:pos + n], v.dtype).reshape(v.shape)
+            if v is not None and patched[pos : pos + n] != flat[pos : pos + n]:
+                new = np.asarray(patched[pos : pos + n], v.dtype).reshape(v.shape)
                 slot = list(target.input).index(piece) if target is concat else 1
                 target.input[slot] = self._const(piece, new)
             pos += n
@@ -197,9 +205,9 @@ class Rewriter:
         for k, v in enumerate(flat):
             if v is None or v <= 0:
                 continue
-            if v in lay.widths and v not in lay.head_size:
-                out[k] = v // W
-            elif k < len(flat) - 1 and v in lay.heads and last in lay.head_size:
+            width = v in lay.widths and v not in lay.head_size  # [B, S, heads * head_size]
+            heads = k < len(flat) - 1 and v in lay.heads and last in lay.head_size  # [.., heads, head_size]
+            if width or heads:
                 out[k] = v // W
         return out
 
@@ -217,14 +225,19 @@ class Rewriter:
                     for slot in (1, 2):
                         v = self.ix.constant(node.input[slot])
                         if 0 < int(v.reshape(-1)[0]) <= col.linear.width:
-                            node.input[slot] = self._const(node.input[slot], (v // self.world).astype(v.dtype))
+                            node.input[slot] = self._const(
+                                node.input[slot], (v // self.world).astype(v.dtype)
+                            )
 
     def io_shapes(self) -> None:
         for vi in list(self.graph.input) + list(self.graph.output):
             if vi.name in self.layout.sharded:
                 divide_head_axis(vi, self.world)
-        keep = [vi for vi in self.graph.value_info if vi.name not in self.layout.sharded
-                and vi.name not in self.cuts]
+        keep = [
+            vi
+            for vi in self.graph.value_info
+            if vi.name not in self.layout.sharded and vi.name not in self.cuts
+        ]
         del self.graph.value_info[:]
         self.graph.value_info.extend(keep)
 
@@ -263,6 +276,8 @@ def divide_head_axis(vi: onnx.ValueInfoProto, world: int) -> None:
     axis = 2 if len(dims) == 5 else 1
     if len(dims) > axis and dims[axis].HasField("dim_value"):
         if dims[axis].dim_value % world:
-            raise PreserveError(f"--tp {world} does not divide the {dims[axis].dim_value} heads of KV-cache "
-                                f"tensor '{vi.name}'")
+            raise PreserveError(
+                f"--tp {world} does not divide the {dims[axis].dim_value} heads of KV-cache "
+                f"tensor '{vi.name}'"
+            )
         dims[axis].dim_value //= world

@@ -4,7 +4,9 @@ Reading: an external initializer is a read-only ``np.memmap`` window on its data
 slice touches are read); an inline one is decoded from the protobuf (inline tensors are small).
 Writing: :class:`DataWriter` appends each output tensor of ``threshold`` bytes or more to the rank's
 ``<model>.data`` file at an aligned offset, streaming large slices in row chunks (all-zero chunks become
-holes of a sparse file); smaller tensors stay inline as ``raw_data``. The layout depends only on the input, so the same input gives the same bytes.
+holes of a sparse file); smaller tensors stay inline as ``raw_data``. A sparse input's holes are never
+read: a tensor inside one is a zero-strided view of a zero. The layout depends only on the input, so
+the same input gives the same bytes.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from onnx import TensorProto, numpy_helper
@@ -24,10 +26,18 @@ from preserve_onnx.model_io import external_info, validate_location
 
 # Storage dtype per ONNX element type (bfloat16 is moved as raw 16-bit words).
 _STORAGE = {
-    TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: np.uint16,
-    TensorProto.DOUBLE: np.float64, TensorProto.INT64: np.int64, TensorProto.INT32: np.int32,
-    TensorProto.INT16: np.int16, TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8,
-    TensorProto.UINT16: np.uint16, TensorProto.UINT32: np.uint32, TensorProto.UINT64: np.uint64,
+    TensorProto.FLOAT: np.float32,
+    TensorProto.FLOAT16: np.float16,
+    TensorProto.BFLOAT16: np.uint16,
+    TensorProto.DOUBLE: np.float64,
+    TensorProto.INT64: np.int64,
+    TensorProto.INT32: np.int32,
+    TensorProto.INT16: np.int16,
+    TensorProto.INT8: np.int8,
+    TensorProto.UINT8: np.uint8,
+    TensorProto.UINT16: np.uint16,
+    TensorProto.UINT32: np.uint32,
+    TensorProto.UINT64: np.uint64,
     TensorProto.BOOL: np.bool_,
 }
 THRESHOLD = 1024  # bytes: smaller tensors stay inline (onnx.save_model's size_threshold; see ONNX notes)
@@ -36,8 +46,9 @@ CHUNK = 16 << 20  # bytes written per slice piece
 
 def storage_dtype(t: TensorProto) -> np.dtype:
     if t.data_type not in _STORAGE:
-        raise PreserveError(f"initializer '{t.name}': element type {TensorProto.DataType.Name(t.data_type)} "
-                            f"cannot be sharded")
+        raise PreserveError(
+            f"initializer '{t.name}': element type {TensorProto.DataType.Name(t.data_type)} cannot be sharded"
+        )
     return np.dtype(_STORAGE[t.data_type])
 
 
@@ -57,7 +68,11 @@ def _is_hole(path: Path, offset: int, length: int) -> bool:
 
 def _zeros(piece: np.ndarray) -> bool:
     """A zero-strided view of a zero scalar: an all-zero tensor that was never materialised."""
-    return piece.size > 0 and not any(piece.strides) and not np.asarray(piece.reshape(-1)[:1]).view(np.uint8).any()
+    return (
+        piece.size > 0
+        and not any(piece.strides)
+        and not np.asarray(piece.reshape(-1)[:1]).view(np.uint8).any()
+    )
 
 
 class TensorReader:
@@ -87,11 +102,13 @@ class TensorReader:
         count = int(np.prod(shape, dtype=np.int64))
         length = count * dtype.itemsize
         if "length" in info and int(info["length"]) != length or offset + length > data.size:
-            raise PreserveError(f"initializer '{t.name}': {length} bytes at offset {offset} do not fit "
-                                f"its data file {path.name} ({data.size} bytes)")
+            raise PreserveError(
+                f"initializer '{t.name}': {length} bytes at offset {offset} do not fit "
+                f"its data file {path.name} ({data.size} bytes)"
+            )
         if length and _is_hole(path, offset, length):  # never written: zeros, read without touching the disk
             return np.broadcast_to(np.zeros((), dtype), shape)
-        return data[offset:offset + length].view(dtype).reshape(shape)
+        return data[offset : offset + length].view(dtype).reshape(shape)
 
     def release(self) -> None:
         """Drop the mapped pages read so far from this process (they stay in the page cache): the
@@ -119,14 +136,14 @@ def chunks(piece: np.ndarray) -> Iterator[np.ndarray]:
         return
     rows = max(1, CHUNK // max(1, piece[0].nbytes))
     for start in range(0, piece.shape[0], rows):
-        yield np.ascontiguousarray(piece[start:start + rows])
+        yield np.ascontiguousarray(piece[start : start + rows])
 
 
 class DataWriter:
     """Appends tensors to one rank's external-data file; small ones become inline ``raw_data``."""
 
     def __init__(self, path: Path, location: str) -> None:
-        self.file = open(path, "wb")
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by close(), after the last tensor
         self.location = location
         self.size = 0
 
@@ -140,8 +157,9 @@ class DataWriter:
         del t.external_data[:]
         if value.nbytes < THRESHOLD:
             t.data_location = TensorProto.DEFAULT
-            t.raw_data = b"".join(np.ascontiguousarray(p).astype(p.dtype.newbyteorder("<")).tobytes()
-                                  for p in value.pieces)
+            t.raw_data = b"".join(
+                np.ascontiguousarray(p).astype(p.dtype.newbyteorder("<")).tobytes() for p in value.pieces
+            )
             return
         align = 4096 if value.nbytes >= 1 << 20 else 64
         offset = -(-self.size // align) * align

@@ -1,5 +1,5 @@
-"""Small single-device decoders in the structures ``shard`` must recognise, written to disk the way exporters do
-(external data, size threshold 1024).
+"""Small single-device decoders in the structures ``shard`` must recognise, written to disk the way
+exporters do (external data, size threshold 1024).
 
 ``decoder(folder, attention=..., qkv=..., mlp=..., bias=..., quant=...)``:
 
@@ -61,8 +61,15 @@ class _B:
     def const_node(self, arr: np.ndarray) -> str:
         """A Constant node (torch.onnx puts rotary caches and shapes there)."""
         out = self.name("const")
-        self.nodes.append(helper.make_node("Constant", [], [out], name=out + "/Constant",
-                                           value=numpy_helper.from_array(np.asarray(arr), out + "_value")))
+        self.nodes.append(
+            helper.make_node(
+                "Constant",
+                [],
+                [out],
+                name=out + "/Constant",
+                value=numpy_helper.from_array(np.asarray(arr), out + "_value"),
+            )
+        )
         return out
 
     def op(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs):
@@ -75,19 +82,26 @@ class _B:
         return self.init(np.asarray(values, np.int64), "shape")
 
     def linear(self, x: str, k: int, n: int) -> str:
-        w = (self.rng.standard_normal((k, n), dtype=np.float32) / np.float32(math.sqrt(k)))
+        w = self.rng.standard_normal((k, n), dtype=np.float32) / np.float32(math.sqrt(k))
         if self.quant in ("int4", "int4+bias"):
             q = self.ms.quantize_nbits(w, 16)
             b, s, z = self.ms.pack_nbits(q["q"], q["scales"], q["zp"], self.dtype)
             inputs = [x, self.init(b, "q4"), self.init(s, "scales"), self.init(z, "zp")]
             if self.quant_bias:  # MatMulNBits' own bias, input 5 (g_idx, input 4, empty)
-                inputs += ["", self.init(self.rng.standard_normal(n, dtype=np.float32).astype(self.dtype), "b")]
+                inputs += [
+                    "",
+                    self.init(self.rng.standard_normal(n, dtype=np.float32).astype(self.dtype), "b"),
+                ]
             return self.op("MatMulNBits", inputs, domain=MS, K=k, N=n, bits=4, block_size=16)
         return self.op("MatMul", [x, self.init(w.astype(self.dtype))])
 
     def vec(self, n: int, scale: float = 0.02, base: float = 0.0) -> str:
-        return self.init((np.float32(base) + np.float32(scale) * self.rng.standard_normal(n, dtype=np.float32))
-                         .astype(self.dtype), "b")
+        return self.init(
+            (np.float32(base) + np.float32(scale) * self.rng.standard_normal(n, dtype=np.float32)).astype(
+                self.dtype
+            ),
+            "b",
+        )
 
 
 def _rope(dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +131,7 @@ def _qkv(b: _B, h: str, qkv: str, bias: bool, kvh: int) -> tuple[str, ...]:
     return tuple(b.op("Split", [fused, b.i64(list(widths))], n_out=3, axis=-1))
 
 
-def _mlp(b: _B, h: str, mlp: str, FFN: int = FFN) -> str:  # noqa: N803 - the module constant's name
+def _mlp(b: _B, h: str, mlp: str, FFN: int = FFN) -> str:
     if mlp == "separate":
         gate, up = b.linear(h, H, FFN), b.linear(h, H, FFN)
     else:
@@ -126,7 +140,7 @@ def _mlp(b: _B, h: str, mlp: str, FFN: int = FFN) -> str:  # noqa: N803 - the mo
             gate, up = b.op("Split", [gu, b.i64([FFN, FFN])], n_out=2, axis=-1)
         else:
             gate = b.op("Slice", [gu, b.i64([0]), b.i64([FFN]), b.i64([-1])])
-            up = b.op("Slice", [gu, b.i64([FFN]), b.i64([2 ** 62]), b.i64([-1])])
+            up = b.op("Slice", [gu, b.i64([FFN]), b.i64([2**62]), b.i64([-1])])
     act = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
     return b.linear(b.op("Mul", [act, up]), FFN, H)
 
@@ -140,8 +154,10 @@ def _rotate(b: _B, x: str, cos: str, sin: str) -> str:
 
 
 def _plain_attention(b: _B, parts, past_k, past_v, present_k, present_v, cos, sin) -> str:
-    q, k, v = (b.op("Transpose", [b.op("Reshape", [p, b.i64([0, 0, n, HS])])], perm=[0, 2, 1, 3])
-               for p, n in zip(parts, (NH, NKV, NKV)))
+    q, k, v = (
+        b.op("Transpose", [b.op("Reshape", [p, b.i64([0, 0, n, HS])])], perm=[0, 2, 1, 3])
+        for p, n in zip(parts, (NH, NKV, NKV))
+    )
     q, k = _rotate(b, q, cos, sin), _rotate(b, k, cos, sin)
     b.nodes.append(helper.make_node("Concat", [past_k, k], [present_k], name=b.name("/Concat"), axis=2))
     b.nodes.append(helper.make_node("Concat", [past_v, v], [present_v], name=b.name("/Concat"), axis=2))
@@ -156,28 +172,55 @@ def _plain_attention(b: _B, parts, past_k, past_v, present_k, present_v, cos, si
     return b.op("Reshape", [b.op("Transpose", [ctx], perm=[0, 2, 1, 3]), b.i64([0, 0, NH * HS])])
 
 
-def decoder(folder: Path, *, attention: str = "gqa", qkv: str = "separate", mlp: str = "separate",
-            bias: bool = False, quant: str | None = None, dtype=np.float32, seed: int = 7, ffn: int = FFN,
-            extra_linear: bool = False, vocab: int = VOCAB) -> Path:
+def decoder(
+    folder: Path,
+    *,
+    attention: str = "gqa",
+    qkv: str = "separate",
+    mlp: str = "separate",
+    bias: bool = False,
+    quant: str | None = None,
+    dtype=np.float32,
+    seed: int = 7,
+    ffn: int = FFN,
+    extra_linear: bool = False,
+    vocab: int = VOCAB,
+) -> Path:
     """Write ``folder/model.onnx`` (+ ``model.onnx.data``) and return its path."""
     b = _B(seed, dtype, quant)
     et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
-                                            ["batch_size", "total_sequence_length"])]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(
+            "attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]
+        ),
+    ]
     outputs = [helper.make_tensor_value_info("logits", et, ["batch_size", "sequence_length", vocab])]
     cos_np, sin_np = _rope(dtype)
     if attention == "gqa":
         m = "attention_mask"
-        seqlens = b.op("Cast", [b.op("Sub", [b.op("ReduceSum", [m, b.i64([1])], keepdims=0),
-                                             b.init(np.asarray(1, np.int64), "one")])], to=TensorProto.INT32)
-        total = b.op("Cast", [b.op("Gather", [b.op("Shape", [m]), b.init(np.asarray(1, np.int64), "one")],
-                                   axis=0)], to=TensorProto.INT32)
+        seqlens = b.op(
+            "Cast",
+            [
+                b.op(
+                    "Sub",
+                    [b.op("ReduceSum", [m, b.i64([1])], keepdims=0), b.init(np.asarray(1, np.int64), "one")],
+                )
+            ],
+            to=TensorProto.INT32,
+        )
+        total = b.op(
+            "Cast",
+            [b.op("Gather", [b.op("Shape", [m]), b.init(np.asarray(1, np.int64), "one")], axis=0)],
+            to=TensorProto.INT32,
+        )
         cos, sin = b.init(cos_np, "cos_cache"), b.init(sin_np, "sin_cache")
     else:
         # positions of the new tokens: past length + 0..S-1, from the mask and the ids (no position_ids input)
         s = b.op("Gather", [b.op("Shape", ["input_ids"]), b.init(np.asarray(1, np.int64), "one")], axis=0)
-        t = b.op("Gather", [b.op("Shape", ["attention_mask"]), b.init(np.asarray(1, np.int64), "one")], axis=0)
+        t = b.op(
+            "Gather", [b.op("Shape", ["attention_mask"]), b.init(np.asarray(1, np.int64), "one")], axis=0
+        )
         pos = b.op("Range", [b.op("Sub", [t, s]), t, b.init(np.asarray(1, np.int64), "one")])
         if attention == "plain":
             cos = b.op("Gather", [b.const_node(cos_np), pos], axis=0)
@@ -186,18 +229,29 @@ def decoder(folder: Path, *, attention: str = "gqa", qkv: str = "separate", mlp:
             sin = b.op("Concat", [sin, sin], axis=-1)
         else:
             cos, sin = b.init(cos_np, "cos_cache"), b.init(sin_np, "sin_cache")
-            position_ids = b.op("Expand", [b.op("Unsqueeze", [pos, b.i64([0])]), b.op("Shape", ["input_ids"])])
-    x = b.op("Gather", [b.init(b.rng.standard_normal((vocab, H), dtype=np.float32).astype(dtype), "embed"),
-                        "input_ids"], axis=0)
+            position_ids = b.op(
+                "Expand", [b.op("Unsqueeze", [pos, b.i64([0])]), b.op("Shape", ["input_ids"])]
+            )
+    x = b.op(
+        "Gather",
+        [b.init(b.rng.standard_normal((vocab, H), dtype=np.float32).astype(dtype), "embed"), "input_ids"],
+        axis=0,
+    )
     if extra_linear:  # a projection that is neither attention, MLP nor LM head: refused
         x = b.linear(x, H, H)
     kvh = NH if attention == "mha" else NKV  # MultiHeadAttention: as many KV heads as heads
     for i in range(LAYERS):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", et,
-                                                        ["batch_size", kvh, "past_sequence_length", HS]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", et,
-                                                         ["batch_size", kvh, "total_sequence_length", HS]))
+            inputs.append(
+                helper.make_tensor_value_info(
+                    f"past_key_values.{i}.{kind}", et, ["batch_size", kvh, "past_sequence_length", HS]
+                )
+            )
+            outputs.append(
+                helper.make_tensor_value_info(
+                    f"present.{i}.{kind}", et, ["batch_size", kvh, "total_sequence_length", HS]
+                )
+            )
         past = (f"past_key_values.{i}.key", f"past_key_values.{i}.value")
         present = (f"present.{i}.key", f"present.{i}.value")
         if attention == "plain":
@@ -208,33 +262,60 @@ def decoder(folder: Path, *, attention: str = "gqa", qkv: str = "separate", mlp:
         if attention == "gqa":
             q, k, v = parts if len(parts) == 3 else (parts[0], "", "")
             outs = [b.name("/gqa") + "/output_0", *present]
-            b.nodes.append(helper.make_node(
-                "GroupQueryAttention", [q, k, v, *past, seqlens, total, cos, sin], outs, name=b.name("/GQA"),
-                domain=MS, num_heads=NH, kv_num_heads=NKV, do_rotary=1))
+            b.nodes.append(
+                helper.make_node(
+                    "GroupQueryAttention",
+                    [q, k, v, *past, seqlens, total, cos, sin],
+                    outs,
+                    name=b.name("/GQA"),
+                    domain=MS,
+                    num_heads=NH,
+                    kv_num_heads=NKV,
+                    do_rotary=1,
+                )
+            )
             ctx = outs[0]
         elif attention == "mha":
             q = b.op("RotaryEmbedding", [parts[0], position_ids, cos, sin], domain=MS, num_heads=NH)
             k = b.op("RotaryEmbedding", [parts[1], position_ids, cos, sin], domain=MS, num_heads=NH)
             outs = [b.name("/mha") + "/output_0", *present]
-            b.nodes.append(helper.make_node(
-                "MultiHeadAttention", [q, k, parts[2], "", "", "", *past], outs, name=b.name("/MHA"), domain=MS,
-                num_heads=NH, unidirectional=1))
+            b.nodes.append(
+                helper.make_node(
+                    "MultiHeadAttention",
+                    [q, k, parts[2], "", "", "", *past],
+                    outs,
+                    name=b.name("/MHA"),
+                    domain=MS,
+                    num_heads=NH,
+                    unidirectional=1,
+                )
+            )
             ctx = outs[0]
         else:
             ctx = _plain_attention(b, parts, *past, *present, cos, sin)
         x = b.op("Add", [x, b.linear(ctx, NH * HS, H)])
-        h = _rms(b, x) if attention == "plain" else \
-            b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
+        h = (
+            _rms(b, x)
+            if attention == "plain"
+            else b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
+        )
         x = b.op("Add", [x, _mlp(b, h, mlp, ffn)])
     h = b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
     logits = b.linear(h, H, vocab)
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits/Identity"))
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
-    model = helper.make_model(graph, ir_version=10,
-                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)])
+    model = helper.make_model(
+        graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
+    )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
+    onnx.save_model(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
     return path

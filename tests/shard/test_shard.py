@@ -46,7 +46,9 @@ def assert_twin(out: Path, full: Path, opt_level: str = "all") -> None:
     for name, value in expected.items():
         parts = [value] * world if name == "logits" else np.split(value, world, axis=kv_axis(name))
         for r in range(world):
-            np.testing.assert_allclose(sharded[r][name], parts[r], atol=TOL[value.dtype], rtol=0, err_msg=name)
+            np.testing.assert_allclose(
+                sharded[r][name], parts[r], atol=TOL[value.dtype], rtol=0, err_msg=name
+            )
 
 
 def nodes(path: Path, op: str) -> list[onnx.NodeProto]:
@@ -68,8 +70,12 @@ def gqa2(tmp_path_factory) -> Path:
 
 
 def test_rank_files_and_megatron_shapes(gqa2):
-    assert sorted(p.name for p in gqa2.iterdir()) == ["model_00.onnx", "model_00.onnx.data",
-                                                      "model_01.onnx", "model_01.onnx.data"]
+    assert sorted(p.name for p in gqa2.iterdir()) == [
+        "model_00.onnx",
+        "model_00.onnx.data",
+        "model_01.onnx",
+        "model_01.onnx.data",
+    ]
     model = onnx.load(gqa2 / "model_01.onnx", load_external_data=False)
     dims = {t.name: list(t.dims) for t in model.graph.initializer}
     layer = "model.layers.0"
@@ -82,8 +88,10 @@ def test_rank_files_and_megatron_shapes(gqa2):
     assert dims["model.embed_tokens.weight"] == [160, 64] and dims["cos_cache"] == [256, 8]
     (gqa,) = [n for n in model.graph.node if n.name == "/model/layers.0/attn/GroupQueryAttention"]
     assert (attrs(gqa)["num_heads"], attrs(gqa)["kv_num_heads"]) == (2, 1)
-    past = {vi.name: [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]
-            for vi in list(model.graph.input) + list(model.graph.output)}
+    past = {
+        vi.name: [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]
+        for vi in list(model.graph.input) + list(model.graph.output)
+    }
     assert past["past_key_values.1.value"] == ["batch_size", 1, "past_sequence_length", 16]
     assert past["present.0.key"] == ["batch_size", 1, "total_sequence_length", 16]
     assert {p.key: p.value for p in model.metadata_props}["preserve.shard.rank"] == "1"
@@ -94,11 +102,15 @@ def test_allreduce_right_after_each_row_parallel_matmul(gqa2):
     order = list(graph.node)
     reduces = [i for i, n in enumerate(order) if n.op_type == "AllReduce"]
     assert [order[i - 1].name for i in reduces] == [
-        f"/model/layers.{i}/{p}/MatMul" for i in (0, 1) for p in ("attn/o_proj", "mlp/down_proj")]
+        f"/model/layers.{i}/{p}/MatMul" for i in (0, 1) for p in ("attn/o_proj", "mlp/down_proj")
+    ]
     for i in reduces:
         assert order[i].domain == "com.microsoft" and not order[i].attribute
         assert list(order[i].input) == [order[i - 1].output[0]]
-        assert order[i + 1].op_type == "SkipSimplifiedLayerNormalization" and order[i].output[0] in order[i + 1].input
+        assert (
+            order[i + 1].op_type == "SkipSimplifiedLayerNormalization"
+            and order[i].output[0] in order[i + 1].input
+        )
 
 
 def test_bias_of_a_row_parallel_linear_is_added_after_the_allreduce(tmp_path):
@@ -121,7 +133,9 @@ def test_same_weight_bytes_as_the_hand_sharded_samples(variant, tmp_path):
         mine = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
         for t in theirs.graph.initializer:
             expected = numpy_helper.to_array(t)
-            assert mine[t.name].shape == expected.shape and mine[t.name].tobytes() == expected.tobytes(), t.name
+            assert mine[t.name].shape == expected.shape and mine[t.name].tobytes() == expected.tobytes(), (
+                t.name
+            )
 
 
 def test_int4_row_parallel_splits_whole_k_blocks_and_repacks_zero_points(tmp_path):
@@ -157,14 +171,19 @@ def test_hand_sharded_samples_twins(variant, tmp_path):
 
 
 STRUCTURES = {
-    "builder-gqa-packed-qkv": dict(attention="gqa", qkv="packed"),
-    "builder-gqa-qkv-split-bias-gate-up-slice": dict(attention="gqa", qkv="split", mlp="slice", bias=True),
-    "builder-gqa-separate-bias-gate-up-split": dict(attention="gqa", bias=True, mlp="split"),
-    "builder-int4-packed-qkv-bias": dict(attention="gqa", qkv="packed", bias=True, quant="int4"),
-    "builder-int4-fused-bias": dict(attention="gqa", mlp="split", quant="int4+bias"),
-    "optimized-mha-rotary": dict(attention="mha", bias=True),
-    "torch-plain": dict(attention="plain"),
-    "torch-plain-fused": dict(attention="plain", qkv="split", mlp="split", bias=True),
+    "builder-gqa-packed-qkv": {"attention": "gqa", "qkv": "packed"},
+    "builder-gqa-qkv-split-bias-gate-up-slice": {
+        "attention": "gqa",
+        "qkv": "split",
+        "mlp": "slice",
+        "bias": True,
+    },
+    "builder-gqa-separate-bias-gate-up-split": {"attention": "gqa", "bias": True, "mlp": "split"},
+    "builder-int4-packed-qkv-bias": {"attention": "gqa", "qkv": "packed", "bias": True, "quant": "int4"},
+    "builder-int4-fused-bias": {"attention": "gqa", "mlp": "split", "quant": "int4+bias"},
+    "optimized-mha-rotary": {"attention": "mha", "bias": True},
+    "torch-plain": {"attention": "plain"},
+    "torch-plain-fused": {"attention": "plain", "qkv": "split", "mlp": "split", "bias": True},
 }
 
 
@@ -204,14 +223,26 @@ def test_folder_input_copies_companions_and_rewrites_genai_head_counts(tmp_path)
     src = tmp_path / "export"
     shutil.copytree(SAMPLES / "llama-gqa" / "full", src)
     (src / "tokenizer.json").write_text('{"v": 1}')
-    config = {"model": {"decoder": {"num_attention_heads": 4, "num_key_value_heads": 2, "head_size": 16,
-                                    "filename": "model.onnx"}}}
+    config = {
+        "model": {
+            "decoder": {
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_size": 16,
+                "filename": "model.onnx",
+            }
+        }
+    }
     (src / "genai_config.json").write_text(json.dumps(config))
     shard_model(src, tmp_path / "tp2", 2)
     assert (tmp_path / "tp2" / "tokenizer.json").read_text() == '{"v": 1}'
     written = json.loads((tmp_path / "tp2" / "genai_config.json").read_text())
-    assert written["model"]["decoder"] == {"num_attention_heads": 2, "num_key_value_heads": 1, "head_size": 16,
-                                           "filename": "model.onnx"}
+    assert written["model"]["decoder"] == {
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_size": 16,
+        "filename": "model.onnx",
+    }
 
 
 # -- refusals: one line, nothing written -----------------------------------------------------------
@@ -225,13 +256,21 @@ def refused(model: Path, out: Path, tp: int, match: str, **kw) -> None:
 
 
 def test_refuses_tp_not_dividing_heads(tmp_path):
-    refused(SAMPLES / "llama-gqa" / "full" / "model.onnx", tmp_path / "out", 3,
-            r"^--tp 3 does not divide the 4 attention heads of '/model/layers.0/attn/GroupQueryAttention'$")
+    refused(
+        SAMPLES / "llama-gqa" / "full" / "model.onnx",
+        tmp_path / "out",
+        3,
+        r"^--tp 3 does not divide the 4 attention heads of '/model/layers.0/attn/GroupQueryAttention'$",
+    )
 
 
 def test_refuses_tp_not_dividing_kv_heads(tmp_path):
-    refused(SAMPLES / "llama-gqa" / "full" / "model.onnx", tmp_path / "out", 4,
-            r"^--tp 4 does not divide the 2 KV heads of '/model/layers.0/attn/GroupQueryAttention'$")
+    refused(
+        SAMPLES / "llama-gqa" / "full" / "model.onnx",
+        tmp_path / "out",
+        4,
+        r"^--tp 4 does not divide the 2 KV heads of '/model/layers.0/attn/GroupQueryAttention'$",
+    )
 
 
 def test_refuses_tp_not_dividing_the_ffn(tmp_path):
@@ -241,25 +280,44 @@ def test_refuses_tp_not_dividing_the_ffn(tmp_path):
 
 def test_refuses_tp_not_dividing_int4_k_blocks(tmp_path):
     full = decoder(tmp_path / "m" / "full", quant="int4", ffn=80)  # down_proj: 5 blocks of 16
-    refused(full, tmp_path / "out", 2, r"^--tp 2 does not divide the 5 K blocks \(block_size 16\) of "
-                                       r"'/MatMulNBits_\d+'$")
+    refused(
+        full,
+        tmp_path / "out",
+        2,
+        r"^--tp 2 does not divide the 5 K blocks \(block_size 16\) of "
+        r"'/MatMulNBits_\d+'$",
+    )
 
 
 def test_refuses_vocab_parallel_when_tp_does_not_divide_the_vocabulary(tmp_path):
     full = decoder(tmp_path / "m" / "full", vocab=161)
-    refused(full, tmp_path / "out", 2, r"^--tp 2 does not divide the 161 vocabulary entries of '/MatMul_\d+'$",
-            vocab_parallel=True)
+    refused(
+        full,
+        tmp_path / "out",
+        2,
+        r"^--tp 2 does not divide the 161 vocabulary entries of '/MatMul_\d+'$",
+        vocab_parallel=True,
+    )
 
 
 def test_refuses_an_unrecognised_linear_by_name(tmp_path):
     full = decoder(tmp_path / "m" / "full", extra_linear=True)
-    refused(full, tmp_path / "out", 2, r"^unrecognised layer structure at node '/MatMul_\d+': a linear layer "
-                                       r"that is not part of attention, an MLP or the LM head$")
+    refused(
+        full,
+        tmp_path / "out",
+        2,
+        r"^unrecognised layer structure at node '/MatMul_\d+': a linear layer "
+        r"that is not part of attention, an MLP or the LM head$",
+    )
 
 
 def test_refuses_a_model_with_collectives(tmp_path):
-    refused(SAMPLES / "llama-gqa" / "tp2" / "model_00.onnx", tmp_path / "out", 2,
-            r"^the model already has collectives \(AllReduce '/model/layers.0/attn/o_proj/AllReduce'\)")
+    refused(
+        SAMPLES / "llama-gqa" / "tp2" / "model_00.onnx",
+        tmp_path / "out",
+        2,
+        r"^the model already has collectives \(AllReduce '/model/layers.0/attn/o_proj/AllReduce'\)",
+    )
 
 
 def test_merged_decoder_is_sharded_in_both_branches(tmp_path):
@@ -270,29 +328,49 @@ def test_merged_decoder_is_sharded_in_both_branches(tmp_path):
         assert [n.op_type for n in branch.node].count("AllReduce") == 4
         assert {attrs(n)["kv_num_heads"] for n in branch.node if n.op_type == "GroupQueryAttention"} == {1}
         assert [d.dim_value for d in branch.output[1].type.tensor_type.shape.dim][1] == 1
-    dims = {vi.name: vi.type.tensor_type.shape.dim[1].dim_value for vi in model.graph.input if "past" in vi.name}
+    dims = {
+        vi.name: vi.type.tensor_type.shape.dim[1].dim_value for vi in model.graph.input if "past" in vi.name
+    }
     assert set(dims.values()) == {1} and len(dims) == 4
 
 
 def test_refuses_layers_inside_a_loop_body(tmp_path):
     h = onnx.helper
-    body = h.make_graph([h.make_node("MatMul", ["x_in", "w"], ["x_out"], name="body/MatMul"),
-                         h.make_node("Identity", ["cond_in"], ["cond_out"], name="body/cond")], "body",
-                        [h.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
-                         h.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
-                         h.make_tensor_value_info("x_in", onnx.TensorProto.FLOAT, [1, 4])],
-                        [h.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
-                         h.make_tensor_value_info("x_out", onnx.TensorProto.FLOAT, [1, 4])])
-    graph = h.make_graph([h.make_node("Loop", ["n", "", "x"], ["y"], name="loop", body=body)], "g",
-                         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4]),
-                          h.make_tensor_value_info("n", onnx.TensorProto.INT64, [])],
-                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
-                         [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")])
+    body = h.make_graph(
+        [
+            h.make_node("MatMul", ["x_in", "w"], ["x_out"], name="body/MatMul"),
+            h.make_node("Identity", ["cond_in"], ["cond_out"], name="body/cond"),
+        ],
+        "body",
+        [
+            h.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+            h.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+            h.make_tensor_value_info("x_in", onnx.TensorProto.FLOAT, [1, 4]),
+        ],
+        [
+            h.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+            h.make_tensor_value_info("x_out", onnx.TensorProto.FLOAT, [1, 4]),
+        ],
+    )
+    graph = h.make_graph(
+        [h.make_node("Loop", ["n", "", "x"], ["y"], name="loop", body=body)],
+        "g",
+        [
+            h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4]),
+            h.make_tensor_value_info("n", onnx.TensorProto.INT64, []),
+        ],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")],
+    )
     (tmp_path / "m").mkdir()
     onnx.save(h.make_model(graph), tmp_path / "m" / "model.onnx")
-    refused(tmp_path / "m" / "model.onnx", tmp_path / "out", 2,
-            r"^unrecognised layer structure at node 'body/MatMul' in loop:body: layers inside Loop/Scan bodies "
-            r"or nested subgraphs are not supported$")
+    refused(
+        tmp_path / "m" / "model.onnx",
+        tmp_path / "out",
+        2,
+        r"^unrecognised layer structure at node 'body/MatMul' in loop:body: layers inside Loop/Scan bodies "
+        r"or nested subgraphs are not supported$",
+    )
 
 
 def test_refuses_out_inside_the_models_folder(tmp_path):
@@ -305,7 +383,12 @@ def test_refuses_out_inside_the_models_folder(tmp_path):
 def test_refuses_a_non_empty_out(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    refused(SAMPLES / "llama-gqa" / "full" / "model.onnx", tmp_path / "out", 2, r"exists and is not an empty folder")
+    refused(
+        SAMPLES / "llama-gqa" / "full" / "model.onnx",
+        tmp_path / "out",
+        2,
+        r"exists and is not an empty folder",
+    )
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
 
 
@@ -317,7 +400,9 @@ def test_refuses_a_model_without_attention(tmp_path):
     model.graph.node.extend([onnx.helper.make_node("MatMul", ["x", "w0"], ["y"], name="mm")])
     (tmp_path / "m").mkdir()
     onnx.save(model, tmp_path / "m" / "m.onnx")
-    refused(tmp_path / "m" / "m.onnx", tmp_path / "out", 2, r"^unrecognised layer structure: no attention found")
+    refused(
+        tmp_path / "m" / "m.onnx", tmp_path / "out", 2, r"^unrecognised layer structure: no attention found"
+    )
 
 
 def test_tp_below_two_is_a_usage_error(tmp_path):
@@ -333,12 +418,15 @@ def test_cli_closing_line_and_exit_codes(tmp_path):
     full = str(SAMPLES / "llama-gqa" / "full" / "model.onnx")
     ok = runner.invoke(app, ["shard", full, str(tmp_path / "tp2"), "--tp", "2"])
     assert ok.exit_code == 0, ok.output
-    assert ok.output.startswith("done: 2 rank models (10 column-parallel and 4 row-parallel linears, "
-                                "4 AllReduce per rank), 432.0 KiB of weights; wrote ")
+    assert ok.output.startswith(
+        "done: 2 rank models (10 column-parallel and 4 row-parallel linears, "
+        "4 AllReduce per rank), 432.0 KiB of weights; wrote "
+    )
     bad = runner.invoke(app, ["shard", full, str(tmp_path / "tp3"), "--tp", "3"])
     assert bad.exit_code == 1
-    assert bad.output.strip() == ("error: --tp 3 does not divide the 4 attention heads of "
-                                  "'/model/layers.0/attn/GroupQueryAttention'")
+    assert bad.output.strip() == (
+        "error: --tp 3 does not divide the 4 attention heads of '/model/layers.0/attn/GroupQueryAttention'"
+    )
     usage = runner.invoke(app, ["shard", full, str(tmp_path / "tp1"), "--tp", "1"])
     assert usage.exit_code == 2 and "--tp must be at least 2" in usage.output
     dims = runner.invoke(app, ["shard", full, str(tmp_path / "tpd"), "--tp", "2", "--dim", "x"])
@@ -348,8 +436,9 @@ def test_cli_closing_line_and_exit_codes(tmp_path):
 def test_streams_a_sparse_llama3_8b_shaped_model_without_reading_its_holes(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_big_model_for_shard", SAMPLES.parent / "bench" /
-                                                  "make_big_model.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_big_model_for_shard", SAMPLES.parent / "bench" / "make_big_model.py"
+    )
     big = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(big)
     single = Path(big.make_single_model(tmp_path / "single", "llama3-8b", 1, "float16"))
