@@ -21,8 +21,10 @@ from typer.testing import CliRunner
 
 from preserve_onnx.cli import app
 from preserve_onnx.errors import PreserveError, UsageError
+from preserve_onnx.passes._dims import graph_dims
 from preserve_onnx.runtime import RankSession, generate_feeds, run_steps
 from preserve_onnx.shard import shard_model
+from preserve_onnx.shard.api import find_model_file
 from tests.conftest import SAMPLES
 from tests.shard._models import decoder
 
@@ -39,7 +41,9 @@ def assert_twin(out: Path, full: Path, opt_level: str = "all") -> None:
     world = len(files)
     ranks = RankSession(files, opt_level=opt_level)
     single = RankSession(full, opt_level=opt_level)
-    shared, per_rank = generate_feeds(ranks, batch=2, context=8, seed=3)
+    # a symbolic head size (the builder's kv_cache_dim) is bound from the graph, as `run` does
+    dims = graph_dims(onnx.load(full, load_external_data=False))
+    shared, per_rank = generate_feeds(ranks, batch=2, context=8, seed=3, dims=dims)
     feeds = {n: np.concatenate([per_rank[r][n] for r in range(world)], axis=kv_axis(n)) for n in per_rank[0]}
     sharded = run_steps(ranks, shared, per_rank, 3)
     (expected,) = run_steps(single, shared, {0: feeds}, 3)
@@ -192,6 +196,17 @@ def test_rank_sum_equals_the_single_model(structure, tmp_path):
     full = decoder(tmp_path / "full", **STRUCTURES[structure])
     shard_model(full, tmp_path / "tp2", 2)
     assert_twin(tmp_path / "tp2", full)
+
+
+EXPORTS = sorted(p.parent.parent.name for p in (SAMPLES / "exporters").glob("*/full/*.onnx"))
+
+
+@pytest.mark.parametrize("export", EXPORTS)
+def test_real_exporter_output_shards_to_ranks_that_match_it(export, tmp_path):
+    """Exports made by the real tools (sample_models/exporters: onnxruntime-genai builder, torch.onnx)."""
+    full = SAMPLES / "exporters" / export / "full"
+    shard_model(full, tmp_path / "tp2", 2)
+    assert_twin(tmp_path / "tp2", find_model_file(full))
 
 
 def test_four_ranks(tmp_path):
