@@ -2,7 +2,8 @@
 
 Checks: every graph is in topological order (subgraphs see their outer scope); every Prefetch has
 two inputs and one output, reads an initializer or a graph input as X, carries non-negative
-``max_size``/``offset`` within X's size and a ``collective`` name, and its chain ends at that
+``max_size``/``offset`` within X's size, a ``collective`` name and, when present, a non-negative
+integer ``max_tokens``, and its chain ends at that
 collective; and the onnx checker reports no complaint that the input model did not already have
 (real exports fail the checker before we touch them, e.g. contrib ops in the default domain).
 """
@@ -122,6 +123,9 @@ class VerifyPrefetchesPass(Pass):
         max_size, offset = attrs[n.max_size].i, attrs[n.offset].i
         if max_size < 0 or offset < 0:
             raise PreserveError(f"{label} has a negative max_size or offset")
+        limit = attrs.get(n.max_tokens)  # optional validity range: a runtime would misread anything else
+        if limit is not None and (limit.type != onnx.AttributeProto.INT or limit.i < 0):
+            raise PreserveError(f"{label}: '{n.max_tokens}' must be a non-negative integer (0 = no limit)")
         if x in scope.initializers and offset + max_size > initializer_nbytes(scope.initializers[x]):
             raise PreserveError(f"{label} covers bytes past the end of '{x}'")
         # Walk the chain: each output must feed exactly one node, ending at the named collective.

@@ -38,6 +38,7 @@ class ExistingPrefetch:
     collective: str  # the ``collective`` attribute ("" when absent)
     offset: int
     max_size: int  # 0 = the whole tensor
+    max_tokens: int = 0  # the validity range written by optimize; 0 or absent = no limit
 
 
 @dataclass(frozen=True)
@@ -106,5 +107,11 @@ def _existing_prefetches(model: onnx.ModelProto, naming: PrefetchNaming) -> tupl
                 anchor=node.input[0] if len(node.input) > 0 else "",
                 tensor=node.input[1] if len(node.input) > 1 else "",
                 collective=collective.decode() if isinstance(collective, bytes) else str(collective),
-                offset=int(attrs.get(naming.offset, 0)), max_size=int(attrs.get(naming.max_size, 0))))
+                offset=int(attrs.get(naming.offset, 0)), max_size=int(attrs.get(naming.max_size, 0)),
+                max_tokens=_int_attr(attrs.get(naming.max_tokens, 0))))
     return tuple(found)
+
+
+def _int_attr(value) -> int:
+    """An attribute read back as an int; anything else (a vendor's string, a float) counts as 0 = no limit."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

@@ -52,9 +52,9 @@ def test_an_optimized_model_shows_its_prefetches_and_the_same_plan():
     optimized, plan = optimize(two_layer_mlp(), config)
     ins = inspect(optimized, config)
     assert ins.prefetches == (
-        ExistingPrefetch("", "ar0/Prefetch/w1", "h0", "w1", "ar0", 0, 0),
-        ExistingPrefetch("", "ar0/Prefetch/w2", "ar0/Prefetch/w1/out", "w2", "ar0", 0, 952),
-        ExistingPrefetch("", "ar1/Prefetch/w3", "h2", "w3", "ar1", 0, 0),
+        ExistingPrefetch("", "ar0/Prefetch/w1", "h0", "w1", "ar0", 0, 0, 470),
+        ExistingPrefetch("", "ar0/Prefetch/w2", "ar0/Prefetch/w1/out", "w2", "ar0", 0, 952, 470),
+        ExistingPrefetch("", "ar1/Prefetch/w3", "h2", "w3", "ar1", 0, 0, 470),
     )
     assert ins.plan == plan  # planned as --replan would: on the model without its Prefetch nodes
 
@@ -109,7 +109,10 @@ def test_cli_json_of_an_optimized_model_lists_its_prefetches(tmp_path):
     (model,) = doc["models"]
     existing = model["existing_prefetches"]
     assert [p["node"] for p in existing] == [p["node"] for w in model["windows"] for p in w["prefetches"]]
-    assert set(existing[0]) == {"graph", "node", "anchor", "tensor", "collective", "offset", "max_size"}
+    assert set(existing[0]) == {"graph", "node", "anchor", "tensor", "collective", "offset", "max_size",
+                                "max_tokens"}
+    # The validity range read back from the nodes is the one the plan gives the window (fp32 on 910B).
+    assert [p["max_tokens"] for p in existing[:3]] == [model["windows"][0]["max_tokens"]] * 3 == [470] * 3
 
 
 @pytest.fixture

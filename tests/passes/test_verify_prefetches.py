@@ -38,6 +38,26 @@ def test_prefetch_past_the_end_of_its_tensor_is_refused():
         VerifyPrefetchesPass(m)(out)
 
 
+@pytest.mark.parametrize("value", [-1, "many", 2.5])
+def test_a_max_tokens_that_is_not_a_non_negative_integer_is_refused(value):
+    m, out = optimized()
+    node = out.graph.node[1]
+    kept = [a for a in node.attribute if a.name != "max_tokens"]
+    del node.attribute[:]
+    node.attribute.extend(kept + [onnx.helper.make_attribute("max_tokens", value)])
+    with pytest.raises(PreserveError, match=r"'max_tokens' must be a non-negative integer \(0 = no limit\)"):
+        VerifyPrefetchesPass(m)(out)
+
+
+def test_a_prefetch_without_max_tokens_is_valid():
+    m, out = optimized()
+    for node in out.graph.node:
+        kept = [a for a in node.attribute if a.name != "max_tokens"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    assert VerifyPrefetchesPass(m)(out).stats.prefetches == 3
+
+
 def test_prefetch_of_an_activation_is_refused():
     m, out = optimized()
     out.graph.node[1].input[1] = "x"
