@@ -25,6 +25,14 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add
 _UNDER_MPI = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
 out = Console(force_terminal=False if _UNDER_MPI else None)
 err = Console(stderr=True, force_terminal=False if _UNDER_MPI else None)
+# Without a terminal (CI logs, `| tee`, `> file`) rich would draw at $COLUMNS or 80 columns and fold
+# collective names across lines; there, tables take the width of their content and no line (a table's
+# title included) is wrapped.
+LOG_WIDTH = 1 << 14
+for _console in (out, err):
+    if not _console.is_terminal:
+        _console.width = LOG_WIDTH
+        _console.soft_wrap = True
 
 BIG_COPY = 64 << 20  # show a progress bar for data files above this size
 
