@@ -55,7 +55,9 @@ class _B:
 
     def init(self, arr: np.ndarray, base: str = "w") -> str:
         name = self.name(base)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        self.inits.append(
+            numpy_helper.from_array(np.ascontiguousarray(arr) if np.ndim(arr) else np.asarray(arr), name)
+        )
         return name
 
     def const_node(self, arr: np.ndarray) -> str:
@@ -154,9 +156,26 @@ def _rotate(b: _B, x: str, cos: str, sin: str) -> str:
 
 
 def _plain_attention(b: _B, parts, past_k, past_v, present_k, present_v, cos, sin) -> str:
+    # The three shape spellings of TorchScript exports: q's shape a Concat of Shape-derived dims and
+    # Constant nodes, k's a Constant node, v's an initializer.
+    dims = [
+        b.op(
+            "Unsqueeze",
+            [
+                b.op("Gather", [b.op("Shape", [parts[0]]), b.init(np.asarray(a, np.int64), "axis")], axis=0),
+                b.i64([0]),
+            ],
+        )
+        for a in (0, 1)
+    ]
+    q_shape = b.op(
+        "Concat",
+        [*dims, b.const_node(np.asarray([NH], np.int64)), b.const_node(np.asarray([HS], np.int64))],
+        axis=0,
+    )
+    shapes = (q_shape, b.const_node(np.asarray([0, 0, NKV, HS], np.int64)), b.i64([0, 0, NKV, HS]))
     q, k, v = (
-        b.op("Transpose", [b.op("Reshape", [p, b.i64([0, 0, n, HS])])], perm=[0, 2, 1, 3])
-        for p, n in zip(parts, (NH, NKV, NKV))
+        b.op("Transpose", [b.op("Reshape", [p, shape])], perm=[0, 2, 1, 3]) for p, shape in zip(parts, shapes)
     )
     q, k = _rotate(b, q, cos, sin), _rotate(b, k, cos, sin)
     b.nodes.append(helper.make_node("Concat", [past_k, k], [present_k], name=b.name("/Concat"), axis=2))
@@ -169,7 +188,8 @@ def _plain_attention(b: _B, parts, past_k, past_v, present_k, present_v, cos, si
     kt = b.op("Transpose", [repeat(present_k)], perm=[0, 1, 3, 2])
     scores = b.op("Mul", [b.op("MatMul", [q, kt]), b.const_node(np.asarray(1 / math.sqrt(HS), b.dtype))])
     ctx = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), repeat(present_v)])
-    return b.op("Reshape", [b.op("Transpose", [ctx], perm=[0, 2, 1, 3]), b.i64([0, 0, NH * HS])])
+    out_shape = b.const_node(np.asarray([0, 0, NH * HS], np.int64))
+    return b.op("Reshape", [b.op("Transpose", [ctx], perm=[0, 2, 1, 3]), out_shape])
 
 
 def decoder(

@@ -155,14 +155,67 @@ def test_int4_row_parallel_splits_whole_k_blocks_and_repacks_zero_points(tmp_pat
     assert dims["model.layers.0.mlp.down_proj.MatMul.weight_zero_points"] == [128]
 
 
+def reshape_shapes(model: onnx.ModelProto) -> list[list]:
+    """Every Reshape's target shape as far as constants say (None: a dim computed at run time)."""
+    graph = model.graph
+    consts = {t.name: numpy_helper.to_array(t).tolist() for t in graph.initializer if t.raw_data}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t).tolist()
+    made = {o: n for n in graph.node for o in n.output}
+
+    def value(name):
+        if name in consts:
+            return consts[name]
+        node = made[name]
+        return [d for piece in node.input for d in value(piece)] if node.op_type == "Concat" else [None]
+
+    return [value(n.input[1]) for n in graph.node if n.op_type == "Reshape"]
+
+
 def test_plain_operator_attention_gets_its_reshape_head_counts_divided(tmp_path):
+    """Shapes in initializers, Constant nodes, and Concats of both with Shape-derived dims."""
     full = decoder(tmp_path / "full", attention="plain")
     shard_model(full, tmp_path / "tp2", 2)
-    model = onnx.load(tmp_path / "tp2" / "model_00.onnx", load_external_data=False)
-    values = {t.name: numpy_helper.to_array(t).tolist() for t in model.graph.initializer if t.raw_data}
-    shapes = [values[n.input[1]] for n in model.graph.node if n.op_type == "Reshape"][:5]
-    assert shapes == [[0, 0, 2, 16], [0, 0, 1, 16], [0, 0, 1, 16], [0, 2, -1, 16], [0, 2, -1, 16]]
-    assert [values[n.input[1]] for n in model.graph.node if n.op_type == "Reshape"][5] == [0, 0, 32]
+    before = reshape_shapes(onnx.load(full, load_external_data=False))[:6]
+    after = reshape_shapes(onnx.load(tmp_path / "tp2" / "model_00.onnx", load_external_data=False))[:6]
+    assert before == [
+        [None, None, 4, 16],
+        [0, 0, 2, 16],
+        [0, 0, 2, 16],
+        [0, 4, -1, 16],
+        [0, 4, -1, 16],
+        [0, 0, 64],
+    ]
+    assert after == [
+        [None, None, 2, 16],
+        [0, 0, 1, 16],
+        [0, 0, 1, 16],
+        [0, 2, -1, 16],
+        [0, 2, -1, 16],
+        [0, 0, 32],
+    ]
+
+
+def test_bfloat16_weights_are_cut_like_any_other(tmp_path):
+    """The CPU provider has no bfloat16 MatMul: bytes are checked against slices of the source."""
+    import ml_dtypes
+
+    full = decoder(tmp_path / "full", bias=True, dtype=ml_dtypes.bfloat16)
+    shard_model(full, tmp_path / "tp2", 2)
+    source = onnx.load(full)
+    weights = [t for t in source.graph.initializer if list(t.dims) == [64, 64]][:1]
+    q = numpy_helper.to_array(weights[0])
+    biases = [t for t in source.graph.initializer if list(t.dims) == [64] and t.name.startswith("b_")]
+    for r in (0, 1):
+        rank = {
+            t.name: numpy_helper.to_array(t)
+            for t in onnx.load(tmp_path / "tp2" / f"model_0{r}.onnx").graph.initializer
+        }
+        assert rank[weights[0].name].dtype == ml_dtypes.bfloat16
+        assert rank[weights[0].name].tobytes() == q[:, 32 * r : 32 * (r + 1)].tobytes()
+        q_bias = numpy_helper.to_array(biases[1])  # biases[0] is the first norm's weight
+        assert rank[biases[1].name].tobytes() == q_bias[32 * r : 32 * (r + 1)].tobytes()
 
 
 # -- numbers -----------------------------------------------------------------------------------------
