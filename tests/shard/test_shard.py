@@ -17,11 +17,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from preserve_onnx.passes._dims import graph_dims
 from typer.testing import CliRunner
 
 from preserve_onnx.cli import app
 from preserve_onnx.errors import PreserveError, UsageError
-from preserve_onnx.passes._dims import graph_dims
 from preserve_onnx.runtime import RankSession, generate_feeds, run_steps
 from preserve_onnx.shard import shard_model
 from preserve_onnx.shard.api import find_model_file
