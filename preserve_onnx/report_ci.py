@@ -63,19 +63,20 @@ def collectives_table(ins: Inspection, title: str) -> Table:
     """One row per collective: operators in its window, candidate tensors and bytes, the plan."""
     table = Table(title=title, title_justify="left")
     table.add_column("collective", overflow="fold", min_width=24)
-    for col in ("op", "ops", "tensors", "bytes", "budget", "planned", "used"):
+    for col in ("op", "ops", "tensors", "bytes", "budget", "planned", "used", "max tokens"):
         table.add_column(col, justify="left" if col == "op" else "right", no_wrap=True)
     plans = {(wp.window.graph, wp.window.index): wp for wp in ins.plan.windows}
     for w in ins.collectives:
         wp = plans.get((w.graph, w.index))
         if wp is None:
             table.add_row(escape(_where(w.graph, w.collective)), w.op_type, str(len(w.nodes)), "-", "-",
-                          "not selected", "-", "-")
+                          "not selected", "-", "-", "-")
             continue
         pct = f"{100 * wp.prefetched_bytes / wp.budget:.0f}%" if wp.budget else "-"
         table.add_row(escape(_where(w.graph, w.collective)), w.op_type, str(len(w.nodes)),
                       str(len(wp.candidates)), format_size(sum(c.nbytes for c in wp.candidates)),
-                      format_size(wp.budget), format_size(wp.prefetched_bytes), pct)
+                      format_size(wp.budget), format_size(wp.prefetched_bytes), pct,
+                      str(wp.max_tokens) if wp.max_tokens else "-")
     return table
 
 
@@ -107,11 +108,12 @@ def candidates_table(ins: Inspection) -> Table:
 
 def existing_table(ins: Inspection) -> Table:
     table = Table(title="Prefetch nodes already in the model", title_justify="left")
-    for col in ("collective", "tensor", "range"):
+    for col in ("collective", "tensor", "range", "max tokens"):
         table.add_column(col, overflow="fold")
     for p in ins.prefetches:
         span = "whole" if p.max_size == 0 else f"[{p.offset}, {p.offset + p.max_size})"
-        table.add_row(escape(_where(p.graph, p.collective)), escape(p.tensor), span)
+        table.add_row(escape(_where(p.graph, p.collective)), escape(p.tensor), span,
+                      str(p.max_tokens) if p.max_tokens else "-")
     return table
 
 

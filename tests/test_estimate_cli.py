@@ -191,11 +191,21 @@ def test_explore_needs_area_figures(tmp_path):
     assert cli("estimate", SAMPLES / "llama-gqa" / "tp2", "--hardware", toml).exit_code == 0
 
 
-def test_hardware_lists_every_profile():
+def test_hardware_lists_every_profile(monkeypatch):
+    from preserve_onnx import cli as cli_module
+
+    monkeypatch.setattr(cli_module.out, "_width", 250)  # one line per row
     r = cli("hardware")
     assert r.exit_code == 0
     for name in ("ascend-910b", "h100-sxm", "h200", "b200", "mi300x", "tpu-v5e"):
         assert name in r.output
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in r.output.splitlines() if line.startswith("│") and line.split("│")[1].strip()}
+    # usable L2 of nominal, achieved HBM of nominal, link per direction, implementations, fp16 max tokens
+    assert rows["ascend-910b"][0:5] == ["163.2 MiB of 192.0 MiB", "1.36 of 1.60 TB/s", "6.4 TB/s", "28 GB/s",
+                                        "hccl 25.0 us"]
+    assert rows["h100-sxm"][4:7] == ["nccl 22.0 us*, oneshot 7.0 us", "989 TF", "328"]
+    assert rows["ascend-910b"][7] == "120.0 MiB" and rows["h100-sxm"][7] == "none"
 
 
 @pytest.mark.parametrize("naming", [[], ["--prefetch-domain", "com.acme", "--prefetch-op", "Cmo",

@@ -149,6 +149,8 @@ def test_cli_tables_show_existing_prefetches(tmp_path, wide):
     assert len(rows) == 10
     assert [c.strip() for c in rows[0]] == ["/model/layers.0/attn/o_proj/AllReduce",
                                              "model.layers.0.mlp.gate_proj.MatMul.weight", "whole"]
+    first = next(x for x in table if x.startswith("│"))
+    assert first.split("│")[4].strip() == "470"  # the node's max_tokens
 
 
 @pytest.mark.parametrize("args, message, code", [
