@@ -1,12 +1,15 @@
 """Analysis `plan-prefetches`: decide, per window, which bytes to prefetch and name the nodes.
 
-Rule (SPEC §4.3-4.4): each window gets a byte budget, ``--budget`` when given, else
-``min(l2_fraction * L2, hbm_bw * t_collective)`` from the hardware profile. Candidates are taken in
-first-use order while they fit whole. The first one that does not fit is prefetched partially
-(``max_size`` = remaining budget) when the remainder is at least ``min_chunk``, and planning for the
-window stops there. A tensor larger than the profile's per-operation limit becomes several links of
-the chain with the same tensor and increasing offsets. Names are derived from the collective and the
-tensor, made unique against every name in the model, so the same input always gives the same plan.
+Rule (docs/design.md §4.3-4.4): each window gets a byte budget, ``--budget`` when given, else
+``min(l2_fraction * usable L2, achieved hbm_bw * t_collective)`` from the hardware profile
+(``HardwareProfile.window_budget``). Candidates are taken in first-use order while they fit whole. The
+first one that does not fit is prefetched partially (``max_size`` = remaining budget) when the
+remainder is at least ``min_chunk``, and planning for the window stops there. A span larger than the
+profile's prefetch chunk (a policy) becomes several links of the chain with the same tensor and
+increasing offsets. Each window also gets its validity range ``max_tokens`` (``_roofline.py``: the
+tokens per step past which its prefetches save nothing; 0 = no limit). Names are derived from the
+collective and the tensor, made unique against every name in the model, so the same input always
+gives the same plan.
 """
 
 from __future__ import annotations
