@@ -41,7 +41,9 @@ import onnxruntime as ort
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
+from preserve_onnx.runtime.backend import RunResult, decode, rank_models, running_original, session_kwargs
 from preserve_onnx.runtime.compare import Comparison, compare_outputs
+from preserve_onnx.runtime.decode import run_steps
 from preserve_onnx.runtime.session import (
     ModelLike,
     RankSession,
@@ -432,9 +434,6 @@ def run_models_mpi(path: Path, *, against: Path | None = None, inputs: Path | No
     Rank 0's result holds every rank's outputs (gathered) and ``report=True``; the others' hold their own.
     The comparison against ``against`` is merged over all ranks on every rank, so all exit alike.
     """
-    from preserve_onnx.runtime.decode import run_steps
-    from preserve_onnx.runtime.runner import RunResult, decode, rank_models, running_original, session_kwargs
-
     start = time.perf_counter()
     models = rank_models(path)
     originals: Sequence[Path] = rank_models(against) if against is not None else ()

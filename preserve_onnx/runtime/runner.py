@@ -7,88 +7,22 @@ a seed, or read from an .npz), so any output difference is the optimizer's fault
 
 from __future__ import annotations
 
-import contextlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
-
-import numpy as np
+from typing import Mapping, Sequence
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.model_io import find_rank_sets, sibling_rank_count
-from preserve_onnx.runtime.compare import Comparison, compare_outputs
+from preserve_onnx.runtime.backend import RunResult, decode, rank_models, running_original, session_kwargs
+from preserve_onnx.runtime.compare import compare_outputs
 from preserve_onnx.runtime.decode import run_steps
-from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, generate_feeds, load_feeds, model_dims
+from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, model_dims
 from preserve_onnx.runtime.session import RankSession
 
-if TYPE_CHECKING:
-    from preserve_onnx.runtime.twin import TwinComparison
+__all__ = ["BACKENDS", "RunResult", "rank_models", "run_models", "session_kwargs"]
 
 
 BACKENDS = ("threads", "mpi")
-
-
-@dataclass(frozen=True)
-class RunResult:
-    models: tuple[Path, ...]
-    outputs: list[dict[str, np.ndarray]]  # per rank, the last step's outputs
-    comparison: Comparison | None  # against the original, when asked
-    steps: int
-    seconds: float
-    backend: str = "threads"
-    # Under MPI only rank 0 reports (prints, saves): it holds every rank's outputs, the others their own.
-    report: bool = True
-    rank: int = 0
-    twin: TwinComparison | None = None  # against the single-device model (`run --twin`), when asked
-
-
-def rank_models(path: Path) -> tuple[Path, ...]:
-    """The rank files of a directory (in rank order); for one rank file, its whole family in its folder
-    (a rank alone would run its collectives as a world of one: not the model); else the file itself."""
-    path = Path(path)
-    if not path.exists():
-        raise PreserveError(f"{path}: no such file or directory")
-    if not path.is_dir():
-        if sibling_rank_count(path) == 1:
-            return (path,)
-        return next(s.files for s in find_rank_sets(path.parent) if any(f.name == path.name for f in s.files))
-    sets = find_rank_sets(path)
-    if len(sets) > 1:
-        names = ", ".join(s.pattern.replace("{rank}", "*") for s in sets)
-        raise PreserveError(f"{path} holds several rank-model families ({names}); run one of them by naming "
-                            f"any of its files")
-    return sets[0].files
-
-
-def session_kwargs(naming: PrefetchNaming, opt_level: str, timeout_s: float) -> dict:
-    """The keyword arguments both backends' sessions take for one `run`."""
-    return dict(prefetch_domain=naming.domain, prefetch_op=naming.op_type,
-                prefetch_attrs=(naming.max_size, naming.offset, naming.max_tokens), opt_level=opt_level, timeout_s=timeout_s)
-
-
-def decode(session, inputs: Path | None, *, steps: int, batch: int, context: int, seed: int,
-           dims: Mapping[str, int] | None = None):
-    """``(shared, per_rank, outputs)``: feeds from ``inputs`` (or generated), then ``steps`` decode
-    steps on ``session`` (a RankSession or an MpiRankSession)."""
-    if inputs is not None:
-        shared, per_rank = load_feeds(inputs)
-    else:
-        shared, per_rank = generate_feeds(session, batch=batch, context=context, seed=seed, dims=dims)
-    return shared, per_rank, run_steps(session, shared, per_rank, steps)
-
-
-@contextlib.contextmanager
-def running_original(against: Path, keep: tuple[type, ...] = ()):
-    """Names ``--against``'s model in a failure of its run (its feeds are MODEL's: a dtype or input
-    it does not share fails there, not in MODEL). Exceptions of the ``keep`` types pass unchanged."""
-    try:
-        yield
-    except keep:
-        raise
-    except PreserveError as exc:
-        raise PreserveError(f"the original {against}: {exc}") from exc
 
 
 def run_models(path: Path, *, against: Path | None = None, inputs: Path | None = None, steps: int = 1,

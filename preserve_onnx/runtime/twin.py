@@ -28,7 +28,7 @@ from preserve_onnx.passes._graph import is_collective, iter_graphs
 from preserve_onnx.runtime.compare import max_abs_diff
 from preserve_onnx.runtime.decode import advance_feeds, next_token_ids
 from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, generate_feeds, load_feeds, model_dims
-from preserve_onnx.runtime.runner import RunResult, rank_models, session_kwargs
+from preserve_onnx.runtime.backend import RunResult, rank_models, session_kwargs
 from preserve_onnx.runtime.session import RankSession, TensorMeta
 
 # Default absolute tolerance per output dtype (documented in the README, "run --twin"). float32 and
