@@ -120,19 +120,30 @@ ATTENTION_OPS = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attenti
 
 def attention_cores(graph: GraphProto) -> list[int]:
     """Indices of the nodes that end an attention block, found by structure: every
-    ``com.microsoft`` GroupQueryAttention / MultiHeadAttention / Attention, and in plain-operator exports
-    every ``MatMul`` whose first input is a ``Softmax`` output (through Cast/Dropout/Identity): the
+    ``com.microsoft`` GroupQueryAttention / MultiHeadAttention / Attention and ONNX ``Attention`` (opset
+    23), and in plain-operator exports every ``MatMul`` whose first input is a ``Softmax`` output
+    (through Cast/Dropout/Identity, or the value inputs of a ``Where`` that masks NaNs): the
     probabilities times V. Output 0 of each is the attention context that o_proj reads."""
     producers = {out: node for node in graph.node for out in node.output if out}
+
+    def from_softmax(tensor: str, depth: int = 0) -> bool:
+        src = producers.get(tensor)
+        if src is None or not is_default_domain(src.domain) or depth > 4:
+            return False
+        if src.op_type == "Softmax":
+            return True
+        if src.op_type in ("Cast", "Dropout", "Identity"):
+            return from_softmax(src.input[0], depth + 1)
+        if src.op_type == "Where":
+            return any(from_softmax(t, depth + 1) for t in src.input[1:])
+        return False
+
     cores = []
     for index, node in enumerate(graph.node):
         if node.domain == "com.microsoft" and node.op_type in ATTENTION_OPS:
             cores.append(index)
-        elif is_default_domain(node.domain) and node.op_type == "MatMul" and node.input:
-            src = producers.get(node.input[0])
-            while src is not None and is_default_domain(src.domain) and src.op_type in ("Cast", "Dropout",
-                                                                                        "Identity"):
-                src = producers.get(src.input[0])
-            if src is not None and is_default_domain(src.domain) and src.op_type == "Softmax":
-                cores.append(index)
+        elif is_default_domain(node.domain) and node.op_type == "Attention":
+            cores.append(index)
+        elif is_default_domain(node.domain) and node.op_type == "MatMul" and from_softmax(node.input[0]):
+            cores.append(index)
     return cores

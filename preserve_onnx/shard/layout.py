@@ -268,6 +268,8 @@ def _site_heads(
     nh, nkv = attr(node, "num_heads", 0), attr(node, "kv_num_heads", 0)
     if node.op_type == "MultiHeadAttention":
         nkv = nh
+    if is_op(node, "Attention"):  # ONNX Attention: head counts given only for 3-D inputs
+        nh = attr(node, "q_num_heads", 0)
     if node.op_type == "Attention" and node.domain == MS_DOMAIN:
         if site not in ix.linears:
             raise refuse(
@@ -297,6 +299,18 @@ def _site_heads(
                 if shape is not None and shape.size >= 3 and int(shape.reshape(-1)[-1]) > 0:
                     hs = int(shape.reshape(-1)[-1])
     return 0, 0, hs
+
+
+def _kv_slot_inputs(node: NodeProto) -> list[str]:
+    """The KV-cache inputs of an attention operator (docs/design.md §2's table; ONNX Attention: 4, 5)."""
+    slots = {"GroupQueryAttention": (3, 4), "MultiHeadAttention": (6, 7), "Attention": (4,)}
+    if node.domain == MS_DOMAIN and node.op_type in slots:
+        picks = slots[node.op_type]
+    elif is_op(node, "Attention"):
+        picks = (4, 5)
+    else:
+        return []
+    return [node.input[s] for s in picks if s < len(node.input) and node.input[s]]
 
 
 def _propagate(ix: GraphIndex, layout: Layout, seeds: set[str]) -> set[str]:
@@ -342,6 +356,7 @@ def find_layout(
             cols.add(site)
         col_lins = [ix.linears[c] for c in sorted(cols)]
         kv = {r for i in region for r in (_root_input(ix, t) for t in ix.nodes[i].input) if r in kv_paths}
+        kv |= {r for r in (_root_input(ix, t) for t in _kv_slot_inputs(ix.nodes[site])) if r}
         nh, nkv, hs = _site_heads(ix, site, col_lins, kv, dims)
         if not hs:
             raise refuse(
@@ -418,13 +433,10 @@ def _find_kv_and_shards(ix: GraphIndex, layout: Layout, col_seeds: set[str]) -> 
     """KV-cache inputs (attention KV slots, or a Concat that joins them to sharded k/v) and the closure of
     sharded tensors; a sharded tensor read outside the region is refused."""
     first = _propagate(ix, layout, col_seeds)
-    slots = {"GroupQueryAttention": (3, 4), "MultiHeadAttention": (6, 7), "Attention": (4,)}
     for i in sorted(layout.region | set(layout.columns)):
         node = ix.nodes[i]
-        picks = []
-        if node.domain == MS_DOMAIN and node.op_type in slots:
-            picks = [node.input[s] for s in slots[node.op_type] if s < len(node.input)]
-        elif is_op(node, "Concat") and i in layout.region and any(t in first for t in node.input):
+        picks = _kv_slot_inputs(node)
+        if is_op(node, "Concat") and i in layout.region and any(t in first for t in node.input):
             picks = list(node.input)
         layout.kv_inputs.update(r for r in (_root_input(ix, t) for t in picks if t) if r)
     if layout.lm_head is not None and layout.lm_head.index in layout.columns:

@@ -155,7 +155,9 @@ def _rotate(b: _B, x: str, cos: str, sin: str) -> str:
     return b.op("Add", [b.op("Mul", [x, cos]), b.op("Mul", [rot, sin])])
 
 
-def _plain_attention(b: _B, parts, past_k, past_v, present_k, present_v, cos, sin) -> str:
+def _plain_attention(
+    b: _B, parts, past_k, past_v, present_k, present_v, cos, sin, onnx_attention=False
+) -> str:
     # The three shape spellings of TorchScript exports: q's shape a Concat of Shape-derived dims and
     # Constant nodes, k's a Constant node, v's an initializer.
     dims = [
@@ -178,6 +180,17 @@ def _plain_attention(b: _B, parts, past_k, past_v, present_k, present_v, cos, si
         b.op("Transpose", [b.op("Reshape", [p, shape])], perm=[0, 2, 1, 3]) for p, shape in zip(parts, shapes)
     )
     q, k = _rotate(b, q, cos, sin), _rotate(b, k, cos, sin)
+    if onnx_attention:  # ONNX Attention (opset 23) on [B, heads, S, HS], its own KV-cache inputs/outputs
+        ctx = b.name("/Attention") + "/output_0"
+        b.nodes.append(
+            helper.make_node(
+                "Attention",
+                [q, k, v, "", past_k, past_v],
+                [ctx, present_k, present_v],
+                name=b.name("/Attention"),
+            )
+        )
+        return b.op("Reshape", [b.op("Transpose", [ctx], perm=[0, 2, 1, 3]), b.i64([0, 0, NH * HS])])
     b.nodes.append(helper.make_node("Concat", [past_k, k], [present_k], name=b.name("/Concat"), axis=2))
     b.nodes.append(helper.make_node("Concat", [past_v, v], [present_v], name=b.name("/Concat"), axis=2))
 
@@ -242,7 +255,7 @@ def decoder(
             "Gather", [b.op("Shape", ["attention_mask"]), b.init(np.asarray(1, np.int64), "one")], axis=0
         )
         pos = b.op("Range", [b.op("Sub", [t, s]), t, b.init(np.asarray(1, np.int64), "one")])
-        if attention == "plain":
+        if attention in ("plain", "onnx"):
             cos = b.op("Gather", [b.const_node(cos_np), pos], axis=0)
             sin = b.op("Gather", [b.const_node(sin_np), pos], axis=0)
             cos = b.op("Concat", [cos, cos], axis=-1)
@@ -274,7 +287,7 @@ def decoder(
             )
         past = (f"past_key_values.{i}.key", f"past_key_values.{i}.value")
         present = (f"present.{i}.key", f"present.{i}.value")
-        if attention == "plain":
+        if attention in ("plain", "onnx"):
             h = _rms(b, x)
         else:
             h = b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
@@ -312,11 +325,11 @@ def decoder(
             )
             ctx = outs[0]
         else:
-            ctx = _plain_attention(b, parts, *past, *present, cos, sin)
+            ctx = _plain_attention(b, parts, *past, *present, cos, sin, attention == "onnx")
         x = b.op("Add", [x, b.linear(ctx, NH * HS, H)])
         h = (
             _rms(b, x)
-            if attention == "plain"
+            if attention in ("plain", "onnx")
             else b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
         )
         x = b.op("Add", [x, _mlp(b, h, mlp, ffn)])
@@ -325,7 +338,12 @@ def decoder(
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits/Identity"))
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
     model = helper.make_model(
-        graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
+        graph,
+        ir_version=10,
+        opset_imports=[
+            helper.make_opsetid("", 23 if attention == "onnx" else 21),
+            helper.make_opsetid(MS, 1),
+        ],
     )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -240,6 +240,7 @@ STRUCTURES = {
     "builder-int4-fused-bias": {"attention": "gqa", "mlp": "split", "quant": "int4+bias"},
     "optimized-mha-rotary": {"attention": "mha", "bias": True},
     "torch-plain": {"attention": "plain"},
+    "onnx-attention-op": {"attention": "onnx", "qkv": "split"},
     "torch-plain-fused": {"attention": "plain", "qkv": "split", "mlp": "split", "bias": True},
 }
 
