@@ -218,6 +218,9 @@ def optimize(
     in_place: Annotated[bool, typer.Option("--in-place", help="allow OUT == IN")] = False,
     disable: Annotated[Optional[list[str]], typer.Option(help="skip a pass by name (repeatable)")] = None,
     jobs: Annotated[Optional[int], typer.Option(help="ranks optimized in parallel (default: cores)")] = None,
+    with_runtime: Annotated[bool, typer.Option(
+        "--with-runtime", help="also write the runtime library and run_ranks.py (needs only onnxruntime and "
+                               "numpy) beside the models")] = False,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -232,8 +235,18 @@ def optimize(
                      min_chunk=min_chunk, ranks=ranks, replan=replan, disabled=tuple(disable or ()), dim=dim)
     _at_least_one("--jobs", jobs)
     _writable(report)
+    if with_runtime:
+        if dry_run:
+            raise UsageError("--with-runtime writes files beside the models; --dry-run writes none")
+        from preserve_onnx.runtime.session import library_path
+
+        library_path()  # refused before any model is written when the library is not built
     outcomes = optimize_path(src, None if dry_run else dest, config, in_place=in_place, jobs=jobs,
                              progress=_progress(quiet))
+    if with_runtime:
+        from preserve_onnx.runtime.bundle import write_runtime
+
+        write_runtime(outcomes[0].output.parent)  # OUT, or OUT's folder when OUT is one model file
     if report is not None:
         write_json(report, report_dict(outcomes, config))
     if not quiet:

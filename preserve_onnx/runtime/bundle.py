@@ -1,0 +1,35 @@
+"""`optimize --with-runtime`: the custom-op library and a one-file runner written beside the rank models,
+so that someone without preserve-onnx (a colleague, a vendor team) can execute the optimized models and
+check them against the originals with nothing but onnxruntime and numpy.
+
+The runner is :mod:`preserve_onnx.runtime.standalone_runner`, copied as it is: a script that imports
+neither preserve_onnx nor anything outside onnxruntime, numpy and the standard library.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from preserve_onnx.model_io import copy_file_atomic, write_bytes_atomic
+from preserve_onnx.runtime.session import library_path
+
+RUNNER_NAME = "run_ranks.py"
+_RUNNER_SOURCE = Path(__file__).resolve().parent / "standalone_runner.py"
+
+
+def write_runtime(folder: Path) -> tuple[Path, Path]:
+    """Writes ``libpreserve_ops.so`` and ``run_ranks.py`` into ``folder`` (each atomically).
+
+    Returns:
+        The paths of the library and of the runner.
+
+    Raises:
+        PreserveError: The library is not built (see :func:`library_path`) or a file cannot be written.
+    """
+    folder = Path(folder)
+    library = library_path()
+    copy_file_atomic(library, folder / library.name)
+    runner = folder / RUNNER_NAME
+    write_bytes_atomic(runner, _RUNNER_SOURCE.read_bytes())
+    runner.chmod(runner.stat().st_mode | 0o111)  # `./run_ranks.py` works too (it has a #! line)
+    return folder / library.name, runner
