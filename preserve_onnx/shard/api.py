@@ -143,9 +143,9 @@ def shard_model(
     out = Path(out)
     _check_out(model_file, out)
     proto = load_model(model_file)
-    plan = plan_shards(proto, tp, vocab_parallel=vocab_parallel, dims=dims)
-    source = {t.name: t for t in proto.graph.initializer}
     reader = TensorReader(model_file.parent)
+    plan = plan_shards(proto, tp, vocab_parallel=vocab_parallel, dims=dims, read=reader.array)
+    source = {t.name: t for t in proto.graph.initializer}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         paths, total = _write_ranks(plan, reader, source, tp, tmp)

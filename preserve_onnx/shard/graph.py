@@ -7,6 +7,7 @@ an initializer or a ``DequantizeLinear`` of initializers, ``com.microsoft::MatMu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,9 +52,16 @@ class Linear:
 class GraphIndex:
     """Producers, consumers and constants of ``graph`` (Constant nodes count as constants)."""
 
-    def __init__(self, graph: GraphProto, outer: GraphIndex | None = None) -> None:
-        """``outer``: the main graph's index, for an If branch that captures its weights and inputs."""
+    def __init__(
+        self,
+        graph: GraphProto,
+        outer: GraphIndex | None = None,
+        read: Callable[[TensorProto], np.ndarray] | None = None,
+    ) -> None:
+        """``outer``: the main graph's index, for an If branch that captures its weights and inputs;
+        ``read``: the values of an external initializer (exporters put even shape constants there)."""
         self.graph = graph
+        self.read = read or (outer.read if outer else None)
         self.nodes = list(graph.node)
         self.inits = dict(outer.inits) if outer else {}
         self.inits.update((t.name, t) for t in graph.initializer)
@@ -85,8 +93,11 @@ class GraphIndex:
     def constant(self, tensor: str) -> np.ndarray | None:
         """The value of a small constant (inline initializer or Constant node), else None."""
         t = self.inits.get(tensor)
+        if t is not None and t.data_location == TensorProto.EXTERNAL:
+            small = len(t.dims) <= 1 and (not t.dims or t.dims[0] <= 64)  # shapes, split sizes, slice bounds
+            return np.array(self.read(t)) if self.read is not None and small else None
         if t is not None:
-            return None if t.data_location == TensorProto.EXTERNAL else numpy_helper.to_array(t)
+            return numpy_helper.to_array(t)
         node = self.producer_node(tensor)
         if node is not None and is_op(node, "Constant"):
             value = attr(node, "value")

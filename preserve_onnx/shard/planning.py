@@ -6,8 +6,10 @@ rank graph, and one cut per weight. Reads no weight bytes.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -98,12 +100,18 @@ def _main_io(
 
 
 def plan_shards(
-    model: onnx.ModelProto, world: int, *, vocab_parallel: bool = False, dims: dict[str, int] | None = None
+    model: onnx.ModelProto,
+    world: int,
+    *,
+    vocab_parallel: bool = False,
+    dims: dict[str, int] | None = None,
+    read: Callable[[onnx.TensorProto], np.ndarray] | None = None,
 ) -> ShardPlan:
-    """Find the layout of every graph with layers and rewrite a copy of ``model`` into the rank graph."""
+    """Find the layout of every graph with layers and rewrite a copy of ``model`` into the rank graph.
+    ``read`` gives the values of small external initializers (shape constants); no weight is read."""
     _check_collectives(model)
     rank_model = copy.deepcopy(model)
-    main_ix = GraphIndex(rank_model.graph)
+    main_ix = GraphIndex(rank_model.graph, read=read)
     cuts: dict[str, Cut] = {}
     layouts, branch_layouts, main_layout = [], {}, None
     graphs = _layer_graphs(rank_model)

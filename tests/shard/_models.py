@@ -218,8 +218,10 @@ def decoder(
     ffn: int = FFN,
     extra_linear: bool = False,
     vocab: int = VOCAB,
+    all_external: bool = False,
 ) -> Path:
-    """Write ``folder/model.onnx`` (+ ``model.onnx.data``) and return its path."""
+    """Write ``folder/model.onnx`` (+ ``model.onnx.data``) and return its path. ``all_external``: every
+    initializer in the data file, shape constants too (TorchScript and the builder do that)."""
     b = _B(seed, dtype, quant)
     et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     inputs = [
@@ -354,6 +356,6 @@ def decoder(
         save_as_external_data=True,
         all_tensors_to_one_file=True,
         location="model.onnx.data",
-        size_threshold=1024,
+        size_threshold=0 if all_external else 1024,
     )
     return path

@@ -197,6 +197,14 @@ def test_plain_operator_attention_gets_its_reshape_head_counts_divided(tmp_path)
     ]
 
 
+def test_shape_constants_in_the_external_data_file_are_read_and_divided(tmp_path):
+    """TorchScript exports put every initializer in the data file; onnxruntime cannot even load such a
+    model (shape inference reads no external data), the ranks keep small tensors inline and can."""
+    external = decoder(tmp_path / "external", attention="plain", qkv="split", mlp="slice", all_external=True)
+    shard_model(external, tmp_path / "tp2", 2)
+    assert_twin(tmp_path / "tp2", decoder(tmp_path / "inline", attention="plain", qkv="split", mlp="slice"))
+
+
 def test_bfloat16_weights_are_cut_like_any_other(tmp_path):
     """The CPU provider has no bfloat16 MatMul: bytes are checked against slices of the source."""
     import ml_dtypes
