@@ -1,6 +1,6 @@
 """Analysis `build-windows`: find every collective and the window of operators it can overlap.
 
-Rule (SPEC §4.1): a collective's window is the operators after it in its graph's node order, up to
+Rule (docs/design.md §4.1): a collective's window is the operators after it in its graph's node order, up to
 (not including) the next collective of *any* kind in the same graph. Collectives in If/Loop/Scan
 bodies get windows inside their own body. Following reachability instead would make every window
 reach the end of the model through the residual stream (SkipSimplifiedLayerNormalization output 3),

@@ -1,6 +1,6 @@
 """Check `check-order`: every graph lists its nodes in topological order, as ONNX requires.
 
-Windows are defined by node order (SPEC §4.1), so an unsorted graph would give wrong windows and a
+Windows are defined by node order (docs/design.md §4.1), so an unsorted graph would give wrong windows and a
 cyclic one cannot run at all. Refused with a message that says which: a cycle (names a node on it)
 or a sortable graph in the wrong order (names the first node that reads a tensor too early). The
 pass never reorders: sorting would change the graph that `strip` must give back. Subgraphs see the

@@ -1,6 +1,6 @@
 """Analysis `collect-candidates`: the weights and KV-cache that a window's operators read.
 
-Rule (SPEC §2, §4.2): consumers are the window's operators listed in ``CONSUMERS``; each input slot
+Rule (docs/design.md §2, §4.2): consumers are the window's operators listed in ``CONSUMERS``; each input slot
 named there is resolved to what is read from HBM:
 
 * an initializer (own or outer scope) is a weight;

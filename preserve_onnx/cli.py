@@ -439,7 +439,7 @@ def estimate(
     json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
     all_windows: Annotated[bool, typer.Option("--all", help="one row per window, however many")] = False,
 ) -> None:
-    """Estimate the decode step without and with the prefetches (cost model, SPEC §6)."""
+    """Estimate the decode step without and with the prefetches (cost model)."""
     import json
 
     from preserve_onnx.cost_model import chrome_trace, estimate_dict, estimate_path, parse_sweep, sweep_list, \

@@ -19,7 +19,7 @@ COLLECTIVE_OPS = ("AllReduce", "AllGather", "AllToAll")
 
 @dataclass(frozen=True)
 class PrefetchNaming:
-    """How Prefetch nodes are spelled in the graph, for vendor toolchains (SPEC §3)."""
+    """How Prefetch nodes are spelled in the graph, for vendor toolchains (docs/design.md §3)."""
 
     domain: str = "preserve"
     op_type: str = "Prefetch"

@@ -1,4 +1,4 @@
-"""Cost model: what the prefetches are worth on a given accelerator (SPEC §6).
+"""Cost model: what the prefetches are worth on a given accelerator (docs/design.md §6).
 
 One decode step of one rank model is replayed as an event timeline with three tracks: *compute* (one
 in-order stream: every operator in node order), *communication* (collectives) and *prefetch* (the
@@ -36,7 +36,7 @@ folded (cost nothing); KV-cache outputs (``present``) are written in place and c
 runs its then_branch (onnxruntime's merged decoders put the decoder with past there), Loop/Scan bodies
 run once.
 
-Budgets follow SPEC §4.3 with the planner's own fill rule, so with the export's rank count ``estimate``
+Budgets follow docs/design.md §4.3 with the planner's own fill rule, so with the export's rank count ``estimate``
 prefetches exactly what ``optimize`` inserts.
 """
 

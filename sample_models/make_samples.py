@@ -573,7 +573,7 @@ class Decoder:
         producer.output[0] = out_names["logits"]
         if dq_first:
             # the LM head's DequantizeLinear sits at the start of the node list: weights can reach
-            # their consumer through constant-only nodes placed anywhere (SPEC §2); the rest stay
+            # their consumer through constant-only nodes placed anywhere (docs/design.md §2); the rest stay
             # next to their MatMul, where quantization tools put them.
             head = [n for n in dq_first if n.name.endswith("/lm_head/DequantizeLinear")]
             rest = [n for n in dq_first if n not in head]

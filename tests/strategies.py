@@ -3,11 +3,11 @@
 A strategy draws a :class:`ModelSpec` (a readable value that hypothesis prints and shrinks); :func:`build`
 turns it into the ModelProto of one rank (weight *values* depend on the rank, the graph does not) plus a
 :class:`Facts` record of what the graph is made of, written independently of the passes so that the
-tests can compute the expected plan (SPEC §2, §4) themselves.
+tests can compute the expected plan (docs/design.md §2, §4) themselves.
 
 What the graphs contain (all float32 activations, stream ``[batch, 1, H]``):
 
-* layers of weight consumers of every kind in SPEC §2 that the CPU onnxruntime runs: MatMul with the
+* layers of weight consumers of every kind in docs/design.md §2 that the CPU onnxruntime runs: MatMul with the
   weight in input 1 or input 0, Gemm with B and C, MatMulNBits (4 bit, scales, zero points, bias),
   com.microsoft Attention (fused QKV weights, bias, ``past``), MultiHeadAttention (bias, past_key,
   past_value), GroupQueryAttention (past kv, cos/sin caches, head size 16) and the ONNX-domain
@@ -42,7 +42,7 @@ GQA_HEAD = 16  # GroupQueryAttention on CPU needs head_size % 16 == 0
 NBITS_BLOCK = 16
 ROPE_CACHE = 8  # rows of the cos/sin caches (>= PAST + 1)
 
-# The consumer table of SPEC §2, written out again here on purpose (not imported from the passes):
+# The consumer table of docs/design.md §2, written out again here on purpose (not imported from the passes):
 # (domain, op_type) -> (weight slots, kv slots, (batch axis, sequence axis) of the KV inputs).
 CONSUMERS = {
     ("", "MatMul"): ((0, 1), (), None),

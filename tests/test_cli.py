@@ -20,7 +20,7 @@ def snapshot(path):
 
 
 def check_prefetch_placement(model: onnx.ModelProto):
-    """SPEC §3: each chain sits immediately before its collective, A -> P1 -> ... -> collective."""
+    """docs/design.md §3: each chain sits immediately before its collective, A -> P1 -> ... -> collective."""
     from preserve_onnx.passes._graph import is_collective, iter_scopes
 
     count = 0

@@ -4,11 +4,11 @@ For every drawn model and configuration:
 
 * ``optimize`` succeeds and leaves its input untouched; the onnx checker passes on the input (the
   generator makes valid models) and on the output;
-* every Prefetch is well formed (SPEC §3): 2 inputs and 1 output, the ``collective`` attribute names
+* every Prefetch is well formed (docs/design.md §3): 2 inputs and 1 output, the ``collective`` attribute names
   the collective its chain ends at, the chain starts at the collective's original input and sits
   immediately before it in the node list, offset + bytes lie within the tensor, split links are
   contiguous and within the hardware's per-operation limit;
-* the plan is the one SPEC §4 prescribes, recomputed here independently from what the generator
+* the plan is the one docs/design.md §4 prescribes, recomputed here independently from what the generator
   recorded (consumer slots, constant-only chains, KV sizes, first-use order, budget, partial cut,
   min chunk, non-selected collectives bounding windows);
 * ``strip(optimize(m))`` serializes byte-identical to ``m``; optimizing twice gives the same bytes;
@@ -119,7 +119,7 @@ def _kv_bytes(shape: tuple, config: OptimizeConfig) -> int:
 
 
 def expected_candidates(model: onnx.ModelProto, facts: Facts, config: OptimizeConfig) -> dict[str, list]:
-    """SPEC §2/§4.1-4.2 from the generator's records: collective name -> [(tensor, bytes)] in first-use
+    """docs/design.md §2/§4.1-4.2 from the generator's records: collective name -> [(tensor, bytes)] in first-use
     order (empty for collectives that are not selected)."""
     roles = {"target"} | ({"dq_weight"} if config.qdq_weights else set())
     out: dict[str, list] = {}
@@ -156,7 +156,7 @@ def expected_candidates(model: onnx.ModelProto, facts: Facts, config: OptimizeCo
 
 
 def expected_spans(cands: list, budget: int, min_chunk: int) -> list[tuple[str, int]]:
-    """SPEC §4.3-4.4: whole tensors while they fit; the first that does not is cut when at least
+    """docs/design.md §4.3-4.4: whole tensors while they fit; the first that does not is cut when at least
     min_chunk remains; the window stops there."""
     spans, remaining = [], budget
     for tensor, size in cands:
@@ -176,7 +176,7 @@ def _attrs(node) -> dict:
 
 def check_prefetches(original: onnx.ModelProto, optimized: onnx.ModelProto, facts: Facts, plan,
                      config: OptimizeConfig) -> None:
-    """Every Prefetch well formed and placed; the chains are exactly the plan SPEC §4 prescribes."""
+    """Every Prefetch well formed and placed; the chains are exactly the plan docs/design.md §4 prescribes."""
     expected = expected_candidates(original, facts, config)
     windows = {w.window.collective: w for w in plan.windows}
     selected = {name for name in expected if any(
@@ -242,7 +242,7 @@ def check_prefetches(original: onnx.ModelProto, optimized: onnx.ModelProto, fact
             if config.budget is not None:
                 assert wp.budget == config.budget
             want = expected_spans(expected[coll.name], wp.budget, config.min_chunk)
-            assert spans == want, f"{coll.name}: planned {spans}, SPEC §4 says {want}"
+            assert spans == want, f"{coll.name}: planned {spans}, docs/design.md §4 says {want}"
             assert [(p.tensor, p.offset, p.max_size) for p in wp.prefetches] == \
                 [(x, o, m) for x, o, _, m in links]
             assert wp.prefetched_bytes == sum(s for _, _, s, _ in links)
@@ -256,7 +256,7 @@ def check_prefetches(original: onnx.ModelProto, optimized: onnx.ModelProto, fact
 
 
 def reference_strip(model: onnx.ModelProto) -> onnx.ModelProto:
-    """SPEC §4.5 done independently: drop every Prefetch, reconnect its readers (also in subgraphs,
+    """docs/design.md §4.5 done independently: drop every Prefetch, reconnect its readers (also in subgraphs,
     innermost graphs first), drop the preserve opset import."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
