@@ -266,6 +266,8 @@ def test_sweep_speedup_falls_to_one_past_the_roofline_threshold(tmp_path):
     assert [w["max_tokens"] for w in doc["windows"]] == [328, 0]
     table = cli("estimate", tmp_path, "--hardware", "h100-sxm@oneshot")
     assert table.exit_code == 0 and "h100-sxm@oneshot" in table.output and "328" in table.output
+    past = cli("estimate", tmp_path, "--hardware", "h100-sxm", "--batch", "400")
+    assert past.exit_code == 0 and "328 (skipped)" in past.output and "(1.000x)" in past.output
 
 
 def test_an_unknown_collective_implementation_is_a_usage_error():
