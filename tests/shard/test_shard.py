@@ -530,3 +530,43 @@ def test_streams_a_sparse_llama3_8b_shaped_model_without_reading_its_holes(tmp_p
     dims = {t.name: list(t.dims) for t in model.graph.initializer}
     assert dims["model.layers.0.attn.q_proj.MatMul.weight"] == [4096, 2048]
     assert dims["model.layers.0.mlp.down_proj.MatMul.weight"] == [7168, 4096]
+
+
+def _edited_sample(tmp_path: Path, edit) -> Path:
+    """A copy of llama-gqa's single-device model with ``edit(model)`` applied to its graph."""
+    folder = tmp_path / "edited"
+    shutil.copytree(SAMPLES / "llama-gqa" / "full", folder)
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    edit(model.graph)
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    return folder / "model.onnx"
+
+
+def test_refuses_attention_whose_output_reaches_no_projection(tmp_path):
+    def weight_through_identity(graph):  # o_proj's weight computed at run time: not a linear layer any more
+        (o_proj,) = [n for n in graph.node if n.name == "/model/layers.0/attn/o_proj/MatMul"]
+        graph.node.insert(0, onnx.helper.make_node("Identity", [o_proj.input[1]], ["w_copy"], name="copy"))
+        o_proj.input[1] = "w_copy"
+
+    refused(
+        _edited_sample(tmp_path, weight_through_identity),
+        tmp_path / "out",
+        2,
+        r"^unrecognised layer structure at node '/model/layers.0/attn/GroupQueryAttention': its output does not "
+        r"reach exactly one output projection \(found 0\)$",
+    )
+
+
+def test_refuses_a_head_sharded_tensor_read_outside_attention(tmp_path):
+    def expose_q(graph):  # q_proj's output also becomes a graph output: it would hold half the heads
+        (q,) = [n for n in graph.node if n.name == "/model/layers.1/attn/q_proj/MatMul"]
+        graph.node.append(onnx.helper.make_node("Relu", [q.output[0]], ["q_debug"], name="debug/Relu"))
+        graph.output.append(onnx.helper.make_tensor_value_info("q_debug", onnx.TensorProto.FLOAT, None))
+
+    refused(
+        _edited_sample(tmp_path, expose_q),
+        tmp_path / "out",
+        2,
+        r"^unrecognised layer structure at node 'debug/Relu': it reads '/model/layers.1/attn/q_proj/MatMul/output_0', "
+        r"which is split across ranks, outside attention and MLP$",
+    )
