@@ -552,8 +552,8 @@ def test_refuses_attention_whose_output_reaches_no_projection(tmp_path):
         _edited_sample(tmp_path, weight_through_identity),
         tmp_path / "out",
         2,
-        r"^unrecognised layer structure at node '/model/layers.0/attn/GroupQueryAttention': its output does not "
-        r"reach exactly one output projection \(found 0\)$",
+        r"^unrecognised layer structure at node '/model/layers.0/attn/GroupQueryAttention': "
+        r"its output does not reach exactly one output projection \(found 0\)$",
     )
 
 
@@ -567,6 +567,6 @@ def test_refuses_a_head_sharded_tensor_read_outside_attention(tmp_path):
         _edited_sample(tmp_path, expose_q),
         tmp_path / "out",
         2,
-        r"^unrecognised layer structure at node 'debug/Relu': it reads '/model/layers.1/attn/q_proj/MatMul/output_0', "
-        r"which is split across ranks, outside attention and MLP$",
+        r"^unrecognised layer structure at node 'debug/Relu': it reads "
+        r"'/model/layers.1/attn/q_proj/MatMul/output_0', which is split across ranks, outside attention and MLP$",
     )
