@@ -42,12 +42,15 @@ MPI_PACKAGES := openmpi-bin libopenmpi-dev
 
 mpi: $(VENV)/.mpi
 
+# mpi4py as pyproject.toml's [mpi] extra pins it (installed alone: reinstalling the project would rebuild
+# the runtime library for nothing).
 $(VENV)/.mpi: $(VENV)/.installed
-	command -v mpirun >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(MPI_PACKAGES); }
-	$(PY) -m pip install -q -e '.[test,mpi]'
-	$(PY) -c "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])"
-	touch $@
+	@echo "set-up: Open MPI and mpi4py for the MPI backend (log: build/setup-mpi.log)"
+	@{ { command -v mpirun >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(MPI_PACKAGES); }; } \
+	  && $(PY) -m pip install -q 'mpi4py>=3.1'; } > build/setup-mpi.log 2>&1 || { tail -n 20 build/setup-mpi.log; exit 1; }
+	@$(PY) -c "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])"
+	@touch $@
 
 test: setup $(if $(NO_MPI),,mpi)
 	$(if $(NO_MPI),,PRESERVE_REQUIRE_MPI=1) $(PY) -m pytest -q

@@ -208,3 +208,11 @@ def test_without_a_compiler_the_install_succeeds_and_run_says_what_to_install(tm
         "error: the runtime's custom-op library was not built when preserve-onnx was installed: "
         "CXX=/nonexistent/c++: no such compiler on the PATH; then reinstall preserve-onnx (pip install "
         "--force-reinstall --no-deps <its source folder or sdist>)\n")
+
+
+def test_make_mpi_installs_mpi4py_as_the_mpi_extra_pins_it():
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["mpi"]
+    assert extra == ["mpi4py>=3.1"]
+    assert f"pip install -q '{extra[0]}'" in (ROOT / "Makefile").read_text()
