@@ -211,7 +211,10 @@ def test_without_a_compiler_the_install_succeeds_and_run_says_what_to_install(tm
 
 
 def test_make_mpi_installs_mpi4py_as_the_mpi_extra_pins_it():
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
 
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["mpi"]
     assert extra == ["mpi4py>=3.1"]
