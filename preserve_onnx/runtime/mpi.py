@@ -53,6 +53,7 @@ from preserve_onnx.runtime.session import (
     _native,
     _opt_level,
     _to_ortvalue,
+    imports_com_microsoft,
     session_options,
 )
 
@@ -306,7 +307,8 @@ class MpiRankSession(RankSession):
         options = session_options(
             rank=ctx.rank, world=ctx.size, group=ctx.group, level=_opt_level(opt_level),
             threads=intra_op_threads or max(1, (os.cpu_count() or 1) // ctx.local_size),
-            timeout_s=self._timeout_s, prefetch=(prefetch_domain, prefetch_op, *prefetch_attrs), transport="mpi")
+            timeout_s=self._timeout_s, prefetch=(prefetch_domain, prefetch_op, *prefetch_attrs), transport="mpi",
+            com_microsoft=imports_com_microsoft(models[ctx.rank]))
         model = models[ctx.rank]
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
         try:

@@ -242,13 +242,71 @@ def _serve(q: queue.SimpleQueue) -> None:
         del fn  # the work holds its RankSession: waiting with it would keep the session alive forever
 
 
+def _varint(f) -> int | None:
+    value = shift = 0
+    while shift < 64:
+        byte = f.read(1)
+        if not byte:
+            return None
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+    return None
+
+
+def _file_opset_domains(path: str | os.PathLike) -> set[str] | None:
+    """The domains a model file imports, read from its top-level ``opset_import`` fields (ModelProto
+    field 8) while every other field, the graph included, is skipped unparsed. None when the file is
+    not such a message."""
+    domains = set()
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            while f.tell() < size:
+                key = _varint(f)
+                wire = None if key is None else key & 7
+                if wire == 0:
+                    if _varint(f) is None:
+                        return None
+                elif wire in (1, 5):
+                    f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+                elif wire == 2:
+                    length = _varint(f)
+                    if length is None or f.tell() + length > size:
+                        return None
+                    if key >> 3 == 8:
+                        entry = onnx.OperatorSetIdProto()
+                        entry.ParseFromString(f.read(length))
+                        domains.add(entry.domain)
+                    else:
+                        f.seek(length, os.SEEK_CUR)
+                else:
+                    return None
+    except (OSError, ValueError):  # protobuf's DecodeError is a ValueError
+        return None
+    return domains
+
+
+def imports_com_microsoft(model: ModelLike) -> bool:
+    """Whether the model imports the com.microsoft domain (True when that cannot be read: the library
+    then registers everything and onnxruntime reports what is wrong with the file)."""
+    if isinstance(model, onnx.ModelProto):
+        return any(o.domain == "com.microsoft" for o in model.opset_import)
+    domains = _file_opset_domains(model)
+    return domains is None or "com.microsoft" in domains
+
+
 def session_options(*, rank: int, world: int, group: str, level: ort.GraphOptimizationLevel, threads: int,
                     timeout_s: float, prefetch: tuple[str, ...], transport: str = "threads",
-                    ) -> ort.SessionOptions:
+                    com_microsoft: bool = True) -> ort.SessionOptions:
     """Options for one rank's session with the custom-op library registered.
 
     ``prefetch`` is (domain, op type, max_size attribute, offset attribute[, max_tokens attribute]).
     The library reads the ``preserve.*`` entries while it registers, so they are set before it is loaded.
+    ``com_microsoft`` False, for a model that does not import that domain (:func:`imports_com_microsoft`):
+    no op of ours is registered in com.microsoft, where it would hide onnxruntime's own ops from the
+    model (the FusedMatMul its optimizer inserts would not resolve).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = level
@@ -268,6 +326,7 @@ def session_options(*, rank: int, world: int, group: str, level: ort.GraphOptimi
         ("preserve.prefetch_attr_max_size", max_size_attr),
         ("preserve.prefetch_attr_offset", offset_attr),
         ("preserve.prefetch_attr_max_tokens", max_tokens_attr),
+        ("preserve.com_microsoft", int(com_microsoft)),
     ):
         options.add_session_config_entry(key, str(value))
     options.register_custom_ops_library(str(library_path()))
@@ -335,10 +394,11 @@ class RankSession:
         threads = intra_op_threads or max(1, (os.cpu_count() or 1) // self._world)
 
         def create(rank: int) -> ort.InferenceSession:
+            model = models[rank]
             options = session_options(rank=rank, world=self._world, group=self._group, level=level,
                                       threads=threads, timeout_s=self._timeout_s, prefetch=(
-                                          prefetch_domain, prefetch_op, *prefetch_attrs))
-            model = models[rank]
+                                          prefetch_domain, prefetch_op, *prefetch_attrs),
+                                      com_microsoft=imports_com_microsoft(model))
             if isinstance(model, onnx.ModelProto):
                 external = next((t for t in model.graph.initializer
                                  if t.data_location == onnx.TensorProto.EXTERNAL), None)

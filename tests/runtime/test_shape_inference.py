@@ -20,7 +20,8 @@ from onnx import TensorProto, helper
 
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.optimizer import optimize
-from preserve_onnx.runtime import RankSession
+from preserve_onnx.runtime import RankSession, library_path
+from preserve_onnx.runtime.session import _file_opset_domains, imports_com_microsoft
 from tests.conftest import SAMPLE_VARIANTS, SAMPLES
 from tests.strategies import ShapeSpec, build_shape_model, identity_twin
 
@@ -261,3 +262,65 @@ def test_samples_that_load_with_identity_load_in_the_runtime(folder, optimized):
     if identity_loads:
         session = RankSession(ranks, data_dir=folder)
         assert session.world_size == len(files)
+
+
+# ------------------------------------------------ models without com.microsoft (single-device exports)
+
+
+def _matmul_scale_model() -> onnx.ModelProto:
+    """MatMul then Mul by a scalar, importing only the default domain (a TorchScript export's opsets):
+    onnxruntime's optimizer fuses the pair into com.microsoft::FusedMatMul."""
+    return model([helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
+                  helper.make_node("Mul", ["mm", "scale"], ["y"], name="scale")],
+                 [vi("x", F32, ["batch", 4])], [vi("y", F32, None)],
+                 [init("w", np.arange(8, dtype=np.float32).reshape(4, 2)), init("scale", np.array(0.25, np.float32))],
+                 opsets=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("as_path", [False, True], ids=["proto", "path"])
+def test_a_model_without_com_microsoft_loads_where_onnxruntime_inserts_its_own_ops(tmp_path, as_path):
+    """Our ops registered in com.microsoft hid onnxruntime's FusedMatMul from a model that does not
+    import the domain ("com.microsoft:FusedMatMul(-1) is not a registered function/op"): such a model
+    gets no op of ours in that domain."""
+    m = _matmul_scale_model()
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "plain.onnx")
+    plain = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert "FusedMatMul" in {n.op_type for n in onnx.load(str(tmp_path / "plain.onnx")).graph.node}
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    source = m
+    if as_path:
+        source = tmp_path / "model.onnx"
+        onnx.save(m, str(source))
+    out = RankSession(source).run({"x": x})
+    assert out[0]["y"].tobytes() == plain.run(None, {"x": x})[0].tobytes()
+
+
+def test_imports_com_microsoft_reads_the_opsets_of_a_file_without_parsing_its_graph(tmp_path):
+    rank_file = SAMPLES / "llama-gqa" / "tp2" / "model_00.onnx"
+    plain = tmp_path / "plain.onnx"
+    onnx.save(_matmul_scale_model(), str(plain))
+    assert imports_com_microsoft(rank_file) is True
+    assert imports_com_microsoft(onnx.load(str(rank_file), load_external_data=False)) is True
+    assert imports_com_microsoft(plain) is False
+    assert imports_com_microsoft(_matmul_scale_model()) is False
+    assert _file_opset_domains(plain) == {""}
+    assert _file_opset_domains(rank_file) == {o.domain for o in onnx.load(str(rank_file),
+                                                                          load_external_data=False).opset_import}
+    # Unreadable: registered as before, and onnxruntime names what is wrong with the file.
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(rank_file.read_bytes()[:100])
+    text = tmp_path / "text.onnx"
+    text.write_text("not a model\n")
+    for bad in (truncated, text, tmp_path / "missing.onnx"):
+        assert _file_opset_domains(bad) is None
+        assert imports_com_microsoft(bad) is True
+    with pytest.raises(PreserveError, match=r"^rank 0: "):
+        RankSession(truncated)
+
+
+def test_the_library_refuses_a_com_microsoft_entry_other_than_0_or_1():
+    options = ort.SessionOptions()
+    options.add_session_config_entry("preserve.com_microsoft", "no")
+    with pytest.raises(Exception, match=r"preserve.com_microsoft must be '0' or '1', got 'no'"):
+        options.register_custom_ops_library(str(library_path()))

@@ -1198,6 +1198,14 @@ OrtStatus* Register(OrtSessionOptions* options) {
   if (transport != "threads" && transport != "mpi") {
     return Fail("preserve_ops: preserve.transport must be 'threads' or 'mpi', got '" + transport + "'");
   }
+  // `0` for a model that does not import com.microsoft: it can hold none of our collectives, and a custom
+  // op registered in that domain hides onnxruntime's own com.microsoft ops from such a model (the
+  // FusedMatMul that onnxruntime's optimizer inserts then fails to resolve), so none is registered.
+  std::string com_microsoft;
+  if (OrtStatus* st = ConfigEntry(options, "preserve.com_microsoft", "1", &com_microsoft)) return st;
+  if (com_microsoft != "0" && com_microsoft != "1") {
+    return Fail("preserve_ops: preserve.com_microsoft must be '0' or '1', got '" + com_microsoft + "'");
+  }
   int64_t rank = 0, world = 1, timeout = 0;
   if (OrtStatus* st = ParseInt("preserve.rank", rank_s, &rank)) return st;
   if (OrtStatus* st = ParseInt("preserve.world_size", world_s, &world)) return st;
@@ -1234,9 +1242,13 @@ OrtStatus* Register(OrtSessionOptions* options) {
 
   // One domain object per distinct name: the Prefetch domain may be com.microsoft itself.
   std::map<std::string, std::vector<OrtCustomOp*>> by_domain;
-  by_domain[domain].push_back(new PrefetchOp(op, max_size_attr, offset_attr, max_tokens_attr));
-  by_domain["com.microsoft"].push_back(new CollectiveOp(Kind::kAllReduce, cfg));
-  by_domain["com.microsoft"].push_back(new CollectiveOp(Kind::kAllGather, cfg));
+  if (com_microsoft == "1" || domain != "com.microsoft") {
+    by_domain[domain].push_back(new PrefetchOp(op, max_size_attr, offset_attr, max_tokens_attr));
+  }
+  if (com_microsoft == "1") {
+    by_domain["com.microsoft"].push_back(new CollectiveOp(Kind::kAllReduce, cfg));
+    by_domain["com.microsoft"].push_back(new CollectiveOp(Kind::kAllGather, cfg));
+  }
   for (auto& entry : by_domain) {
     OrtCustomOpDomain* d = nullptr;
     if (OrtStatus* st = g_api->CreateCustomOpDomain(entry.first.c_str(), &d)) return st;
