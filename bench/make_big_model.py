@@ -17,7 +17,9 @@ Reading the data gives zeros. Small int64 constants stay inline.
 onnxruntime-genai model builder's layout (the same decoder without collectives, full head counts:
 SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, separate q/k/v MatMul,
 GroupQueryAttention with rotary, gate/up MatMul, lm_head MatMul): OUT_DIR/model.onnx + a sparse
-model.onnx.data, the input of `preserve-onnx shard` in `make bench`.
+model.onnx.data. `--single --dense` fills the data file with a non-zero pattern instead (real disk
+use): the input of `preserve-onnx shard` in `make bench`, since `shard` keeps a sparse input's holes
+as holes without reading or writing them.
 
 Function API: make_big_model(out_dir, preset="llama3-70b", ranks=8, layers=None, ...) -> [paths];
 make_single_model(out_dir, preset="llama3-8b", layers=None, dtype="float16") -> path.
@@ -83,9 +85,20 @@ def make_big_model(out_dir, preset: str = "llama3-70b", ranks: int = 8, layers: 
     return paths
 
 
+def write_dense(path: Path, size: int, block: int = 16 << 20) -> None:
+    """Fill ``path`` with ``size`` bytes: one seeded pseudo-random block repeated (no zero run, no hole)."""
+    import numpy as np
+
+    pattern = np.random.default_rng(20261201).integers(1, 256, block, dtype=np.uint8).tobytes()
+    with open(path, "wb") as f:
+        for start in range(0, size, block):
+            f.write(pattern[:min(block, size - start)])
+
+
 def make_single_model(out_dir, preset: str = "llama3-8b", layers: int | None = None, dtype: str = "float16",
-                      align: int = 4096, **overrides) -> Path:
-    """Write OUT_DIR/model.onnx + a sparse model.onnx.data: the unsharded decoder; return the model path."""
+                      align: int = 4096, dense: bool = False, **overrides) -> Path:
+    """Write OUT_DIR/model.onnx + model.onnx.data (sparse; with ``dense``, every byte written, none zero):
+    the unsharded decoder; return the model path."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     cfg = PRESETS[preset]
@@ -104,7 +117,10 @@ def make_single_model(out_dir, preset: str = "llama3-8b", layers: int | None = N
     path = out / "model.onnx"
     tmp = out / "model.onnx.tmp"
     tmp.write_bytes(model.SerializeToString())
-    sink.create_sparse_file(out / "model.onnx.data")
+    if dense:
+        write_dense(out / "model.onnx.data", sink.size)
+    else:
+        sink.create_sparse_file(out / "model.onnx.data")
     os.replace(tmp, path)
     return path
 
@@ -121,10 +137,12 @@ def main(argv=None) -> int:
                     help="split the LM head by vocabulary and AllGather the logits")
     ap.add_argument("--single", action="store_true",
                     help="write the single-device model (OUT_DIR/model.onnx), the input of `shard`")
+    ap.add_argument("--dense", action="store_true",
+                    help="with --single: write every byte of the data file (non-zero pattern) instead of a hole")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     if a.single:
-        paths = [make_single_model(a.out_dir, a.preset or "llama3-8b", a.layers, a.dtype)]
+        paths = [make_single_model(a.out_dir, a.preset or "llama3-8b", a.layers, a.dtype, dense=a.dense)]
     else:
         paths = make_big_model(a.out_dir, a.preset or "llama3-70b", a.ranks, a.layers, a.dtype, a.vocab_parallel)
     data = [Path(str(p) + ".data") for p in paths]
