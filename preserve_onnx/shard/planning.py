@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from preserve_onnx.config import MS_DOMAIN
 from preserve_onnx.errors import PreserveError
@@ -99,6 +99,33 @@ def _main_io(
     graph.value_info.extend(keep)
 
 
+def inferred_dims(model: onnx.ModelProto, read=None) -> dict[str, tuple[int | None, ...]]:
+    """Dims of every tensor that ONNX shape inference can tell; small external integer constants (shapes)
+    are inlined for it first, the weights never read."""
+    graph_only = onnx.ModelProto()
+    graph_only.CopyFrom(model)
+    for _, graph in iter_graphs(graph_only) if read is not None else ():
+        for t in graph.initializer:
+            if (
+                t.data_location == onnx.TensorProto.EXTERNAL
+                and t.data_type == onnx.TensorProto.INT64
+                and len(t.dims) <= 1
+                and (not t.dims or t.dims[0] <= 64)
+            ):
+                t.CopyFrom(numpy_helper.from_array(np.array(read(t)), t.name))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(graph_only, strict_mode=False)
+    except Exception:  # noqa: BLE001 - a graph it cannot infer: every dim unknown, nothing is guessed
+        return {}
+    dims = {}
+    for _, graph in iter_graphs(inferred):
+        for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                dims[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+    return dims
+
+
 def plan_shards(
     model: onnx.ModelProto,
     world: int,
@@ -110,6 +137,7 @@ def plan_shards(
     """Find the layout of every graph with layers and rewrite a copy of ``model`` into the rank graph.
     ``read`` gives the values of small external initializers (shape constants); no weight is read."""
     _check_collectives(model)
+    shapes = inferred_dims(model, read)
     rank_model = copy.deepcopy(model)
     main_ix = GraphIndex(rank_model.graph, read=read)
     cuts: dict[str, Cut] = {}
@@ -123,7 +151,7 @@ def plan_shards(
     for owner, graph in graphs:
         ix = main_ix if owner is None else GraphIndex(graph, outer=main_ix)
         layout = find_layout(ix, world, vocab_parallel=vocab_parallel, dims=dims)
-        Rewriter(graph, ix, layout, world, cuts).apply(vocab_parallel)
+        Rewriter(graph, ix, layout, world, cuts, shapes).apply(vocab_parallel)
         layouts.append(layout)
         if owner is None:
             main_layout = layout

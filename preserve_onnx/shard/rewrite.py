@@ -51,13 +51,21 @@ class Rewriter:
     """Applies a layout to a copy of the model; collects one :class:`Cut` per changed initializer."""
 
     def __init__(
-        self, graph: onnx.GraphProto, ix: GraphIndex, layout: Layout, world: int, cuts: dict[str, Cut]
+        self,
+        graph: onnx.GraphProto,
+        ix: GraphIndex,
+        layout: Layout,
+        world: int,
+        cuts: dict[str, Cut],
+        shapes: dict[str, tuple[int | None, ...]] | None = None,
     ) -> None:
         self.graph = graph  # edited in place (a copy of the input model's graph or subgraph)
         self.nodes = list(self.graph.node)  # same order as ix.nodes: indices agree
         self.ix, self.layout, self.world = ix, layout, world
         self.cuts = cuts  # shared by every graph of the model: a weight captured by two If branches
         self.new_consts: dict[str, str] = {}
+        self.shapes = shapes or {}  # inferred dims of the input model's tensors (None: unknown)
+        self.patched: set[str] = set()
         self.names = {n.name for n in self.nodes} | {o for n in self.nodes for o in n.output}
 
     # -- initializers ------------------------------------------------------------------------
@@ -169,15 +177,22 @@ class Rewriter:
                 _set_attr(node, name, attr(node, name) // self.world)
 
     def reshapes(self) -> None:
+        """Head counts and widths in the target shapes of Reshape and Expand of head-sharded tensors."""
         for i in sorted(self.layout.region):
             node = self.nodes[i]
-            if is_op(node, "Reshape") and node.input[0] in self.layout.sharded:
-                self._patch_shape(node)
+            if node.input and node.input[0] in self.layout.sharded and len(node.input) > 1:
+                if is_op(node, "Reshape"):
+                    self._patch_shape(node, self._reshape_values)
+                elif is_op(node, "Expand"):
+                    self._patch_shape(node, self._expand_values(node.input[0]))
 
-    def _patch_shape(self, node: NodeProto) -> None:
+    def _patch_shape(self, node: NodeProto, rule) -> None:
         pieces = [node.input[1]]
         concat = self.ix.producer_node(node.input[1])
         if self.ix.constant(node.input[1]) is None and concat is not None and is_op(concat, "Concat"):
+            if concat.output[0] in self.patched:  # one Concat shared by k's and v's Reshape: divided once
+                return
+            self.patched.add(concat.output[0])
             pieces = list(concat.input)
             target = concat
         else:
@@ -186,7 +201,7 @@ class Rewriter:
         flat: list[int | None] = []
         for v in values:
             flat.extend([int(x) for x in v.reshape(-1)] if v is not None else [None])
-        patched = self._patch_values(flat)
+        patched = rule(flat)
         if patched == flat:
             return
         pos = 0
@@ -198,7 +213,22 @@ class Rewriter:
                 target.input[slot] = self._const(piece, new)
             pos += n
 
-    def _patch_values(self, flat: list[int | None]) -> list[int | None]:
+    def _expand_values(self, data: str):
+        """Expand (repeat_kv's [B, kv_heads, n_rep, S, D]): an entry is divided only where the expanded
+        tensor itself has that many heads (n_rep, a broadcast from 1, stays)."""
+        dims = self.shapes.get(data)
+
+        def rule(flat: list[int | None]) -> list[int | None]:
+            if dims is None or len(dims) != len(flat):
+                return flat
+            return [
+                v // self.world if v is not None and v in self.layout.heads and d == v else v
+                for v, d in zip(flat, dims)
+            ]
+
+        return rule
+
+    def _reshape_values(self, flat: list[int | None]) -> list[int | None]:
         lay, W = self.layout, self.world
         last = flat[-1] if flat else None
         out = list(flat)

@@ -194,11 +194,17 @@ def _plain_attention(
     b.nodes.append(helper.make_node("Concat", [past_k, k], [present_k], name=b.name("/Concat"), axis=2))
     b.nodes.append(helper.make_node("Concat", [past_v, v], [present_v], name=b.name("/Concat"), axis=2))
 
-    def repeat(t):  # repeat_kv: [B, kv, T, HS] -> [B, heads, T, HS]
-        e = b.op("Expand", [b.op("Unsqueeze", [t, b.i64([2])]), b.i64([1, 1, NH // NKV, 1, 1])])
+    def repeat(t, full_shape=False):  # repeat_kv: [B, kv, T, HS] -> [B, heads, T, HS]
+        if full_shape:  # dynamo: [B, kv, n_rep, T, HS] with kv and n_rep constants (both 2 here)
+            batch, total = (b.op("Gather", [b.op("Shape", [t]), b.i64([a])], axis=0) for a in (0, 2))
+            consts = [b.const_node(np.asarray([v], np.int64)) for v in (NKV, NH // NKV, HS)]
+            shape = b.op("Concat", [batch, consts[0], consts[1], total, consts[2]], axis=0)
+        else:  # TorchScript: a broadcast from [1, 1, n_rep, 1, 1]
+            shape = b.i64([1, 1, NH // NKV, 1, 1])
+        e = b.op("Expand", [b.op("Unsqueeze", [t, b.i64([2])]), shape])
         return b.op("Reshape", [e, b.i64([0, NH, -1, HS])])
 
-    kt = b.op("Transpose", [repeat(present_k)], perm=[0, 1, 3, 2])
+    kt = b.op("Transpose", [repeat(present_k, full_shape=True)], perm=[0, 1, 3, 2])
     scores = b.op("Mul", [b.op("MatMul", [q, kt]), b.const_node(np.asarray(1 / math.sqrt(HS), b.dtype))])
     ctx = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), repeat(present_v)])
     out_shape = b.const_node(np.asarray([0, 0, NH * HS], np.int64))

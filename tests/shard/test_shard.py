@@ -155,6 +155,20 @@ def test_int4_row_parallel_splits_whole_k_blocks_and_repacks_zero_points(tmp_pat
     assert dims["model.layers.0.mlp.down_proj.MatMul.weight_zero_points"] == [128]
 
 
+def shape_value(path: Path, name: str) -> list:
+    graph = onnx.load(path, load_external_data=False).graph
+    consts = {t.name: numpy_helper.to_array(t).tolist() for t in graph.initializer if t.raw_data}
+    consts.update(
+        (n.output[0], numpy_helper.to_array(n.attribute[0].t).tolist())
+        for n in graph.node
+        if n.op_type == "Constant"
+    )
+    made = {o: n for n in graph.node for o in n.output}
+    if name in consts:
+        return consts[name]
+    return [d for piece in made[name].input for d in (consts.get(piece) or [None])]
+
+
 def reshape_shapes(model: onnx.ModelProto) -> list[list]:
     """Every Reshape's target shape as far as constants say (None: a dim computed at run time)."""
     graph = model.graph
@@ -179,6 +193,15 @@ def test_plain_operator_attention_gets_its_reshape_head_counts_divided(tmp_path)
     shard_model(full, tmp_path / "tp2", 2)
     before = reshape_shapes(onnx.load(full, load_external_data=False))[:6]
     after = reshape_shapes(onnx.load(tmp_path / "tp2" / "model_00.onnx", load_external_data=False))[:6]
+    expands = [
+        n
+        for n in onnx.load(tmp_path / "tp2" / "model_00.onnx", load_external_data=False).graph.node
+        if n.op_type == "Expand"
+    ][:2]
+    assert [shape_value(tmp_path / "tp2" / "model_00.onnx", e.input[1]) for e in expands] == [
+        [None, 1, 2, None, 16],  # [B, kv heads, n_rep, T, HS]: the KV heads divided, n_rep (also 2) kept
+        [1, 1, 2, 1, 1],
+    ]
     assert before == [
         [None, None, 4, 16],
         [0, 0, 2, 16],
