@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -54,9 +56,10 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     # q/k/v biases (Qwen2 always has them).
     "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=192, num_attention_heads=4,
                                   num_key_value_heads=2)),
-    # fused qkv_proj and gate_up_proj in the checkpoint itself.
+    # fused qkv_proj and gate_up_proj in the checkpoint itself. original_max_position_embeddings equal to
+    # max_position_embeddings: the builder's Phi3MiniModel (plain rotary); otherwise it wants LongRoPE factors.
     "phi3": ("Phi3Config", dict(hidden_size=64, intermediate_size=192, num_attention_heads=4,
-                                num_key_value_heads=2, pad_token_id=0)),
+                                num_key_value_heads=2, pad_token_id=0, original_max_position_embeddings=MAX_POS)),
 }
 COMMON_CONFIG = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=MAX_POS,
                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
@@ -83,8 +86,6 @@ SAMPLES = [
            what="Llama, MatMulNBits int4 block 32, symmetric (no zero points)"),
     Sample("genai-llama-int4-zp", "llama", "genai", "int4", ("is_symmetric=false",),
            what="Llama, MatMulNBits uint4 block 32 with packed zero points"),
-    Sample("genai-llama-gateup-fp32", "llama", "genai", "fp32", ("fuse_mlp_gate_up=true",),
-           what="Llama with the builder's fused gate_up MatMul + Split"),
     Sample("genai-llama8h-fp32", "llama8h", "genai", "fp32", shard=(2, 4),
            what="Llama, GQA 8/4, hidden 128: shards at --tp 2 and --tp 4"),
     Sample("genai-llama8h-int4-zp", "llama8h", "genai", "int4", ("is_symmetric=false",), shard=(2, 4),
@@ -93,10 +94,11 @@ SAMPLES = [
            what="Qwen2, fused qkv MatMul + qkv bias Add"),
     Sample("genai-qwen2-sepqkv-fp32", "qwen2", "genai", "fp32", ("fuse_qkv=false",),
            what="Qwen2, separate q/k/v MatMul + bias Add each"),
-    Sample("genai-phi3-fp32", "phi3", "genai", "fp32",
-           what="Phi-3 (fused qkv_proj and gate_up_proj in the checkpoint)"),
-    Sample("genai-phi3-int4", "phi3", "genai", "int4",
-           what="Phi-3, MatMulNBits int4 symmetric"),
+    # Without fuse_mlp_gate_up the builder splits Phi-3's gate_up_proj into two MatMuls (a graph like Llama's).
+    Sample("genai-phi3-fp32", "phi3", "genai", "fp32", ("fuse_mlp_gate_up=true",),
+           what="Phi-3: fused qkv MatMul, fused gate_up MatMul + Split"),
+    Sample("genai-phi3-int4", "phi3", "genai", "int4", ("fuse_mlp_gate_up=true",),
+           what="Phi-3: fused qkv and gate_up MatMulNBits int4 (symmetric) + Split"),
     Sample("torch-llama-fp32", "llama", "torchscript", "fp32",
            what="Llama through torch.onnx TorchScript: MatMul/Softmax/MatMul attention, KV through Concat"),
     Sample("torch-llama-dynamo-fp32", "llama", "dynamo", "fp32",
@@ -178,8 +180,11 @@ class CacheWrapper(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = transformers.DynamicCache(config=self.model.config)
-        for i in range(self.layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
+        for i, layer in enumerate(cache.layers):
+            # Seeded directly: cache.update() would concatenate the past onto an empty tensor first, which
+            # leaves a one-input Concat in front of the real KV Concat.
+            layer.lazy_initialization(past[2 * i], past[2 * i + 1])
+            layer.keys, layer.values = past[2 * i], past[2 * i + 1]
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True)
         present = []
@@ -279,7 +284,17 @@ def check_export(sample: Sample, model, folder: Path) -> dict:
     if not worst <= TOLERANCE[sample.precision]:
         raise SystemExit(f"{sample.name}: onnxruntime differs from torch by {worst} "
                          f"(tolerance {TOLERANCE[sample.precision]})")
-    return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode}
+    return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode,
+            "input_ids": ids.numpy(), "logits": reference.astype(np.float32)}
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez with a fixed timestamp in the zip entries, so the same arrays give the same bytes."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.save(buffer, array, allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
 
 
 def check_genai_runtime(folder: Path) -> list[int]:
@@ -339,6 +354,8 @@ def make_sample(sample: Sample, root: Path, work: Path) -> None:
     if target.exists():
         shutil.rmtree(target)
     shutil.move(str(staging), str(target))
+    # torch's logits for fixed token ids, beside full/: tests run the committed export on them in onnxruntime.
+    write_npz(root / sample.name / "reference.npz", {"input_ids": numbers["input_ids"], "logits": numbers["logits"]})
     print(f"{sample.name}: {sum(source['files'].values())} bytes, vs torch prefill {numbers['prefill_max_abs_diff']:.2e}"
           f" decode {numbers['decode_max_abs_diff']:.2e}" + (f", genai generated {tokens}" if tokens else ""))
 
