@@ -305,3 +305,10 @@ def test_int8_activations_are_recognised_by_accuracy_level_4(attributes, expecte
     # The same op inside an If branch counts too.
     branch = onnx.helper.make_node("If", ["c"], ["y"], then_branch=graph, else_branch=graph)
     assert quantizes_activations(onnx.helper.make_model(onnx.helper.make_graph([branch], "g", [], []))) is expected
+
+
+def test_one_rank_file_runs_its_whole_family_against_the_twin():
+    variant = SAMPLES / "llama-gqa"
+    result = invoke(variant / "tp2" / "model_01.onnx", "--twin", variant / "full" / "model.onnx", "-q")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"PASSED: 10 outputs on 2 rank(s) match {variant / 'full' / 'model.onnx'} ")
