@@ -606,5 +606,6 @@ def test_refuses_a_head_sharded_tensor_read_outside_attention(tmp_path):
         tmp_path / "out",
         2,
         r"^unrecognised layer structure at node 'debug/Relu': it reads "
-        r"'/model/layers.1/attn/q_proj/MatMul/output_0', which is split across ranks, outside attention and MLP$",
+        r"'/model/layers.1/attn/q_proj/MatMul/output_0', which is split across ranks, "
+        r"outside attention and MLP$",
     )
