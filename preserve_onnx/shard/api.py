@@ -114,7 +114,7 @@ def _write_ranks(
             full = reader.array(src)
             for rank in range(world):
                 value = rank_value(full, plan.cuts.get(t.name), world, rank, t.data_type, t.name)
-                writers[rank].write(models[rank].graph.initializer[k], value)
+                writers[rank].write(models[rank].graph.initializer[k], value, after_chunk=reader.release)
             del full
             reader.release()
     finally:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,8 +147,9 @@ class DataWriter:
         self.location = location
         self.size = 0
 
-    def write(self, t: TensorProto, value: Piece) -> None:
-        """Rewrite ``t`` (name and type kept) to hold ``value``, in the data file or inline."""
+    def write(self, t: TensorProto, value: Piece, after_chunk: Callable[[], None] | None = None) -> None:
+        """Rewrite ``t`` (name and type kept) to hold ``value``, in the data file or inline.
+        ``after_chunk`` runs after each chunk written (the reader drops the source pages it mapped)."""
         del t.dims[:]
         t.dims.extend(value.shape)
         t.ClearField("raw_data")
@@ -173,6 +174,8 @@ class DataWriter:
                     self.file.write(block.astype(block.dtype.newbyteorder("<"), copy=False).data)
                 else:  # zeros stay a hole (sparse file), as `cp` keeps them; they read back as zeros
                     self.file.seek(block.nbytes, os.SEEK_CUR)
+                if after_chunk is not None:
+                    after_chunk()
         self.size = offset + value.nbytes
         t.data_location = TensorProto.EXTERNAL
         for key, val in (("location", self.location), ("offset", str(offset)), ("length", str(value.nbytes))):
