@@ -19,8 +19,7 @@ from onnx import helper
 
 EXPORTS = Path(__file__).resolve().parent.parent / "sample_models" / "exporters"
 
-GENAI = ["genai-llama-fp16", "genai-llama-fp32", "genai-llama-int4", "genai-llama-int4-zp", "genai-llama8h-fp32",
-         "genai-llama8h-int4-zp", "genai-phi3-fp32", "genai-phi3-int4", "genai-qwen2-fp32", "genai-qwen2-sepqkv-fp32"]
+GENAI = ["genai-llama-fp16", "genai-llama-fp32", "genai-llama-int4", "genai-llama-int4-zp", "genai-llama8h-int4-zp", "genai-phi3-fp32", "genai-phi3-int4", "genai-qwen2-fp32", "genai-qwen2-sepqkv-fp32"]
 TORCH = ["torch-llama-dynamo-fp32", "torch-llama-fp32"]
 LAYERS = 2
 # (q heads, kv heads, head size) by sample
@@ -121,7 +120,6 @@ GENAI_COMMON = {"ai.onnx::Cast": 2, "ai.onnx::Constant": 2, "ai.onnx::Gather": 2
 GENAI_OPS = {
     "genai-llama-fp32": {"ai.onnx::MatMul": 11},
     "genai-llama-fp16": {"ai.onnx::MatMul": 11},
-    "genai-llama8h-fp32": {"ai.onnx::MatMul": 11},
     "genai-llama-int4": {"com.microsoft::MatMulNBits": 11},
     "genai-llama-int4-zp": {"com.microsoft::MatMulNBits": 11},
     "genai-llama8h-int4-zp": {"com.microsoft::MatMulNBits": 11},
