@@ -15,18 +15,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import pairwise
 
-import numpy as np
 from onnx import NodeProto
 
 from preserve_onnx.config import MS_DOMAIN
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.passes._structure import LAYOUT_OPS, attention_cores, kv_cache_paths
+from preserve_onnx.passes._structure import attention_cores, kv_cache_paths
 from preserve_onnx.shard.graph import GraphIndex, Linear, attr, is_op
+from preserve_onnx.shard.tracing import (
+    bias_after,
+    fused_parts,
+    kv_slot_inputs,
+    reaches_output,
+    readers_through_layout,
+    root_input,
+    walk_back,
+    width_of,
+)
 
+# Operators between gate/up and down_proj in an MLP (activations, the gate*up product, a fused gate_up's cut).
 ELEMENTWISE = frozenset(
-    {
+    [
         "Mul",
         "Add",
         "Sub",
@@ -59,14 +68,9 @@ ELEMENTWISE = frozenset(
         "Where",
         "Min",
         "Max",
-    }
+    ]
 )
 HEAD_ATTRS = ("num_heads", "kv_num_heads", "q_num_heads")
-BIAS_OPS = ("Add", "FastGelu", "BiasGelu", "BiasAdd")
-
-
-def refuse(message: str) -> PreserveError:
-    return PreserveError(message)
 
 
 @dataclass(frozen=True)
@@ -96,123 +100,18 @@ class Layout:
     head_size: set[int] = field(default_factory=set)
 
 
-def _through_layout_forward(ix: GraphIndex, tensor: str) -> list[tuple[int, str]]:
-    """(node, tensor it reads) for every non-layout, non-metadata reader reached via layout operators."""
-    found, todo, seen = [], [tensor], set()
-    while todo:
-        t = todo.pop()
-        for i in ix.consumers.get(t, ()):
-            node = ix.nodes[i]
-            if is_op(node, "Shape") or is_op(node, "Size"):
-                continue
-            if node.op_type in LAYOUT_OPS and node.input[0] == t and node.output[0] not in seen:
-                seen.add(node.output[0])
-                todo.append(node.output[0])
-            else:
-                found.append((i, t))
-    return found
-
-
-def _root_input(ix: GraphIndex, tensor: str) -> str | None:
-    """The graph input behind ``tensor`` through layout operators, if any."""
-    for _ in range(16):
-        if tensor in ix.inputs:
-            return tensor
-        node = ix.producer_node(tensor)
-        if node is None or node.op_type not in LAYOUT_OPS:
-            return None
-        tensor = node.input[0]
-    return None
-
-
-def _walk_back(ix: GraphIndex, tensor: str, allowed=None) -> tuple[set[int], set[int], bool]:
-    """Walk producers back from ``tensor``, stopping at linears, constants, graph inputs and Shape/Size.
-
-    Returns (nodes passed, linears reached, ok); ok is False when ``allowed`` is given and a node
-    outside it was met."""
-    region, linears, todo, seen = set(), set(), [tensor], set()
-    while todo:
-        t = todo.pop()
-        if not t or t in seen or ix.is_constant(t) or t in ix.inputs:
-            continue
-        seen.add(t)
-        i = ix.producer.get(t)
-        if i is None:
-            continue  # captured from an outer scope
-        node = ix.nodes[i]
-        if i in ix.linears and t == node.output[0]:
-            linears.add(i)
-            continue
-        if is_op(node, "Shape") or is_op(node, "Size"):
-            continue
-        if allowed is not None and node.op_type not in allowed:
-            return region, linears, False
-        region.add(i)
-        reads = node.input[:1] if is_op(node, "CastLike") else node.input
-        todo.extend(reads)
-    return region, linears, True
-
-
-def _fused_parts(ix: GraphIndex, lin: Linear, tensor: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(part widths, cutting nodes) when ``tensor`` (a linear's output) is cut by Split/Slice on its last
-    axis; ((width,), ()) otherwise."""
-    readers = [i for i in ix.consumers.get(tensor, ()) if not is_op(ix.nodes[i], "Shape")]
-    if len(readers) == 1 and is_op(ix.nodes[readers[0]], "Split"):
-        node = ix.nodes[readers[0]]
-        sizes = ix.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "split")
-        if sizes is None:
-            sizes = [lin.width // len(node.output)] * len(node.output)
-        return tuple(int(s) for s in np.asarray(sizes).reshape(-1)), (readers[0],)
-    if readers and all(is_op(ix.nodes[i], "Slice") for i in readers):
-        bounds = []
-        for i in readers:
-            node = ix.nodes[i]
-            starts, ends = ix.constant(node.input[1]), ix.constant(node.input[2])
-            axes = ix.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-            if (
-                starts is None
-                or ends is None
-                or starts.size != 1
-                or (axes is not None and int(axes.reshape(-1)[0]) not in (-1, 2))
-            ):
-                return (lin.width,), ()
-            bounds.append((int(starts.reshape(-1)[0]), min(int(ends.reshape(-1)[0]), lin.width)))
-        bounds = sorted(set(bounds))
-        if (
-            bounds[0][0] == 0
-            and bounds[-1][1] == lin.width
-            and all(a[1] == b[0] for a, b in pairwise(bounds))
-        ):
-            return tuple(b - a for a, b in bounds), tuple(sorted(readers))
-    return (lin.width,), ()
-
-
-def _bias_after(ix: GraphIndex, lin: Linear) -> tuple[tuple[str, ...], str]:
-    """1-D constants of the linear's width added to its output right after it; and the tensor after them."""
-    tensor = ix.nodes[lin.index].output[0]
-    readers = ix.consumers.get(tensor, ())
-    if len(readers) == 1:
-        node = ix.nodes[readers[0]]
-        if node.op_type in BIAS_OPS and len(node.input) == 2:
-            other = node.input[1] if node.input[0] == tensor else node.input[0]
-            t = ix.inits.get(other)
-            if t is not None and list(t.dims) == [lin.width]:
-                return (other,), node.output[0]
-    return (), tensor
-
-
 def _column(ix: GraphIndex, lin: Linear, unit: int, label_of) -> Column:
-    biases, tensor = _bias_after(ix, lin)
+    biases, tensor = bias_after(ix, lin)
     node = ix.nodes[lin.index]
     if lin.kind == "attention":
         sizes = attr(node, "qkv_hidden_sizes") or [lin.width // 3] * 3
         parts, cuts = tuple(sizes), ()
         biases = (node.input[2],) if len(node.input) > 2 and node.input[2] in ix.inits else ()
     else:
-        parts, cuts = _fused_parts(ix, lin, tensor)
+        parts, cuts = fused_parts(ix, lin, tensor)
         packed = [
             i
-            for i, t in _through_layout_forward(ix, tensor)
+            for i, t in readers_through_layout(ix, tensor)
             if is_op(ix.nodes[i], "GroupQueryAttention", MS_DOMAIN)
             and ix.nodes[i].input[0] == t
             and (len(ix.nodes[i].input) < 2 or not ix.nodes[i].input[1])
@@ -227,39 +126,6 @@ def _column(ix: GraphIndex, lin: Linear, unit: int, label_of) -> Column:
     return Column(lin, parts, unit, tuple(label_of(p) for p in parts), biases, cuts)
 
 
-def _width_of(ix: GraphIndex, tensor: str) -> int:
-    """The last-axis width of ``tensor``, read back through bias Adds, layout operators and a Split or
-    Slice to the linear that makes it (0 when unknown)."""
-    for _ in range(16):
-        i = ix.producer.get(tensor)
-        if i is None:
-            return 0
-        node = ix.nodes[i]
-        if i in ix.linears and tensor == node.output[0]:
-            return ix.linears[i].width
-        if is_op(node, "Split"):
-            sizes = (
-                ix.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "split")
-            )
-            if sizes is None:
-                return _width_of(ix, node.input[0]) // len(node.output)
-            return int(np.asarray(sizes).reshape(-1)[list(node.output).index(tensor)])
-        if is_op(node, "Slice"):
-            starts, ends = ix.constant(node.input[1]), ix.constant(node.input[2])
-            if starts is None or ends is None:
-                return 0
-            return min(int(ends.reshape(-1)[0]), _width_of(ix, node.input[0])) - int(starts.reshape(-1)[0])
-        if node.op_type in BIAS_OPS and not ix.is_constant(node.input[0]):
-            tensor = node.input[0]
-        elif node.op_type in BIAS_OPS:
-            tensor = node.input[1]
-        elif node.op_type in ("Cast", "Identity", "RotaryEmbedding"):
-            tensor = node.input[0]
-        else:
-            return 0
-    return 0
-
-
 def _site_heads(
     ix: GraphIndex, site: int, cols: list[Linear], kv_inputs: set[str], dims: dict[str, int]
 ) -> tuple[int, int, int]:
@@ -272,7 +138,7 @@ def _site_heads(
         nh = attr(node, "q_num_heads", 0)
     if node.op_type == "Attention" and node.domain == MS_DOMAIN:
         if site not in ix.linears:
-            raise refuse(
+            raise PreserveError(
                 f"unrecognised layer structure at node '{ix.label(site)}': its q|k|v weight is not "
                 f"an initializer"
             )
@@ -280,7 +146,7 @@ def _site_heads(
         sizes = attr(node, "qkv_hidden_sizes") or [width // 3] * 3
         return nh, nh, sizes[0] // nh if nh else 0
     if nh:
-        width = _width_of(ix, node.input[0])
+        width = width_of(ix, node.input[0])
         packed = len(node.input) < 2 or not node.input[1]
         hs = width // (nh + 2 * nkv) if packed else width // nh
         return nh, nkv, hs
@@ -294,23 +160,11 @@ def _site_heads(
                 break
     if not hs:  # a Reshape right after a column linear: [..., heads or -1, head_size]
         for c in cols:
-            for i in ix.consumers.get(_bias_after(ix, c)[1], ()):
+            for i in ix.consumers.get(bias_after(ix, c)[1], ()):
                 shape = ix.constant(ix.nodes[i].input[1]) if is_op(ix.nodes[i], "Reshape") else None
                 if shape is not None and shape.size >= 3 and int(shape.reshape(-1)[-1]) > 0:
                     hs = int(shape.reshape(-1)[-1])
     return 0, 0, hs
-
-
-def _kv_slot_inputs(node: NodeProto) -> list[str]:
-    """The KV-cache inputs of an attention operator (docs/design.md §2's table; ONNX Attention: 4, 5)."""
-    slots = {"GroupQueryAttention": (3, 4), "MultiHeadAttention": (6, 7), "Attention": (4,)}
-    if node.domain == MS_DOMAIN and node.op_type in slots:
-        picks = slots[node.op_type]
-    elif is_op(node, "Attention"):
-        picks = (4, 5)
-    else:
-        return []
-    return [node.input[s] for s in picks if s < len(node.input) and node.input[s]]
 
 
 def _propagate(ix: GraphIndex, layout: Layout, seeds: set[str]) -> set[str]:
@@ -334,7 +188,7 @@ def find_layout(
     layout = Layout()
     sites = attention_cores(ix.graph)
     if not sites:
-        raise refuse(
+        raise PreserveError(
             "unrecognised layer structure: no attention found (GroupQueryAttention, "
             "MultiHeadAttention, Attention, or MatMul -> Softmax -> MatMul)"
         )
@@ -343,29 +197,29 @@ def find_layout(
     for site in sites:
         out = ix.nodes[site].output[0]
         rows = {
-            i for i, t in _through_layout_forward(ix, out) if i in ix.linears and ix.nodes[i].input[0] == t
+            i for i, t in readers_through_layout(ix, out) if i in ix.linears and ix.nodes[i].input[0] == t
         }
         if len(rows) != 1:
-            raise refuse(
+            raise PreserveError(
                 f"unrecognised layer structure at node '{ix.label(site)}': its output does not reach "
                 f"exactly one output projection (found {len(rows)})"
             )
         row = ix.linears[rows.pop()]
-        region, cols, _ = _walk_back(ix, ix.nodes[row.index].input[0])
+        region, cols, _ = walk_back(ix, ix.nodes[row.index].input[0])
         if site in ix.linears:
             cols.add(site)
         col_lins = [ix.linears[c] for c in sorted(cols)]
-        kv = {r for i in region for r in (_root_input(ix, t) for t in ix.nodes[i].input) if r in kv_paths}
-        kv |= {r for r in (_root_input(ix, t) for t in _kv_slot_inputs(ix.nodes[site])) if r}
+        kv = {r for i in region for r in (root_input(ix, t) for t in ix.nodes[i].input) if r in kv_paths}
+        kv |= {r for r in (root_input(ix, t) for t in kv_slot_inputs(ix.nodes[site])) if r}
         nh, nkv, hs = _site_heads(ix, site, col_lins, kv, dims)
         if not hs:
-            raise refuse(
+            raise PreserveError(
                 f"unrecognised layer structure at node '{ix.label(site)}': cannot tell its head size "
                 f"(give the KV-cache's last dim with --dim NAME=N)"
             )
         for what, count in (("attention heads", nh), ("KV heads", nkv)):
             if count and count % world:
-                raise refuse(f"--tp {world} does not divide the {count} {what} of '{ix.label(site)}'")
+                raise PreserveError(f"--tp {world} does not divide the {count} {what} of '{ix.label(site)}'")
 
         def label(width: int, nh=nh, hs=hs) -> str:
             return "attention heads" if nh and width == nh * hs else "KV heads" if nh else "heads"
@@ -390,7 +244,7 @@ def _find_mlps(ix: GraphIndex, layout: Layout, col_seeds: set[str]) -> None:
     for i, lin in sorted(ix.linears.items()):
         if i in layout.columns or i in layout.rows:
             continue
-        region, cols, ok = _walk_back(ix, ix.nodes[i].input[0], ELEMENTWISE)
+        region, cols, ok = walk_back(ix, ix.nodes[i].input[0], ELEMENTWISE)
         if not ok or not cols or cols & (layout.columns.keys() | layout.rows.keys()):
             continue
         for c in sorted(cols):
@@ -404,29 +258,18 @@ def _find_lm_head(ix: GraphIndex, layout: Layout, vocab_parallel: bool) -> None:
     for i, lin in sorted(ix.linears.items()):
         if i in layout.columns or i in layout.rows:
             continue
-        if not _reaches_output(ix, ix.nodes[i].output[0]) or layout.lm_head is not None:
-            raise refuse(
+        if not reaches_output(ix, ix.nodes[i].output[0]) or layout.lm_head is not None:
+            raise PreserveError(
                 f"unrecognised layer structure at node '{lin.name}': a linear layer that is not part "
                 f"of attention, an MLP or the LM head"
             )
         layout.lm_head = lin
     if vocab_parallel:
         if layout.lm_head is None:
-            raise refuse("--vocab-parallel: no LM head found (a linear layer whose output is the logits)")
+            raise PreserveError(
+                "--vocab-parallel: no LM head found (a linear layer whose output is the logits)"
+            )
         layout.columns[layout.lm_head.index] = _column(ix, layout.lm_head, 1, lambda w: "vocabulary entries")
-
-
-def _reaches_output(ix: GraphIndex, tensor: str) -> bool:
-    """Whether ``tensor`` becomes a graph output through layout operators (or a bias Add)."""
-    for _ in range(16):
-        if tensor in ix.outputs:
-            return True
-        readers = [ix.nodes[i] for i in ix.consumers.get(tensor, ())]
-        nxt = [n for n in readers if n.op_type in LAYOUT_OPS or n.op_type in ("Add",)]
-        if len(nxt) != 1:
-            return False
-        tensor = nxt[0].output[0]
-    return False
 
 
 def _find_kv_and_shards(ix: GraphIndex, layout: Layout, col_seeds: set[str]) -> None:
@@ -435,10 +278,10 @@ def _find_kv_and_shards(ix: GraphIndex, layout: Layout, col_seeds: set[str]) -> 
     first = _propagate(ix, layout, col_seeds)
     for i in sorted(layout.region | set(layout.columns)):
         node = ix.nodes[i]
-        picks = _kv_slot_inputs(node)
+        picks = kv_slot_inputs(node)
         if is_op(node, "Concat") and i in layout.region and any(t in first for t in node.input):
             picks = list(node.input)
-        layout.kv_inputs.update(r for r in (_root_input(ix, t) for t in picks if t) if r)
+        layout.kv_inputs.update(r for r in (root_input(ix, t) for t in picks if t) if r)
     if layout.lm_head is not None and layout.lm_head.index in layout.columns:
         col_seeds = col_seeds | {ix.nodes[layout.lm_head.index].output[0]}
     layout.sharded = _propagate(ix, layout, col_seeds | layout.kv_inputs)
@@ -455,7 +298,7 @@ def _find_kv_and_shards(ix: GraphIndex, layout: Layout, col_seeds: set[str]) -> 
                 continue
             if i in layout.columns and ix.linears[i].kind == "attention":
                 continue
-            raise refuse(
+            raise PreserveError(
                 f"unrecognised layer structure at node '{ix.label(i)}': it reads '{t}', which is "
                 f"split across ranks, outside attention and MLP"
             )
@@ -468,14 +311,16 @@ def _check_divisible(ix: GraphIndex, layout: Layout, world: int) -> None:
     for i in sorted(layout.columns):
         col = layout.columns[i]
         if sum(col.parts) != col.linear.width:
-            raise refuse(
+            raise PreserveError(
                 f"unrecognised layer structure at node '{col.linear.name}': its fused parts "
                 f"{list(col.parts)} do not add up to its {col.linear.width} columns"
             )
         for part, label in zip(col.parts, col.labels):
             count = part // col.unit
             if part % col.unit or count % world:
-                raise refuse(f"--tp {world} does not divide the {count} {label} of '{col.linear.name}'")
+                raise PreserveError(
+                    f"--tp {world} does not divide the {count} {label} of '{col.linear.name}'"
+                )
     for i in sorted(layout.rows):
         row = layout.rows[i]
         if row.kind == "nbits":
@@ -483,13 +328,15 @@ def _check_divisible(ix: GraphIndex, layout: Layout, world: int) -> None:
             block = attr(node, "block_size", 0)
             blocks = -(-row.depth // block) if block else 0
             if not block or row.depth % block or blocks % world:
-                raise refuse(
+                raise PreserveError(
                     f"--tp {world} does not divide the {blocks} K blocks (block_size {block}) of '{row.name}'"
                 )
             if len(node.input) > 4 and node.input[4]:
-                raise refuse(f"unrecognised layer structure at node '{row.name}': MatMulNBits with g_idx")
+                raise PreserveError(
+                    f"unrecognised layer structure at node '{row.name}': MatMulNBits with g_idx"
+                )
         elif row.depth % world:
-            raise refuse(f"--tp {world} does not divide the {row.depth} input rows of '{row.name}'")
+            raise PreserveError(f"--tp {world} does not divide the {row.depth} input rows of '{row.name}'")
 
 
 def head_attrs(node: NodeProto) -> list[str]:
