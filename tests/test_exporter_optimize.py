@@ -1,0 +1,80 @@
+"""The optimizer on the real exporters' rank models (sample_models/exporters/<name>/tp2, tp4: exports of
+the onnxruntime-genai builder and torch.onnx, sharded by `shard`): optimize, then bit-identical under
+`run --against`; `strip` gives the original back (`diff` says equal); the KV-cache is planned in every
+window that reads it, whichever way it was recognised (attention slot or the structural rule)."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from preserve_onnx.cli import app
+from preserve_onnx.config import OptimizeConfig
+from preserve_onnx.inspection import inspect
+from preserve_onnx.model_io import load_model
+from preserve_onnx.passes._graph import is_collective
+from tests.conftest import SAMPLES
+
+runner = CliRunner()
+RANK_FOLDERS = sorted(p for p in (SAMPLES / "exporters").glob("*/tp*") if p.is_dir())
+IDS = [f"{p.parent.name}/{p.name}" for p in RANK_FOLDERS]
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def optimized(tmp_path_factory):
+    """One optimized copy per rank folder, shared by the tests of this module."""
+    made: dict[Path, Path] = {}
+
+    def get(src: Path) -> Path:
+        if src not in made:
+            dest = tmp_path_factory.mktemp("opt") / src.name
+            r = cli("optimize", src, dest, "-q")
+            assert r.exit_code == 0, r.output
+            made[src] = dest
+        return made[src]
+
+    return get
+
+
+def test_every_real_export_has_rank_folders():
+    assert len(RANK_FOLDERS) >= 12 and any(p.name == "tp4" for p in RANK_FOLDERS)
+
+
+@pytest.mark.parametrize("src", RANK_FOLDERS, ids=IDS)
+def test_optimized_real_ranks_are_bit_identical(src, optimized):
+    r = cli("run", optimized(src), "--against", src, "--steps", "2", "-q")
+    assert r.exit_code == 0, r.output
+    assert "bit-identical" in r.output and "PASSED" in r.output
+
+
+@pytest.mark.parametrize("src", RANK_FOLDERS, ids=IDS)
+def test_strip_gives_the_real_ranks_back(src, optimized, tmp_path):
+    r = cli("diff", src, optimized(src))
+    assert r.exit_code == 1, r.output  # the Prefetch nodes
+    assert cli("strip", optimized(src), tmp_path / "back").exit_code == 0
+    r = cli("diff", src, tmp_path / "back")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("src", RANK_FOLDERS, ids=IDS)
+def test_kv_cache_is_planned_in_every_window_that_reads_it(src):
+    """Each KV-cache input of a layer after the first is read in some window, and planned there whole
+    (the default budget at batch 8 / context 16k holds a tiny model's layer of cache)."""
+    model_file = sorted(src.glob("*.onnx"))[0]
+    found = inspect(model_file, OptimizeConfig())
+    kv_inputs = [vi.name for vi in load_model(model_file).graph.input if vi.name.startswith("past_key_values.")]
+    planned, candidates = set(), set()
+    for window in found.plan.windows:
+        kv = {c.tensor for c in window.candidates if c.kind == "kv_cache"}
+        candidates |= kv
+        prefetched = {p.tensor for p in window.prefetches if p.kind == "kv_cache" and p.max_size == 0}
+        assert kv <= prefetched, (window.window.collective, kv - prefetched)
+        planned |= prefetched
+    # The first layer's cache is read before the first collective: no window overlaps it.
+    later = {name for name in kv_inputs if not name.startswith("past_key_values.0.")}
+    assert later and later == candidates == planned
+    assert sum(is_collective(n) for n in load_model(model_file).graph.node) == 4
