@@ -652,14 +652,16 @@ def build_shape_model(spec: ShapeSpec, equivalent: bool = False) -> onnx.ModelPr
     if spec.collective:
         out = f"/model/layers.0/{spec.collective}_output_0"
         if not equivalent:
-            attrs = {"axis": spec.gather_axis, "group_size": spec.world} if spec.collective == "AllGather" else {}
+            gather = spec.collective == "AllGather"
+            attrs = {"axis": spec.gather_axis, "group_size": spec.world} if gather else {}
             nodes.append(helper.make_node(spec.collective, [cur], [out], name="coll", domain=MS, **attrs))
         elif spec.world == 1:
             nodes.append(helper.make_node("Identity", [cur], [out], name="coll"))
         elif spec.collective == "AllReduce":
             nodes.append(helper.make_node("Add", [cur, cur], [out], name="coll"))
         else:
-            nodes.append(helper.make_node("Concat", [cur] * spec.world, [out], name="coll", axis=spec.gather_axis))
+            nodes.append(helper.make_node("Concat", [cur] * spec.world, [out], name="coll",
+                                          axis=spec.gather_axis))
         cur = out
     for s, stage in enumerate(spec.stages):
         shape = f"shape{s}"
@@ -668,8 +670,10 @@ def build_shape_model(spec: ShapeSpec, equivalent: bool = False) -> onnx.ModelPr
         for axis in (0, 1):
             inits.append(_ints(f"idx{s}_{axis}", axis))
             nodes += [
-                helper.make_node("Gather", [shape, f"idx{s}_{axis}"], [f"g{s}_{axis}"], name=f"g{s}_{axis}", axis=0),
-                helper.make_node("Unsqueeze", [f"g{s}_{axis}", "axis0"], [f"u{s}_{axis}"], name=f"u{s}_{axis}"),
+                helper.make_node("Gather", [shape, f"idx{s}_{axis}"], [f"g{s}_{axis}"], name=f"g{s}_{axis}",
+                                 axis=0),
+                helper.make_node("Unsqueeze", [f"g{s}_{axis}", "axis0"], [f"u{s}_{axis}"],
+                                 name=f"u{s}_{axis}"),
             ]
             parts.append(f"u{s}_{axis}")
         target = f"target{s}"
@@ -693,8 +697,9 @@ def build_shape_model(spec: ShapeSpec, equivalent: bool = False) -> onnx.ModelPr
         }[spec.value_info]
         value_infos.append(helper.make_tensor_value_info(
             f"/model/layers.0/{spec.collective}_output_0", TensorProto.FLOAT, declared))
-    graph = helper.make_graph(nodes, "shapes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, spec.dims)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, spec.dims)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "shapes", [x], [y], inits,
                               value_info=value_infos)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1),
                                                     helper.make_opsetid("preserve", 1)])
@@ -702,7 +707,8 @@ def build_shape_model(spec: ShapeSpec, equivalent: bool = False) -> onnx.ModelPr
     return model
 
 
-def identity_twin(model: onnx.ModelProto, prefetch: tuple[str, str] = ("preserve", "Prefetch")) -> onnx.ModelProto:
+def identity_twin(model: onnx.ModelProto,
+                  prefetch: tuple[str, str] = ("preserve", "Prefetch")) -> onnx.ModelProto:
     """A copy of ``model`` with every Prefetch and com.microsoft AllReduce / AllGather (subgraphs too)
     replaced by Identity of its input(s): the model whose loading docs/design.md §7's rule is about."""
     twin = onnx.ModelProto()

@@ -45,7 +45,8 @@ def _torchscript_attention(dims, head: list[onnx.NodeProto], src: str, extra_ini
         helper.make_node("Gather", ["shape", "i1"], ["s"], name="/self_attn/Gather_1", axis=0),
         helper.make_node("Unsqueeze", ["b", "ax0"], ["b1"], name="/self_attn/Unsqueeze"),
         helper.make_node("Unsqueeze", ["s", "ax0"], ["s1"], name="/self_attn/Unsqueeze_1"),
-        helper.make_node("Concat", ["b1", "s1", "heads", "minus1"], ["split"], name="/self_attn/Concat", axis=0),
+        helper.make_node("Concat", ["b1", "s1", "heads", "minus1"], ["split"], name="/self_attn/Concat",
+                         axis=0),
         helper.make_node("Reshape", [src, "split"], ["q"], name="/self_attn/Reshape"),
         helper.make_node("Transpose", ["q"], ["qt"], name="/self_attn/Transpose", perm=[0, 2, 1, 3]),
         helper.make_node("Transpose", ["qt"], ["o"], name="/self_attn/Transpose_1", perm=[0, 2, 1, 3]),
@@ -70,7 +71,8 @@ UNKNOWN_DIMS = [[None, None, None], ["batch", None, 8], [None, "sequence_length"
 
 @pytest.mark.parametrize("dims", UNKNOWN_DIMS)
 def test_torchscript_reshapes_after_an_allreduce_of_unknown_dims_load_and_run(dims):
-    m = _torchscript_attention(dims, [helper.make_node("AllReduce", ["x"], ["ar"], name="ar", domain=MS)], "ar")
+    allreduce = helper.make_node("AllReduce", ["x"], ["ar"], name="ar", domain=MS)
+    m = _torchscript_attention(dims, [allreduce], "ar")
     xs = [_x(0), _x(1)]
     out = RankSession([m, m]).run({}, {r: {"x": xs[r]} for r in range(2)})
     for r in range(2):
@@ -144,8 +146,8 @@ def _every_op_model():
         helper.make_node("Prefetch", ["x", "w"], ["p"], name="pf", domain="preserve", max_size=0, offset=0,
                          collective="ar0"),
     ]
-    return model(nodes, [vi("x", F32, ["batch", None, 4])], [vi(o, F32, None) for o in ("a", "b", "g1", "g2", "g0", "p")],
-                 [w])
+    outputs = [vi(o, F32, None) for o in ("a", "b", "g1", "g2", "g0", "p")]
+    return model(nodes, [vi("x", F32, ["batch", None, 4])], outputs, [w])
 
 
 def test_outputs_copy_values_and_names_and_name_every_other_dim():
@@ -167,8 +169,8 @@ def test_outputs_copy_values_and_names_and_name_every_other_dim():
 
 
 def test_prefetch_vendor_op_names_its_dims_after_itself():
-    m = model([helper.make_node("PrefetchWeights", ["x", "w"], ["p"], name="pf", domain="vendor.ops", max_size=0,
-                                offset=0)],
+    m = model([helper.make_node("PrefetchWeights", ["x", "w"], ["p"], name="pf", domain="vendor.ops",
+                                max_size=0, offset=0)],
               [vi("x", F32, [None, 4])], [vi("p", F32, None)], [init("w", np.ones(4, np.float32))],
               opsets=[helper.make_opsetid("", 17), helper.make_opsetid("vendor.ops", 1)])
     session = RankSession(m, prefetch_domain="vendor.ops", prefetch_op="PrefetchWeights")
@@ -182,9 +184,11 @@ def test_an_input_of_unknown_rank_keeps_no_shape(op):
     if op == "AllGather":
         node = helper.make_node("AllGather", ["x"], ["c"], name="ag", domain=MS, axis=0, group_size=1)
     else:
-        node = helper.make_node("Prefetch", ["x", "w"], ["c"], name="pf", domain="preserve", max_size=0, offset=0)
+        node = helper.make_node("Prefetch", ["x", "w"], ["c"], name="pf", domain="preserve", max_size=0,
+                                offset=0)
     m = model([node, helper.make_node("MatMul", ["c", "w2"], ["y"], name="mm")], [vi("x", F32, None)],
-              [vi("y", F32, None)], [init("w", np.ones(3, np.float32)), init("w2", np.ones((4, 2), np.float32))])
+              [vi("y", F32, None)],
+              [init("w", np.ones(3, np.float32)), init("w2", np.ones((4, 2), np.float32))])
     out = RankSession(m).run({"x": np.ones((3, 4), np.float32)})
     np.testing.assert_array_equal(out[0]["y"], np.full((3, 2), 4, np.float32))
 
@@ -202,8 +206,9 @@ def test_allreduce_of_an_input_of_unknown_rank_reads_as_a_scalar():
 
 def test_shape_spec_graph_with_every_kind_of_dim_runs_on_two_ranks():
     """One drawn-style graph of tests/strategies.py, fixed: the property test's building blocks."""
-    spec = ShapeSpec(dims=(None, "seq_1", 8), matmul=True, prefetches=2, prefetch_x="u8", collective="AllGather",
-                     gather_axis=1, world=2, value_info="generated", stages=("split", "same", "merge"))
+    spec = ShapeSpec(dims=(None, "seq_1", 8), matmul=True, prefetches=2, prefetch_x="u8",
+                     collective="AllGather", gather_axis=1, world=2, value_info="generated",
+                     stages=("split", "same", "merge"))
     x = _x(0)
     plain = ort.InferenceSession(build_shape_model(spec, equivalent=True).SerializeToString(),
                                  providers=["CPUExecutionProvider"])
@@ -241,7 +246,8 @@ def _identity_loads(m: onnx.ModelProto, folder) -> bool:
     options.log_severity_level = 4
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     try:
-        ort.InferenceSession(identity_twin(m).SerializeToString(), options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(identity_twin(m).SerializeToString(), options,
+                             providers=["CPUExecutionProvider"])
     except Exception:  # noqa: BLE001 - onnxruntime raises several types; then the rule asks nothing
         return False
     return True
@@ -281,7 +287,8 @@ def _matmul_scale_model() -> onnx.ModelProto:
     return model([helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
                   helper.make_node("Mul", ["mm", "scale"], ["y"], name="scale")],
                  [vi("x", F32, ["batch", 4])], [vi("y", F32, None)],
-                 [init("w", np.arange(8, dtype=np.float32).reshape(4, 2)), init("scale", np.array(0.25, np.float32))],
+                 [init("w", np.arange(8, dtype=np.float32).reshape(4, 2)),
+                  init("scale", np.array(0.25, np.float32))],
                  opsets=[helper.make_opsetid("", 17)])
 
 
@@ -313,8 +320,8 @@ def test_imports_com_microsoft_reads_the_opsets_of_a_file_without_parsing_its_gr
     assert imports_com_microsoft(plain) is False
     assert imports_com_microsoft(_matmul_scale_model()) is False
     assert _file_opset_domains(plain) == {""}
-    assert _file_opset_domains(rank_file) == {o.domain for o in onnx.load(str(rank_file),
-                                                                          load_external_data=False).opset_import}
+    header = onnx.load(str(rank_file), load_external_data=False)
+    assert _file_opset_domains(rank_file) == {o.domain for o in header.opset_import}
     # Unreadable: registered as before, and onnxruntime names what is wrong with the file.
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes(rank_file.read_bytes()[:100])
