@@ -62,6 +62,8 @@ def test_source_json_lists_the_files_as_written(name):
     assert source["name"] == name
     assert source["precision"] == precision(name)
     assert source["hf_config"]["num_hidden_layers"] == LAYERS
+    family = "Qwen2" if "qwen2" in name else "Phi3" if "phi3" in name else "Llama"
+    assert source["hf_config"]["architectures"] == [f"{family}ForCausalLM"]
     assert source["hf_config"]["vocab_size"] == 320
     q, kv, _ = HEADS[name]
     assert (source["hf_config"]["num_attention_heads"], source["hf_config"]["num_key_value_heads"]) == (q, kv)

@@ -332,8 +332,8 @@ def make_sample(sample: Sample, root: Path, work: Path) -> None:
     numbers = check_export(sample, model, staging)
     # onnxruntime-genai's CPU package cannot open a package whose genai_config asks for cuda.
     tokens = check_genai_runtime(staging) if sample.exporter == "genai" and sample.ep == "cpu" else None
-    config = model.config.to_dict()
-    config.pop("transformers_version", None)
+    # the config.json the exporters read (save_pretrained fills in architectures and dtype)
+    config = json.loads((hf_dir / "config.json").read_text())
     source = {
         "name": sample.name,
         "what": sample.what,
