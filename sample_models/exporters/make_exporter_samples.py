@@ -8,9 +8,11 @@ Tiny random Hugging Face models are built from configs written here (no download
 
 each into `sample_models/exporters/<name>/full/` exactly as the tool wrote it, with a `source.json` that records
 the exporter, its version, the precision, the command and the Hugging Face config. Every export is then run in
-onnxruntime (a prefill and a decode step with past) and compared with the Hugging Face model in torch.
+onnxruntime (a prefill and a decode step with past) and compared with the Hugging Face model in torch, whose
+logits for those token ids go to `<name>/reference.npz` (the tests run the committed export on them).
 
-Stage 2 (`--shard CLI`): `CLI shard <name>/full <name>/tp2 --tp 2` (and `--tp 4` for the 8-head models).
+Stage 2 (`--shard CLI`): `CLI shard <name>/full <name>/tp2 --tp 2` (and `--tp 4` for the 8-head model);
+skipped with one line while `CLI shard --help` fails. `--skip-export --shard CLI` runs stage 2 alone.
 
 Runs only in its own environment (sample_models/exporters/requirements.txt; `make exporter-samples`), never in
 `make test`, which only reads the committed files.
