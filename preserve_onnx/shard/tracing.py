@@ -26,9 +26,10 @@ def readers_through_layout(ix: GraphIndex, tensor: str) -> list[tuple[int, str]]
             node = ix.nodes[i]
             if is_op(node, "Shape") or is_op(node, "Size"):
                 continue
-            if node.op_type in LAYOUT_OPS and node.input[0] == t and node.output[0] not in seen:
-                seen.add(node.output[0])
-                todo.append(node.output[0])
+            if node.op_type in LAYOUT_OPS and node.input[0] == t:
+                if node.output[0] not in seen:
+                    seen.add(node.output[0])
+                    todo.append(node.output[0])
             else:
                 found.append((i, t))
     return found

@@ -325,6 +325,15 @@ def test_vocab_parallel_gathers_the_logits(tmp_path):
     assert_twin(tmp_path / "tp2", full)
 
 
+def test_vocab_parallel_int4_lm_head(tmp_path):
+    full = SAMPLES / "llama-int4" / "full" / "model.onnx"
+    shard_model(full, tmp_path / "tp2", 2, vocab_parallel=True)
+    model = onnx.load(tmp_path / "tp2" / "model_01.onnx", load_external_data=False)
+    (head,) = [n for n in model.graph.node if n.name == "/lm_head/MatMulNBits"]
+    assert (attrs(head)["K"], attrs(head)["N"]) == (64, 80)
+    assert_twin(tmp_path / "tp2", full)
+
+
 # -- files -------------------------------------------------------------------------------------------
 
 
@@ -608,4 +617,38 @@ def test_refuses_a_head_sharded_tensor_read_outside_attention(tmp_path):
         r"^unrecognised layer structure at node 'debug/Relu': it reads "
         r"'/model/layers.1/attn/q_proj/MatMul/output_0', which is split across ranks, "
         r"outside attention and MLP$",
+    )
+
+
+def test_refuses_a_folder_without_exactly_one_model(tmp_path):
+    src = tmp_path / "export"
+    shutil.copytree(SAMPLES / "llama-gqa" / "full", src)
+    shutil.copy(src / "model.onnx", src / "other.onnx")
+    refused(src, tmp_path / "out", 2, r"export: expected exactly one \.onnx file in the folder, found 2$")
+    refused(tmp_path / "missing.onnx", tmp_path / "out", 2, r"missing\.onnx: no such file$")
+
+
+def test_refuses_an_unreadable_genai_config(tmp_path):
+    src = tmp_path / "export"
+    shutil.copytree(SAMPLES / "llama-gqa" / "full", src)
+    (src / "genai_config.json").write_text("{not json")
+    refused(src, tmp_path / "out", 2, r"genai_config\.json: not readable as JSON")
+
+
+def test_refuses_matmulnbits_with_g_idx(tmp_path):
+    def add_g_idx(graph):  # act-order int4: rows permuted by g_idx, not cut on whole blocks
+        (down,) = [n for n in graph.node if n.name == "/model/layers.0/mlp/down_proj/MatMulNBits"]
+        graph.initializer.append(numpy_helper.from_array(np.zeros(96, np.int32), "g_idx"))
+        down.input.append("g_idx")
+
+    folder = tmp_path / "edited"
+    shutil.copytree(SAMPLES / "llama-int4" / "full", folder)
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    add_g_idx(model.graph)
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    refused(
+        folder / "model.onnx",
+        tmp_path / "out",
+        2,
+        r"^unrecognised layer structure at node '/model/layers.0/mlp/down_proj/MatMulNBits': MatMulNBits with g_idx$",
     )
