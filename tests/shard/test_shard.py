@@ -650,5 +650,6 @@ def test_refuses_matmulnbits_with_g_idx(tmp_path):
         folder / "model.onnx",
         tmp_path / "out",
         2,
-        r"^unrecognised layer structure at node '/model/layers.0/mlp/down_proj/MatMulNBits': MatMulNBits with g_idx$",
+        r"^unrecognised layer structure at node '/model/layers.0/mlp/down_proj/MatMulNBits': "
+        r"MatMulNBits with g_idx$",
     )
