@@ -666,7 +666,9 @@ def shard(
     tp: Annotated[int, typer.Option("--tp", help="tensor-parallel ranks N")],
     vocab_parallel: Annotated[bool, typer.Option(
         "--vocab-parallel", help="split the LM head by vocabulary and AllGather the logits")] = False,
-    dim: DimOpt = None,
+    dim: Annotated[Optional[list[str]], typer.Option(
+        "--dim", metavar="NAME=N", help="bind a symbolic dim the recognition needs (the head size of "
+                                        "plain-operator attention); repeatable")] = None,
 ) -> None:
     """Shard a single-device decoder export into N tensor-parallel rank models (Megatron layout)."""
     from preserve_onnx.passes._dims import parse_dim_options
