@@ -19,7 +19,17 @@ from onnx import helper
 
 EXPORTS = Path(__file__).resolve().parent.parent / "sample_models" / "exporters"
 
-GENAI = ["genai-llama-fp16", "genai-llama-fp32", "genai-llama-int4", "genai-llama-int4-zp", "genai-llama8h-int4-zp", "genai-phi3-fp32", "genai-phi3-int4", "genai-qwen2-fp32", "genai-qwen2-sepqkv-fp32"]
+GENAI = [
+    "genai-llama-fp16",
+    "genai-llama-fp32",
+    "genai-llama-int4",
+    "genai-llama-int4-zp",
+    "genai-llama8h-int4-zp",
+    "genai-phi3-fp32",
+    "genai-phi3-int4",
+    "genai-qwen2-fp32",
+    "genai-qwen2-sepqkv-fp32",
+]
 TORCH = ["torch-llama-dynamo-fp32", "torch-llama-fp32"]
 LAYERS = 2
 # (q heads, kv heads, head size) by sample
@@ -72,10 +82,12 @@ def test_source_json_lists_the_files_as_written(name):
 
 
 def run_prefill_and_decode(name: str):
-    """Prefill all reference tokens but the last, then decode the last one with the prefill's present as past."""
+    """Prefill all reference tokens but the last, then decode the last with the prefill's present as past."""
     reference = np.load(EXPORTS / name / "reference.npz")
     ids, logits = reference["input_ids"], reference["logits"]
-    session = ort.InferenceSession(str(EXPORTS / name / "full" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(EXPORTS / name / "full" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
     float_type = np.float16 if "float16" in inputs["past_key_values.0.key"].type else np.float32
@@ -85,13 +97,19 @@ def run_prefill_and_decode(name: str):
     def feeds(step, total, present):
         feed = {"input_ids": step, "attention_mask": np.ones((batch, total), np.int64)}
         if "position_ids" in inputs:
-            feed["position_ids"] = np.tile(np.arange(total - step.shape[1], total), (batch, 1)).astype(np.int64)
+            feed["position_ids"] = np.tile(np.arange(total - step.shape[1], total), (batch, 1)).astype(
+                np.int64
+            )
         for i in range(LAYERS):
             for kind in ("key", "value"):
                 feed[f"past_key_values.{i}.{kind}"] = present[f"present.{i}.{kind}"]
         return feed
 
-    empty = {f"present.{i}.{k}": np.zeros((batch, kv, 0, head), float_type) for i in range(LAYERS) for k in ("key", "value")}
+    empty = {
+        f"present.{i}.{k}": np.zeros((batch, kv, 0, head), float_type)
+        for i in range(LAYERS)
+        for k in ("key", "value")
+    }
     first = dict(zip(outputs, session.run(None, feeds(ids[:, :prompt], prompt, empty))))
     second = dict(zip(outputs, session.run(None, feeds(ids[:, prompt:], prompt + 1, first))))
     return first, second, logits, (batch, kv, prompt, head)
@@ -105,7 +123,9 @@ def test_prefill_and_decode_in_onnxruntime_match_torch(name):
             assert first[f"present.{i}.{kind}"].shape == (batch, kv, prompt, head)
             assert second[f"present.{i}.{kind}"].shape == (batch, kv, prompt + 1, head)
             # the decode step appends to the cache: the prefill's entries come back unchanged
-            np.testing.assert_array_equal(second[f"present.{i}.{kind}"][:, :, :prompt], first[f"present.{i}.{kind}"])
+            np.testing.assert_array_equal(
+                second[f"present.{i}.{kind}"][:, :, :prompt], first[f"present.{i}.{kind}"]
+            )
     tolerance = TOLERANCE[precision(name)]
     assert np.abs(first["logits"].astype(np.float32) - logits[:, :prompt]).max() <= tolerance
     assert np.abs(second["logits"].astype(np.float32) - logits[:, prompt:]).max() <= tolerance
@@ -114,10 +134,19 @@ def test_prefill_and_decode_in_onnxruntime_match_torch(name):
 # ------------------------------------------------------------------------------------------------------------
 # onnxruntime-genai model builder 0.18.0
 
-GENAI_COMMON = {"ai.onnx::Cast": 2, "ai.onnx::Constant": 2, "ai.onnx::Gather": 2, "ai.onnx::Mul": 4,
-                "ai.onnx::ReduceSum": 1, "ai.onnx::Shape": 1, "ai.onnx::Sigmoid": 2, "ai.onnx::Sub": 1,
-                "ai.onnx::SimplifiedLayerNormalization": 1, "com.microsoft::GroupQueryAttention": 2,
-                "com.microsoft::SkipSimplifiedLayerNormalization": 4}
+GENAI_COMMON = {
+    "ai.onnx::Cast": 2,
+    "ai.onnx::Constant": 2,
+    "ai.onnx::Gather": 2,
+    "ai.onnx::Mul": 4,
+    "ai.onnx::ReduceSum": 1,
+    "ai.onnx::Shape": 1,
+    "ai.onnx::Sigmoid": 2,
+    "ai.onnx::Sub": 1,
+    "ai.onnx::SimplifiedLayerNormalization": 1,
+    "com.microsoft::GroupQueryAttention": 2,
+    "com.microsoft::SkipSimplifiedLayerNormalization": 4,
+}
 # linears per layer: qkv (1 or 3), o, gate+up (2, or 1 fused + Split), down; plus the LM head
 GENAI_OPS = {
     "genai-llama-fp32": {"ai.onnx::MatMul": 11},
@@ -137,7 +166,11 @@ def test_genai_operators_and_opsets(name):
     model = load(name)
     assert op_counts(model) == {**GENAI_COMMON, **GENAI_OPS[name]}
     assert {o.domain: o.version for o in model.opset_import} == {"": 22, "com.microsoft": 1}
-    assert (model.ir_version, model.producer_name, model.producer_version) == (10, "onnxruntime-genai", "0.18.0+00d66ef")
+    assert (model.ir_version, model.producer_name, model.producer_version) == (
+        10,
+        "onnxruntime-genai",
+        "0.18.0+00d66ef",
+    )
     # The builder's RMSNorm for the first layer is a contrib op that it puts in the default domain.
     assert [n.domain for n in model.graph.node if n.op_type == "SimplifiedLayerNormalization"] == [""]
 
@@ -151,19 +184,28 @@ def test_genai_inputs_outputs_and_kv_dims(name):
     values = [f"past_key_values.{i}.value" for i in range(LAYERS)]
     # no position_ids: positions come from attention_mask; all keys first, then all values
     assert [v.name for v in model.graph.input] == ["input_ids", "attention_mask", *keys, *values]
-    assert [v.name for v in model.graph.output] == ["logits", *[f"present.{i}.key" for i in range(LAYERS)],
-                                                     *[f"present.{i}.value" for i in range(LAYERS)]]
-    shapes = {v.name: (v.type.tensor_type.elem_type, dims(v)) for v in [*model.graph.input, *model.graph.output]}
+    assert [v.name for v in model.graph.output] == [
+        "logits",
+        *[f"present.{i}.key" for i in range(LAYERS)],
+        *[f"present.{i}.value" for i in range(LAYERS)],
+    ]
+    shapes = {
+        v.name: (v.type.tensor_type.elem_type, dims(v)) for v in [*model.graph.input, *model.graph.output]
+    }
     assert shapes["input_ids"] == (onnx.TensorProto.INT64, ["batch_size", "sequence_length"])
     assert shapes["attention_mask"] == (onnx.TensorProto.INT64, ["batch_size", "total_sequence_length"])
     assert shapes["logits"] == (float_type, ["batch_size", "sequence_length", 320])
     for i in range(LAYERS):
         for kind in ("key", "value"):
             # the head size is symbolic (kv_cache_dim), the KV head count a number
-            assert shapes[f"past_key_values.{i}.{kind}"] == (float_type, ["batch_size", kv, "past_sequence_length",
-                                                                          "kv_cache_dim"])
-            assert shapes[f"present.{i}.{kind}"] == (float_type, ["batch_size", kv, "total_sequence_length",
-                                                                  "kv_cache_dim"])
+            assert shapes[f"past_key_values.{i}.{kind}"] == (
+                float_type,
+                ["batch_size", kv, "past_sequence_length", "kv_cache_dim"],
+            )
+            assert shapes[f"present.{i}.{kind}"] == (
+                float_type,
+                ["batch_size", kv, "total_sequence_length", "kv_cache_dim"],
+            )
 
 
 @pytest.mark.parametrize("name", GENAI)
@@ -181,13 +223,31 @@ def test_genai_group_query_attention(name):
         else:
             packed = [f"/model/layers.{i}/attn/qkv_proj/{qkv_source}/output_0", "", ""]
         assert list(node.input) == [
-            *packed, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+            *packed,
+            f"past_key_values.{i}.key",
+            f"past_key_values.{i}.value",
             "/model/attn_mask_reformat/attn_mask_subgraph/Sub/Cast/output_0",
-            "/model/attn_mask_reformat/attn_mask_subgraph/Gather/Cast/output_0", "cos_cache", "sin_cache", "", "", ""]
-        assert list(node.output) == [f"/model/layers.{i}/attn/GroupQueryAttention/output_0", f"present.{i}.key",
-                                     f"present.{i}.value"]
-        assert attributes(node) == {"num_heads": q, "kv_num_heads": kv, "scale": pytest.approx(head ** -0.5),
-                                    "local_window_size": -1, "softcap": 0.0, "do_rotary": 1, "rotary_interleaved": 0}
+            "/model/attn_mask_reformat/attn_mask_subgraph/Gather/Cast/output_0",
+            "cos_cache",
+            "sin_cache",
+            "",
+            "",
+            "",
+        ]
+        assert list(node.output) == [
+            f"/model/layers.{i}/attn/GroupQueryAttention/output_0",
+            f"present.{i}.key",
+            f"present.{i}.value",
+        ]
+        assert attributes(node) == {
+            "num_heads": q,
+            "kv_num_heads": kv,
+            "scale": pytest.approx(head**-0.5),
+            "local_window_size": -1,
+            "softcap": 0.0,
+            "do_rotary": 1,
+            "rotary_interleaved": 0,
+        }
     caches = {i.name: list(i.dims) for i in model.graph.initializer if i.name in ("cos_cache", "sin_cache")}
     assert caches == {"cos_cache": [256, head // 2], "sin_cache": [256, head // 2]}
 
@@ -211,8 +271,9 @@ def test_genai_storage(name):
     assert [n.output[0] for n in constants] == ["/model/constants/INT64/[1]", "/model/constants/INT64/1"]
 
 
-@pytest.mark.parametrize("name", ["genai-llama-int4", "genai-llama-int4-zp", "genai-llama8h-int4-zp",
-                                  "genai-phi3-int4"])
+@pytest.mark.parametrize(
+    "name", ["genai-llama-int4", "genai-llama-int4-zp", "genai-llama8h-int4-zp", "genai-phi3-int4"]
+)
 def test_genai_matmulnbits(name):
     model = load(name)
     shapes = {i.name: list(i.dims) for i in model.graph.initializer}
@@ -221,9 +282,16 @@ def test_genai_matmulnbits(name):
     q, kv, head = HEADS[name]
     zero_points = name.endswith("-zp")
     fused_gate_up = "phi3" in name
-    expected_kn = {"qkv_proj": (hidden, (q + 2 * kv) * head), "o_proj": (q * head, hidden), "down_proj": (ffn, hidden)}
-    expected_kn.update({"gate_up_proj": (hidden, 2 * ffn)} if fused_gate_up else
-                       {"gate_proj": (hidden, ffn), "up_proj": (hidden, ffn)})
+    expected_kn = {
+        "qkv_proj": (hidden, (q + 2 * kv) * head),
+        "o_proj": (q * head, hidden),
+        "down_proj": (ffn, hidden),
+    }
+    expected_kn.update(
+        {"gate_up_proj": (hidden, 2 * ffn)}
+        if fused_gate_up
+        else {"gate_proj": (hidden, ffn), "up_proj": (hidden, ffn)}
+    )
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nodes) == LAYERS * len(expected_kn) + 1
     for node in nodes:
@@ -234,7 +302,9 @@ def test_genai_matmulnbits(name):
         assert node.output[0] == ("logits" if lm_head else node.name.removesuffix("_Q4") + "/output_0")
         assert attributes(node) == {"K": k, "N": n, "bits": 4, "block_size": 32, "accuracy_level": 4}
         weight = node.input[1].removesuffix("_Q4")
-        expected_inputs = [f"{weight}_Q4", f"{weight}_scales"] + ([f"{weight}_zero_points"] if zero_points else [])
+        expected_inputs = [f"{weight}_Q4", f"{weight}_scales"] + (
+            [f"{weight}_zero_points"] if zero_points else []
+        )
         assert list(node.input[1:]) == expected_inputs
         blocks = k // 32
         assert shapes[f"{weight}_Q4"] == [n, blocks, 16]
@@ -250,8 +320,10 @@ def test_genai_fused_gate_up_split(name):
     for i, node in enumerate(splits):
         assert node.name == f"/model/layers.{i}/mlp/gate_up_proj/Split"
         assert list(node.input) == [f"/model/layers.{i}/mlp/gate_up_proj/MatMul/output_0"]
-        assert list(node.output) == [f"/model/layers.{i}/mlp/gate_proj/MatMul/output_0",
-                                     f"/model/layers.{i}/mlp/up_proj/MatMul/output_0"]
+        assert list(node.output) == [
+            f"/model/layers.{i}/mlp/gate_proj/MatMul/output_0",
+            f"/model/layers.{i}/mlp/up_proj/MatMul/output_0",
+        ]
         assert attributes(node) == {"axis": -1, "num_outputs": 2}
 
 
@@ -259,12 +331,22 @@ def test_genai_qwen2_bias_adds():
     fused, separate = load("genai-qwen2-fp32"), load("genai-qwen2-sepqkv-fp32")
     for model, parts in ((fused, ["qkv"]), (separate, ["q", "k", "v"])):
         adds = [(n.name, list(n.input)) for n in model.graph.node if n.op_type == "Add"]
-        assert adds == [(f"/model/layers.{i}/attn/{p}_proj/Add", [f"/model/layers.{i}/attn/{p}_proj/MatMul/output_0",
-                                                                   f"model.layers.{i}.attn.{p}_proj.Add.bias"])
-                        for i in range(LAYERS) for p in parts]
+        assert adds == [
+            (
+                f"/model/layers.{i}/attn/{p}_proj/Add",
+                [
+                    f"/model/layers.{i}/attn/{p}_proj/MatMul/output_0",
+                    f"model.layers.{i}.attn.{p}_proj.Add.bias",
+                ],
+            )
+            for i in range(LAYERS)
+            for p in parts
+        ]
     shapes = {i.name: list(i.dims) for i in separate.graph.initializer}
     assert [shapes[f"model.layers.0.attn.{p}_proj.Add.bias"] for p in "qkv"] == [[64], [32], [32]]
-    assert {i.name: list(i.dims) for i in fused.graph.initializer}["model.layers.0.attn.qkv_proj.Add.bias"] == [128]
+    assert {i.name: list(i.dims) for i in fused.graph.initializer}[
+        "model.layers.0.attn.qkv_proj.Add.bias"
+    ] == [128]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -273,16 +355,67 @@ def test_genai_qwen2_bias_adds():
 TORCH_OPS = {
     # TorchScript: shapes through Shape/Gather/Unsqueeze/Concat chains and 199 Constant nodes
     "torch-llama-fp32": {
-        "Add": 18, "And": 2, "Cast": 32, "Concat": 27, "Constant": 199, "ConstantOfShape": 6, "Cos": 1, "Div": 9,
-        "Equal": 5, "Expand": 5, "Flatten": 1, "Gather": 30, "LessOrEqual": 1, "MatMul": 19, "Mul": 37, "Neg": 4,
-        "Pow": 5, "Range": 3, "ReduceMean": 5, "Reshape": 19, "Shape": 34, "Sigmoid": 2, "Sin": 1, "Slice": 8,
-        "Softmax": 2, "Sqrt": 5, "Transpose": 10, "Unsqueeze": 75, "Where": 6},
+        "Add": 18,
+        "And": 2,
+        "Cast": 32,
+        "Concat": 27,
+        "Constant": 199,
+        "ConstantOfShape": 6,
+        "Cos": 1,
+        "Div": 9,
+        "Equal": 5,
+        "Expand": 5,
+        "Flatten": 1,
+        "Gather": 30,
+        "LessOrEqual": 1,
+        "MatMul": 19,
+        "Mul": 37,
+        "Neg": 4,
+        "Pow": 5,
+        "Range": 3,
+        "ReduceMean": 5,
+        "Reshape": 19,
+        "Shape": 34,
+        "Sigmoid": 2,
+        "Sin": 1,
+        "Slice": 8,
+        "Softmax": 2,
+        "Sqrt": 5,
+        "Transpose": 10,
+        "Unsqueeze": 75,
+        "Where": 6,
+    },
     # dynamo: constants are initializers (no Constant node), far fewer shape ops
     "torch-llama-dynamo-fp32": {
-        "Add": 17, "And": 2, "Cast": 2, "Concat": 15, "Cos": 1, "Expand": 7, "Gather": 1, "GatherND": 1,
-        "LessOrEqual": 1, "MatMul": 19, "Max": 1, "Mul": 25, "Neg": 4, "Pow": 5, "Range": 3, "Reciprocal": 5,
-        "ReduceMean": 5, "Reshape": 13, "Shape": 4, "Sigmoid": 2, "Sin": 1, "Slice": 8, "Softmax": 2, "Sqrt": 5,
-        "Squeeze": 3, "Transpose": 10, "Unsqueeze": 15, "Where": 1},
+        "Add": 17,
+        "And": 2,
+        "Cast": 2,
+        "Concat": 15,
+        "Cos": 1,
+        "Expand": 7,
+        "Gather": 1,
+        "GatherND": 1,
+        "LessOrEqual": 1,
+        "MatMul": 19,
+        "Max": 1,
+        "Mul": 25,
+        "Neg": 4,
+        "Pow": 5,
+        "Range": 3,
+        "Reciprocal": 5,
+        "ReduceMean": 5,
+        "Reshape": 13,
+        "Shape": 4,
+        "Sigmoid": 2,
+        "Sin": 1,
+        "Slice": 8,
+        "Softmax": 2,
+        "Sqrt": 5,
+        "Squeeze": 3,
+        "Transpose": 10,
+        "Unsqueeze": 15,
+        "Where": 1,
+    },
 }
 
 
@@ -293,7 +426,8 @@ def test_torch_operators_and_opsets(name):
     assert {o.domain: o.version for o in model.opset_import} == {"": 20}
     dynamo = name == "torch-llama-dynamo-fp32"
     assert (model.ir_version, model.producer_name, model.producer_version) == (
-        (10, "pytorch", "2.13.0+cpu") if dynamo else (9, "pytorch", "2.13.0"))
+        (10, "pytorch", "2.13.0+cpu") if dynamo else (9, "pytorch", "2.13.0")
+    )
     # value_info: none from TorchScript; dynamo names every intermediate and every initializer
     assert len(model.graph.value_info) == (214 if dynamo else 0)
     weights = sorted(i.name for i in model.graph.initializer if len(i.dims) == 2)
@@ -311,15 +445,19 @@ def test_torch_inputs_outputs(name):
     assert [v.name for v in model.graph.output] == ["logits", *present]
     shapes = {v.name: dims(v) for v in [*model.graph.input, *model.graph.output]}
     assert shapes["position_ids"] == ["batch_size", "sequence_length"]
-    total = "total_sequence_length" if name == "torch-llama-fp32" else "past_sequence_length + sequence_length"
+    total = (
+        "total_sequence_length" if name == "torch-llama-fp32" else "past_sequence_length + sequence_length"
+    )
     for name_ in past:
         assert shapes[name_] == ["batch_size", 2, "past_sequence_length", 16]  # head size a number here
     for name_ in present:
         assert shapes[name_] == ["batch_size", 2, total, 16]
     # one file, everything inline, no contrib ops
     assert all(t.data_location == onnx.TensorProto.DEFAULT for t in model.graph.initializer)
-    assert sorted(EXPORTS.joinpath(name, "full").iterdir()) == [EXPORTS / name / "full" / "model.onnx",
-                                                                 EXPORTS / name / "full" / "source.json"]
+    assert sorted(EXPORTS.joinpath(name, "full").iterdir()) == [
+        EXPORTS / name / "full" / "model.onnx",
+        EXPORTS / name / "full" / "source.json",
+    ]
     assert {o.domain for o in model.opset_import} == {""}
 
 

@@ -1,4 +1,4 @@
-"""Single-device decoder exports made by REAL exporters, committed as samples (docs: README.md beside this file).
+"""Single-device decoder exports made by REAL exporters, committed as samples (docs: README.md beside it).
 
 Tiny random Hugging Face models are built from configs written here (no downloads, fixed seeds), saved with
 `save_pretrained`, and exported with
@@ -6,10 +6,11 @@ Tiny random Hugging Face models are built from configs written here (no download
 - the onnxruntime-genai model builder (`python -m onnxruntime_genai.models.builder`), and
 - `torch.onnx.export` (TorchScript exporter, dynamo=False; and the dynamo exporter where it works),
 
-each into `sample_models/exporters/<name>/full/` exactly as the tool wrote it, with a `source.json` that records
-the exporter, its version, the precision, the command and the Hugging Face config. Every export is then run in
-onnxruntime (a prefill and a decode step with past) and compared with the Hugging Face model in torch, whose
-logits for those token ids go to `<name>/reference.npz` (the tests run the committed export on them).
+each into `sample_models/exporters/<name>/full/` exactly as the tool wrote it, with a `source.json` that
+records the exporter, its version, the precision, the command and the Hugging Face config. Every export is
+then run in onnxruntime (a prefill and a decode step with past) and compared with the Hugging Face model in
+torch, whose logits for those token ids go to `<name>/reference.npz` (the tests run the committed export
+on them).
 
 Stage 2 (`--shard CLI`): `CLI shard <name>/full <name>/tp2 --tp 2` (and `--tp 4` for the 8-head model);
 skipped with one line while `CLI shard --help` fails. `--skip-export --shard CLI` runs stage 2 alone.
@@ -36,10 +37,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
+import numpy as np
+import onnxruntime as ort
+import torch
+import transformers
 
 HERE = Path(__file__).resolve().parent
 SEED = 20261201
@@ -49,22 +50,49 @@ MAX_POS = 256
 # Hugging Face configs. head_size 16 everywhere (GroupQueryAttention on CPU needs a multiple of 16).
 FAMILIES: dict[str, tuple[str, dict]] = {
     # 4 q heads / 2 KV heads: shardable at --tp 2.
-    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=192, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=16)),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, head_dim=16
+        ),
+    ),
     # 8 q heads / 4 KV heads: shardable at --tp 2 and --tp 4 (int4: o_proj K 128 and down_proj K 384 are
     # multiples of 4 x block 32). Only in int4 (an fp32 one with its tp2/tp4 shards took 7 MB).
-    "llama8h": ("LlamaConfig", dict(hidden_size=128, intermediate_size=384, num_attention_heads=8,
-                                    num_key_value_heads=4, head_dim=16)),
+    "llama8h": (
+        "LlamaConfig",
+        dict(
+            hidden_size=128, intermediate_size=384, num_attention_heads=8, num_key_value_heads=4, head_dim=16
+        ),
+    ),
     # q/k/v biases (Qwen2 always has them).
-    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=192, num_attention_heads=4,
-                                  num_key_value_heads=2)),
+    "qwen2": (
+        "Qwen2Config",
+        dict(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2),
+    ),
     # fused qkv_proj and gate_up_proj in the checkpoint itself. original_max_position_embeddings equal to
-    # max_position_embeddings: the builder's Phi3MiniModel (plain rotary); otherwise it wants LongRoPE factors.
-    "phi3": ("Phi3Config", dict(hidden_size=64, intermediate_size=192, num_attention_heads=4,
-                                num_key_value_heads=2, pad_token_id=0, original_max_position_embeddings=MAX_POS)),
+    # max_position_embeddings: the builder's Phi3MiniModel (plain rotary); otherwise it wants LongRoPE
+    # factors.
+    "phi3": (
+        "Phi3Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=192,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            original_max_position_embeddings=MAX_POS,
+        ),
+    ),
 }
-COMMON_CONFIG = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=MAX_POS,
-                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+COMMON_CONFIG = dict(
+    vocab_size=VOCAB,
+    num_hidden_layers=2,
+    max_position_embeddings=MAX_POS,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    rms_norm_eps=1e-5,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,33 +108,84 @@ class Sample:
 
 
 SAMPLES = [
-    Sample("genai-llama-fp32", "llama", "genai", "fp32",
-           what="Llama, GQA 4/2, fused qkv MatMul, fp32"),
-    Sample("genai-llama-fp16", "llama", "genai", "fp16", ep="cuda",
-           what="Llama, GQA 4/2, fused qkv MatMul, fp16 (built for -e cuda; runs on onnxruntime's CPU too)"),
-    Sample("genai-llama-int4", "llama", "genai", "int4",
-           what="Llama, MatMulNBits int4 block 32, symmetric (no zero points)"),
-    Sample("genai-llama-int4-zp", "llama", "genai", "int4", ("is_symmetric=false",),
-           what="Llama, MatMulNBits uint4 block 32 with packed zero points"),
-    Sample("genai-llama8h-int4-zp", "llama8h", "genai", "int4", ("is_symmetric=false",), shard=(2, 4),
-           what="Llama 8/4, MatMulNBits uint4 with zero points: whole K blocks at --tp 2 and --tp 4"),
-    Sample("genai-qwen2-fp32", "qwen2", "genai", "fp32",
-           what="Qwen2, fused qkv MatMul + qkv bias Add"),
-    Sample("genai-qwen2-sepqkv-fp32", "qwen2", "genai", "fp32", ("fuse_qkv=false",),
-           what="Qwen2, separate q/k/v MatMul + bias Add each"),
-    # Without fuse_mlp_gate_up the builder splits Phi-3's gate_up_proj into two MatMuls (a graph like Llama's).
-    Sample("genai-phi3-fp32", "phi3", "genai", "fp32", ("fuse_mlp_gate_up=true",),
-           what="Phi-3: fused qkv MatMul, fused gate_up MatMul + Split"),
-    Sample("genai-phi3-int4", "phi3", "genai", "int4", ("fuse_mlp_gate_up=true",),
-           what="Phi-3: fused qkv and gate_up MatMulNBits int4 (symmetric) + Split"),
-    Sample("torch-llama-fp32", "llama", "torchscript", "fp32",
-           what="Llama through torch.onnx TorchScript: MatMul/Softmax/MatMul attention, KV through Concat"),
-    Sample("torch-llama-dynamo-fp32", "llama", "dynamo", "fp32",
-           what="Llama through torch.onnx's dynamo exporter"),
+    Sample("genai-llama-fp32", "llama", "genai", "fp32", what="Llama, GQA 4/2, fused qkv MatMul, fp32"),
+    Sample(
+        "genai-llama-fp16",
+        "llama",
+        "genai",
+        "fp16",
+        ep="cuda",
+        what="Llama, GQA 4/2, fused qkv MatMul, fp16 (built for -e cuda; runs on onnxruntime's CPU too)",
+    ),
+    Sample(
+        "genai-llama-int4",
+        "llama",
+        "genai",
+        "int4",
+        what="Llama, MatMulNBits int4 block 32, symmetric (no zero points)",
+    ),
+    Sample(
+        "genai-llama-int4-zp",
+        "llama",
+        "genai",
+        "int4",
+        ("is_symmetric=false",),
+        what="Llama, MatMulNBits uint4 block 32 with packed zero points",
+    ),
+    Sample(
+        "genai-llama8h-int4-zp",
+        "llama8h",
+        "genai",
+        "int4",
+        ("is_symmetric=false",),
+        shard=(2, 4),
+        what="Llama 8/4, MatMulNBits uint4 with zero points: whole K blocks at --tp 2 and --tp 4",
+    ),
+    Sample("genai-qwen2-fp32", "qwen2", "genai", "fp32", what="Qwen2, fused qkv MatMul + qkv bias Add"),
+    Sample(
+        "genai-qwen2-sepqkv-fp32",
+        "qwen2",
+        "genai",
+        "fp32",
+        ("fuse_qkv=false",),
+        what="Qwen2, separate q/k/v MatMul + bias Add each",
+    ),
+    # Without fuse_mlp_gate_up the builder splits Phi-3's gate_up_proj into two MatMuls (a graph like
+    # Llama's).
+    Sample(
+        "genai-phi3-fp32",
+        "phi3",
+        "genai",
+        "fp32",
+        ("fuse_mlp_gate_up=true",),
+        what="Phi-3: fused qkv MatMul, fused gate_up MatMul + Split",
+    ),
+    Sample(
+        "genai-phi3-int4",
+        "phi3",
+        "genai",
+        "int4",
+        ("fuse_mlp_gate_up=true",),
+        what="Phi-3: fused qkv and gate_up MatMulNBits int4 (symmetric) + Split",
+    ),
+    Sample(
+        "torch-llama-fp32",
+        "llama",
+        "torchscript",
+        "fp32",
+        what="Llama through torch.onnx TorchScript: MatMul/Softmax/MatMul attention, KV through Concat",
+    ),
+    Sample(
+        "torch-llama-dynamo-fp32",
+        "llama",
+        "dynamo",
+        "fp32",
+        what="Llama through torch.onnx's dynamo exporter",
+    ),
 ]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Hugging Face side
 
 
@@ -136,28 +215,55 @@ def save_hf_folder(model, folder: Path) -> None:
     vocab.update({f"t{i}": i for i in range(3, VOCAB)})
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                                                eos_token="</s>", pad_token="<unk>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
     fast.save_pretrained(folder)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # exporters
 
 
 def export_genai(sample: Sample, hf_dir: Path, out: Path, cache: Path) -> list[str]:
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
-               "-p", sample.precision, "-e", sample.ep, "-c", str(cache)]
+    command = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(hf_dir),
+        "-o",
+        str(out),
+        "-p",
+        sample.precision,
+        "-e",
+        sample.ep,
+        "-c",
+        str(cache),
+    ]
     if sample.extra_options:
         command += ["--extra_options", *sample.extra_options]
     # The builder stamps producer_version with `git rev-parse HEAD` run three folders above its package, which
     # is THIS repository when the venv lives in build/: hide git so it takes the wheel's own commit instead.
     env = dict(os.environ, GIT_DIR=os.devnull)
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        raise SystemExit(f"{sample.name}: the builder failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    shown = ["python", "-m", "onnxruntime_genai.models.builder", "-i", "HF_DIR", "-o", "OUT", "-p",
-             sample.precision, "-e", sample.ep]
+        raise SystemExit(
+            f"{sample.name}: the builder failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    shown = [
+        "python",
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        "HF_DIR",
+        "-o",
+        "OUT",
+        "-p",
+        sample.precision,
+        "-e",
+        sample.ep,
+    ]
     return shown + (["--extra_options", *sample.extra_options] if sample.extra_options else [])
 
 
@@ -185,8 +291,13 @@ class CacheWrapper(torch.nn.Module):
             # leaves a one-input Concat in front of the real KV Concat.
             layer.lazy_initialization(past[2 * i], past[2 * i + 1])
             layer.keys, layer.values = past[2 * i], past[2 * i + 1]
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
         present = []
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]
@@ -201,8 +312,10 @@ def example_feeds(model, batch: int, seq: int, past: int, seed: int) -> list[tor
     ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-    kv = [torch.randn(batch, kv_heads, past, head, generator=generator)
-          for _ in range(2 * config.num_hidden_layers)]
+    kv = [
+        torch.randn(batch, kv_heads, past, head, generator=generator)
+        for _ in range(2 * config.num_hidden_layers)
+    ]
     return [ids, mask, positions, *kv]
 
 
@@ -214,34 +327,57 @@ def export_torch(sample: Sample, model, out: Path) -> list[str]:
     out.mkdir(parents=True)
     path = out / "model.onnx"
     if sample.exporter == "torchscript":
-        dynamic_axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
-                        "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-                        "position_ids": {0: "batch_size", 1: "sequence_length"},
-                        "logits": {0: "batch_size", 1: "sequence_length"}}
+        dynamic_axes = {
+            "input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"},
+        }
         for name in input_names[3:]:
             dynamic_axes[name] = {0: "batch_size", 2: "past_sequence_length"}
         for name in output_names[1:]:
             dynamic_axes[name] = {0: "batch_size", 2: "total_sequence_length"}
-        torch.onnx.export(wrapper, args, str(path), input_names=input_names, output_names=output_names,
-                          dynamic_axes=dynamic_axes, dynamo=False)
-        return ["torch.onnx.export(wrapper, args, 'model.onnx', input_names=..., output_names=..., "
-                "dynamic_axes={batch_size, sequence_length, past_sequence_length, total_sequence_length}, "
-                "dynamo=False)"]
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(path),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            dynamo=False,
+        )
+        return [
+            "torch.onnx.export(wrapper, args, 'model.onnx', input_names=..., output_names=..., "
+            "dynamic_axes={batch_size, sequence_length, past_sequence_length, total_sequence_length}, "
+            "dynamo=False)"
+        ]
     batch = torch.export.Dim("batch_size", min=1, max=64)
     seq = torch.export.Dim("sequence_length", min=1, max=MAX_POS)
     past = torch.export.Dim("past_sequence_length", min=1, max=MAX_POS)
     total = torch.export.Dim("total_sequence_length", min=2, max=2 * MAX_POS)
     # forward(input_ids, attention_mask, position_ids, *past): the varargs are one tuple for torch.export
-    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
-                      tuple({0: batch, 2: past} for _ in range(2 * layers)))
-    program = torch.onnx.export(wrapper, args, input_names=input_names, output_names=output_names,
-                                dynamic_shapes=dynamic_shapes, dynamo=True)
+    dynamic_shapes = (
+        {0: batch, 1: seq},
+        {0: batch, 1: total},
+        {0: batch, 1: seq},
+        tuple({0: batch, 2: past} for _ in range(2 * layers)),
+    )
+    program = torch.onnx.export(
+        wrapper,
+        args,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_shapes=dynamic_shapes,
+        dynamo=True,
+    )
     program.save(str(path))
-    return ["torch.onnx.export(wrapper, args, input_names=..., output_names=..., dynamic_shapes=(batch_size, "
-            "sequence_length, past_sequence_length), dynamo=True).save('model.onnx')"]
+    return [
+        "torch.onnx.export(wrapper, args, input_names=..., output_names=..., dynamic_shapes=(batch_size, "
+        "sequence_length, past_sequence_length), dynamo=True).save('model.onnx')"
+    ]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # checks: the export against the Hugging Face model in torch, prefill then one decode step with past
 
 
@@ -265,7 +401,9 @@ def check_export(sample: Sample, model, folder: Path) -> dict:
         feed = {"input_ids": step_ids.numpy(), "attention_mask": np.ones((batch, total), np.int64)}
         if "position_ids" in inputs:
             seq = step_ids.shape[1]
-            feed["position_ids"] = np.broadcast_to(np.arange(total - seq, total), (batch, seq)).astype(np.int64)
+            feed["position_ids"] = np.broadcast_to(np.arange(total - seq, total), (batch, seq)).astype(
+                np.int64
+            )
         for i in range(layers):
             for kind in ("key", "value"):
                 feed[f"past_key_values.{i}.{kind}"] = past[f"present.{i}.{kind}"]
@@ -273,8 +411,11 @@ def check_export(sample: Sample, model, folder: Path) -> dict:
 
     kv_heads = config.num_key_value_heads
     head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    empty = {f"present.{i}.{k}": np.zeros((batch, kv_heads, 0, head), float_type)
-             for i in range(layers) for k in ("key", "value")}
+    empty = {
+        f"present.{i}.{k}": np.zeros((batch, kv_heads, 0, head), float_type)
+        for i in range(layers)
+        for k in ("key", "value")
+    }
     first = dict(zip(output_names, session.run(None, feeds(ids[:, :prompt], prompt, empty))))
     second = dict(zip(output_names, session.run(None, feeds(ids[:, prompt:], prompt + 1, first))))
     prefill = float(np.abs(first["logits"].astype(np.float32) - reference[:, :prompt]).max())
@@ -282,10 +423,16 @@ def check_export(sample: Sample, model, folder: Path) -> dict:
     assert second["present.0.key"].shape == (batch, kv_heads, prompt + 1, head), second["present.0.key"].shape
     worst = max(prefill, decode)
     if not worst <= TOLERANCE[sample.precision]:
-        raise SystemExit(f"{sample.name}: onnxruntime differs from torch by {worst} "
-                         f"(tolerance {TOLERANCE[sample.precision]})")
-    return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode,
-            "input_ids": ids.numpy(), "logits": reference.astype(np.float32)}
+        raise SystemExit(
+            f"{sample.name}: onnxruntime differs from torch by {worst} "
+            f"(tolerance {TOLERANCE[sample.precision]})"
+        )
+    return {
+        "prefill_max_abs_diff": prefill,
+        "decode_max_abs_diff": decode,
+        "input_ids": ids.numpy(),
+        "logits": reference.astype(np.float32),
+    }
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -294,7 +441,9 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         for name, array in arrays.items():
             buffer = io.BytesIO()
             np.save(buffer, array, allow_pickle=False)
-            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
+            archive.writestr(
+                zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue()
+            )
 
 
 def check_genai_runtime(folder: Path) -> list[int]:
@@ -311,14 +460,16 @@ def check_genai_runtime(folder: Path) -> list[int]:
     return [int(t) for t in generator.get_sequence(0)]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 def versions() -> dict:
     import importlib.metadata as md
 
-    return {name: md.version(name) for name in
-            ("torch", "transformers", "onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "numpy")}
+    return {
+        name: md.version(name)
+        for name in ("torch", "transformers", "onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "numpy")
+    }
 
 
 def make_sample(sample: Sample, root: Path, work: Path) -> None:
@@ -339,8 +490,11 @@ def make_sample(sample: Sample, root: Path, work: Path) -> None:
     source = {
         "name": sample.name,
         "what": sample.what,
-        "exporter": {"genai": "onnxruntime-genai model builder", "torchscript": "torch.onnx (TorchScript)",
-                     "dynamo": "torch.onnx (dynamo)"}[sample.exporter],
+        "exporter": {
+            "genai": "onnxruntime-genai model builder",
+            "torchscript": "torch.onnx (TorchScript)",
+            "dynamo": "torch.onnx (dynamo)",
+        }[sample.exporter],
         "precision": sample.precision,
         "command": command,
         "versions": versions(),
@@ -355,14 +509,19 @@ def make_sample(sample: Sample, root: Path, work: Path) -> None:
         shutil.rmtree(target)
     shutil.move(str(staging), str(target))
     # torch's logits for fixed token ids, beside full/: tests run the committed export on them in onnxruntime.
-    write_npz(root / sample.name / "reference.npz", {"input_ids": numbers["input_ids"], "logits": numbers["logits"]})
-    print(f"{sample.name}: {sum(source['files'].values())} bytes, vs torch prefill {numbers['prefill_max_abs_diff']:.2e}"
-          f" decode {numbers['decode_max_abs_diff']:.2e}" + (f", genai generated {tokens}" if tokens else ""))
+    write_npz(
+        root / sample.name / "reference.npz", {"input_ids": numbers["input_ids"], "logits": numbers["logits"]}
+    )
+    print(
+        f"{sample.name}: {sum(source['files'].values())} bytes, "
+        f"vs torch prefill {numbers['prefill_max_abs_diff']:.2e}"
+        f" decode {numbers['decode_max_abs_diff']:.2e}" + (f", genai generated {tokens}" if tokens else "")
+    )
 
 
 def shard_stage(samples: list[Sample], root: Path, cli: str) -> None:
-    """Stage 2: rank models from each export with `preserve-onnx shard` (skipped while the command is missing)."""
-    probe = subprocess.run([cli, "shard", "--help"], capture_output=True, text=True)
+    """Stage 2: rank models from each export with `preserve-onnx shard` (skipped while it is missing)."""
+    probe = subprocess.run([cli, "shard", "--help"], check=False, capture_output=True, text=True)
     if probe.returncode != 0:
         print(f"shard stage skipped: `{cli} shard --help` failed (the shard command is not available)")
         return
@@ -372,17 +531,23 @@ def shard_stage(samples: list[Sample], root: Path, cli: str) -> None:
             if out.exists():
                 shutil.rmtree(out)
             command = [cli, "shard", str(root / sample.name / "full"), str(out), "--tp", str(tp)]
-            result = subprocess.run(command, capture_output=True, text=True)
+            result = subprocess.run(command, check=False, capture_output=True, text=True)
             status = "ok" if result.returncode == 0 else f"FAILED ({(result.stdout + result.stderr).strip()})"
             print(f"{sample.name} --tp {tp}: {status}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE, help="root of the sample folders (default: beside this file)")
+    parser.add_argument(
+        "--out", type=Path, default=HERE, help="root of the sample folders (default: beside this file)"
+    )
     parser.add_argument("--only", nargs="*", default=None, help="names of the samples to make (default: all)")
-    parser.add_argument("--shard", metavar="CLI", default=None,
-                        help="stage 2: run CLI shard on every sample (e.g. .venv/bin/preserve-onnx)")
+    parser.add_argument(
+        "--shard",
+        metavar="CLI",
+        default=None,
+        help="stage 2: run CLI shard on every sample (e.g. .venv/bin/preserve-onnx)",
+    )
     parser.add_argument("--skip-export", action="store_true", help="only stage 2, on the committed exports")
     args = parser.parse_args()
     chosen = [s for s in SAMPLES if args.only is None or s.name in args.only]
