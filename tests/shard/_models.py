@@ -48,6 +48,7 @@ class _B:
         self.count = 0
         self.ms = _make_samples() if quant else None
         self.quant_bias = quant == "int4+bias"
+        self.head_dim_name: str | None = None
 
     def name(self, base: str) -> str:
         self.count += 1
@@ -176,6 +177,9 @@ def _plain_attention(
         axis=0,
     )
     shapes = (q_shape, b.const_node(np.asarray([0, 0, NKV, HS], np.int64)), b.i64([0, 0, NKV, HS]))
+    if b.head_dim_name:  # every shape a Concat: nothing but --dim tells the head size
+        kv_shape = b.op("Concat", [*dims, b.const_node(np.asarray([NKV, HS], np.int64))], axis=0)
+        shapes = (q_shape, kv_shape, kv_shape)
     q, k, v = (
         b.op("Transpose", [b.op("Reshape", [p, shape])], perm=[0, 2, 1, 3]) for p, shape in zip(parts, shapes)
     )
@@ -225,10 +229,12 @@ def decoder(
     extra_linear: bool = False,
     vocab: int = VOCAB,
     all_external: bool = False,
+    head_dim_name: str | None = None,
 ) -> Path:
     """Write ``folder/model.onnx`` (+ ``model.onnx.data``) and return its path. ``all_external``: every
     initializer in the data file, shape constants too (TorchScript and the builder do that)."""
     b = _B(seed, dtype, quant)
+    b.head_dim_name = head_dim_name
     et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
@@ -285,12 +291,16 @@ def decoder(
         for kind in ("key", "value"):
             inputs.append(
                 helper.make_tensor_value_info(
-                    f"past_key_values.{i}.{kind}", et, ["batch_size", kvh, "past_sequence_length", HS]
+                    f"past_key_values.{i}.{kind}",
+                    et,
+                    ["batch_size", kvh, "past_sequence_length", head_dim_name or HS],
                 )
             )
             outputs.append(
                 helper.make_tensor_value_info(
-                    f"present.{i}.{kind}", et, ["batch_size", kvh, "total_sequence_length", HS]
+                    f"present.{i}.{kind}",
+                    et,
+                    ["batch_size", kvh, "total_sequence_length", head_dim_name or HS],
                 )
             )
         past = (f"past_key_values.{i}.key", f"past_key_values.{i}.value")

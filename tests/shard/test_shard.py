@@ -36,13 +36,13 @@ def kv_axis(name: str) -> int:
     return 2 if name.startswith(("past_", "present_")) and name[-1].isdigit() else 1
 
 
-def assert_twin(out: Path, full: Path, opt_level: str = "all") -> None:
+def assert_twin(out: Path, full: Path, opt_level: str = "all", dims: dict | None = None) -> None:
     files = sorted(out.glob("model_*.onnx"))
     world = len(files)
     ranks = RankSession(files, opt_level=opt_level)
     single = RankSession(full, opt_level=opt_level)
     # a symbolic head size (the builder's kv_cache_dim) is bound from the graph, as `run` does
-    dims = graph_dims(onnx.load(full, load_external_data=False))
+    dims = dims or graph_dims(onnx.load(full, load_external_data=False))
     shared, per_rank = generate_feeds(ranks, batch=2, context=8, seed=3, dims=dims)
     feeds = {n: np.concatenate([per_rank[r][n] for r in range(world)], axis=kv_axis(n)) for n in per_rank[0]}
     sharded = run_steps(ranks, shared, per_rank, 3)
@@ -653,3 +653,16 @@ def test_refuses_matmulnbits_with_g_idx(tmp_path):
         r"^unrecognised layer structure at node '/model/layers.0/mlp/down_proj/MatMulNBits': "
         r"MatMulNBits with g_idx$",
     )
+
+
+def test_dim_binds_the_head_size_that_nothing_else_tells(tmp_path):
+    full = decoder(tmp_path / "m" / "full", attention="plain", head_dim_name="head_dim")
+    refused(
+        full,
+        tmp_path / "out",
+        2,
+        r"^unrecognised layer structure at node '/MatMul_\d+': cannot tell its head "
+        r"size \(give the KV-cache's last dim with --dim NAME=N\)$",
+    )
+    shard_model(full, tmp_path / "out", 2, dims={"head_dim": 16})
+    assert_twin(tmp_path / "out", full, dims={"head_dim": 16})
