@@ -666,3 +666,21 @@ def test_dim_binds_the_head_size_that_nothing_else_tells(tmp_path):
     )
     shard_model(full, tmp_path / "out", 2, dims={"head_dim": 16})
     assert_twin(tmp_path / "out", full, dims={"head_dim": 16})
+
+
+def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    from preserve_onnx.shard import tensors
+
+    calls = []
+
+    def failing_write(self, t, value, after_chunk=None):
+        calls.append(t.name)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return original(self, t, value, after_chunk)
+
+    original = tensors.DataWriter.write
+    monkeypatch.setattr(tensors.DataWriter, "write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        shard_model(SAMPLES / "llama-gqa" / "full" / "model.onnx", tmp_path / "out", 2)
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor the temporary folder beside it
