@@ -97,9 +97,10 @@ def genai_config(path: Path, tp: int) -> str:
 
 
 def _write_ranks(
-    plan: ShardPlan, reader: TensorReader, source: dict, world: int, folder: Path
+    plan: ShardPlan, source: onnx.ModelProto, reader: TensorReader, world: int, folder: Path
 ) -> tuple[list[Path], int]:
-    """Every rank's model and data file, in one pass over the source tensors (each is read once)."""
+    """Every rank's model and data file, in one pass over the source tensors (each is read once).
+    Initializers of every graph are written (a subgraph may hold its own weights)."""
     models, writers = [], []
     try:
         for rank in range(world):
@@ -107,16 +108,23 @@ def _write_ranks(
             model.CopyFrom(plan.model)
             models.append(model)
             writers.append(DataWriter(folder / f"model_{rank:02d}.onnx.data", f"model_{rank:02d}.onnx.data"))
-        for k, t in enumerate(plan.model.graph.initializer):
-            src = source.get(t.name)
-            if src is None:  # a constant the rewrite added: already inline, same on every rank
-                continue
-            full = reader.array(src)
-            for rank in range(world):
-                value = rank_value(full, plan.cuts.get(t.name), world, rank, t.data_type, t.name)
-                writers[rank].write(models[rank].graph.initializer[k], value, after_chunk=reader.release)
-            del full
-            reader.release()
+        # Graphs in the same order in the source, the plan and every rank (the rewrite adds no subgraph).
+        rank_graphs = [[g for _, g in iter_graphs(m)] for m in models]
+        for index, ((_, planned), (_, original)) in enumerate(
+            zip(iter_graphs(plan.model), iter_graphs(source))
+        ):
+            tensors = {t.name: t for t in original.initializer}
+            for k, t in enumerate(planned.initializer):
+                src = tensors.get(t.name)
+                if src is None:  # a constant the rewrite added: already inline, same on every rank
+                    continue
+                full = reader.array(src)
+                for rank in range(world):
+                    value = rank_value(full, plan.cuts.get(t.name), world, rank, t.data_type, t.name)
+                    target = rank_graphs[rank][index].initializer[k]
+                    writers[rank].write(target, value, after_chunk=reader.release)
+                del full
+                reader.release()
     finally:
         for writer in writers:
             writer.close()
@@ -145,10 +153,9 @@ def shard_model(
     proto = load_model(model_file)
     reader = TensorReader(model_file.parent)
     plan = plan_shards(proto, tp, vocab_parallel=vocab_parallel, dims=dims, read=reader.array)
-    source = {t.name: t for t in proto.graph.initializer}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        paths, total = _write_ranks(plan, reader, source, tp, tmp)
+        paths, total = _write_ranks(plan, proto, reader, tp, tmp)
         files = [out / p.name for p in paths]
         for extra in _companions(model_file, proto):
             if extra.name == "genai_config.json":

@@ -684,3 +684,27 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         shard_model(SAMPLES / "llama-gqa" / "full" / "model.onnx", tmp_path / "out", 2)
     assert list(tmp_path.iterdir()) == []  # neither OUT nor the temporary folder beside it
+
+
+def test_weights_held_inside_if_branches_are_cut_and_written(tmp_path):
+    """onnx-graphsurgeon's export copies an outer weight used only in If branches into each branch."""
+    folder = tmp_path / "merged"
+    shutil.copytree(SAMPLES / "merged-decoder" / "full", folder)
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    moved = [
+        t
+        for t in model.graph.initializer
+        if t.name.endswith(("q_proj.MatMul.weight", "o_proj.MatMul.weight"))
+    ]
+    for t in moved:
+        model.graph.initializer.remove(t)
+        for a in model.graph.node[0].attribute:
+            a.g.initializer.append(t)
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    shard_model(folder / "model.onnx", tmp_path / "tp2", 2)
+    rank = onnx.load(tmp_path / "tp2" / "model_01.onnx", load_external_data=False)
+    branch = rank.graph.node[0].attribute[0].g
+    dims = {t.name: list(t.dims) for t in branch.initializer}
+    assert dims["model.layers.0.attn.q_proj.MatMul.weight"] == [64, 32]
+    assert dims["model.layers.1.attn.o_proj.MatMul.weight"] == [32, 64]
+    assert_twin(tmp_path / "tp2", SAMPLES / "merged-decoder" / "full" / "model.onnx")
