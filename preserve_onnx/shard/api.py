@@ -122,7 +122,7 @@ def _write_ranks(
                 for rank in range(world):
                     value = rank_value(full, plan.cuts.get(t.name), world, rank, t.data_type, t.name)
                     target = rank_graphs[rank][index].initializer[k]
-                    writers[rank].write(target, value, after_chunk=reader.release)
+                    writers[rank].write(target, value, after_chunk=reader.release, locate=reader.locate)
                 del full
                 reader.release()
     finally:
@@ -155,7 +155,10 @@ def shard_model(
     plan = plan_shards(proto, tp, vocab_parallel=vocab_parallel, dims=dims, read=reader.array)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        paths, total = _write_ranks(plan, proto, reader, tp, tmp)
+        try:
+            paths, total = _write_ranks(plan, proto, reader, tp, tmp)
+        finally:
+            reader.close()
         files = [out / p.name for p in paths]
         for extra in _companions(model_file, proto):
             if extra.name == "genai_config.json":

@@ -81,6 +81,7 @@ class TensorReader:
     def __init__(self, base: Path) -> None:
         self.base = Path(base)
         self._maps: dict[Path, np.memmap] = {}
+        self._fds: dict[Path, int] = {}
 
     def array(self, t: TensorProto) -> np.ndarray:
         """``t``'s values in storage dtype and its shape; a memory map for external tensors."""
@@ -109,6 +110,25 @@ class TensorReader:
         if length and _is_hole(path, offset, length):  # never written: zeros, read without touching the disk
             return np.broadcast_to(np.zeros((), dtype), shape)
         return data[offset : offset + length].view(dtype).reshape(shape)
+
+    def locate(self, piece: np.ndarray) -> tuple[int, int] | None:
+        """(file descriptor, offset) of a contiguous piece that lies in a mapped data file, else None:
+        such bytes are copied file to file by the kernel, never through this process."""
+        if not piece.flags.c_contiguous or piece.size == 0:
+            return None
+        address = piece.ctypes.data
+        for path, data in self._maps.items():
+            start = data.ctypes.data
+            if start <= address and address + piece.nbytes <= start + data.size:
+                if path not in self._fds:
+                    self._fds[path] = os.open(path, os.O_RDONLY)
+                return self._fds[path], address - start
+        return None
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def release(self) -> None:
         """Drop the mapped pages read so far from this process (they stay in the page cache): the
@@ -147,9 +167,16 @@ class DataWriter:
         self.location = location
         self.size = 0
 
-    def write(self, t: TensorProto, value: Piece, after_chunk: Callable[[], None] | None = None) -> None:
+    def write(
+        self,
+        t: TensorProto,
+        value: Piece,
+        after_chunk: Callable[[], None] | None = None,
+        locate: Callable[[np.ndarray], tuple[int, int] | None] | None = None,
+    ) -> None:
         """Rewrite ``t`` (name and type kept) to hold ``value``, in the data file or inline.
-        ``after_chunk`` runs after each chunk written (the reader drops the source pages it mapped)."""
+        ``after_chunk`` runs after each chunk written (the reader drops the source pages it mapped);
+        ``locate`` finds a piece's bytes in a source file, copied by ``copy_file_range`` then."""
         del t.dims[:]
         t.dims.extend(value.shape)
         t.ClearField("raw_data")
@@ -169,6 +196,9 @@ class DataWriter:
             if _zeros(piece):
                 self.file.seek(piece.nbytes, os.SEEK_CUR)
                 continue
+            where = locate(piece) if locate is not None else None
+            if where is not None and self._copy_range(*where, piece.nbytes):
+                continue
             for block in chunks(piece):
                 if block.reshape(-1).view(np.uint8).any():  # bytes: -0.0 is not a hole
                     self.file.write(block.astype(block.dtype.newbyteorder("<"), copy=False).data)
@@ -181,6 +211,27 @@ class DataWriter:
         for key, val in (("location", self.location), ("offset", str(offset)), ("length", str(value.nbytes))):
             entry = t.external_data.add()
             entry.key, entry.value = key, val
+
+    def _copy_range(self, fd: int, offset: int, length: int) -> bool:
+        """Copy ``length`` bytes of ``fd`` from ``offset`` to the current position in the kernel; False
+        (nothing written) where the file systems cannot, and the bytes then go through memory."""
+        self.file.flush()
+        dst = self.file.tell()
+        done = 0
+        try:
+            while done < length:
+                n = os.copy_file_range(fd, self.file.fileno(), length - done, offset + done, dst + done)
+                if n == 0:
+                    raise OSError(errno.EIO, "source file shrank while copying")
+                done += n
+        except OSError as exc:
+            if done or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            return False
+        except AttributeError:  # pragma: no cover - Python without os.copy_file_range (not Linux)
+            return False
+        self.file.seek(dst + length)
+        return True
 
     def close(self) -> None:
         self.file.truncate(self.size)  # a trailing hole still counts

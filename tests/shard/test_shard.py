@@ -673,11 +673,11 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
 
     calls = []
 
-    def failing_write(self, t, value, after_chunk=None):
+    def failing_write(self, t, value, **kwargs):
         calls.append(t.name)
         if len(calls) == 5:
             raise OSError(28, "No space left on device")
-        return original(self, t, value, after_chunk)
+        return original(self, t, value, **kwargs)
 
     original = tensors.DataWriter.write
     monkeypatch.setattr(tensors.DataWriter, "write", failing_write)
