@@ -3,8 +3,9 @@
 Reading: an external initializer is a read-only ``np.memmap`` window on its data file (only the pages a
 slice touches are read); an inline one is decoded from the protobuf (inline tensors are small).
 Writing: :class:`DataWriter` appends each output tensor of ``threshold`` bytes or more to the rank's
-``<model>.data`` file at an aligned offset, streaming large slices in row chunks (all-zero chunks become
-holes of a sparse file); smaller tensors stay inline as ``raw_data``. A sparse input's holes are never
+``<model>.data`` file at an aligned offset: a contiguous slice of a source file is copied file to file
+by the kernel (``copy_file_range``), other slices stream through memory in row chunks (all-zero chunks
+become holes of a sparse file); smaller tensors stay inline as ``raw_data``. A sparse input's holes are never
 read: a tensor inside one is a zero-strided view of a zero. The layout depends only on the input, so
 the same input gives the same bytes.
 """
