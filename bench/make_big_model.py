@@ -51,19 +51,22 @@ PRESETS: dict[str, ms.Config] = {
 }
 
 
+def _config(preset: str, layers: int | None, overrides: dict):
+    """The preset's Config with ``layers`` and other field overrides applied."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    if layers is not None:
+        overrides["layers"] = layers
+    return replace(PRESETS[preset], **overrides) if overrides else PRESETS[preset]
+
+
 def make_big_model(out_dir, preset: str = "llama3-70b", ranks: int = 8, layers: int | None = None,
                    dtype: str = "float16", vocab_parallel: bool = False, align: int = 4096,
                    **overrides) -> list[Path]:
     """Write OUT_DIR/model_{r:02d}.onnx + sparse .data for every rank; return the model paths.
 
     `overrides` replace Config fields (hidden, heads, kv_heads, intermediate, vocab, max_seq, ...)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    cfg = PRESETS[preset]
-    if layers is not None:
-        overrides["layers"] = layers
-    if overrides:
-        cfg = replace(cfg, **overrides)
+    cfg = _config(preset, layers, overrides)
     cfg.check(ranks, "llama")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,13 +102,7 @@ def make_single_model(out_dir, preset: str = "llama3-8b", layers: int | None = N
                       align: int = 4096, dense: bool = False, **overrides) -> Path:
     """Write OUT_DIR/model.onnx + model.onnx.data (sparse; with ``dense``, every byte written, none zero):
     the unsharded decoder; return the model path."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    cfg = PRESETS[preset]
-    if layers is not None:
-        overrides["layers"] = layers
-    if overrides:
-        cfg = replace(cfg, **overrides)
+    cfg = _config(preset, layers, overrides)
     cfg.check(1, "llama")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
