@@ -156,13 +156,17 @@ def width_of(ix: GraphIndex, tensor: str) -> int:
     return 0
 
 
+# Element-wise operators between an LM head and the logits: a bias, logit soft-capping (tanh(x/c)*c).
+LOGIT_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Tanh"})
+
+
 def reaches_output(ix: GraphIndex, tensor: str) -> bool:
-    """Whether ``tensor`` becomes a graph output through layout operators (or a bias Add)."""
+    """Whether ``tensor`` becomes a graph output through layout and element-wise operators."""
     for _ in range(16):
         if tensor in ix.outputs:
             return True
         readers = [ix.nodes[i] for i in ix.consumers.get(tensor, ())]
-        nxt = [n for n in readers if n.op_type in LAYOUT_OPS or n.op_type in ("Add",)]
+        nxt = [n for n in readers if n.op_type in LAYOUT_OPS or n.op_type in LOGIT_OPS]
         if len(nxt) != 1:
             return False
         tensor = nxt[0].output[0]

@@ -230,6 +230,7 @@ def decoder(
     vocab: int = VOCAB,
     all_external: bool = False,
     head_dim_name: str | None = None,
+    softcap: bool = False,
 ) -> Path:
     """Write ``folder/model.onnx`` (+ ``model.onnx.data``) and return its path. ``all_external``: every
     initializer in the data file, shape constants too (TorchScript and the builder do that)."""
@@ -353,6 +354,9 @@ def decoder(
         x = b.op("Add", [x, _mlp(b, h, mlp, ffn)])
     h = b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
     logits = b.linear(h, H, vocab)
+    if softcap:  # Gemma-2's logit soft-capping: tanh(logits / 30) * 30
+        cap = b.const_node(np.asarray(30.0, dtype))
+        logits = b.op("Mul", [b.op("Tanh", [b.op("Div", [logits, cap])]), cap])
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits/Identity"))
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
     model = helper.make_model(

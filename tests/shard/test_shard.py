@@ -720,3 +720,12 @@ def test_committed_real_export_shards_are_reproduced_byte_for_byte(ranks, tmp_pa
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in committed.iterdir())
     for p in committed.iterdir():
         assert (tmp_path / "out" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_an_lm_head_followed_by_logit_soft_capping_is_vocab_parallel(tmp_path):
+    full = decoder(tmp_path / "full", softcap=True)
+    shard_model(full, tmp_path / "tp2", 2, vocab_parallel=True)
+    graph = onnx.load(tmp_path / "tp2" / "model_00.onnx", load_external_data=False).graph
+    order = [n.op_type for n in graph.node if n.op_type != "Constant"]
+    assert order[-6:] == ["MatMul", "AllGather", "Div", "Tanh", "Mul", "Identity"]
+    assert_twin(tmp_path / "tp2", full)
