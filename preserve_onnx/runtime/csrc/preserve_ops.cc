@@ -1281,14 +1281,14 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   }
 }
 
-// Wakes every rank waiting in a collective of `group` with an error; later collectives of the group
-// fail at once until preserve_reset_group. Returns 0, or 1 when the group is unknown.
 // Prefetch cache hints issued / skipped above max_tokens since the library was loaded (process-wide).
 __attribute__((visibility("default"))) void preserve_prefetch_hints(uint64_t* issued, uint64_t* skipped) {
   if (issued) *issued = g_hints_issued.load(std::memory_order_relaxed);
   if (skipped) *skipped = g_hints_skipped.load(std::memory_order_relaxed);
 }
 
+// Wakes every rank waiting in a collective of `group` with an error; later collectives of the group
+// fail at once until preserve_reset_group. Returns 0, or 1 when the group is unknown.
 __attribute__((visibility("default"))) int preserve_abort_group(const char* group) {
   std::shared_ptr<Group> g = FindGroup(group ? group : "");
   if (!g) return 1;
