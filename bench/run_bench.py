@@ -633,6 +633,24 @@ def _largest_tensor_bytes(model: Path) -> tuple[str, int]:
     return max(sizes, key=lambda s: s[1])
 
 
+def _shard_layers(args: argparse.Namespace, workdir: Path) -> tuple[int, str]:
+    """Layers of the shard input: --shard-layers, else the whole model when the disk holds it twice over
+    (input, then cp's copy or shard's output, ~2.3x its size), else 4 layers (with the reason)."""
+    from make_big_model import PRESETS
+
+    if args.shard_layers is not None:
+        return args.shard_layers, ""
+    c = PRESETS[args.shard_preset]
+    head = c.hidden // c.heads
+    per_layer = c.hidden * (2 * c.hidden + 2 * c.kv_heads * head) + 3 * c.hidden * c.intermediate
+    need = 2.3 * 2 * (2 * c.vocab * c.hidden + c.layers * per_layer)  # fp16
+    workdir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(workdir).free
+    if free >= need:
+        return c.layers, ""
+    return 4, f" (not the whole model: {need / 2**30:.0f} GiB of free disk needed, {free / 2**30:.0f} GiB here)"
+
+
 def section_shard(b: Bench) -> dict:
     """`preserve-onnx shard --tp 2` on a single-device model, next to `cp` of its data file, same run."""
     cli = Path(sys.executable).with_name("preserve-onnx")
@@ -646,13 +664,13 @@ def section_shard(b: Bench) -> dict:
     where = b.workdir / "shard"
     shutil.rmtree(where, ignore_errors=True)
     copy, out = where / "cp.data", where / "tp2"
-    r: dict = {"available": True, "preset": b.args.shard_preset, "layers": b.args.shard_layers}
+    layers, why = _shard_layers(b.args, b.workdir)
+    r: dict = {"available": True, "preset": b.args.shard_preset, "layers": layers, "layers_why": why}
     try:
         # Dense: shard keeps a sparse input's holes as holes (it neither reads nor writes them), which
         # would measure nothing but metadata; a real export has no holes.
         t0 = time.perf_counter()
-        model = make_single_model(where / "single", preset=b.args.shard_preset, layers=b.args.shard_layers,
-                                  dense=True)
+        model = make_single_model(where / "single", preset=b.args.shard_preset, layers=layers, dense=True)
         r["make_s"] = time.perf_counter() - t0
         data = Path(str(model) + ".data")
         largest_name, largest = _largest_tensor_bytes(model)
@@ -676,7 +694,7 @@ def section_shard(b: Bench) -> dict:
     r["peak_goal_mb"] = largest / MB + GOAL_SHARD_EXTRA_MB
     gib = 2**30
     r["lines"] = [
-        f"shard --tp 2, {r['preset']} x {r['layers']} layers fp16 ({r['data_bytes'] / gib:.1f} GiB, dense): "
+        f"shard --tp 2, {r['preset']} x {r['layers']} layers{why} fp16 ({r['data_bytes'] / gib:.1f} GiB, dense): "
         f"{r['shard_s']:.1f} s vs cp {r['cp_s']:.1f} s = {r['ratio']:.2f}x "
         f"(writes {r['shard_bytes'] / gib:.1f} vs {r['cp_bytes'] / gib:.1f} GiB: "
         f"{r['shard_bytes'] / r['shard_s'] / MB:.0f} vs {r['cp_bytes'] / r['cp_s'] / MB:.0f} MB/s); "
@@ -824,7 +842,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-shard", action="store_true", help="skip the `shard --tp 2` measurement")
     ap.add_argument("--shard-preset", default="llama3-8b", help="make_big_model preset of the shard input")
     ap.add_argument("--shard-layers", type=int, default=None,
-                    help="layers of the shard input (default 4, --quick 2; the preset's 32: the whole model)")
+                    help="layers of the shard input (default: the whole model when the disk holds it, "
+                         "else 4; --quick 2)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     a = ap.parse_args(argv)
     if a.quick and a.layers is None:
@@ -835,12 +854,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.layers = PRESETS[a.preset].layers if a.preset in PRESETS else None
     if a.repeat is None:
         a.repeat = 1 if a.quick else 3
-    if a.shard_layers is None:
-        a.shard_layers = 2 if a.quick else 4
+    if a.shard_layers is None and a.quick:
+        a.shard_layers = 2
     if a.repeat_dir is None:
         a.repeat_dir = 1 if a.quick else 2
     if a.repeat < 1 or a.repeat_dir < 1 or a.ranks < 1 or (a.layers is not None and a.layers < 1) \
-            or a.shard_layers < 1:
+            or (a.shard_layers is not None and a.shard_layers < 1):
         ap.error("--repeat, --repeat-dir, --ranks, --layers and --shard-layers must be at least 1")
     return a
 
