@@ -18,7 +18,8 @@ Nothing here reads weight bytes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import onnx
@@ -175,18 +176,42 @@ def kv_bytes(vi: onnx.ValueInfoProto, axes: tuple[int | None, int | None], *, ba
 @dataclass(frozen=True)
 class Sizing:
     """Everything that turns a KV-cache input's dims into bytes: ``--batch``/``--context``, ``--dim``
-    overrides and the dims the graph fixes (:func:`graph_dims`)."""
+    overrides and the dims the graph fixes (:func:`graph_dims`, worked out on first need: most
+    exports fix every KV dim but batch and sequence, and then the graph is never searched)."""
 
     batch: int = 8
     context: int = 16384
     dims: Mapping[str, int] = field(default_factory=dict)
-    graph: Mapping[str, int] = field(default_factory=dict)
+    find_graph_dims: Callable[[], Mapping[str, int]] = dict
 
     @classmethod
     def for_model(cls, model: onnx.ModelProto, batch: int, context: int, dims: Iterable[tuple[str, int]] = (),
                   scopes: Iterable[Scope] | None = None,
                   kv_paths: Mapping[str, KvCachePath] | None = None) -> "Sizing":
-        return cls(batch, context, dict(dims), graph_dims(model, scopes, kv_paths))
+        return cls(batch, context, dict(dims), lambda: graph_dims(model, scopes, kv_paths))
+
+    @functools.cached_property
+    def graph(self) -> Mapping[str, int]:
+        return self.find_graph_dims()
 
     def kv_bytes(self, vi: onnx.ValueInfoProto, axes: tuple[int | None, int | None]) -> int:
-        return kv_bytes(vi, axes, batch=self.batch, context=self.context, dims=self.dims, graph=self.graph)
+        return kv_bytes(vi, axes, batch=self.batch, context=self.context, dims=self.dims, graph=_Lazy(self))
+
+
+class _Lazy(Mapping):
+    """A Sizing's graph dims as a mapping that searches the graph only when a lookup needs it."""
+
+    def __init__(self, sizing: Sizing) -> None:
+        self.sizing = sizing
+
+    def __getitem__(self, name: str) -> int:
+        return self.sizing.graph[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.sizing.graph
+
+    def __iter__(self):
+        return iter(self.sizing.graph)
+
+    def __len__(self) -> int:
+        return len(self.sizing.graph)

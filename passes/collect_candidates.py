@@ -56,6 +56,8 @@ CONSUMERS: dict[tuple[str, str], Slots] = {
     ("", "Attention"): Slots(kv=(4, 5)),
 }
 
+_NO_SLOTS = Slots()  # an operator that reads no weights or KV-cache through its slots
+
 # Constant-only operators a weight may pass through; value = input indices that carry the weight
 # (the others must be constant too, but are not prefetch targets).
 CONSTANT_OPS: dict[str, tuple[int, ...]] = {
@@ -127,8 +129,8 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int = 8, context:
     seen: dict[str, str] = {}
     for i in window.nodes:
         node = nodes[i]
-        slots = consumer_slots(node) or Slots()
-        structural = {slot for slot, name in enumerate(node.input) if name in kv_alias}
+        slots = consumer_slots(node) or _NO_SLOTS
+        structural = {slot for slot, name in enumerate(node.input) if name in kv_alias} if kv_alias else ()
         if not slots.weights and not slots.kv and not structural:
             continue
         consumer = node_label(node, i)
