@@ -29,8 +29,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import NodeProto
 
-from preserve_onnx.passes._graph import MS_DOMAIN, Scope, initializer_nbytes, is_default_domain, nbytes, \
-    node_label
+from preserve_onnx.passes._graph import MS_DOMAIN, Scope, initializer_nbytes, is_default_domain, node_label
 from preserve_onnx.passes._dims import Sizing
 from preserve_onnx.passes._structure import KvCachePath, kv_cache_paths, reads_bytes
 from preserve_onnx.passes.build_windows import Window
@@ -251,11 +250,6 @@ def resolve_roots(scope: Scope, name: str, in_window: set[str] = frozenset(), *,
         elif index in targets:
             roots.extend(r for r in sub.roots if r not in roots)
     return Resolution(tuple(roots), None, tuple(excluded))
-
-
-def kv_nbytes(vi: onnx.ValueInfoProto, axes: tuple[int, int], batch: int, context: int) -> int:
-    """Bytes of a KV-cache input with only ``batch``/``context`` to bind its symbolic dims."""
-    return Sizing(batch, context).kv_bytes(vi, axes)
 
 
 def structural_kv_axes(path: KvCachePath, vi: onnx.ValueInfoProto) -> tuple[int, int]:
