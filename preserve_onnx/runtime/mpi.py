@@ -44,6 +44,7 @@ from preserve_onnx.errors import PreserveError
 from preserve_onnx.runtime.backend import RunResult, decode, rank_models, running_original, session_kwargs
 from preserve_onnx.runtime.compare import Comparison, compare_outputs
 from preserve_onnx.runtime.decode import run_steps
+from preserve_onnx.runtime.feeds import model_dims
 from preserve_onnx.runtime.session import (
     ModelLike,
     RankSession,
@@ -429,7 +430,8 @@ def _merge(comparisons: Sequence[Comparison]) -> Comparison:
 
 def run_models_mpi(path: Path, *, against: Path | None = None, inputs: Path | None = None, steps: int = 1,
                    batch: int = 1, context: int = 16, seed: int = 0, opt_level: str = "all",
-                   naming: PrefetchNaming = PrefetchNaming(), timeout_s: float = 60, comm: Any = None):
+                   naming: PrefetchNaming = PrefetchNaming(), timeout_s: float = 60, comm: Any = None,
+                   dims: Mapping[str, int] | None = None):
     """:func:`~preserve_onnx.runtime.runner.run_models` with one process per rank (call it on every rank).
 
     Every process reads the same paths (models, ``--inputs``): across machines they must exist on each.
@@ -446,7 +448,7 @@ def run_models_mpi(path: Path, *, against: Path | None = None, inputs: Path | No
     try:
         # Every process must run the same command: a difference would pair the wrong collectives.
         args = (tuple(str(m) for m in models), tuple(str(m) for m in originals), str(inputs), steps, batch, context,
-                seed, opt_level, naming.domain, naming.op_type)
+                seed, opt_level, naming.domain, naming.op_type, tuple(sorted((dims or {}).items())))
         seen = ctx.allgather(args, "the start-up check", timeout_s)
         for rank, other in enumerate(seen):
             if other != args:
@@ -454,7 +456,7 @@ def run_models_mpi(path: Path, *, against: Path | None = None, inputs: Path | No
         kw = session_kwargs(naming, opt_level, timeout_s)
         with MpiRankSession(list(models), comm=comm, **kw) as session:
             shared, per_rank, outputs = decode(session, inputs, steps=steps, batch=batch, context=context,
-                                               seed=seed)
+                                               seed=seed, dims=model_dims(models, dims) if inputs is None else None)
         comparison = None
         if against is not None:
             with running_original(against, keep=(PeerFailed,)), \

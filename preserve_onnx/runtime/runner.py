@@ -41,7 +41,7 @@ def run_models(path: Path, *, against: Path | None = None, inputs: Path | None =
         from preserve_onnx.runtime.mpi import run_models_mpi
 
         return run_models_mpi(path, against=against, inputs=inputs, steps=steps, batch=batch, context=context,
-                              seed=seed, opt_level=opt_level, naming=naming, timeout_s=timeout_s)
+                              seed=seed, opt_level=opt_level, naming=naming, timeout_s=timeout_s, dims=dims)
     start = time.perf_counter()
     models = rank_models(path)
     originals: Sequence[Path] = rank_models(against) if against is not None else ()

@@ -176,3 +176,16 @@ def test_hung_rank_times_out_instead_of_hanging():
     assert "error: rank 0: AllReduce" in res.stderr and "timed out after 2000 ms waiting for rank(s) 1" in res.stderr
     assert "error: rank 1: stopped by mpirun (SIGTERM)" in res.stderr
     assert time.monotonic() - start < 30
+
+
+def test_cli_mpi_binds_symbolic_dims_like_threads(tmp_path):
+    """The builder's `kv_cache_dim` is bound from the graph (and by --dim) under MPI too."""
+    src = SAMPLES / "exporters" / "genai-llama-fp32" / "tp2"
+    for extra in ([], ["--dim", "batch_size=3"]):
+        res = mpirun(2, str(CLI), "run", str(src), "--backend", "mpi", "--steps", "2", "--save",
+                     str(tmp_path / "mpi.npz"), "-q", *extra)
+        assert res.returncode == 0, res.stderr
+        threads = run_models(src, steps=2, dims=dict(batch_size=3) if extra else None)
+        save_outputs(tmp_path / "threads.npz", threads.outputs)
+        assert npz(tmp_path / "mpi.npz") == npz(tmp_path / "threads.npz")
+    assert np.load(tmp_path / "mpi.npz")["rank0/logits"].shape[0] == 3
