@@ -238,6 +238,10 @@ def optimize(
     if with_runtime:
         if dry_run:
             raise UsageError("--with-runtime writes files beside the models; --dry-run writes none")
+        if not src.is_dir():
+            # The runner runs a folder's rank family; a file OUT's folder may hold anything.
+            raise UsageError("--with-runtime writes a runnable folder: give IN as a directory of rank models "
+                             "(and OUT as a folder)")
         from preserve_onnx.runtime.session import library_path
 
         library_path()  # refused before any model is written when the library is not built
@@ -246,7 +250,7 @@ def optimize(
     if with_runtime:
         from preserve_onnx.runtime.bundle import write_runtime
 
-        write_runtime(outcomes[0].output.parent)  # OUT, or OUT's folder when OUT is one model file
+        write_runtime(dest, config.naming)
     if report is not None:
         write_json(report, report_dict(outcomes, config))
     if not quiet:

@@ -29,6 +29,9 @@ from onnx import TensorProto
 
 from preserve_onnx.errors import PreserveError
 
+# What `optimize --with-runtime` writes into OUT beside the rank models (runtime/bundle.py).
+RUNTIME_FILES = frozenset({"libpreserve_ops.so", "run_ranks.py"})
+
 RANK_PATTERNS = (
     # Olive: model_00.onnx, model_01.onnx, ...
     (re.compile(r"^model_(\d+)\.onnx$"), lambda m: "model_{rank}.onnx"),

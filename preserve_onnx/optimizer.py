@@ -21,8 +21,8 @@ import onnx
 
 from preserve_onnx.config import OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError, UsageError
-from preserve_onnx.model_io import (ProgressFactory, copy_tree_entry, default_mode, find_rank_sets, is_rank_file,
-                                    load_model, save_model, sibling_rank_count)
+from preserve_onnx.model_io import (RUNTIME_FILES, ProgressFactory, copy_tree_entry, default_mode, find_rank_sets,
+                                    is_rank_file, load_model, save_model, sibling_rank_count)
 from preserve_onnx.passes import (CheckOrderPass, InsertPrefetchesPass, Plan, StripPrefetchesPass,
                                   VerifyPrefetchesPass, plan_prefetches)
 from preserve_onnx.passes.verify_prefetches import Verification
@@ -201,10 +201,10 @@ def _check_directory_out(src: Path, out: Path) -> None:
     if not out_r.parent.is_dir():
         raise PreserveError(f"{out.parent}: output folder does not exist")
     if out_r.is_dir():
-        # OUT is replaced as a whole: allowed when everything in it is a rank model or a name that IN
-        # has too (a previous run's output), so that nothing the user put there is lost.
-        foreign = sorted(e.name for e in out_r.iterdir()
-                         if not is_rank_file(e.name) and not (src_r / e.name).exists())
+        # OUT is replaced as a whole: allowed when everything in it is a rank model, a name that IN has
+        # too, or what --with-runtime writes (a previous run's output), so nothing the user put there is lost.
+        foreign = sorted(e.name for e in out_r.iterdir() if not is_rank_file(e.name)
+                         and not (src_r / e.name).exists() and e.name not in RUNTIME_FILES)
         if foreign:
             raise PreserveError(f"OUT {out} exists and holds '{foreign[0]}', which is not from IN "
                                 f"(OUT is replaced as a whole): remove it or choose a new folder")

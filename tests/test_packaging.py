@@ -205,9 +205,11 @@ def test_without_a_compiler_the_install_succeeds_and_run_says_what_to_install(tm
     r = subprocess.run([bin_dir / "preserve-onnx", "run", "out"], cwd=work, env=env, capture_output=True, text=True)
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr == (
-        "error: the runtime's custom-op library was not built when preserve-onnx was installed: "
-        "CXX=/nonexistent/c++: no such compiler on the PATH; then reinstall preserve-onnx (pip install "
-        "--force-reinstall --no-deps <its source folder or sdist>)\n")
+        "error: the runtime's custom-op library was not built when preserve-onnx was installed "
+        "(CXX=/nonexistent/c++: no such compiler on the PATH): provide what it names (a C++ compiler such as g++; "
+        "onnxruntime's C headers: ORT_INCLUDE_DIR=<the include folder of onnxruntime's release archive or of "
+        "Debian's libonnxruntime-dev>) and reinstall: pip install --force-reinstall --no-deps <preserve-onnx's "
+        "source folder or sdist>\n")
 
 
 def test_make_mpi_installs_mpi4py_as_the_mpi_extra_pins_it():

@@ -120,11 +120,35 @@ def test_the_runner_names_a_folder_without_rank_models(bundled, bare_python, tmp
     assert r.stderr == (f"error: {tmp_path} holds no rank models (model_00.onnx, ... or rank_0_<name>.onnx, ...)\n")
 
 
-def test_one_model_file_gets_the_runtime_in_its_folder(tmp_path):
+def test_one_model_file_is_a_usage_error(tmp_path):
+    """The runner runs a folder's rank family: one rank file's OUT folder may hold anything else."""
     (tmp_path / "one").mkdir()
-    r = cli("optimize", GQA / "model_00.onnx", tmp_path / "one" / "model_00.onnx", "--with-runtime", "-q")
+    (tmp_path / "one" / "run_ranks.py").write_text("mine\n")
+    r = cli("optimize", GQA / "model_00.onnx", tmp_path / "one" / "model_00.onnx", "--with-runtime")
+    assert r.exit_code == 2
+    assert r.output == ("error: --with-runtime writes a runnable folder: give IN as a directory of rank models "
+                        "(and OUT as a folder)\n")
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["run_ranks.py"]
+    assert (tmp_path / "one" / "run_ranks.py").read_text() == "mine\n"
+
+
+def test_optimizing_again_into_the_same_out_replaces_it(tmp_path):
+    for _ in range(2):
+        r = cli("optimize", GQA, tmp_path / "out", "--with-runtime", "-q")
+        assert r.exit_code == 0, r.output
+    r = cli("optimize", GQA, tmp_path / "out", "-q")  # and without the option: the runtime files go
     assert r.exit_code == 0, r.output
-    assert {"libpreserve_ops.so", "run_ranks.py", "model_00.onnx"} <= {p.name for p in (tmp_path / "one").iterdir()}
+    assert not {"libpreserve_ops.so", "run_ranks.py"} & {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_the_runner_knows_the_vendor_naming_optimize_used(bare_python, tmp_path):
+    out = tmp_path / "vendor"
+    r = cli("optimize", GQA, out, "--with-runtime", "-q", "--prefetch-domain", "com.acme.npu", "--prefetch-op",
+            "CmoPrefetch", "--prefetch-attr", "max_size=size", "--prefetch-attr", "max_tokens=vt")
+    assert r.exit_code == 0, r.output
+    run = runner(bare_python, out / "run_ranks.py", "--against", GQA, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "PASSED" in run.stdout
 
 
 def test_with_runtime_and_dry_run_is_a_usage_error(tmp_path):

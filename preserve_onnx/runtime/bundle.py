@@ -8,8 +8,12 @@ neither preserve_onnx nor anything outside onnxruntime, numpy and the standard l
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
+from preserve_onnx.config import PrefetchNaming
+from preserve_onnx.errors import PreserveError
 from preserve_onnx.model_io import copy_file_atomic, write_bytes_atomic
 from preserve_onnx.runtime.session import library_path
 
@@ -17,8 +21,9 @@ RUNNER_NAME = "run_ranks.py"
 _RUNNER_SOURCE = Path(__file__).resolve().parent / "standalone_runner.py"
 
 
-def write_runtime(folder: Path) -> tuple[Path, Path]:
-    """Writes ``libpreserve_ops.so`` and ``run_ranks.py`` into ``folder`` (each atomically).
+def write_runtime(folder: Path, naming: PrefetchNaming = PrefetchNaming()) -> tuple[Path, Path]:
+    """Writes ``libpreserve_ops.so`` and ``run_ranks.py`` into ``folder`` (each atomically); the runner
+    knows ``naming``, the spelling of the Prefetch nodes it will meet.
 
     Returns:
         The paths of the library and of the runner.
@@ -30,6 +35,11 @@ def write_runtime(folder: Path) -> tuple[Path, Path]:
     library = library_path()
     copy_file_atomic(library, folder / library.name)
     runner = folder / RUNNER_NAME
-    write_bytes_atomic(runner, _RUNNER_SOURCE.read_bytes())
+    spelled = {"domain": naming.domain, "op": naming.op_type, "max_size": naming.max_size, "offset": naming.offset,
+               "max_tokens": naming.max_tokens}
+    source, count = re.subn(r"^NAMING = \{.*\}$", f"NAMING = {json.dumps(spelled)}", _RUNNER_SOURCE.read_text(), flags=re.M)
+    if count != 1:  # pragma: no cover - the runner's source and this writer change together
+        raise PreserveError("internal: run_ranks.py has no NAMING line")
+    write_bytes_atomic(runner, source.encode())
     runner.chmod(runner.stat().st_mode | 0o111)  # `./run_ranks.py` works too (it has a #! line)
     return folder / library.name, runner

@@ -121,9 +121,11 @@ def library_path() -> pathlib.Path:
         marker = path.with_name("NOT_BUILT")
         if marker.is_file():
             reason = (marker.read_text().strip().splitlines() or ["unknown reason"])[0]
-            raise PreserveError(f"the runtime's custom-op library was not built when preserve-onnx was installed: "
-                                f"{reason}; then reinstall preserve-onnx (pip install --force-reinstall --no-deps "
-                                f"<its source folder or sdist>)")
+            raise PreserveError(f"the runtime's custom-op library was not built when preserve-onnx was installed "
+                                f"({reason}): provide what it names (a C++ compiler such as g++; onnxruntime's C "
+                                f"headers: ORT_INCLUDE_DIR=<the include folder of onnxruntime's release archive or "
+                                f"of Debian's libonnxruntime-dev>) and reinstall: pip install --force-reinstall "
+                                f"--no-deps <preserve-onnx's source folder or sdist>")
         raise PreserveError(f"the runtime's custom-op library {path} is missing: reinstall preserve-onnx from its "
                             f"source folder or sdist where g++ is installed, or run `make lib` in a clone")
     return path

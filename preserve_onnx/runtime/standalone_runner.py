@@ -37,6 +37,8 @@ import numpy as np
 import onnxruntime as ort
 
 LIBRARY = Path(__file__).resolve().parent / "libpreserve_ops.so"
+# How the Prefetch nodes are spelled: `optimize --with-runtime` writes the naming it used here.
+NAMING = {"domain": "preserve", "op": "Prefetch", "max_size": "max_size", "offset": "offset", "max_tokens": "max_tokens"}
 RANK_PATTERNS = (re.compile(r"^model_(\d+)\.onnx$"), re.compile(r"^rank_(\d+)_(.+)\.onnx$"))
 DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
           "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
@@ -91,7 +93,9 @@ def open_sessions(models: list[Path], args: argparse.Namespace) -> tuple[list[or
         for key, value in (("preserve.rank", rank), ("preserve.world_size", len(models)), ("preserve.group", group),
                            ("preserve.transport", "threads"), ("preserve.timeout_ms", round(args.timeout * 1000)),
                            ("preserve.prefetch_domain", args.prefetch_domain),
-                           ("preserve.prefetch_op", args.prefetch_op)):
+                           ("preserve.prefetch_op", args.prefetch_op),
+                           *((f"preserve.prefetch_attr_{attr}", NAMING[attr])
+                             for attr in ("max_size", "offset", "max_tokens"))):
             options.add_session_config_entry(key, str(value))
         options.register_custom_ops_library(str(LIBRARY))
         try:
@@ -230,8 +234,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dim", action="append", default=[], metavar="NAME=N", help="bind a symbolic dim")
     parser.add_argument("--opt-level", choices=sorted(LEVELS), default="all")
     parser.add_argument("--timeout", type=float, default=60, help="seconds a rank waits in a collective")
-    parser.add_argument("--prefetch-domain", default="preserve")
-    parser.add_argument("--prefetch-op", default="Prefetch")
+    parser.add_argument("--prefetch-domain", default=NAMING["domain"])
+    parser.add_argument("--prefetch-op", default=NAMING["op"])
     args = parser.parse_args(argv)
     args.dims = {}
     for item in args.dim:

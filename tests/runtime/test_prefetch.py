@@ -134,9 +134,11 @@ def test_library_that_the_install_could_not_build_names_the_reason(monkeypatch, 
     with pytest.raises(PreserveError) as caught:
         library_path()
     assert str(caught.value) == (
-        "the runtime's custom-op library was not built when preserve-onnx was installed: no C++ compiler: install "
-        "g++ (Debian/Ubuntu: apt-get install g++), or set CXX; then reinstall preserve-onnx (pip install "
-        "--force-reinstall --no-deps <its source folder or sdist>)")
+        "the runtime's custom-op library was not built when preserve-onnx was installed (no C++ compiler: install "
+        "g++ (Debian/Ubuntu: apt-get install g++), or set CXX): provide what it names (a C++ compiler such as g++; "
+        "onnxruntime's C headers: ORT_INCLUDE_DIR=<the include folder of onnxruntime's release archive or of "
+        "Debian's libonnxruntime-dev>) and reinstall: pip install --force-reinstall --no-deps <preserve-onnx's "
+        "source folder or sdist>")
 
 
 def _limited_mlp(w1, w2, max_tokens, attr="max_tokens"):
