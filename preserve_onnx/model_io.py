@@ -280,8 +280,11 @@ def save_model(model: onnx.ModelProto, dest: Path, source_dir: Path, *, copy_dat
     source_dir = Path(source_dir)
     if copy_data is None:
         copy_data = dest.parent.resolve() != source_dir.resolve()
+    # Checked even when the data stays where it is or the caller copies it: a model whose data file is
+    # missing or short would be written fine and fail only when someone runs it.
+    locations = check_data_files(model, source_dir)
     if copy_data:
-        for location in check_data_files(model, source_dir):
+        for location in locations:
             target = dest.parent / location
             target.parent.mkdir(parents=True, exist_ok=True)
             src = source_dir / location

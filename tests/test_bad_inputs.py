@@ -112,6 +112,13 @@ def test_missing_external_data_file_when_it_must_be_copied(work):
                   work)
 
 
+@pytest.mark.parametrize("out", ["out", "in/model_01_opt.onnx"])  # a directory OUT; a file beside its data
+def test_missing_external_data_file_of_a_rank_in_a_directory_or_beside_it(work, out):
+    os.remove(work / "in" / "model_01.onnx.data")
+    src = work / "in" if out == "out" else work / "in" / "model_01.onnx"
+    fails_cleanly(["optimize", src, work / out], "model_01.onnx.data is missing", work)
+
+
 def test_short_external_data_file_when_it_must_be_copied(work):
     data = work / "in" / "model_00.onnx.data"
     data.write_bytes(data.read_bytes()[:1000])
