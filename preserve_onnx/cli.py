@@ -250,7 +250,9 @@ def optimize(
     if with_runtime:
         from preserve_onnx.runtime.bundle import write_runtime
 
-        write_runtime(dest, config.naming)
+        from preserve_onnx.runtime.feeds import model_dims
+
+        write_runtime(dest, config.naming, model_dims([o.output for o in outcomes], dict(config.dims)))
     if report is not None:
         write_json(report, report_dict(outcomes, config))
     if not quiet:

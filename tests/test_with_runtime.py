@@ -156,3 +156,15 @@ def test_with_runtime_and_dry_run_is_a_usage_error(tmp_path):
     assert r.exit_code == 2
     assert r.output == "error: --with-runtime writes files beside the models; --dry-run writes none\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_the_runner_binds_the_dims_the_graphs_fix(bare_python, tmp_path):
+    """onnxruntime-genai's kv_cache_dim: `run` reads it from the graph, the runner gets it written in."""
+    src = SAMPLES / "exporters" / "genai-llama-fp32" / "tp2"
+    out = tmp_path / "genai"
+    r = cli("optimize", src, out, "--with-runtime", "-q")
+    assert r.exit_code == 0, r.output
+    assert 'DIMS = {"kv_cache_dim": 16}' in (out / "run_ranks.py").read_text()
+    run = runner(bare_python, out / "run_ranks.py", "--against", src, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "PASSED" in run.stdout

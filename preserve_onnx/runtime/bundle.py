@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from preserve_onnx.config import PrefetchNaming
@@ -21,9 +22,11 @@ RUNNER_NAME = "run_ranks.py"
 _RUNNER_SOURCE = Path(__file__).resolve().parent / "standalone_runner.py"
 
 
-def write_runtime(folder: Path, naming: PrefetchNaming = PrefetchNaming()) -> tuple[Path, Path]:
+def write_runtime(folder: Path, naming: PrefetchNaming = PrefetchNaming(),
+                  dims: Mapping[str, int] | None = None) -> tuple[Path, Path]:
     """Writes ``libpreserve_ops.so`` and ``run_ranks.py`` into ``folder`` (each atomically); the runner
-    knows ``naming``, the spelling of the Prefetch nodes it will meet.
+    knows ``naming``, the spelling of the Prefetch nodes it will meet, and ``dims``, the symbolic dims
+    its generated inputs need (``run``'s: ``--dim``, then what the graphs fix).
 
     Returns:
         The paths of the library and of the runner.
@@ -37,9 +40,11 @@ def write_runtime(folder: Path, naming: PrefetchNaming = PrefetchNaming()) -> tu
     runner = folder / RUNNER_NAME
     spelled = {"domain": naming.domain, "op": naming.op_type, "max_size": naming.max_size, "offset": naming.offset,
                "max_tokens": naming.max_tokens}
-    source, count = re.subn(r"^NAMING = \{.*\}$", f"NAMING = {json.dumps(spelled)}", _RUNNER_SOURCE.read_text(), flags=re.M)
-    if count != 1:  # pragma: no cover - the runner's source and this writer change together
-        raise PreserveError("internal: run_ranks.py has no NAMING line")
+    source = _RUNNER_SOURCE.read_text()
+    for name, value in (("NAMING", spelled), ("DIMS", dict(sorted((dims or {}).items())))):
+        source, count = re.subn(rf"^{name} = \{{.*\}}$", f"{name} = {json.dumps(value)}", source, flags=re.M)
+        if count != 1:  # pragma: no cover - the runner's source and this writer change together
+            raise PreserveError(f"internal: run_ranks.py has no {name} line")
     write_bytes_atomic(runner, source.encode())
     runner.chmod(runner.stat().st_mode | 0o111)  # `./run_ranks.py` works too (it has a #! line)
     return folder / library.name, runner

@@ -39,6 +39,9 @@ import onnxruntime as ort
 LIBRARY = Path(__file__).resolve().parent / "libpreserve_ops.so"
 # How the Prefetch nodes are spelled: `optimize --with-runtime` writes the naming it used here.
 NAMING = {"domain": "preserve", "op": "Prefetch", "max_size": "max_size", "offset": "offset", "max_tokens": "max_tokens"}
+# Symbolic dims the rank graphs fix (a builder export's kv_cache_dim): written by `optimize --with-runtime`;
+# --dim overrides them.
+DIMS = {}
 RANK_PATTERNS = (re.compile(r"^model_(\d+)\.onnx$"), re.compile(r"^rank_(\d+)_(.+)\.onnx$"))
 DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
           "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
@@ -237,7 +240,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefetch-domain", default=NAMING["domain"])
     parser.add_argument("--prefetch-op", default=NAMING["op"])
     args = parser.parse_args(argv)
-    args.dims = {}
+    args.dims = dict(DIMS)
     for item in args.dim:
         name, _, value = item.partition("=")
         if not name or not value.isdigit():
