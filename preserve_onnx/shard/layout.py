@@ -211,6 +211,15 @@ def find_layout(
         col_lins = [ix.linears[c] for c in sorted(cols)]
         kv = {r for i in region for r in (root_input(ix, t) for t in ix.nodes[i].input) if r in kv_paths}
         kv |= {r for r in (root_input(ix, t) for t in kv_slot_inputs(ix.nodes[site])) if r}
+        for name in sorted(kv & kv_paths.keys()):
+            rank = len(ix.graph.input[[vi.name for vi in ix.graph.input].index(name)].type.tensor_type.shape.dim)
+            if kv_paths[name].seq_axis != rank - 2:
+                # Its head axis is divided where [batch, heads, sequence, head_size] has it; a cache that
+                # reaches its Concat through a Transpose or Reshape keeps its heads elsewhere.
+                raise PreserveError(
+                    f"unrecognised layer structure at node '{ix.label(kv_paths[name].concat)}': KV-cache input "
+                    f"'{name}' is not laid out [batch, heads, sequence, head_size] (its Concat grows axis "
+                    f"{kv_paths[name].seq_axis} of it)")
         nh, nkv, hs = _site_heads(ix, site, col_lins, kv, dims)
         if not hs:
             raise PreserveError(

@@ -729,3 +729,30 @@ def test_an_lm_head_followed_by_logit_soft_capping_is_vocab_parallel(tmp_path):
     order = [n.op_type for n in graph.node if n.op_type != "Constant"]
     assert order[-6:] == ["MatMul", "AllGather", "Div", "Tanh", "Mul", "Identity"]
     assert_twin(tmp_path / "tp2", full)
+
+
+def test_refuses_a_kv_cache_that_reaches_its_concat_through_a_transpose(tmp_path):
+    """The head axis of a KV-cache input is divided where [batch, heads, sequence, head_size] has it: a
+    cache laid out [batch, sequence, heads, head_size] and transposed before its Concat is refused, not
+    written with the wrong axis divided."""
+    m = onnx.load(SAMPLES / "exporters" / "torch-llama-fp32" / "full" / "model.onnx")
+    transposes = []
+    for vi in m.graph.input:
+        if vi.name.startswith("past_key_values.") and vi.name.endswith(".key"):
+            dims = vi.type.tensor_type.shape.dim
+            dims[1].dim_param, dims[2].dim_value = "past_sequence_length", 2  # [B, P, H, D]
+            for node in m.graph.node:
+                for i, name in enumerate(node.input):
+                    if name == vi.name:
+                        node.input[i] = f"{vi.name}_t"
+            transposes.append(onnx.helper.make_node("Transpose", [vi.name], [f"{vi.name}_t"], perm=[0, 2, 1, 3],
+                                                    name=f"{vi.name}/Transpose"))
+    nodes = transposes + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    (tmp_path / "m").mkdir()
+    onnx.save(m, tmp_path / "m" / "model.onnx")
+    refused(tmp_path / "m" / "model.onnx", tmp_path / "out", 2,
+            r"^unrecognised layer structure at node '/model/model/layers.0/self_attn/Concat_5': KV-cache input "
+            r"'past_key_values.0.key' is not laid out \[batch, heads, sequence, head_size\] \(its Concat grows "
+            r"axis 1 of it\)$")
