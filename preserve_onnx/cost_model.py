@@ -262,6 +262,11 @@ class _Walker:
         if ins and all(i in self.const for i in ins):
             self.const.update(outs)  # constant-only: folded by every runtime, costs nothing
             return
+        if default and node.op_type in ("Shape", "Size"):
+            # A tensor's metadata: known on the host once shapes are, so the shape arithmetic built on it
+            # (TorchScript's Shape -> Gather -> Unsqueeze -> Concat chains) folds like constants.
+            self.const.update(outs)
+            return
         self.ops.append(self._cost(scope, index, label, node, ins, outs, out_infos))
 
     # -- shapes: element counts and dtypes of the outputs

@@ -73,7 +73,7 @@ def test_estimate_every_sample(variant, tmp_path):
 def test_estimate_table_on_a_sample():
     r = cli("estimate", SAMPLES / "llama-gqa" / "tp2")
     assert r.exit_code == 0, r.output
-    assert "t_coll" in r.output and "upper bound" in r.output and "1.053x" in r.output
+    assert "t_coll" in r.output and "upper bound" in r.output and "1.055x" in r.output
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,8 @@ def test_estimate_70b_in_seconds(big_dir):
     assert time.perf_counter() - start < 20
     doc = json.loads(r.output)
     assert (doc["ranks"], len(doc["windows"])) == (8, 160)
-    assert round(doc["baseline_s"] * 1e3, 3) == 25.650
-    assert round(doc["preserve_s"] * 1e3, 3) == 21.468
+    assert round(doc["baseline_s"] * 1e3, 3) == 25.644
+    assert round(doc["preserve_s"] * 1e3, 3) == 21.462
     assert round(doc["speedup"], 3) == 1.195
     assert round(doc["upper_bound_speedup"], 3) == 1.210
     # Time-bound window: achieved HBM 0.85 x 1.6 TB/s x t_coll (25 us HCCL + 2 x 7/8 x 128 KiB at 28 GB/s).

@@ -285,3 +285,13 @@ def test_inspect_verbose_says_why_a_shape_reader_is_not_a_consumer(tmp_path):
     r = runner.invoke(app, ["inspect", str(tmp_path / "m.onnx"), "-v", "--batch", "2", "--context", "16"])
     assert r.exit_code == 0, r.output
     assert "shape_of_past[0]" in r.output and "Shape reads only the KV-cache's" in r.output
+
+
+def test_cost_model_folds_shape_arithmetic_like_constants():
+    """TorchScript's Shape -> Gather -> Unsqueeze -> Concat chains are host-side metadata: no operator
+    of the step is built only from shapes and constants."""
+    analysis = analyze(torchscript_decoder(), OptimizeConfig(batch=2, context=64), model_ranks=2)
+    costed = {op.name for op in analysis.ops}
+    assert not any(name.endswith(("/Shape", "/Gather_0", "/Unsqueeze_1", "/Concat", "/Slice", "/Concat_shape"))
+                   for name in costed)
+    assert "/model/layers.0/self_attn/q/Reshape" in costed  # the Reshape of the activation still runs
