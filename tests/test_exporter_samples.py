@@ -7,17 +7,21 @@ exact structures sample_models/exporters/README.md describes (the ones `shard` a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper
 
 EXPORTS = Path(__file__).resolve().parent.parent / "sample_models" / "exporters"
+_spec = importlib.util.spec_from_file_location("prefill_decode", EXPORTS / "prefill_decode.py")
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+prefill_and_decode = _module.prefill_and_decode  # the export script's own check (numpy + onnxruntime)
 
 GENAI = [
     "genai-llama-fp16",
@@ -85,33 +89,9 @@ def run_prefill_and_decode(name: str):
     """Prefill all reference tokens but the last, then decode the last with the prefill's present as past."""
     reference = np.load(EXPORTS / name / "reference.npz")
     ids, logits = reference["input_ids"], reference["logits"]
-    session = ort.InferenceSession(
-        str(EXPORTS / name / "full" / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
-    inputs = {i.name: i for i in session.get_inputs()}
-    outputs = [o.name for o in session.get_outputs()]
-    float_type = np.float16 if "float16" in inputs["past_key_values.0.key"].type else np.float32
     batch, prompt = ids.shape[0], ids.shape[1] - 1
     _, kv, head = HEADS[name]
-
-    def feeds(step, total, present):
-        feed = {"input_ids": step, "attention_mask": np.ones((batch, total), np.int64)}
-        if "position_ids" in inputs:
-            feed["position_ids"] = np.tile(np.arange(total - step.shape[1], total), (batch, 1)).astype(
-                np.int64
-            )
-        for i in range(LAYERS):
-            for kind in ("key", "value"):
-                feed[f"past_key_values.{i}.{kind}"] = present[f"present.{i}.{kind}"]
-        return feed
-
-    empty = {
-        f"present.{i}.{k}": np.zeros((batch, kv, 0, head), float_type)
-        for i in range(LAYERS)
-        for k in ("key", "value")
-    }
-    first = dict(zip(outputs, session.run(None, feeds(ids[:, :prompt], prompt, empty))))
-    second = dict(zip(outputs, session.run(None, feeds(ids[:, prompt:], prompt + 1, first))))
+    first, second = prefill_and_decode(EXPORTS / name / "full" / "model.onnx", ids, LAYERS, kv, head)
     return first, second, logits, (batch, kv, prompt, head)
 
 

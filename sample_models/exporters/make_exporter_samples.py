@@ -38,9 +38,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import transformers
+from prefill_decode import prefill_and_decode  # beside this script: numpy and onnxruntime only
 
 HERE = Path(__file__).resolve().parent
 SEED = 20261201
@@ -385,39 +385,15 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "int4": 5e-1}
 
 
 def check_export(sample: Sample, model, folder: Path) -> dict:
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    inputs = {i.name: i for i in session.get_inputs()}
-    output_names = [o.name for o in session.get_outputs()]
     config = model.config
-    layers = config.num_hidden_layers
-    float_type = np.float16 if sample.precision == "fp16" else np.float32
     generator = torch.Generator().manual_seed(SEED + 7)
     batch, prompt = 2, 5
     ids = torch.randint(3, VOCAB, (batch, prompt + 1), generator=generator)
     with torch.no_grad():
         reference = model(input_ids=ids).logits.numpy()
-
-    def feeds(step_ids, total, past):
-        feed = {"input_ids": step_ids.numpy(), "attention_mask": np.ones((batch, total), np.int64)}
-        if "position_ids" in inputs:
-            seq = step_ids.shape[1]
-            feed["position_ids"] = np.broadcast_to(np.arange(total - seq, total), (batch, seq)).astype(
-                np.int64
-            )
-        for i in range(layers):
-            for kind in ("key", "value"):
-                feed[f"past_key_values.{i}.{kind}"] = past[f"present.{i}.{kind}"]
-        return feed
-
     kv_heads = config.num_key_value_heads
     head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    empty = {
-        f"present.{i}.{k}": np.zeros((batch, kv_heads, 0, head), float_type)
-        for i in range(layers)
-        for k in ("key", "value")
-    }
-    first = dict(zip(output_names, session.run(None, feeds(ids[:, :prompt], prompt, empty))))
-    second = dict(zip(output_names, session.run(None, feeds(ids[:, prompt:], prompt + 1, first))))
+    first, second = prefill_and_decode(folder / "model.onnx", ids.numpy(), config.num_hidden_layers, kv_heads, head)
     prefill = float(np.abs(first["logits"].astype(np.float32) - reference[:, :prompt]).max())
     decode = float(np.abs(second["logits"].astype(np.float32) - reference[:, prompt:]).max())
     assert second["present.0.key"].shape == (batch, kv_heads, prompt + 1, head), second["present.0.key"].shape
