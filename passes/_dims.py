@@ -26,7 +26,7 @@ import onnx
 
 from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.passes._graph import MS_DOMAIN, Scope, is_default_domain, iter_scopes, nbytes
-from preserve_onnx.passes._structure import KvCachePath, kv_cache_paths
+from preserve_onnx.passes._structure import KvCachePath, consumer_slots, kv_cache_paths
 from preserve_onnx.passes.build_windows import _declared, producer_width
 
 
@@ -54,8 +54,6 @@ _KV_LAYOUT: dict[tuple[str, str], dict[int, str]] = {
     ("", "Attention"): {1: "kv_num_heads", 3: "head"},
 }
 _ATTENTION_OPS = frozenset(op for _, op in _KV_LAYOUT)
-_KV_SLOTS = {(MS_DOMAIN, "GroupQueryAttention"): (3, 4), (MS_DOMAIN, "MultiHeadAttention"): (6, 7),
-             (MS_DOMAIN, "Attention"): (4,), ("", "Attention"): (4, 5)}
 
 
 def _attr(node: onnx.NodeProto, name: str) -> int:
@@ -118,16 +116,17 @@ def graph_dims(model: onnx.ModelProto, scopes: Iterable[Scope] | None = None,
             values = {}
             for axis, source in _KV_LAYOUT[key].items():
                 values[axis] = _head_size(scope, declared, node, key) if source == "head" else _attr(node, source)
-            batch_seq = (1, 3) if key == (MS_DOMAIN, "Attention") else (0, 2)
+            slots = consumer_slots(node)  # the KV slots of docs/design.md §2's table
+            batch_seq = slots.kv_axes
             if key == (MS_DOMAIN, "Attention"):
                 values[0] = 2
-            for slot in _KV_SLOTS[key]:
+            for slot in slots.kv:
                 if slot < len(node.input) and node.input[slot]:
                     learn(node.input[slot], values)
             for present in node.output[1:3]:  # present key/value: the same layout
                 if present in outputs:
                     learn_from = _fixed_dims(outputs[present])
-                    for slot in _KV_SLOTS[key]:
+                    for slot in slots.kv:
                         if slot < len(node.input) and node.input[slot]:
                             learn(node.input[slot], {a: v for a, v in learn_from.items()
                                                      if a not in values and a not in batch_seq})

@@ -8,6 +8,9 @@ output through a ``Concat`` (past -> present), with only layout operators betwee
 input is turned into on its way to that Concat (the input itself, the layout operators' outputs) reads
 the cache's bytes; ``Shape`` and ``Size`` read none.
 
+The consumer table (which inputs of which operators carry weights and KV-cache, docs/design.md §2) lives
+here too, so the planner, the cost model, dim binding and ``shard`` read one table.
+
 Linear in the graph: one producer map, then walks along layout-operator chains only.
 """
 
@@ -17,12 +20,37 @@ from dataclasses import dataclass
 
 from onnx import GraphProto, NodeProto
 
-from preserve_onnx.passes._graph import is_default_domain
+from preserve_onnx.passes._graph import MS_DOMAIN, is_default_domain
 
 # Operators that only move or relabel a tensor's elements (their other inputs are shapes/perms).
 LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Cast", "Unsqueeze", "Squeeze", "Identity"})
 # Operators that read a tensor's metadata, not its bytes.
 METADATA_OPS = frozenset({"Shape", "Size"})
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Input indices of one consumer op: weights, KV-cache, and the KV layout (batch, sequence axes)."""
+
+    weights: tuple[int, ...] = ()
+    kv: tuple[int, ...] = ()
+    kv_axes: tuple[int, int] = (0, 2)
+
+
+# (domain, op_type) -> slots. Domain "" stands for ai.onnx. Any input count is accepted.
+CONSUMERS: dict[tuple[str, str], Slots] = {
+    ("", "MatMul"): Slots(weights=(0, 1)),
+    ("", "Gemm"): Slots(weights=(1, 2)),
+    (MS_DOMAIN, "MatMulNBits"): Slots(weights=(1, 2, 3, 5)),
+    (MS_DOMAIN, "Attention"): Slots(weights=(1, 2), kv=(4,), kv_axes=(1, 3)),
+    (MS_DOMAIN, "MultiHeadAttention"): Slots(weights=(3,), kv=(6, 7)),
+    (MS_DOMAIN, "GroupQueryAttention"): Slots(weights=(7, 8), kv=(3, 4)),
+    ("", "Attention"): Slots(kv=(4, 5)),
+}
+
+def consumer_slots(node: NodeProto) -> Slots | None:
+    domain = "" if is_default_domain(node.domain) else node.domain
+    return CONSUMERS.get((domain, node.op_type))
 
 
 @dataclass(frozen=True)

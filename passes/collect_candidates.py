@@ -27,33 +27,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import onnx
-from onnx import NodeProto
 
-from preserve_onnx.passes._graph import MS_DOMAIN, Scope, initializer_nbytes, is_default_domain, node_label
+from preserve_onnx.passes._graph import Scope, initializer_nbytes, is_default_domain, node_label
 from preserve_onnx.passes._dims import Sizing
-from preserve_onnx.passes._structure import KvCachePath, kv_cache_paths, reads_bytes
+from preserve_onnx.passes._structure import (CONSUMERS, KvCachePath, Slots, consumer_slots,  # noqa: F401
+                                             kv_cache_paths, reads_bytes)
 from preserve_onnx.passes.build_windows import Window
 
-
-@dataclass(frozen=True)
-class Slots:
-    """Input indices of one consumer op: weights, KV-cache, and the KV layout (batch, sequence axes)."""
-
-    weights: tuple[int, ...] = ()
-    kv: tuple[int, ...] = ()
-    kv_axes: tuple[int, int] = (0, 2)
-
-
-# (domain, op_type) -> slots. Domain "" stands for ai.onnx. Any input count is accepted.
-CONSUMERS: dict[tuple[str, str], Slots] = {
-    ("", "MatMul"): Slots(weights=(0, 1)),
-    ("", "Gemm"): Slots(weights=(1, 2)),
-    (MS_DOMAIN, "MatMulNBits"): Slots(weights=(1, 2, 3, 5)),
-    (MS_DOMAIN, "Attention"): Slots(weights=(1, 2), kv=(4,), kv_axes=(1, 3)),
-    (MS_DOMAIN, "MultiHeadAttention"): Slots(weights=(3,), kv=(6, 7)),
-    (MS_DOMAIN, "GroupQueryAttention"): Slots(weights=(7, 8), kv=(3, 4)),
-    ("", "Attention"): Slots(kv=(4, 5)),
-}
 
 _NO_SLOTS = Slots()  # an operator that reads no weights or KV-cache through its slots
 
@@ -98,11 +78,6 @@ class WindowCandidates:
     window: Window
     candidates: tuple[Candidate, ...]
     skipped: tuple[Skipped, ...]
-
-
-def consumer_slots(node: NodeProto) -> Slots | None:
-    domain = "" if is_default_domain(node.domain) else node.domain
-    return CONSUMERS.get((domain, node.op_type))
 
 
 def collect_candidates(scope: Scope, window: Window, *, batch: int = 8, context: int = 16384,

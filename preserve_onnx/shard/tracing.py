@@ -9,8 +9,7 @@ from itertools import pairwise
 import numpy as np
 from onnx import NodeProto
 
-from preserve_onnx.config import MS_DOMAIN
-from preserve_onnx.passes._structure import LAYOUT_OPS
+from preserve_onnx.passes._structure import LAYOUT_OPS, consumer_slots
 from preserve_onnx.shard.graph import GraphIndex, Linear, attr, is_op
 
 # Operators that add a bias (input 1) to a linear's output.
@@ -174,12 +173,7 @@ def reaches_output(ix: GraphIndex, tensor: str) -> bool:
 
 
 def kv_slot_inputs(node: NodeProto) -> list[str]:
-    """The KV-cache inputs of an attention operator (docs/design.md §2's table; ONNX Attention: 4, 5)."""
-    slots = {"GroupQueryAttention": (3, 4), "MultiHeadAttention": (6, 7), "Attention": (4,)}
-    if node.domain == MS_DOMAIN and node.op_type in slots:
-        picks = slots[node.op_type]
-    elif is_op(node, "Attention"):
-        picks = (4, 5)
-    else:
-        return []
+    """The KV-cache inputs of an attention operator (the planner's table, docs/design.md §2)."""
+    slots = consumer_slots(node)
+    picks = slots.kv if slots is not None else ()
     return [node.input[s] for s in picks if s < len(node.input) and node.input[s]]
