@@ -162,13 +162,13 @@ def _bind_dim(name: str, axis: int, batch: int, context: int) -> int:
     return batch if axis == 0 else 1
 
 
-def _input_info(vi: onnx.ValueInfoProto, sizing: Sizing) -> _Info:
-    """A graph input's shape: fixed dims, ``--dim``, the dims the graph fixes, then by name and axis."""
+def _input_info(vi: onnx.ValueInfoProto, sizing: Sizing, bound: dict[str, int]) -> _Info:
+    """A graph input's shape: fixed dims, ``bound`` (``--dim`` over the dims the graph fixes), then by
+    name and axis."""
     batch, context = sizing.batch, sizing.context
     tt = vi.type.tensor_type
     if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
         return _Info(None, batch, tt.elem_type or TensorProto.FLOAT)
-    bound = {**sizing.graph, **sizing.dims}
     dims = tuple(d.dim_value if d.HasField("dim_value") else
                  bound.get(d.dim_param) or _bind_dim(d.dim_param, axis, batch, context)
                  for axis, d in enumerate(tt.shape.dim))
@@ -216,8 +216,9 @@ class _Walker:
         # Plain-operator KV-cache (docs/design.md §2): tensor carrying the cache's bytes -> its path.
         self.kv_alias = {alias: path for path in kv_cache_paths(model.graph).values() for alias in path.aliases}
         self.kv_read: set[str] = set()  # structural KV inputs already read in this step
+        bound = {**sizing.graph, **sizing.dims}
         for vi in model.graph.input:
-            self.info[vi.name] = _input_info(vi, sizing)
+            self.info[vi.name] = _input_info(vi, sizing, bound)
 
     def walk(self, path: str) -> None:
         scope = self.scopes[path]
