@@ -472,7 +472,7 @@ def estimate(
         if json_out:
             print(json.dumps(sweep_list(points), indent=2))
             return
-        out.print(sweep_table(points, f"{model}: speedup on {hw.name} (plan / baseline step time)"))
+        out.print(sweep_table(points, model, hw.name))
         best = max(points, key=lambda p: p.speedup)
         out.print(f"[green]done[/green]: {len(points)} points; best {best.speedup:.3f}x at batch {best.batch}, "
                   f"context {best.context}, {best.ranks} ranks in {time.perf_counter() - start:.2f} s",

@@ -52,10 +52,15 @@ def estimate_summary(est: Estimate) -> str:
             f"of the upper bound's saving")
 
 
-def sweep_table(points: tuple[SweepPoint, ...], title: str) -> Table:
+def sweep_title(source: object, hardware: str) -> str:
+    """The sweep grid's title: its cells are ``SweepPoint.speedup``, the baseline's step time over the plan's."""
+    return f"{source}: speedup on {hardware} (baseline / plan step time)"
+
+
+def sweep_table(points: tuple[SweepPoint, ...], source: object, hardware: str) -> Table:
     """The speedup grid: one row per (batch, context), one column per rank count."""
     ranks = sorted({p.ranks for p in points})
-    table = Table(title=title, title_justify="left")
+    table = Table(title=sweep_title(source, hardware), title_justify="left")
     table.add_column("batch", justify="right")
     table.add_column("context", justify="right")
     for r in ranks:
