@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import onnx
 
 from preserve_onnx.hardware import HardwareProfile
-from preserve_onnx.passes._graph import MS_DOMAIN, Scope, is_default_domain, node_label
+from preserve_onnx.graph.index import MS_DOMAIN, Scope, is_default_domain, node_label
 from preserve_onnx.passes.build_windows import Window
 from preserve_onnx.passes.collect_candidates import Candidate
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import onnx
 
-from preserve_onnx.passes._graph import Scope, initializer_nbytes, is_default_domain, node_label
-from preserve_onnx.passes._dims import Sizing
-from preserve_onnx.passes._structure import (CONSUMERS, KvCachePath, Slots, consumer_slots,  # noqa: F401
+from preserve_onnx.graph.index import Scope, initializer_nbytes, is_default_domain, node_label
+from preserve_onnx.graph.dims import Sizing
+from preserve_onnx.graph.structure import (CONSUMERS, KvCachePath, Slots, consumer_slots,  # noqa: F401
                                              kv_cache_paths, reads_bytes)
 from preserve_onnx.passes.build_windows import Window
 

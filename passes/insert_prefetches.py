@@ -22,7 +22,7 @@ from onnx import helper
 
 from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.passes._graph import iter_graphs
+from preserve_onnx.graph.index import iter_graphs
 from preserve_onnx.passes.plan_prefetches import Plan, WindowPlan, plan_prefetches
 from preserve_onnx.pipeline import Pass, PassResult
 

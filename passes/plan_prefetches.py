@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import onnx
 
 from preserve_onnx.config import OptimizeConfig
-from preserve_onnx.passes._dims import Sizing
-from preserve_onnx.passes._graph import all_names, iter_scopes
+from preserve_onnx.graph.dims import Sizing
+from preserve_onnx.graph.index import all_names, iter_scopes
 from preserve_onnx.passes._roofline import window_max_tokens
-from preserve_onnx.passes._structure import kv_cache_paths
+from preserve_onnx.graph.structure import kv_cache_paths
 from preserve_onnx.passes.build_windows import Window, build_windows
 from preserve_onnx.passes.collect_candidates import Candidate, Skipped, collect_candidates
 

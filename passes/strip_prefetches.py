@@ -13,7 +13,7 @@ import onnx
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.passes._graph import iter_graphs
+from preserve_onnx.graph.index import iter_graphs
 from preserve_onnx.pipeline import Pass, PassResult
 
 

@@ -16,7 +16,7 @@ import onnx
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.passes.check_order import check_topological
-from preserve_onnx.passes._graph import initializer_nbytes, is_collective, iter_scopes
+from preserve_onnx.graph.index import initializer_nbytes, is_collective, iter_scopes
 from preserve_onnx.pipeline import Pass, PassResult
 
 

@@ -148,7 +148,7 @@ def _config(*, hardware: str, budget: Optional[str], l2_fraction: float, batch: 
             qdq_weights: bool, collectives: str, naming: PrefetchNaming, min_chunk: str, ranks: Optional[int],
             replan: bool = False, disabled: tuple[str, ...] = (), dim: Optional[list[str]] = None) -> OptimizeConfig:
     """The planning options, checked, as the optimizer's frozen config."""
-    from preserve_onnx.passes._dims import parse_dim_options
+    from preserve_onnx.graph.dims import parse_dim_options
 
     known = ("AllReduce", "AllGather", "AllToAll")
     chosen = tuple(c.strip() for c in collectives.split(",") if c.strip())
@@ -574,7 +574,7 @@ def run(
     with --twin, compare them with the single-device model they were sharded from."""
     from rich.table import Table
 
-    from preserve_onnx.passes._dims import parse_dim_options
+    from preserve_onnx.graph.dims import parse_dim_options
     from preserve_onnx.runtime.feeds import save_outputs
     from preserve_onnx.runtime.runner import run_models
 
@@ -677,7 +677,7 @@ def shard(
                                         "plain-operator attention); repeatable")] = None,
 ) -> None:
     """Shard a single-device decoder export into N tensor-parallel rank models (Megatron layout)."""
-    from preserve_onnx.passes._dims import parse_dim_options
+    from preserve_onnx.graph.dims import parse_dim_options
     from preserve_onnx.shard import shard_model
 
     result = shard_model(model, dest, tp, vocab_parallel=vocab_parallel, dims=dict(parse_dim_options(dim)))

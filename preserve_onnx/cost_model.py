@@ -54,11 +54,10 @@ from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.hardware import HardwareProfile
 from preserve_onnx.model_io import find_rank_sets, load_model, sibling_rank_count
-from preserve_onnx.passes._graph import Scope, dtype_bits, is_collective, is_default_domain, iter_scopes, \
+from preserve_onnx.graph.dims import Sizing, message_bytes
+from preserve_onnx.graph.index import Scope, attr, dtype_bits, is_collective, is_default_domain, iter_scopes, \
     node_label
-from preserve_onnx.passes.build_windows import message_bytes
-from preserve_onnx.passes._dims import Sizing
-from preserve_onnx.passes._structure import kv_cache_paths, reads_bytes
+from preserve_onnx.graph.structure import is_attention, kv_cache_paths, reads_bytes
 from preserve_onnx.passes.collect_candidates import Candidate, consumer_slots, resolve_roots, structural_kv_axes
 from preserve_onnx.passes.plan_prefetches import fill_window  # the planner's own rule
 from preserve_onnx.passes.plan_prefetches import plan_prefetches
@@ -66,7 +65,6 @@ from preserve_onnx.passes.strip_prefetches import StripPrefetchesPass
 
 TRACKS = ("compute", "communication", "prefetch")
 _LINEAR = {"MatMul", "Gemm", "MatMulNBits"}
-_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 _SAME_SHAPE = {"Cast", "CastLike", "Identity", "Relu", "Sigmoid", "Tanh", "Gelu", "FastGelu", "QuickGelu",
                "Erf", "Neg", "Sqrt", "Softmax", "LayerNormalization", "SimplifiedLayerNormalization",
                "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
@@ -175,13 +173,6 @@ def _input_info(vi: onnx.ValueInfoProto, sizing: Sizing, bound: dict[str, int]) 
     return _Info(dims, math.prod(dims), tt.elem_type)
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def _small_int_constant(t: TensorProto) -> tuple[int, ...] | None:
     """The values of a small inline int64 tensor (a Reshape shape); never external weight data."""
     if t.data_type != TensorProto.INT64 or t.data_location == TensorProto.EXTERNAL or math.prod(t.dims) > 16:
@@ -234,8 +225,8 @@ class _Walker:
         outs = tuple(o for o in node.output if o)
         default = is_default_domain(node.domain)
         if default and node.op_type in ("If", "Loop", "Scan"):
-            attr = "then_branch" if node.op_type == "If" else "body"
-            sub = f"{scope.path}/{label}:{attr}" if scope.path else f"{label}:{attr}"
+            branch_attr = "then_branch" if node.op_type == "If" else "body"
+            sub = f"{scope.path}/{label}:{branch_attr}" if scope.path else f"{label}:{branch_attr}"
             branch = self.scopes[sub].graph
             self.walk(sub)
             for out, b_out in zip(outs, branch.output):
@@ -244,7 +235,7 @@ class _Walker:
                                tuple(o.name for o in branch.output), outs))
             return
         if default and node.op_type == "Constant":
-            value = _attr(node, "value")
+            value = attr(node, "value")
             if isinstance(value, TensorProto):
                 self.info[outs[0]] = _Info(tuple(value.dims), math.prod(value.dims), value.data_type)
             self.const.update(outs)
@@ -287,29 +278,29 @@ class _Walker:
                 return [_Info(None, a.numel // b.shape[-2] * b.shape[-1], a.dtype)]
             return [_Info(None, a.numel, a.dtype)]
         if op == "Gemm" and a is not None and len(ins) > 1 and ins[1] is not None and ins[1].shape:
-            n = ins[1].shape[0] if _attr(node, "transB", 0) else ins[1].shape[-1]
-            rows = a.shape[1] if (a.shape and _attr(node, "transA", 0)) else (a.shape[0] if a.shape else 1)
+            n = ins[1].shape[0] if attr(node, "transB", 0) else ins[1].shape[-1]
+            rows = a.shape[1] if (a.shape and attr(node, "transA", 0)) else (a.shape[0] if a.shape else 1)
             return [_Info((rows, n), rows * n, a.dtype)]
         if op == "MatMulNBits" and a is not None:
-            n, k = int(_attr(node, "N", 0)), int(_attr(node, "K", 0))
+            n, k = int(attr(node, "N", 0)), int(attr(node, "K", 0))
             if a.shape:
                 dims = a.shape[:-1] + (n,)
                 return [_Info(dims, math.prod(dims), a.dtype)]
             return [_Info(None, (a.numel // k if k else 1) * n, a.dtype)]
         if op == "Gather" and len(ins) > 1 and a is not None and ins[1] is not None:
             idx = ins[1]
-            axis = int(_attr(node, "axis", 0))
+            axis = int(attr(node, "axis", 0))
             if a.shape and idx.shape is not None:
                 r = axis % len(a.shape)
                 dims = a.shape[:r] + idx.shape + a.shape[r + 1:]
                 return [_Info(dims, math.prod(dims), a.dtype)]
-        if op in _ATTENTION and a is not None:
+        if is_attention(node) and a is not None:
             return [self._attention_out(node, ins)] + [_Info(None, 0, dtype)] * (n_out - 1)
         if op == "Shape":
             rank = len(a.shape) if a is not None and a.shape else 4
             return [_Info((rank,), rank, TensorProto.INT64)]
         if op == "Cast":
-            to = int(_attr(node, "to", dtype))
+            to = int(attr(node, "to", dtype))
             return [_Info(a.shape if a else None, a.numel if a else 0, to)]
         if op == "Reshape" and a is not None and len(node.input) > 1:
             target = scope.initializers.get(node.input[1])
@@ -326,21 +317,21 @@ class _Walker:
         if op == "Concat" and shaped and all(i is not None for i in ins) and len({len(i.shape) for i in shaped}) == 1:
             # Inputs without a shape (a Reshape to a computed shape) extend the axis by their element count.
             ref = shaped[0].shape
-            axis = int(_attr(node, "axis", 0)) % len(ref)
+            axis = int(attr(node, "axis", 0)) % len(ref)
             across = math.prod(ref[:axis] + ref[axis + 1:]) or 1
             extent = sum(i.shape[axis] if i.shape else i.numel // across for i in ins)
             dims = ref[:axis] + (extent,) + ref[axis + 1:]
             return [_Info(dims, math.prod(dims), shaped[0].dtype)]
         if op == "Transpose" and a is not None and a.shape:
-            perm = _attr(node, "perm") or list(reversed(range(len(a.shape))))
+            perm = attr(node, "perm") or list(reversed(range(len(a.shape))))
             return [_Info(tuple(a.shape[p] for p in perm), a.numel, a.dtype)]
         if op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin") and a is not None:
-            axes = _attr(node, "axes")
+            axes = attr(node, "axes")
             if axes is None and len(node.input) > 1 and node.input[1] in scope.initializers:
                 axes = _small_int_constant(scope.initializers[node.input[1]])
             if a.shape and axes:
                 reduced = {int(x) % len(a.shape) for x in axes}
-                keep = int(_attr(node, "keepdims", 1))
+                keep = int(attr(node, "keepdims", 1))
                 dims = tuple(1 if i in reduced else d for i, d in enumerate(a.shape) if keep or i not in reduced)
                 return [_Info(dims, math.prod(dims), a.dtype)]
             return [_Info(None, max(1, a.numel // max(1, (a.shape or (1,))[-1])), a.dtype)]
@@ -351,14 +342,14 @@ class _Walker:
 
     def _attention_out(self, node: onnx.NodeProto, ins: list) -> _Info:
         q = ins[0]
-        heads = int(_attr(node, "num_heads", 0) or _attr(node, "q_num_heads", 0) or 1)
+        heads = int(attr(node, "num_heads", 0) or attr(node, "q_num_heads", 0) or 1)
         if node.op_type == "Attention" and node.domain not in ("", "ai.onnx") and len(ins) > 1 and ins[1] \
                 and ins[1].shape:
             width = ins[1].shape[-1] // 3
             rows = q.numel // q.shape[-1] if q.shape else self.batch
             return _Info(None, rows * width, q.dtype)
         if node.op_type == "GroupQueryAttention" and q.shape:
-            kv_heads = int(_attr(node, "kv_num_heads", heads))
+            kv_heads = int(attr(node, "kv_num_heads", heads))
             packed = len(node.input) < 2 or not node.input[1]
             head = q.shape[-1] // (heads + 2 * kv_heads) if packed else q.shape[-1] // heads
             dims = q.shape[:-1] + (heads * head,)
@@ -410,7 +401,7 @@ class _Walker:
                 fixed += _bytes(out_infos[0]) if node.op_type == "Gather" and slot == 0 else _bytes(info)
             else:
                 act += _bytes(info)
-        keep = out_infos[:1] if node.op_type in _ATTENTION else out_infos  # present KV: written in place
+        keep = out_infos[:1] if is_attention(node) else out_infos  # present KV: written in place
         act += sum(_bytes(i) for i in keep)
         if not flops:
             flops = float(sum(i.numel for i in keep))
@@ -420,7 +411,7 @@ class _Walker:
         rows = self._rows(node)
         if node.op_type in _LINEAR:
             if node.op_type == "MatMulNBits":
-                elems = int(_attr(node, "K", 0)) * int(_attr(node, "N", 0))
+                elems = int(attr(node, "K", 0)) * int(attr(node, "N", 0))
             else:
                 w = node.input[1] if node.op_type == "Gemm" or node.input[0] not in self.const else node.input[0]
                 if node.op_type == "MatMul" and w not in self.const:
@@ -435,8 +426,8 @@ class _Walker:
         if node.op_type == "Attention" and node.domain not in ("", "ai.onnx") and len(node.input) > 1:
             w = self.info.get(node.input[1])
             flops += 2.0 * rows * (w.numel if w else 0)
-        heads = int(_attr(node, "num_heads", 0) or _attr(node, "q_num_heads", 0) or 1)
-        kv_heads = int(_attr(node, "kv_num_heads", 0) or heads)
+        heads = int(attr(node, "num_heads", 0) or attr(node, "q_num_heads", 0) or 1)
+        kv_heads = int(attr(node, "kv_num_heads", 0) or heads)
         for r in reads:
             if r.kind == "kv_cache":
                 vi = self.info[r.tensor]

@@ -34,7 +34,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.model_io import external_info, load_model, validate_location
-from preserve_onnx.passes._graph import COLLECTIVE_OPS, MS_DOMAIN
+from preserve_onnx.graph.index import COLLECTIVE_OPS, MS_DOMAIN
 
 KINDS = ("model", "opset", "metadata", "function", "graph", "input", "output", "initializer",
          "value_info", "node")

@@ -23,7 +23,7 @@ from preserve_onnx.config import OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.optimizer import RankOutcome, map_path, resolve_model
 from preserve_onnx.passes import Plan, StripPrefetchesPass, Window, build_windows, plan_prefetches
-from preserve_onnx.passes._graph import iter_scopes
+from preserve_onnx.graph.index import iter_scopes
 from preserve_onnx.passes.check_order import check_topological
 
 

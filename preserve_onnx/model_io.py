@@ -87,7 +87,7 @@ def load_model(path: Path) -> onnx.ModelProto:
 
 def external_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
     """Every initializer (main graph and subgraphs) whose data lives in an external file."""
-    from preserve_onnx.passes._graph import iter_graphs  # local: keeps model_io importable alone
+    from preserve_onnx.graph.index import iter_graphs  # local: keeps model_io importable alone
 
     for _, graph in iter_graphs(model):
         for t in graph.initializer:

@@ -21,7 +21,7 @@ def snapshot(path):
 
 def check_prefetch_placement(model: onnx.ModelProto):
     """docs/design.md §3: each chain sits immediately before its collective, A -> P1 -> ... -> collective."""
-    from preserve_onnx.passes._graph import is_collective, iter_scopes
+    from preserve_onnx.graph.index import is_collective, iter_scopes
 
     count = 0
     for scope in iter_scopes(model):

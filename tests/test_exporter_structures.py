@@ -15,8 +15,8 @@ from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.cost_model import analyze
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.model_io import load_model
-from preserve_onnx.passes._dims import graph_dims, parse_dim_options
-from preserve_onnx.passes._structure import kv_cache_paths
+from preserve_onnx.graph.dims import graph_dims, parse_dim_options
+from preserve_onnx.graph.structure import kv_cache_paths
 from tests.builders import G
 from tests.conftest import SAMPLES
 from tests.exporter_graphs import HEAD, HEADS, genai_kv_cache_dim, torchscript_decoder

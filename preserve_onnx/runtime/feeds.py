@@ -204,9 +204,9 @@ def generate_feeds(
 
 def model_dims(paths: Sequence[str | os.PathLike], dims: Mapping[str, int] | None = None) -> dict[str, int]:
     """Symbolic dims for generated feeds: those the rank graphs fix (head sizes, KV heads; see
-    ``preserve_onnx.passes._dims``), overridden by ``dims`` (``--dim``). Reads graphs, never weights."""
+    ``preserve_onnx.graph.dims``), overridden by ``dims`` (``--dim``). Reads graphs, never weights."""
     from preserve_onnx.model_io import load_model
-    from preserve_onnx.passes._dims import graph_dims
+    from preserve_onnx.graph.dims import graph_dims
 
     found: dict[str, int] = {}
     for path in paths:

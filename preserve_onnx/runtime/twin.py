@@ -24,7 +24,7 @@ import onnx
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.passes._graph import is_collective, iter_graphs
+from preserve_onnx.graph.index import is_collective, iter_graphs
 from preserve_onnx.runtime.compare import max_abs_diff
 from preserve_onnx.runtime.decode import advance_feeds, next_token_ids
 from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, generate_feeds, load_feeds, model_dims

@@ -21,7 +21,7 @@ import onnx
 
 from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.model_io import default_mode, external_info, load_model
-from preserve_onnx.passes._graph import iter_graphs
+from preserve_onnx.graph.index import iter_graphs
 from preserve_onnx.shard.cutting import rank_value
 from preserve_onnx.shard.planning import ShardPlan, plan_shards
 from preserve_onnx.shard.tensors import DataWriter, TensorReader

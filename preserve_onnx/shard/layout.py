@@ -20,8 +20,8 @@ from onnx import NodeProto
 
 from preserve_onnx.config import MS_DOMAIN
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.passes._structure import attention_cores, kv_cache_paths
-from preserve_onnx.shard.graph import GraphIndex, Linear, attr, is_op
+from preserve_onnx.graph.structure import attention_cores, kv_cache_paths
+from preserve_onnx.graph.index import GraphIndex, Linear, attr, is_op
 from preserve_onnx.shard.tracing import (
     bias_after,
     fused_parts,

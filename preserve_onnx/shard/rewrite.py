@@ -19,7 +19,7 @@ from onnx import NodeProto, helper, numpy_helper
 
 from preserve_onnx.config import MS_DOMAIN
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.shard.graph import GraphIndex, Linear, attr, is_op
+from preserve_onnx.graph.index import GraphIndex, Linear, attr, is_op
 from preserve_onnx.shard.layout import Column, Layout, head_attrs
 
 

@@ -9,8 +9,8 @@ from itertools import pairwise
 import numpy as np
 from onnx import NodeProto
 
-from preserve_onnx.passes._structure import LAYOUT_OPS, consumer_slots
-from preserve_onnx.shard.graph import GraphIndex, Linear, attr, is_op
+from preserve_onnx.graph.structure import LAYOUT_OPS, consumer_slots
+from preserve_onnx.graph.index import GraphIndex, Linear, attr, is_op
 
 # Operators that add a bias (input 1) to a linear's output.
 BIAS_OPS = ("Add", "FastGelu", "BiasGelu", "BiasAdd")

@@ -4,7 +4,7 @@ from onnx import TensorProto, helper
 
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.passes import build_windows, collect_candidates
-from preserve_onnx.passes._graph import iter_scopes
+from preserve_onnx.graph.index import iter_scopes
 from preserve_onnx.passes.collect_candidates import DQ_SCALE, DQ_WEIGHT
 from tests.builders import MS, G, two_layer_mlp
 

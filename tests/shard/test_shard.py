@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from preserve_onnx.passes._dims import graph_dims
+from preserve_onnx.graph.dims import graph_dims
 from typer.testing import CliRunner
 
 from preserve_onnx.cli import app

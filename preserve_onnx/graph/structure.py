@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from onnx import GraphProto, NodeProto
+from onnx import GraphProto, NodeProto, TensorProto
 
-from preserve_onnx.passes._graph import MS_DOMAIN, is_default_domain
+from preserve_onnx.graph.index import MS_DOMAIN, Scope, is_default_domain
 
 # Operators that only move or relabel a tensor's elements (their other inputs are shapes/perms).
 LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Cast", "Unsqueeze", "Squeeze", "Identity"})
@@ -49,8 +49,7 @@ CONSUMERS: dict[tuple[str, str], Slots] = {
 }
 
 def consumer_slots(node: NodeProto) -> Slots | None:
-    domain = "" if is_default_domain(node.domain) else node.domain
-    return CONSUMERS.get((domain, node.op_type))
+    return CONSUMERS.get(op_key(node))
 
 
 @dataclass(frozen=True)
@@ -142,8 +141,21 @@ def reads_bytes(node: NodeProto) -> bool:
 
 # -- attention cores (shared with `shard`, docs/design.md §8) ----------------------------------------
 
-# Contrib attention operators that hold a whole attention block (their output 0 is the context).
-ATTENTION_OPS = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attention"})
+# The attention operators that hold a whole attention block (output 0 is the context, outputs 1-2 the
+# present KV-cache): (domain, op_type), domain "" for ai.onnx. The one attention-op table of the project.
+ATTENTION_OPS = frozenset({
+    (MS_DOMAIN, "GroupQueryAttention"), (MS_DOMAIN, "MultiHeadAttention"), (MS_DOMAIN, "Attention"),
+    ("", "Attention"),
+})
+
+
+def op_key(node: NodeProto) -> tuple[str, str]:
+    """``(domain, op_type)`` with the default domain spelled "" (the key of the tables here)."""
+    return ("" if is_default_domain(node.domain) else node.domain, node.op_type)
+
+
+def is_attention(node: NodeProto) -> bool:
+    return op_key(node) in ATTENTION_OPS
 
 
 def attention_cores(graph: GraphProto) -> list[int]:
@@ -168,10 +180,50 @@ def attention_cores(graph: GraphProto) -> list[int]:
 
     cores = []
     for index, node in enumerate(graph.node):
-        if node.domain == "com.microsoft" and node.op_type in ATTENTION_OPS:
-            cores.append(index)
-        elif is_default_domain(node.domain) and node.op_type == "Attention":
+        if is_attention(node):
             cores.append(index)
         elif is_default_domain(node.domain) and node.op_type == "MatMul" and from_softmax(node.input[0]):
             cores.append(index)
     return cores
+
+
+# -- linear layers' output widths (message sizes, head sizes) ----------------------------------------
+
+# Operators a linear layer's output passes through on its way to a collective or an attention op.
+_PASS_THROUGH = {"Add", "Mul", "Sub", "Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze"}
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
+
+
+def producer_width(scope: Scope, tensor: str, depth: int = 0) -> tuple[int, int]:
+    """(last-axis width, element type) of ``tensor`` when a linear layer with a constant weight makes
+    it (through elementwise/layout operators such as a bias Add), else (0, 0)."""
+    node: NodeProto | None = scope.producers.get(tensor)
+    if node is None or depth > 8:
+        return 0, 0
+    width, dtype = _linear_output(scope, node)
+    if width:
+        return width, dtype
+    if node.op_type in _PASS_THROUGH:
+        for name in node.input:
+            if name and name not in scope.initializers:
+                return producer_width(scope, name, depth + 1)
+    return 0, 0
+
+
+def _linear_output(scope: Scope, node: NodeProto) -> tuple[int, int]:
+    """(output width, element type) of a linear layer with a constant weight, else (0, 0)."""
+    inits = scope.initializers
+    if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
+        w = inits[node.input[1]]
+        if w.dims and w.data_type in FLOAT_TYPES:
+            return int(w.dims[-1]), w.data_type
+    if node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in inits:
+        w = inits[node.input[1]]
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        if len(w.dims) == 2 and w.data_type in FLOAT_TYPES:
+            return int(w.dims[0] if trans_b else w.dims[1]), w.data_type
+    if node.op_type == "MatMulNBits":
+        n = next((a.i for a in node.attribute if a.name == "N"), 0)
+        scales = inits.get(node.input[2]) if len(node.input) > 2 else None
+        return int(n), (scales.data_type if scales is not None else TensorProto.FLOAT)
+    return 0, 0

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 import onnx
 
 from preserve_onnx.errors import PreserveError, UsageError
-from preserve_onnx.passes._graph import MS_DOMAIN, Scope, is_default_domain, iter_scopes, nbytes
-from preserve_onnx.passes._structure import KvCachePath, consumer_slots, kv_cache_paths
-from preserve_onnx.passes.build_windows import _declared, producer_width
+from preserve_onnx.graph.index import MS_DOMAIN, Scope, attr, declared_types, iter_scopes, nbytes
+from preserve_onnx.graph.structure import ATTENTION_OPS, FLOAT_TYPES, KvCachePath, consumer_slots, op_key, kv_cache_paths, producer_width
 
 
 def parse_dim_options(values: Iterable[str] | None) -> tuple[tuple[str, int], ...]:
@@ -47,17 +46,12 @@ def parse_dim_options(values: Iterable[str] | None) -> tuple[tuple[str, int], ..
 # The KV-cache layout of each attention operator: axis -> (attribute giving that dim, or "head").
 # GroupQueryAttention / MultiHeadAttention / ONNX Attention: [batch, heads, sequence, head_size];
 # com.microsoft Attention's fused past: [2, batch, heads, sequence, head_size].
-_KV_LAYOUT: dict[tuple[str, str], dict[int, str]] = {
+_KV_LAYOUT: dict[tuple[str, str], dict[int, str]] = {  # keys: structure.ATTENTION_OPS
     (MS_DOMAIN, "GroupQueryAttention"): {1: "kv_num_heads", 3: "head"},
     (MS_DOMAIN, "MultiHeadAttention"): {1: "num_heads", 3: "head"},
     (MS_DOMAIN, "Attention"): {2: "num_heads", 4: "head"},
     ("", "Attention"): {1: "kv_num_heads", 3: "head"},
 }
-_ATTENTION_OPS = frozenset(op for _, op in _KV_LAYOUT)
-
-
-def _attr(node: onnx.NodeProto, name: str) -> int:
-    return next((int(a.i) for a in node.attribute if a.name == name), 0)
 
 
 def _head_size(scope: Scope, declared: Mapping[str, onnx.ValueInfoProto], node: onnx.NodeProto,
@@ -66,7 +60,7 @@ def _head_size(scope: Scope, declared: Mapping[str, onnx.ValueInfoProto], node: 
     if key == (MS_DOMAIN, "Attention"):
         weights = scope.initializers.get(node.input[1]) if len(node.input) > 1 else None
         width = int(weights.dims[-1]) // 3 if weights is not None and weights.dims else 0
-        heads = _attr(node, "num_heads")
+        heads = attr(node, "num_heads", 0)
         return width // heads if heads and width % heads == 0 else 0
     query = node.input[0] if node.input else ""
     vi = declared.get(query)
@@ -75,9 +69,9 @@ def _head_size(scope: Scope, declared: Mapping[str, onnx.ValueInfoProto], node: 
         last = vi.type.tensor_type.shape.dim[-1]
         width = last.dim_value if last.HasField("dim_value") else 0
     width = width or producer_width(scope, query)[0]
-    heads = _attr(node, "num_heads") or _attr(node, "q_num_heads")
+    heads = attr(node, "num_heads", 0) or attr(node, "q_num_heads", 0)
     if key == (MS_DOMAIN, "GroupQueryAttention") and (len(node.input) < 2 or not node.input[1]):
-        heads += 2 * _attr(node, "kv_num_heads")  # packed q|k|v in the query input
+        heads += 2 * attr(node, "kv_num_heads", 0)  # packed q|k|v in the query input
     return width // heads if heads and width and width % heads == 0 else 0
 
 
@@ -107,15 +101,13 @@ def graph_dims(model: onnx.ModelProto, scopes: Iterable[Scope] | None = None,
     for scope in scopes if scopes is not None else iter_scopes(model):
         declared = None
         for node in scope.graph.node:
-            if node.op_type not in _ATTENTION_OPS:
-                continue
-            key = ("" if is_default_domain(node.domain) else node.domain, node.op_type)
+            key = op_key(node)
             if key not in _KV_LAYOUT:
                 continue
-            declared = declared if declared is not None else _declared(scope.graph)
+            declared = declared if declared is not None else declared_types(scope.graph)
             values = {}
             for axis, source in _KV_LAYOUT[key].items():
-                values[axis] = _head_size(scope, declared, node, key) if source == "head" else _attr(node, source)
+                values[axis] = _head_size(scope, declared, node, key) if source == "head" else attr(node, source, 0)
             slots = consumer_slots(node)  # the KV slots of docs/design.md §2's table
             batch_seq = slots.kv_axes
             if key == (MS_DOMAIN, "Attention"):
@@ -214,3 +206,37 @@ class _Lazy(Mapping):
 
     def __len__(self) -> int:
         return len(self.sizing.graph)
+
+
+# -- collective message sizes (docs/design.md §4.3, the budget rule) ----------------------------------
+
+def message_bytes(scope: Scope, tensor: str, batch: int,
+                  declared: dict[str, onnx.ValueInfoProto] | None = None) -> int:
+    """Bytes of ``tensor`` in one decode step (sequence length 1, batch ``batch``); 0 when unknown."""
+    vi = (declared if declared is not None else declared_types(scope.graph)).get(tensor)
+    size = _declared_bytes(vi, batch) if vi is not None else None
+    if size is not None:
+        return size
+    return _bytes_from_producer(scope, tensor, batch, depth=0)
+
+
+def _declared_bytes(vi: onnx.ValueInfoProto, batch: int) -> int | None:
+    tensor = vi.name
+    if vi.type.HasField("tensor_type"):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape") or tt.elem_type not in FLOAT_TYPES:
+            return None
+        dims = []
+        for axis, d in enumerate(tt.shape.dim):
+            # Symbolic dims: the first is the batch, the others (sequence) are 1 in a decode step.
+            dims.append(d.dim_value if d.HasField("dim_value") else (batch if axis == 0 else 1))
+        return nbytes(tuple(dims), tt.elem_type, tensor)
+    return None
+
+
+def _bytes_from_producer(scope: Scope, tensor: str, batch: int, depth: int) -> int:
+    width, dtype = producer_width(scope, tensor)
+    return nbytes((batch, width), dtype, tensor) if width else 0
+
+
+assert set(_KV_LAYOUT) == ATTENTION_OPS, "every attention op needs its KV layout"
