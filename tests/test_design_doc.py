@@ -9,6 +9,7 @@ from tests.conftest import ROOT
 
 DESIGN = ROOT / "docs" / "design.md"
 CITED_FROM = ("preserve_onnx", "passes", "tests", "bench", "sample_models", "tools")
+# README.md, docs/*.md and the walkthroughs are read too (below).
 SUFFIXES = {".py", ".toml", ".cc", ".h", ".md", ".txt"}
 
 
@@ -18,6 +19,8 @@ def _sources():
             if path.is_file() and path.suffix in SUFFIXES and "__pycache__" not in path.parts:
                 yield path
     yield ROOT / "README.md"
+    yield from sorted((ROOT / "docs").glob("*.md"))
+    yield from sorted((ROOT / "examples").glob("*/README.md"))
     yield ROOT / "Makefile"
     yield ROOT / "setup.py"
 

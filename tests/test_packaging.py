@@ -139,8 +139,8 @@ def test_sdist_installs_compiling_the_library_during_the_install(tmp_path, deps)
 
 
 def _readme_ci_steps() -> tuple[str, str]:
-    """The README CI recipe's install command and its "Optimize and diff" script, as written."""
-    text = (ROOT / "README.md").read_text()
+    """The CI recipe's install command and its "Optimize and diff" script, as written in docs/cli.md."""
+    text = (ROOT / "docs" / "cli.md").read_text()
     recipe = re.search(r"```yaml\n# \.github/workflows/preserve-onnx\.yml\n(.*?)```", text, re.S).group(1)
     install = re.search(r"- run: (pip install \S+)", recipe).group(1)
     lines = recipe.splitlines()
