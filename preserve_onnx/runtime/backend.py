@@ -21,6 +21,7 @@ from preserve_onnx.model_io import find_rank_sets, sibling_rank_count
 from preserve_onnx.runtime.compare import Comparison
 from preserve_onnx.runtime.decode import run_steps
 from preserve_onnx.runtime.feeds import generate_feeds, load_feeds
+from preserve_onnx.runtime.session import PREFETCH_KERNEL_ATTRS
 
 if TYPE_CHECKING:
     from preserve_onnx.runtime.twin import TwinComparison
@@ -61,7 +62,13 @@ def rank_models(path: Path) -> tuple[Path, ...]:
 def session_kwargs(naming: PrefetchNaming, opt_level: str, timeout_s: float) -> dict:
     """The keyword arguments both backends' sessions take for one `run`."""
     return dict(prefetch_domain=naming.domain, prefetch_op=naming.op_type,
-                prefetch_attrs=(naming.max_size, naming.offset, naming.max_tokens), opt_level=opt_level, timeout_s=timeout_s)
+                prefetch_attrs=prefetch_attr_names(naming), opt_level=opt_level, timeout_s=timeout_s)
+
+
+def prefetch_attr_names(naming: PrefetchNaming) -> tuple[str, ...]:
+    """How ``naming`` spells the Prefetch attributes the kernel reads (PREFETCH_KERNEL_ATTRS, in order); an
+    attribute the naming does not rename keeps its own name."""
+    return tuple(getattr(naming, attr, attr) for attr in PREFETCH_KERNEL_ATTRS)
 
 
 def decode(session, inputs: Path | None, *, steps: int, batch: int, context: int, seed: int,

@@ -16,7 +16,8 @@ from pathlib import Path
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.model_io import copy_file_atomic, write_bytes_atomic
-from preserve_onnx.runtime.session import library_path
+from preserve_onnx.runtime.backend import prefetch_attr_names
+from preserve_onnx.runtime.session import PREFETCH_KERNEL_ATTRS, library_path
 
 RUNNER_NAME = "run_ranks.py"
 _RUNNER_SOURCE = Path(__file__).resolve().parent / "standalone_runner.py"
@@ -38,8 +39,8 @@ def write_runtime(folder: Path, naming: PrefetchNaming = PrefetchNaming(),
     library = library_path()
     copy_file_atomic(library, folder / library.name)
     runner = folder / RUNNER_NAME
-    spelled = {"domain": naming.domain, "op": naming.op_type, "max_size": naming.max_size, "offset": naming.offset,
-               "max_tokens": naming.max_tokens}
+    spelled = {"domain": naming.domain, "op": naming.op_type,
+               **dict(zip(PREFETCH_KERNEL_ATTRS, prefetch_attr_names(naming), strict=True))}
     source = _RUNNER_SOURCE.read_text()
     for name, value in (("NAMING", spelled), ("DIMS", dict(sorted((dims or {}).items())))):
         source, count = re.subn(rf"^{name} = \{{.*\}}$", f"{name} = {json.dumps(value)}", source, flags=re.M)

@@ -46,6 +46,7 @@ from preserve_onnx.runtime.compare import Comparison, compare_outputs
 from preserve_onnx.runtime.decode import run_steps
 from preserve_onnx.runtime.feeds import model_dims
 from preserve_onnx.runtime.session import (
+    PREFETCH_KERNEL_ATTRS,
     ModelLike,
     RankSession,
     _first_line,
@@ -287,7 +288,7 @@ class MpiRankSession(RankSession):
         comm: Any = None,
         prefetch_domain: str = "preserve",
         prefetch_op: str = "Prefetch",
-        prefetch_attrs: tuple[str, ...] = ("max_size", "offset", "max_tokens"),
+        prefetch_attrs: tuple[str, ...] = PREFETCH_KERNEL_ATTRS,
         opt_level: ort.GraphOptimizationLevel | str | int = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         timeout_s: float = 60,
         intra_op_threads: int | None = None,

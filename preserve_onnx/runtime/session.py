@@ -14,6 +14,7 @@ that object. When one rank fails, the others are woken through ``preserve_abort_
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import itertools
@@ -27,7 +28,7 @@ import uuid
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, NamedTuple, Union
 
 import ml_dtypes
 import numpy as np
@@ -39,6 +40,8 @@ from preserve_onnx.errors import PreserveError
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
 _LIB_NAME = "libpreserve_ops.so"
+# Prefetch's attributes that the kernel reads, in the order of ``prefetch_attrs`` (docs/design.md §3).
+PREFETCH_KERNEL_ATTRS = ("max_size", "offset", "max_tokens", "min_tokens", "seq_axis", "window")
 _LIB_DIR = pathlib.Path(__file__).resolve().parent / "_lib"  # setup.py and `make lib` build it there
 
 # onnxruntime type strings -> numpy dtypes (ml_dtypes for the types numpy lacks).
@@ -144,17 +147,49 @@ def _native() -> ctypes.CDLL:
             for fn in ("preserve_abort_group", "preserve_reset_group", "preserve_release_group"):
                 getattr(lib, fn).argtypes = [ctypes.c_char_p]
                 getattr(lib, fn).restype = ctypes.c_int
+            lib.preserve_prefetch_recorded.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_uint64]
+            lib.preserve_prefetch_recorded.restype = ctypes.c_uint64
+            lib.preserve_prefetch_record.argtypes = [ctypes.c_int]
             _native_lib = lib
         return _native_lib
 
 
-def prefetch_hints() -> tuple[int, int]:
-    """``(issued, skipped)``: cache hints the Prefetch kernels of this process issued, and skipped
-    because the step had more tokens than the node's ``max_tokens`` (counted since the library loaded)."""
+class PrefetchCounters(NamedTuple):
+    """What the Prefetch kernels of this process did since the library loaded (docs/design.md §3)."""
+
+    issued: int  # cache hints issued
+    skipped_above: int  # hints skipped: more tokens per step than the node's max_tokens
+    skipped_below: int  # hints skipped: fewer tokens per step than the node's min_tokens
+    bytes: int  # bytes of X the issued hints covered (live bytes when the node has L)
+
+    def __sub__(self, other: PrefetchCounters) -> PrefetchCounters:  # type: ignore[override]
+        return PrefetchCounters(*(a - b for a, b in zip(self, other)))
+
+
+def prefetch_counters() -> PrefetchCounters:
+    """The process-wide Prefetch counters; subtract two readings to see what a run did."""
     lib = _native()
-    issued, skipped = ctypes.c_uint64(0), ctypes.c_uint64(0)
-    lib.preserve_prefetch_hints(ctypes.byref(issued), ctypes.byref(skipped))
-    return issued.value, skipped.value
+    values = [ctypes.c_uint64(0) for _ in PrefetchCounters._fields]
+    lib.preserve_prefetch_counters(*(ctypes.byref(v) for v in values))
+    return PrefetchCounters(*(v.value for v in values))
+
+
+@contextlib.contextmanager
+def recording_prefetch_ranges():
+    """Records the byte ranges ``(begin, end)`` of X that every Prefetch hint issued inside the block
+    covers (contiguous ones merged), into the list it yields, in the order the hints were issued
+    (across ranks: the order the threads ran). One recording at a time per process."""
+    lib = _native()
+    ranges: list[tuple[int, int]] = []
+    lib.preserve_prefetch_record(1)
+    try:
+        yield ranges
+    finally:
+        count = lib.preserve_prefetch_recorded(None, 0)
+        buf = (ctypes.c_uint64 * (2 * count))()
+        lib.preserve_prefetch_recorded(buf, count)
+        lib.preserve_prefetch_record(0)
+        ranges.extend((buf[2 * i], buf[2 * i + 1]) for i in range(count))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -304,7 +339,8 @@ def session_options(*, rank: int, world: int, group: str, level: ort.GraphOptimi
                     com_microsoft: bool = True) -> ort.SessionOptions:
     """Options for one rank's session with the custom-op library registered.
 
-    ``prefetch`` is (domain, op type, max_size attribute, offset attribute[, max_tokens attribute]).
+    ``prefetch`` is (domain, op type, then the names of the attributes of PREFETCH_KERNEL_ATTRS in that
+    order; any omitted at the end keep their own names).
     The library reads the ``preserve.*`` entries while it registers, so they are set before it is loaded.
     ``com_microsoft`` False, for a model that does not import that domain (:func:`imports_com_microsoft`):
     no op of ours is registered in com.microsoft, where it would hide onnxruntime's own ops from the
@@ -315,8 +351,11 @@ def session_options(*, rank: int, world: int, group: str, level: ort.GraphOptimi
     options.intra_op_num_threads = threads
     # Failures reach the caller as one PreserveError; onnxruntime's own log would repeat them.
     options.log_severity_level = 4
-    domain, op, max_size_attr, offset_attr, *rest = prefetch
-    max_tokens_attr = rest[0] if rest else "max_tokens"
+    domain, op, *names = prefetch
+    if len(names) > len(PREFETCH_KERNEL_ATTRS):
+        raise PreserveError(f"Prefetch has {len(PREFETCH_KERNEL_ATTRS)} attributes the runtime reads "
+                            f"({', '.join(PREFETCH_KERNEL_ATTRS)}), got {len(names)} names")
+    names += PREFETCH_KERNEL_ATTRS[len(names):]
     for key, value in (
         ("preserve.rank", rank),
         ("preserve.world_size", world),
@@ -325,9 +364,7 @@ def session_options(*, rank: int, world: int, group: str, level: ort.GraphOptimi
         ("preserve.timeout_ms", max(1, round(timeout_s * 1000))),
         ("preserve.prefetch_domain", domain),
         ("preserve.prefetch_op", op),
-        ("preserve.prefetch_attr_max_size", max_size_attr),
-        ("preserve.prefetch_attr_offset", offset_attr),
-        ("preserve.prefetch_attr_max_tokens", max_tokens_attr),
+        *((f"preserve.prefetch_attr_{attr}", name) for attr, name in zip(PREFETCH_KERNEL_ATTRS, names)),
         ("preserve.com_microsoft", int(com_microsoft)),
     ):
         options.add_session_config_entry(key, str(value))
@@ -348,8 +385,10 @@ class RankSession:
             ModelProto is a world of size one.
         prefetch_domain: Domain of the Prefetch op in these models.
         prefetch_op: Op type of the Prefetch op in these models.
-        prefetch_attrs: The names of Prefetch's ``max_size`` and ``offset`` attributes in these models,
-            and optionally of ``max_tokens`` (vendor naming); only the cache hint reads them.
+        prefetch_attrs: The names of Prefetch's attributes in these models (vendor naming), in the
+            order of ``PREFETCH_KERNEL_ATTRS`` (``max_size``, ``offset``, ``max_tokens``, ``min_tokens``,
+            ``seq_axis``, ``window``); omitted trailing ones keep their own names. Only the cache hint
+            reads them.
         opt_level: onnxruntime graph optimization level (a ``GraphOptimizationLevel`` or one of
             ``disable``, ``basic``, ``extended``, ``layout``, ``all``, or its int value).
         timeout_s: How long a rank waits in a collective for the others before it fails.
@@ -369,7 +408,7 @@ class RankSession:
         *,
         prefetch_domain: str = "preserve",
         prefetch_op: str = "Prefetch",
-        prefetch_attrs: tuple[str, ...] = ("max_size", "offset", "max_tokens"),
+        prefetch_attrs: tuple[str, ...] = PREFETCH_KERNEL_ATTRS,
         opt_level: ort.GraphOptimizationLevel | str | int = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         timeout_s: float = 60,
         intra_op_threads: int | None = None,

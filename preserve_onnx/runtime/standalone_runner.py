@@ -38,7 +38,9 @@ import onnxruntime as ort
 
 LIBRARY = Path(__file__).resolve().parent / "libpreserve_ops.so"
 # How the Prefetch nodes are spelled: `optimize --with-runtime` writes the naming it used here.
-NAMING = {"domain": "preserve", "op": "Prefetch", "max_size": "max_size", "offset": "offset", "max_tokens": "max_tokens"}
+NAMING = {"domain": "preserve", "op": "Prefetch", "max_size": "max_size", "offset": "offset", "max_tokens": "max_tokens", "min_tokens": "min_tokens", "seq_axis": "seq_axis", "window": "window"}
+# The Prefetch attributes the library reads (a NAMING without one of them: its own name).
+KERNEL_ATTRS = ("max_size", "offset", "max_tokens", "min_tokens", "seq_axis", "window")
 # Symbolic dims the rank graphs fix (a builder export's kv_cache_dim): written by `optimize --with-runtime`;
 # --dim overrides them.
 DIMS = {}
@@ -97,8 +99,7 @@ def open_sessions(models: list[Path], args: argparse.Namespace) -> tuple[list[or
                            ("preserve.transport", "threads"), ("preserve.timeout_ms", round(args.timeout * 1000)),
                            ("preserve.prefetch_domain", args.prefetch_domain),
                            ("preserve.prefetch_op", args.prefetch_op),
-                           *((f"preserve.prefetch_attr_{attr}", NAMING[attr])
-                             for attr in ("max_size", "offset", "max_tokens"))):
+                           *((f"preserve.prefetch_attr_{attr}", NAMING.get(attr, attr)) for attr in KERNEL_ATTRS)):
             options.add_session_config_entry(key, str(value))
         options.register_custom_ops_library(str(LIBRARY))
         try:

@@ -152,7 +152,7 @@ def _limited_mlp(w1, w2, max_tokens, attr="max_tokens"):
 
 @pytest.mark.parametrize("attr", ["max_tokens", "vendor_tokens"])
 def test_prefetch_skips_its_hint_above_max_tokens_and_outputs_stay_bit_identical(attr):
-    from preserve_onnx.runtime.session import prefetch_hints
+    from preserve_onnx.runtime.session import prefetch_counters
 
     w1 = [_weights(r, (16, 32)) for r in range(2)]
     w2 = [_weights(4 + r, (32, 16)) for r in range(2)]
@@ -161,21 +161,22 @@ def test_prefetch_skips_its_hint_above_max_tokens_and_outputs_stay_bit_identical
                           prefetch_attrs=("max_size", "offset", attr))
     for tokens, issued, skipped in [(4, 6, 0), (5, 0, 6), (1, 6, 0), (64, 0, 6)]:
         x = _weights(tokens, (tokens, 16))
-        before = prefetch_hints()
+        before = prefetch_counters()
         out = limited.run({"x": x})
-        after = prefetch_hints()
-        # 3 Prefetch nodes x 2 ranks: all hints issued at or below max_tokens, all skipped above it.
-        assert (after[0] - before[0], after[1] - before[1]) == (issued, skipped), tokens
+        after = prefetch_counters()
+        # 3 Prefetch nodes x 2 ranks: all hints issued at or below max_tokens, all skipped above it. Each
+        # rank hints both halves of w2 (2 x 1 KiB) and all of w1 (2 KiB).
+        assert after - before == (issued, skipped, 0, 4096 * issued // 3), tokens
         result = compare_outputs(plain.run({"x": x}), out)
         assert result.identical, result
 
 
 def test_prefetch_without_max_tokens_always_issues_its_hint():
-    from preserve_onnx.runtime.session import prefetch_hints
+    from preserve_onnx.runtime.session import prefetch_counters
 
     w1, w2 = _weights(1, (8, 8)), _weights(2, (8, 8))
     session = RankSession(tp_mlp(w1, w2, with_prefetch=True))
-    before = prefetch_hints()
+    before = prefetch_counters()
     session.run({"x": _weights(3, (1000, 8))})
-    after = prefetch_hints()
-    assert (after[0] - before[0], after[1] - before[1]) == (3, 0)
+    after = prefetch_counters()
+    assert after - before == (3, 0, 0, 128 + 128 + 256)  # w2 in two halves of 128 bytes, w1 whole

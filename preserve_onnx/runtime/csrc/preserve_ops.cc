@@ -1047,19 +1047,104 @@ struct CollectiveOp : Ort::CustomOpBase<CollectiveOp, CollectiveKernel, true> {
 // Prefetch
 // ------------------------------------------------------------------------------------------------
 
-// Cache hints issued and skipped (above max_tokens) by every Prefetch kernel of the process, for tests
-// and debugging: preserve_prefetch_hints() reads them.
+// Counters of every Prefetch kernel of the process, for tests and debugging (preserve_prefetch_counters
+// reads them): hints issued, hints skipped by the validity range (above max_tokens, below min_tokens),
+// and the bytes of X the issued hints covered (docs/design.md §3, "Live ranges": the hinted range, of
+// which the CPU touches at most kMaxTouch bytes).
 std::atomic<uint64_t> g_hints_issued{0};
-std::atomic<uint64_t> g_hints_skipped{0};
+std::atomic<uint64_t> g_hints_skipped_above{0};
+std::atomic<uint64_t> g_hints_skipped_below{0};
+std::atomic<uint64_t> g_hinted_bytes{0};
+
+// With recording on (preserve_prefetch_record), every issued hint appends its byte ranges of X here.
+std::mutex g_record_mu;
+std::atomic<bool> g_recording{false};
+std::vector<std::pair<uint64_t, uint64_t>> g_recorded;  // [begin, end) byte offsets into X
+
+constexpr int64_t kNoAttr = INT64_MIN;
+
+// The attribute names a model spells Prefetch's attributes with (the vendor naming, `preserve.prefetch_attr_*`).
+struct PrefetchAttrs {
+  std::string max_size = "max_size", offset = "offset", max_tokens = "max_tokens", min_tokens = "min_tokens",
+              seq_axis = "seq_axis", window = "window";
+};
+
+// The byte ranges [begin, end) of X that a hint covers, contiguous ones merged. Live ranges
+// (docs/design.md §3, "Live ranges"): without L the whole tensor; with L, for each index of the axes
+// before seq_axis in row-major order, the positions [max(0, L_b - W), L_b) of the sequence axis (L_b
+// clamped to [0, X's length], W = window, 0 = all) with all trailing axes; `offset` and `max_size`
+// (0 = to the end) then select bytes of that concatenation. b indexes X's axis 0 (a scalar or
+// one-value L applies to every b).
+using Ranges = std::vector<std::pair<uint64_t, uint64_t>>;
+
+std::string LiveRanges(const std::vector<int64_t>& shape, size_t elem, const int64_t* lengths, size_t n_lengths,
+                       int64_t seq_axis, int64_t window, int64_t offset, int64_t max_size, Ranges* out) {
+  out->clear();
+  const int64_t rank = static_cast<int64_t>(shape.size());
+  uint64_t total = elem;
+  for (int64_t d : shape) total *= static_cast<uint64_t>(d);
+  Ranges live;  // in X's bytes, in row-major order
+  if (lengths == nullptr) {
+    if (total) live.emplace_back(0, total);
+  } else {
+    const int64_t axis = seq_axis < 0 ? seq_axis + rank : seq_axis;
+    if (axis < 0 || axis >= rank) {
+      return "seq_axis " + std::to_string(seq_axis) + " is out of range for X of rank " + std::to_string(rank);
+    }
+    uint64_t outer = 1, inner = elem;
+    for (int64_t d = 0; d < axis; ++d) outer *= static_cast<uint64_t>(shape[d]);
+    for (int64_t d = axis + 1; d < rank; ++d) inner *= static_cast<uint64_t>(shape[d]);
+    const int64_t length = shape[axis];
+    // Blocks per index of axis 0 (with seq_axis 0 there is one block, and L must have one value).
+    const uint64_t batch = axis == 0 ? 1 : static_cast<uint64_t>(shape[0]);
+    if (n_lengths != 1 && n_lengths != batch) {
+      return "L has " + std::to_string(n_lengths) + " values for " + std::to_string(batch) +
+             (axis == 0 ? " sequence (seq_axis 0)" : " sequences (X's axis 0)");
+    }
+    const uint64_t per_batch = batch ? outer / batch : 0;
+    for (uint64_t o = 0; o < outer; ++o) {
+      const int64_t l = lengths[n_lengths == 1 ? 0 : o / per_batch];
+      const int64_t hi = std::min(std::max<int64_t>(l, 0), length);
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
+      if (hi <= lo) continue;
+      const uint64_t base = o * static_cast<uint64_t>(length) * inner;
+      const uint64_t begin = base + static_cast<uint64_t>(lo) * inner, end = base + static_cast<uint64_t>(hi) * inner;
+      if (!live.empty() && live.back().second == begin) {
+        live.back().second = end;
+      } else {
+        live.emplace_back(begin, end);
+      }
+    }
+  }
+  // Select [offset, offset + max_size) of the concatenation.
+  uint64_t skip = offset > 0 ? static_cast<uint64_t>(offset) : 0;
+  uint64_t want = max_size > 0 ? static_cast<uint64_t>(max_size) : UINT64_MAX;
+  for (const auto& r : live) {
+    if (want == 0) break;
+    const uint64_t size = r.second - r.first;
+    if (skip >= size) {
+      skip -= size;
+      continue;
+    }
+    const uint64_t begin = r.first + skip;
+    const uint64_t take = std::min(want, r.second - begin);
+    out->emplace_back(begin, begin + take);
+    want -= take;
+    skip = 0;
+  }
+  return "";
+}
 
 struct PrefetchKernel {
-  // The attribute names are the vendor naming's (`preserve.prefetch_attr_max_size` / `_offset` /
-  // `_max_tokens`).
-  PrefetchKernel(const OrtKernelInfo* info, const std::string& max_size_attr, const std::string& offset_attr,
-                 const std::string& max_tokens_attr) {
-    max_size_ = CollectiveKernel::ReadInt(info, max_size_attr.c_str(), 0);
-    offset_ = CollectiveKernel::ReadInt(info, offset_attr.c_str(), 0);
-    max_tokens_ = CollectiveKernel::ReadInt(info, max_tokens_attr.c_str(), 0);
+  PrefetchKernel(const OrtKernelInfo* info, const PrefetchAttrs& names) {
+    max_size_ = CollectiveKernel::ReadInt(info, names.max_size.c_str(), 0);
+    offset_ = CollectiveKernel::ReadInt(info, names.offset.c_str(), 0);
+    max_tokens_ = CollectiveKernel::ReadInt(info, names.max_tokens.c_str(), 0);
+    min_tokens_ = CollectiveKernel::ReadInt(info, names.min_tokens.c_str(), 0);
+    seq_axis_ = CollectiveKernel::ReadInt(info, names.seq_axis.c_str(), kNoAttr);
+    window_ = CollectiveKernel::ReadInt(info, names.window.c_str(), 0);
+    seq_axis_name_ = names.seq_axis;
+    window_name_ = names.window;
   }
 
   OrtStatus* ComputeV2(OrtKernelContext* context) {
@@ -1074,17 +1159,11 @@ struct PrefetchKernel {
       const std::vector<int64_t> shape = a_info.GetShape();
       auto out = ctx.GetOutput(0, shape);
       if (bytes) std::memcpy(out.GetTensorMutableRawData(), a.GetTensorRawData(), bytes);
-      // The validity range (docs/design.md §3): above max_tokens tokens per step (the anchor's dims
-      // but the last) the prefetch saves no time, so the hint is skipped. The output is the same.
+      // The validity range (docs/design.md §3): above max_tokens or below min_tokens tokens per step (the
+      // anchor's dims but the last) the prefetch saves no time, so the hint is skipped. The output is the same.
       int64_t tokens = 1;
       for (size_t i = 0; i + 1 < shape.size(); ++i) tokens *= shape[i];
-      if (max_tokens_ > 0 && tokens > max_tokens_) {
-        g_hints_skipped.fetch_add(1, std::memory_order_relaxed);
-      } else {
-        g_hints_issued.fetch_add(1, std::memory_order_relaxed);
-        Touch(ctx);
-      }
-      return nullptr;
+      return Hint(ctx, tokens);
     } catch (const std::exception& e) {
       return Fail(std::string("Prefetch: ") + e.what());
     }
@@ -1092,58 +1171,113 @@ struct PrefetchKernel {
 
   // Cache hint only: reads nothing into any value and never writes X. A CPU core's L2 holds a few
   // hundred KiB (the hint must not evict what the running kernels use),
-  // so hinting more than kMaxTouch bytes would only cost memory bandwidth.
+  // so touching more than kMaxTouch bytes would only cost memory bandwidth.
   static constexpr size_t kMaxTouch = size_t{256} << 10;
 
-  void Touch(Ort::KernelContext& ctx) const {
-    if (ctx.GetInputCount() < 2) return;
-    Ort::ConstValue x = ctx.GetInput(1);
-    if (!x || !x.IsTensor()) return;
+  OrtStatus* Hint(Ort::KernelContext& ctx, int64_t tokens) const {
+    const size_t inputs = ctx.GetInputCount();
+    Ort::ConstValue x = inputs >= 2 ? ctx.GetInput(1) : Ort::ConstValue{nullptr};
+    Ort::ConstValue l = inputs >= 3 ? ctx.GetInput(2) : Ort::ConstValue{nullptr};
+    if (l && seq_axis_ == kNoAttr) {
+      return Fail("Prefetch: the length input L needs the attribute '" + seq_axis_name_ + "' (docs/design.md §3)");
+    }
+    if (window_ < 0) {
+      return Fail("Prefetch: '" + window_name_ + "' must be 0 (all valid positions) or positive, got " +
+                  std::to_string(window_));
+    }
+    std::vector<int64_t> lengths;
+    if (l) {
+      auto l_info = l.GetTensorTypeAndShapeInfo();
+      const size_t n = l_info.GetElementCount();
+      const ONNXTensorElementDataType lt = l_info.GetElementType();
+      if (l_info.GetShape().size() > 1 || n == 0) {
+        return Fail("Prefetch: the length input L must be a scalar or one value per sequence, got shape " +
+                    ShapeString(l_info.GetShape()));
+      }
+      if (lt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) {
+        const int32_t* p = l.GetTensorData<int32_t>();
+        lengths.assign(p, p + n);
+      } else if (lt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64) {
+        const int64_t* p = l.GetTensorData<int64_t>();
+        lengths.assign(p, p + n);
+      } else {
+        return Fail(std::string("Prefetch: the length input L must be int32 or int64, got ") + TypeName(lt));
+      }
+    }
+    if (max_tokens_ > 0 && tokens > max_tokens_) {
+      g_hints_skipped_above.fetch_add(1, std::memory_order_relaxed);
+      return nullptr;
+    }
+    if (min_tokens_ > 0 && tokens < min_tokens_) {
+      g_hints_skipped_below.fetch_add(1, std::memory_order_relaxed);
+      return nullptr;
+    }
+    g_hints_issued.fetch_add(1, std::memory_order_relaxed);
+    if (!x || !x.IsTensor()) return nullptr;
     auto info = x.GetTensorTypeAndShapeInfo();
     const size_t elem = ElementSize(info.GetElementType());
-    if (elem == 0) return;
-    const size_t total = info.GetElementCount() * elem;
-    const size_t begin = offset_ > 0 ? static_cast<size_t>(offset_) : 0;
-    if (begin >= total) return;
-    size_t end = max_size_ > 0 ? begin + static_cast<size_t>(max_size_) : total;
-    end = std::min({end, total, begin + kMaxTouch});
+    if (elem == 0) return nullptr;
+    Ranges ranges;
+    const std::string error = LiveRanges(info.GetShape(), elem, l ? lengths.data() : nullptr, lengths.size(),
+                                         seq_axis_, window_, offset_, max_size_, &ranges);
+    if (!error.empty()) return Fail("Prefetch: " + error);
+    uint64_t hinted = 0;
+    size_t budget = kMaxTouch;
     const char* base = static_cast<const char*>(x.GetTensorRawData());
-    for (size_t off = begin; off < end; off += 64) __builtin_prefetch(base + off, 0, 3);
+    for (const auto& r : ranges) {
+      hinted += r.second - r.first;
+      const size_t end = static_cast<size_t>(std::min<uint64_t>(r.second, r.first + budget));
+      for (size_t off = static_cast<size_t>(r.first); off < end; off += 64) __builtin_prefetch(base + off, 0, 3);
+      budget -= end - static_cast<size_t>(r.first);
+    }
+    g_hinted_bytes.fetch_add(hinted, std::memory_order_relaxed);
+    if (g_recording.load(std::memory_order_relaxed)) {
+      std::lock_guard<std::mutex> lock(g_record_mu);
+      g_recorded.insert(g_recorded.end(), ranges.begin(), ranges.end());
+    }
+    return nullptr;
   }
 
   int64_t max_size_ = 0;
   int64_t offset_ = 0;
   int64_t max_tokens_ = 0;  // 0 = no limit
+  int64_t min_tokens_ = 0;  // 0 = no limit
+  int64_t seq_axis_ = kNoAttr;
+  int64_t window_ = 0;      // 0 = all valid positions
+  std::string seq_axis_name_, window_name_;
 };
 
+
+// Inputs A, X and the optional length input L (docs/design.md §3, "Live ranges").
 struct PrefetchOp : Ort::CustomOpBase<PrefetchOp, PrefetchKernel, true> {
-  PrefetchOp(std::string name, std::string max_size_attr, std::string offset_attr, std::string max_tokens_attr)
-      : name_(std::move(name)), max_size_attr_(std::move(max_size_attr)), offset_attr_(std::move(offset_attr)),
-        max_tokens_attr_(std::move(max_tokens_attr)) {
+  PrefetchOp(std::string name, PrefetchAttrs attrs) : name_(std::move(name)), attrs_(std::move(attrs)) {
     fresh_.prefix = "preserve." + name_ + ".dim";
     OrtCustomOp::InferOutputShapeFn = [](const OrtCustomOp* self, OrtShapeInferContext* ctx) -> OrtStatusPtr {
       ShapeRule rule;
-      ONNXTensorElementDataType a = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, x = a;
+      size_t n = 0;
+      if (OrtStatus* st = g_api->ShapeInferContext_GetInputCount(ctx, &n)) return st;
+      ONNXTensorElementDataType a = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, last = a;
       if (OrtStatus* st = InputElementType(ctx, 0, &a)) return st;
-      if (OrtStatus* st = InputElementType(ctx, 1, &x)) return st;
-      rule.types_here = a != x;
+      if (OrtStatus* st = InputElementType(ctx, n - 1, &last)) return st;
+      rule.types_here = a != last;  // onnxruntime would type the output like the last input
       return InferOutputs(ctx, 1, static_cast<const PrefetchOp*>(self)->fresh_, rule);
     };
   }
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    *kernel = new PrefetchKernel(info, max_size_attr_, offset_attr_, max_tokens_attr_);
+    *kernel = new PrefetchKernel(info, attrs_);
     return nullptr;
   }
   const char* GetName() const { return name_.c_str(); }
-  size_t GetInputTypeCount() const { return 2; }
+  size_t GetInputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
 
   std::string name_;
-  std::string max_size_attr_;
-  std::string offset_attr_;
-  std::string max_tokens_attr_;
+  PrefetchAttrs attrs_;
   mutable FreshDims fresh_;
 };
 
@@ -1183,11 +1317,13 @@ OrtStatus* Register(OrtSessionOptions* options) {
   std::string domain, op, rank_s, world_s, group, timeout_s;
   if (OrtStatus* st = ConfigEntry(options, "preserve.prefetch_domain", "preserve", &domain)) return st;
   if (OrtStatus* st = ConfigEntry(options, "preserve.prefetch_op", "Prefetch", &op)) return st;
-  std::string max_size_attr, offset_attr, max_tokens_attr;
-  if (OrtStatus* st = ConfigEntry(options, "preserve.prefetch_attr_max_size", "max_size", &max_size_attr)) return st;
-  if (OrtStatus* st = ConfigEntry(options, "preserve.prefetch_attr_offset", "offset", &offset_attr)) return st;
-  if (OrtStatus* st = ConfigEntry(options, "preserve.prefetch_attr_max_tokens", "max_tokens", &max_tokens_attr)) {
-    return st;
+  PrefetchAttrs attrs;
+  for (auto* entry : {&attrs.max_size, &attrs.offset, &attrs.max_tokens, &attrs.min_tokens, &attrs.seq_axis,
+                      &attrs.window}) {
+    const std::string fallback = *entry;  // the default spelling is the attribute's own name
+    if (OrtStatus* st = ConfigEntry(options, ("preserve.prefetch_attr_" + fallback).c_str(), fallback, entry)) {
+      return st;
+    }
   }
   if (OrtStatus* st = ConfigEntry(options, "preserve.rank", "0", &rank_s)) return st;
   if (OrtStatus* st = ConfigEntry(options, "preserve.world_size", "1", &world_s)) return st;
@@ -1243,7 +1379,7 @@ OrtStatus* Register(OrtSessionOptions* options) {
   // One domain object per distinct name: the Prefetch domain may be com.microsoft itself.
   std::map<std::string, std::vector<OrtCustomOp*>> by_domain;
   if (com_microsoft == "1" || domain != "com.microsoft") {
-    by_domain[domain].push_back(new PrefetchOp(op, max_size_attr, offset_attr, max_tokens_attr));
+    by_domain[domain].push_back(new PrefetchOp(op, attrs));
   }
   if (com_microsoft == "1") {
     by_domain["com.microsoft"].push_back(new CollectiveOp(Kind::kAllReduce, cfg));
@@ -1281,10 +1417,31 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   }
 }
 
-// Prefetch cache hints issued / skipped above max_tokens since the library was loaded (process-wide).
-__attribute__((visibility("default"))) void preserve_prefetch_hints(uint64_t* issued, uint64_t* skipped) {
+// Prefetch counters since the library was loaded (process-wide): hints issued, skipped above max_tokens,
+// skipped below min_tokens, and the bytes of X the issued hints covered (docs/design.md §3, "Live ranges").
+__attribute__((visibility("default"))) void preserve_prefetch_counters(uint64_t* issued, uint64_t* skipped_above,
+                                                                      uint64_t* skipped_below, uint64_t* bytes) {
   if (issued) *issued = g_hints_issued.load(std::memory_order_relaxed);
-  if (skipped) *skipped = g_hints_skipped.load(std::memory_order_relaxed);
+  if (skipped_above) *skipped_above = g_hints_skipped_above.load(std::memory_order_relaxed);
+  if (skipped_below) *skipped_below = g_hints_skipped_below.load(std::memory_order_relaxed);
+  if (bytes) *bytes = g_hinted_bytes.load(std::memory_order_relaxed);
+}
+
+// Recording of the hinted byte ranges of X, for tests: `on` 1 starts (clearing what was recorded), 0 stops.
+__attribute__((visibility("default"))) void preserve_prefetch_record(int on) {
+  std::lock_guard<std::mutex> lock(g_record_mu);
+  g_recorded.clear();
+  g_recording.store(on != 0);
+}
+
+// Copies up to `capacity` recorded ranges as (begin, end) pairs into `out` and returns how many were recorded.
+__attribute__((visibility("default"))) uint64_t preserve_prefetch_recorded(uint64_t* out, uint64_t capacity) {
+  std::lock_guard<std::mutex> lock(g_record_mu);
+  for (uint64_t i = 0; i < capacity && i < g_recorded.size(); ++i) {
+    out[2 * i] = g_recorded[i].first;
+    out[2 * i + 1] = g_recorded[i].second;
+  }
+  return g_recorded.size();
 }
 
 // Wakes every rank waiting in a collective of `group` with an error; later collectives of the group
