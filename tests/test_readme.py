@@ -41,7 +41,6 @@ def test_quick_start_reaches_a_verified_result(tmp_path):
     """The README's first ```bash block, as written: activate, optimize a sample, PASSED against the original."""
     cmds = commands(README.read_text())
     assert cmds[0] == "source .venv/bin/activate"  # the test's PATH already starts with the venv's bin
-    assert (ROOT / ".venv" / "bin" / "preserve-onnx").is_file() or "/.venv/" not in sys.executable
     quick_start = "```bash\n" + "\n".join(cmds[1:]) + "\n```\n" + "".join(
         f"```\n{body}```\n" for body in blocks(README.read_text(), ""))
     check(quick_start, [
