@@ -14,7 +14,8 @@ named there is resolved to what is read from HBM:
 
 Refused, each with a reason that ``-v`` shows: activations (anything computed from a graph input),
 the scale of a DequantizeLinear (onnxruntime fuses DQ+MatMul into a quantized kernel only while the
-scale has no other reader), the quantized weight of a DequantizeLinear unless ``qdq_weights`` (measured:
+scale has no other reader), the quantized weight and the zero point of a DequantizeLinear unless
+``qdq_weights`` (measured:
 onnxruntime 1.32 rewrites DQ+MatMul into MatMulNBits only while the weight has no other reader, so a
 Prefetch reading it changes the logits; vendor toolchains that do not fuse can opt in), outputs of ``Constant`` nodes (exporters put weights in initializers),
 the collective's own input, and a tensor already covered in the window. Candidates come in order of
@@ -153,6 +154,8 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int = 8, context:
                         skip(DQ_SCALE, root)
                     elif root in scope.dq_weights and not qdq_weights:
                         skip(DQ_WEIGHT, root)
+                    elif root in scope.dq_zero_points and not qdq_weights:
+                        skip(DQ_ZERO_POINT, root)
                     else:
                         found.append((root, initializer_nbytes(scope.initializers[root])))
                 kind = "weight"
@@ -175,6 +178,8 @@ DQ_SCALE = ("scale of DequantizeLinear: never a target (onnxruntime fuses Dequan
 DQ_WEIGHT = ("quantized weight of DequantizeLinear: not a target unless --qdq-weights (onnxruntime 1.32 "
              "rewrites DequantizeLinear+MatMul into MatMulNBits only while the weight has no other reader; "
              "a Prefetch reader changes its numerics)")
+DQ_ZERO_POINT = ("zero point of DequantizeLinear: not a target unless --qdq-weights (it follows the quantized "
+                 "weight: onnxruntime's DequantizeLinear+MatMul fusion strands a zero point that another node reads)")
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,8 @@ def resolve_roots(scope: Scope, name: str, in_window: set[str] = frozenset(), *,
             why = DQ_SCALE
         elif node.op_type == "DequantizeLinear" and index == 0 and not qdq_weights:
             why = DQ_WEIGHT
+        elif node.op_type == "DequantizeLinear" and index == 2 and not qdq_weights:
+            why = DQ_ZERO_POINT
         if why:
             excluded.extend((r, why) for r in sub.roots)
         elif index in targets:

@@ -252,7 +252,7 @@ class _Builder:
                 zp_shape = scale_arr.shape
                 zp = self.init(g, "wzp", self.values(zp_shape, np.int8) // 10, local)
                 ins.append(zp)
-                roots.append((zp, "target"))
+                roots.append((zp, "dq_weight"))  # follows the quantized weight (docs/design.md §2)
             cur = self.name("dq")
             attrs = {"axis": axis} if per_axis else {}
             self.node(g, "DequantizeLinear", ins, [cur], chain=True, **attrs)

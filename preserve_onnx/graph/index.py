@@ -75,8 +75,9 @@ class Scope:
     ``path`` is "" for the main graph and ``<node>/<attribute>`` (nested with '/') for subgraphs.
     ``main_inputs`` are the main graph's inputs (KV-cache lives there); the formal inputs of this
     subgraph and of the subgraphs around it (Loop/Scan state) are activations, even when they share a
-    main input's name (``local_inputs``). ``dq_scales`` / ``dq_weights``: the tensors visible here that
-    a DequantizeLinear reads as its scale / its quantized input (never, or only on request, targets).
+    main input's name (``local_inputs``). ``dq_scales`` / ``dq_weights`` / ``dq_zero_points``: the tensors
+    visible here that a DequantizeLinear reads as its scale / its quantized input / its zero point (never,
+    or only on request, targets: docs/design.md §2).
     """
 
     path: str
@@ -87,6 +88,7 @@ class Scope:
     local_inputs: frozenset[str] = field(default_factory=frozenset)
     dq_scales: frozenset[str] = field(default_factory=frozenset)
     dq_weights: frozenset[str] = field(default_factory=frozenset)
+    dq_zero_points: frozenset[str] = field(default_factory=frozenset)
 
 
 def iter_graphs(model: onnx.ModelProto) -> Iterator[tuple[str, GraphProto]]:
@@ -114,7 +116,7 @@ def iter_scopes(model: onnx.ModelProto) -> Iterator[Scope]:
     """Every graph of the model (main first, then subgraphs depth-first in node order)."""
     main = model.graph
     main_inputs = {vi.name: vi for vi in main.input}
-    yield from _walk(main, "", {}, {}, main_inputs, frozenset(), frozenset(), (frozenset(), frozenset()))
+    yield from _walk(main, "", {}, {}, main_inputs, frozenset(), frozenset(), (frozenset(), frozenset(), frozenset()))
 
 
 def _walk(graph, path, outer_inits, outer_producers, main_inputs, own_inputs, outer_locals, outer_dq):
@@ -127,7 +129,7 @@ def _walk(graph, path, outer_inits, outer_producers, main_inputs, own_inputs, ou
     for t in graph.initializer:
         inits[t.name] = t
         producers.pop(t.name, None)
-    scales, quantized = set(outer_dq[0]), set(outer_dq[1])
+    scales, quantized, zero_points = set(outer_dq[0]), set(outer_dq[1]), set(outer_dq[2])
     for node in graph.node:
         for out in node.output:
             if out:
@@ -137,8 +139,10 @@ def _walk(graph, path, outer_inits, outer_producers, main_inputs, own_inputs, ou
             quantized.add(node.input[0])
             if len(node.input) > 1:
                 scales.add(node.input[1])
+            if len(node.input) > 2 and node.input[2]:
+                zero_points.add(node.input[2])
     local_inputs = outer_locals | own_inputs
-    dq = (frozenset(scales), frozenset(quantized))
+    dq = (frozenset(scales), frozenset(quantized), frozenset(zero_points))
     yield Scope(path, graph, inits, producers, main_inputs, local_inputs, *dq)
     for index, node in enumerate(graph.node):
         for attr in node.attribute:

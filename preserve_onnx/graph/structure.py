@@ -30,14 +30,20 @@ METADATA_OPS = frozenset({"Shape", "Size"})
 
 @dataclass(frozen=True)
 class Slots:
-    """Input indices of one consumer op: weights, KV-cache, and the KV layout (batch, sequence axes)."""
+    """Input indices of one consumer op: weights, KV-cache, and the KV layout (batch, sequence axes).
+
+    ``experts``: the weight slots that hold expert banks (``[E, ...]`` tensors of a mixture-of-experts op,
+    of which a step reads only the experts its tokens are routed to; docs/design.md §2).
+    """
 
     weights: tuple[int, ...] = ()
     kv: tuple[int, ...] = ()
     kv_axes: tuple[int, int] = (0, 2)
+    experts: tuple[int, ...] = ()
 
 
-# (domain, op_type) -> slots. Domain "" stands for ai.onnx. Any input count is accepted.
+# (domain, op_type) -> slots. Domain "" stands for ai.onnx. Any input count is accepted (contrib ops
+# grow optional inputs between onnxruntime releases; slots checked against onnxruntime 1.32's schemas).
 CONSUMERS: dict[tuple[str, str], Slots] = {
     ("", "MatMul"): Slots(weights=(0, 1)),
     ("", "Gemm"): Slots(weights=(1, 2)),
@@ -46,6 +52,17 @@ CONSUMERS: dict[tuple[str, str], Slots] = {
     (MS_DOMAIN, "MultiHeadAttention"): Slots(weights=(3,), kv=(6, 7)),
     (MS_DOMAIN, "GroupQueryAttention"): Slots(weights=(7, 8), kv=(3, 4)),
     ("", "Attention"): Slots(kv=(4, 5)),
+    # Mixture-of-experts: fc1/fc2/fc3 weights and biases, all expert banks.
+    (MS_DOMAIN, "MoE"): Slots(weights=(2, 3, 4, 5, 6, 7), experts=(2, 3, 4, 5, 6, 7)),
+    # QMoE: fc1/fc2/fc3 weights, scales, biases (2-10) and zero points (11-13) are banks; router_weights
+    # (14) and the global scales (15, 16) are read whole.
+    (MS_DOMAIN, "QMoE"): Slots(weights=tuple(range(2, 17)), experts=tuple(range(2, 14))),
+    # What onnxruntime's quantizers write (quantize_dynamic, static QDQ after fusion).
+    ("", "MatMulInteger"): Slots(weights=(1, 3)),
+    (MS_DOMAIN, "DynamicQuantizeMatMul"): Slots(weights=(1, 2, 3, 4)),
+    (MS_DOMAIN, "MatMulIntegerToFloat"): Slots(weights=(1, 3, 5, 6)),
+    ("", "QLinearMatMul"): Slots(weights=(3, 4, 5)),
+    # GatherBlockQuantized (a quantized embedding) reads a few rows: not a consumer.
 }
 
 def consumer_slots(node: NodeProto) -> Slots | None:

@@ -5,7 +5,7 @@ from onnx import TensorProto, helper
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.passes import build_windows, collect_candidates
 from preserve_onnx.graph.index import iter_scopes
-from preserve_onnx.passes.collect_candidates import DQ_SCALE, DQ_WEIGHT
+from preserve_onnx.passes.collect_candidates import DQ_SCALE, DQ_WEIGHT, DQ_ZERO_POINT
 from tests.builders import MS, G, two_layer_mlp
 
 
@@ -71,9 +71,25 @@ def test_dq_quantized_weight_is_not_a_target_by_default():
     g.inits.append(helper.make_tensor("wq_zp", TensorProto.INT8, [], [0]))
     g.output("y")
     found = collect(g.model())
-    assert [c.tensor for c in found.candidates] == ["wq_zp"]
+    assert found.candidates == ()  # the zero point follows the quantized weight (docs/design.md §2)
     assert [(s.tensor, s.reason) for s in found.skipped if s.tensor.startswith("wq")] == [
-        ("wq", DQ_WEIGHT), ("wq_scale", DQ_SCALE)]
+        ("wq", DQ_WEIGHT), ("wq_scale", DQ_SCALE), ("wq_zp", DQ_ZERO_POINT)]
+
+
+def test_dq_zero_point_read_directly_elsewhere_is_not_a_target_by_default():
+    g = G()
+    g.input("x", ["batch", 8])
+    g.allreduce("x", "a", name="ar")
+    g.node("DequantizeLinear", ["wq", "wq_scale", "wq_zp"], ["wdq"], name="dq")
+    g.node("MatMul", ["a", "wdq"], ["y"], name="mm")
+    g.node("Gemm", ["y", "w2", "wq_zp"], ["z"], name="gemm")  # reads the zero point as its C
+    g.weight("wq", (8, 8), dtype=np.int8)
+    g.weight("w2", (8, 8))
+    g.inits.append(helper.make_tensor("wq_scale", TensorProto.FLOAT, [], [0.1]))
+    g.inits.append(helper.make_tensor("wq_zp", TensorProto.FLOAT, [8], [0.0] * 8))
+    g.output("z")
+    assert [c.tensor for c in collect(g.model()).candidates] == ["w2"]
+    assert [c.tensor for c in collect(g.model(), qdq_weights=True).candidates] == ["wq", "wq_zp", "w2"]
 
 
 def test_constant_node_output_is_not_a_target():
@@ -195,9 +211,10 @@ def test_a_dequantize_scale_or_weight_read_by_another_op_is_still_not_a_target()
     g.node("Gemm", ["h2", "wq", "zp"], ["y"], name="gemm_q", transB=0)  # hypothetically: the int8 weight
     g.output("y", ["batch", 16])
     found = collect(g.model())
-    assert [c.tensor for c in found.candidates] == ["zp", "wg"]
+    assert [c.tensor for c in found.candidates] == ["wg"]
     reasons = {(s.tensor, s.consumer): s.reason for s in found.skipped}
     assert reasons[("sc", "gemm")] == DQ_SCALE and reasons[("wq", "gemm_q")] == DQ_WEIGHT
+    assert reasons[("zp", "gemm_q")] == DQ_ZERO_POINT
     assert [c.tensor for c in collect(g.model(), qdq_weights=True).candidates] == ["wq", "zp", "wg"]
 
 
