@@ -697,6 +697,45 @@ def runtime_lib() -> None:
     print(library_path())
 
 
+@app.command()
+@handle_errors
+def calibrate(
+    device: Annotated[str, typer.Option(help="the CUDA device to measure, cuda:N")] = "cuda:0",
+    out_path: Annotated[Optional[Path], typer.Option(
+        "--out", metavar="PROFILE.toml", help="where to write the calibrated profile (default: NAME-calibrated.toml)")
+    ] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="published profile to start from and name to write (h100-sxm, h200, ...; default: the GPU's)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+) -> None:
+    """Measure a CUDA GPU (CuPy) and write a calibrated hardware profile; compare the cost model (docs/calibrate.md)."""
+    import json
+    import shlex
+
+    from preserve_onnx.calibrate import calibrate as run_calibration, calibrated_toml
+    from preserve_onnx.calibrate.plan import device_index
+    from preserve_onnx.calibrate.render import calibration_dict, comparison_table, figures_table, summary
+    from preserve_onnx.model_io import write_bytes_atomic
+
+    start = time.perf_counter()
+    device_index(device)  # a bad --device or --out fails before CuPy is imported
+    _writable(out_path)
+    command = shlex.join(["preserve-onnx", "calibrate", *sys.argv[2:]]) if sys.argv[1:2] == ["calibrate"] else \
+        f"preserve-onnx calibrate --device {device}"
+    cal = run_calibration(device, name, command=command,
+                          log=lambda line: err.print(f"calibrate: {escape(line)}", highlight=False, soft_wrap=True))
+    dest = out_path if out_path is not None else Path(f"{cal.profile.name}-calibrated.toml")
+    write_bytes_atomic(dest, calibrated_toml(cal.profile, cal.published, cal.measured_fields).encode())
+    if json_out:
+        print(json.dumps({**calibration_dict(cal), "written": str(dest)}, indent=2))
+        return
+    out.print(figures_table(cal))
+    out.print(comparison_table(cal))
+    out.print(escape(summary(cal)), highlight=False, soft_wrap=True)
+    out.print(f"[green]done[/green]: wrote {escape(str(dest))} (--hardware {escape(str(dest))}) in "
+              f"{time.perf_counter() - start:.0f} s", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     try:
         app()
