@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.hardware import HardwareProfile
 from preserve_onnx.model_io import find_rank_sets, load_model, sibling_rank_count
-from preserve_onnx.graph.dims import Sizing, message_bytes
+from preserve_onnx.graph.dims import Sizing, bind_lenient, decode_layout, message_bytes
 from preserve_onnx.graph.index import Scope, attr, dtype_bits, is_collective, is_default_domain, iter_scopes, \
     node_label
 from preserve_onnx.graph.structure import is_attention, kv_cache_paths, reads_bytes
@@ -147,29 +148,14 @@ def _bytes(info: _Info | None) -> int:
     return (info.numel * bits + 7) // 8
 
 
-def _bind_dim(name: str, axis: int, batch: int, context: int) -> int:
-    low = name.lower()
-    if "batch" in low:
-        return batch
-    if "total" in low:
-        return context + 1
-    if "past" in low or "cache" in low or "kv" in low:
-        return context
-    if "seq" in low:
-        return 1
-    return batch if axis == 0 else 1
-
-
-def _input_info(vi: onnx.ValueInfoProto, sizing: Sizing, bound: dict[str, int]) -> _Info:
-    """A graph input's shape: fixed dims, ``bound`` (``--dim`` over the dims the graph fixes), then by
-    name and axis."""
-    batch, context = sizing.batch, sizing.context
+def _input_info(vi: onnx.ValueInfoProto, values: Mapping[str, int], batch: int) -> _Info:
+    """A graph input's shape at the decode step: fixed dims, then ``values`` (``--dim``, the dims the graph
+    fixes, the KV-cache roles: :meth:`DecodeLayout.values`), then batch on axis 0 and 1 elsewhere."""
     tt = vi.type.tensor_type
     if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
         return _Info(None, batch, tt.elem_type or TensorProto.FLOAT)
-    dims = tuple(d.dim_value if d.HasField("dim_value") else
-                 bound.get(d.dim_param) or _bind_dim(d.dim_param, axis, batch, context)
-                 for axis, d in enumerate(tt.shape.dim))
+    dims = bind_lenient((d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim),
+                        values, batch)
     return _Info(dims, math.prod(dims), tt.elem_type)
 
 
@@ -207,9 +193,9 @@ class _Walker:
         # Plain-operator KV-cache (docs/design.md §2): tensor carrying the cache's bytes -> its path.
         self.kv_alias = {alias: path for path in kv_cache_paths(model.graph).values() for alias in path.aliases}
         self.kv_read: set[str] = set()  # structural KV inputs already read in this step
-        bound = {**sizing.graph, **sizing.dims}
+        values = decode_layout(model).values(batch=sizing.batch, context=sizing.context, dims=sizing.dims)
         for vi in model.graph.input:
-            self.info[vi.name] = _input_info(vi, sizing, bound)
+            self.info[vi.name] = _input_info(vi, values, sizing.batch)
 
     def walk(self, path: str) -> None:
         scope = self.scopes[path]

@@ -19,6 +19,7 @@ Nothing here reads weight bytes.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -240,3 +241,107 @@ def _bytes_from_producer(scope: Scope, tensor: str, batch: int, depth: int) -> i
 
 
 assert set(_KV_LAYOUT) == ATTENTION_OPS, "every attention op needs its KV layout"
+
+
+# -- decode-step layout: what a decode step's inputs look like, by structure (feeds, cost model) ------
+
+_EXPR = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*([+-])\s*(\d+)\s*$")
+
+# The present output(s) of each attention op and the KV input each one continues next step.
+_PRESENT_OF: dict[tuple[str, str], dict[int, int]] = {  # keys: structure.ATTENTION_OPS
+    (MS_DOMAIN, "GroupQueryAttention"): {1: 3, 2: 4},
+    (MS_DOMAIN, "MultiHeadAttention"): {1: 6, 2: 7},
+    (MS_DOMAIN, "Attention"): {1: 4},
+    ("", "Attention"): {1: 4, 2: 5},
+}
+
+
+@dataclass(frozen=True)
+class DecodeLayout:
+    """A decode step's graph inputs as the graph's structure shows them (docs/design.md §2), never by name.
+
+    ``kv_axes``: KV-cache input -> its (batch, sequence) axes (attention-op KV slots and structural
+    Concat caches); ``feedback``: KV-cache output (present) -> the KV input it becomes next step;
+    ``past`` / ``total`` / ``batch``: the symbolic dim names on the KV inputs' sequence axes (the past
+    length), on the present outputs' sequence axes (past + new tokens) and on the KV batch axes.
+    """
+
+    kv_axes: Mapping[str, tuple[int | None, int | None]] = field(default_factory=dict)
+    feedback: Mapping[str, str] = field(default_factory=dict)
+    past: frozenset[str] = frozenset()
+    total: frozenset[str] = frozenset()
+    batch: frozenset[str] = frozenset()
+    fixed: Mapping[str, int] = field(default_factory=dict)
+
+    def values(self, *, batch: int, context: int, dims: Mapping[str, int] | None = None,
+               new_tokens: int = 1) -> dict[str, int]:
+        """Symbolic dim name -> value at a step of ``new_tokens`` after a past of ``context``:
+        ``--dim`` first, then the dims the graph fixes, then the roles above."""
+        found = {name: batch for name in self.batch}
+        found.update((name, context + new_tokens) for name in self.total)
+        found.update((name, context) for name in self.past)
+        found.update(self.fixed)
+        found.update(dims or {})
+        return found
+
+
+def decode_layout(model: onnx.ModelProto) -> DecodeLayout:
+    """The :class:`DecodeLayout` of ``model``'s main graph (graphs only; never weights)."""
+    main = model.graph
+    inputs = {vi.name: vi for vi in main.input}
+    outputs = {vi.name: vi for vi in main.output}
+    kv_axes: dict[str, tuple[int | None, int | None]] = {}
+    feedback: dict[str, str] = {}
+    for node in main.node:
+        slots = consumer_slots(node)
+        if slots is None or not slots.kv:
+            continue
+        for slot in slots.kv:
+            if slot < len(node.input) and node.input[slot] in inputs:
+                kv_axes.setdefault(node.input[slot], slots.kv_axes)
+        for out, slot in _PRESENT_OF.get(op_key(node), {}).items():
+            if out < len(node.output) and node.output[out] in outputs and slot < len(node.input) \
+                    and node.input[slot] in inputs:
+                feedback.setdefault(node.output[out], node.input[slot])
+    paths = kv_cache_paths(main)
+    for path in paths.values():
+        rank = len(inputs[path.input].type.tensor_type.shape.dim)
+        kv_axes.setdefault(path.input, (0, path.seq_axis if path.seq_axis is not None else max(0, rank - 2)))
+        feedback.setdefault(path.output, path.input)
+    names: dict[str, set[str]] = {"past": set(), "total": set(), "batch": set()}
+
+    def dim_name(vi: onnx.ValueInfoProto | None, axis: int | None) -> str:
+        dims = vi.type.tensor_type.shape.dim if vi is not None and vi.type.tensor_type.HasField("shape") else ()
+        return dims[axis].dim_param if axis is not None and axis < len(dims) else ""
+
+    for name, (batch_axis, seq_axis) in kv_axes.items():
+        names["batch"].add(dim_name(inputs[name], batch_axis))
+        names["past"].add(dim_name(inputs[name], seq_axis))
+    for present, past in feedback.items():
+        names["total"].add(dim_name(outputs[present], kv_axes[past][1]))
+    for group in names.values():
+        group.discard("")
+    names["total"] -= names["past"]
+    return DecodeLayout(kv_axes, feedback, frozenset(names["past"]), frozenset(names["total"]),
+                        frozenset(names["batch"]), graph_dims(model, kv_paths=paths))
+
+
+def bind_lenient(shape: Iterable[int | str | None], values: Mapping[str, int], batch: int) -> tuple[int, ...]:
+    """Numbers for every dim of ``shape`` where no error is wanted (generated feeds, the cost model's
+    activations): a fixed dim, a name in ``values`` (:meth:`DecodeLayout.values`), ``NAME +/- k`` of
+    one, then axis 0 -> ``batch`` and any other axis -> 1 (the sequence length of a decode step)."""
+    bound = []
+    for axis, d in enumerate(shape):
+        if isinstance(d, int) and d >= 0:
+            bound.append(d)
+            continue
+        name = d if isinstance(d, str) else ""
+        expr = _EXPR.match(name)
+        if name in values:
+            bound.append(values[name])
+        elif expr and expr.group(1) in values:
+            base = values[expr.group(1)]
+            bound.append(base + int(expr.group(3)) if expr.group(2) == "+" else base - int(expr.group(3)))
+        else:
+            bound.append(batch if axis == 0 else 1)
+    return tuple(bound)
