@@ -68,15 +68,15 @@ __global__ void spin(unsigned long long ns) {
 __global__ void prefetch_l2(const char* __restrict__ base, unsigned long long nbytes, unsigned int chunk) {
     const unsigned long long count = (nbytes + chunk - 1) / chunk;
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
-#if __CUDA_ARCH__ >= 800
+#if __CUDA_ARCH__ >= 900
     unsigned long long policy;
     asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
 #endif
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
          i += stride) {
         const unsigned long long offset = i * chunk;
-        const unsigned int size = (unsigned int)(nbytes - offset < chunk ? nbytes - offset : chunk);
 #if __CUDA_ARCH__ >= 900
+        const unsigned int size = (unsigned int)(nbytes - offset < chunk ? nbytes - offset : chunk);
         asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;"
                      :: "l"(base + offset), "r"(size), "l"(policy) : "memory");
 #elif __CUDA_ARCH__ >= 800
