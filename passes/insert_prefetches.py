@@ -10,7 +10,14 @@ validity range (the tokens per step past which the prefetch saves nothing; ``pas
 
 Consumers keep reading X directly, so X stays a constant to every runtime (prepacking, constant
 folding and quantization fusions are unaffected). Refuses a model that already has Prefetch nodes
-(run `strip-prefetches` first, which is what ``--replan`` does).
+or a local function of the Prefetch's name (run `strip-prefetches` first, which is what ``--replan``
+does).
+
+The model also gets Prefetch's definition as a model-local function (``prefetch_function``: body
+``Y = Identity(A)``), so every tool that infers shapes (ONNX shape inference, onnxruntime's symbolic
+shape inference, the transformer optimizer) types each output like its A. A runtime that registers
+the op runs its kernel instead (docs/design.md, "Chain safety"). Models below IR version 8 cannot
+hold local functions and get none.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from collections import defaultdict
 import onnx
 from onnx import helper
 
-from preserve_onnx.config import OptimizeConfig
+from preserve_onnx.config import PREFETCH_ATTRIBUTES, OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.index import iter_graphs
 from preserve_onnx.passes.plan_prefetches import Plan, WindowPlan, plan_prefetches
@@ -46,6 +53,10 @@ class InsertPrefetchesPass(Pass):
             # Planning on top of old prefetches would double every chain and break strip(optimize(m)) == m.
             raise PreserveError(f"the model already contains {existing} {naming.domain}::{naming.op_type} "
                                 f"nodes; pass --replan to strip them and plan again")
+        if prefetch_functions(model, naming):
+            # strip removes the definition with the nodes: a foreign one would be lost.
+            raise PreserveError(f"the model already defines a function {naming.domain}::{naming.op_type}; "
+                                f"pass --replan to remove it, or choose another --prefetch-domain")
         plan = plan_prefetches(model, self.config, self.ranks)
         if plan.prefetch_count == 0:
             return PassResult(model, False, plan)
@@ -60,6 +71,7 @@ class InsertPrefetchesPass(Pass):
             if path in by_graph:
                 _rewrite(graph, by_graph[path], self.config)
         _ensure_opset(out, naming.domain, naming.version)
+        add_prefetch_function(out, naming)
         return PassResult(out, True, plan)
 
 
@@ -102,3 +114,36 @@ def _ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
                                     f"not {version}; choose another --prefetch-domain")
             return
     model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+# Functions need IR version 8 (onnx 1.10); an older model stays without one (its outputs untyped).
+FUNCTION_IR_VERSION = 8
+
+
+def prefetch_function(model: onnx.ModelProto, naming: PrefetchNaming) -> onnx.FunctionProto:
+    """Prefetch's definition as a model-local function: ``Y = Identity(A)``, inputs ``A, X, L`` (L, the
+    optional length input, and X only hint the cache), attributes as ``naming`` spells them.
+
+    The body uses the model's own default-domain opset (the checker refuses any other version).
+    """
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    return onnx.FunctionProto(
+        name=naming.op_type, domain=naming.domain, input=["A", "X", "L"], output=["Y"],
+        attribute=[getattr(naming, a) for a in PREFETCH_ATTRIBUTES],
+        node=[onnx.NodeProto(op_type="Identity", input=["A"], output=["Y"])],
+        opset_import=[helper.make_opsetid("", version)],
+        doc_string="Y = A; X (and L's live range) are only a cache hint. For tools that infer shapes: a "
+                   "runtime that registers this op runs its own kernel.")
+
+
+def prefetch_functions(model: onnx.ModelProto, naming: PrefetchNaming) -> list[onnx.FunctionProto]:
+    """The model-local functions spelled like Prefetch (any overload): what strip removes."""
+    return [f for f in model.functions if f.domain == naming.domain and f.name == naming.op_type]
+
+
+def add_prefetch_function(model: onnx.ModelProto, naming: PrefetchNaming) -> bool:
+    """Append :func:`prefetch_function` to ``model`` (in place); False for a model below IR version 8."""
+    if model.ir_version < FUNCTION_IR_VERSION:
+        return False
+    model.functions.append(prefetch_function(model, naming))
+    return True

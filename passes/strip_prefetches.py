@@ -1,10 +1,12 @@
 """Pass `strip-prefetches`: remove every Prefetch node and reconnect its readers to its input 0.
 
 Invariant: values never change. ``strip(optimize(m))`` equals ``m`` as a graph: the collective gets
-its original input back, value_info entries of removed tensors go, and the Prefetch domain's opset
-import is dropped once no node uses it. Handles subgraphs (a reader inside an If branch of an outer
-Prefetch output is reconnected too). Refuses a Prefetch whose output is a graph output (removing it
-would rename a model output) or that has no input.
+its original input back, value_info entries of removed tensors go, the Prefetch domain's opset
+import is dropped once no node uses it, and so is Prefetch's model-local function (what
+insert-prefetches adds for tools that infer shapes; also when a tool removed the nodes and left it).
+Handles subgraphs (a reader inside an If branch of an outer Prefetch output is reconnected too).
+Refuses a Prefetch whose output is a graph output (removing it would rename a model output) or that
+has no input.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import onnx
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.index import iter_graphs
+from preserve_onnx.passes.insert_prefetches import prefetch_functions
 from preserve_onnx.pipeline import Pass, PassResult
 
 
@@ -25,7 +28,8 @@ class StripPrefetchesPass(Pass):
         self.naming = naming
 
     def run(self, model: onnx.ModelProto) -> PassResult:
-        if not any(self.naming.matches(n) for _, g in iter_graphs(model) for n in g.node):
+        if not any(self.naming.matches(n) for _, g in iter_graphs(model) for n in g.node) \
+                and not prefetch_functions(model, self.naming):
             return PassResult(model, False, 0)
         out = onnx.ModelProto()
         out.CopyFrom(model)
@@ -74,4 +78,6 @@ class StripPrefetchesPass(Pass):
             for op in list(out.opset_import):
                 if op.domain == self.naming.domain:
                     out.opset_import.remove(op)
+        for fn in prefetch_functions(out, self.naming):
+            out.functions.remove(fn)
         return PassResult(out, True, removed)

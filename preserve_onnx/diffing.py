@@ -194,9 +194,9 @@ class _Differ:
                    lambda x, y: [Change("value", repr(x), repr(y))] if x != y else [])
         fn_a = {_fn_key(f): f for f in a.functions}
         fn_b = {_fn_key(f): f for f in b.functions}
-        self.keyed("function", "", fn_a, fn_b, lambda f: f"{len(f.node)} nodes",
-                   lambda x, y: [] if x == y else [Change("definition", f"{len(x.node)} nodes",
-                                                          f"{len(y.node)} nodes")])
+        self.keyed("function", "", fn_a, fn_b, _function_detail,
+                   lambda x, y: [] if x == y else [Change("definition", _function_detail(x),
+                                                          _function_detail(y))])
         self.graph("", a.graph, b.graph)
 
     def keyed(self, kind: str, graph: str, a: dict, b: dict, describe, compare) -> None:
@@ -457,6 +457,13 @@ def _field_changes(a, b, fields: Iterable[str]) -> list[Change]:
         if x != y:
             out.append(Change(f, _short(str(x)), _short(str(y))))
     return out
+
+
+def _function_detail(f: onnx.FunctionProto) -> str:
+    """``(A, X, L) -> Y: Identity`` (the body's op types; the first 5 and a count of the rest)."""
+    ops = [n.op_type for n in f.node]
+    body = ", ".join(ops[:5]) + (f", ... ({len(ops)} nodes)" if len(ops) > 5 else "")
+    return f"({', '.join(f.input)}) -> {', '.join(f.output)}: {body}"
 
 
 def _fn_key(f: onnx.FunctionProto) -> str:

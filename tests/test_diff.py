@@ -46,19 +46,20 @@ def test_model_vs_optimized_self_is_exactly_the_prefetches_the_rewires_and_the_o
     d = only(diff(m, optimized))
     assert rows(d) == [
         ("opset", "added", "", "preserve", ()),
+        ("function", "added", "", "preserve::Prefetch", ()),
         ("node", "added", "", "ar0/Prefetch/w1", ()),
         ("node", "added", "", "ar0/Prefetch/w2", ()),
         ("node", "added", "", "ar1/Prefetch/w3", ()),
         ("node", "changed", "", "ar0", (("input[0]", "h0", "ar0/Prefetch/w2/out"),)),
         ("node", "changed", "", "ar1", (("input[0]", "h2", "ar1/Prefetch/w3/out"),)),
     ]
-    assert d.entries[1] == Entry(
+    assert d.entries[2] == Entry(
         "node", "added", "", "ar0/Prefetch/w1",
         "preserve::Prefetch(h0, w1) -> ar0/Prefetch/w1/out  collective='ar0' max_size=0 max_tokens=470 offset=0",
         op="preserve::Prefetch", prefetch=True)
     assert [e.name for e in d.prefetches_added] == ["ar0/Prefetch/w1", "ar0/Prefetch/w2", "ar1/Prefetch/w3"]
     assert [e.name for e in d.rewired_collectives] == ["ar0", "ar1"]
-    assert d.counts() == {"opset added": 1, "node added": 3, "node changed": 2}
+    assert d.counts() == {"opset added": 1, "function added": 1, "node added": 3, "node changed": 2}
 
 
 def test_subgraph_changes_are_reported_in_their_graph():
@@ -66,6 +67,7 @@ def test_subgraph_changes_are_reported_in_their_graph():
     optimized, _ = optimize(m, OptimizeConfig(budget=10_000))
     assert rows(only(diff(m, optimized))) == [
         ("opset", "added", "", "preserve", ()),  # subgraphs in attribute order (make_node sorts them)
+        ("function", "added", "", "preserve::Prefetch", ()),
         ("node", "added", "if:else_branch", "ar_else/Prefetch/w_outer", ()),
         ("node", "changed", "if:else_branch", "ar_else",
          (("input[0]", "x", "ar_else/Prefetch/w_outer/out"),)),
@@ -86,7 +88,7 @@ def expected_rows(model, plan):
         changed.setdefault(wp.window.graph, []).append(
             ("node", "changed", wp.window.graph, wp.window.collective,
              (("input[0]", wp.window.anchor, wp.prefetches[-1].output),)))
-    out = [("opset", "added", "", "preserve", ())]
+    out = [("opset", "added", "", "preserve", ()), ("function", "added", "", "preserve::Prefetch", ())]
     for graph in added:  # plan order is graph order: main graph first, then subgraphs
         out += added[graph] + changed[graph]
     return out
@@ -185,6 +187,7 @@ def test_unnamed_nodes_are_matched_by_structure():
     d = only(diff(m, optimized))
     assert rows(d) == [
         ("opset", "added", "", "preserve", ()),
+        ("function", "added", "", "preserve::Prefetch", ()),
         ("node", "added", "", "AllReduce_1/Prefetch/w1", ()),
         ("node", "changed", "", "(AllReduce -> a)", (("input[0]", "h", "AllReduce_1/Prefetch/w1/out"),)),
     ]
@@ -376,7 +379,7 @@ def test_cli_human_summary(pair):
     a, b = pair
     r = cli("diff", a, b)
     assert r.output.splitlines()[0] == (f"{a} -> {b}: 3 Prefetch nodes added, 2 collectives rewired, "
-                                        f"1 opset import added")
+                                        f"1 opset import added, 1 function added")
     assert "  ~ node ar0: input[0]: h0 -> ar0/Prefetch/w2/out" in r.output.splitlines()
     assert r.output.splitlines()[-1] == f"different: {a} vs {b}: 1 of 1 model(s) differ"
 
@@ -389,9 +392,10 @@ def test_cli_json(pair):
     assert {k: doc[k] for k in ("schema", "a", "b", "equal", "only_a", "only_b")} == {
         "schema": 1, "a": str(a), "b": str(b), "equal": False, "only_a": [], "only_b": []}
     (model,) = doc["models"]
-    assert model["summary"] == ["3 Prefetch nodes added", "2 collectives rewired", "1 opset import added"]
-    assert model["counts"] == {"opset added": 1, "node added": 3, "node changed": 2}
-    assert model["entries"][4] == {
+    assert model["summary"] == ["3 Prefetch nodes added", "2 collectives rewired", "1 opset import added",
+                                "1 function added"]
+    assert model["counts"] == {"opset added": 1, "function added": 1, "node added": 3, "node changed": 2}
+    assert model["entries"][5] == {
         "kind": "node", "status": "changed", "graph": "", "name": "ar0",
         "detail": "com.microsoft::AllReduce(ar0/Prefetch/w2/out) -> a0",
         "changes": [{"field": "input[0]", "before": "h0", "after": "ar0/Prefetch/w2/out"}],
@@ -409,13 +413,14 @@ def test_cli_markdown(pair):
 
 #### `{b}`
 
-3 Prefetch nodes added, 2 collectives rewired, 1 opset import added
+3 Prefetch nodes added, 2 collectives rewired, 1 opset import added, 1 function added
 
 <details><summary>changes</summary>
 
 | | kind | graph | name | change |
 |---|---|---|---|---|
 | + | opset |  | `preserve` | `version 1` |
+| + | function |  | `preserve::Prefetch` | `(A, X, L) -> Y: Identity` |
 | + | node |  | `ar0/Prefetch/w1` | `preserve::Prefetch(h0, w1) -> ar0/Prefetch/w1/out  collective='ar0' max_size=0 max_tokens=470 offset=0` |
 | + | node |  | `ar0/Prefetch/w2` | `preserve::Prefetch(ar0/Prefetch/w1/out, w2) -> ar0/Prefetch/w2/out  collective='ar0' max_size=0 max_tokens=470 offset=0` |
 | + | node |  | `ar1/Prefetch/w3` | `preserve::Prefetch(h2, w3) -> ar1/Prefetch/w3/out  collective='ar1' max_size=0 max_tokens=470 offset=0` |

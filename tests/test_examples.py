@@ -107,7 +107,7 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[str, ...]]]] = {
          ("done: 2 model(s), 22 prefetches, 2.2 MiB planned; wrote small in 0.16 s",)),
         ("preserve-onnx diff sample_models/llama-gqa/tp2 small", 1,
          ("sample_models/llama-gqa/tp2/model_00.onnx -> small/model_00.onnx: 11 Prefetch nodes added, "
-          "4 collectives rewired, 1 opset import added",
+          "4 collectives rewired, 1 opset import added, 1 function added",
           "  + opset preserve: version 1",
           "different: sample_models/llama-gqa/tp2 vs small: 2 of 2 model(s) differ")),
         ("preserve-onnx strip small stripped", 0, ("done: removed 22 Prefetch nodes; wrote stripped",)),

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from preserve_onnx import OptimizeConfig, PrefetchNaming, optimize
 from preserve_onnx.cli import app
+from preserve_onnx.config import PREFETCH_ATTRIBUTES
 from preserve_onnx.model_io import load_model
 from tests.builders import two_layer_mlp
 from tests.conftest import SAMPLES
@@ -47,6 +48,10 @@ def test_optimize_writes_the_vendor_spelling(vendor_dir):
     assert [(o.domain, o.version) for o in model.opset_import if o.domain == "com.acme.npu"] == [
         ("com.acme.npu", 2)]
     assert not any(n.op_type == "Prefetch" for n in model.graph.node)
+    (fn,) = model.functions  # the definition tools that infer shapes read, in the vendor's spelling
+    assert (fn.domain, fn.name, list(fn.input), list(fn.output), list(fn.attribute)) == (
+        "com.acme.npu", "CmoPrefetch", ["A", "X", "L"], ["Y"],
+        ["size", "start", "tag", "valid_tokens", *PREFETCH_ATTRIBUTES[4:]])  # the rest keep their names
     partial = [n for n in nodes if helper.get_attribute_value(n.attribute[0]) != 0]
     assert [(n.input[1], helper.get_attribute_value(n.attribute[0])) for n in partial] == [
         ("past_key_values.1.key", 1032192)]
@@ -59,7 +64,8 @@ def test_report_records_the_naming(tmp_path):
     assert {k: v for k, v in settings.items() if k.startswith("prefetch")} == {
         "prefetch_domain": "com.acme.npu", "prefetch_op": "CmoPrefetch", "prefetch_version": 2,
         "prefetch_attributes": {"max_size": "size", "offset": "start", "collective": "tag",
-                                "max_tokens": "valid_tokens"}}
+                                "max_tokens": "valid_tokens", "min_tokens": "min_tokens", "seq_axis": "seq_axis",
+                                "window": "window"}}
 
 
 def test_strip_with_the_same_naming_gives_the_original_back(vendor_dir, tmp_path):
@@ -91,16 +97,30 @@ def test_diff_counts_vendor_prefetch_nodes(vendor_dir):
     r = cli("diff", SRC / "model_00.onnx", vendor_dir / "model_00.onnx", "--json", *VENDOR)
     assert r.exit_code == 1
     (model,) = json.loads(r.output)["models"]
-    assert model["summary"] == ["11 Prefetch nodes added", "4 collectives rewired", "1 opset import added"]
+    assert model["summary"] == ["11 Prefetch nodes added", "4 collectives rewired", "1 opset import added",
+                                "1 function added"]
 
 
 def test_run_is_bit_identical_with_the_vendor_names(vendor_dir):
+    from preserve_onnx.runtime.session import prefetch_counters
+
+    before = prefetch_counters()
     r = cli("run", vendor_dir, "--against", SRC, "-q", *VENDOR)
     assert r.exit_code == 0, r.output
     assert r.output.startswith("PASSED: 10 outputs on 2 rank(s) bit-identical")
-    refused = cli("run", vendor_dir, "--against", SRC, "-q")  # the default spelling cannot load them
-    assert refused.exit_code == 1
-    assert "com.acme.npu:CmoPrefetch" in refused.output
+    after = prefetch_counters()
+    assert after - before == (22, 0, 0, 264192)  # 11 hints on each of 2 ranks, one step
+
+
+def test_a_runtime_without_the_vendor_kernel_runs_the_function_body(vendor_dir):
+    """The default spelling registers no CmoPrefetch kernel: onnxruntime inlines the model's function
+    (Identity), so the outputs are the same and not one hint is issued."""
+    from preserve_onnx.runtime.session import prefetch_counters
+
+    before = prefetch_counters()
+    r = cli("run", vendor_dir, "--against", SRC, "-q")
+    assert r.exit_code == 0, r.output
+    assert prefetch_counters() - before == (0, 0, 0, 0)
 
 
 @pytest.mark.parametrize("value, message", [

@@ -1,7 +1,7 @@
 import onnx
 import pytest
 
-from preserve_onnx.config import OptimizeConfig, PrefetchNaming
+from preserve_onnx.config import PREFETCH_ATTRIBUTES, OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.passes import InsertPrefetchesPass
 from tests.builders import G, if_model, ops, two_layer_mlp
@@ -102,3 +102,61 @@ def test_max_tokens_only_where_the_window_has_a_limit():
              for n in model.graph.node if n.op_type == "Prefetch"}
     assert {name: a.get("max_tokens") for name, a in attrs.items()} == {
         "ar0/Prefetch/w": None, "ar0/Prefetch/past": None, "ar1/Prefetch/w2": 470}
+
+
+# -- Prefetch's definition as a model-local function (docs/design.md, "Chain safety") ------------------
+
+
+def test_the_model_gets_prefetch_as_a_local_function():
+    m = two_layer_mlp()
+    out = run(m).model
+    (fn,) = out.functions
+    assert (fn.domain, fn.name, list(fn.input), list(fn.output), list(fn.attribute)) == (
+        "preserve", "Prefetch", ["A", "X", "L"], ["Y"], list(PREFETCH_ATTRIBUTES))
+    assert list(PREFETCH_ATTRIBUTES)[:4] == ["max_size", "offset", "collective", "max_tokens"]
+    assert [(n.op_type, n.domain, list(n.input), list(n.output)) for n in fn.node] == [
+        ("Identity", "", ["A"], ["Y"])]
+    assert [(o.domain, o.version) for o in fn.opset_import] == [("", 17)]  # the model's own default opset
+    onnx.checker.check_model(out, full_check=True)
+
+
+def test_onnx_shape_inference_types_every_prefetch_output_like_its_anchor():
+    m = two_layer_mlp(16, 32)
+    out = run(m, budget=3000, min_chunk=512).model
+    inferred = onnx.shape_inference.infer_shapes(out, strict_mode=True)
+    types = {vi.name: vi.type for vi in inferred.graph.value_info}
+    prefetches = [n for n in out.graph.node if n.op_type == "Prefetch"]
+    assert [n.output[0] for n in prefetches] == ["ar0/Prefetch/w1/out", "ar0/Prefetch/w2/out", "ar1/Prefetch/w3/out"]
+    for node in prefetches[:2]:
+        assert types[node.output[0]] == types[node.input[0]]
+    t = types["ar0/Prefetch/w2/out"].tensor_type
+    assert (t.elem_type, [d.dim_param or d.dim_value for d in t.shape.dim]) == (onnx.TensorProto.FLOAT, ["batch", 16])
+    # ar1's anchor descends from an AllReduce output, which onnx (no com.microsoft schemas) leaves untyped.
+    assert "h2" not in types and "ar1/Prefetch/w3/out" not in types
+
+
+def test_without_the_function_prefetch_outputs_stay_untyped():
+    """The negative: what every tool that infers shapes saw before (issue 18, 0 of 13 typed)."""
+    out = run(two_layer_mlp()).model
+    del out.functions[:]
+    inferred = onnx.shape_inference.infer_shapes(out)
+    assert not {vi.name for vi in inferred.graph.value_info} & {"ar0/Prefetch/w1/out", "ar1/Prefetch/w3/out"}
+
+
+def test_a_model_below_ir_version_8_gets_no_function():
+    m = two_layer_mlp()
+    m.ir_version = 7
+    out = run(m).model
+    assert [n.op_type for n in out.graph.node].count("Prefetch") == 3
+    assert len(out.functions) == 0
+
+
+def test_refuses_a_model_that_already_defines_the_function():
+    out = run(two_layer_mlp()).model
+    from preserve_onnx.passes import StripPrefetchesPass
+
+    stripped_nodes = StripPrefetchesPass()(out).model
+    stripped_nodes.functions.extend(out.functions)  # a tool removed the nodes and kept the definition
+    with pytest.raises(PreserveError, match=r"^the model already defines a function preserve::Prefetch; "
+                                            r"pass --replan to remove it, or choose another --prefetch-domain$"):
+        run(stripped_nodes)

@@ -62,3 +62,22 @@ def test_strip_reaches_subgraphs_below_a_graph_that_also_had_prefetches():
     then_g = next(a.g for a in optimized.graph.node[-1].attribute if a.name == "then_branch")
     assert [n.op_type for n in then_g.node] == ["Prefetch", "AllReduce", "MatMul"]
     assert StripPrefetchesPass()(optimized).model.SerializeToString() == m.SerializeToString()
+
+
+def test_strip_removes_the_prefetch_function():
+    optimized = InsertPrefetchesPass(OptimizeConfig(budget=10_000))(two_layer_mlp()).model
+    assert [f.name for f in optimized.functions] == ["Prefetch"]
+    assert len(StripPrefetchesPass()(optimized).model.functions) == 0
+
+
+def test_strip_removes_a_function_left_without_its_nodes_and_keeps_other_functions():
+    from onnx import helper
+
+    optimized = InsertPrefetchesPass(OptimizeConfig(budget=10_000))(two_layer_mlp()).model
+    own = helper.make_function("custom", "Twice", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
+                               [helper.make_opsetid("", 17)])
+    orphan = StripPrefetchesPass()(optimized).model
+    orphan.functions.extend([optimized.functions[0], own])
+    result = StripPrefetchesPass()(orphan)
+    assert result.modified and result.stats == 0
+    assert [(f.domain, f.name) for f in result.model.functions] == [("custom", "Twice")]
