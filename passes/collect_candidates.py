@@ -29,8 +29,10 @@ from dataclasses import dataclass
 
 import onnx
 
-from preserve_onnx.graph.index import Scope, initializer_nbytes, is_default_domain, node_label
+from preserve_onnx.graph.index import MS_DOMAIN, Scope, attr, initializer_nbytes, is_default_domain, node_label
 from preserve_onnx.graph.dims import Sizing
+from preserve_onnx.passes._live import (EXPERT_SHARE, buffer_length, expert_min_tokens, expert_share, kv_window,
+                                        live_positions)
 from preserve_onnx.graph.structure import (CONSUMERS, KvCachePath, Slots, consumer_slots,  # noqa: F401
                                              kv_cache_paths, reads_bytes)
 from preserve_onnx.passes.build_windows import Window
@@ -61,7 +63,17 @@ class Candidate:
     kind: str  # "weight" | "kv_cache"
     consumer: str
     slot: int
-    nbytes: int
+    nbytes: int  # bytes a whole link fetches: live bytes with ``lengths``, else the tensor's bytes
+    # The live range of a KV link (docs/design.md §3 "Live ranges"): the tensor wired as L ("" = the
+    # two-input form), X's sequence axis and the window (0 = every valid position).
+    lengths: str = ""
+    seq_axis: int | None = None
+    window: int = 0
+    # Expert banks (docs/design.md §4.8): the smallest tokens per step at which the hint pays off, and the
+    # share of the bank a step reads at the planning point (1.0 for everything else).
+    min_tokens: int = 0
+    read_share: float = 1.0
+    note: str = ""  # why a KV link keeps the two-input form, for -v
 
 
 @dataclass(frozen=True)
@@ -83,11 +95,16 @@ class WindowCandidates:
 
 def collect_candidates(scope: Scope, window: Window, *, batch: int = 8, context: int = 16384,
                        kv: bool = True, qdq_weights: bool = False, sizing: Sizing | None = None,
-                       kv_paths: Mapping[str, KvCachePath] | None = None) -> WindowCandidates:
-    """Candidates of ``window`` (which lives in ``scope``), in first-use order.
+                       kv_paths: Mapping[str, KvCachePath] | None = None, static_kv: bool = False,
+                       positions: Mapping[str, int] | None = None) -> WindowCandidates:
+    """Candidates of ``window`` (which lives in ``scope``), in first-use order; expert banks that a step
+    reads less than half of at the planning point (``--batch`` tokens) come after everything else.
 
     ``sizing`` binds KV-cache dims (default: ``batch``/``context`` and nothing else); ``kv_paths`` are
-    the main graph's structural KV-cache inputs (default: found here when ``scope`` is the main graph).
+    the main graph's structural KV-cache inputs (default: found here when ``scope`` is the main graph);
+    ``static_kv`` keeps every KV link in the two-input form; ``positions``: tensor -> index of the node of
+    ``scope.graph`` that makes it (default: worked out here), to tell whether a length input exists
+    where the Prefetch goes.
     """
     sizing = sizing or Sizing(batch, context)
     if kv_paths is None:
@@ -100,6 +117,7 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int = 8, context:
     # Every input of the collective (input 0 is the anchor; AllReduce is variadic): never a target.
     collective_inputs = set(nodes[window.index].input) - {""}
     candidates: list[Candidate] = []
+    deferred: list[Candidate] = []  # expert banks read less than half at the planning point
     skipped: list[Skipped] = []
     seen: dict[str, str] = {}
     for i in window.nodes:
@@ -132,12 +150,14 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int = 8, context:
                 found = [(path.input, sizing.kv_bytes(scope.main_inputs[path.input], structural_kv_axes(
                     path, scope.main_inputs[path.input])))]
                 kind = "kv_cache"
+                live = {}
             elif slot in slots.kv and name in scope.main_inputs and name not in scope.initializers \
                     and name not in scope.local_inputs:  # a Loop's carried state may reuse a KV name
                 if not kv:
                     skip("KV-cache excluded by --no-kv")
                     continue
-                found = [(name, sizing.kv_bytes(scope.main_inputs[name], slots.kv_axes))]
+                live = _kv_live(scope, window, node, name, slots.kv_axes, sizing, static_kv, positions)
+                found = [(name, live.pop("nbytes"))]
                 kind = "kv_cache"
             elif slot in slots.weights:
                 res = resolve_roots(scope, name, in_window, qdq_weights=qdq_weights)
@@ -159,6 +179,7 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int = 8, context:
                     else:
                         found.append((root, initializer_nbytes(scope.initializers[root])))
                 kind = "weight"
+                live = {}
             else:
                 skip("KV slot not fed by a graph input" if name not in scope.initializers
                      else "KV slot fed by an initializer")
@@ -168,8 +189,69 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int = 8, context:
                     skip(f"already covered in this window (first read by {seen[tensor]})", tensor)
                     continue
                 seen[tensor] = consumer
-                candidates.append(Candidate(tensor, kind, consumer, slot, size))
-    return WindowCandidates(window, tuple(candidates), tuple(skipped))
+                extra = _bank(node, slot, slots, scope.initializers[tensor], sizing.batch) if kind == "weight" \
+                    else live
+                cand = Candidate(tensor, kind, consumer, slot, size, **extra)
+                (deferred if cand.min_tokens and cand.read_share < EXPERT_SHARE else candidates).append(cand)
+    return WindowCandidates(window, tuple(candidates + deferred), tuple(skipped))
+
+
+def _kv_live(scope: Scope, window: Window, node: onnx.NodeProto, name: str, axes: tuple[int, int],
+             sizing: Sizing, static_kv: bool, positions: Mapping[str, int] | None) -> dict:
+    """A KV slot's link (docs/design.md §3 "Live ranges"): GroupQueryAttention's carry L = its
+    ``seqlens_k`` (in[5]), ``seq_axis`` and ``window``, sized in live bytes; other attention ops (whose
+    past holds exactly the valid positions) and ``static_kv`` keep the two-input form over the tensor's
+    bytes. A ``seqlens_k`` not yet computed where the Prefetch goes also keeps it, with a note."""
+    vi = scope.main_inputs[name]
+    raw = sizing.kv_bytes(vi, axes)
+    if static_kv or node.domain != MS_DOMAIN or node.op_type != "GroupQueryAttention":
+        return {"nbytes": raw}
+    lengths = node.input[5] if len(node.input) > 5 else ""
+    if not lengths:
+        return {"nbytes": raw, "note": "two-input form: the GroupQueryAttention node has no seqlens_k"}
+    where = _visible(scope, window, lengths, positions)
+    if where:
+        return {"nbytes": raw, "note": f"two-input form: seqlens_k '{lengths}' {where}"}
+    seq_axis = axes[1]
+    length = buffer_length(vi, seq_axis, sizing)
+    w = kv_window(node)
+    start, end = live_positions(length, sizing.context, w)
+    live = raw // length * (end - start) if length else 0
+    return {"nbytes": live, "lengths": lengths, "seq_axis": seq_axis, "window": w}
+
+
+def _visible(scope: Scope, window: Window, tensor: str, positions: Mapping[str, int] | None) -> str:
+    """"" when ``tensor`` exists where the window's Prefetch chain goes (before the collective), else why not."""
+    if tensor in scope.initializers or tensor in scope.local_inputs or \
+            (not scope.path and tensor in scope.main_inputs):
+        return ""
+    if positions is None:
+        positions = producer_positions(scope.graph)
+    if tensor in positions:
+        if positions[tensor] < window.index:
+            return ""
+        index = positions[tensor]
+        return (f"is made by {node_label(scope.graph.node[index], index)} (node {index}), after the collective "
+                f"{window.collective}: the Prefetch would read it before it exists")
+    if scope.path and (tensor in scope.producers or tensor in scope.main_inputs):
+        return ""  # made in an outer graph: in scope throughout this subgraph
+    return "has no producer in scope"
+
+
+def producer_positions(graph: onnx.GraphProto) -> dict[str, int]:
+    """Tensor -> index of the node of ``graph`` that makes it."""
+    return {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+
+
+def _bank(node: onnx.NodeProto, slot: int, slots: Slots, tensor: onnx.TensorProto, tokens: int) -> dict:
+    """An expert bank's ``min_tokens`` and read share at ``tokens`` tokens per step (docs/design.md §4.8;
+    uniform routing): ``k`` is the op's attribute, E the bank's axis 0."""
+    if slot not in slots.experts:
+        return {}
+    dims = tensor.dims
+    experts = int(dims[0]) if len(dims) else 0
+    k = int(attr(node, "k", 1))
+    return {"min_tokens": expert_min_tokens(k, experts), "read_share": expert_share(k, experts, tokens)}
 
 
 # Constant inputs that are read but never prefetch targets, and why (``-v`` shows these).

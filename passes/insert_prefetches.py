@@ -6,7 +6,10 @@ input A and planned tensors X1..Xn the pass writes, immediately before C in the 
     A1 = Prefetch(A, X1) ; A2 = Prefetch(A1, X2) ; ... ; C(An)
 
 Every node carries ``max_size``, ``offset`` and ``collective``, and ``max_tokens`` when the window has a
-validity range (the tokens per step past which the prefetch saves nothing; ``passes/_roofline.py``).
+validity range (the tokens per step past which the prefetch saves nothing; ``passes/_roofline.py``). A
+GroupQueryAttention KV link also reads its node's ``seqlens_k`` as a third input L, with ``seq_axis`` and
+``window`` (``Prefetch(A, X, L)``: offset and max_size count live bytes); an expert-bank link carries
+``min_tokens`` (docs/design.md §3 "Live ranges", §4.7-4.8).
 
 Consumers keep reading X directly, so X stays a constant to every runtime (prepacking, constant
 folding and quantization fusions are unaffected). Refuses a model that already has Prefetch nodes
@@ -91,10 +94,12 @@ def _rewrite(graph: onnx.GraphProto, at: dict[int, WindowPlan], config: Optimize
 
 
 def _prefetch_node(naming, anchor: str, p, collective: str, max_tokens: int = 0) -> onnx.NodeProto:
-    """``p.output = Prefetch(anchor, p.tensor)`` with attributes in name order (as onnx.helper does);
-    ``max_tokens`` only when the window has a limit (absent = no limit, docs/design.md §3)."""
+    """``p.output = Prefetch(anchor, p.tensor[, p.lengths])`` with attributes in name order (as onnx.helper
+    does); ``max_tokens`` / ``min_tokens`` only when there is a limit (absent = no limit), ``seq_axis`` and
+    ``window`` with the length input (docs/design.md §3)."""
+    inputs = [anchor, p.tensor] + ([p.lengths] if p.lengths else [])
     node = onnx.NodeProto(op_type=naming.op_type, domain=naming.domain, name=p.node,
-                          input=[anchor, p.tensor], output=[p.output])
+                          input=inputs, output=[p.output])
     attrs = [
         onnx.AttributeProto(name=naming.max_size, type=onnx.AttributeProto.INT, i=p.max_size),
         onnx.AttributeProto(name=naming.offset, type=onnx.AttributeProto.INT, i=p.offset),
@@ -102,6 +107,11 @@ def _prefetch_node(naming, anchor: str, p, collective: str, max_tokens: int = 0)
     ]
     if max_tokens > 0:
         attrs.append(onnx.AttributeProto(name=naming.max_tokens, type=onnx.AttributeProto.INT, i=max_tokens))
+    if p.min_tokens > 0:
+        attrs.append(onnx.AttributeProto(name=naming.min_tokens, type=onnx.AttributeProto.INT, i=p.min_tokens))
+    if p.lengths:
+        attrs.append(onnx.AttributeProto(name=naming.seq_axis, type=onnx.AttributeProto.INT, i=p.seq_axis))
+        attrs.append(onnx.AttributeProto(name=naming.window, type=onnx.AttributeProto.INT, i=p.window))
     node.attribute.extend(sorted(attrs, key=lambda a: a.name))
     return node
 

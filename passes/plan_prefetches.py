@@ -7,7 +7,9 @@ first one that does not fit is prefetched partially (``max_size`` = remaining bu
 remainder is at least ``min_chunk``, and planning for the window stops there. A span larger than the
 profile's prefetch chunk (a policy) becomes several links of the chain with the same tensor and
 increasing offsets. Each window also gets its validity range ``max_tokens`` (``_roofline.py``: the
-tokens per step past which its prefetches save nothing; 0 = no limit). Names are derived from the
+tokens per step past which its prefetches save nothing; 0 = no limit). KV links of GroupQueryAttention
+carry a length input and count live bytes (budget, offsets and sizes alike); expert-bank links carry
+``min_tokens`` (``_live.py``, docs/design.md §4.7-4.8). Names are derived from the
 collective and the tensor, made unique against every name in the model, so the same input always
 gives the same plan.
 """
@@ -24,7 +26,7 @@ from preserve_onnx.graph.index import all_names, iter_scopes
 from preserve_onnx.passes._roofline import window_max_tokens
 from preserve_onnx.graph.structure import kv_cache_paths
 from preserve_onnx.passes.build_windows import Window, build_windows
-from preserve_onnx.passes.collect_candidates import Candidate, Skipped, collect_candidates
+from preserve_onnx.passes.collect_candidates import Candidate, Skipped, collect_candidates, producer_positions
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,13 @@ class PlannedPrefetch:
     tensor: str
     kind: str
     consumer: str
-    offset: int
-    max_size: int  # 0 = the whole tensor
+    offset: int  # bytes; of the live bytes when ``lengths`` is set (docs/design.md §3 "Live ranges")
+    max_size: int  # 0 = the whole tensor (all of its live bytes with ``lengths``)
     nbytes: int  # bytes this node brings in
+    lengths: str = ""  # the length input L ("" = two inputs), with X's sequence axis and the window
+    seq_axis: int | None = None
+    window: int = 0
+    min_tokens: int = 0  # expert banks: the hint is skipped below this many tokens per step (0 = no limit)
 
 
 @dataclass(frozen=True)
@@ -81,12 +87,17 @@ def plan_prefetches(model: onnx.ModelProto, config: OptimizeConfig, ranks: int =
     taken = all_names(model)
     kv_paths = kv_cache_paths(model.graph)
     sizing = Sizing.for_model(model, config.batch, config.context, config.dims, scope_list, kv_paths)
+    positions: dict[str, dict[str, int]] = {}  # per graph, made on first need: where each tensor is made
     plans = []
     for window in build_windows(model, config.collectives, config.batch, scope_list):
         if not window.selected:
             continue
-        found = collect_candidates(scopes[window.graph], window, kv=config.kv, qdq_weights=config.qdq_weights,
-                                   sizing=sizing, kv_paths=kv_paths)
+        scope = scopes[window.graph]
+        if window.graph not in positions:
+            positions[window.graph] = producer_positions(scope.graph)
+        found = collect_candidates(scope, window, kv=config.kv, qdq_weights=config.qdq_weights,
+                                   sizing=sizing, kv_paths=kv_paths, static_kv=config.static_kv,
+                                   positions=positions[window.graph])
         budget = config.budget if config.budget is not None else \
             hw.window_budget(window.message_bytes, ranks, config.l2_fraction)
         prefetches, skipped = fill_window(window, found.candidates, budget, config.min_chunk,
@@ -125,7 +136,8 @@ def fill_window(window: Window, candidates, budget: int, min_chunk: int, max_op:
             output = _unique(f"{base}/out", taken)
             max_size = 0 if whole and len(pieces) == 1 else size
             prefetches.append(PlannedPrefetch(node, output, cand.tensor, cand.kind, cand.consumer,
-                                              offset, max_size, size))
+                                              offset, max_size, size, cand.lengths, cand.seq_axis, cand.window,
+                                              cand.min_tokens))
         remaining -= span
         if not whole:
             for rest in candidates[i + 1:]:

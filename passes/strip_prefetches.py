@@ -38,12 +38,12 @@ class StripPrefetchesPass(Pass):
         for g in graphs:
             for node in g.node:
                 if self.naming.matches(node):
-                    if len(node.input) != 2 or len(node.output) != 1 or not node.input[0]:
+                    if len(node.input) not in (2, 3) or len(node.output) != 1 or not node.input[0]:
                         # Not ours: removing it (an op the naming options happen to match) would change
-                        # what the model computes.
+                        # what the model computes. A third input is the length input L (removed with it).
                         raise PreserveError(
-                            f"node '{node.name}' ({node.domain}::{node.op_type}) is not a Prefetch (2 inputs, "
-                            f"1 output); check the Prefetch naming options; nothing was stripped")
+                            f"node '{node.name}' ({node.domain}::{node.op_type}) is not a Prefetch (2 or 3 "
+                            f"inputs, 1 output); check the Prefetch naming options; nothing was stripped")
                     replaced[node.output[0]] = node.input[0]
 
         def source(name: str) -> str:

@@ -1,10 +1,11 @@
 """Pass `verify-prefetches`: prove the rewritten model is still a valid graph. Changes nothing.
 
 Checks: every graph is in topological order (subgraphs see their outer scope); every Prefetch has
-two inputs and one output, reads an initializer or a graph input as X, carries non-negative
-``max_size``/``offset`` within X's size, a ``collective`` name and, when present, a non-negative
-integer ``max_tokens``, and its chain ends at that
-collective; and the onnx checker reports no complaint that the input model did not already have
+two inputs (or three: the length input L) and one output, reads an initializer or a graph input as X,
+carries non-negative ``max_size``/``offset`` within X's size, a ``collective`` name and, when present,
+non-negative integers ``max_tokens`` / ``min_tokens``; with L, L is an int32/int64 tensor, ``seq_axis``
+an axis of X and ``window`` a non-negative integer (docs/design.md §3 "Live ranges"); its chain ends at
+that collective; and the onnx checker reports no complaint that the input model did not already have
 (real exports fail the checker before we touch them, e.g. contrib ops in the default domain).
 """
 
@@ -16,7 +17,8 @@ import onnx
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.passes.check_order import check_topological
-from preserve_onnx.graph.index import initializer_nbytes, is_collective, iter_scopes
+from preserve_onnx.graph.index import (MS_DOMAIN, attr, declared_types, initializer_nbytes, is_collective,
+                                       is_default_domain, iter_scopes)
 from preserve_onnx.pipeline import Pass, PassResult
 
 
@@ -76,6 +78,8 @@ class VerifyPrefetchesPass(Pass):
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         check_topological(model.graph, frozenset(), "")
+        self._main_graph = model.graph
+        self._declared_cache = {}
         prefetches = 0
         graphs = 0
         for scope in iter_scopes(model):
@@ -111,8 +115,8 @@ class VerifyPrefetchesPass(Pass):
     def _check_prefetch(self, node, scope, readers) -> None:
         n = self.naming
         label = f"Prefetch node '{node.name}'"
-        if len(node.input) != 2 or len(node.output) != 1:
-            raise PreserveError(f"{label} must have 2 inputs and 1 output")
+        if len(node.input) not in (2, 3) or len(node.output) != 1:
+            raise PreserveError(f"{label} must have 2 or 3 inputs and 1 output")
         x = node.input[1]
         if x not in scope.initializers and x not in scope.main_inputs:
             raise PreserveError(f"{label} reads '{x}', which is neither an initializer nor a graph input")
@@ -123,10 +127,16 @@ class VerifyPrefetchesPass(Pass):
         max_size, offset = attrs[n.max_size].i, attrs[n.offset].i
         if max_size < 0 or offset < 0:
             raise PreserveError(f"{label} has a negative max_size or offset")
-        limit = attrs.get(n.max_tokens)  # optional validity range: a runtime would misread anything else
-        if limit is not None and (limit.type != onnx.AttributeProto.INT or limit.i < 0):
-            raise PreserveError(f"{label}: '{n.max_tokens}' must be a non-negative integer (0 = no limit)")
-        if x in scope.initializers and offset + max_size > initializer_nbytes(scope.initializers[x]):
+        # Optional validity ranges: a runtime would misread anything else.
+        for key in (n.max_tokens, n.min_tokens):
+            limit = attrs.get(key)
+            if limit is not None and (limit.type != onnx.AttributeProto.INT or limit.i < 0):
+                raise PreserveError(f"{label}: '{key}' must be a non-negative integer (0 = no limit)")
+        lengths = node.input[2] if len(node.input) == 3 else ""
+        if lengths:
+            self._check_lengths(label, node, attrs, scope)
+        elif x in scope.initializers and offset + max_size > initializer_nbytes(scope.initializers[x]):
+            # With L, offset and max_size count live bytes, which the runtime clamps at every step.
             raise PreserveError(f"{label} covers bytes past the end of '{x}'")
         # Walk the chain: each output must feed exactly one node, ending at the named collective.
         current = node
@@ -142,3 +152,54 @@ class VerifyPrefetchesPass(Pass):
             raise PreserveError(f"{label}: its chain ends at {current.op_type}, not a collective")
         if current.name and current.name != want:
             raise PreserveError(f"{label} names collective '{want}' but feeds '{current.name}'")
+
+    def _check_lengths(self, label: str, node, attrs, scope) -> None:
+        """The length input L and its attributes: L an int32/int64 tensor, ``seq_axis`` an axis of X,
+        ``window`` a non-negative integer."""
+        n = self.naming
+        lengths, x = node.input[2], node.input[1]
+        dtype = _elem_type(scope, lengths, self._declared(scope))
+        if dtype not in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
+            what = onnx.TensorProto.DataType.Name(dtype) if dtype else "of unknown type"
+            raise PreserveError(f"{label}: its length input '{lengths}' is {what}, not an int32/int64 tensor")
+        axis = attrs.get(n.seq_axis)
+        rank = _rank(scope, x)
+        if axis is None or axis.type != onnx.AttributeProto.INT:
+            raise PreserveError(f"{label} has a length input but no integer '{n.seq_axis}'")
+        if rank is not None and not -rank <= axis.i < rank:
+            raise PreserveError(f"{label}: '{n.seq_axis}' {axis.i} is not an axis of '{x}' (rank {rank})")
+        window = attrs.get(n.window)
+        if window is not None and (window.type != onnx.AttributeProto.INT or window.i < 0):
+            raise PreserveError(f"{label}: '{n.window}' must be a non-negative integer (0 = every valid position)")
+
+    def _declared(self, scope) -> dict:
+        """Declared types visible in ``scope`` (the main graph's, then the scope's own), once per scope."""
+        if scope.path not in self._declared_cache:
+            self._declared_cache[scope.path] = {**declared_types(self._main_graph), **declared_types(scope.graph)}
+        return self._declared_cache[scope.path]
+
+
+def _elem_type(scope, tensor: str, declared: dict) -> int:
+    """``tensor``'s element type from its declaration, its initializer, the Cast that makes it, or a
+    GroupQueryAttention reading it as ``seqlens_k`` (int32 by its schema); 0 when none says."""
+    vi = declared.get(tensor)
+    if vi is not None and vi.type.tensor_type.elem_type:
+        return vi.type.tensor_type.elem_type
+    if tensor in scope.initializers:
+        return scope.initializers[tensor].data_type
+    producer = scope.producers.get(tensor)
+    if producer is not None and producer.op_type == "Cast" and is_default_domain(producer.domain):
+        return int(attr(producer, "to", 0))
+    if any(node.op_type == "GroupQueryAttention" and node.domain == MS_DOMAIN and len(node.input) > 5
+           and node.input[5] == tensor for node in scope.graph.node):
+        return onnx.TensorProto.INT32
+    return 0
+
+
+def _rank(scope, tensor: str) -> int | None:
+    if tensor in scope.initializers:
+        return len(scope.initializers[tensor].dims)
+    vi = scope.main_inputs.get(tensor)
+    if vi is not None and vi.type.tensor_type.HasField("shape"):
+        return len(vi.type.tensor_type.shape.dim)
+    return None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from preserve_onnx.errors import UsageError
 from preserve_onnx.hardware import DEFAULT_PROFILE, HardwareProfile, load_profile
 
-PREFETCH_ATTRIBUTES = ("max_size", "offset", "collective", "max_tokens")
+PREFETCH_ATTRIBUTES = ("max_size", "offset", "collective", "max_tokens", "min_tokens", "seq_axis", "window")
 MS_DOMAIN = "com.microsoft"
 COLLECTIVE_OPS = ("AllReduce", "AllGather", "AllToAll")
 
@@ -29,6 +29,9 @@ class PrefetchNaming:
     offset: str = "offset"
     collective: str = "collective"
     max_tokens: str = "max_tokens"  # optional: absent = no limit (docs/design.md §3)
+    min_tokens: str = "min_tokens"  # optional: absent = no limit (expert banks, docs/design.md §4.8)
+    seq_axis: str = "seq_axis"  # with the length input L (docs/design.md §3 "Live ranges")
+    window: str = "window"
 
     def __post_init__(self) -> None:
         if not self.domain or not self.op_type:
@@ -59,6 +62,7 @@ class OptimizeConfig:
     context: int = 16384
     dims: tuple[tuple[str, int], ...] = ()  # --dim NAME=N: symbolic dims bound first (docs/design.md §2)
     kv: bool = True
+    static_kv: bool = False  # KV links in the two-input form, no length input (docs/design.md §4.7)
     qdq_weights: bool = False  # also prefetch DequantizeLinear's quantized weights (blocks ORT's fusion)
     collectives: tuple[str, ...] = ("AllReduce",)
     naming: PrefetchNaming = PrefetchNaming()

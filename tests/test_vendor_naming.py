@@ -52,9 +52,9 @@ def test_optimize_writes_the_vendor_spelling(vendor_dir):
     assert (fn.domain, fn.name, list(fn.input), list(fn.output), list(fn.attribute)) == (
         "com.acme.npu", "CmoPrefetch", ["A", "X", "L"], ["Y"],
         ["size", "start", "tag", "valid_tokens", *PREFETCH_ATTRIBUTES[4:]])  # the rest keep their names
-    partial = [n for n in nodes if helper.get_attribute_value(n.attribute[0]) != 0]
-    assert [(n.input[1], helper.get_attribute_value(n.attribute[0])) for n in partial] == [
-        ("past_key_values.1.key", 1032192)]
+    size = {n.name: next(a.i for a in n.attribute if a.name == "size") for n in nodes}
+    partial = [n for n in nodes if size[n.name] != 0]
+    assert [(n.input[1], size[n.name]) for n in partial] == [("past_key_values.1.key", 1032192)]
 
 
 def test_report_records_the_naming(tmp_path):
