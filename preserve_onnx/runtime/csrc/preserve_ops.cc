@@ -509,6 +509,33 @@ struct CollectiveKernel {
       axis_ = ReadInt(info, "axis", 0);
       group_size_ = ReadInt(info, "group_size", cfg_.world);
     }
+    // Precision pinning (docs/design.md §7, "float16 on the CPU provider"): onnxruntime's CPU provider
+    // runs a float16 collective that sits alone between two operators it runs in float32 (it has no
+    // float16 MatMul) in float32 too, and drops the Casts around it, so the collective would see
+    // partial results never rounded to float16. Behind a Prefetch chain the same collective stays
+    // float16 and sees them rounded: the optimized model would differ from the original. So a
+    // collective computes in its model precision whatever onnxruntime hands it. onnxruntime marks
+    // what it moved: a float16 output it runs in float32 is renamed `InsertedPrecisionFreeCast_<name>`
+    // (`InsertedCast_` in older releases) and a Cast back to float16 put behind it; such an output's
+    // input values are rounded to float16 first and an AllReduce's sum rounded once to float16,
+    // exactly what the float16 kernel computes (the values stay stored as float32).
+    const size_t outputs = ki.GetOutputCount();
+    narrowed_.assign(outputs, false);
+    for (size_t i = 0; i < outputs; ++i) {
+      try {
+        const std::string name = ki.GetOutputName(i);
+        const bool renamed = name.rfind("InsertedPrecisionFreeCast_", 0) == 0 || name.rfind("InsertedCast_", 0) == 0;
+        narrowed_[i] = renamed && ki.GetOutputTypeInfo(i).GetTensorTypeAndShapeInfo().GetElementType() ==
+                                      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      } catch (const Ort::Exception&) {
+        narrowed_[i] = false;
+      }
+    }
+  }
+
+  // Rounds float32 values to the nearest float16 (ties to even), kept as float32.
+  static void RoundToHalf(float* v, size_t n) {
+    for (size_t i = 0; i < n; ++i) v[i] = Ort::Float16_t(v[i]).ToFloat();
   }
 
   static int64_t ReadInt(const OrtKernelInfo* info, const char* name, int64_t fallback) {
@@ -563,6 +590,16 @@ struct CollectiveKernel {
         return Fail(Where() + ": input " + std::to_string(i) + " has " + TypeName(t.type) + " elements");
       }
       mine.tensors.push_back(std::move(t));
+    }
+    // Inputs of outputs that were float16 in the model (precision pinning, above): rounded copies.
+    std::vector<std::vector<float>> rounded(n_in);
+    for (size_t i = 0; i < n_in && i < narrowed_.size(); ++i) {
+      TensorRef& t = mine.tensors[i];
+      if (!narrowed_[i] || t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) continue;
+      const float* src = static_cast<const float*>(t.data);
+      rounded[i].assign(src, src + t.count);
+      RoundToHalf(rounded[i].data(), t.count);
+      t.data = rounded[i].data();
     }
     if (kind_ == Kind::kAllGather) {
       if (n_in != 1) return Fail(Where() + ": expects exactly one input");
@@ -860,6 +897,7 @@ struct CollectiveKernel {
         switch (ref.type) {
           case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
             SumDirect<float>(slots, t, ref.count, static_cast<float*>(dst));
+            if (t < narrowed_.size() && narrowed_[t]) RoundToHalf(static_cast<float*>(dst), ref.count);
             break;
           case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE:
             SumDirect<double>(slots, t, ref.count, static_cast<double*>(dst));
@@ -899,6 +937,7 @@ struct CollectiveKernel {
   std::string node_;
   int64_t axis_ = 0;
   int64_t group_size_ = 1;
+  std::vector<bool> narrowed_;  // per output: float16 in the model, run in float32 by onnxruntime
 };
 
 // Shape inference (docs/design.md §7): output i gets input i's element type and dims, values and names
