@@ -682,8 +682,10 @@ def shard(
 
     result = shard_model(model, dest, tp, vocab_parallel=vocab_parallel, dims=dict(parse_dim_options(dim)))
     gathered = ", logits gathered by AllGather" if result.vocab_parallel else ""
+    experts = f", {result.expert_layers} mixture-of-experts layers" if result.expert_layers else ""
     out.print(f"[green]done[/green]: {result.world} rank models ({result.column_parallel} column-parallel and "
-              f"{result.row_parallel} row-parallel linears, {result.row_parallel} AllReduce per rank{gathered}), "
+              f"{result.row_parallel} row-parallel linears{experts}, {result.allreduces} AllReduce per rank"
+              f"{gathered}), "
               f"{format_size(result.bytes_written)} of weights; wrote {escape(str(dest))} in "
               f"{result.seconds:.2f} s", highlight=False, soft_wrap=True)
 

@@ -69,11 +69,27 @@ def _head_size(scope: Scope, declared: Mapping[str, onnx.ValueInfoProto], node: 
     if vi is not None and vi.type.tensor_type.HasField("shape") and vi.type.tensor_type.shape.dim:
         last = vi.type.tensor_type.shape.dim[-1]
         width = last.dim_value if last.HasField("dim_value") else 0
-    width = width or producer_width(scope, query)[0]
+    width = width or producer_width(scope, query)[0] or _reshaped_width(scope, query)
     heads = attr(node, "num_heads", 0) or attr(node, "q_num_heads", 0)
     if key == (MS_DOMAIN, "GroupQueryAttention") and (len(node.input) < 2 or not node.input[1]):
         heads += 2 * attr(node, "kv_num_heads", 0)  # packed q|k|v in the query input
     return width // heads if heads and width and width % heads == 0 else 0
+
+
+def _reshaped_width(scope: Scope, tensor: str) -> int:
+    """The last entry of a ``Reshape``'s constant target when ``tensor`` is its output and the entry is
+    positive (the builder's per-head q/k norm reshapes the query back to ``[0, -1, width]``), else 0.
+    Reads inline initializers and Constant nodes only (never the weights' data file)."""
+    node = scope.producers.get(tensor)
+    if node is None or node.op_type != "Reshape" or len(node.input) < 2:
+        return 0
+    source = scope.producers.get(node.input[1])
+    value = attr(source, "value") if source is not None and source.op_type == "Constant" else \
+        scope.initializers.get(node.input[1])
+    if not isinstance(value, onnx.TensorProto) or value.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    shape = onnx.numpy_helper.to_array(value).reshape(-1)
+    return int(shape[-1]) if shape.size and shape[-1] > 0 else 0
 
 
 def _fixed_dims(vi: onnx.ValueInfoProto | None) -> dict[int, int]:

@@ -39,6 +39,12 @@ class ShardResult:
     vocab_parallel: bool
     bytes_written: int
     seconds: float
+    expert_layers: int = 0  # MoE / QMoE nodes split on their intermediate axis (one AllReduce each)
+
+    @property
+    def allreduces(self) -> int:
+        """AllReduce nodes per rank: one per row-parallel linear and one per MoE layer."""
+        return self.row_parallel + self.expert_layers
 
 
 def find_model_file(model: Path) -> Path:
@@ -182,4 +188,5 @@ def shard_model(
         vocab_parallel,
         total,
         time.perf_counter() - start,
+        sum(len(x.experts) for x in layouts),
     )

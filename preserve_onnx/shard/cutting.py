@@ -1,4 +1,4 @@
-"""Rank r's value of one initializer, from the source tensor and its :class:`~.rewrite.Cut`.
+"""Rank r's value of one initializer, from the source tensor and its :class:`Cut`.
 
 Slices stay views of the memory-mapped source wherever the bytes are contiguous or a row-chunked copy
 can produce them; only a fused tensor cut on an inner axis (q|k|v columns) is assembled in memory,
@@ -7,11 +7,30 @@ one rank's share (1/N of the tensor) at a time.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.shard.rewrite import Cut
 from preserve_onnx.shard.tensors import Piece
+
+
+@dataclass(frozen=True)
+class Cut:
+    """How one initializer becomes rank r's tensor.
+
+    ``how``: ``replicate``; ``split`` (``view`` dims of the source, cut on ``axis`` per part in ``parts``,
+    rank r taking the r-th block of each part, result reshaped to ``dims``); ``scale`` (values / N,
+    for a bias fused into a row-parallel op); ``zero_points`` (packed 4-bit zero points ``[rows,
+    ceil(blocks/2)]`` unpacked, cut on the block axis and packed again, result reshaped to ``dims``);
+    ``first`` (rank 0 keeps the tensor, the others get zeros: a bias added to every rank's partial sum,
+    counted once)."""
+
+    how: str
+    axis: int = 0
+    parts: tuple[int, ...] = ()
+    view: tuple[int, ...] = ()
+    dims: tuple[int, ...] = ()
 
 
 def _blocks(parts: tuple[int, ...], world: int, rank: int) -> list[tuple[int, int]]:
@@ -65,6 +84,8 @@ def rank_value(arr: np.ndarray, cut: Cut | None, world: int, rank: int, data_typ
     """Rank ``rank``'s value of the initializer whose full value is ``arr`` (a view; not read here)."""
     if cut is None or cut.how == "replicate":
         return Piece(tuple(arr.shape), (arr,))
+    if cut.how == "first":
+        return Piece(tuple(arr.shape), (arr if rank == 0 else np.broadcast_to(np.zeros((), arr.dtype), arr.shape),))
     if cut.how == "scale":
         return Piece(tuple(arr.shape), (_scaled(arr, world, data_type, name),))
     if cut.how == "zero_points":

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from onnx import NodeProto
+from onnx import AttributeProto, NodeProto
 
 from preserve_onnx.config import MS_DOMAIN
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.graph.structure import attention_cores, kv_cache_paths
+from preserve_onnx.graph.structure import LAYOUT_OPS, attention_cores, is_attention, kv_cache_paths
 from preserve_onnx.graph.index import GraphIndex, Linear, attr, is_op
+from preserve_onnx.shard.experts import Experts, find_experts
 from preserve_onnx.shard.tracing import (
     bias_after,
     fused_parts,
@@ -98,6 +99,9 @@ class Layout:
     heads: set[int] = field(default_factory=set)  # head counts seen (for Reshape shape constants)
     widths: set[int] = field(default_factory=set)  # full widths of sharded parts
     head_size: set[int] = field(default_factory=set)
+    per_head: dict[str, int] = field(default_factory=dict)  # 1-D initializers of one value per q head
+    experts: dict[int, Experts] = field(default_factory=dict)  # MoE / QMoE nodes, AllReduce after each
+    replicated: set[int] = field(default_factory=set)  # linears every rank computes whole (routers, gates)
 
 
 def _column(ix: GraphIndex, lin: Linear, unit: int, label_of) -> Column:
@@ -126,10 +130,33 @@ def _column(ix: GraphIndex, lin: Linear, unit: int, label_of) -> Column:
     return Column(lin, parts, unit, tuple(label_of(p) for p in parts), biases, cuts)
 
 
+def _declared_head_size(
+    ix: GraphIndex, node: NodeProto, kv_inputs: set[str], dims: dict[str, int]
+) -> tuple[int, str]:
+    """(head size, where it was read) from what states it outright: a per-head q/k norm weight fused
+    into the attention op (GroupQueryAttention in[14]/in[15], ``[head_size]``), or the KV-cache's last
+    dim (fixed, or bound with ``--dim``); (0, "") when neither says."""
+    for slot in (14, 15) if is_op(node, "GroupQueryAttention", MS_DOMAIN) else ():
+        if slot < len(node.input) and node.input[slot] in ix.inits:
+            dims_ = ix.inits[node.input[slot]].dims
+            if len(dims_) == 1 and dims_[0] > 0:
+                return int(dims_[0]), f"its q/k norm weight '{node.input[slot]}'"
+    for name in sorted(kv_inputs):
+        dim = ix.inputs[name].type.tensor_type.shape.dim
+        if dim:
+            last = dim[-1]
+            hs = last.dim_value or dims.get(last.dim_param, 0)
+            if hs:
+                return hs, f"the last dim of KV-cache input '{name}'"
+    return 0, ""
+
+
 def _site_heads(
     ix: GraphIndex, site: int, cols: list[Linear], kv_inputs: set[str], dims: dict[str, int]
 ) -> tuple[int, int, int]:
-    """(q heads, KV heads, head size) of one attention site; 0 where the graph does not say."""
+    """(q heads, KV heads, head size) of one attention site; 0 where the graph does not say. The head
+    size comes from the op's inputs and the projection widths, never from the hidden size (Gemma: 256
+    at hidden 2304)."""
     node = ix.nodes[site]
     nh, nkv = attr(node, "num_heads", 0), attr(node, "kv_num_heads", 0)
     if node.op_type == "MultiHeadAttention":
@@ -145,19 +172,18 @@ def _site_heads(
         width = ix.linears[site].width
         sizes = attr(node, "qkv_hidden_sizes") or [width // 3] * 3
         return nh, nh, sizes[0] // nh if nh else 0
+    declared, source = _declared_head_size(ix, node, kv_inputs, dims)
     if nh:
         width = width_of(ix, node.input[0])
         packed = len(node.input) < 2 or not node.input[1]
-        hs = width // (nh + 2 * nkv) if packed else width // nh
-        return nh, nkv, hs
-    hs = 0
-    for name in sorted(kv_inputs):
-        dim = ix.inputs[name].type.tensor_type.shape.dim
-        if dim:
-            last = dim[-1]
-            hs = last.dim_value or dims.get(last.dim_param, 0)
-            if hs:
-                break
+        heads = nh + 2 * nkv if packed else nh
+        if declared and width and width != heads * declared:
+            raise PreserveError(
+                f"unrecognised layer structure at node '{ix.label(site)}': head size {declared} (from "
+                f"{source}) times its {heads} heads is not the {width} columns of its query"
+            )
+        return nh, nkv, declared or (width // heads if width % heads == 0 else 0)
+    hs = declared
     if not hs:  # a Reshape right after a column linear: [..., heads or -1, head_size]
         for c in cols:
             for i in ix.consumers.get(bias_after(ix, c)[1], ()):
@@ -165,6 +191,27 @@ def _site_heads(
                 if shape is not None and shape.size >= 3 and int(shape.reshape(-1)[-1]) > 0:
                     hs = int(shape.reshape(-1)[-1])
     return 0, 0, hs
+
+
+# GroupQueryAttention inputs that hold one value per q head (attention sinks, gpt-oss): split like q.
+PER_HEAD_SLOTS = {(MS_DOMAIN, "GroupQueryAttention"): (11,)}
+
+
+def _per_head_inputs(ix: GraphIndex, site: int, nh: int) -> dict[str, int]:
+    node = ix.nodes[site]
+    found = {}
+    for slot in PER_HEAD_SLOTS.get((node.domain, node.op_type), ()):
+        name = node.input[slot] if slot < len(node.input) else ""
+        if not name:
+            continue
+        t = ix.inits.get(name)
+        if t is None or list(t.dims) != [nh]:
+            raise PreserveError(
+                f"unrecognised layer structure at node '{ix.label(site)}': its per-head input {slot} "
+                f"('{name}') is not an initializer of its {nh} heads"
+            )
+        found[name] = nh
+    return found
 
 
 def _propagate(ix: GraphIndex, layout: Layout, seeds: set[str]) -> set[str]:
@@ -180,12 +227,57 @@ def _propagate(ix: GraphIndex, layout: Layout, seeds: set[str]) -> set[str]:
     return sharded
 
 
+def _reaches_output_through_layout(ix: GraphIndex, tensor: str) -> str | None:
+    if tensor in ix.outputs:
+        return tensor
+    todo, seen = [tensor], set()
+    while todo:
+        t = todo.pop()
+        for i in ix.consumers.get(t, ()):
+            node = ix.nodes[i]
+            if node.op_type in LAYOUT_OPS and node.input[0] == t and node.output[0] not in seen:
+                if node.output[0] in ix.outputs:
+                    return node.output[0]
+                seen.add(node.output[0])
+                todo.append(node.output[0])
+    return None
+
+
+def _refuse_state_layers(ix: GraphIndex) -> None:
+    """A node other than attention and linears that carries a graph input to a graph output of the same
+    rank and type (a recurrent, SSM or convolution state: Mamba, Gated DeltaNet's LinearAttention /
+    CausalConvWithState) is a layer kind whose state and weights cannot be split by heads or columns:
+    refused, naming it."""
+    def rank_and_type(vi) -> tuple[int, int]:
+        t = vi.type.tensor_type
+        return (len(t.shape.dim) if t.HasField("shape") else -1), t.elem_type
+
+    for i, node in enumerate(ix.nodes):
+        if is_attention(node) or i in ix.linears or node.op_type in LAYOUT_OPS or is_op(node, "Concat") or any(
+            a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute
+        ):
+            continue
+        states = {r for r in (root_input(ix, t) for t in node.input if t) if r}
+        outs = {o for o in (_reaches_output_through_layout(ix, t) for t in node.output if t) if o}
+        pairs = sorted(
+            (s, o) for s in states for o in outs if rank_and_type(ix.inputs[s]) == rank_and_type(ix.outputs[o])
+        )
+        if pairs:
+            state, out = pairs[0]
+            raise PreserveError(
+                f"cannot shard the layer at node '{ix.label(i)}' ({node.op_type}): it carries state from "
+                f"graph input '{state}' to graph output '{out}' (a recurrent, SSM or convolution state); "
+                f"shard splits attention, MLP and mixture-of-experts layers only"
+            )
+
+
 def find_layout(
     ix: GraphIndex, world: int, *, vocab_parallel: bool = False, dims: dict[str, int] | None = None
 ) -> Layout:
     """The Megatron layout of ``ix``'s graph for ``world`` ranks; PreserveError names what is refused."""
     dims = dict(dims or {})
     layout = Layout()
+    _refuse_state_layers(ix)
     sites = attention_cores(ix.graph)
     if not sites:
         raise PreserveError(
@@ -229,6 +321,7 @@ def find_layout(
         for what, count in (("attention heads", nh), ("KV heads", nkv)):
             if count and count % world:
                 raise PreserveError(f"--tp {world} does not divide the {count} {what} of '{ix.label(site)}'")
+        layout.per_head.update(_per_head_inputs(ix, site, nh))
 
         def label(width: int, nh=nh, hs=hs) -> str:
             return "attention heads" if nh and width == nh * hs else "KV heads" if nh else "heads"
@@ -242,7 +335,11 @@ def find_layout(
         layout.heads |= {p // hs for lin in col_lins for p in layout.columns[lin.index].parts if p % hs == 0}
         for lin in col_lins:
             col_seeds.update(o for o in ix.nodes[lin.index].output if o)
+    layout.experts = find_experts(ix, world)
+    routers = {r for e in layout.experts.values() for r in e.routers}
+    layout.replicated = routers - layout.columns.keys() - layout.rows.keys()
     _find_mlps(ix, layout, col_seeds)
+    _find_output_gates(ix, layout)
     _find_lm_head(ix, layout, vocab_parallel)
     _find_kv_and_shards(ix, layout, col_seeds)
     _check_divisible(ix, layout, world)
@@ -251,7 +348,7 @@ def find_layout(
 
 def _find_mlps(ix: GraphIndex, layout: Layout, col_seeds: set[str]) -> None:
     for i, lin in sorted(ix.linears.items()):
-        if i in layout.columns or i in layout.rows:
+        if i in layout.columns or i in layout.rows or i in layout.replicated:
             continue
         region, cols, ok = walk_back(ix, ix.nodes[i].input[0], ELEMENTWISE)
         if not ok or not cols or cols & (layout.columns.keys() | layout.rows.keys()):
@@ -263,9 +360,44 @@ def _find_mlps(ix: GraphIndex, layout: Layout, col_seeds: set[str]) -> None:
         layout.region |= region
 
 
+def _from_layer_output(ix: GraphIndex, tensor: str, ends: set[str]) -> bool:
+    """Whether ``tensor`` is one of ``ends`` through element-wise and layout operators."""
+    todo, seen = [tensor], set()
+    while todo:
+        t = todo.pop()
+        if t in ends:
+            return True
+        node = ix.producer_node(t)
+        if t in seen or node is None or (node.op_type not in ELEMENTWISE and node.op_type not in LAYOUT_OPS):
+            continue
+        seen.add(t)
+        todo.extend(x for x in node.input if x and not ix.is_constant(x))
+    return False
+
+
+def _find_output_gates(ix: GraphIndex, layout: Layout) -> None:
+    """A linear left over whose output, through element-wise operators, multiplies the output of a
+    row-parallel linear or an MoE (Qwen-MoE's shared-expert gate ``sigmoid(x W) * shared(x)``) is
+    replicated: every rank computes the same gate and applies it to the reduced output."""
+    ends = {ix.nodes[i].output[0] for i in (*layout.rows, *layout.experts)}
+    for i in sorted(ix.linears):
+        if i in layout.columns or i in layout.rows or i in layout.replicated:
+            continue
+        todo, seen = [ix.nodes[i].output[0]], set()
+        while todo:
+            t = todo.pop()
+            for c in ix.consumers.get(t, ()):
+                node = ix.nodes[c]
+                if is_op(node, "Mul") and any(_from_layer_output(ix, x, ends) for x in node.input if x != t):
+                    layout.replicated.add(i)
+                elif node.op_type in ELEMENTWISE and node.output[0] not in seen and not is_op(node, "Mul"):
+                    seen.add(node.output[0])
+                    todo.append(node.output[0])
+
+
 def _find_lm_head(ix: GraphIndex, layout: Layout, vocab_parallel: bool) -> None:
     for i, lin in sorted(ix.linears.items()):
-        if i in layout.columns or i in layout.rows:
+        if i in layout.columns or i in layout.rows or i in layout.replicated:
             continue
         if not reaches_output(ix, ix.nodes[i].output[0]) or layout.lm_head is not None:
             raise PreserveError(

@@ -2,16 +2,14 @@
 
 The graph is the same on every rank (only weight values differ): head-count attributes, MatMulNBits
 ``N``/``K``, Reshape shape constants, Split sizes and Slice bounds of fused parts, and the KV-cache
-inputs/outputs' head axis are divided by N; every row-parallel linear's output goes through a new
-``com.microsoft::AllReduce`` placed right after it (a bias Add that follows it stays after the
+inputs/outputs' head axis are divided by N; every row-parallel linear's and MoE / QMoE node's output
+goes through a new ``com.microsoft::AllReduce`` placed right after it (a bias Add that follows it stays after the
 AllReduce: counted once); with ``--vocab-parallel`` the LM head's output goes through
 ``com.microsoft::AllGather(axis=-1)``. Value-info of tensors whose shape changes is dropped (onnxruntime
 infers it again).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -20,23 +18,8 @@ from onnx import NodeProto, helper, numpy_helper
 from preserve_onnx.config import MS_DOMAIN
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.index import GraphIndex, Linear, attr, is_op
+from preserve_onnx.shard.cutting import Cut
 from preserve_onnx.shard.layout import Column, Layout, head_attrs
-
-
-@dataclass(frozen=True)
-class Cut:
-    """How one initializer becomes rank r's tensor.
-
-    ``how``: ``replicate``; ``split`` (``view`` dims of the source, cut on ``axis`` per part in ``parts``,
-    rank r taking the r-th block of each part, result reshaped to ``dims``); ``scale`` (values / N,
-    for a bias fused into a row-parallel op); ``zero_points`` (packed 4-bit zero points ``[rows,
-    ceil(blocks/2)]`` unpacked, cut on the block axis and packed again)."""
-
-    how: str
-    axis: int = 0
-    parts: tuple[int, ...] = ()
-    view: tuple[int, ...] = ()
-    dims: tuple[int, ...] = ()
 
 
 def _set_attr(node: NodeProto, name: str, value) -> None:
@@ -158,14 +141,23 @@ class Rewriter:
             self.new_consts[key] = name
         return self.new_consts[key]
 
-    def collective(self, lin: Linear, op: str, **attrs) -> NodeProto:
-        node = self.nodes[lin.index]
+    def collective(self, index: int, label: str, op: str, **attrs) -> NodeProto:
+        node = self.nodes[index]
         out = node.output[0]
         partial = self._unique(f"{out}/rank_partial")
         node.output[0] = partial
         return helper.make_node(
-            op, [partial], [out], name=self._unique(f"{lin.name}/{op}"), domain=MS_DOMAIN, **attrs
+            op, [partial], [out], name=self._unique(f"{label}/{op}"), domain=MS_DOMAIN, **attrs
         )
+
+    def per_head_and_expert_weights(self) -> None:
+        """Per-q-head inputs (attention sinks) cut like the q heads; every MoE / QMoE tensor as
+        :mod:`.experts` planned it."""
+        for name, heads in sorted(self.layout.per_head.items()):
+            self.cut(name, self._split(name, 0, (heads,)), name)
+        for experts in self.layout.experts.values():
+            for name, cut in experts.cuts:
+                self.cut(name, cut, experts.name)
 
     def heads(self) -> None:
         for i in sorted(
@@ -276,16 +268,19 @@ class Rewriter:
             self.column_weights(self.layout.columns[i])
         for i in sorted(self.layout.rows):
             self.row_weights(self.layout.rows[i])
+        self.per_head_and_expert_weights()
         self.heads()
         self.reshapes()
         self.cuts_of_fused()
         self.io_shapes()
         inserted: dict[int, NodeProto] = {}
         for i in sorted(self.layout.rows):
-            inserted[i] = self.collective(self.layout.rows[i], "AllReduce")
+            inserted[i] = self.collective(i, self.layout.rows[i].name, "AllReduce")
+        for i, experts in sorted(self.layout.experts.items()):
+            inserted[i] = self.collective(i, experts.name, "AllReduce")
         lm = self.layout.lm_head
         if vocab_parallel and lm is not None:
-            inserted[lm.index] = self.collective(lm, "AllGather", group_size=self.world, axis=-1)
+            inserted[lm.index] = self.collective(lm.index, lm.name, "AllGather", group_size=self.world, axis=-1)
         order = []
         for i, node in enumerate(self.nodes):
             order.append(node)

@@ -144,6 +144,10 @@ def width_of(ix: GraphIndex, tensor: str) -> int:
             if starts is None or ends is None:
                 return 0
             return min(int(ends.reshape(-1)[0]), width_of(ix, node.input[0])) - int(starts.reshape(-1)[0])
+        if is_op(node, "Reshape"):  # a constant target's last entry (the builder's q/k norm: [0, -1, width])
+            shape = ix.constant(node.input[1]) if len(node.input) > 1 else None
+            last = int(shape.reshape(-1)[-1]) if shape is not None and shape.size else -1
+            return last if last > 0 else 0
         if node.op_type in BIAS_OPS and not ix.is_constant(node.input[0]):
             tensor = node.input[0]
         elif node.op_type in BIAS_OPS:

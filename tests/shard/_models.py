@@ -11,6 +11,12 @@ exporters do (external data, size threshold 1024).
 * mlp ``separate``, ``split`` (fused gate_up + Split), ``slice`` (fused gate_up + two Slices);
 * bias: q/k/v biases as Add after the MatMul (Qwen2); quant ``int4``: MatMulNBits (block 16, zero points),
   ``int4+bias``: the same with MatMulNBits' fused bias (input 5) on every linear.
+* 2026 architectures (builder 0.18 structures): ``head_size`` other than hidden / heads (Gemma), per-head
+  q/k norms (``qk_norm="reshape"``: Reshape -> SimplifiedLayerNormalization -> Reshape, Qwen3 on CPU;
+  ``"fused"``: GroupQueryAttention in[14]/in[15]), attention sinks (GQA in[11], gpt-oss), sliding windows
+  and softcap attributes, mixture-of-experts (``moe``: MoE fp32 / QMoE 4-bit per row or per block, with
+  or without zero points, router MatMul + bias + Reshape, optionally a gated shared expert, Qwen-MoE),
+  and a hybrid's convolution-state layer (``state_layer``, Gated DeltaNet).
 
 hidden 64, 4 heads / 2 KV heads of size 16, FFN 96, vocab 160, 2 layers, rotary caches of 64 positions.
 """
@@ -107,9 +113,9 @@ class _B:
         )
 
 
-def _rope(dtype) -> tuple[np.ndarray, np.ndarray]:
-    half = HS // 2
-    inv = 1.0 / (10000.0 ** (np.arange(half) * 2.0 / HS))
+def _rope(dtype, hs: int = HS) -> tuple[np.ndarray, np.ndarray]:
+    half = hs // 2
+    inv = 1.0 / (10000.0 ** (np.arange(half) * 2.0 / hs))
     ang = np.arange(MAXPOS)[:, None] * inv[None, :]
     return np.cos(ang).astype(dtype), np.sin(ang).astype(dtype)
 
@@ -121,8 +127,8 @@ def _rms(b: _B, x: str) -> str:
     return b.op("Mul", [b.vec(H, 0.1, 1.0), b.op("Div", [x, b.op("Sqrt", [b.op("Add", [var, eps])])])])
 
 
-def _qkv(b: _B, h: str, qkv: str, bias: bool, kvh: int) -> tuple[str, ...]:
-    widths = (NH * HS, kvh * HS, kvh * HS)
+def _qkv(b: _B, h: str, qkv: str, bias: bool, kvh: int, hs: int = HS) -> tuple[str, ...]:
+    widths = (NH * hs, kvh * hs, kvh * hs)
     if qkv == "separate":
         outs = [b.linear(h, H, w) for w in widths]
         return tuple(b.op("Add", [o, b.vec(w)]) if bias else o for o, w in zip(outs, widths))
@@ -146,6 +152,78 @@ def _mlp(b: _B, h: str, mlp: str, FFN: int = FFN) -> str:
             up = b.op("Slice", [gu, b.i64([FFN]), b.i64([2**62]), b.i64([-1])])
     act = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
     return b.linear(b.op("Mul", [act, up]), FFN, H)
+
+
+def _head_norm(b: _B, t: str, hs: int, width: int) -> str:
+    """The builder's per-head RMS norm: Reshape [0, -1, head_size] -> SimplifiedLayerNormalization ->
+    Reshape [0, -1, width]."""
+    heads = b.op("Reshape", [t, b.i64([0, -1, hs])])
+    normed = b.op("SimplifiedLayerNormalization", [heads, b.vec(hs, 0.1, 1.0)], epsilon=1e-6, axis=-1)
+    return b.op("Reshape", [normed, b.i64([0, -1, width])])
+
+
+E, TOPK = 4, 2
+
+
+def _moe(b: _B, h: str, kind: str, inter: int, shared: bool, ffn: int) -> str:
+    """The builder's MoE layer: router MatMul + bias Add, Reshape to [tokens, E], then MoE (fp32:
+    ``moe``) or QMoE (4-bit: ``qmoe`` per output row, ``qmoe-block`` blocks of 16, ``-zp`` with zero
+    points), SwiGLU with interleaved gate/value rows (swiglu_fusion 1), fc1 and fc2 biases, top-2 of 4
+    experts. ``shared``: a dense SwiGLU MLP beside the experts, gated by sigmoid(linear(h)) (Qwen-MoE),
+    added to the experts' output."""
+    router = b.op("Add", [b.linear(h, H, E), b.vec(E, 0.1)])
+    probs = b.op("Reshape", [router, b.i64([-1, E])])
+    tokens = b.op("Reshape", [h, b.i64([-1, H])])
+
+    def floats(*shape, scale=1.0):
+        return b.init((b.rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)).astype(b.dtype), "expert")
+
+    attrs = dict(k=TOPK, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1)
+    bias1, bias2 = floats(E, 2 * inter, scale=0.1), floats(E, H, scale=0.1)
+    if kind == "moe":
+        inputs = [floats(E, 2 * inter, H, scale=H**-0.5), bias1, floats(E, H, inter, scale=inter**-0.5), bias2]
+        out = b.op("MoE", [tokens, probs, *inputs], domain=MS, **attrs)
+    else:
+        block = 16 if "block" in kind else 0
+
+        def packed(*shape):
+            return b.init(b.rng.integers(0, 256, shape, dtype=np.uint8), "q4")
+
+        def scales(rows, k, depth):
+            shape = (E, rows, depth // block) if block else (E, rows)
+            return b.init((np.abs(b.rng.standard_normal(shape, dtype=np.float32)) * 0.02 / k + 0.002).astype(b.dtype), "scales")
+
+        inputs = [
+            packed(E, 2 * inter, H // 2), scales(2 * inter, 1, H), bias1,
+            packed(E, H, inter // 2), scales(H, 1, inter), bias2, "", "", "",
+        ]
+        if kind.endswith("-zp"):
+            inputs += [
+                packed(E, 2 * inter, -(-(H // block) // 2)) if block else packed(E, inter),
+                packed(E, H, -(-(inter // block) // 2)) if block else packed(E, H // 2),
+            ]
+        extra = {"block_size": block} if block else {}
+        out = b.op("QMoE", [tokens, probs, *inputs], domain=MS, expert_weight_bits=4, **attrs, **extra)
+    out = b.op("Reshape", [out, b.op("Shape", [h])])
+    if shared:
+        gate = b.op("Sigmoid", [b.linear(h, H, 1)])
+        out = b.op("Add", [out, b.op("Mul", [gate, _mlp(b, h, "separate", ffn)])])
+    return out
+
+
+def _state_layer(b: _B, h: str, layer: int, inputs: list, outputs: list, et: int) -> str:
+    """A convolution-state layer: state in -> the op -> state out, as Gated DeltaNet writes it."""
+    past, present = f"past_conv.{layer}", f"present_conv.{layer}"
+    inputs.append(helper.make_tensor_value_info(past, et, ["batch_size", H, 3]))
+    outputs.append(helper.make_tensor_value_info(present, et, ["batch_size", H, 3]))
+    y = b.name("/conv") + "/output_0"
+    b.nodes.append(
+        helper.make_node(
+            "CausalConvWithState", [h, b.init(np.ones((H, 1, 4), np.float32), "conv"), "", past],
+            [y, present], name=b.name("/CausalConvWithState"), domain=MS,
+        )
+    )
+    return y
 
 
 def _rotate(b: _B, x: str, cos: str, sin: str) -> str:
@@ -231,6 +309,15 @@ def decoder(
     all_external: bool = False,
     head_dim_name: str | None = None,
     softcap: bool = False,
+    head_size: int = HS,
+    qk_norm: str | None = None,
+    sinks: bool = False,
+    window: int | None = None,
+    moe: str | None = None,
+    experts_inter: int = 32,
+    shared_expert: bool = False,
+    state_layer: bool = False,
+    opaque_query: bool = False,
 ) -> Path:
     """Write ``folder/model.onnx`` (+ ``model.onnx.data``) and return its path. ``all_external``: every
     initializer in the data file, shape constants too (TorchScript and the builder do that)."""
@@ -244,7 +331,7 @@ def decoder(
         ),
     ]
     outputs = [helper.make_tensor_value_info("logits", et, ["batch_size", "sequence_length", vocab])]
-    cos_np, sin_np = _rope(dtype)
+    cos_np, sin_np = _rope(dtype, head_size)
     if attention == "gqa":
         m = "attention_mask"
         seqlens = b.op(
@@ -294,14 +381,14 @@ def decoder(
                 helper.make_tensor_value_info(
                     f"past_key_values.{i}.{kind}",
                     et,
-                    ["batch_size", kvh, "past_sequence_length", head_dim_name or HS],
+                    ["batch_size", kvh, "past_sequence_length", head_dim_name or head_size],
                 )
             )
             outputs.append(
                 helper.make_tensor_value_info(
                     f"present.{i}.{kind}",
                     et,
-                    ["batch_size", kvh, "total_sequence_length", head_dim_name or HS],
+                    ["batch_size", kvh, "total_sequence_length", head_dim_name or head_size],
                 )
             )
         past = (f"past_key_values.{i}.key", f"past_key_values.{i}.value")
@@ -310,20 +397,32 @@ def decoder(
             h = _rms(b, x)
         else:
             h = b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
-        parts = _qkv(b, h, qkv, bias, kvh)
+        parts = _qkv(b, h, qkv, bias, kvh, head_size)
         if attention == "gqa":
             q, k, v = parts if len(parts) == 3 else (parts[0], "", "")
+            if qk_norm == "reshape":  # the builder's CPU q/k norm: [B, S*heads, head_size] and back
+                q, k = (_head_norm(b, t, head_size, n * head_size) for t, n in ((q, NH), (k, NKV)))
+            if opaque_query:  # q scaled on its way: its width is no longer traced back to q_proj
+                q = b.op("Mul", [q, b.const_node(np.asarray(1.0, dtype))])
+            extra = ["", "", ""]  # position_ids, attention_bias, head_sink (in[9..11])
+            if sinks:
+                extra[2] = b.vec(NH, 0.5)
+            if qk_norm == "fused":  # GroupQueryAttention in[14]/in[15]
+                extra += ["", "", b.vec(head_size, 0.1, 1.0), b.vec(head_size, 0.1, 1.0)]
+            window_attrs = {"local_window_size": window} if window else {}
             outs = [b.name("/gqa") + "/output_0", *present]
             b.nodes.append(
                 helper.make_node(
                     "GroupQueryAttention",
-                    [q, k, v, *past, seqlens, total, cos, sin],
+                    [q, k, v, *past, seqlens, total, cos, sin, *extra],
                     outs,
                     name=b.name("/GQA"),
                     domain=MS,
                     num_heads=NH,
                     kv_num_heads=NKV,
                     do_rotary=1,
+                    softcap=30.0 if softcap else 0.0,
+                    **window_attrs,
                 )
             )
             ctx = outs[0]
@@ -345,13 +444,18 @@ def decoder(
             ctx = outs[0]
         else:
             ctx = _plain_attention(b, parts, *past, *present, cos, sin, attention == "onnx")
-        x = b.op("Add", [x, b.linear(ctx, NH * HS, H)])
+        x = b.op("Add", [x, b.linear(ctx, NH * head_size, H)])
         h = (
             _rms(b, x)
             if attention in ("plain", "onnx")
             else b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
         )
-        x = b.op("Add", [x, _mlp(b, h, mlp, ffn)])
+        if state_layer:  # a hybrid's convolution-state layer (Gated DeltaNet's CausalConvWithState)
+            h = _state_layer(b, h, i, inputs, outputs, et)
+        if moe:
+            x = b.op("Add", [x, _moe(b, h, moe, experts_inter, shared_expert, ffn)])
+        else:
+            x = b.op("Add", [x, _mlp(b, h, mlp, ffn)])
     h = b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
     logits = b.linear(h, H, vocab)
     if softcap:  # Gemma-2's logit soft-capping: tanh(logits / 30) * 30
