@@ -248,11 +248,13 @@ def optimize(
     outcomes = optimize_path(src, None if dry_run else dest, config, in_place=in_place, jobs=jobs,
                              progress=_progress(quiet))
     if with_runtime:
+        from preserve_onnx.graph.dims import decode_layout
+        from preserve_onnx.model_io import load_model
         from preserve_onnx.runtime.bundle import write_runtime
 
-        from preserve_onnx.runtime.feeds import model_dims
-
-        write_runtime(dest, config.naming, model_dims([o.output for o in outcomes], dict(config.dims)))
+        # The decode layout of the first input rank (graph only; optimize changes no input or output).
+        first = next((o.source for o in outcomes if o.source is not None), None)
+        write_runtime(dest, config.naming, dict(config.dims), decode_layout(load_model(first)) if first else None)
     if report is not None:
         write_json(report, report_dict(outcomes, config))
     if not quiet:

@@ -63,7 +63,12 @@ def test_with_runtime_writes_the_library_and_the_runner_beside_the_models(bundle
         "libpreserve_ops.so", "model_00.onnx", "model_00.onnx.data", "model_01.onnx", "model_01.onnx.data",
         "run_ranks.py"]
     assert (bundled / "libpreserve_ops.so").read_bytes() == library_path().read_bytes()
-    assert (bundled / "run_ranks.py").read_bytes() == RUNNER_SOURCE.read_bytes()
+    # The runner's source with the decode layout the rank graphs show (by structure, docs/design.md §2).
+    layout = ('LAYOUT = {"kv": ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key", '
+              '"past_key_values.1.value"], "batch": ["batch_size"], "past": ["past_sequence_length"], '
+              '"total": ["total_sequence_length"]}')
+    source = RUNNER_SOURCE.read_text().replace('LAYOUT = {"kv": [], "batch": [], "past": [], "total": []}', layout)
+    assert (bundled / "run_ranks.py").read_text() == source
     assert os.access(bundled / "run_ranks.py", os.X_OK)
 
 

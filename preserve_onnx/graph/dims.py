@@ -279,7 +279,10 @@ class DecodeLayout:
     ``kv_axes``: KV-cache input -> its (batch, sequence) axes (attention-op KV slots and structural
     Concat caches); ``feedback``: KV-cache output (present) -> the KV input it becomes next step;
     ``past`` / ``total`` / ``batch``: the symbolic dim names on the KV inputs' sequence axes (the past
-    length), on the present outputs' sequence axes (past + new tokens) and on the KV batch axes.
+    length), on the present outputs' sequence axes (past + new tokens) and on the KV batch axes;
+    ``windows``: the dim names of window-sized buffers (GroupQueryAttention ``sliding_window_cache=1``
+    with ``local_window_size`` W > 0, gpt-oss / Gemma 2 builder exports) -> W, their capacity: onnxruntime
+    computes such a layer correctly only when the buffer holds exactly W slots, as onnxruntime-genai keeps it.
     """
 
     kv_axes: Mapping[str, tuple[int | None, int | None]] = field(default_factory=dict)
@@ -288,6 +291,7 @@ class DecodeLayout:
     total: frozenset[str] = frozenset()
     batch: frozenset[str] = frozenset()
     fixed: Mapping[str, int] = field(default_factory=dict)
+    windows: Mapping[str, int] = field(default_factory=dict)
 
     def values(self, *, batch: int, context: int, dims: Mapping[str, int] | None = None,
                new_tokens: int = 1) -> dict[str, int]:
@@ -296,6 +300,7 @@ class DecodeLayout:
         found = {name: batch for name in self.batch}
         found.update((name, context + new_tokens) for name in self.total)
         found.update((name, context) for name in self.past)
+        found.update(self.windows)
         found.update(self.fixed)
         found.update(dims or {})
         return found
@@ -308,17 +313,30 @@ def decode_layout(model: onnx.ModelProto) -> DecodeLayout:
     outputs = {vi.name: vi for vi in main.output}
     kv_axes: dict[str, tuple[int | None, int | None]] = {}
     feedback: dict[str, str] = {}
-    for node in main.node:
-        slots = consumer_slots(node)
-        if slots is None or not slots.kv:
-            continue
-        for slot in slots.kv:
-            if slot < len(node.input) and node.input[slot] in inputs:
-                kv_axes.setdefault(node.input[slot], slots.kv_axes)
-        for out, slot in _PRESENT_OF.get(op_key(node), {}).items():
-            if out < len(node.output) and node.output[out] in outputs and slot < len(node.input) \
-                    and node.input[slot] in inputs:
-                feedback.setdefault(node.output[out], node.input[slot])
+    windowed: dict[str, int] = {}  # KV input of a window-sized buffer -> its capacity W
+
+    def visit(graph: onnx.GraphProto, exported: Mapping[str, str]) -> None:
+        """``exported``: this graph's tensors that leave it as a main-graph output (an If branch's
+        outputs are its node's outputs by position: onnxruntime's merged decoders)."""
+        for node in graph.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH and op_key(node) == ("", "If"):
+                    visit(a.g, {b.name: exported.get(o, o) for b, o in zip(a.g.output, node.output)})
+            slots = consumer_slots(node)
+            if slots is None or not slots.kv:
+                continue
+            window = attr(node, "local_window_size", 0) if attr(node, "sliding_window_cache", 0) else 0
+            for slot in slots.kv:
+                if slot < len(node.input) and node.input[slot] in inputs:
+                    kv_axes.setdefault(node.input[slot], slots.kv_axes)
+                    if window > 0:
+                        windowed[node.input[slot]] = window
+            for out, slot in _PRESENT_OF.get(op_key(node), {}).items():
+                present = exported.get(node.output[out], node.output[out]) if out < len(node.output) else ""
+                if present in outputs and slot < len(node.input) and node.input[slot] in inputs:
+                    feedback.setdefault(present, node.input[slot])
+
+    visit(main, {})
     paths = kv_cache_paths(main)
     for path in paths.values():
         rank = len(inputs[path.input].type.tensor_type.shape.dim)
@@ -330,22 +348,37 @@ def decode_layout(model: onnx.ModelProto) -> DecodeLayout:
         dims = vi.type.tensor_type.shape.dim if vi is not None and vi.type.tensor_type.HasField("shape") else ()
         return dims[axis].dim_param if axis is not None and axis < len(dims) else ""
 
+    windows: dict[str, int] = {}
     for name, (batch_axis, seq_axis) in kv_axes.items():
         names["batch"].add(dim_name(inputs[name], batch_axis))
-        names["past"].add(dim_name(inputs[name], seq_axis))
+        if name in windowed:
+            windows[dim_name(inputs[name], seq_axis)] = windowed[name]
+        else:
+            names["past"].add(dim_name(inputs[name], seq_axis))
     for present, past in feedback.items():
-        names["total"].add(dim_name(outputs[present], kv_axes[past][1]))
+        if past not in windowed:
+            names["total"].add(dim_name(outputs[present], kv_axes[past][1]))
+    # One interface convention, not structure: a Hugging Face / onnxruntime-genai decoder's
+    # ``attention_mask`` spans the past and the new tokens (dynamo exports name its axis apart from the
+    # present outputs' ``past_sequence_length + sequence_length``).
+    mask = inputs.get("attention_mask")
+    if kv_axes and mask is not None:
+        names["total"].add(dim_name(mask, len(mask.type.tensor_type.shape.dim) - 1))
     for group in names.values():
         group.discard("")
     names["total"] -= names["past"]
+    windows.pop("", None)
     return DecodeLayout(kv_axes, feedback, frozenset(names["past"]), frozenset(names["total"]),
-                        frozenset(names["batch"]), graph_dims(model, kv_paths=paths))
+                        frozenset(names["batch"]), graph_dims(model, kv_paths=paths),
+                        {name: w for name, w in windows.items() if name not in names["past"]})
 
 
-def bind_lenient(shape: Iterable[int | str | None], values: Mapping[str, int], batch: int) -> tuple[int, ...]:
+def bind_lenient(shape: Iterable[int | str | None], values: Mapping[str, int], batch: int,
+                 by_axis: Mapping[int, int] | None = None) -> tuple[int, ...]:
     """Numbers for every dim of ``shape`` where no error is wanted (generated feeds, the cost model's
     activations): a fixed dim, a name in ``values`` (:meth:`DecodeLayout.values`), ``NAME +/- k`` of
-    one, then axis 0 -> ``batch`` and any other axis -> 1 (the sequence length of a decode step)."""
+    one, ``by_axis`` (a KV-cache input's batch and sequence axes), then axis 0 -> ``batch`` and any other
+    axis -> 1 (the sequence length of a decode step)."""
     bound = []
     for axis, d in enumerate(shape):
         if isinstance(d, int) and d >= 0:
@@ -358,6 +391,8 @@ def bind_lenient(shape: Iterable[int | str | None], values: Mapping[str, int], b
         elif expr and expr.group(1) in values:
             base = values[expr.group(1)]
             bound.append(base + int(expr.group(3)) if expr.group(2) == "+" else base - int(expr.group(3)))
+        elif by_axis and axis in by_axis:
+            bound.append(by_axis[axis])
         else:
             bound.append(batch if axis == 0 else 1)
     return tuple(bound)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
+from preserve_onnx.graph.dims import DecodeLayout
 from preserve_onnx.model_io import copy_file_atomic, write_bytes_atomic
 from preserve_onnx.runtime.backend import prefetch_attr_names
 from preserve_onnx.runtime.session import PREFETCH_KERNEL_ATTRS, library_path
@@ -24,10 +25,11 @@ _RUNNER_SOURCE = Path(__file__).resolve().parent / "standalone_runner.py"
 
 
 def write_runtime(folder: Path, naming: PrefetchNaming = PrefetchNaming(),
-                  dims: Mapping[str, int] | None = None) -> tuple[Path, Path]:
+                  dims: Mapping[str, int] | None = None, layout: DecodeLayout | None = None) -> tuple[Path, Path]:
     """Writes ``libpreserve_ops.so`` and ``run_ranks.py`` into ``folder`` (each atomically); the runner
-    knows ``naming``, the spelling of the Prefetch nodes it will meet, and ``dims``, the symbolic dims
-    its generated inputs need (``run``'s: ``--dim``, then what the graphs fix).
+    knows ``naming``, the spelling of the Prefetch nodes it will meet, ``dims`` (``--dim``) and
+    ``layout``, the models' decode layout (docs/design.md §2): the dims the graphs fix and the KV-cache
+    roles its generated inputs need.
 
     Returns:
         The paths of the library and of the runner.
@@ -42,7 +44,11 @@ def write_runtime(folder: Path, naming: PrefetchNaming = PrefetchNaming(),
     spelled = {"domain": naming.domain, "op": naming.op_type,
                **dict(zip(PREFETCH_KERNEL_ATTRS, prefetch_attr_names(naming), strict=True))}
     source = _RUNNER_SOURCE.read_text()
-    for name, value in (("NAMING", spelled), ("DIMS", dict(sorted((dims or {}).items())))):
+    layout = layout or DecodeLayout()
+    roles = {"kv": sorted(layout.kv_axes), "batch": sorted(layout.batch), "past": sorted(layout.past),
+             "total": sorted(layout.total)}
+    fixed = {**layout.fixed, **(dims or {})}
+    for name, value in (("NAMING", spelled), ("DIMS", dict(sorted(fixed.items()))), ("LAYOUT", roles)):
         source, count = re.subn(rf"^{name} = \{{.*\}}$", f"{name} = {json.dumps(value)}", source, flags=re.M)
         if count != 1:  # pragma: no cover - the runner's source and this writer change together
             raise PreserveError(f"internal: run_ranks.py has no {name} line")

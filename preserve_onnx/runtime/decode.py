@@ -12,37 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.runtime.feeds import is_kv_cache_input
+from preserve_onnx.runtime.feeds import layout_of
 from preserve_onnx.runtime.session import RankSession
-
-
-def kv_feedback_map(output_names: list[str], input_names: list[str]) -> dict[str, str]:
-    """Pairs each KV-cache output with the input it feeds in the next step.
-
-    ``present.X`` -> ``past_key_values.X`` (or ``past.X``, ``pastX``); outputs left over are paired
-    with the KV-cache inputs left over by position (``present_0`` -> ``past_0`` style exports).
-
-    Args:
-        output_names: Graph output names of one rank.
-        input_names: Graph input names of the same rank.
-
-    Returns:
-        Output name to input name.
-    """
-    inputs = set(input_names)
-    mapping: dict[str, str] = {}
-    presents = [n for n in output_names if n.startswith("present")]
-    for name in presents:
-        suffix = name[len("present"):]
-        for candidate in (f"past_key_values{suffix}", f"past{suffix}"):
-            if candidate in inputs and candidate not in mapping.values():
-                mapping[name] = candidate
-                break
-    left_out = [n for n in presents if n not in mapping]
-    free = [n for n in input_names if is_kv_cache_input(n) and n not in mapping.values()]
-    if left_out and len(left_out) == len(free):
-        mapping.update(zip(left_out, free))
-    return mapping
 
 
 def _next_feeds(feeds: dict[str, np.ndarray], next_ids: np.ndarray | None) -> None:
@@ -119,10 +90,11 @@ def advance_feeds(
 ) -> None:
     """Turns one step's feeds into the next step's, in place (see :func:`run_steps`)."""
     _next_feeds(shared_now, next_ids)
+    feedback = layout_of(session).feedback
     # Under MPI a process holds only its own rank's outputs (MpiRankSession.local_ranks).
     for rank in getattr(session, "local_ranks", range(session.world_size)):
         own = ranks_now.setdefault(rank, {})
         _next_feeds(own, next_ids)
-        mapping = kv_feedback_map(session.output_names(rank), session.input_names(rank))
-        for out_name, in_name in mapping.items():
-            own[in_name] = outputs[rank][out_name]
+        for out_name, in_name in feedback.items():  # present -> past, by structure (docs/design.md §2)
+            if out_name in outputs[rank]:
+                own[in_name] = outputs[rank][out_name]

@@ -23,9 +23,11 @@ from collections.abc import Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from preserve_onnx.errors import PreserveError
+from preserve_onnx.graph.dims import DecodeLayout, bind_lenient, decode_layout
 from preserve_onnx.model_io import write_bytes_atomic
 from preserve_onnx.runtime.session import RankSession, TensorMeta, _meta
 
@@ -41,12 +43,22 @@ _NAMED_DTYPES = {
     "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
     "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
 }
-_EXPR = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*([+-])\s*(\d+)\s*$")
 
 
-def is_kv_cache_input(name: str) -> bool:
-    """Whether a graph input is a KV-cache tensor by the exporters' naming (``past_key_values.*``, ``past*``)."""
-    return name.startswith("past")
+def layout_of(source: object) -> DecodeLayout:
+    """The decode layout (docs/design.md §2: KV-cache inputs, present -> past) of the first model behind
+    ``source`` (a RankSession or MpiRankSession keeps its models); an empty layout for bare metadata."""
+    models = getattr(source, "model_sources", None)
+    if not models:
+        return DecodeLayout()
+    known = getattr(source, "_decode_layout", None)
+    if known is None:  # once per session: every decode step asks
+        from preserve_onnx.model_io import load_model
+
+        first = models[0]
+        known = decode_layout(first if isinstance(first, onnx.ModelProto) else load_model(pathlib.Path(first)))
+        source._decode_layout = known
+    return known
 
 
 def _input_meta(source: object) -> list[tuple[TensorMeta, ...]]:
@@ -81,45 +93,20 @@ def _discover_vocab(source: object) -> int:
     return min(sizes) if sizes else DEFAULT_VOCAB
 
 
-def _bind_dim(dim: int | str | None, meta: TensorMeta, axis: int, batch: int, context: int,
-              dims: Mapping[str, int] | None = None) -> int:
-    """Binds one axis: ``dims`` (--dim, then the dims the graph fixes), symbols naming batch / past /
-    total lengths, then the input's role."""
-    if isinstance(dim, int) and dim >= 0:
-        return dim
-    if isinstance(dim, str):
-        if dims and dim in dims:
-            return dims[dim]
-        expr = _EXPR.match(dim)
-        if expr:
-            base = _bind_dim(expr.group(1), meta, axis, batch, context, dims)
-            return base + int(expr.group(3)) if expr.group(2) == "+" else base - int(expr.group(3))
-        symbol = dim.lower()
-        if "batch" in symbol:
-            return batch
-        if "past" in symbol:
-            return context
-        if "total" in symbol:
-            return context + 1
-    rank = len(meta.shape or ())
-    if axis == 0:
-        return batch
-    if meta.name == "attention_mask":
-        return context + 1
-    if is_kv_cache_input(meta.name) and axis == rank - 2:
-        return context  # [batch, heads, past_sequence_length, head_size]
-    return 1  # sequence length of a decode step, and any other unknown axis
-
-
-def _shape(meta: TensorMeta, batch: int, context: int, dims: Mapping[str, int] | None = None) -> tuple[int, ...]:
-    return tuple(_bind_dim(d, meta, i, batch, context, dims) for i, d in enumerate(meta.shape or ()))
+def _shape(meta: TensorMeta, layout: DecodeLayout, values: Mapping[str, int], batch: int,
+           context: int) -> tuple[int, ...]:
+    """``meta``'s shape at the step: its KV-cache axes (an unnamed dim there too) by the layout's roles."""
+    axes = layout.kv_axes.get(meta.name)
+    by_axis = {axis: size for axis, size in zip(axes, (batch, context)) if axis is not None} if axes else None
+    return bind_lenient(meta.shape or (), values, batch, by_axis)
 
 
 def _rng(seed: int, name: str, rank: int | None) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode()), 0 if rank is None else rank + 1])
 
 
-def _generate(meta: TensorMeta, shape: tuple[int, ...], rng: np.random.Generator, context: int, vocab: int):
+def _generate(meta: TensorMeta, shape: tuple[int, ...], rng: np.random.Generator, context: int, vocab: int,
+              kv_cache: bool):
     dtype = meta.dtype
     name = meta.name
     if dtype == np.dtype(object):
@@ -139,7 +126,7 @@ def _generate(meta: TensorMeta, shape: tuple[int, ...], rng: np.random.Generator
         if name == "total_sequence_length":
             return np.full(shape, context + 1, dtype=dtype)
         return np.zeros(shape, dtype=dtype)
-    scale = 0.1 if is_kv_cache_input(name) else 1.0
+    scale = 0.1 if kv_cache else 1.0
     return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(dtype)
 
 
@@ -151,12 +138,14 @@ def generate_feeds(
     seed: int = 0,
     vocab: int | None = None,
     dims: Mapping[str, int] | None = None,
+    layout: DecodeLayout | None = None,
 ) -> tuple[SharedFeeds, PerRankFeeds]:
     """Generates the inputs of one decode step with a past of ``context`` tokens.
 
-    Symbolic dims are bound by name (``*batch*`` -> batch, ``*past*`` -> context, ``*total*`` ->
-    context + 1, ``X + k`` evaluated) and otherwise by role (axis 0 -> batch, attention_mask's axis 1
-    -> context + 1, a KV-cache input's axis -2 -> context, anything else -> 1). Values: ``input_ids``
+    Symbolic dims are bound by ``dims`` (``--dim``), the dims the graph fixes and the roles its structure
+    shows (:class:`~preserve_onnx.graph.dims.DecodeLayout`: a KV-cache input's batch axis -> batch, its
+    sequence axis -> context, a present output's sequence axis and the attention mask's -> context + 1,
+    ``X + k`` evaluated), then axis 0 -> batch and anything else -> 1. Values: ``input_ids``
     uniform in [0, vocab), ``attention_mask`` ones, ``position_ids`` = context, bool inputs True,
     other integer inputs zeros (``seqlens_k`` = context, ``total_sequence_length`` = context + 1),
     KV-cache inputs small normal values (0.1 sigma) different on every rank, other float inputs
@@ -170,8 +159,9 @@ def generate_feeds(
         seed: Seed of every generator.
         vocab: Upper bound (exclusive) of generated token ids; default: the smallest static vocab of
             the ranks' ``logits`` outputs, else 100.
-        dims: Symbolic dim name -> value, bound before anything else (``--dim``, and the dims the
-            graph fixes: :func:`model_dims`).
+        dims: Symbolic dim name -> value, bound before anything else (``--dim``).
+        layout: The models' decode layout; default: the layout of ``source``'s first model
+            (:func:`layout_of`).
 
     Returns:
         ``(shared, per_rank)``: inputs fed to every rank, and per rank those fed only to it (the
@@ -186,34 +176,23 @@ def generate_feeds(
     vocab = vocab if vocab is not None else _discover_vocab(source)
     if vocab < 1:
         raise PreserveError(f"vocab must be >= 1, got {vocab}")
+    layout = layout if layout is not None else layout_of(source)
+    values = layout.values(batch=batch, context=context, dims=dims)
     signatures: dict[str, set[tuple]] = {}
     for metas in ranks:
         for m in metas:
-            signatures.setdefault(m.name, set()).add((m.dtype, _shape(m, batch, context, dims)))
+            signatures.setdefault(m.name, set()).add((m.dtype, _shape(m, layout, values, batch, context)))
     shared: SharedFeeds = {}
     per_rank: PerRankFeeds = {r: {} for r in range(len(ranks))}
     for rank, metas in enumerate(ranks):
         for m in metas:
-            shape = _shape(m, batch, context, dims)
-            if is_kv_cache_input(m.name) or len(signatures[m.name]) > 1:
-                per_rank[rank][m.name] = _generate(m, shape, _rng(seed, m.name, rank), context, vocab)
+            shape = _shape(m, layout, values, batch, context)
+            kv_cache = m.name in layout.kv_axes
+            if kv_cache or len(signatures[m.name]) > 1:
+                per_rank[rank][m.name] = _generate(m, shape, _rng(seed, m.name, rank), context, vocab, kv_cache)
             elif m.name not in shared:
-                shared[m.name] = _generate(m, shape, _rng(seed, m.name, None), context, vocab)
+                shared[m.name] = _generate(m, shape, _rng(seed, m.name, None), context, vocab, kv_cache)
     return shared, per_rank
-
-
-def model_dims(paths: Sequence[str | os.PathLike], dims: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Symbolic dims for generated feeds: those the rank graphs fix (head sizes, KV heads; see
-    ``preserve_onnx.graph.dims``), overridden by ``dims`` (``--dim``). Reads graphs, never weights."""
-    from preserve_onnx.model_io import load_model
-    from preserve_onnx.graph.dims import graph_dims
-
-    found: dict[str, int] = {}
-    for path in paths:
-        for name, value in graph_dims(load_model(pathlib.Path(path))).items():
-            found.setdefault(name, value)
-    found.update(dims or {})
-    return found
 
 
 def load_feeds(path: str | os.PathLike) -> tuple[SharedFeeds, PerRankFeeds]:

@@ -44,7 +44,6 @@ from preserve_onnx.errors import PreserveError
 from preserve_onnx.runtime.backend import RunResult, decode, rank_models, running_original, session_kwargs
 from preserve_onnx.runtime.compare import Comparison, compare_outputs
 from preserve_onnx.runtime.decode import run_steps
-from preserve_onnx.runtime.feeds import model_dims
 from preserve_onnx.runtime.session import (
     PREFETCH_KERNEL_ATTRS,
     ModelLike,
@@ -298,6 +297,7 @@ class MpiRankSession(RankSession):
         models = list(models)
         if timeout_s <= 0:
             raise PreserveError(f"timeout_s must be positive, got {timeout_s}")
+        self.model_sources = tuple(models)  # as RankSession's: the feeds read their decode layout
         self._ctx = ctx = get_context(comm)
         check_world(models, ctx)
         self._lib = _native()
@@ -457,7 +457,7 @@ def run_models_mpi(path: Path, *, against: Path | None = None, inputs: Path | No
         kw = session_kwargs(naming, opt_level, timeout_s)
         with MpiRankSession(list(models), comm=comm, **kw) as session:
             shared, per_rank, outputs = decode(session, inputs, steps=steps, batch=batch, context=context,
-                                               seed=seed, dims=model_dims(models, dims) if inputs is None else None)
+                                               seed=seed, dims=dims if inputs is None else None)
         comparison = None
         if against is not None:
             with running_original(against, keep=(PeerFailed,)), \

@@ -16,7 +16,7 @@ from preserve_onnx.errors import PreserveError
 from preserve_onnx.runtime.backend import RunResult, decode, rank_models, running_original, session_kwargs
 from preserve_onnx.runtime.compare import compare_outputs
 from preserve_onnx.runtime.decode import run_steps
-from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, model_dims
+from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT
 from preserve_onnx.runtime.session import RankSession
 
 __all__ = ["BACKENDS", "RunResult", "rank_models", "run_models", "session_kwargs"]
@@ -50,7 +50,7 @@ def run_models(path: Path, *, against: Path | None = None, inputs: Path | None =
     kw = session_kwargs(naming, opt_level, timeout_s)
     with RankSession(list(models), **kw) as session:
         shared, per_rank, outputs = decode(session, inputs, steps=steps, batch=batch, context=context, seed=seed,
-                                           dims=model_dims(models, dims) if inputs is None else None)
+                                           dims=dims if inputs is None else None)
     comparison = None
     if against is not None:
         with running_original(against), RankSession(list(originals), **kw) as original:

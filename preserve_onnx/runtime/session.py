@@ -428,6 +428,7 @@ class RankSession:
         if timeout_s <= 0:
             raise PreserveError(f"timeout_s must be positive, got {timeout_s}")
         self._lib = _native()
+        self.model_sources = tuple(models)  # paths or ModelProtos: the feeds read their decode layout
         self._world = len(models)
         self._timeout_s = float(timeout_s)
         self._group = f"preserve-{os.getpid()}-{next(_GROUP_COUNTER)}-{uuid.uuid4().hex[:8]}"

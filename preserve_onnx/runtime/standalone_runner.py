@@ -16,8 +16,10 @@ Rank models are Olive's model_00.onnx, model_01.onnx, ... or onnxruntime's rank_
 rank file runs with its whole family from its folder. Each rank is one InferenceSession on its own
 thread (the library's collectives rendezvous between the threads). One decode step: inputs come from
 --inputs (key NAME feeds every rank, rank{r}/NAME rank r) or are generated from --seed (symbolic dims:
---dim, else *batch* -> --batch, *past* -> --context, *total* -> context + 1, else axis 0 -> batch and
-1 elsewhere; token ids below the vocabulary, attention_mask ones, KV-cache small normals per rank).
+--dim, then the dims the graphs fix (DIMS), then the roles the graphs' structure shows (LAYOUT: the
+KV-cache inputs' batch axes -> --batch, their sequence axes -> --context, the present outputs' and the
+attention mask's -> context + 1), NAME+k evaluated, else axis 0 -> batch and 1 elsewhere; token ids below
+the vocabulary, attention_mask ones, KV-cache small normals per rank).
 Exit status: 0 success, 1 an error (one line) or FAILED.
 """
 
@@ -44,6 +46,10 @@ KERNEL_ATTRS = ("max_size", "offset", "max_tokens", "min_tokens", "seq_axis", "w
 # Symbolic dims the rank graphs fix (a builder export's kv_cache_dim): written by `optimize --with-runtime`;
 # --dim overrides them.
 DIMS = {}
+# The decode layout found by structure (docs/design.md §2): KV-cache inputs and the dim names of their
+# batch / past / past+new axes. Written by `optimize --with-runtime`.
+LAYOUT = {"kv": [], "batch": [], "past": [], "total": []}
+EXPR = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*([+-])\s*(\d+)\s*$")
 RANK_PATTERNS = (re.compile(r"^model_(\d+)\.onnx$"), re.compile(r"^rank_(\d+)_(.+)\.onnx$"))
 DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
           "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
@@ -109,28 +115,23 @@ def open_sessions(models: list[Path], args: argparse.Namespace) -> tuple[list[or
     return sessions, group
 
 
-def bind(dim, name: str, axis: int, rank: int, args: argparse.Namespace) -> int:
-    """One axis's size for generated inputs."""
+def bind(dim, axis: int, args: argparse.Namespace) -> int:
+    """One axis's size for generated inputs (the same order as preserve-onnx's own feeds)."""
     if isinstance(dim, int) and dim >= 0:
         return dim
-    if isinstance(dim, str):
-        if dim in args.dims:
-            return args.dims[dim]
-        symbol = dim.lower()
-        for word, size in (("batch", args.batch), ("past", args.context), ("total", args.context + 1)):
-            if word in symbol:
-                return size
-    if axis == 0:
-        return args.batch
-    if name == "attention_mask":
-        return args.context + 1
-    if name.startswith("past") and axis == rank - 2:
-        return args.context
-    return 1
+    values = {**{n: args.batch for n in LAYOUT["batch"]}, **{n: args.context + 1 for n in LAYOUT["total"]},
+              **{n: args.context for n in LAYOUT["past"]}, **args.dims}
+    name = dim if isinstance(dim, str) else ""
+    expr = EXPR.match(name)
+    if name in values:
+        return values[name]
+    if expr and expr.group(1) in values:
+        return values[expr.group(1)] + (1 if expr.group(2) == "+" else -1) * int(expr.group(3))
+    return args.batch if axis == 0 else 1
 
 
 def generate(sessions: list[ort.InferenceSession], args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
-    """Every rank's inputs from the seed; the KV-cache (past*) differs per rank, the rest is shared."""
+    """Every rank's inputs from the seed; the KV-cache (LAYOUT's) differs per rank, the rest is shared."""
     vocab = min((o.shape[-1] for s in sessions for o in s.get_outputs()
                  if o.name == "logits" and o.shape and isinstance(o.shape[-1], int)), default=100)
     feeds = []
@@ -140,8 +141,8 @@ def generate(sessions: list[ort.InferenceSession], args: argparse.Namespace) -> 
             if meta.type not in DTYPES:
                 raise RunError(f"cannot generate input {meta.name!r} of type {meta.type}: give it in --inputs")
             dtype, name = np.dtype(DTYPES[meta.type]), meta.name
-            shape = tuple(bind(d, name, i, len(meta.shape), args) for i, d in enumerate(meta.shape))
-            per_rank = name.startswith("past")
+            shape = tuple(bind(d, i, args) for i, d in enumerate(meta.shape))
+            per_rank = name in LAYOUT["kv"]
             rng = np.random.default_rng([args.seed, zlib.crc32(name.encode()), rank + 1 if per_rank else 0])
             if dtype == np.bool_:
                 value = np.ones(shape, dtype)

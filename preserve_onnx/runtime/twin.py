@@ -27,7 +27,7 @@ from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.index import is_collective, iter_graphs
 from preserve_onnx.runtime.compare import max_abs_diff
 from preserve_onnx.runtime.decode import advance_feeds, next_token_ids
-from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, generate_feeds, load_feeds, model_dims
+from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, generate_feeds, layout_of, load_feeds
 from preserve_onnx.runtime.backend import RunResult, rank_models, session_kwargs
 from preserve_onnx.runtime.session import RankSession, TensorMeta
 
@@ -209,7 +209,7 @@ def twin_feeds(session: RankSession, twin: RankSession, shared: Mapping[str, np.
     """The single model's feeds from the ranks': replicated inputs as they are, shards concatenated.
 
     ``rank_dims`` / ``single_dims``: symbolic dims the rank graphs / the single graph fix (e.g. KV
-    heads an export leaves symbolic in its inputs; see :func:`model_dims`), used to find the split axis.
+    heads an export leaves symbolic in its inputs: ``DecodeLayout.fixed``), used to find the split axis.
     Inputs the ranks are not given are left out (the ranks' own run names them first).
 
     Raises:
@@ -355,11 +355,11 @@ def run_twin(path: Path, single: Path, *, inputs: Path | None = None, steps: int
             if inputs is not None:
                 shared, per_rank = load_feeds(inputs)
             else:
-                shared, per_rank = generate_feeds(ranks, batch=batch, context=context, seed=seed,
-                                                  dims=model_dims(models, dims))
+                shared, per_rank = generate_feeds(ranks, batch=batch, context=context, seed=seed, dims=dims)
             ranks_shared, ranks_own = dict(shared), {r: dict(f) for r, f in per_rank.items()}
             try:
-                single_feeds = twin_feeds(ranks, twin, shared, per_rank, model_dims(models), model_dims([single]))
+                single_feeds = twin_feeds(ranks, twin, shared, per_rank, layout_of(ranks).fixed,
+                                          layout_of(twin).fixed)
             except PreserveError as exc:
                 raise PreserveError(f"--twin {single}: {exc}") from exc
             checks: list[TwinCheck] = []

@@ -11,12 +11,13 @@ from _rt_graphs import allreduce, init, model, vi
 from onnx import TensorProto, helper
 
 from preserve_onnx.errors import PreserveError
+from preserve_onnx.graph.dims import DecodeLayout
 from preserve_onnx.runtime import (
     RankSession,
     TensorMeta,
     compare_outputs,
     generate_feeds,
-    kv_feedback_map,
+    layout_of,
     load_feeds,
     run_steps,
     save_outputs,
@@ -105,7 +106,9 @@ def test_generate_feeds_symbol_rules_and_special_inputs():
         TensorMeta("inputs_embeds", np.dtype(np.float16), ("batch", "seq", 4), "tensor(float16)"),
         TensorMeta("step", np.dtype(np.int64), (1,), "tensor(int64)"),
     ]
-    shared, per_rank = generate_feeds([metas, metas], batch=3, context=7, seed=1, vocab=10)
+    layout = DecodeLayout(kv_axes={"past_key_values.0.key": (0, 2), "past_0": (0, 2)},
+                          past=frozenset({"past_sequence_length"}), batch=frozenset({"batch_size"}))
+    shared, per_rank = generate_feeds([metas, metas], batch=3, context=7, seed=1, vocab=10, layout=layout)
     assert shared["attention_mask"].shape == (3, 8)
     assert per_rank[0]["past_key_values.0.key"].shape == (3, 2, 7, 8)
     assert per_rank[0]["past_key_values.0.key"].dtype == np.float16
@@ -168,20 +171,18 @@ def test_run_steps_needs_a_positive_step_count(decoder):
         run_steps(decoder, {}, {}, 0)
 
 
-def test_kv_feedback_map_by_name_then_by_position():
-    assert kv_feedback_map(
-        ["logits", "present.0.key", "present.0.value"],
-        ["input_ids", "past_key_values.0.key", "past_key_values.0.value"],
-    ) == {"present.0.key": "past_key_values.0.key", "present.0.value": "past_key_values.0.value"}
-    assert kv_feedback_map(["present_0", "present_1"], ["x", "past_0", "past_1"]) == {
-        "present_0": "past_0",
-        "present_1": "past_1",
-    }
-    assert kv_feedback_map(["present_k", "present_v"], ["past_cache_a", "past_cache_b"]) == {
-        "present_k": "past_cache_a",
-        "present_v": "past_cache_b",
-    }
-    assert kv_feedback_map(["present_k"], ["past_a", "past_b"]) == {}
+def test_the_decode_layout_comes_from_the_graph_not_the_names(decoder):
+    layout = layout_of(decoder)
+    assert dict(layout.feedback) == {"present.0.key": "past_key_values.0.key",
+                                     "present.0.value": "past_key_values.0.value"}
+    assert dict(layout.kv_axes) == {"past_key_values.0.key": (0, 2), "past_key_values.0.value": (0, 2)}
+    assert layout_of(decoder) is layout  # once per session
+
+
+def test_inputs_named_like_a_cache_are_not_kv_cache_without_the_structure():
+    metas = [TensorMeta("past_key_values.0.key", np.dtype(np.float32), ("b", 2, "p", 8), "tensor(float)")]
+    shared, per_rank = generate_feeds([metas, metas], batch=2, context=5, seed=1)
+    assert shared["past_key_values.0.key"].shape == (2, 2, 1, 8) and per_rank == {0: {}, 1: {}}
 
 
 def test_load_feeds_key_convention(tmp_path):
