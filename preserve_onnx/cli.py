@@ -684,7 +684,12 @@ def shard(
 
     result = shard_model(model, dest, tp, vocab_parallel=vocab_parallel, dims=dict(parse_dim_options(dim)))
     gathered = ", logits gathered by AllGather" if result.vocab_parallel else ""
-    experts = f", {result.expert_layers} mixture-of-experts layers" if result.expert_layers else ""
+    experts = "".join(
+        f", {n} {what}{'s' if n > 1 else ''}{where}"
+        for n, what, where in ((result.expert_layers, "mixture-of-experts layer", ""),
+                               (result.state_layers, "state layer", " computed whole on every rank"))
+        if n
+    )
     out.print(f"[green]done[/green]: {result.world} rank models ({result.column_parallel} column-parallel and "
               f"{result.row_parallel} row-parallel linears{experts}, {result.allreduces} AllReduce per rank"
               f"{gathered}), "

@@ -77,10 +77,13 @@ def _head_size(scope: Scope, declared: Mapping[str, onnx.ValueInfoProto], node: 
 
 
 def _reshaped_width(scope: Scope, tensor: str) -> int:
-    """The last entry of a ``Reshape``'s constant target when ``tensor`` is its output and the entry is
-    positive (the builder's per-head q/k norm reshapes the query back to ``[0, -1, width]``), else 0.
+    """The last entry of a ``Reshape``'s constant target when ``tensor`` is its output (or a rotary
+    embedding's of it) and the entry is positive (the builder's per-head q/k norm reshapes the query back
+    to ``[0, -1, width]``), else 0.
     Reads inline initializers and Constant nodes only (never the weights' data file)."""
     node = scope.producers.get(tensor)
+    while node is not None and node.op_type in ("RotaryEmbedding", "MRotaryEmbedding"):  # same shape
+        node = scope.producers.get(node.input[0])
     if node is None or node.op_type != "Reshape" or len(node.input) < 2:
         return 0
     source = scope.producers.get(node.input[1])

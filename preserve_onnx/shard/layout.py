@@ -102,6 +102,7 @@ class Layout:
     per_head: dict[str, int] = field(default_factory=dict)  # 1-D initializers of one value per q head
     experts: dict[int, Experts] = field(default_factory=dict)  # MoE / QMoE nodes, AllReduce after each
     replicated: set[int] = field(default_factory=set)  # linears every rank computes whole (routers, gates)
+    state_layers: set[tuple[int, ...]] = field(default_factory=set)  # their output projections: layers whole on every rank
 
 
 def _column(ix: GraphIndex, lin: Linear, unit: int, label_of) -> Column:
@@ -243,15 +244,16 @@ def _reaches_output_through_layout(ix: GraphIndex, tensor: str) -> str | None:
     return None
 
 
-def _refuse_state_layers(ix: GraphIndex) -> None:
-    """A node other than attention and linears that carries a graph input to a graph output of the same
-    rank and type (a recurrent, SSM or convolution state: Mamba, Gated DeltaNet's LinearAttention /
-    CausalConvWithState) is a layer kind whose state and weights cannot be split by heads or columns:
-    refused, naming it."""
+def _state_nodes(ix: GraphIndex) -> list[tuple[int, str, str]]:
+    """(node, state input, state output) of every node other than attention and linears that carries a
+    graph input to a graph output of the same rank and type: a recurrent, SSM or convolution state
+    (Mamba, Gated DeltaNet's LinearAttention / CausalConvWithState)."""
+
     def rank_and_type(vi) -> tuple[int, int]:
         t = vi.type.tensor_type
         return (len(t.shape.dim) if t.HasField("shape") else -1), t.elem_type
 
+    found = []
     for i, node in enumerate(ix.nodes):
         if is_attention(node) or i in ix.linears or node.op_type in LAYOUT_OPS or is_op(node, "Concat") or any(
             a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute
@@ -263,12 +265,52 @@ def _refuse_state_layers(ix: GraphIndex) -> None:
             (s, o) for s in states for o in outs if rank_and_type(ix.inputs[s]) == rank_and_type(ix.outputs[o])
         )
         if pairs:
-            state, out = pairs[0]
+            found.append((i, *pairs[0]))
+    return found
+
+
+def _replicate_state_layers(ix: GraphIndex, layout: Layout) -> None:
+    """A state layer is computed whole on every rank: its state cannot be split by heads or columns,
+    and replicating it is exact (its input, the normed residual stream, is the same on every rank, and
+    so is its output). The layer is delimited by linears: from the state node forward to the output
+    projections, and from their inputs back to the input projections; every one of them must be a
+    linear no other layer claims, else the layer is refused, naming the state node."""
+    claimed = layout.columns.keys() | layout.rows.keys()
+    for i, state, out in _state_nodes(ix):
+        node = ix.nodes[i]
+        outs, todo, seen = set(), [o for o in node.output if o], set()
+        while todo:
+            t = todo.pop()
+            for c in ix.consumers.get(t, ()):
+                if c in ix.linears:
+                    outs.add(c)
+                elif c not in seen and not is_attention(ix.nodes[c]):
+                    seen.add(c)
+                    todo.extend(o for o in ix.nodes[c].output if o)
+        ins = {c for o in outs for c in walk_back(ix, ix.nodes[o].input[0])[1]}
+        if not outs or (outs | ins) & claimed:
             raise PreserveError(
                 f"cannot shard the layer at node '{ix.label(i)}' ({node.op_type}): it carries state from "
-                f"graph input '{state}' to graph output '{out}' (a recurrent, SSM or convolution state); "
-                f"shard splits attention, MLP and mixture-of-experts layers only"
+                f"graph input '{state}' to graph output '{out}' (a recurrent, SSM or convolution state), and "
+                f"no projections of its own enclose it to compute it whole on every rank"
             )
+        layout.replicated |= outs | ins
+        layout.state_layers.add(tuple(sorted(outs)))  # a layer of several state nodes counts once
+
+
+def _output_projections(ix: GraphIndex, out: str) -> set[int]:
+    """The linears that read an attention output through layout operators and an output gate (a Mul:
+    Qwen3.5's ``attention * sigmoid(gate)``, the gate being per head like the output)."""
+    rows, todo, seen = set(), [out], set()
+    while todo:
+        for i, t in readers_through_layout(ix, todo.pop()):
+            node = ix.nodes[i]
+            if i in ix.linears and node.input[0] == t:
+                rows.add(i)
+            elif is_op(node, "Mul") and node.output[0] not in seen:
+                seen.add(node.output[0])
+                todo.append(node.output[0])
+    return rows
 
 
 def find_layout(
@@ -277,7 +319,6 @@ def find_layout(
     """The Megatron layout of ``ix``'s graph for ``world`` ranks; PreserveError names what is refused."""
     dims = dict(dims or {})
     layout = Layout()
-    _refuse_state_layers(ix)
     sites = attention_cores(ix.graph)
     if not sites:
         raise PreserveError(
@@ -287,10 +328,7 @@ def find_layout(
     col_seeds: set[str] = set()
     kv_paths = kv_cache_paths(ix.graph)
     for site in sites:
-        out = ix.nodes[site].output[0]
-        rows = {
-            i for i, t in readers_through_layout(ix, out) if i in ix.linears and ix.nodes[i].input[0] == t
-        }
+        rows = _output_projections(ix, ix.nodes[site].output[0])
         if len(rows) != 1:
             raise PreserveError(
                 f"unrecognised layer structure at node '{ix.label(site)}': its output does not reach "
@@ -335,9 +373,10 @@ def find_layout(
         layout.heads |= {p // hs for lin in col_lins for p in layout.columns[lin.index].parts if p % hs == 0}
         for lin in col_lins:
             col_seeds.update(o for o in ix.nodes[lin.index].output if o)
+    _replicate_state_layers(ix, layout)
     layout.experts = find_experts(ix, world)
     routers = {r for e in layout.experts.values() for r in e.routers}
-    layout.replicated = routers - layout.columns.keys() - layout.rows.keys()
+    layout.replicated |= routers - layout.columns.keys() - layout.rows.keys()
     _find_mlps(ix, layout, col_seeds)
     _find_output_gates(ix, layout)
     _find_lm_head(ix, layout, vocab_parallel)
@@ -377,8 +416,9 @@ def _from_layer_output(ix: GraphIndex, tensor: str, ends: set[str]) -> bool:
 
 def _find_output_gates(ix: GraphIndex, layout: Layout) -> None:
     """A linear left over whose output, through element-wise operators, multiplies the output of a
-    row-parallel linear or an MoE (Qwen-MoE's shared-expert gate ``sigmoid(x W) * shared(x)``) is
-    replicated: every rank computes the same gate and applies it to the reduced output."""
+    row-parallel linear or an MoE (Qwen-MoE's shared-expert gate ``sigmoid(x W) * shared(x)``, as a Mul
+    or as the gate input 2 of ``com.microsoft::GatedAdd``: in0 + in2 * in1) is replicated: every rank
+    computes the same gate and applies it to the reduced output."""
     ends = {ix.nodes[i].output[0] for i in (*layout.rows, *layout.experts)}
     for i in sorted(ix.linears):
         if i in layout.columns or i in layout.rows or i in layout.replicated:
@@ -388,7 +428,8 @@ def _find_output_gates(ix: GraphIndex, layout: Layout) -> None:
             t = todo.pop()
             for c in ix.consumers.get(t, ()):
                 node = ix.nodes[c]
-                if is_op(node, "Mul") and any(_from_layer_output(ix, x, ends) for x in node.input if x != t):
+                gating = is_op(node, "Mul") or (is_op(node, "GatedAdd", MS_DOMAIN) and node.input[2:3] == [t])
+                if gating and any(_from_layer_output(ix, x, ends) for x in node.input if x != t):
                     layout.replicated.add(i)
                 elif node.op_type in ELEMENTWISE and node.output[0] not in seen and not is_op(node, "Mul"):
                     seen.add(node.output[0])

@@ -228,7 +228,10 @@ class Rewriter:
             if v is None or v <= 0:
                 continue
             width = v in lay.widths and v not in lay.head_size  # [B, S, heads * head_size]
-            heads = k < len(flat) - 1 and v in lay.heads and last in lay.head_size  # [.., heads, head_size]
+            # [.., heads, head_size], or [.., heads, per-head width] of a fused per-head part (Qwen3.5's
+            # q|gate: [0, 0, heads, 2 * head_size] of the q part's width)
+            per_head = last in lay.head_size or (last is not None and last > 0 and v * last in lay.widths)
+            heads = k < len(flat) - 1 and v in lay.heads and per_head
             if width or heads:
                 out[k] = v // W
         return out

@@ -152,7 +152,7 @@ def width_of(ix: GraphIndex, tensor: str) -> int:
             tensor = node.input[0]
         elif node.op_type in BIAS_OPS:
             tensor = node.input[1]
-        elif node.op_type in ("Cast", "Identity", "RotaryEmbedding"):
+        elif node.op_type in ("Cast", "Identity", "RotaryEmbedding", "MRotaryEmbedding"):
             tensor = node.input[0]
         else:
             return 0

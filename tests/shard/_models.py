@@ -211,19 +211,24 @@ def _moe(b: _B, h: str, kind: str, inter: int, shared: bool, ffn: int) -> str:
     return out
 
 
-def _state_layer(b: _B, h: str, layer: int, inputs: list, outputs: list, et: int) -> str:
-    """A convolution-state layer: state in -> the op -> state out, as Gated DeltaNet writes it."""
+def _state_layer(b: _B, h: str, layer: int, inputs: list, outputs: list, et: int, enclosed: bool) -> str:
+    """A convolution-state layer as Gated DeltaNet writes it: state in -> CausalConvWithState -> state
+    out. ``enclosed``: between its own input and output projections, added to the residual stream
+    (computed whole on every rank); else the op alone on the MLP's input (refused)."""
     past, present = f"past_conv.{layer}", f"present_conv.{layer}"
     inputs.append(helper.make_tensor_value_info(past, et, ["batch_size", H, 3]))
     outputs.append(helper.make_tensor_value_info(present, et, ["batch_size", H, 3]))
+    x = b.op("Transpose", [b.linear(h, H, H) if enclosed else h], perm=[0, 2, 1])
     y = b.name("/conv") + "/output_0"
+    weight = b.init((b.rng.standard_normal((H, 1, 4), dtype=np.float32) * 0.5).astype(b.dtype), "conv")
     b.nodes.append(
         helper.make_node(
-            "CausalConvWithState", [h, b.init(np.ones((H, 1, 4), np.float32), "conv"), "", past],
-            [y, present], name=b.name("/CausalConvWithState"), domain=MS,
+            "CausalConvWithState", [x, weight, b.vec(H), past], [y, present],
+            name=b.name("/CausalConvWithState"), domain=MS, ndim=1, activation="silu",
         )
     )
-    return y
+    y = b.op("Transpose", [y], perm=[0, 2, 1])
+    return b.linear(y, H, H) if enclosed else y
 
 
 def _rotate(b: _B, x: str, cos: str, sin: str) -> str:
@@ -316,7 +321,7 @@ def decoder(
     moe: str | None = None,
     experts_inter: int = 32,
     shared_expert: bool = False,
-    state_layer: bool = False,
+    state_layer: str | None = None,
     opaque_query: bool = False,
 ) -> Path:
     """Write ``folder/model.onnx`` (+ ``model.onnx.data``) and return its path. ``all_external``: every
@@ -450,8 +455,11 @@ def decoder(
             if attention in ("plain", "onnx")
             else b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
         )
-        if state_layer:  # a hybrid's convolution-state layer (Gated DeltaNet's CausalConvWithState)
-            h = _state_layer(b, h, i, inputs, outputs, et)
+        if state_layer == "enclosed":  # a hybrid's convolution-state layer with its own projections
+            x = b.op("Add", [x, _state_layer(b, h, i, inputs, outputs, et, True)])
+            h = b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
+        elif state_layer:  # the convolution-state op alone on the MLP's input
+            h = _state_layer(b, h, i, inputs, outputs, et, False)
         if moe:
             x = b.op("Add", [x, _moe(b, h, moe, experts_inter, shared_expert, ffn)])
         else:

@@ -314,13 +314,37 @@ def test_refuses_moe_layouts_it_cannot_split(moe, edit, message, tmp_path):
 # -- hybrid layers -----------------------------------------------------------------------------------
 
 
-def test_refuses_a_layer_that_carries_state_naming_the_node(tmp_path):
-    full = decoder(tmp_path / "m" / "full", state_layer=True)
+def test_a_state_layer_between_its_own_projections_is_computed_whole_on_every_rank(tmp_path):
+    """Gated DeltaNet's shape: in-projection -> CausalConvWithState (conv state in and out) ->
+    out-projection, added to the residual stream. Its state cannot be split by heads; replicating the
+    layer is exact (same input on every rank, same output): weights and state whole, no AllReduce."""
+    full = decoder(tmp_path / "full", state_layer="enclosed")
+    shard_model(full, tmp_path / "tp2", 2)
+    rank = load(tmp_path / "tp2" / "model_01.onnx")
+    (conv, _) = node_of(rank, "CausalConvWithState")
+    source = values(full)
+    mine = values(tmp_path / "tp2" / "model_01.onnx")
+    made = {o: n for n in rank.graph.node for o in n.output}
+    read = {i: n for n in rank.graph.node for i in n.input}
+    in_proj = made[made[conv.input[0]].input[0]]  # MatMul -> Transpose -> the op
+    out_proj = read[read[conv.output[0]].output[0]]  # the op -> Transpose -> MatMul
+    projections = [in_proj, out_proj]
+    assert [n.op_type for n in projections] == ["MatMul", "MatMul"]
+    assert all(mine[n.input[1]].shape == (H, H) for n in projections)
+    assert all(np.array_equal(mine[n.input[1]], source[n.input[1]]) for n in projections)
+    state = {vi.name: [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim] for vi in rank.graph.input}
+    assert state["past_conv.0"] == ["batch_size", H, 3]
+    assert [n.op_type for n in rank.graph.node].count("AllReduce") == 4  # o_proj and down_proj only
+    assert_twin(tmp_path / "tp2", full)
+
+
+def test_refuses_a_state_layer_without_projections_of_its_own(tmp_path):
+    full = decoder(tmp_path / "m" / "full", state_layer="bare")
     refused(
         full,
         tmp_path / "out",
         2,
         r"^cannot shard the layer at node '/CausalConvWithState_\d+' \(CausalConvWithState\): it carries "
         r"state from graph input 'past_conv.0' to graph output 'present_conv.0' \(a recurrent, SSM or "
-        r"convolution state\); shard splits attention, MLP and mixture-of-experts layers only$",
+        r"convolution state\), and no projections of its own enclose it to compute it whole on every rank$",
     )
