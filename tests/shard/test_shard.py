@@ -24,7 +24,7 @@ from preserve_onnx.cli import app
 from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.runtime import RankSession, generate_feeds, run_steps
 from preserve_onnx.shard import shard_model
-from preserve_onnx.model_io import resolve_single
+from preserve_onnx.shard.api import find_model_file
 from tests.conftest import SAMPLES
 from tests.shard._models import decoder
 
@@ -308,7 +308,7 @@ def test_real_exporter_output_shards_to_ranks_that_match_it(export, tp, tmp_path
     """Exports made by the real tools (sample_models/exporters: onnxruntime-genai builder, torch.onnx)."""
     full = SAMPLES / "exporters" / export / "full"
     shard_model(full, tmp_path / "out", tp)
-    assert_twin(tmp_path / "out", resolve_single(full))
+    assert_twin(tmp_path / "out", find_model_file(full))
 
 
 def test_four_ranks(tmp_path):
@@ -626,8 +626,8 @@ def test_refuses_a_folder_without_exactly_one_model(tmp_path):
     src = tmp_path / "export"
     shutil.copytree(SAMPLES / "llama-gqa" / "full", src)
     shutil.copy(src / "model.onnx", src / "other.onnx")
-    refused(src, tmp_path / "out", 2, r"export: the folder holds 2 \.onnx files; name the single-device model's file$")
-    refused(tmp_path / "missing.onnx", tmp_path / "out", 2, r"missing\.onnx: no such file or directory$")
+    refused(src, tmp_path / "out", 2, r"export: expected exactly one \.onnx file in the folder, found 2$")
+    refused(tmp_path / "missing.onnx", tmp_path / "out", 2, r"missing\.onnx: no such file$")
 
 
 def test_refuses_an_unreadable_genai_config(tmp_path):
