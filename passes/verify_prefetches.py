@@ -18,7 +18,7 @@ from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.passes.check_order import check_topological
 from preserve_onnx.graph.index import (MS_DOMAIN, attr, declared_types, initializer_nbytes, is_collective,
-                                       is_default_domain, iter_scopes)
+                                       is_default_domain, iter_graphs, iter_scopes)
 from preserve_onnx.pipeline import Pass, PassResult
 
 
@@ -66,6 +66,58 @@ def _graph_only(model: onnx.ModelProto) -> onnx.ModelProto:
             for d in t.dims:
                 tensor_type.shape.dim.add().dim_value = d
     return out
+
+
+@dataclass(frozen=True)
+class StaleLink:
+    graph: str  # scope path: "" for the main graph
+    node: str
+    tensor: str  # X, which no node other than a Prefetch reads
+
+
+@dataclass(frozen=True)
+class StaleLinks:
+    """The Prefetch links whose X no other node reads (docs/design.md §9): a quantizer or converter run
+    after ``optimize`` replaced the weight, and the link still hints the old bytes."""
+
+    total: int  # Prefetch nodes in the model
+    stale: tuple[StaleLink, ...]
+    # Initializers that only Prefetch nodes read (stale X kept in the file only by the links): what
+    # ``optimize --replan`` drops. A graph input or output is never among them.
+    prefetch_only: tuple[str, ...]
+
+    def describe(self) -> str:
+        """One line: ``9 of 13 Prefetch links are stale: ...; run optimize --replan``."""
+        n = len(self.stale)
+        tensors = ", ".join(f"'{s.tensor}'" for s in self.stale[:3]) + (", ..." if n > 3 else "")
+        return (f"{n} of {self.total} Prefetch link{'s' if self.total != 1 else ''} "
+                f"{'are' if n != 1 else 'is'} stale: no other node reads {tensors} (a quantizer or converter "
+                f"replaced the weights after optimize); run optimize --replan")
+
+
+def stale_links(model: onnx.ModelProto, naming: PrefetchNaming = PrefetchNaming()) -> StaleLinks:
+    """Every Prefetch whose X is read by no other node of any graph (nor is a graph output).
+
+    Reads the graph only (names, never weight bytes); subgraphs count as readers of outer tensors.
+    """
+    read: set[str] = set()
+    links: list[tuple[str, onnx.NodeProto]] = []
+    initializers: set[str] = set()
+    for path, graph in iter_graphs(model):
+        read.update(vi.name for vi in graph.output)
+        initializers.update(t.name for t in graph.initializer)
+        for node in graph.node:
+            if naming.matches(node):
+                links.append((path, node))
+                read.add(node.input[0] if node.input else "")
+                read.update(node.input[2:])  # L is the attention node's own input: still read
+            else:
+                read.update(node.input)
+    stale = tuple(StaleLink(path, node.name, node.input[1]) for path, node in links
+                  if len(node.input) > 1 and node.input[1] not in read)
+    interface = {vi.name for vi in model.graph.input}
+    only = tuple(dict.fromkeys(s.tensor for s in stale if s.tensor in initializers and s.tensor not in interface))
+    return StaleLinks(len(links), stale, only)
 
 
 class VerifyPrefetchesPass(Pass):

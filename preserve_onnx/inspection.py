@@ -4,7 +4,8 @@
 with its window (also the ones ``--collectives`` does not select, since they still bound windows), the
 plan that ``optimize`` would make with the same config, and the Prefetch nodes already in the model.
 An already-optimized model is planned as ``--replan`` would: on the model without its Prefetch nodes,
-so inspecting a model and its optimized self shows the same plan.
+so inspecting a model and its optimized self shows the same plan; its stale links (X read by no other
+node, docs/design.md §9) are counted.
 
 (The module is not called ``inspect`` so that ``preserve_onnx.inspect`` stays the function.)
 """
@@ -25,6 +26,7 @@ from preserve_onnx.optimizer import RankOutcome, map_path, resolve_model
 from preserve_onnx.passes import Plan, StripPrefetchesPass, Window, build_windows, plan_prefetches
 from preserve_onnx.graph.index import iter_scopes
 from preserve_onnx.passes.check_order import check_topological
+from preserve_onnx.passes.verify_prefetches import StaleLinks, stale_links
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Inspection:
     plan: Plan  # what optimize would insert (windows of the selected collectives only)
     prefetches: tuple[ExistingPrefetch, ...]  # Prefetch nodes the model already has
     seconds: float
+    stale: StaleLinks | None = None  # links among ``prefetches`` whose X nothing else reads (None: no links)
 
     @property
     def outcome(self) -> RankOutcome:
@@ -73,12 +76,14 @@ def inspect(model: onnx.ModelProto | str | Path, config: OptimizeConfig | None =
     except PreserveError as exc:
         raise PreserveError(f"check-order failed: {exc}") from None
     existing = _existing_prefetches(model, config.naming)
+    stale = stale_links(model, config.naming) if existing else None
     if existing:
-        # Plan what --replan would: the Prefetch nodes hide each collective's original input.
+        # Plan what --replan would: the Prefetch nodes hide each collective's original input (the
+        # initializers --replan drops are read by nothing after the strip: never candidates).
         model = StripPrefetchesPass(config.naming)(model).model
     collectives = build_windows(model, config.collectives, config.batch)  # every collective, flagged
     plan = plan_prefetches(model, config, ranks)
-    return Inspection(source, ranks, collectives, plan, existing, time.perf_counter() - start)
+    return Inspection(source, ranks, collectives, plan, existing, time.perf_counter() - start, stale)
 
 
 def inspect_path(src: str | Path, config: OptimizeConfig | None = None, *,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from preserve_onnx.config import PREFETCH_ATTRIBUTES, OptimizeConfig
@@ -74,10 +75,37 @@ def report_dict(outcomes: Sequence[RankOutcome], config: OptimizeConfig) -> dict
         },
         "models": [
             {"source": str(o.source) if o.source else None, "output": str(o.output) if o.output else None,
-             **plan_dict(o.plan)}
+             **plan_dict(o.plan), **replan_dict(o)}
             for o in outcomes
         ],
     }
+
+
+def replan_dict(o: RankOutcome) -> dict:
+    """``--replan`` on a model with stale links (docs/design.md §9): what was stale and what was dropped."""
+    if o.stale is None or not o.stale.stale:
+        return {}
+    dropped = o.dropped.names if o.dropped is not None else ()
+    return {"replan": {"prefetch_links": o.stale.total, "stale_links": len(o.stale.stale),
+                       "dropped_initializers": list(dropped),
+                       "dropped_bytes": o.dropped.nbytes if o.dropped is not None else 0,
+                       "data_bytes_left_out": o.compacted}}
+
+
+def replan_line(o: RankOutcome) -> str | None:
+    """``model_00.onnx: 11 of 13 Prefetch links were stale; re-planned on the new weights, dropped 11
+    initializers only they read (308.0 KiB), data file 248.0 KiB smaller`` (None: nothing was stale)."""
+    if o.stale is None or not o.stale.stale:
+        return None
+    name = o.source.name if o.source else "model"
+    n = len(o.dropped.names) if o.dropped is not None else 0
+    line = (f"{name}: {len(o.stale.stale)} of {o.stale.total} Prefetch links were stale; re-planned on the new "
+            f"weights, dropped {n} initializer{'s' if n != 1 else ''} only they read")
+    if n:
+        line += f" ({format_size(o.dropped.nbytes)})"
+    if o.compacted:
+        line += f", data files {format_size(o.compacted)} smaller"
+    return line
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -136,6 +164,9 @@ def render_outcomes(console: Console, outcomes: Sequence[RankOutcome], verbose: 
         name = o.source.name if o.source else "model"
         console.print(plan_table(o, f"{name}: {len(o.plan.windows)} windows, {o.plan.prefetch_count} "
                                     f"prefetches, {format_size(o.plan.prefetched_bytes)}"))
+        replanned = replan_line(o)
+        if replanned:
+            console.print(f"[yellow]{escape(replanned)}[/yellow]", highlight=False, soft_wrap=True)
         if verbose:
             console.print(prefetch_table(o))
             console.print(skipped_table(o, verbose))

@@ -49,7 +49,21 @@ def inspection_dict(inspections: Sequence[Inspection], config: OptimizeConfig) -
             for w in ins.collectives
         ]
         model["existing_prefetches"] = [dataclasses.asdict(p) for p in ins.prefetches]
+        model["stale_prefetches"] = stale_dict(ins.stale)
     return data
+
+
+def stale_dict(stale) -> dict | None:
+    """A model's stale Prefetch links for JSON (None when the model has no Prefetch node)."""
+    if stale is None:
+        return None
+    return {"total": stale.total, "stale": [dataclasses.asdict(s) for s in stale.stale],
+            "prefetch_only_initializers": list(stale.prefetch_only)}
+
+
+def stale_line(name: str, stale) -> str | None:
+    """``model_00.onnx: 9 of 13 Prefetch links are stale: ...; run optimize --replan`` (None: none stale)."""
+    return f"{name}: {stale.describe()}" if stale is not None and stale.stale else None
 
 
 def _where(graph: str, name: str) -> str:
@@ -129,6 +143,9 @@ def render_inspections(console: Console, inspections: Sequence[Inspection], verb
             console.print(candidates_table(ins))
         if ins.prefetches:
             console.print(existing_table(ins))
+        warning = stale_line(name, ins.stale)
+        if warning:
+            console.print(f"[yellow]{escape(warning)}[/yellow]", highlight=False, soft_wrap=True)
         if verbose:
             console.print(skipped_table(ins.outcome, verbose))
 
@@ -172,6 +189,7 @@ def diff_dict(diff: Diff) -> dict:
         "only_b": list(diff.only_b),
         "models": [
             {"a": m.a, "b": m.b, "equal": m.equal, "summary": summary_phrases(m), "counts": m.counts(),
+             "stale_prefetches": {"a": stale_dict(m.stale_a), "b": stale_dict(m.stale_b)},
              "entries": [{**dataclasses.asdict(e), "changes": [dataclasses.asdict(c) for c in e.changes]}
                          for e in m.entries]}
             for m in diff.models
@@ -196,9 +214,16 @@ def _change_text(e: Entry) -> str:
                      f"{c.after if c.after is not None else '(none)'}" for c in e.changes)
 
 
+def diff_stale_lines(m: ModelDiff) -> list[str]:
+    """One line per side of ``m`` that has stale Prefetch links (A first)."""
+    return [line for line in (stale_line(m.a, m.stale_a), stale_line(m.b, m.stale_b)) if line]
+
+
 def render_diff(console: Console, diff: Diff) -> None:
     """The default human summary: one header per differing model, one line per entry."""
     for m in diff.models:
+        for warning in diff_stale_lines(m):
+            console.print(f"[yellow]{escape(warning)}[/yellow]", highlight=False, soft_wrap=True)
         if m.equal:
             continue
         console.print(f"[bold]{escape(m.a)} -> {escape(m.b)}[/bold]: {escape(', '.join(summary_phrases(m)))}",
@@ -241,7 +266,8 @@ def diff_markdown(diff: Diff) -> str:
     size = sum(len(x) + 1 for x in lines)
     differing = [m for m in diff.models if not m.equal]
     for k, m in enumerate(differing):
-        head = [f"#### {_md(m.b)}", "", ", ".join(summary_phrases(m)), ""]
+        warnings = [f"> {_md(line)}" for line in diff_stale_lines(m)]
+        head = [f"#### {_md(m.b)}", "", ", ".join(summary_phrases(m)), "", *warnings, *([""] if warnings else [])]
         if size + sum(len(x) + 1 for x in head) > MARKDOWN_CHARS:
             lines.append(f"… {len(differing) - k} more differing model(s) (see `diff --json`)")
             break

@@ -98,6 +98,7 @@ def test_cli_json_is_the_optimize_report_plus_collectives(variant, tmp_path):
         assert [(c["op_type"], c["selected"]) for c in model.pop("collectives")] == \
             [("AllReduce", True)] * len(model["windows"])
         assert model.pop("existing_prefetches") == []
+        assert model.pop("stale_prefetches") is None  # no Prefetch node, nothing to be stale
     assert doc == report  # same schema, same plan, same settings
     assert snapshot(src) == before  # nothing written
 
