@@ -138,8 +138,35 @@ _native_lock = threading.Lock()
 _native_lib: ctypes.CDLL | None = None
 
 
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``1.21.0.dev20250101`` -> (1, 21, 0): the leading numeric fields of a version string."""
+    fields = []
+    for part in version.split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        fields.append(int(digits.group()))
+    return tuple(fields)
+
+
+def check_onnxruntime(lib: ctypes.CDLL) -> None:
+    """Refuses an installed onnxruntime older than the library's C API (onnxruntime 1.N serves API N): it
+    would fail to register the library and then report every AllReduce as an unknown operator.
+
+    Raises:
+        PreserveError: one line naming what to upgrade.
+    """
+    api = int(lib.preserve_ort_api_version())
+    installed = ort.__version__
+    if _version_tuple(installed)[:2] < (1, api):
+        raise PreserveError(f"onnxruntime {installed} is older than the runtime's custom-op library needs "
+                            f"(onnxruntime 1.{api}, C API version {api}): upgrade it: pip install --upgrade "
+                            f"'onnxruntime>=1.{api}'")
+
+
 def _native() -> ctypes.CDLL:
-    """Loads the library into this process once (the same image onnxruntime loads for the sessions)."""
+    """Loads the library into this process once (the same image onnxruntime loads for the sessions), and
+    checks that the installed onnxruntime can register it."""
     global _native_lib
     with _native_lock:
         if _native_lib is None:
@@ -150,7 +177,9 @@ def _native() -> ctypes.CDLL:
             lib.preserve_prefetch_recorded.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_uint64]
             lib.preserve_prefetch_recorded.restype = ctypes.c_uint64
             lib.preserve_prefetch_record.argtypes = [ctypes.c_int]
+            lib.preserve_ort_api_version.restype = ctypes.c_int
             _native_lib = lib
+        check_onnxruntime(_native_lib)
         return _native_lib
 
 

@@ -1456,6 +1456,10 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   }
 }
 
+// The onnxruntime C API version the library was built against: it loads in onnxruntime 1.<this> and newer
+// (onnxruntime 1.N serves API versions up to N). The host checks it before registering the library.
+__attribute__((visibility("default"))) int preserve_ort_api_version() { return ORT_API_VERSION; }
+
 // Prefetch counters since the library was loaded (process-wide): hints issued, skipped above max_tokens,
 // skipped below min_tokens, and the bytes of X the issued hints covered (docs/design.md §3, "Live ranges").
 __attribute__((visibility("default"))) void preserve_prefetch_counters(uint64_t* issued, uint64_t* skipped_above,

@@ -1,0 +1,48 @@
+"""The onnxruntime floor: the library is built against one C API version (onnxruntime 1.N serves API N);
+pyproject.toml requires that release, and `run` names what to upgrade when an older one is installed."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from _rt_graphs import model, vi
+from onnx import TensorProto
+from typer.testing import CliRunner
+
+from preserve_onnx.cli import app
+from preserve_onnx.errors import PreserveError
+from preserve_onnx.runtime import RankSession
+from preserve_onnx.runtime import session as session_module
+from tests.conftest import ROOT, SAMPLES
+
+API = session_module._native().preserve_ort_api_version()
+TOO_OLD = (f"onnxruntime 1.20.1 is older than the runtime's custom-op library needs (onnxruntime 1.{API}, C API "
+           f"version {API}): upgrade it: pip install --upgrade 'onnxruntime>=1.{API}'")
+
+
+def test_pyproject_requires_the_onnxruntime_the_library_is_built_for():
+    floors = re.findall(r'"onnxruntime>=1\.(\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert floors == [str(API)]
+
+
+@pytest.mark.parametrize("version, refused", [
+    ("1.20.1", True), ("0.99.0", True), (f"1.{API - 1}.9", True),
+    (f"1.{API}.0", False), (f"1.{API}.0.dev20250101", False), ("1.32.0", False), ("2.0.0", False),
+])
+def test_versions_older_than_the_library_are_refused(monkeypatch, version, refused):
+    monkeypatch.setattr(session_module.ort, "__version__", version)
+    m = model([], [vi("x", TensorProto.FLOAT, [1])], [vi("x", TensorProto.FLOAT, [1])])
+    if refused:
+        with pytest.raises(PreserveError, match=rf"^onnxruntime {re.escape(version)} is older than"):
+            RankSession(m)
+    else:
+        np.testing.assert_array_equal(RankSession(m).run({"x": np.ones(1, np.float32)})[0]["x"], [1.0])
+
+
+def test_run_says_in_one_line_what_to_upgrade(monkeypatch):
+    monkeypatch.setattr(session_module.ort, "__version__", "1.20.1")
+    r = CliRunner().invoke(app, ["run", str(SAMPLES / "llama-gqa" / "tp2")])
+    assert r.exit_code == 1
+    assert r.output == f"error: {TOO_OLD}\n"
