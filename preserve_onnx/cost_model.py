@@ -54,7 +54,7 @@ from onnx import TensorProto, numpy_helper
 from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.hardware import HardwareProfile
-from preserve_onnx.model_io import find_rank_sets, load_model, sibling_rank_count
+from preserve_onnx.model_io import load_model, resolve_ranks
 from preserve_onnx.graph.dims import Sizing, bind_lenient, decode_layout, message_bytes
 from preserve_onnx.graph.index import Scope, attr, dtype_bits, is_collective, is_default_domain, iter_scopes, \
     node_label
@@ -686,18 +686,9 @@ def evaluate(analysis: Analysis, hw: HardwareProfile, ranks: int | None = None, 
 
 
 def rank_model(path: Path, ranks: int | None = None) -> tuple[Path, int]:
-    """The rank model to estimate (rank 0 of a directory) and the rank count of its export."""
-    path = Path(path)
-    if not path.exists():
-        raise PreserveError(f"{path}: no such file or directory")
-    if path.is_dir():
-        sets = find_rank_sets(path)
-        if len(sets) != 1:
-            names = ", ".join(rs.files[0].name for rs in sets)
-            raise PreserveError(f"{path} holds {len(sets)} rank-model families ({names}); pass one file")
-        files = sets[0].files
-        return files[0], ranks or len(files)
-    return path, ranks or sibling_rank_count(path) or 1
+    """The rank model to estimate (rank 0 of what ``path`` names) and the rank count of its export."""
+    files = resolve_ranks(path)
+    return files[0], ranks or len(files)
 
 
 def estimate_path(path: Path, hw: HardwareProfile, config: OptimizeConfig, ranks: int | None = None,

@@ -33,9 +33,8 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.model_io import external_info, load_model, validate_location
+from preserve_onnx.model_io import external_info, load_model, model_files, validate_location
 from preserve_onnx.graph.index import COLLECTIVE_OPS, MS_DOMAIN
-from preserve_onnx.passes.verify_prefetches import StaleLinks, stale_links
 
 KINDS = ("model", "opset", "metadata", "function", "graph", "input", "output", "initializer",
          "value_info", "node")
@@ -72,10 +71,6 @@ class ModelDiff:
     a: str
     b: str
     entries: tuple[Entry, ...]
-    # Each side's stale Prefetch links (X read by no other node, docs/design.md §9); None when it has none.
-    # A warning beside the diff, not a difference: two equal models can both be stale.
-    stale_a: StaleLinks | None = None
-    stale_b: StaleLinks | None = None
 
     @property
     def equal(self) -> bool:
@@ -142,17 +137,13 @@ def diff(a: onnx.ModelProto | str | Path, b: onnx.ModelProto | str | Path, *,
         raise PreserveError(f"cannot diff {kinds[0]} against {kinds[1]} ({a} vs {b})")
     if not a.is_dir():
         return Diff(str(a), str(b), (_diff_files(a, b, naming, data),))
-    names_a, names_b = _model_files(a), _model_files(b)
+    names_a, names_b = [p.name for p in model_files(a)], [p.name for p in model_files(b)]
     common = sorted(set(names_a) & set(names_b))
     if not common and not names_a and not names_b:
         raise PreserveError(f"no .onnx files in {a} or {b}")
     models = tuple(_diff_files(a / n, b / n, naming, data) for n in common)
     return Diff(str(a), str(b), models, tuple(sorted(set(names_a) - set(names_b))),
                 tuple(sorted(set(names_b) - set(names_a))))
-
-
-def _model_files(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.suffix == ".onnx" and p.is_file())
 
 
 def _diff_files(a: Path, b: Path, naming: PrefetchNaming, data: bool) -> ModelDiff:
@@ -170,13 +161,7 @@ def diff_models(a: onnx.ModelProto, b: onnx.ModelProto, *, naming: PrefetchNamin
     if not entries and a.SerializeToString(deterministic=True) != b.SerializeToString(deterministic=True):
         entries = [Entry("model", "changed", "", "(protobuf)",
                          "the models differ in a field this diff does not break down")]
-    naming = naming or PrefetchNaming()
-    return ModelDiff(labels[0], labels[1], tuple(entries), _stale(a, naming), _stale(b, naming))
-
-
-def _stale(model: onnx.ModelProto, naming: PrefetchNaming) -> StaleLinks | None:
-    links = stale_links(model, naming)
-    return links if links.stale else None
+    return ModelDiff(labels[0], labels[1], tuple(entries))
 
 
 class _Differ:

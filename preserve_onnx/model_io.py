@@ -174,6 +174,79 @@ def sibling_rank_count(path: Path) -> int:
     return 1
 
 
+def resolve_ranks(path: Path) -> tuple[Path, ...]:
+    """The rank models a path names, in rank order: a directory's one rank-file family; for one rank file,
+    its whole family in its folder (a rank alone would run its collectives as a world of one: not the
+    model); any other file alone. The one path -> rank models resolver of every command (docs/cli.md).
+
+    Raises:
+        PreserveError: Missing, no rank models, a gap in the ranks, or several families in a directory.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PreserveError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        if sibling_rank_count(path) == 1:
+            return (path,)
+        return next(s.files for s in find_rank_sets(path.parent) if any(f.name == path.name for f in s.files))
+    sets = find_rank_sets(path)
+    if len(sets) > 1:
+        names = ", ".join(s.pattern.replace("{rank}", "*") for s in sets)
+        raise PreserveError(f"{path} holds several rank-model families ({names}); name any file of the one "
+                            f"you mean")
+    return sets[0].files
+
+
+def model_files(directory: Path) -> list[Path]:
+    """The ``.onnx`` files of ``directory``, sorted by name."""
+    return sorted(p for p in Path(directory).iterdir() if p.suffix == ".onnx" and p.is_file())
+
+
+def resolve_single(path: Path, what: str = "") -> Path:
+    """A single model: the file itself, or the one ``.onnx`` file of a folder (an onnxruntime-genai builder
+    output). ``what`` prefixes the messages (``--twin``).
+
+    Raises:
+        PreserveError: Missing, or a folder holding no or several models.
+    """
+    path = Path(path)
+    prefix = f"{what} " if what else ""
+    if not path.exists():
+        raise PreserveError(f"{prefix}{path}: no such file or directory")
+    if not path.is_dir():
+        return path
+    found = model_files(path)
+    if len(found) != 1:
+        raise PreserveError(f"{prefix}{path}: the folder holds {len(found)} .onnx files; name the single-device "
+                            f"model's file")
+    return found[0]
+
+
+@contextmanager
+def staged_directory(out: Path, suffix: str = ".partial") -> Iterator[Path]:
+    """A hidden folder beside ``out`` to build a whole output tree in; on success it replaces ``out`` by
+    renames (readers see the old tree or the new, never a mix), on failure it is removed. The one staged
+    write of a directory: ``optimize``/``strip`` of rank folders and ``shard`` use it."""
+    out = Path(out)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent))
+        os.chmod(staging, default_mode(directory=True))
+    except OSError as exc:
+        raise PreserveError(f"cannot write into {out.parent}: {exc.strerror}") from None
+    try:
+        yield staging
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.{os.getpid()}.old"
+            os.replace(out, old)
+        os.replace(staging, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def is_rank_file(name: str) -> bool:
     return any(regex.match(name) for regex, _ in RANK_PATTERNS)
 

@@ -17,7 +17,6 @@ import numpy as np
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.model_io import find_rank_sets, sibling_rank_count
 from preserve_onnx.runtime.compare import Comparison
 from preserve_onnx.runtime.decode import run_steps
 from preserve_onnx.runtime.feeds import generate_feeds, load_feeds
@@ -39,24 +38,6 @@ class RunResult:
     report: bool = True
     rank: int = 0
     twin: TwinComparison | None = None  # against the single-device model (`run --twin`), when asked
-
-
-def rank_models(path: Path) -> tuple[Path, ...]:
-    """The rank files of a directory (in rank order); for one rank file, its whole family in its folder
-    (a rank alone would run its collectives as a world of one: not the model); else the file itself."""
-    path = Path(path)
-    if not path.exists():
-        raise PreserveError(f"{path}: no such file or directory")
-    if not path.is_dir():
-        if sibling_rank_count(path) == 1:
-            return (path,)
-        return next(s.files for s in find_rank_sets(path.parent) if any(f.name == path.name for f in s.files))
-    sets = find_rank_sets(path)
-    if len(sets) > 1:
-        names = ", ".join(s.pattern.replace("{rank}", "*") for s in sets)
-        raise PreserveError(f"{path} holds several rank-model families ({names}); run one of them by naming "
-                            f"any of its files")
-    return sets[0].files
 
 
 def session_kwargs(naming: PrefetchNaming, opt_level: str, timeout_s: float) -> dict:

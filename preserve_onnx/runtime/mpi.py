@@ -41,7 +41,8 @@ import onnxruntime as ort
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.runtime.backend import RunResult, decode, rank_models, running_original, session_kwargs
+from preserve_onnx.model_io import resolve_ranks
+from preserve_onnx.runtime.backend import RunResult, decode, running_original, session_kwargs
 from preserve_onnx.runtime.compare import Comparison, compare_outputs
 from preserve_onnx.runtime.decode import run_steps
 from preserve_onnx.runtime.session import (
@@ -440,8 +441,8 @@ def run_models_mpi(path: Path, *, against: Path | None = None, inputs: Path | No
     The comparison against ``against`` is merged over all ranks on every rank, so all exit alike.
     """
     start = time.perf_counter()
-    models = rank_models(path)
-    originals: Sequence[Path] = rank_models(against) if against is not None else ()
+    models = resolve_ranks(path)
+    originals: Sequence[Path] = resolve_ranks(against) if against is not None else ()
     ctx = get_context(comm)
     check_world(models, ctx, str(path))
     if against is not None and len(originals) != len(models):  # the thread backend's words

@@ -13,13 +13,14 @@ from typing import Mapping, Sequence
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.runtime.backend import RunResult, decode, rank_models, running_original, session_kwargs
+from preserve_onnx.model_io import resolve_ranks
+from preserve_onnx.runtime.backend import RunResult, decode, running_original, session_kwargs
 from preserve_onnx.runtime.compare import compare_outputs
 from preserve_onnx.runtime.decode import run_steps
 from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT
 from preserve_onnx.runtime.session import RankSession
 
-__all__ = ["BACKENDS", "RunResult", "rank_models", "run_models", "session_kwargs"]
+__all__ = ["BACKENDS", "RunResult", "run_models", "session_kwargs"]
 
 
 BACKENDS = ("threads", "mpi")
@@ -43,8 +44,8 @@ def run_models(path: Path, *, against: Path | None = None, inputs: Path | None =
         return run_models_mpi(path, against=against, inputs=inputs, steps=steps, batch=batch, context=context,
                               seed=seed, opt_level=opt_level, naming=naming, timeout_s=timeout_s, dims=dims)
     start = time.perf_counter()
-    models = rank_models(path)
-    originals: Sequence[Path] = rank_models(against) if against is not None else ()
+    models = resolve_ranks(path)
+    originals: Sequence[Path] = resolve_ranks(against) if against is not None else ()
     if against is not None and len(originals) != len(models):
         raise PreserveError(f"{path} has {len(models)} ranks but {against} has {len(originals)}")
     kw = session_kwargs(naming, opt_level, timeout_s)

@@ -25,10 +25,11 @@ import onnx
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.index import is_collective, iter_graphs
+from preserve_onnx.model_io import load_model, resolve_ranks, resolve_single
 from preserve_onnx.runtime.compare import max_abs_diff
 from preserve_onnx.runtime.decode import advance_feeds, next_token_ids
 from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, generate_feeds, layout_of, load_feeds
-from preserve_onnx.runtime.backend import RunResult, rank_models, session_kwargs
+from preserve_onnx.runtime.backend import RunResult, session_kwargs
 from preserve_onnx.runtime.session import RankSession, TensorMeta
 
 # Default absolute tolerance per output dtype (documented in the README, "run --twin"). float32 and
@@ -127,19 +128,11 @@ def single_model(single: Path) -> tuple[Path, onnx.ModelProto]:
     Raises:
         PreserveError: Missing, several models, or a model with collectives (a rank model).
     """
-    single = Path(single)
-    if not single.exists():
-        raise PreserveError(f"--twin {single}: no such file or directory")
-    if single.is_dir():
-        found = sorted(single.glob("*.onnx"))
-        if len(found) != 1:
-            raise PreserveError(f"--twin {single}: the folder holds {len(found)} .onnx files; --twin takes the "
-                                f"single-device model the ranks were sharded from (name its file)")
-        single = found[0]
+    single = resolve_single(single, "--twin")
     try:
-        model = onnx.load(single, load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - onnx raises several types for an unreadable file
-        raise PreserveError(f"--twin {single}: not a readable ONNX model ({str(exc).splitlines()[0]})") from exc
+        model = load_model(single)  # with load_model's checks: readable, external-data locations
+    except PreserveError as exc:
+        raise PreserveError(f"--twin {exc}") from exc
     for path, graph in iter_graphs(model):
         for node in graph.node:
             if is_collective(node):
@@ -340,7 +333,7 @@ def run_twin(path: Path, single: Path, *, inputs: Path | None = None, steps: int
     if atol is not None and not atol >= 0:
         raise PreserveError(f"atol must be at least 0, got {atol}")
     start = time.perf_counter()
-    models = rank_models(path)
+    models = resolve_ranks(path)
     single, graph = single_model(single)
     least = INT8_ACTIVATIONS_ATOL if quantizes_activations(graph) else 0.0
     kw = session_kwargs(naming, opt_level, timeout_s)

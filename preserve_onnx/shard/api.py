@@ -3,16 +3,14 @@
 Output: ``OUT/model_00.onnx`` ... ``model_{N-1:02d}.onnx``, each with ``model_0r.onnx.data``, plus the
 other files of MODEL's folder (tokenizer files, ...) copied unchanged, and ``genai_config.json`` with
 the decoder's head counts per rank. Everything is
-built in a temporary folder beside OUT and renamed into place: a refusal or a failure leaves nothing.
+built in a staged folder beside OUT (model_io.staged_directory) and renamed into place: a refusal or a failure leaves nothing.
 Weights are read through memory maps and written tensor by tensor; the model's weights are never held.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from preserve_onnx.errors import PreserveError, UsageError
-from preserve_onnx.model_io import default_mode, external_info, load_model
+from preserve_onnx.model_io import external_info, load_model, resolve_single, staged_directory
 from preserve_onnx.graph.index import iter_graphs
 from preserve_onnx.shard.cutting import rank_value
 from preserve_onnx.shard.planning import ShardPlan, plan_shards
@@ -40,25 +38,11 @@ class ShardResult:
     bytes_written: int
     seconds: float
     expert_layers: int = 0  # MoE / QMoE nodes split on their intermediate axis (one AllReduce each)
-    state_layers: int = 0  # state-carrying nodes (hybrid layers) computed whole on every rank
 
     @property
     def allreduces(self) -> int:
         """AllReduce nodes per rank: one per row-parallel linear and one per MoE layer."""
         return self.row_parallel + self.expert_layers
-
-
-def find_model_file(model: Path) -> Path:
-    """MODEL itself, or the one .onnx file of a folder (an onnxruntime-genai builder output)."""
-    model = Path(model)
-    if model.is_dir():
-        found = sorted(p for p in model.iterdir() if p.suffix == ".onnx" and p.is_file())
-        if len(found) != 1:
-            raise PreserveError(f"{model}: expected exactly one .onnx file in the folder, found {len(found)}")
-        return found[0]
-    if not model.exists():
-        raise PreserveError(f"{model}: no such file")
-    return model
 
 
 def _check_out(model_file: Path, out: Path) -> None:
@@ -154,14 +138,13 @@ def shard_model(
     start = time.perf_counter()
     if tp < 2:
         raise UsageError("--tp must be at least 2")
-    model_file = find_model_file(Path(model))
+    model_file = resolve_single(Path(model))
     out = Path(out)
     _check_out(model_file, out)
     proto = load_model(model_file)
     reader = TensorReader(model_file.parent)
     plan = plan_shards(proto, tp, vocab_parallel=vocab_parallel, dims=dims, read=reader.array)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:  # OUT is absent or empty (checked): replaced when complete
         try:
             paths, total = _write_ranks(plan, proto, reader, tp, tmp)
         finally:
@@ -172,13 +155,6 @@ def shard_model(
                 (tmp / extra.name).write_text(genai_config(extra, tp))
             else:
                 shutil.copy2(extra, tmp / extra.name)
-        os.chmod(tmp, default_mode(directory=True))
-        if out.is_dir():
-            out.rmdir()  # empty (checked): replaced by the finished folder
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     layouts = plan.layouts
     return ShardResult(
         out,
@@ -190,5 +166,4 @@ def shard_model(
         total,
         time.perf_counter() - start,
         sum(len(x.experts) for x in layouts),
-        sum(len(x.state_layers) for x in layouts),
     )

@@ -193,8 +193,7 @@ def test_ranks_of_another_count_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize(("twin", "message"), [
-    ("tp2", "the folder holds 2 .onnx files; --twin takes the single-device model the ranks were sharded from "
-            "(name its file)"),
+    ("tp2", "the folder holds 2 .onnx files; name the single-device model's file"),
     ("tp2/model_00.onnx", "it has collectives (AllReduce '/model/layers.0/attn/o_proj/AllReduce'): it is a rank "
                           "model, not the single-device model the ranks were sharded from"),
     ("missing.onnx", "no such file or directory"),

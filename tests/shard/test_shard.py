@@ -24,7 +24,7 @@ from preserve_onnx.cli import app
 from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.runtime import RankSession, generate_feeds, run_steps
 from preserve_onnx.shard import shard_model
-from preserve_onnx.shard.api import find_model_file
+from preserve_onnx.model_io import resolve_single
 from tests.conftest import SAMPLES
 from tests.shard._models import decoder
 
@@ -48,9 +48,7 @@ def assert_twin(out: Path, full: Path, opt_level: str = "all", dims: dict | None
     sharded = run_steps(ranks, shared, per_rank, 3)
     (expected,) = run_steps(single, shared, {0: feeds}, 3)
     for name, value in expected.items():
-        # logits and a replicated layer's state (the same shape on every rank) are whole on every rank
-        whole = name == "logits" or sharded[0][name].shape == value.shape
-        parts = [value] * world if whole else np.split(value, world, axis=kv_axis(name))
+        parts = [value] * world if name == "logits" else np.split(value, world, axis=kv_axis(name))
         for r in range(world):
             np.testing.assert_allclose(
                 sharded[r][name], parts[r], atol=TOL[value.dtype], rtol=0, err_msg=name
@@ -308,7 +306,7 @@ def test_real_exporter_output_shards_to_ranks_that_match_it(export, tp, tmp_path
     """Exports made by the real tools (sample_models/exporters: onnxruntime-genai builder, torch.onnx)."""
     full = SAMPLES / "exporters" / export / "full"
     shard_model(full, tmp_path / "out", tp)
-    assert_twin(tmp_path / "out", find_model_file(full))
+    assert_twin(tmp_path / "out", resolve_single(full))
 
 
 def test_four_ranks(tmp_path):
@@ -626,8 +624,8 @@ def test_refuses_a_folder_without_exactly_one_model(tmp_path):
     src = tmp_path / "export"
     shutil.copytree(SAMPLES / "llama-gqa" / "full", src)
     shutil.copy(src / "model.onnx", src / "other.onnx")
-    refused(src, tmp_path / "out", 2, r"export: expected exactly one \.onnx file in the folder, found 2$")
-    refused(tmp_path / "missing.onnx", tmp_path / "out", 2, r"missing\.onnx: no such file$")
+    refused(src, tmp_path / "out", 2, r"export: the folder holds 2 \.onnx files; name the single-device model's file$")
+    refused(tmp_path / "missing.onnx", tmp_path / "out", 2, r"missing\.onnx: no such file or directory$")
 
 
 def test_refuses_an_unreadable_genai_config(tmp_path):
