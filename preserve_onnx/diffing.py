@@ -35,6 +35,7 @@ from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.model_io import external_info, load_model, model_files, validate_location
 from preserve_onnx.graph.index import COLLECTIVE_OPS, MS_DOMAIN
+from preserve_onnx.passes.verify_prefetches import StaleLinks, stale_links
 
 KINDS = ("model", "opset", "metadata", "function", "graph", "input", "output", "initializer",
          "value_info", "node")
@@ -71,6 +72,10 @@ class ModelDiff:
     a: str
     b: str
     entries: tuple[Entry, ...]
+    # Each side's stale Prefetch links (X read by no other node, docs/design.md §9); None when it has none.
+    # A warning beside the diff, not a difference: two equal models can both be stale.
+    stale_a: StaleLinks | None = None
+    stale_b: StaleLinks | None = None
 
     @property
     def equal(self) -> bool:
@@ -161,7 +166,13 @@ def diff_models(a: onnx.ModelProto, b: onnx.ModelProto, *, naming: PrefetchNamin
     if not entries and a.SerializeToString(deterministic=True) != b.SerializeToString(deterministic=True):
         entries = [Entry("model", "changed", "", "(protobuf)",
                          "the models differ in a field this diff does not break down")]
-    return ModelDiff(labels[0], labels[1], tuple(entries))
+    naming = naming or PrefetchNaming()
+    return ModelDiff(labels[0], labels[1], tuple(entries), _stale(a, naming), _stale(b, naming))
+
+
+def _stale(model: onnx.ModelProto, naming: PrefetchNaming) -> StaleLinks | None:
+    links = stale_links(model, naming)
+    return links if links.stale else None
 
 
 class _Differ:

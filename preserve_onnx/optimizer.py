@@ -1,7 +1,13 @@
 """The optimize and strip pipelines, on one model or on whole rank directories.
 
-``optimize`` = check-order -> [strip-prefetches (only with replan)] -> insert-prefetches -> verify-prefetches.
-insert-prefetches consumes the analyses build-windows -> collect-candidates -> plan-prefetches.
+``optimize`` = check-order -> [strip-prefetches -> drop-stale-weights (only with replan)] -> insert-prefetches
+-> verify-prefetches. insert-prefetches consumes the analyses build-windows -> collect-candidates ->
+plan-prefetches.
+
+Stale links (docs/design.md §9): a model whose Prefetch links hint weights that no other node reads any
+more (a quantizer ran after optimize) is refused without ``--replan``, with the count; ``--replan``
+plans on the new weights, drops the initializers only those links read and, where the output's data
+file is a copy, writes it without their bytes.
 """
 
 from __future__ import annotations
@@ -19,17 +25,20 @@ import onnx
 
 from preserve_onnx.config import OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError, UsageError
-from preserve_onnx.model_io import (RUNTIME_FILES, ProgressFactory, copy_tree_entry, find_rank_sets, is_rank_file,
-                                    load_model, save_model, sibling_rank_count, staged_directory)
+from preserve_onnx.model_io import (RUNTIME_FILES, ProgressFactory, atomic_path, copy_tree_entry, external_info,
+                                    external_tensors, find_rank_sets, is_rank_file, load_model, save_model,
+                                    sibling_rank_count, staged_directory, write_bytes_atomic)
 from preserve_onnx.passes import (CheckOrderPass, InsertPrefetchesPass, Plan, StripPrefetchesPass,
                                   VerifyPrefetchesPass, plan_prefetches)
-from preserve_onnx.passes.verify_prefetches import Verification
+from preserve_onnx.passes.drop_stale_weights import Dropped, DropStaleWeightsPass
+from preserve_onnx.passes.verify_prefetches import StaleLinks, Verification, stale_links
 from preserve_onnx.pipeline import Sequential
 
 # name -> (kind, one-line summary), in pipeline order; `preserve-onnx passes` prints this.
 PASSES = {
     "check-order": ("check", CheckOrderPass.summary),
     "strip-prefetches": ("transform", StripPrefetchesPass.summary + " (runs only with --replan)"),
+    "drop-stale-weights": ("transform", DropStaleWeightsPass.summary + " (runs only with --replan)"),
     "build-windows": ("analysis", "find every collective and the operators up to the next collective"),
     "collect-candidates": ("analysis", "weights (through constant-only chains) and KV-cache each window reads"),
     "plan-prefetches": ("analysis", "fit candidates into each window's budget; split, cut and name them"),
@@ -49,12 +58,17 @@ class RankOutcome:
     plan: Plan
     verification: Verification | None
     seconds: float
+    stale: StaleLinks | None = None  # the input's Prefetch links whose X nothing else reads (None: no links)
+    dropped: Dropped | None = None  # --replan: initializers only stale links read, removed
+    compacted: int = 0  # bytes left out of the output's data files (those initializers' data)
 
 
-def build_pipeline(config: OptimizeConfig, baseline: onnx.ModelProto, ranks: int) -> Sequential:
+def build_pipeline(config: OptimizeConfig, baseline: onnx.ModelProto, ranks: int,
+                   stale: StaleLinks | None = None) -> Sequential:
     passes = [CheckOrderPass()]
     if config.replan:
-        passes.append(StripPrefetchesPass(config.naming))
+        stale = stale if stale is not None else stale_links(baseline, config.naming)
+        passes += [StripPrefetchesPass(config.naming), DropStaleWeightsPass(stale.prefetch_only)]
     passes += [InsertPrefetchesPass(config, ranks), VerifyPrefetchesPass(baseline, config.naming)]
     return Sequential(passes, [d for d in config.disabled if d in {p.name for p in passes}])
 
@@ -91,12 +105,18 @@ def _optimize_loaded(model, config: OptimizeConfig, ranks: int | None):
     start = time.perf_counter()
     model, source, ranks = resolve_model(model, config, ranks)
     _check_disabled(config)
-    result = build_pipeline(config, model, ranks)(model)
+    stale = stale_links(model, config.naming)
+    if stale.stale and not config.replan:
+        # Planning on top would keep hinting bytes nothing reads; say so rather than "already contains".
+        where = f"{source.name}: " if source is not None else ""
+        raise PreserveError(f"{where}{stale.describe()}; nothing was written")
+    result = build_pipeline(config, model, ranks, stale)(model)
     plan = result.stats("insert-prefetches")
     if plan is None:  # insert-prefetches disabled: still report what would have been planned
         plan = plan_prefetches(result.model, config, ranks)
     outcome = RankOutcome(source, None, ranks, result.modified, plan,
-                          result.stats("verify-prefetches"), time.perf_counter() - start)
+                          result.stats("verify-prefetches"), time.perf_counter() - start,
+                          stale if stale.total else None, result.stats("drop-stale-weights"))
     return outcome, result.model
 
 
@@ -120,9 +140,84 @@ def strip(model: onnx.ModelProto | str | Path, naming: PrefetchNaming = Prefetch
 def _optimize_one(config: OptimizeConfig, progress: ProgressFactory | None, src: Path, dest: Path | None,
                   ranks: int | None, copy_data: bool | None) -> RankOutcome:
     outcome, model = _optimize_loaded(src, config, config.ranks or ranks)  # an explicit --ranks wins
-    if dest is not None:
-        save_model(model, dest, src.parent, copy_data=copy_data, progress=progress)
-    return dataclasses.replace(outcome, output=dest)
+    if dest is None:
+        return outcome
+    save_model(model, dest, src.parent, copy_data=copy_data, progress=progress)
+    compacted = 0
+    if outcome.dropped is not None and outcome.dropped.locations:
+        model, compacted = compact_data(model, outcome.dropped.locations, dest, src)
+    return dataclasses.replace(outcome, output=dest, compacted=compacted)
+
+
+def compact_data(model: onnx.ModelProto, locations: tuple[str, ...], dest: Path,
+                 src: Path) -> tuple[onnx.ModelProto, int]:
+    """Rewrite the data files ``locations`` beside ``dest`` (already written) with only the bytes that
+    ``model`` still reads, and ``dest`` with the new offsets; returns (model, bytes left out).
+
+    Each tensor keeps the alignment its offset had (up to 4096). A file is left as it is when it is
+    IN's own file (OUT beside IN, or in place) or another rank model beside IN reads it too. Bytes are
+    moved, never interpreted.
+    """
+    saved = 0
+    out = None
+    for location in locations:
+        target, original = dest.parent / location, src.parent / location
+        if not target.is_file() or (original.exists() and os.path.samefile(target, original)) \
+                or _shared(location, src):
+            continue
+        if out is None:
+            out = onnx.ModelProto()
+            out.CopyFrom(model)
+        tensors = sorted((t for t in external_tensors(out) if external_info(t).get("location") == location),
+                         key=lambda t: int(external_info(t).get("offset", 0) or 0))
+        before = target.stat().st_size
+        if not tensors:
+            target.unlink()
+            saved += before
+            continue
+        with atomic_path(target) as tmp, open(target, "rb") as fin, open(tmp, "wb") as fout:
+            cursor = 0
+            for t in tensors:
+                info = external_info(t)
+                offset, length = int(info.get("offset", 0) or 0), int(info.get("length", 0) or 0)
+                align = min(4096, offset & -offset) if offset else 4096
+                cursor = -(-cursor // align) * align
+                fout.seek(cursor)
+                done = 0
+                while done < length:
+                    buf = os.pread(fin.fileno(), min(8 << 20, length - done), offset + done)
+                    if not buf:
+                        raise PreserveError(f"{target} is short: '{t.name}' needs bytes up to {offset + length}")
+                    fout.write(buf)
+                    done += len(buf)
+                _set_offset(t, cursor)
+                cursor += length
+            fout.truncate(cursor)
+            fout.flush()
+            os.fsync(fout.fileno())
+            os.chmod(tmp, target.stat().st_mode & 0o777)
+        saved += before - cursor
+    if out is None:
+        return model, 0
+    write_bytes_atomic(dest, out.SerializeToString())
+    return out, saved
+
+
+def _set_offset(tensor: onnx.TensorProto, offset: int) -> None:
+    for entry in tensor.external_data:
+        if entry.key == "offset":
+            entry.value = str(offset)
+            return
+    tensor.external_data.add(key="offset", value=str(offset))
+
+
+def _shared(location: str, src: Path) -> bool:
+    """Whether another rank model beside ``src`` keeps data in ``location`` (compacting would break it)."""
+    for entry in sorted(src.parent.iterdir()):
+        if entry != src and entry.is_file() and is_rank_file(entry.name):
+            if any(external_info(t).get("location") == location for t in external_tensors(load_model(entry))):
+                return True
+    return False
 
 
 def _strip_one(naming: PrefetchNaming, progress: ProgressFactory | None, src: Path, dest: Path | None,
@@ -227,5 +322,3 @@ def _run_all(task: Callable, tasks: list[tuple], jobs: int | None) -> tuple:
             for f in futures:
                 f.cancel()
             raise
-
-
