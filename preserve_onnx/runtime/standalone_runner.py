@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not LIBRARY.is_file():
             raise RunError(f"{LIBRARY} is missing: it comes with this file (preserve-onnx optimize --with-runtime)")
+        api = ctypes.CDLL(str(LIBRARY)).preserve_ort_api_version()  # onnxruntime 1.N serves C API N
+        if tuple(int(part) for part in re.findall(r"\d+", ort.__version__)[:2]) < (1, api):
+            raise RunError(f"onnxruntime {ort.__version__} is older than {LIBRARY.name} needs (onnxruntime 1.{api}): "
+                           f"upgrade it: pip install --upgrade 'onnxruntime>=1.{api}'")
         models = rank_files(args.models)
         sessions, group = open_sessions(models, args)
         feeds = load_inputs(args.inputs, len(models)) if args.inputs else generate(sessions, args)

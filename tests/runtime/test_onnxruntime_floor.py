@@ -46,3 +46,20 @@ def test_run_says_in_one_line_what_to_upgrade(monkeypatch):
     r = CliRunner().invoke(app, ["run", str(SAMPLES / "llama-gqa" / "tp2")])
     assert r.exit_code == 1
     assert r.output == f"error: {TOO_OLD}\n"
+
+
+def test_run_ranks_py_says_in_one_line_what_to_upgrade(tmp_path):
+    """`optimize --with-runtime`'s runner, on an onnxruntime that reports an older version."""
+    import subprocess
+    import sys
+
+    from preserve_onnx.runtime.bundle import write_runtime
+
+    _, script = write_runtime(tmp_path)
+    code = ("import sys, runpy, onnxruntime; onnxruntime.__version__ = '1.20.1'; "
+            f"sys.argv = [{str(script)!r}, {str(SAMPLES / 'llama-gqa' / 'tp2')!r}]; "
+            f"runpy.run_path({str(script)!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == (f"error: onnxruntime 1.20.1 is older than libpreserve_ops.so needs (onnxruntime 1.{API}): "
+                        f"upgrade it: pip install --upgrade 'onnxruntime>=1.{API}'\n")
