@@ -125,7 +125,7 @@ def _naming(domain: str, op: str, attrs: Optional[list[str]] = None, version: in
 DomainOpt = Annotated[str, typer.Option("--prefetch-domain", help="domain of the Prefetch op")]
 OpOpt = Annotated[str, typer.Option("--prefetch-op", help="op type of the Prefetch op")]
 AttrOpt = Annotated[Optional[list[str]], typer.Option(
-    "--prefetch-attr", metavar="NAME=NEW", help="rename a Prefetch attribute (max_size, offset, collective, max_tokens); repeatable")]
+    "--prefetch-attr", metavar="NAME=NEW", help=f"rename a Prefetch attribute ({', '.join(PREFETCH_ATTRIBUTES)}); repeatable")]
 VersionOpt = Annotated[int, typer.Option("--prefetch-version", help="opset version of the Prefetch domain")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="say why tensors were skipped")]
 # Planning options, shared by optimize and inspect (turned into an OptimizeConfig by _config).
@@ -137,6 +137,8 @@ ContextOpt = Annotated[int, typer.Option(help="context length that sizes the KV-
 NoKvOpt = Annotated[bool, typer.Option("--no-kv", help="do not prefetch KV-cache")]
 QdqOpt = Annotated[bool, typer.Option("--qdq-weights", help="also prefetch DequantizeLinear's "
                                       "quantized weights (blocks onnxruntime's DQ+MatMul fusion)")]
+StaticKvOpt = Annotated[bool, typer.Option("--static-kv", help="KV-cache links without the length input L "
+                                           "(two-input Prefetch: raw byte ranges, no live ranges)")]
 CollectivesOpt = Annotated[str, typer.Option(help="comma-separated collectives to plan")]
 MinChunkOpt = Annotated[str, typer.Option(help="smallest partial prefetch")]
 RanksOpt = Annotated[Optional[int], typer.Option(help="rank count for collective time (default: from files)")]
@@ -146,7 +148,8 @@ DimOpt = Annotated[Optional[list[str]], typer.Option(
 
 def _config(*, hardware: str, budget: Optional[str], l2_fraction: float, batch: int, context: int, no_kv: bool,
             qdq_weights: bool, collectives: str, naming: PrefetchNaming, min_chunk: str, ranks: Optional[int],
-            replan: bool = False, disabled: tuple[str, ...] = (), dim: Optional[list[str]] = None) -> OptimizeConfig:
+            replan: bool = False, disabled: tuple[str, ...] = (), dim: Optional[list[str]] = None,
+            static_kv: bool = False) -> OptimizeConfig:
     """The planning options, checked, as the optimizer's frozen config."""
     from preserve_onnx.graph.dims import parse_dim_options
 
@@ -163,7 +166,7 @@ def _config(*, hardware: str, budget: Optional[str], l2_fraction: float, batch: 
     return OptimizeConfig(
         hardware=load_profile(hardware), budget=_size("--budget", budget) if budget is not None else None,
         l2_fraction=l2_fraction, batch=batch, context=context, dims=parse_dim_options(dim), kv=not no_kv,
-        qdq_weights=qdq_weights,
+        qdq_weights=qdq_weights, static_kv=static_kv,
         collectives=chosen, naming=naming, min_chunk=_size("--min-chunk", min_chunk), ranks=ranks, replan=replan,
         disabled=disabled)
 
@@ -204,6 +207,7 @@ def optimize(
     context: ContextOpt = 16384,
     no_kv: NoKvOpt = False,
     qdq_weights: QdqOpt = False,
+    static_kv: StaticKvOpt = False,
     collectives: CollectivesOpt = "AllReduce",
     prefetch_domain: DomainOpt = "preserve",
     prefetch_op: OpOpt = "Prefetch",
@@ -230,7 +234,7 @@ def optimize(
 
     start = time.perf_counter()
     config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
-                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives,
+                     no_kv=no_kv, qdq_weights=qdq_weights, static_kv=static_kv, collectives=collectives,
                      naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                      min_chunk=min_chunk, ranks=ranks, replan=replan, disabled=tuple(disable or ()), dim=dim)
     _at_least_one("--jobs", jobs)
@@ -301,6 +305,7 @@ def inspect(
     context: ContextOpt = 16384,
     no_kv: NoKvOpt = False,
     qdq_weights: QdqOpt = False,
+    static_kv: StaticKvOpt = False,
     collectives: CollectivesOpt = "AllReduce",
     prefetch_domain: DomainOpt = "preserve",
     prefetch_op: OpOpt = "Prefetch",
@@ -320,7 +325,7 @@ def inspect(
 
     start = time.perf_counter()
     config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
-                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives,
+                     no_kv=no_kv, qdq_weights=qdq_weights, static_kv=static_kv, collectives=collectives,
                      naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                      min_chunk=min_chunk, ranks=ranks, dim=dim)
     _at_least_one("--jobs", jobs)
@@ -434,6 +439,7 @@ def estimate(
     l2_fraction: L2FractionOpt = 0.5,
     no_kv: NoKvOpt = False,
     qdq_weights: QdqOpt = False,
+    static_kv: StaticKvOpt = False,
     collectives: CollectivesOpt = "AllReduce",
     min_chunk: MinChunkOpt = "64KiB",
     dim: DimOpt = None,
@@ -459,7 +465,7 @@ def estimate(
     if more_sweep and not sweep:
         raise UsageError(f"unexpected argument '{more_sweep[0]}' (sweep groups follow --sweep)")
     config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
-                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives,
+                     no_kv=no_kv, qdq_weights=qdq_weights, static_kv=static_kv, collectives=collectives,
                      naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                      min_chunk=min_chunk, ranks=ranks, dim=dim)
     hw = config.hardware
@@ -504,6 +510,7 @@ def explore(
     l2_fraction: L2FractionOpt = 0.5,
     no_kv: NoKvOpt = False,
     qdq_weights: QdqOpt = False,
+    static_kv: StaticKvOpt = False,
     collectives: CollectivesOpt = "AllReduce",
     min_chunk: MinChunkOpt = "64KiB",
     dim: DimOpt = None,
@@ -524,7 +531,7 @@ def explore(
 
     start = time.perf_counter()
     config = _config(hardware=hardware, budget=None, l2_fraction=l2_fraction, batch=batch, context=context,
-                     no_kv=no_kv, qdq_weights=qdq_weights, collectives=collectives,
+                     no_kv=no_kv, qdq_weights=qdq_weights, static_kv=static_kv, collectives=collectives,
                      naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                      min_chunk=min_chunk, ranks=ranks, dim=dim)
     _writable(csv_path, plot)

@@ -21,6 +21,14 @@ rank count differs from the export's)::
                 they fit in the L2 share prefetching leaves, (1 - l2_fraction) * L2, else at hbm_bw
     step        the end of the last event;  speedup = step(baseline) / step(plan)
 
+What a step reads (docs/design.md §4.7-4.8): a GroupQueryAttention KV-cache read counts its live bytes
+(``--batch`` sequences of ``--context`` positions, ``min(context, W)`` on a windowed layer, at most the
+buffer's length), not the buffer; an expert bank counts the share ``f(T) = 1 - (1 - k/E)^T`` of its
+bytes that T tokens routed uniformly to their top k of E experts read. A link moves its bytes in full
+but only the bytes the consumers read are credited: all of a live-range link, ``f(T)`` of a bank link,
+and of a static (two-input) KV link the live bytes inside its raw range. A bank link below its
+``min_tokens`` moves nothing in the ``preserve`` scenario (the runtime skips the hint).
+
 ``hbm_bw`` is the achieved bandwidth (``hbm_bw x hbm_efficiency``) and ``L2`` the usable share
 (``l2_bytes x l2_usable_fraction``) of the profile (docs/design.md §6). Validity range: a window whose
 plan carries ``max_tokens`` (the roofline bound of its consumers, ``passes/_roofline.py``) and whose
@@ -45,8 +53,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import onnx
 from onnx import TensorProto, numpy_helper
@@ -56,9 +65,10 @@ from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.hardware import HardwareProfile
 from preserve_onnx.model_io import load_model, resolve_ranks
 from preserve_onnx.graph.dims import Sizing, bind_lenient, decode_layout, message_bytes
-from preserve_onnx.graph.index import Scope, attr, dtype_bits, is_collective, is_default_domain, iter_scopes, \
-    node_label
-from preserve_onnx.graph.structure import is_attention, kv_cache_paths, reads_bytes
+from preserve_onnx.graph.index import MS_DOMAIN, Scope, attr, dtype_bits, is_collective, is_default_domain, \
+    iter_scopes, node_label
+from preserve_onnx.graph.structure import is_attention, kv_cache_paths, op_key, reads_bytes
+from preserve_onnx.passes._live import KvLayout, buffer_length, expert_share, kv_window, live_positions
 from preserve_onnx.passes.collect_candidates import Candidate, consumer_slots, resolve_roots, structural_kv_axes
 from preserve_onnx.passes.plan_prefetches import fill_window  # the planner's own rule
 from preserve_onnx.passes.plan_prefetches import plan_prefetches
@@ -77,11 +87,23 @@ _SAME_SHAPE = {"Cast", "CastLike", "Identity", "Relu", "Sigmoid", "Tanh", "Gelu"
 
 @dataclass(frozen=True)
 class Read:
-    """A weight or KV-cache tensor an operator reads from HBM (or from L2 once prefetched)."""
+    """A weight or KV-cache tensor an operator reads from HBM (or from L2 once prefetched): ``nbytes`` are
+    the bytes the step reads (live bytes of a GroupQueryAttention KV-cache, the expected share of an
+    expert bank)."""
 
     tensor: str
     nbytes: int
     kind: str  # "weight" | "kv_cache"
+
+
+class Link(NamedTuple):
+    """One link of a window's chain in the timeline: ``nbytes`` moved, of which ``useful`` are bytes the
+    consumers read (docs/design.md §4.7-4.8); skipped below ``min_tokens`` tokens per step."""
+
+    tensor: str
+    nbytes: int
+    useful: int
+    min_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +151,20 @@ class Analysis:
     ops: tuple[Op, ...]
     windows: tuple[WindowSpec, ...]
     config: OptimizeConfig
+    # What a step reads of a tensor when it reads less than all of it (docs/design.md §4.7-4.8): a
+    # GroupQueryAttention KV buffer's layout (its live positions), an expert bank's read share.
+    kv_layouts: Mapping[str, KvLayout] = field(default_factory=dict)
+    shares: Mapping[str, float] = field(default_factory=dict)
+
+    def useful(self, tensor: str, offset: int, size: int, live_range: bool, scale: float = 1.0) -> int:
+        """Of a link over bytes ``[offset, offset + size)`` of ``tensor`` (live bytes with ``live_range``,
+        else the tensor's raw bytes; both already re-sharded by ``scale``), the bytes a step reads."""
+        if tensor in self.shares:
+            return int(size * self.shares[tensor])
+        layout = self.kv_layouts.get(tensor)
+        if layout is None or live_range or layout.live_bytes == layout.raw_bytes:
+            return size
+        return int(layout.live_in_raw(int(offset / scale), int(size / scale)) * scale)
 
 
 @dataclass(frozen=True)
@@ -193,6 +229,8 @@ class _Walker:
         # Plain-operator KV-cache (docs/design.md §2): tensor carrying the cache's bytes -> its path.
         self.kv_alias = {alias: path for path in kv_cache_paths(model.graph).values() for alias in path.aliases}
         self.kv_read: set[str] = set()  # structural KV inputs already read in this step
+        self.kv_layouts: dict[str, KvLayout] = {}  # GroupQueryAttention KV buffers: their live positions
+        self.shares: dict[str, float] = {}  # expert banks: the share of their bytes a step reads
         values = decode_layout(model).values(batch=sizing.batch, context=sizing.context, dims=sizing.dims)
         for vi in model.graph.input:
             self.info[vi.name] = _input_info(vi, values, sizing.batch)
@@ -356,7 +394,7 @@ class _Walker:
                     continue
                 name = node.input[slot]
                 if slot in slots.kv and name in scope.main_inputs and name not in scope.initializers:
-                    reads.append(Read(name, self.sizing.kv_bytes(scope.main_inputs[name], slots.kv_axes), "kv_cache"))
+                    reads.append(Read(name, self._kv_read(node, name, slots.kv_axes, scope), "kv_cache"))
                     read_inputs.add(name)
                 elif slot in slots.weights:
                     res = resolve_roots(scope, name, qdq_weights=self.qdq_weights)
@@ -364,7 +402,13 @@ class _Walker:
                         continue  # an activation
                     for tensor in dict.fromkeys((*res.roots, *(t for t, _ in res.excluded))):
                         t = scope.initializers[tensor]
-                        reads.append(Read(tensor, _bytes(_Info(None, math.prod(t.dims), t.data_type)), "weight"))
+                        size = _bytes(_Info(None, math.prod(t.dims), t.data_type))
+                        if slot in slots.experts:  # an expert bank: the share its tokens are routed to
+                            experts = int(t.dims[0]) if t.dims else 0
+                            share = expert_share(int(attr(node, "k", 1)), experts, self._rows(node))
+                            self.shares[tensor] = share
+                            size = int(size * share)
+                        reads.append(Read(tensor, size, "weight"))
                     read_inputs.add(name)
             flops = self._consumer_flops(node, reads)
         if reads_bytes(node):
@@ -392,6 +436,20 @@ class _Walker:
         if not flops:
             flops = float(sum(i.numel for i in keep))
         return Op(scope.path, index, label, node.op_type, "compute", ins, outs, flops, tuple(reads), fixed, act)
+
+    def _kv_read(self, node: onnx.NodeProto, name: str, axes: tuple[int, int], scope: Scope) -> int:
+        """Bytes a step reads of a KV-cache input: a GroupQueryAttention's live bytes (its window, at most
+        its buffer; docs/design.md §4.7), every other attention op's whole past."""
+        vi = scope.main_inputs[name]
+        raw = self.sizing.kv_bytes(vi, axes)
+        if op_key(node) != (MS_DOMAIN, "GroupQueryAttention"):
+            return raw
+        length = buffer_length(vi, axes[1], self.sizing)
+        start, end = live_positions(length, self.context, kv_window(node))
+        shape = self.info[name].shape if name in self.info else None
+        if shape and len(shape) > axes[1] and shape[axes[1]] == length:
+            self.kv_layouts[name] = KvLayout.of(shape, raw, axes[1], start, end)
+        return raw // length * (end - start) if length else 0
 
     def _consumer_flops(self, node: onnx.NodeProto, reads: list[Read]) -> float:
         rows = self._rows(node)
@@ -453,7 +511,8 @@ def analyze(model: onnx.ModelProto, config: OptimizeConfig, model_ranks: int, so
         windows.append(WindowSpec(w.graph, w.collective, position[(w.graph, w.index)], tuple(where), first,
                                   w.message_bytes, w, wp.candidates, wp.max_tokens,
                                   _tokens(walker.info.get(w.anchor), config.batch)))
-    return Analysis(source, model_ranks, config.batch, config.context, ops, tuple(windows), config)
+    return Analysis(source, model_ranks, config.batch, config.context, ops, tuple(windows), config,
+                    dict(walker.kv_layouts), dict(walker.shares))
 
 
 def _tokens(info: _Info | None, batch: int) -> int:
@@ -487,9 +546,10 @@ class Timeline:
     events: tuple[Event, ...]
 
 
-def simulate(analysis: Analysis, hw: HardwareProfile, chains: tuple[tuple[tuple[str, int], ...], ...],
+def simulate(analysis: Analysis, hw: HardwareProfile, chains: tuple[tuple[tuple, ...], ...],
              ranks: int, l2_fraction: float, scenario: str) -> Timeline:
-    """Replay the step: ``chains[k]`` is window k's prefetch chain as ``(tensor, bytes)`` in chain order."""
+    """Replay the step: ``chains[k]`` is window k's prefetch chain in chain order, as :class:`Link` s (or
+    ``(tensor, bytes)`` pairs: every byte useful, no ``min_tokens``)."""
     scale = analysis.model_ranks / ranks
     hbm_bw, l2_capacity = hw.effective_hbm_bw, hw.usable_l2_bytes
     act_limit = (1.0 - l2_fraction) * l2_capacity
@@ -527,11 +587,13 @@ def simulate(analysis: Analysis, hw: HardwareProfile, chains: tuple[tuple[tuple[
         k = window_of.get(pos)
         if k is not None and k in t0 and analysis.windows[k].first_consumer == pos:
             # The chain streamed from t0 until now; what it moved is what the consumers find in L2.
-            chain = chains[k]
+            chain = tuple(_link(link) for link in chains[k])
             w = analysis.windows[k]
             if scenario == "preserve" and 0 < w.max_tokens < w.tokens:
                 chain = ()  # outside the validity range the runtime skips the hints (docs/design.md §3)
-            total = sum(b for _, b in chain)
+            if scenario == "preserve":  # expert banks below min_tokens: skipped the same way
+                chain = tuple(link for link in chain if link.min_tokens <= w.tokens)
+            total = sum(link.nbytes for link in chain)
             amount = int(min(total, hbm_bw * (start - t0[k]), l2_capacity))
             moved[k] = amount
             hits[k] = _take_prefix(chain, amount)
@@ -562,13 +624,20 @@ def simulate(analysis: Analysis, hw: HardwareProfile, chains: tuple[tuple[tuple[
     return Timeline(scenario, step, tuple(durations), tuple(moved), tuple(events))
 
 
-def _take_prefix(chain: tuple[tuple[str, int], ...], amount: int) -> dict[str, int]:
+def _link(link: tuple) -> Link:
+    return link if isinstance(link, Link) else Link(link[0], link[1], link[1])
+
+
+def _take_prefix(chain: tuple[Link, ...], amount: int) -> dict[str, int]:
+    """Tensor -> bytes the consumers find in L2 once the chain's first ``amount`` bytes moved: each link's
+    useful share of what it moved."""
     got: dict[str, int] = {}
-    for tensor, size in chain:
+    for link in chain:
         if amount <= 0:
             break
-        take = min(size, amount)
-        got[tensor] = got.get(tensor, 0) + take
+        take = min(link.nbytes, amount)
+        useful = link.useful if take == link.nbytes else int(link.useful * take / link.nbytes)
+        got[link.tensor] = got.get(link.tensor, 0) + useful
         amount -= take
     return got
 
@@ -589,6 +658,7 @@ class WindowEstimate:
     upper_bound_saved_s: float
     max_tokens: int = 0  # the window's validity range (0 = no limit)
     tokens: int = 1  # tokens per step in this estimate (above max_tokens the plan's hints are skipped)
+    hinted_bytes: int = 0  # of the planned bytes, those the runtime hints at this step (max/min_tokens)
 
 
 class _Speedups:
@@ -619,6 +689,11 @@ class Estimate(_Speedups):
     preserve: Timeline
     upper: Timeline
     windows: tuple[WindowEstimate, ...]
+    kv_read_bytes: int = 0  # KV-cache bytes the step reads (live bytes; docs/design.md §4.7)
+
+    @property
+    def hinted_bytes(self) -> int:
+        return sum(w.hinted_bytes for w in self.windows)
 
     @property
     def baseline_s(self) -> float:
@@ -641,7 +716,7 @@ class Estimate(_Speedups):
 
 
 def plan_chains(analysis: Analysis, hw: HardwareProfile, ranks: int, budget: int | None = None,
-                l2_fraction: float = 0.5) -> tuple[tuple[tuple[str, int], ...], ...]:
+                l2_fraction: float = 0.5) -> tuple[tuple[Link, ...], ...]:
     """Each window's planned chain at ``ranks``: the planner's fill rule over re-sharded candidates."""
     scale = analysis.model_ranks / ranks
     chains = []
@@ -649,8 +724,17 @@ def plan_chains(analysis: Analysis, hw: HardwareProfile, ranks: int, budget: int
         cands = tuple(dataclasses.replace(c, nbytes=int(c.nbytes * scale)) for c in w.candidates)
         limit = budget if budget is not None else hw.window_budget(w.message_bytes, ranks, l2_fraction)
         prefetches, _ = fill_window(w.window, cands, limit, analysis.config.min_chunk, 0, set())
-        chains.append(tuple((p.tensor, p.nbytes) for p in prefetches))
+        chains.append(tuple(Link(p.tensor, p.nbytes, analysis.useful(p.tensor, p.offset, p.nbytes, bool(p.lengths),
+                                                                    scale), p.min_tokens) for p in prefetches))
     return tuple(chains)
+
+
+def every_chain(analysis: Analysis, ranks: int) -> tuple[tuple[Link, ...], ...]:
+    """The upper bound's chains: every candidate of every window, whole, at ``ranks``."""
+    scale = analysis.model_ranks / ranks
+    return tuple(tuple(Link(c.tensor, int(c.nbytes * scale),
+                            analysis.useful(c.tensor, 0, int(c.nbytes * scale), bool(c.lengths), scale))
+                       for c in w.candidates) for w in analysis.windows)
 
 
 def budgets(analysis: Analysis, hw: HardwareProfile, ranks: int, budget: int | None,
@@ -665,10 +749,9 @@ def evaluate(analysis: Analysis, hw: HardwareProfile, ranks: int | None = None, 
     ranks = ranks or analysis.model_ranks
     if ranks < 1:
         raise PreserveError("ranks must be at least 1")
-    scale = analysis.model_ranks / ranks
     none = tuple(() for _ in analysis.windows)
     planned = plan_chains(analysis, hw, ranks, budget, l2_fraction)
-    every = tuple(tuple((c.tensor, int(c.nbytes * scale)) for c in w.candidates) for w in analysis.windows)
+    every = every_chain(analysis, ranks)
     base = simulate(analysis, hw, none, ranks, l2_fraction, "baseline")
     pres = simulate(analysis, hw, planned, ranks, l2_fraction, "preserve")
     upper = simulate(analysis, hw, every, ranks, l2_fraction, "upper bound")
@@ -677,12 +760,16 @@ def evaluate(analysis: Analysis, hw: HardwareProfile, ranks: int | None = None, 
         def saved(t: Timeline) -> float:
             return sum(base.durations[p] - t.durations[p] for p in w.op_positions)
 
+        hinted = 0 if 0 < w.max_tokens < w.tokens else \
+            sum(link.nbytes for link in planned[k] if link.min_tokens <= w.tokens)
         windows.append(WindowEstimate(
             w.graph, w.collective, hw.collective_time(w.message_bytes, ranks), limit,
-            sum(b for _, b in planned[k]), pres.moved[k], saved(pres), upper.moved[k], saved(upper),
-            w.max_tokens, w.tokens))
+            sum(link.nbytes for link in planned[k]), pres.moved[k], saved(pres), upper.moved[k], saved(upper),
+            w.max_tokens, w.tokens, hinted))
+    scale = analysis.model_ranks / ranks
+    kv_read = int(sum(r.nbytes for op in analysis.ops for r in op.reads if r.kind == "kv_cache") * scale)
     return Estimate(analysis.source, hw.name, analysis.batch, analysis.context, ranks, analysis.model_ranks,
-                    base, pres, upper, tuple(windows))
+                    base, pres, upper, tuple(windows), kv_read)
 
 
 def rank_model(path: Path, ranks: int | None = None) -> tuple[Path, int]:
@@ -711,6 +798,8 @@ class SweepPoint(_Speedups):
     baseline_s: float
     preserve_s: float
     upper_bound_s: float
+    kv_read_bytes: int = 0  # KV-cache bytes the step reads (flat past W on windowed layers)
+    hinted_bytes: int = 0  # bytes the plan's hints move at this point (expert banks from min_tokens on)
 
 
 SWEEP_KEYS = ("batch", "context", "ranks")
@@ -758,7 +847,8 @@ def sweep_path(path: Path, hw: HardwareProfile, config: OptimizeConfig, grid: di
             analysis = analyze(model, cfg, model_ranks, str(model_path))
             for p in grid.get("ranks", (model_ranks,)):
                 est = evaluate(analysis, hw, p, budget, cfg.l2_fraction)
-                points.append(SweepPoint(batch, context, p, est.baseline_s, est.preserve_s, est.upper_bound_s))
+                points.append(SweepPoint(batch, context, p, est.baseline_s, est.preserve_s, est.upper_bound_s,
+                                         est.kv_read_bytes, est.hinted_bytes))
     return tuple(points)
 
 
@@ -804,6 +894,8 @@ def estimate_dict(est: Estimate) -> dict:
         "speedup": est.speedup,
         "upper_bound_speedup": est.upper_bound_speedup,
         "share_of_upper_bound": est.share_of_upper_bound,
+        "kv_read_bytes": est.kv_read_bytes,
+        "hinted_bytes": est.hinted_bytes,
         "windows": [dataclasses.asdict(w) for w in est.windows],
     }
 
@@ -812,4 +904,5 @@ def sweep_list(points: tuple[SweepPoint, ...]) -> list[dict]:
     """The ``estimate --sweep --json`` document: a list of points."""
     return [{"batch": p.batch, "context": p.context, "ranks": p.ranks, "speedup": p.speedup,
              "upper_bound_speedup": p.upper_bound_speedup, "baseline_s": p.baseline_s,
-             "preserve_s": p.preserve_s} for p in points]
+             "preserve_s": p.preserve_s, "kv_read_bytes": p.kv_read_bytes, "hinted_bytes": p.hinted_bytes}
+            for p in points]

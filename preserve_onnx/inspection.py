@@ -41,6 +41,12 @@ class ExistingPrefetch:
     offset: int
     max_size: int  # 0 = the whole tensor
     max_tokens: int = 0  # the validity range written by optimize; 0 or absent = no limit
+    # The live range (docs/design.md §3): input 2, L ("" = two inputs), X's sequence axis and the window;
+    # an expert bank's min_tokens (0 = no limit).
+    lengths: str = ""
+    seq_axis: int | None = None
+    window: int = 0
+    min_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,10 @@ def _existing_prefetches(model: onnx.ModelProto, naming: PrefetchNaming) -> tupl
                 tensor=node.input[1] if len(node.input) > 1 else "",
                 collective=collective.decode() if isinstance(collective, bytes) else str(collective),
                 offset=int(attrs.get(naming.offset, 0)), max_size=int(attrs.get(naming.max_size, 0)),
-                max_tokens=_int_attr(attrs.get(naming.max_tokens, 0))))
+                max_tokens=_int_attr(attrs.get(naming.max_tokens, 0)),
+                lengths=node.input[2] if len(node.input) > 2 else "",
+                seq_axis=attrs[naming.seq_axis] if isinstance(attrs.get(naming.seq_axis), int) else None,
+                window=_int_attr(attrs.get(naming.window, 0)), min_tokens=_int_attr(attrs.get(naming.min_tokens, 0))))
     return tuple(found)
 
 

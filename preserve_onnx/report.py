@@ -40,7 +40,10 @@ def window_dict(wp: WindowPlan, verbose: bool = True) -> dict:
         "max_tokens": wp.max_tokens,  # the validity range (docs/design.md §3); 0 = no limit
         "prefetches": [
             {"node": p.node, "tensor": p.tensor, "kind": p.kind, "consumer": p.consumer,
-             "offset": p.offset, "max_size": p.max_size, "bytes": p.nbytes}
+             "offset": p.offset, "max_size": p.max_size, "bytes": p.nbytes,
+             # The live range (docs/design.md §3): L's tensor (null = two inputs; offset, max_size and
+             # bytes then count live bytes), X's sequence axis and the window; expert banks' min_tokens.
+             "lengths": p.lengths or None, "seq_axis": p.seq_axis, "window": p.window, "min_tokens": p.min_tokens}
             for p in wp.prefetches
         ],
     }
@@ -68,7 +71,7 @@ def report_dict(outcomes: Sequence[RankOutcome], config: OptimizeConfig) -> dict
         "budget_rule": outcomes[0].plan.budget_rule if outcomes else None,
         "settings": {
             "l2_fraction": config.l2_fraction, "batch": config.batch, "context": config.context,
-            "kv": config.kv, "qdq_weights": config.qdq_weights, "collectives": list(config.collectives), "min_chunk": config.min_chunk,
+            "kv": config.kv, "static_kv": config.static_kv, "qdq_weights": config.qdq_weights, "collectives": list(config.collectives), "min_chunk": config.min_chunk,
             "prefetch_domain": config.naming.domain, "prefetch_op": config.naming.op_type,
             "prefetch_version": config.naming.version,
             "prefetch_attributes": {a: getattr(config.naming, a) for a in PREFETCH_ATTRIBUTES},
@@ -133,15 +136,34 @@ def plan_table(outcome: RankOutcome, title: str) -> Table:
 
 
 def prefetch_table(outcome: RankOutcome) -> Table:
-    """One row per Prefetch node (``-v``)."""
+    """One row per Prefetch node (``-v``); ``range`` counts live bytes on a link with a length input."""
     table = Table(title="prefetches", title_justify="left")
-    for col in ("collective", "tensor", "kind", "bytes", "range"):
+    for col in ("collective", "tensor", "kind", "bytes", "range", "live range"):
         table.add_column(col, overflow="fold")
+    notes = {(wp.window.collective, c.tensor): c for wp in outcome.plan.windows for c in wp.candidates}
     for wp in outcome.plan.windows:
         for p in wp.prefetches:
             span = f"[{p.offset}, {p.offset + p.nbytes})" if p.max_size else "whole"
-            table.add_row(wp.window.collective, p.tensor, p.kind, format_size(p.nbytes), span)
+            cand = notes.get((wp.window.collective, p.tensor))
+            table.add_row(wp.window.collective, p.tensor, p.kind, format_size(p.nbytes), span,
+                          live_label(cand if cand is not None else p))
     return table
+
+
+def live_label(item) -> str:
+    """How a link's bytes follow the step (a Candidate or a PlannedPrefetch; docs/design.md §3, §4.7-4.8):
+    ``L=<tensor> axis A window W`` with a length input, ``min_tokens T`` (and the read share) on an expert
+    bank, a KV link's reason for the two-input form, else ""."""
+    parts = []
+    if item.lengths:
+        parts.append(f"L={item.lengths} axis {item.seq_axis}" + (f" window {item.window}" if item.window else ""))
+    if item.min_tokens:
+        share = getattr(item, "read_share", None)
+        parts.append(f"min_tokens {item.min_tokens}" + (f", reads {share:.0%}" if share is not None else ""))
+    note = getattr(item, "note", "")
+    if note:
+        parts.append(note)
+    return "; ".join(parts)
 
 
 def skipped_table(outcome: RankOutcome, verbose: int) -> Table:

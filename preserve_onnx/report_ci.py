@@ -18,7 +18,7 @@ from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.diffing import Diff, Entry, ModelDiff
 from preserve_onnx.hardware import format_size
 from preserve_onnx.inspection import Inspection
-from preserve_onnx.report import report_dict, skipped_table
+from preserve_onnx.report import live_label, report_dict, skipped_table
 
 DIFF_SCHEMA = 1
 MARKDOWN_ROWS = 200  # per model
@@ -97,7 +97,7 @@ def collectives_table(ins: Inspection, title: str) -> Table:
 def candidates_table(ins: Inspection) -> Table:
     """One row per candidate tensor of each window, with what the plan does with it."""
     table = Table(title="candidates (first use order)", title_justify="left")
-    for col in ("collective", "tensor", "kind", "bytes", "consumer", "plan"):
+    for col in ("collective", "tensor", "kind", "bytes", "consumer", "plan", "live range"):
         table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left",
                          no_wrap=col in ("kind", "bytes"))
     for wp in ins.plan.windows:
@@ -116,18 +116,18 @@ def candidates_table(ins: Inspection) -> Table:
                 plan = "-"
             table.add_row(escape(wp.window.collective) if k == 0 else "", escape(c.tensor), c.kind,
                           format_size(c.nbytes),
-                          escape(f"{c.consumer}[{c.slot}]"), plan)
+                          escape(f"{c.consumer}[{c.slot}]"), plan, escape(live_label(c)))
     return table
 
 
 def existing_table(ins: Inspection) -> Table:
     table = Table(title="Prefetch nodes already in the model", title_justify="left")
-    for col in ("collective", "tensor", "range", "max tokens"):
+    for col in ("collective", "tensor", "range", "max tokens", "live range"):
         table.add_column(col, overflow="fold")
     for p in ins.prefetches:
         span = "whole" if p.max_size == 0 else f"[{p.offset}, {p.offset + p.max_size})"
         table.add_row(escape(_where(p.graph, p.collective)), escape(p.tensor), span,
-                      str(p.max_tokens) if p.max_tokens else "-")
+                      str(p.max_tokens) if p.max_tokens else "-", escape(live_label(p)))
     return table
 
 

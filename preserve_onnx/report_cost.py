@@ -58,13 +58,17 @@ def sweep_title(source: object, hardware: str) -> str:
 
 
 def sweep_table(points: tuple[SweepPoint, ...], source: object, hardware: str) -> Table:
-    """The speedup grid: one row per (batch, context), one column per rank count."""
+    """The speedup grid: one row per (batch, context), one column per rank count, then what the step reads
+    of the KV-cache and what the plan hints at the first rank count (docs/design.md §4.7-4.8: windowed
+    layers read the same past their window, expert banks are hinted from their min_tokens on)."""
     ranks = sorted({p.ranks for p in points})
     table = Table(title=sweep_title(source, hardware), title_justify="left")
     table.add_column("batch", justify="right")
     table.add_column("context", justify="right")
     for r in ranks:
         table.add_column(f"{r} ranks", justify="right", no_wrap=True)
+    table.add_column(f"KV read ({ranks[0]} ranks)" if len(ranks) > 1 else "KV read", justify="right", no_wrap=True)
+    table.add_column("hinted", justify="right", no_wrap=True)
     cells: dict[tuple[int, int], dict[int, SweepPoint]] = {}
     for p in points:
         cells.setdefault((p.batch, p.context), {})[p.ranks] = p
@@ -75,7 +79,9 @@ def sweep_table(points: tuple[SweepPoint, ...], source: object, hardware: str) -
             p = row.get(r)
             text = f"{p.speedup:.2f}x" if p else "-"
             values.append(f"[bold]{text}[/bold]" if p is best else text)
-        table.add_row(str(batch), _context(context), *values)
+        first = row.get(ranks[0])
+        reads = (format_size(first.kv_read_bytes), format_size(first.hinted_bytes)) if first else ("-", "-")
+        table.add_row(str(batch), _context(context), *values, *reads)
     return table
 
 

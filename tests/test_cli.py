@@ -73,7 +73,8 @@ def test_report_schema(tmp_path):
     window = model["windows"][0]
     assert set(window) >= {"collective", "budget_bytes", "prefetched_bytes", "prefetches"}
     assert window["collective"] == "/model/layers.0/attn/o_proj/AllReduce"
-    assert set(window["prefetches"][0]) == {"node", "tensor", "kind", "consumer", "offset", "max_size", "bytes"}
+    assert set(window["prefetches"][0]) == {"node", "tensor", "kind", "consumer", "offset", "max_size", "bytes",
+                                            "lengths", "seq_axis", "window", "min_tokens"}
     assert sum(p["bytes"] for p in window["prefetches"]) == window["prefetched_bytes"] <= window["budget_bytes"]
 
 

@@ -60,7 +60,7 @@ def test_estimate_every_sample(variant, tmp_path):
     for w in doc["windows"]:
         assert set(w) == {"graph", "collective", "collective_s", "budget_bytes", "planned_bytes",
                           "overlapped_bytes", "saved_s", "upper_bound_bytes", "upper_bound_saved_s",
-                          "max_tokens", "tokens"}
+                          "max_tokens", "tokens", "hinted_bytes"}
     tracks = check_chrome_trace(json.loads((tmp_path / "trace.json").read_text()))
     assert {pid for pid, _ in tracks} == {1, 2, 3}  # baseline, preserve, upper bound
     for (pid, tid), events in tracks.items():

@@ -111,7 +111,7 @@ def test_cli_json_of_an_optimized_model_lists_its_prefetches(tmp_path):
     existing = model["existing_prefetches"]
     assert [p["node"] for p in existing] == [p["node"] for w in model["windows"] for p in w["prefetches"]]
     assert set(existing[0]) == {"graph", "node", "anchor", "tensor", "collective", "offset", "max_size",
-                                "max_tokens"}
+                                "max_tokens", "lengths", "seq_axis", "window", "min_tokens"}
     # The validity range read back from the nodes is the one the plan gives the window (fp32 on 910B).
     assert [p["max_tokens"] for p in existing[:3]] == [model["windows"][0]["max_tokens"]] * 3 == [470] * 3
 

@@ -35,7 +35,8 @@ def test_sweep_cells_are_baseline_over_plan_as_the_title_says():
     lines = _render(table)
     assert _title(lines) == "m: speedup on h200 (baseline / plan step time)"
     row = next(line for line in lines if "16k" in line)
-    assert [cell.strip() for cell in row.strip("│ ").split("│")] == ["8", "16k", "1.50x", "0.80x"]
+    # Then what the step reads of the KV-cache and what the plan hints, at the first rank count (none given: 0 B).
+    assert [cell.strip() for cell in row.strip("│ ").split("│")] == ["8", "16k", "1.50x", "0.80x", "0 B", "0 B"]
 
 
 def test_estimate_sweep_prints_the_title():
