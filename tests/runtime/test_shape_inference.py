@@ -96,17 +96,20 @@ def test_torchscript_reshapes_after_an_allgather_of_unknown_dims_load_and_run(di
 
 @pytest.mark.parametrize("x_type", [np.float32, np.uint8])
 @pytest.mark.parametrize("collective", [True, False])
-def test_torchscript_reshapes_after_a_prefetch_chain_of_unknown_dims_load_and_run(x_type, collective):
-    """The optimizer's chain (three links, X a weight of the anchor's type or another) in front of the
-    AllReduce, and a chain read directly by the reshapes."""
-    head = [helper.make_node("Prefetch", [a, "w"], [o], name=o, domain="preserve", max_size=0, offset=0,
-                             collective="ar")
+@pytest.mark.parametrize("with_l", [False, True])
+def test_torchscript_reshapes_after_a_prefetch_chain_of_unknown_dims_load_and_run(x_type, collective, with_l):
+    """The optimizer's chain (three links, X a weight of the anchor's type or another, with or without the
+    length input L of docs/design.md §3) in front of the AllReduce, and a chain read directly by the reshapes."""
+    extra = {"seq_axis": 0, "window": 4} if with_l else {}
+    head = [helper.make_node("Prefetch", [a, "w", "lens"] if with_l else [a, "w"], [o], name=o, domain="preserve",
+                             max_size=0, offset=0, collective="ar", **extra)
             for a, o in (("x", "p0"), ("p0", "p1"), ("p1", "p2"))]
     src = "p2"
     if collective:
         head.append(helper.make_node("AllReduce", ["p2"], ["ar"], name="ar", domain=MS))
         src = "ar"
-    m = _torchscript_attention([None, None, None], head, src, [init("w", np.arange(64).astype(x_type))])
+    inits = [init("w", np.arange(64).astype(x_type))] + ([init("lens", np.array(10, np.int64))] if with_l else [])
+    m = _torchscript_attention([None, None, None], head, src, inits)
     xs = [_x(0), _x(1)]
     out = RankSession([m, m]).run({}, {r: {"x": xs[r]} for r in range(2)})
     for r in range(2):
