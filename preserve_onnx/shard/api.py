@@ -38,6 +38,7 @@ class ShardResult:
     bytes_written: int
     seconds: float
     expert_layers: int = 0  # MoE / QMoE nodes split on their intermediate axis (one AllReduce each)
+    state_layers: int = 0  # state-carrying nodes (hybrid layers) computed whole on every rank
 
     @property
     def allreduces(self) -> int:
@@ -166,4 +167,5 @@ def shard_model(
         total,
         time.perf_counter() - start,
         sum(len(x.experts) for x in layouts),
+        sum(len(x.state_layers) for x in layouts),
     )
