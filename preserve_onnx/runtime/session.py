@@ -156,7 +156,13 @@ def check_onnxruntime(lib: ctypes.CDLL) -> None:
     Raises:
         PreserveError: one line naming what to upgrade.
     """
-    api = int(lib.preserve_ort_api_version())
+    try:
+        api_version = lib.preserve_ort_api_version
+    except AttributeError:  # a library built from an older source than this package
+        raise PreserveError(f"the runtime's custom-op library {lib._name} is older than this preserve-onnx: rebuild "
+                            f"it (`make lib` in a clone, or reinstall preserve-onnx)") from None
+    api_version.restype = ctypes.c_int
+    api = int(api_version())
     installed = ort.__version__
     if _version_tuple(installed)[:2] < (1, api):
         raise PreserveError(f"onnxruntime {installed} is older than the runtime's custom-op library needs "
@@ -177,7 +183,6 @@ def _native() -> ctypes.CDLL:
             lib.preserve_prefetch_recorded.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_uint64]
             lib.preserve_prefetch_recorded.restype = ctypes.c_uint64
             lib.preserve_prefetch_record.argtypes = [ctypes.c_int]
-            lib.preserve_ort_api_version.restype = ctypes.c_int
             _native_lib = lib
         check_onnxruntime(_native_lib)
         return _native_lib

@@ -63,3 +63,15 @@ def test_run_ranks_py_says_in_one_line_what_to_upgrade(tmp_path):
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr == (f"error: onnxruntime 1.20.1 is older than libpreserve_ops.so needs (onnxruntime 1.{API}): "
                         f"upgrade it: pip install --upgrade 'onnxruntime>=1.{API}'\n")
+
+
+def test_a_library_without_the_api_version_is_one_line():
+    """A library built from an older source than the package (no preserve_ort_api_version)."""
+    import ctypes
+    import ctypes.util
+
+    stale = ctypes.CDLL(ctypes.util.find_library("m"))
+    with pytest.raises(PreserveError) as caught:
+        session_module.check_onnxruntime(stale)
+    assert str(caught.value) == (f"the runtime's custom-op library {stale._name} is older than this preserve-onnx: "
+                                 f"rebuild it (`make lib` in a clone, or reinstall preserve-onnx)")
