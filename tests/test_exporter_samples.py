@@ -64,7 +64,7 @@ def attributes(node: onnx.NodeProto) -> dict:
 
 def test_the_committed_samples_are_these():
     names = sorted(p.parent.parent.name for p in EXPORTS.glob("*/full/model.onnx"))
-    assert names == sorted(GENAI + TORCH)
+    assert names == sorted(GENAI + TORCH + list(ARCH_2026))
 
 
 @pytest.mark.parametrize("name", GENAI + TORCH)
@@ -455,3 +455,79 @@ def test_torch_attention_is_plain_operators_with_the_kv_cache_through_concat(nam
     assert counts["ai.onnx::Softmax"] == LAYERS
     # q, k, v, o, gate, up, down per layer, the LM head, plus Q.K^T and P.V per layer
     assert counts["ai.onnx::MatMul"] == 7 * LAYERS + 1 + 2 * LAYERS
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The 2026 architectures (builder 0.18.0): MoE/QMoE, attention sinks, sliding windows with window-sized
+# caches, q/k norms, a hybrid with linear-attention layers
+
+# name: (q heads, KV heads, head size, window or None, layers with a KV-cache, worst logits diff measured
+# when the sample was made: prefill, decode)
+ARCH_2026 = {
+    "genai-gptoss-fp32": (8, 4, 16, 4, (0, 1), (1.49e-7, 1.79e-7)),
+    "genai-gptoss-int4": (8, 4, 16, 4, (0, 1), (0.220, 0.0476)),
+    "genai-qwen3-int4": (8, 4, 16, None, (0, 1), (0.149, 0.128)),
+    "genai-gemma2-fp32": (8, 4, 32, 4, (0, 1), (5.42e-5, 2.93e-5)),
+    "genai-gemma3-fp32": (8, 4, 32, 4, (0, 1), (8.18e-5, 6.41e-5)),
+    "genai-qwen35moe-int4": (8, 4, 16, None, (1,), (0.351, 0.355)),
+}
+ARCH_2026_OPS = {
+    "genai-gptoss-fp32": {"ai.onnx::MatMul": 7, "ai.onnx::Add": 6, "com.microsoft::MoE": 2},
+    "genai-gptoss-int4": {"com.microsoft::MatMulNBits": 7, "ai.onnx::Add": 6, "com.microsoft::QMoE": 2},
+    "genai-qwen3-int4": {"com.microsoft::MatMulNBits": 11, "ai.onnx::Split": 2, "ai.onnx::Reshape": 8},
+    "genai-gemma2-fp32": {"ai.onnx::MatMul": 11, "ai.onnx::Gelu": 2, "ai.onnx::Tanh": 1},
+    "genai-gemma3-fp32": {"ai.onnx::MatMul": 11, "ai.onnx::Gelu": 2, "ai.onnx::Split": 2},
+    "genai-qwen35moe-int4": {
+        "com.microsoft::QMoE": 2,
+        "com.microsoft::GatedAdd": 2,
+        "com.microsoft::MRotaryEmbedding": 2,
+        "com.microsoft::LinearAttention": 1,
+        "com.microsoft::CausalConvWithState": 1,
+        "com.microsoft::GroupQueryAttention": 1,
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARCH_2026))
+def test_2026_samples_prefill_and_decode_match_torch(name):
+    """Window-sized caches stay W slots (prefill_decode feeds W zero slots at prefill); full caches grow."""
+    q, kv, head, window, kv_layers, (worst_prefill, worst_decode) = ARCH_2026[name]
+    reference = np.load(EXPORTS / name / "reference.npz")
+    ids, logits = reference["input_ids"], reference["logits"]
+    batch, prompt = ids.shape[0], ids.shape[1] - 1
+    first, second = prefill_and_decode(EXPORTS / name / "full" / "model.onnx", ids, LAYERS, kv, head)
+    layer_kinds = json.loads((EXPORTS / name / "full" / "source.json").read_text())["hf_config"]
+    layer_kinds = layer_kinds.get("text_config", layer_kinds).get("layer_types") or ["full"] * LAYERS
+    assert sorted(int(k.split(".")[1]) for k in second if k.endswith(".key")) == list(kv_layers)
+    for i in kv_layers:
+        sliding = window is not None and layer_kinds[i] == "sliding_attention"
+        assert first[f"present.{i}.key"].shape == (batch, kv, window if sliding else prompt, head)
+        assert second[f"present.{i}.value"].shape == (batch, kv, window if sliding else prompt + 1, head)
+    prefill = np.abs(first["logits"].astype(np.float32) - logits[:, :prompt]).max()
+    decode = np.abs(second["logits"].astype(np.float32) - logits[:, prompt:]).max()
+    assert prefill == pytest.approx(worst_prefill, rel=0.01)
+    assert decode == pytest.approx(worst_decode, rel=0.01)
+
+
+@pytest.mark.parametrize("name", sorted(ARCH_2026))
+def test_2026_samples_attention_attributes_and_operators(name):
+    q, kv, head, window, kv_layers, _ = ARCH_2026[name]
+    model = load(name)
+    counts = op_counts(model)
+    assert {op: counts.get(op, 0) for op in ARCH_2026_OPS[name]} == ARCH_2026_OPS[name]
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert [int(n.name.split("/")[2].split(".")[1]) for n in gqa] == list(kv_layers)
+    for node in gqa:
+        found = attributes(node)
+        assert (found["num_heads"], found["kv_num_heads"]) == (q, kv)
+        assert found["scale"] == pytest.approx(head**-0.5)
+        sliding = window is not None and node.name.startswith("/model/layers.0/")
+        assert found["local_window_size"] == (window if sliding else -1)
+        assert found.get("sliding_window_cache", 0) == (1 if sliding else 0)
+        # gpt-oss's attention sinks: GroupQueryAttention in[11], one per q head
+        sinks = node.input[11] if len(node.input) > 11 else ""
+        assert bool(sinks) == ("gptoss" in name)
+    past = {i.name: dims(i) for i in model.graph.input if i.name.startswith("past_key_values.")}
+    for i in kv_layers:
+        length = "past_sliding_length" if window is not None and i == 0 else "past_sequence_length"
+        assert past[f"past_key_values.{i}.key"] == ["batch_size", kv, length, "kv_cache_dim"]
