@@ -60,6 +60,7 @@ class InsertPrefetchesPass(Pass):
             # strip removes the definition with the nodes: a foreign one would be lost.
             raise PreserveError(f"the model already defines a function {naming.domain}::{naming.op_type}; "
                                 f"pass --replan to remove it, or choose another --prefetch-domain")
+        in_use = any(n.domain == naming.domain for _, g in iter_graphs(model) for n in g.node)
         plan = plan_prefetches(model, self.config, self.ranks)
         if plan.prefetch_count == 0:
             return PassResult(model, False, plan)
@@ -73,7 +74,7 @@ class InsertPrefetchesPass(Pass):
         for path, graph in reversed(list(iter_graphs(out))):
             if path in by_graph:
                 _rewrite(graph, by_graph[path], self.config)
-        _ensure_opset(out, naming.domain, naming.version)
+        _ensure_opset(out, naming.domain, naming.version, in_use)
         add_prefetch_function(out, naming)
         return PassResult(out, True, plan)
 
@@ -116,10 +117,13 @@ def _prefetch_node(naming, anchor: str, p, collective: str, max_tokens: int = 0)
     return node
 
 
-def _ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
+def _ensure_opset(model: onnx.ModelProto, domain: str, version: int, in_use: bool) -> None:
+    """Import ``domain`` at ``version``. An import at another version that no node of the input used is
+    kept as it is (onnxruntime's offline optimization imports every registered custom domain, ``preserve``
+    at 1000): strip keeps it too, so strip(optimize(m)) == m."""
     for op in model.opset_import:
         if op.domain == domain:
-            if op.version != version:
+            if op.version != version and in_use:
                 raise PreserveError(f"the model imports domain '{domain}' at version {op.version}, "
                                     f"not {version}; choose another --prefetch-domain")
             return

@@ -2,8 +2,9 @@
 
 Invariant: values never change. ``strip(optimize(m))`` equals ``m`` as a graph: the collective gets
 its original input back, value_info entries of removed tensors go, the Prefetch domain's opset
-import is dropped once no node uses it, and so is Prefetch's model-local function (what
-insert-prefetches adds for tools that infer shapes; also when a tool removed the nodes and left it).
+import (at the naming's version) is dropped once no node uses it, and so is Prefetch's model-local
+function (what insert-prefetches adds for tools that infer shapes; also when a tool removed the nodes
+and left it).
 Handles subgraphs (a reader inside an If branch of an outer Prefetch output is reconnected too).
 Refuses a Prefetch whose output is a graph output (removing it would rename a model output) or that
 has no input.
@@ -76,7 +77,8 @@ class StripPrefetchesPass(Pass):
                 g.value_info.remove(vi)
         if not any(n.domain == self.naming.domain for g in graphs for n in g.node):
             for op in list(out.opset_import):
-                if op.domain == self.naming.domain:
+                # An import at another version was the input's own (insert-prefetches keeps it): stays.
+                if op.domain == self.naming.domain and op.version == self.naming.version:
                     out.opset_import.remove(op)
         for fn in prefetch_functions(out, self.naming):
             out.functions.remove(fn)

@@ -160,3 +160,29 @@ def test_refuses_a_model_that_already_defines_the_function():
     with pytest.raises(PreserveError, match=r"^the model already defines a function preserve::Prefetch; "
                                             r"pass --replan to remove it, or choose another --prefetch-domain$"):
         run(stripped_nodes)
+
+
+def test_an_unused_import_of_the_prefetch_domain_at_another_version_is_kept_and_stripped_back():
+    """onnxruntime's offline optimization imports every registered custom domain (``preserve`` at 1000)."""
+    from preserve_onnx.passes import StripPrefetchesPass
+
+    m = two_layer_mlp()
+    m.opset_import.append(onnx.helper.make_opsetid("preserve", 1000))
+    out = run(m).model
+    assert [(o.domain, o.version) for o in out.opset_import] == [("", 17), ("com.microsoft", 1), ("preserve", 1000)]
+    assert StripPrefetchesPass()(out).model.SerializeToString() == m.SerializeToString()
+
+
+def test_refuses_the_prefetch_domain_at_another_version_when_the_model_uses_it():
+    g = G()
+    g.input("x", ["batch", 16])
+    g.node("MatMul", ["x", g.weight("w0", (16, 16))], ["h0"], name="mm0")
+    g.node("Vendor", ["h0"], ["h1"], name="v", domain="preserve")
+    g.allreduce("h1", "a0", name="ar0")
+    g.node("MatMul", ["a0", g.weight("w1", (16, 16))], ["y"], name="mm1")
+    g.output("y", ["batch", 16])
+    m = g.model()
+    m.opset_import.append(onnx.helper.make_opsetid("preserve", 3))
+    with pytest.raises(PreserveError, match=r"^the model imports domain 'preserve' at version 3, not 1; "
+                                            r"choose another --prefetch-domain$"):
+        run(m)
