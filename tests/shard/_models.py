@@ -170,7 +170,7 @@ def _moe(b: _B, h: str, kind: str, inter: int, shared: bool, ffn: int) -> str:
     ``moe``) or QMoE (4-bit: ``qmoe`` per output row, ``qmoe-block`` blocks of 16, ``-zp`` with zero
     points), SwiGLU with interleaved gate/value rows (swiglu_fusion 1), fc1 and fc2 biases, top-2 of 4
     experts. ``shared``: a dense SwiGLU MLP beside the experts, gated by sigmoid(linear(h)) (Qwen-MoE),
-    added to the experts' output."""
+    added to the experts' output (``"gatedadd"``: by the builder's GatedAdd)."""
     router = b.op("Add", [b.linear(h, H, E), b.vec(E, 0.1)])
     probs = b.op("Reshape", [router, b.i64([-1, E])])
     tokens = b.op("Reshape", [h, b.i64([-1, H])])
@@ -207,6 +207,8 @@ def _moe(b: _B, h: str, kind: str, inter: int, shared: bool, ffn: int) -> str:
     out = b.op("Reshape", [out, b.op("Shape", [h])])
     if shared:
         gate = b.op("Sigmoid", [b.linear(h, H, 1)])
+        if shared == "gatedadd":  # the builder's com.microsoft::GatedAdd(a, b, g) = a + g * b
+            return b.op("GatedAdd", [out, _mlp(b, h, "separate", ffn), gate], domain=MS)
         out = b.op("Add", [out, b.op("Mul", [gate, _mlp(b, h, "separate", ffn)])])
     return out
 
@@ -320,7 +322,7 @@ def decoder(
     window: int | None = None,
     moe: str | None = None,
     experts_inter: int = 32,
-    shared_expert: bool = False,
+    shared_expert: bool | str = False,
     state_layer: str | None = None,
     opaque_query: bool = False,
 ) -> Path:

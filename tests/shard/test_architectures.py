@@ -227,17 +227,33 @@ def test_qmoe_odd_blocks_per_rank_repack_the_zero_points(tmp_path):
     assert_twin(tmp_path / "tp2", full)
 
 
-def test_a_shared_expert_is_split_like_a_dense_mlp_and_its_gate_replicated(tmp_path):
+@pytest.mark.parametrize("combine", [True, "gatedadd"], ids=["mul-add", "gatedadd"])
+def test_a_shared_expert_is_split_like_a_dense_mlp_and_its_gate_replicated(combine, tmp_path):
     """Qwen-MoE: experts + sigmoid(h W_g) * shared(h). The shared expert's down projection gets its own
     AllReduce (each partial sum completed before the gate multiplies it: the same rounding steps as
-    the single model), the gate's [64, 1] weight stays whole."""
-    full = decoder(tmp_path / "full", moe="qmoe-block-zp", experts_inter=64, shared_expert=True)
+    the single model), the gate's [64, 1] weight stays whole. The experts and the shared expert are
+    combined by Mul + Add, or by the builder's ``GatedAdd(experts, shared, gate)``."""
+    full = decoder(tmp_path / "full", moe="qmoe-block-zp", experts_inter=64, shared_expert=combine)
     shard_model(full, tmp_path / "tp2", 2)
     rank = load(tmp_path / "tp2" / "model_01.onnx")
     dims = {t.name: list(t.dims) for t in rank.graph.initializer}
     assert sorted(dims[n.input[1]] for n in node_of(rank, "MatMul") if dims[n.input[1]][1] == 1) == [[64, 1]] * 2
     assert [n.op_type for n in rank.graph.node].count("AllReduce") == 6  # o_proj, QMoE, shared down x 2
     assert_twin(tmp_path / "tp2", full)
+
+
+def test_swiglu_fusion_2_cuts_the_gate_and_value_blocks_each(tmp_path):
+    """[gate | value] rows (swiglu_fusion 2; onnxruntime's CPU kernel runs only 1, so bytes only): rank r
+    takes rows [16r, 16r + 16) of the gate block and [32 + 16r, 32 + 16r + 16) of the value block."""
+    full = _edit_moe(tmp_path, "moe", lambda n, m: [a for a in n.attribute if a.name == "swiglu_fusion"][0].__setattr__("i", 2))
+    shard_model(full, tmp_path / "tp2", 2)
+    (moe, _) = _moe_nodes(full)
+    source = values(full)
+    for r in (0, 1):
+        mine = values(tmp_path / "tp2" / f"model_0{r}.onnx")
+        for name in moe.input[2:4]:
+            rows = np.concatenate([source[name][:, 16 * r : 16 * r + 16], source[name][:, 32 + 16 * r : 48 + 16 * r]], axis=1)
+            assert np.array_equal(mine[name], rows)
 
 
 def test_cli_counts_the_moe_layers_and_their_allreduces(tmp_path):
@@ -319,7 +335,12 @@ def test_a_state_layer_between_its_own_projections_is_computed_whole_on_every_ra
     out-projection, added to the residual stream. Its state cannot be split by heads; replicating the
     layer is exact (same input on every rank, same output): weights and state whole, no AllReduce."""
     full = decoder(tmp_path / "full", state_layer="enclosed")
-    shard_model(full, tmp_path / "tp2", 2)
+    ok = CliRunner().invoke(app, ["shard", str(full), str(tmp_path / "tp2"), "--tp", "2"])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.startswith(
+        "done: 2 rank models (10 column-parallel and 4 row-parallel linears, 2 state layers computed whole "
+        "on every rank, 4 AllReduce per rank), "
+    )
     rank = load(tmp_path / "tp2" / "model_01.onnx")
     (conv, _) = node_of(rank, "CausalConvWithState")
     source = values(full)
