@@ -73,6 +73,40 @@ def buffer_length(vi: onnx.ValueInfoProto, seq_axis: int, sizing: Sizing) -> int
     return int(sizing.dims.get(d.dim_param, sizing.context))
 
 
+@dataclass(frozen=True)
+class KvBuffer:
+    """A GroupQueryAttention KV buffer at the planning point: ``capacity`` positions of ``row`` bytes each
+    (one position of every (batch, head) block), of which ``[start, end)`` hold the tokens a step reads."""
+
+    capacity: int
+    row: int
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * self.row
+
+    @property
+    def live_bytes(self) -> int:
+        return (self.end - self.start) * self.row
+
+
+def kv_buffer(node: onnx.NodeProto, vi: onnx.ValueInfoProto, seq_axis: int, sizing: Sizing, raw: int) -> KvBuffer:
+    """The buffer behind a GroupQueryAttention KV input whose bytes at ``sizing`` are ``raw``: its length
+    as :func:`buffer_length` binds it; a ``sliding_window_cache=1`` node's buffer is window-sized, so a
+    length that neither the graph nor ``--dim`` fixes is its ``local_window_size``."""
+    bound = buffer_length(vi, seq_axis, sizing)
+    capacity = bound
+    dims = vi.type.tensor_type.shape.dim
+    w = int(attr(node, "local_window_size", -1))
+    if int(attr(node, "sliding_window_cache", 0)) and w > 0 and 0 <= seq_axis < len(dims) \
+            and not dims[seq_axis].HasField("dim_value") and dims[seq_axis].dim_param not in sizing.dims:
+        capacity = w
+    start, end = live_positions(capacity, sizing.context, kv_window(node))
+    return KvBuffer(capacity, raw // bound if bound else 0, start, end)
+
+
 def live_positions(length: int, context: int, window: int) -> tuple[int, int]:
     """``(start, end)``: the positions of every (batch, head) block that hold the last ``window`` (0: all)
     of ``context`` tokens in a buffer of ``length``."""
@@ -90,13 +124,6 @@ class KvLayout:
     position_bytes: int
     start: int
     end: int
-
-    @classmethod
-    def of(cls, shape: tuple[int, ...], raw_bytes: int, seq_axis: int, start: int, end: int) -> "KvLayout":
-        blocks = math.prod(shape[:seq_axis]) if seq_axis > 0 else 1
-        length = shape[seq_axis] if 0 <= seq_axis < len(shape) else 1
-        per = raw_bytes // max(1, blocks * length)
-        return cls(blocks, length, per, min(start, length), min(end, length))
 
     @property
     def raw_bytes(self) -> int:

@@ -31,8 +31,7 @@ import onnx
 
 from preserve_onnx.graph.index import MS_DOMAIN, Scope, attr, initializer_nbytes, is_default_domain, node_label
 from preserve_onnx.graph.dims import Sizing
-from preserve_onnx.passes._live import (EXPERT_SHARE, buffer_length, expert_min_tokens, expert_share, kv_window,
-                                        live_positions)
+from preserve_onnx.passes._live import EXPERT_SHARE, expert_min_tokens, expert_share, kv_buffer, kv_window
 from preserve_onnx.graph.structure import (CONSUMERS, KvCachePath, Slots, consumer_slots,  # noqa: F401
                                              kv_cache_paths, reads_bytes)
 from preserve_onnx.passes.build_windows import Window
@@ -204,7 +203,11 @@ def _kv_live(scope: Scope, window: Window, node: onnx.NodeProto, name: str, axes
     bytes. A ``seqlens_k`` not yet computed where the Prefetch goes also keeps it, with a note."""
     vi = scope.main_inputs[name]
     raw = sizing.kv_bytes(vi, axes)
-    if static_kv or node.domain != MS_DOMAIN or node.op_type != "GroupQueryAttention":
+    if node.domain != MS_DOMAIN or node.op_type != "GroupQueryAttention":
+        return {"nbytes": raw}
+    buffer = kv_buffer(node, vi, axes[1], sizing, raw)
+    raw = buffer.nbytes  # a window cache holds its window, not --context
+    if static_kv:
         return {"nbytes": raw}
     lengths = node.input[5] if len(node.input) > 5 else ""
     if not lengths:
@@ -212,12 +215,7 @@ def _kv_live(scope: Scope, window: Window, node: onnx.NodeProto, name: str, axes
     where = _visible(scope, window, lengths, positions)
     if where:
         return {"nbytes": raw, "note": f"two-input form: seqlens_k '{lengths}' {where}"}
-    seq_axis = axes[1]
-    length = buffer_length(vi, seq_axis, sizing)
-    w = kv_window(node)
-    start, end = live_positions(length, sizing.context, w)
-    live = raw // length * (end - start) if length else 0
-    return {"nbytes": live, "lengths": lengths, "seq_axis": seq_axis, "window": w}
+    return {"nbytes": buffer.live_bytes, "lengths": lengths, "seq_axis": axes[1], "window": kv_window(node)}
 
 
 def _visible(scope: Scope, window: Window, tensor: str, positions: Mapping[str, int] | None) -> str:

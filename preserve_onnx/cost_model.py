@@ -64,14 +64,14 @@ from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.hardware import HardwareProfile
 from preserve_onnx.model_io import load_model, resolve_ranks
+from preserve_onnx.optimizer import plan_model
 from preserve_onnx.graph.dims import Sizing, bind_lenient, decode_layout, message_bytes
 from preserve_onnx.graph.index import MS_DOMAIN, Scope, attr, dtype_bits, is_collective, is_default_domain, \
     iter_scopes, node_label
 from preserve_onnx.graph.structure import is_attention, kv_cache_paths, op_key, reads_bytes
-from preserve_onnx.passes._live import KvLayout, buffer_length, expert_share, kv_window, live_positions
+from preserve_onnx.passes._live import KvLayout, expert_share, kv_buffer
 from preserve_onnx.passes.collect_candidates import Candidate, consumer_slots, resolve_roots, structural_kv_axes
 from preserve_onnx.passes.plan_prefetches import fill_window  # the planner's own rule
-from preserve_onnx.passes.plan_prefetches import plan_prefetches
 from preserve_onnx.passes.strip_prefetches import StripPrefetchesPass
 
 TRACKS = ("compute", "communication", "prefetch")
@@ -444,12 +444,12 @@ class _Walker:
         raw = self.sizing.kv_bytes(vi, axes)
         if op_key(node) != (MS_DOMAIN, "GroupQueryAttention"):
             return raw
-        length = buffer_length(vi, axes[1], self.sizing)
-        start, end = live_positions(length, self.context, kv_window(node))
+        buffer = kv_buffer(node, vi, axes[1], self.sizing, raw)
         shape = self.info[name].shape if name in self.info else None
-        if shape and len(shape) > axes[1] and shape[axes[1]] == length:
-            self.kv_layouts[name] = KvLayout.of(shape, raw, axes[1], start, end)
-        return raw // length * (end - start) if length else 0
+        blocks = math.prod(shape[:axes[1]]) if shape and len(shape) > axes[1] else 0
+        if blocks and buffer.row % blocks == 0:
+            self.kv_layouts[name] = KvLayout(blocks, buffer.capacity, buffer.row // blocks, buffer.start, buffer.end)
+        return buffer.live_bytes
 
     def _consumer_flops(self, node: onnx.NodeProto, reads: list[Read]) -> float:
         rows = self._rows(node)
@@ -500,7 +500,7 @@ def analyze(model: onnx.ModelProto, config: OptimizeConfig, model_ranks: int, so
     walker.walk("")
     ops = tuple(walker.ops)
     position = {(op.graph, op.index): pos for pos, op in enumerate(ops) if op.kind != "alias"}
-    plan = plan_prefetches(model, config, model_ranks)
+    plan = plan_model(model, config, model_ranks)  # optimize's own passes, dry
     windows = []
     for wp in plan.windows:
         w = wp.window

@@ -5,6 +5,7 @@ window that reads it, whichever way it was recognised (attention slot or the str
 
 from pathlib import Path
 
+import onnx
 import pytest
 from typer.testing import CliRunner
 
@@ -26,16 +27,16 @@ def cli(*args):
 
 @pytest.fixture(scope="module")
 def optimized(tmp_path_factory):
-    """One optimized copy per rank folder, shared by the tests of this module."""
-    made: dict[Path, Path] = {}
+    """One optimized copy per rank folder and option set, shared by the tests of this module."""
+    made: dict[tuple, Path] = {}
 
-    def get(src: Path) -> Path:
-        if src not in made:
+    def get(src: Path, *options: str) -> Path:
+        if (src, options) not in made:
             dest = tmp_path_factory.mktemp("opt") / src.name
-            r = cli("optimize", src, dest, "-q")
+            r = cli("optimize", src, dest, "-q", *options)
             assert r.exit_code == 0, r.output
-            made[src] = dest
-        return made[src]
+            made[src, options] = dest
+        return made[src, options]
 
     return get
 
@@ -44,9 +45,10 @@ def test_every_real_export_has_rank_folders():
     assert len(RANK_FOLDERS) >= 12 and any(p.name == "tp4" for p in RANK_FOLDERS)
 
 
+@pytest.mark.parametrize("options", [(), ("--static-kv",)], ids=["live-kv", "static-kv"])
 @pytest.mark.parametrize("src", RANK_FOLDERS, ids=IDS)
-def test_optimized_real_ranks_are_bit_identical(src, optimized):
-    r = cli("run", optimized(src), "--against", src, "--steps", "2", "-q")
+def test_optimized_real_ranks_are_bit_identical(src, options, optimized):
+    r = cli("run", optimized(src, *options), "--against", src, "--steps", "2", "-q")
     assert r.exit_code == 0, r.output
     assert "bit-identical" in r.output and "PASSED" in r.output
 
@@ -78,3 +80,32 @@ def test_kv_cache_is_planned_in_every_window_that_reads_it(src):
     later = {name for name in kv_inputs if not name.startswith("past_key_values.0.")}
     assert later and later == candidates == planned
     assert sum(is_collective(n) for n in load_model(model_file).graph.node) == 4
+
+
+@pytest.mark.parametrize("src", RANK_FOLDERS, ids=IDS)
+def test_every_gqa_kv_link_carries_its_nodes_seqlens_k(src, optimized):
+    """docs/design.md §4.7: every Prefetch of a GroupQueryAttention KV input reads that node's seqlens_k as
+    L, with seq_axis 2 and window = local_window_size on a full-length buffer (0 on a window-cache node);
+    every other link has two inputs; --static-kv gives two inputs everywhere."""
+    for rank in sorted(optimized(src).glob("*.onnx")):
+        model = load_model(rank)
+        gqa = {}
+        for node in model.graph.node:
+            if node.op_type == "GroupQueryAttention":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                w = attrs.get("local_window_size", -1)
+                window = w if w > 0 and not attrs.get("sliding_window_cache", 0) else 0
+                gqa.update({node.input[3]: (node.input[5], window), node.input[4]: (node.input[5], window)})
+        links = [n for n in model.graph.node if n.op_type == "Prefetch"]
+        for link in links:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in link.attribute}
+            if link.input[1] in gqa:
+                lengths, window = gqa[link.input[1]]
+                assert (list(link.input)[2:], attrs["seq_axis"], attrs["window"]) == ([lengths], 2, window)
+            else:
+                assert len(link.input) == 2 and "seq_axis" not in attrs
+        with_l = [n for n in links if len(n.input) == 3]
+        assert len(with_l) == sum(1 for n in links if n.input[1] in gqa)
+        assert bool(with_l) == bool(gqa)  # every builder export plans its later layers' KV-cache
+        static = load_model(optimized(src, "--static-kv") / rank.name)
+        assert {len(n.input) for n in static.graph.node if n.op_type == "Prefetch"} == {2}

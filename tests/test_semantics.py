@@ -17,11 +17,13 @@ from tests.conftest import SAMPLE_VARIANTS, SAMPLES
 runner = CliRunner()
 
 
+@pytest.mark.parametrize("static_kv", [False, True], ids=["live-kv", "static-kv"])  # docs/design.md §4.7
 @pytest.mark.parametrize("budget", [None, 40 << 10])  # the hardware rule (everything) and a tight cut
 @pytest.mark.parametrize("variant", SAMPLE_VARIANTS)
-def test_optimized_sample_is_bit_identical_over_decode_steps(variant, budget, tmp_path):
+def test_optimized_sample_is_bit_identical_over_decode_steps(variant, budget, static_kv, tmp_path):
     src = SAMPLES / variant / "tp2"
-    (outcome, *_), = [optimize_path(src, tmp_path / "opt", OptimizeConfig(budget=budget, min_chunk=1024), jobs=1)]
+    config = OptimizeConfig(budget=budget, min_chunk=1024, static_kv=static_kv)
+    (outcome, *_), = [optimize_path(src, tmp_path / "opt", config, jobs=1)]
     assert outcome.plan.prefetch_count > 0
     result = run_models(tmp_path / "opt", against=src, steps=3, batch=2, context=8)
     assert result.comparison.identical, result.comparison

@@ -109,6 +109,15 @@ def test_a_window_cache_node_gets_window_0_and_its_buffer_capacity():
     # Its buffer holds fewer tokens than its capacity early on: the live bytes follow --context.
     plan = plan_prefetches(model, OptimizeConfig(batch=2, context=10, budget=1 << 20))
     assert {p.nbytes for p in kv_links(plan).values()} == {2 * 10 * POSITION}
+    # A capacity the graph leaves symbolic (the builder's past_sliding_length) is the window, unless --dim says.
+    model = gqa_model(window=32, window_cache=1, past="past_sliding_length")
+    plan = plan_prefetches(model, OptimizeConfig(batch=2, context=100, budget=1 << 20))
+    assert {(p.window, p.nbytes) for p in kv_links(plan).values()} == {(0, 2 * 32 * POSITION)}
+    static = plan_prefetches(model, OptimizeConfig(batch=2, context=100, budget=1 << 20, static_kv=True))
+    assert {(p.lengths, p.nbytes) for p in kv_links(static).values()} == {("", 2 * 32 * POSITION)}
+    plan = plan_prefetches(model, OptimizeConfig(batch=2, context=100, budget=1 << 20,
+                                                 dims={"past_sliding_length": 64}))
+    assert {p.nbytes for p in kv_links(plan).values()} == {2 * 64 * POSITION}
 
 
 def test_a_dim_bound_buffer_longer_than_the_context_counts_only_the_live_positions():
