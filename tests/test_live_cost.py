@@ -127,3 +127,37 @@ def test_estimate_json_reports_kv_read_and_hinted_bytes(models):
                             "--budget", "1MiB", "--json", "--static-kv"])
     # Static links fetch the raw buffer: 100 positions a block, of which the step reads 32.
     assert json.loads(r.output)["hinted_bytes"] == qkv + 2 * 2 * 100 * POSITION + wo
+
+
+# -- the options and the -v notes on the command line -----------------------------------------------
+
+
+def test_explore_static_kv_credits_less_on_a_windowed_layer(models):
+    """At 2 MiB of L2 the chain moves part of the KV-cache: live links move the window's positions, static
+    links the buffer's first positions, which a windowed step does not read."""
+    docs = [json.loads(runner.invoke(app, ["explore", str(models / "gqa.onnx"), "--batch", "2", "--context", "4096",
+                                           "--json", *extra]).output) for extra in ([], ["--static-kv"])]
+    live, static = ({p["l2_bytes"]: p["preserve_s"] for p in d["points"]} for d in docs)
+    assert static[2 << 20] > live[2 << 20]
+
+
+def test_inspect_shows_the_live_range_and_the_static_setting(models):
+    r = runner.invoke(app, ["inspect", str(models / "gqa.onnx"), "-v", "--batch", "2", "--context", "100"])
+    assert r.exit_code == 0, r.output
+    assert "L=seqlens_k axis 2 window 32" in r.output
+    doc = json.loads(runner.invoke(app, ["inspect", str(models / "gqa.onnx"), "--json", "--static-kv"]).output)
+    assert doc["settings"]["static_kv"] is True
+    assert {p["lengths"] for w in doc["models"][0]["windows"] for p in w["prefetches"]} == {None}
+    doc = json.loads(runner.invoke(app, ["inspect", str(models / "gqa.onnx"), "--json"]).output)
+    assert [(p["tensor"], p["lengths"], p["seq_axis"], p["window"]) for p in doc["models"][0]["windows"][0]["prefetches"]
+            if p["kind"] == "kv_cache"] == [("past_key", "seqlens_k", 2, W), ("past_value", "seqlens_k", 2, W)]
+
+
+def test_optimize_verbose_says_why_a_kv_link_keeps_two_inputs(tmp_path, console_width):
+    console_width(400)
+    onnx.save(gqa_model(seqlens_after=True), tmp_path / "m.onnx")
+    r = runner.invoke(app, ["optimize", str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"), "-v", "--batch", "2",
+                            "--context", "100"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("two-input form: seqlens_k 'seqlens_k' is made by cast (node 4), after the collective ar: "
+                          "the Prefetch would read it before it exists") == 2

@@ -173,3 +173,18 @@ def test_the_runner_binds_the_dims_the_graphs_fix(bare_python, tmp_path):
     run = runner(bare_python, out / "run_ranks.py", "--against", src, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "PASSED" in run.stdout
+
+
+def test_the_runner_reads_renamed_live_range_attributes(bare_python, tmp_path):
+    """A builder export's KV links carry L with seq_axis and window (docs/design.md §4.7): renamed, the
+    runner passes the names to the library, which needs seq_axis with L (a link without it fails)."""
+    src = SAMPLES / "exporters" / "genai-llama-fp32" / "tp2"
+    out = tmp_path / "genai"
+    r = cli("optimize", src, out, "--with-runtime", "-q", "--prefetch-attr", "seq_axis=kv_axis",
+            "--prefetch-attr", "window=kv_window", "--prefetch-attr", "min_tokens=fewest")
+    assert r.exit_code == 0, r.output
+    assert '"seq_axis": "kv_axis", "window": "kv_window"' in (out / "run_ranks.py").read_text()
+    assert '"min_tokens": "fewest"' in (out / "run_ranks.py").read_text()
+    run = runner(bare_python, out / "run_ranks.py", "--against", src, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "PASSED" in run.stdout

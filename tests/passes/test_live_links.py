@@ -18,9 +18,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from preserve_onnx.config import OptimizeConfig
+from preserve_onnx.errors import PreserveError
 from preserve_onnx.hardware import load_profile
-from preserve_onnx.optimizer import optimize
-from preserve_onnx.passes import plan_prefetches
+from preserve_onnx.optimizer import optimize, strip
+from preserve_onnx.passes import VerifyPrefetchesPass, plan_prefetches
 from preserve_onnx.passes._live import KvLayout, expert_min_tokens, expert_share, live_positions
 from tests.builders import MS, G
 
@@ -285,3 +286,88 @@ def test_the_runtime_hints_the_live_bytes_computed_by_hand(window, live_position
     first, second = live_positions_per_block
     kv = [((5 - first) * POSITION, 5 * POSITION), (640 + (10 - second) * POSITION, 1280)]
     assert ranges == [(0, 32 * 64 * 4), *kv, *kv, (0, 32 * 32 * 4)]
+
+
+# -- verify and strip know L ------------------------------------------------------------------------
+
+
+def _optimized_gqa(**kw):
+    model = gqa_model(**kw)
+    out, _ = optimize(model, OptimizeConfig(batch=2, context=100, budget=1 << 20))
+    return model, out
+
+
+def _kv_node(out):
+    return next(n for n in out.graph.node if n.op_type == "Prefetch" and len(n.input) == 3)
+
+
+def _set(node, name, value):
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept + ([helper.make_attribute(name, value)] if value is not None else []))
+
+
+def test_verify_passes_links_with_l():
+    model, out = _optimized_gqa(window=32)
+    assert VerifyPrefetchesPass(model)(out).stats.prefetches == 4
+
+
+def test_verify_refuses_an_l_that_is_not_an_int_tensor():
+    model, out = _optimized_gqa()
+    _kv_node(out).input[2] = "mask_sum_f"
+    out.graph.node.insert(3, helper.make_node("Cast", ["mask_sum"], ["mask_sum_f"], name="to_float",
+                                              to=TensorProto.FLOAT))
+    with pytest.raises(PreserveError, match=r"^Prefetch node 'ar/Prefetch/past_key': its length input 'mask_sum_f' "
+                                            r"is FLOAT, not an int32/int64 tensor$"):
+        VerifyPrefetchesPass(model)(out)
+
+
+def test_verify_refuses_an_l_of_unknown_type():
+    model, out = _optimized_gqa()
+    _kv_node(out).input[2] = "mask_sub"  # Sub's output: no declaration, not a Cast, no GQA reads it
+    with pytest.raises(PreserveError, match=r"its length input 'mask_sub' is of unknown type, not an int32/int64"):
+        VerifyPrefetchesPass(model)(out)
+
+
+@pytest.mark.parametrize("value, message", [
+    (None, r"has a length input but no integer 'seq_axis'"),
+    ("two", r"has a length input but no integer 'seq_axis'"),
+    (4, r"'seq_axis' 4 is not an axis of 'past_key' \(rank 4\)"),
+    (-5, r"'seq_axis' -5 is not an axis of 'past_key' \(rank 4\)"),
+])
+def test_verify_refuses_a_bad_seq_axis(value, message):
+    model, out = _optimized_gqa()
+    _set(_kv_node(out), "seq_axis", value)
+    with pytest.raises(PreserveError, match=message):
+        VerifyPrefetchesPass(model)(out)
+
+
+def test_verify_accepts_a_negative_seq_axis_within_the_rank():
+    model, out = _optimized_gqa()
+    _set(_kv_node(out), "seq_axis", -2)
+    assert VerifyPrefetchesPass(model)(out).stats.prefetches == 4
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("window", -1, r"'window' must be a non-negative integer \(0 = every valid position\)"),
+    ("window", 1.5, r"'window' must be a non-negative integer \(0 = every valid position\)"),
+    ("min_tokens", -3, r"'min_tokens' must be a non-negative integer \(0 = no limit\)"),
+])
+def test_verify_refuses_a_bad_window_or_min_tokens(name, value, message):
+    model, out = _optimized_gqa()
+    _set(_kv_node(out), name, value)
+    with pytest.raises(PreserveError, match=message):
+        VerifyPrefetchesPass(model)(out)
+
+
+def test_verify_refuses_four_inputs():
+    model, out = _optimized_gqa()
+    _kv_node(out).input.append("seqlens_k")
+    with pytest.raises(PreserveError, match=r"must have 2 or 3 inputs and 1 output"):
+        VerifyPrefetchesPass(model)(out)
+
+
+def test_strip_removes_links_with_l_and_gives_the_original_back():
+    model, out = _optimized_gqa(window=32)
+    back = strip(out)
+    assert back.SerializeToString() == model.SerializeToString()
