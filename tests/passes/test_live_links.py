@@ -371,3 +371,22 @@ def test_strip_removes_links_with_l_and_gives_the_original_back():
     model, out = _optimized_gqa(window=32)
     back = strip(out)
     assert back.SerializeToString() == model.SerializeToString()
+
+
+def test_an_l_made_in_the_outer_graph_is_visible_in_a_branch():
+    """A merged decoder: seqlens_k made in the main graph, the collective and the attention in an If branch."""
+    flat = gqa_model(window=32)
+    lengths = {"sum", "sub", "cast", "shape", "gather", "cast_total"}
+    outer = [n for n in flat.graph.node if n.name in lengths]
+    inner = [n for n in flat.graph.node if n.name not in lengths]
+    branches = [helper.make_graph(inner, name, [], list(flat.graph.output)) for name in ("then", "else")]
+    main = helper.make_graph(
+        outer + [helper.make_node("If", ["cond"], [o.name for o in flat.graph.output], name="if",
+                                  then_branch=branches[0], else_branch=branches[1])],
+        "merged", [*flat.graph.input, helper.make_tensor_value_info("cond", TensorProto.BOOL, [1])],
+        list(flat.graph.output), list(flat.graph.initializer))
+    model = helper.make_model(main, ir_version=9, opset_imports=list(flat.opset_import))
+    plan = plan_prefetches(model, OptimizeConfig(batch=2, context=100, budget=1 << 20))
+    assert {(w.window.graph, p.tensor, p.lengths, p.window) for w in plan.windows for p in w.prefetches
+            if p.kind == "kv_cache"} == {(f"if:{b}_branch", t, "seqlens_k", 32) for b in ("then", "else")
+                                         for t in ("past_key", "past_value")}
