@@ -20,6 +20,9 @@ figure belongs to that measurement alone:
   shard         `preserve-onnx shard --tp 2` on a single-device Llama-3-8B-shaped fp16 model (builder
                 layout, dense data, --shard-layers of its 32 layers) against `cp` of its data file in
                 the same run; peak RSS against the largest tensor + 200 MB (issue 11)
+  optimize-moe  a gpt-oss-20b-shaped single-device model (bench/make_moe_model.py: int4 QMoE experts,
+                sparse) sharded with `shard --tp 2`, then floor and optimize-1 on its rank 0 (issue 16:
+                within 2x of the floor per process); --no-moe skips it
 
 Times: "op" is the measured call alone (interpreter start and imports excluded), "proc" is the
 whole subprocess from spawn to exit. Each measurement runs --repeat times (default 3): median time,
@@ -702,6 +705,59 @@ def section_shard(b: Bench) -> dict:
     return r
 
 
+# optimize on a mixture-of-experts rank (issue 16): a gpt-oss-20b-shaped single-device model (sparse,
+# bench/make_moe_model.py) sharded with `shard --tp 2` (holes stay holes), then rank 0 optimized against
+# the same load+save floor as the dense model's.
+
+
+def section_optimize_moe(b: Bench) -> dict:
+    """gpt-oss-20b shape: shard --tp 2 (informative), then load+save floor vs optimize_path on rank 0."""
+    cli = Path(sys.executable).with_name("preserve-onnx")
+    argv = [str(cli)] if cli.exists() else [sys.executable, "-m", "preserve_onnx"]
+    from make_moe_model import SHAPE, make_moe_model
+
+    where = b.workdir / "moe"
+    shutil.rmtree(where, ignore_errors=True)
+    ranks = where / "tp2"
+    r: dict = {"layers": SHAPE["layers"], "experts": SHAPE["experts"]}
+    try:
+        model = make_moe_model(where / "single")
+        r["data_bytes"] = Path(str(model) + ".data").stat().st_size
+        r["shard_s"], r["shard_maxrss_mb"], status, err = _timed_child(
+            argv + ["shard", str(model), str(ranks), "--tp", "2"])
+        if status != 0:
+            raise MeasureError(f"shard of the MoE model failed (exit {status}): {err.strip()}")
+        r["rank_data_bytes"] = (ranks / "model_00.onnx.data").stat().st_size
+
+        def floor():
+            one = run_child(_FLOOR, ranks)
+            (ranks / "floor_00.onnx").unlink()
+            return one
+
+        def optimize():
+            one = run_child(_OPTIMIZE_ONE, ranks)
+            one["prefetch_nodes"] = _count_prefetches(ranks / "out_00.onnx")
+            (ranks / "out_00.onnx").unlink()
+            return one
+
+        r["floor"] = repeat(b.args.repeat, floor)
+        r["optimize"] = repeat(b.args.repeat, optimize)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    fl, op = r["floor"], r["optimize"]
+    r["ratio_op"] = op["op_s"] / fl["op_s"]
+    r["ratio_proc"] = op["proc_s"] / fl["proc_s"]
+    gib = 2**30
+    r["lines"] = [
+        f"MoE: gpt-oss-20b shape ({r['layers']} layers, {r['experts']} experts, int4 QMoE, "
+        f"{r['data_bytes'] / gib:.1f} GiB sparse): shard --tp 2 {r['shard_s']:.1f} s at {r['shard_maxrss_mb']:.0f} MB; "
+        f"optimize rank 0 ({r['rank_data_bytes'] / gib:.1f} GiB) {op['op_s'] * 1000:.0f} ms vs load+save "
+        f"{fl['op_s'] * 1000:.0f} ms = {r['ratio_op']:.1f}x on the call, {r['ratio_proc']:.2f}x per process "
+        f"({op['proc_s'] * 1000:.0f} vs {fl['proc_s'] * 1000:.0f} ms), peak RSS {op['maxrss_mb']:.0f} MB, "
+        f"{op.get('prefetch_nodes')} Prefetch nodes"]
+    return r
+
+
 # name, function, runs only when (args) says so. A section gets the Bench (args, workdir, model_dir,
 # rank0, the results so far) and returns a JSON-able dict, stored as results[name] in bench.json; a
 # "lines" entry (list of str) is printed in the report. Raise MeasureError to stop the run with a message.
@@ -717,6 +773,7 @@ SECTIONS: list[tuple[str, Callable[[Bench], dict], Callable[[argparse.Namespace]
     ("runtime_replicated", section_runtime_replicated, lambda a: not a.no_runtime),
     ("runtime_mpi", section_runtime_mpi, lambda a: not a.no_runtime),
     ("shard", section_shard, lambda a: not a.no_shard),
+    ("optimize_moe", section_optimize_moe, lambda a: not a.no_moe),
 ]
 
 
@@ -749,6 +806,10 @@ def verdicts(res: dict) -> list[tuple[str, str, bool | None]]:
     if rt and "ratio" in rt:
         out.append((f"runtime vs plain onnxruntime at most {GOAL_RT_RATIO:g}x (vocab-parallel head)",
                     f"{rt['ratio']:.2f}x", rt["ratio"] <= GOAL_RT_RATIO))
+    moe = res.get("optimize_moe")
+    if moe and "ratio_proc" in moe:
+        out.append((f"optimize(1 MoE rank, gpt-oss-20b shape) within {GOAL_RATIO:g}x of load+save (process)",
+                    f"{moe['ratio_proc']:.2f}x", moe["ratio_proc"] <= GOAL_RATIO))
     sh = res.get("shard")
     if sh and "ratio" in sh:
         out.append((f"shard --tp 2 within {GOAL_SHARD_RATIO:g}x of cp of its data file",
@@ -844,6 +905,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--shard-layers", type=int, default=None,
                     help="layers of the shard input (default: the whole model when the disk holds it, "
                          "else 4; --quick 2)")
+    ap.add_argument("--no-moe", action="store_true",
+                    help="skip the mixture-of-experts measurement (gpt-oss-20b shape: shard, then optimize)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     a = ap.parse_args(argv)
     if a.quick and a.layers is None:
