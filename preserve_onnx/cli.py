@@ -192,6 +192,22 @@ def _at_least_one(label: str, value: Optional[int]) -> None:
         raise UsageError(f"{label} must be at least 1")
 
 
+def _check_dim_names(path: Path, dims, *, single: bool = False) -> None:
+    """``--dim`` names that no tensor of the model(s) at ``path`` has: one line, exit 2. Only with --dim: the
+    graph of a directory's first rank of each family (``single``: the one model) is parsed, never weights."""
+    if not dims or not Path(path).exists():  # a missing path: the command's own message
+        return
+    from preserve_onnx.graph.dims import check_dim_names
+    from preserve_onnx.model_io import find_rank_sets, load_model, resolve_single
+
+    path = Path(path)
+    if single:
+        files = [resolve_single(path)]
+    else:
+        files = [s.files[0] for s in find_rank_sets(path)] if path.is_dir() else [path]
+    check_dim_names([load_model(f) for f in files], dims, ", ".join(f.name for f in files))
+
+
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="only errors and the closing line")]
 
 
@@ -239,6 +255,7 @@ def optimize(
                      min_chunk=min_chunk, ranks=ranks, replan=replan, disabled=tuple(disable or ()), dim=dim)
     _at_least_one("--jobs", jobs)
     _writable(report)
+    _check_dim_names(src, config.dims)
     if with_runtime:
         if dry_run:
             raise UsageError("--with-runtime writes files beside the models; --dry-run writes none")
@@ -329,6 +346,7 @@ def inspect(
                      naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
                      min_chunk=min_chunk, ranks=ranks, dim=dim)
     _at_least_one("--jobs", jobs)
+    _check_dim_names(model, config.dims)
     inspections = inspect_path(model, config, jobs=jobs)
     if json_out:
         print(json.dumps(inspection_dict(inspections, config), indent=2))
@@ -470,6 +488,7 @@ def estimate(
                      min_chunk=min_chunk, ranks=ranks, dim=dim)
     hw = config.hardware
     _writable(trace)
+    _check_dim_names(model, config.dims)
     if sweep:
         if trace is not None:
             raise UsageError("--trace writes one timeline; it cannot be combined with --sweep")
@@ -537,6 +556,7 @@ def explore(
     _writable(csv_path, plot)
     if plot is not None:
         plot_format(plot)
+    _check_dim_names(model, config.dims)
     ex = explore_path(model, config.hardware, config, ranks)
     if csv_path is not None:
         write_csv(csv_path, ex)
@@ -595,18 +615,20 @@ def run(
         raise UsageError("--timeout must be positive")
     _check_twin_options(twin, atol, against, backend)
     _writable(save)
+    dims = dict(parse_dim_options(dim))
+    _check_dim_names(model, dims)
     if twin is not None:
         from preserve_onnx.runtime.twin import run_twin
 
         result = run_twin(model, twin, inputs=inputs, steps=steps, batch=batch, context=context, seed=seed,
                           opt_level=opt_level, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr,
                                                               prefetch_version),
-                          timeout_s=timeout, atol=atol, dims=dict(parse_dim_options(dim)))
+                          timeout_s=timeout, atol=atol, dims=dims)
     else:
         result = run_models(model, against=against, inputs=inputs, steps=steps, batch=batch, context=context,
                             seed=seed, opt_level=opt_level,
                             naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
-                            timeout_s=timeout, backend=backend, dims=dict(parse_dim_options(dim)))
+                            timeout_s=timeout, backend=backend, dims=dims)
     if not result.report:  # an MPI rank other than 0: rank 0 saves and prints for all; exit alike
         if result.comparison is not None and not result.comparison.identical:
             raise typer.Exit(1)
@@ -689,7 +711,9 @@ def shard(
     from preserve_onnx.graph.dims import parse_dim_options
     from preserve_onnx.shard import shard_model
 
-    result = shard_model(model, dest, tp, vocab_parallel=vocab_parallel, dims=dict(parse_dim_options(dim)))
+    dims = dict(parse_dim_options(dim))
+    _check_dim_names(model, dims, single=True)
+    result = shard_model(model, dest, tp, vocab_parallel=vocab_parallel, dims=dims)
     gathered = ", logits gathered by AllGather" if result.vocab_parallel else ""
     experts = "".join(
         f", {n} {what}{'s' if n > 1 else ''}{where}"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from preserve_onnx.errors import PreserveError, UsageError
-from preserve_onnx.graph.index import MS_DOMAIN, Scope, attr, declared_types, iter_scopes, nbytes
+from preserve_onnx.graph.index import MS_DOMAIN, Scope, attr, declared_types, iter_graphs, iter_scopes, nbytes
 from preserve_onnx.graph.structure import ATTENTION_OPS, FLOAT_TYPES, KvCachePath, consumer_slots, op_key, kv_cache_paths, producer_width
 
 
@@ -42,6 +42,43 @@ def parse_dim_options(values: Iterable[str] | None) -> tuple[tuple[str, int], ..
             raise UsageError(f"--dim: '{name}' given twice ({found[name]} and {value})")
         found[name] = int(value)
     return tuple(found.items())
+
+
+def dim_names(model: onnx.ModelProto) -> frozenset[str]:
+    """Every symbolic dim name on the inputs, outputs and value_info of every graph (subgraphs included);
+    an expression such as ``past_sequence_length + 1`` counts its name too. Graphs only: no weight is read."""
+    names: set[str] = set()
+    for _, graph in iter_graphs(model):
+        for vi in (*graph.input, *graph.output, *graph.value_info):
+            tt = vi.type.tensor_type
+            if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+                continue
+            for d in tt.shape.dim:
+                if d.dim_param:
+                    names.add(d.dim_param.strip())
+                    expr = _EXPR.match(d.dim_param)
+                    if expr:
+                        names.add(expr.group(1))
+    return frozenset(names)
+
+
+def check_dim_names(models: onnx.ModelProto | Iterable[onnx.ModelProto],
+                    dims: Iterable[tuple[str, int]] | Mapping[str, int], what: str = "the model") -> None:
+    """Refuse ``--dim`` names that no tensor of ``models`` has (a typo would otherwise bind nothing, silently).
+
+    Raises:
+        UsageError: Names the unknown name(s) and lists the models' symbolic dim names.
+    """
+    given = [name for name, _ in (dims.items() if isinstance(dims, Mapping) else dims)]
+    if not given:
+        return
+    known = frozenset().union(*map(dim_names, [models] if isinstance(models, onnx.ModelProto) else models))
+    unknown = [name for name in given if name not in known]
+    if not unknown:
+        return
+    listed = f"its symbolic dims: {', '.join(sorted(known))}" if known else "it has no symbolic dims"
+    quoted = " or ".join(f"'{name}'" for name in unknown)
+    raise UsageError(f"--dim {quoted}: no tensor of {what} has a dim of that name ({listed})")
 
 
 # The KV-cache layout of each attention operator: axis -> (attribute giving that dim, or "head").

@@ -1,0 +1,91 @@
+"""The friction a newcomer met (issue 19's list), each fixed and held here: docs/cli.md, "Newcomer defaults"."""
+
+from __future__ import annotations
+
+import pytest
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from preserve_onnx.cli import app
+from preserve_onnx.errors import UsageError
+from preserve_onnx.graph.dims import check_dim_names, dim_names
+from tests.conftest import SAMPLES
+
+runner = CliRunner()
+RANKS = SAMPLES / "llama-gqa" / "tp2"
+SINGLE = SAMPLES / "exporters" / "genai-llama-fp32" / "full"
+RANK_DIMS = "batch_size, past_sequence_length, sequence_length, total_sequence_length"
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# -- 2. --dim with a name no tensor has ---------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [
+    ("optimize", RANKS, "OUT"), ("inspect", RANKS), ("estimate", RANKS), ("explore", RANKS), ("run", RANKS),
+    ("inspect", RANKS / "model_01.onnx"),
+])
+def test_unknown_dim_name_is_one_usage_line_naming_it_and_the_models_dims(command, tmp_path):
+    args = [tmp_path / "out" if a == "OUT" else a for a in command]
+    r = cli(*args, "--dim", "batch_size=2", "--dim", "batchsize=2")
+    name = "model_01.onnx" if str(command[-1]).endswith("model_01.onnx") else "model_00.onnx"
+    assert (r.exit_code, r.output) == (2, f"error: --dim 'batchsize': no tensor of {name} has a dim of that name "
+                                          f"(its symbolic dims: {RANK_DIMS})\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_dim_name_on_shard_lists_the_single_models_dims(tmp_path):
+    r = cli("shard", SINGLE, tmp_path / "tp2", "--tp", "2", "--dim", "kv_dim=16", "--dim", "head=2")
+    assert (r.exit_code, r.output) == (2, "error: --dim 'kv_dim' or 'head': no tensor of model.onnx has a dim of "
+                                          "that name (its symbolic dims: batch_size, kv_cache_dim, "
+                                          "past_sequence_length, sequence_length, total_sequence_length)\n")
+    assert not (tmp_path / "tp2").exists()
+
+
+def test_known_dim_names_pass_the_check(tmp_path):
+    r = cli("shard", SINGLE, tmp_path / "tp2", "--tp", "2", "--dim", "kv_cache_dim=16")
+    assert r.exit_code == 0, r.output
+    r = cli("inspect", tmp_path / "tp2", "--dim", "kv_cache_dim=16", "--dim", "batch_size=2")
+    assert r.exit_code == 0, r.output
+
+
+def test_no_dim_option_parses_nothing_for_the_check(monkeypatch):
+    import preserve_onnx.graph.dims as dims
+
+    def refuse(*_):
+        raise AssertionError("the --dim check ran without --dim")
+
+    monkeypatch.setattr(dims, "check_dim_names", refuse)
+    monkeypatch.setattr(dims, "dim_names", refuse)
+    assert cli("inspect", RANKS).exit_code == 0
+
+
+def _dims_model():
+    """Names on a graph input, a graph output, main value_info, and only in an If branch's value_info;
+    an expression ``past + 1``."""
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "then", [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "past + 1"])],
+        value_info=[helper.make_tensor_value_info("z", TensorProto.FLOAT, ["inner"])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)], "main",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "total"])],
+        value_info=[helper.make_tensor_value_info("v", TensorProto.FLOAT, ["mid", None])])
+    return helper.make_model(graph)
+
+
+def test_dim_names_reads_every_graphs_inputs_outputs_and_value_info():
+    assert dim_names(_dims_model()) == {"b", "past + 1", "past", "total", "mid", "inner"}
+    check_dim_names(_dims_model(), {"inner": 2, "past": 3, "mid": 1})
+    check_dim_names(_dims_model(), ())  # nothing given: nothing to check
+    with pytest.raises(UsageError) as info:
+        check_dim_names([_dims_model()], (("outer", 2),), "m.onnx")
+    assert str(info.value) == ("--dim 'outer': no tensor of m.onnx has a dim of that name (its symbolic dims: "
+                               "b, inner, mid, past, past + 1, total)")
+    bare = helper.make_model(helper.make_graph([], "g", [], []))
+    with pytest.raises(UsageError, match=r"^--dim 'b': no tensor of the model .*\(it has no symbolic dims\)$"):
+        check_dim_names(bare, {"b": 1})
