@@ -233,7 +233,7 @@ def resolve_output(src: Path, out: Path, in_place: bool) -> Path:
     if out.is_dir() and not src.is_dir():
         out = out / src.name
     if out.exists() and src.exists() and os.path.samefile(src, out) and not in_place:
-        raise PreserveError(f"OUT is IN ({src}); pass --in-place (in_place=True) to overwrite it")
+        raise PreserveError(f"OUT is IN ({src}); pass --in-place to overwrite it")
     if not out.parent.is_dir():
         raise PreserveError(f"{out.parent}: output folder does not exist")
     return out
@@ -260,7 +260,7 @@ def map_path(task: Callable, src: Path, out: Path | None, *, in_place: bool = Fa
         raise PreserveError(f"OUT {out} is a file; a rank directory needs a directory OUT")
     if out.exists() and os.path.samefile(src, out):
         if not in_place:
-            raise PreserveError(f"OUT is IN ({src}); pass --in-place (in_place=True) to overwrite it")
+            raise PreserveError(f"OUT is IN ({src}); pass --in-place to overwrite it")
         return _run_all(task, [(f, f, n, False) for f, n in files], jobs)
     _check_directory_out(src, out)
     out = out.resolve()  # "." and ".." have no name to stage beside

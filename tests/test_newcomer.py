@@ -89,3 +89,14 @@ def test_dim_names_reads_every_graphs_inputs_outputs_and_value_info():
     bare = helper.make_model(helper.make_graph([], "g", [], []))
     with pytest.raises(UsageError, match=r"^--dim 'b': no tensor of the model .*\(it has no symbolic dims\)$"):
         check_dim_names(bare, {"b": 1})
+
+
+# -- 9. OUT == IN names the option, not the Python argument -------------------------------------------
+
+@pytest.mark.parametrize("command", ["optimize", "strip"])
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_out_is_in_names_only_the_option(command, what, sample_copy):
+    src = sample_copy()
+    path = src / "model_00.onnx" if what == "file" else src
+    r = cli(command, path, path)
+    assert (r.exit_code, r.output) == (1, f"error: OUT is IN ({path}); pass --in-place to overwrite it\n")
