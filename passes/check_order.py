@@ -79,6 +79,7 @@ def _cycle_member(graph: onnx.GraphProto, outer: frozenset[str]) -> str | None:
 
 class CheckOrderPass(Pass):
     name = "check-order"
+    kind = "check"
     summary = "refuse graphs whose nodes are not in topological order (or have a cycle)"
 
     def run(self, model: onnx.ModelProto) -> PassResult:

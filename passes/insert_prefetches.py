@@ -33,7 +33,8 @@ from onnx import helper
 from preserve_onnx.config import PREFETCH_ATTRIBUTES, OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.index import iter_graphs
-from preserve_onnx.passes.plan_prefetches import Plan, WindowPlan, plan_prefetches
+from preserve_onnx.passes.plan_prefetches import Plan, WindowPlan
+from preserve_onnx.passes.plan_prefetches import plan_prefetches as plan_model
 from preserve_onnx.pipeline import Pass, PassResult
 
 
@@ -43,13 +44,16 @@ def count_prefetches(model: onnx.ModelProto, naming) -> int:
 
 class InsertPrefetchesPass(Pass):
     name = "insert-prefetches"
-    summary = "plan each collective's window and insert the Prefetch chain before the collective"
+    summary = "insert each window's planned Prefetch chain before its collective"
+    requires = ("plan-prefetches",)
 
     def __init__(self, config: OptimizeConfig, ranks: int = 1):
         self.config = config
         self.ranks = ranks
 
-    def run(self, model: onnx.ModelProto) -> PassResult:
+    def run(self, model: onnx.ModelProto, plan_prefetches: Plan | None = None) -> PassResult:
+        """``plan_prefetches``: the plan-prefetches analysis's Plan (made here when the pass runs alone)."""
+        plan = plan_prefetches
         naming = self.config.naming
         existing = count_prefetches(model, naming)
         if existing:
@@ -61,7 +65,8 @@ class InsertPrefetchesPass(Pass):
             raise PreserveError(f"the model already defines a function {naming.domain}::{naming.op_type}; "
                                 f"pass --replan to remove it, or choose another --prefetch-domain")
         in_use = any(n.domain == naming.domain for _, g in iter_graphs(model) for n in g.node)
-        plan = plan_prefetches(model, self.config, self.ranks)
+        if plan is None:
+            plan = plan_model(model, self.config, self.ranks)
         if plan.prefetch_count == 0:
             return PassResult(model, False, plan)
         out = onnx.ModelProto()

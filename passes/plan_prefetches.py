@@ -26,7 +26,9 @@ from preserve_onnx.graph.index import all_names, iter_scopes
 from preserve_onnx.passes._roofline import window_max_tokens
 from preserve_onnx.graph.structure import kv_cache_paths
 from preserve_onnx.passes.build_windows import Window, build_windows
-from preserve_onnx.passes.collect_candidates import Candidate, Skipped, collect_candidates, producer_positions
+from preserve_onnx.passes.collect_candidates import (Candidate, Skipped, WindowCandidates, collect_candidates,
+                                                     producer_positions)
+from preserve_onnx.pipeline import Pass, PassResult
 
 
 @dataclass(frozen=True)
@@ -80,30 +82,49 @@ class Plan:
 
 
 def plan_prefetches(model: onnx.ModelProto, config: OptimizeConfig, ranks: int = 1) -> Plan:
-    """Plan every selected collective of ``model``."""
-    hw = config.hardware
+    """Plan every selected collective of ``model``: the three analyses in a row (``build-windows``,
+    ``collect-candidates``, ``plan-prefetches``), as the pipeline runs them."""
+    windows = build_windows(model, config.collectives, config.batch)
+    return plan_windows(model, config, ranks, collect_all(model, config, windows))
+
+
+def collect_all(model: onnx.ModelProto, config: OptimizeConfig,
+                windows: tuple[Window, ...]) -> tuple[WindowCandidates, ...]:
+    """The candidates of every selected window (analysis ``collect-candidates``)."""
     scope_list = list(iter_scopes(model))
     scopes = {s.path: s for s in scope_list}
-    taken = all_names(model)
     kv_paths = kv_cache_paths(model.graph)
     sizing = Sizing.for_model(model, config.batch, config.context, config.dims, scope_list, kv_paths)
     positions: dict[str, dict[str, int]] = {}  # per graph, made on first need: where each tensor is made
-    plans = []
-    for window in build_windows(model, config.collectives, config.batch, scope_list):
+    found = []
+    for window in windows:
         if not window.selected:
             continue
         scope = scopes[window.graph]
         if window.graph not in positions:
             positions[window.graph] = producer_positions(scope.graph)
-        found = collect_candidates(scope, window, kv=config.kv, qdq_weights=config.qdq_weights,
-                                   sizing=sizing, kv_paths=kv_paths, static_kv=config.static_kv,
-                                   positions=positions[window.graph])
+        found.append(collect_candidates(scope, window, kv=config.kv, qdq_weights=config.qdq_weights,
+                                        sizing=sizing, kv_paths=kv_paths, static_kv=config.static_kv,
+                                        positions=positions[window.graph]))
+    return tuple(found)
+
+
+def plan_windows(model: onnx.ModelProto, config: OptimizeConfig, ranks: int,
+                 found: tuple[WindowCandidates, ...]) -> Plan:
+    """Budgets, the fill rule, names and validity ranges for each window's candidates (analysis
+    ``plan-prefetches``)."""
+    hw = config.hardware
+    scopes = {s.path: s for s in iter_scopes(model)}
+    taken = all_names(model)
+    plans = []
+    for wc in found:
+        window = wc.window
         budget = config.budget if config.budget is not None else \
             hw.window_budget(window.message_bytes, ranks, config.l2_fraction)
-        prefetches, skipped = fill_window(window, found.candidates, budget, config.min_chunk,
-                                    hw.max_prefetch_bytes, taken)
-        max_tokens = window_max_tokens(scopes[window.graph], window, found.candidates, prefetches, hw)
-        plans.append(WindowPlan(window, budget, found.candidates, found.skipped + skipped,
+        prefetches, skipped = fill_window(window, wc.candidates, budget, config.min_chunk,
+                                          hw.max_prefetch_bytes, taken)
+        max_tokens = window_max_tokens(scopes[window.graph], window, wc.candidates, prefetches, hw)
+        plans.append(WindowPlan(window, budget, wc.candidates, wc.skipped + skipped,
                                 tuple(prefetches), max_tokens))
     rule = (f"--budget {config.budget} B per window" if config.budget is not None else
             f"min({config.l2_fraction} x usable L2, achieved HBM BW x t_collective) on {hw.name}")
@@ -161,3 +182,56 @@ def _unique(name: str, taken: set[str]) -> str:
         n += 1
     taken.add(candidate)
     return candidate
+
+
+class BuildWindowsPass(Pass):
+    """Analysis: every collective and its window (docs/design.md §4.1); stats: the windows."""
+
+    name = "build-windows"
+    kind = "analysis"
+    summary = "find every collective and the operators up to the next collective"
+
+    def __init__(self, config: OptimizeConfig):
+        self.config = config
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        return PassResult(model, False, build_windows(model, self.config.collectives, self.config.batch))
+
+
+class CollectCandidatesPass(Pass):
+    """Analysis: what each selected window's operators read (docs/design.md §2, §4.2); stats: one
+    WindowCandidates per selected window."""
+
+    name = "collect-candidates"
+    kind = "analysis"
+    summary = "weights (through constant-only chains) and KV-cache each window reads"
+    requires = ("build-windows",)
+
+    def __init__(self, config: OptimizeConfig):
+        self.config = config
+
+    def run(self, model: onnx.ModelProto, build_windows: tuple[Window, ...]) -> PassResult:
+        return PassResult(model, False, collect_all(model, self.config, build_windows))
+
+
+class PlanPrefetchesPass(Pass):
+    """Analysis: fit each window's candidates into its budget, cut, split and name them (docs/design.md
+    §4.3-4.8); stats: the Plan."""
+
+    name = "plan-prefetches"
+    kind = "analysis"
+    summary = "fit candidates into each window's budget; split, cut and name them"
+    requires = ("collect-candidates",)
+
+    def __init__(self, config: OptimizeConfig, ranks: int = 1):
+        self.config = config
+        self.ranks = ranks
+
+    def run(self, model: onnx.ModelProto, collect_candidates: tuple[WindowCandidates, ...]) -> PassResult:
+        return PassResult(model, False, plan_windows(model, self.config, self.ranks, collect_candidates))
+
+
+def planning_passes(config: OptimizeConfig, ranks: int = 1) -> list[Pass]:
+    """The three analyses that make a Plan, in pipeline order (optimize, inspect and the cost model run
+    these same passes)."""
+    return [BuildWindowsPass(config), CollectCandidatesPass(config), PlanPrefetchesPass(config, ranks)]

@@ -122,6 +122,7 @@ def stale_links(model: onnx.ModelProto, naming: PrefetchNaming = PrefetchNaming(
 
 class VerifyPrefetchesPass(Pass):
     name = "verify-prefetches"
+    kind = "check"
     summary = "check topological order, Prefetch well-formedness and no new onnx checker complaint"
 
     def __init__(self, baseline: onnx.ModelProto, naming: PrefetchNaming = PrefetchNaming()):

@@ -21,11 +21,9 @@ import onnx
 from onnx import helper
 
 from preserve_onnx.config import OptimizeConfig, PrefetchNaming
-from preserve_onnx.errors import PreserveError
-from preserve_onnx.optimizer import RankOutcome, map_path, resolve_model
-from preserve_onnx.passes import Plan, StripPrefetchesPass, Window, build_windows, plan_prefetches
 from preserve_onnx.graph.index import iter_scopes
-from preserve_onnx.passes.check_order import check_topological
+from preserve_onnx.optimizer import RankOutcome, map_path, planning_pipeline, resolve_model
+from preserve_onnx.passes import Plan, Window
 from preserve_onnx.passes.verify_prefetches import StaleLinks, stale_links
 
 
@@ -77,19 +75,15 @@ def inspect(model: onnx.ModelProto | str | Path, config: OptimizeConfig | None =
     config = config or OptimizeConfig()
     start = time.perf_counter()
     model, source, ranks = resolve_model(model, config, ranks)
-    try:
-        check_topological(model.graph)  # what optimize refuses, inspect does not plan
-    except PreserveError as exc:
-        raise PreserveError(f"check-order failed: {exc}") from None
     existing = _existing_prefetches(model, config.naming)
     stale = stale_links(model, config.naming) if existing else None
-    if existing:
-        # Plan what --replan would: the Prefetch nodes hide each collective's original input (the
-        # initializers --replan drops are read by nothing after the strip: never candidates).
-        model = StripPrefetchesPass(config.naming)(model).model
-    collectives = build_windows(model, config.collectives, config.batch)  # every collective, flagged
-    plan = plan_prefetches(model, config, ranks)
-    return Inspection(source, ranks, collectives, plan, existing, time.perf_counter() - start, stale)
+    # optimize's own passes, dry: check-order (what optimize refuses, inspect does not plan), then with
+    # Prefetch nodes present what --replan would plan (they hide each collective's original input; the
+    # initializers --replan drops are read by nothing after the strip: never candidates).
+    result = planning_pipeline(config, ranks, strip=bool(existing))(model)
+    collectives = result.stats("build-windows")  # every collective, flagged
+    return Inspection(source, ranks, collectives, result.stats("plan-prefetches"), existing,
+                      time.perf_counter() - start, stale)
 
 
 def inspect_path(src: str | Path, config: OptimizeConfig | None = None, *,

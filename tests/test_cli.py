@@ -128,7 +128,8 @@ def test_verbose_says_why_tensors_were_skipped(tmp_path):
     (["--budget", "lots"], "not a size: 'lots'"),
     (["--collectives", "AllSum"], "--collectives: unknown 'AllSum'"),
     (["--disable", "no-such-pass"], "--disable: unknown pass 'no-such-pass'"),
-    (["--disable", "plan-prefetches"], "'plan-prefetches' is an analysis inside insert-prefetches"),
+    (["--disable", "plan-prefetches"], "'plan-prefetches' is an analysis that insert-prefetches needs"),
+    (["--disable", "build-windows"], "'build-windows' is an analysis that collect-candidates needs"),
     (["--batch", "0"], "--batch must be at least 1"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, args, message):
