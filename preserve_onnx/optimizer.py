@@ -29,22 +29,22 @@ from preserve_onnx.model_io import (RUNTIME_FILES, ProgressFactory, atomic_path,
                                     external_tensors, find_rank_sets, is_rank_file, load_model, save_model,
                                     sibling_rank_count, staged_directory, write_bytes_atomic)
 from preserve_onnx.passes import (CheckOrderPass, InsertPrefetchesPass, Plan, StripPrefetchesPass,
-                                  VerifyPrefetchesPass, plan_prefetches)
+                                  VerifyPrefetchesPass)
 from preserve_onnx.passes.drop_stale_weights import Dropped, DropStaleWeightsPass
 from preserve_onnx.passes.verify_prefetches import StaleLinks, Verification, stale_links
-from preserve_onnx.pipeline import Sequential
+from preserve_onnx.passes.plan_prefetches import (BuildWindowsPass, CollectCandidatesPass, PlanPrefetchesPass,
+                                                  planning_passes)
+from preserve_onnx.pipeline import Pass, Sequential
 
-# name -> (kind, one-line summary), in pipeline order; `preserve-onnx passes` prints this.
-PASSES = {
-    "check-order": ("check", CheckOrderPass.summary),
-    "strip-prefetches": ("transform", StripPrefetchesPass.summary + " (runs only with --replan)"),
-    "drop-stale-weights": ("transform", DropStaleWeightsPass.summary + " (runs only with --replan)"),
-    "build-windows": ("analysis", "find every collective and the operators up to the next collective"),
-    "collect-candidates": ("analysis", "weights (through constant-only chains) and KV-cache each window reads"),
-    "plan-prefetches": ("analysis", "fit candidates into each window's budget; split, cut and name them"),
-    "insert-prefetches": ("transform", InsertPrefetchesPass.summary),
-    "verify-prefetches": ("check", VerifyPrefetchesPass.summary),
-}
+# Every pass `optimize` can run, in pipeline order: the registry `preserve-onnx passes` prints and
+# `--disable` is checked against (generated from the passes' own name, kind and summary).
+REGISTRY: tuple[type[Pass], ...] = (CheckOrderPass, StripPrefetchesPass, DropStaleWeightsPass, BuildWindowsPass,
+                                    CollectCandidatesPass, PlanPrefetchesPass, InsertPrefetchesPass,
+                                    VerifyPrefetchesPass)
+_REPLAN_ONLY = {StripPrefetchesPass.name, DropStaleWeightsPass.name}
+# name -> (kind, one-line summary), in pipeline order.
+PASSES = {cls.name: (cls.kind, cls.summary + (" (runs only with --replan)" if cls.name in _REPLAN_ONLY else ""))
+          for cls in REGISTRY}
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,25 @@ class RankOutcome:
 
 def build_pipeline(config: OptimizeConfig, baseline: onnx.ModelProto, ranks: int,
                    stale: StaleLinks | None = None) -> Sequential:
-    passes = [CheckOrderPass()]
+    passes: list[Pass] = [CheckOrderPass()]
     if config.replan:
         stale = stale if stale is not None else stale_links(baseline, config.naming)
         passes += [StripPrefetchesPass(config.naming), DropStaleWeightsPass(stale.prefetch_only)]
-    passes += [InsertPrefetchesPass(config, ranks), VerifyPrefetchesPass(baseline, config.naming)]
-    return Sequential(passes, [d for d in config.disabled if d in {p.name for p in passes}])
+    passes += [*planning_passes(config, ranks), InsertPrefetchesPass(config, ranks),
+               VerifyPrefetchesPass(baseline, config.naming)]
+    return Sequential(passes, config.disabled, known=list(PASSES))
+
+
+def planning_pipeline(config: OptimizeConfig, ranks: int = 1, *, strip: bool = False) -> Sequential:
+    """``optimize``'s pipeline up to plan-prefetches, changing nothing but (``strip``) removing existing
+    Prefetch nodes first as --replan does: the dry run ``inspect`` and the cost model run."""
+    passes: list[Pass] = [CheckOrderPass(), *([StripPrefetchesPass(config.naming)] if strip else [])]
+    return Sequential([*passes, *planning_passes(config, ranks)])
+
+
+def plan_model(model: onnx.ModelProto, config: OptimizeConfig, ranks: int = 1) -> Plan:
+    """What ``optimize`` would plan for ``model`` (:func:`planning_pipeline`'s Plan)."""
+    return planning_pipeline(config, ranks)(model).stats("plan-prefetches")
 
 
 def optimize(model: onnx.ModelProto | str | Path, config: OptimizeConfig | None = None,
@@ -104,30 +117,17 @@ def resolve_model(model: onnx.ModelProto | str | Path, config: OptimizeConfig,
 def _optimize_loaded(model, config: OptimizeConfig, ranks: int | None):
     start = time.perf_counter()
     model, source, ranks = resolve_model(model, config, ranks)
-    _check_disabled(config)
     stale = stale_links(model, config.naming)
     if stale.stale and not config.replan:
         # Planning on top would keep hinting bytes nothing reads; say so rather than "already contains".
         where = f"{source.name}: " if source is not None else ""
         raise PreserveError(f"{where}{stale.describe()}; nothing was written")
     result = build_pipeline(config, model, ranks, stale)(model)
-    plan = result.stats("insert-prefetches")
-    if plan is None:  # insert-prefetches disabled: still report what would have been planned
-        plan = plan_prefetches(result.model, config, ranks)
+    plan = result.stats("insert-prefetches") or result.stats("plan-prefetches")  # insert disabled: the plan
     outcome = RankOutcome(source, None, ranks, result.modified, plan,
                           result.stats("verify-prefetches"), time.perf_counter() - start,
                           stale if stale.total else None, result.stats("drop-stale-weights"))
     return outcome, result.model
-
-
-def _check_disabled(config: OptimizeConfig) -> None:
-    for name in config.disabled:
-        if name not in PASSES:
-            raise UsageError(f"--disable: unknown pass '{name}' (passes: {', '.join(PASSES)})")
-        if PASSES[name][0] == "analysis":
-            # Skipping an analysis silently would still plan with it: refuse instead.
-            raise UsageError(f"--disable: '{name}' is an analysis inside insert-prefetches; disable "
-                                f"insert-prefetches instead")
 
 
 def strip(model: onnx.ModelProto | str | Path, naming: PrefetchNaming = PrefetchNaming()) -> onnx.ModelProto:
