@@ -277,6 +277,8 @@ def _replicate_state_layers(ix: GraphIndex, layout: Layout) -> None:
     linear no other layer claims, else the layer is refused, naming the state node."""
     claimed = layout.columns.keys() | layout.rows.keys()
     for i, state, out in _state_nodes(ix):
+        if i in layout.region:  # a KV-cache update inside an attention block (ScatterND into a static cache)
+            continue
         node = ix.nodes[i]
         outs, todo, seen = set(), [o for o in node.output if o], set()
         while todo:

@@ -29,6 +29,13 @@ def values(path: Path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in load(path).graph.initializer}
 
 
+def cli_shard(full: Path, out: Path) -> str:
+    """`preserve-onnx shard FULL OUT --tp 2`: its output (exit 0 asserted)."""
+    ok = CliRunner().invoke(app, ["shard", str(full), str(out), "--tp", "2"])
+    assert ok.exit_code == 0, ok.output
+    return ok.output
+
+
 def node_of(model: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type == op]
 
@@ -257,10 +264,7 @@ def test_swiglu_fusion_2_cuts_the_gate_and_value_blocks_each(tmp_path):
 
 
 def test_cli_counts_the_moe_layers_and_their_allreduces(tmp_path):
-    full = decoder(tmp_path / "full", moe="moe")
-    ok = CliRunner().invoke(app, ["shard", str(full), str(tmp_path / "tp2"), "--tp", "2"])
-    assert ok.exit_code == 0, ok.output
-    assert ok.output.startswith(
+    assert cli_shard(decoder(tmp_path / "full", moe="moe"), tmp_path / "tp2").startswith(
         "done: 2 rank models (6 column-parallel and 2 row-parallel linears, 2 mixture-of-experts layers, "
         "4 AllReduce per rank), "
     )
@@ -335,9 +339,7 @@ def test_a_state_layer_between_its_own_projections_is_computed_whole_on_every_ra
     out-projection, added to the residual stream. Its state cannot be split by heads; replicating the
     layer is exact (same input on every rank, same output): weights and state whole, no AllReduce."""
     full = decoder(tmp_path / "full", state_layer="enclosed")
-    ok = CliRunner().invoke(app, ["shard", str(full), str(tmp_path / "tp2"), "--tp", "2"])
-    assert ok.exit_code == 0, ok.output
-    assert ok.output.startswith(
+    assert cli_shard(full, tmp_path / "tp2").startswith(
         "done: 2 rank models (10 column-parallel and 4 row-parallel linears, 2 state layers computed whole "
         "on every rank, 4 AllReduce per rank), "
     )
