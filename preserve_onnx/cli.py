@@ -37,6 +37,28 @@ for _console in (out, err):
 BIG_COPY = 64 << 20  # show a progress bar for data files above this size
 
 
+def _version(value: bool) -> None:
+    """``--version``: ``preserve-onnx <version>`` from the installed package's metadata."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from preserve_onnx import __version__
+
+    try:
+        number = version("preserve-onnx")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        number = __version__
+    print(f"preserve-onnx {number}")
+    raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_version, help="print the version and exit")] = False) -> None:
+    pass
+
+
 def handle_errors(fn: Callable | None = None, *, error_code: int = 1) -> Callable:
     """A PreserveError becomes one red line and exit 1 (Ctrl-C too, after cleaning up); never a traceback.
 
@@ -777,14 +799,37 @@ def calibrate(
 
 
 def main() -> None:
+    """The ``preserve-onnx`` command: typer parses, but a usage error is one line (exit 2), not typer's box."""
     try:
-        app()
+        from typer import _click as click  # typer >= 0.28 vendors click
+    except ImportError:  # pragma: no cover - older typer depends on click
+        import click
+    try:
+        code = app(standalone_mode=False)
     except KeyboardInterrupt:  # before a command's own handler is in place (argument parsing)
         _interrupted()
+    except typer.Abort:  # click's own end of input or Ctrl-C
+        _interrupted()
+    except click.exceptions.ClickException as exc:
+        _usage_error(exc)
     except SystemExit as exc:
         if exc.code == 130:  # typer's silent exit for a Ctrl-C outside a command's handler
             _interrupted()
         raise
+    if code == 130:  # typer's Ctrl-C while parsing, returned as an exit code without standalone mode
+        _interrupted()
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(exc) -> None:
+    """``error: Missing argument 'OUT'. (see 'preserve-onnx optimize --help')`` and click's exit code (2).
+    With no arguments at all the help was printed already (no_args_is_help)."""
+    if type(exc).__name__ != "NoArgsIsHelpError":
+        ctx = getattr(exc, "ctx", None)
+        message = " ".join(exc.format_message().split())
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        err.print(f"[red]error:[/red] {escape(message)}{escape(hint)}", highlight=False, soft_wrap=True)
+    sys.exit(exc.exit_code)
 
 
 def _interrupted() -> None:

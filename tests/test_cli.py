@@ -236,7 +236,7 @@ def test_ctrl_c_before_a_command_runs_is_one_line(where, monkeypatch, capsys):
 
         monkeypatch.setattr(builtins, "__import__", interrupted_import)
     else:
-        def app():
+        def app(**_):  # cli.main passes standalone_mode=False
             if where == "parsing":
                 raise KeyboardInterrupt
             raise SystemExit(130)

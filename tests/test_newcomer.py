@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
@@ -100,3 +104,59 @@ def test_out_is_in_names_only_the_option(command, what, sample_copy):
     path = src / "model_00.onnx" if what == "file" else src
     r = cli(command, path, path)
     assert (r.exit_code, r.output) == (1, f"error: OUT is IN ({path}); pass --in-place to overwrite it\n")
+
+
+# -- 3. --version; 7. usage errors are one line (the real entry point) ---------------------------------
+
+COMMAND = Path(sys.executable).parent / "preserve-onnx"
+
+
+def command(*args):
+    return subprocess.run([str(COMMAND), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_version_prints_the_package_version():
+    from importlib.metadata import version
+
+    r = command("--version")
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"preserve-onnx {version('preserve-onnx')}\n", "")
+    assert cli("--version").output == f"preserve-onnx {version('preserve-onnx')}\n"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["optimize", "in"], "Missing argument 'OUT'. (see 'preserve-onnx optimize --help')"),
+    (["shard", "a", "b"], "Missing option '--tp'. (see 'preserve-onnx shard --help')"),
+    (["optimize", "a", "b", "--budgt", "1"],
+     "No such option: --budgt (Possible options: --budget) (see 'preserve-onnx optimize --help')"),
+    (["inspect", "m", "--batch", "z"],
+     "Invalid value for '--batch': 'z' is not a valid int. (see 'preserve-onnx inspect --help')"),
+    (["optimise"], "No such command 'optimise'. Did you mean 'optimize'? (see 'preserve-onnx --help')"),
+])
+def test_usage_errors_are_one_line_exit_2(args, line):
+    r = command(*args)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {line}\n")
+
+
+def test_help_and_no_arguments_still_print_the_help():
+    r = command()
+    assert r.returncode == 2 and "Usage: preserve-onnx [OPTIONS] COMMAND" in r.stdout and r.stderr == ""
+    assert "--version" in r.stdout and "optimize" in r.stdout
+    r = command("optimize", "--help")
+    assert r.returncode == 0 and "Usage: preserve-onnx optimize [OPTIONS]" in r.stdout and r.stderr == ""
+
+
+def test_errors_of_a_command_keep_their_codes_through_the_entry_point(tmp_path):
+    assert command("inspect", tmp_path / "nothing").returncode == 1  # a user-facing error
+    r = command("inspect", RANKS, "--json", "--dim", "x=1")
+    assert (r.returncode, r.stdout) == (2, "")  # a UsageError raised by the command
+    r = command("diff", RANKS, RANKS)
+    assert r.returncode == 0 and r.stdout.startswith("equal")
+
+
+def test_typers_ctrl_c_code_without_standalone_mode_is_one_line(monkeypatch, capsys):
+    from preserve_onnx import _entry, cli as cli_module
+
+    monkeypatch.setattr(cli_module, "app", lambda **_: 130)  # what typer returns for a Ctrl-C while parsing
+    with pytest.raises(SystemExit) as info:
+        _entry.main()
+    assert info.value.code == 1 and capsys.readouterr().err == "interrupted: nothing was written\n"
