@@ -72,13 +72,16 @@ def _graph_only(model: onnx.ModelProto) -> onnx.ModelProto:
 class StaleLink:
     graph: str  # scope path: "" for the main graph
     node: str
-    tensor: str  # X, which no node other than a Prefetch reads
+    tensor: str  # X
+    reason: str = "unread"  # "unread": no node other than a Prefetch reads X; "computed": a node now makes X
 
 
 @dataclass(frozen=True)
 class StaleLinks:
-    """The Prefetch links whose X no other node reads (docs/design.md §9): a quantizer or converter run
-    after ``optimize`` replaced the weight, and the link still hints the old bytes."""
+    """The Prefetch links a tool run after ``optimize`` left behind (docs/design.md §9): X is read by no
+    other node (a quantizer replaced the weight; the link still hints the old bytes), or X is computed by
+    a node now (a float16 converter put a Cast between a graph input and every reader, the link too), no
+    longer the weight or graph input that optimize targets."""
 
     total: int  # Prefetch nodes in the model
     stale: tuple[StaleLink, ...]
@@ -89,18 +92,24 @@ class StaleLinks:
     def describe(self) -> str:
         """One line: ``9 of 13 Prefetch links are stale: ...; run optimize --replan``."""
         n = len(self.stale)
-        tensors = ", ".join(f"'{s.tensor}'" for s in self.stale[:3]) + (", ..." if n > 3 else "")
+        parts = []
+        for reason, phrase in (("unread", "no other node reads"), ("computed", "a node now computes")):
+            names = [s.tensor for s in self.stale if s.reason == reason]
+            if names:
+                parts.append(f"{phrase} " + ", ".join(f"'{t}'" for t in names[:3]) + (", ..." if len(names) > 3 else ""))
         return (f"{n} of {self.total} Prefetch link{'s' if self.total != 1 else ''} "
-                f"{'are' if n != 1 else 'is'} stale: no other node reads {tensors} (a quantizer or converter "
-                f"replaced the weights after optimize); run optimize --replan")
+                f"{'are' if n != 1 else 'is'} stale: {'; '.join(parts)} (a quantizer or converter changed the "
+                f"model after optimize); run optimize --replan")
 
 
 def stale_links(model: onnx.ModelProto, naming: PrefetchNaming = PrefetchNaming()) -> StaleLinks:
-    """Every Prefetch whose X is read by no other node of any graph (nor is a graph output).
+    """Every Prefetch whose X is read by no other node of any graph (nor is a graph output), or is the
+    output of a node (not an initializer or graph input any more).
 
     Reads the graph only (names, never weight bytes); subgraphs count as readers of outer tensors.
     """
     read: set[str] = set()
+    produced: set[str] = set()
     links: list[tuple[str, onnx.NodeProto]] = []
     initializers: set[str] = set()
     for path, graph in iter_graphs(model):
@@ -113,10 +122,18 @@ def stale_links(model: onnx.ModelProto, naming: PrefetchNaming = PrefetchNaming(
                 read.update(node.input[2:])  # L is the attention node's own input: still read
             else:
                 read.update(node.input)
-    stale = tuple(StaleLink(path, node.name, node.input[1]) for path, node in links
-                  if len(node.input) > 1 and node.input[1] not in read)
+                produced.update(node.output)
     interface = {vi.name for vi in model.graph.input}
-    only = tuple(dict.fromkeys(s.tensor for s in stale if s.tensor in initializers and s.tensor not in interface))
+    stale = []
+    for path, node in links:
+        x = node.input[1] if len(node.input) > 1 else ""
+        if x and x not in read:
+            stale.append(StaleLink(path, node.name, x))
+        elif x in produced and x not in initializers and x not in interface:
+            stale.append(StaleLink(path, node.name, x, "computed"))
+    stale = tuple(stale)
+    only = tuple(dict.fromkeys(s.tensor for s in stale
+                               if s.reason == "unread" and s.tensor in initializers and s.tensor not in interface))
     return StaleLinks(len(links), stale, only)
 
 

@@ -214,9 +214,9 @@ def _set_offset(tensor: onnx.TensorProto, offset: int) -> None:
 def _shared(location: str, src: Path) -> bool:
     """Whether another rank model beside ``src`` keeps data in ``location`` (compacting would break it)."""
     for entry in sorted(src.parent.iterdir()):
-        if entry != src and entry.is_file() and is_rank_file(entry.name):
-            if any(external_info(t).get("location") == location for t in external_tensors(load_model(entry))):
-                return True
+        if entry != src and entry.is_file() and is_rank_file(entry.name) and any(
+                external_info(t).get("location") == location for t in external_tensors(load_model(entry))):
+            return True
     return False
 
 

@@ -9,20 +9,20 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from preserve_onnx.passes import DropStaleWeightsPass
+from preserve_onnx.passes.verify_prefetches import StaleLink, stale_links
 from typer.testing import CliRunner
 
 from preserve_onnx import OptimizeConfig, optimize, strip
 from preserve_onnx.cli import app
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.optimizer import optimize_path
-from preserve_onnx.passes import DropStaleWeightsPass
-from preserve_onnx.passes.verify_prefetches import StaleLink, stale_links
-from tests.builders import G, if_model, two_layer_mlp
+from tests.builders import if_model, two_layer_mlp
 
 runner = CliRunner()
 CONFIG = OptimizeConfig(budget=10_000)
-LINE = ("2 of 3 Prefetch links are stale: no other node reads 'w1', 'w2' (a quantizer or converter replaced "
-        "the weights after optimize); run optimize --replan")
+LINE = ("2 of 3 Prefetch links are stale: no other node reads 'w1', 'w2' (a quantizer or converter changed "
+        "the model after optimize); run optimize --replan")
 
 
 def cli(*args):
@@ -61,6 +61,23 @@ def test_stale_links_are_the_links_whose_weight_nothing_else_reads(stale_model):
     assert links.stale == (StaleLink("", "ar0/Prefetch/w1", "w1"), StaleLink("", "ar0/Prefetch/w2", "w2"))
     assert links.prefetch_only == ("w1", "w2")
     assert links.describe() == LINE
+
+
+def test_a_link_whose_weight_a_node_now_computes_is_stale():
+    """What the float16 converter does to KV-cache inputs: a Cast between the input and every reader."""
+    optimized, _ = optimize(two_layer_mlp(), CONFIG)
+    g = optimized.graph
+    for node in g.node:
+        node.input[:] = ["w3_cast" if name == "w3" else name for name in node.input]
+    g.node.insert(0, onnx.helper.make_node("Identity", ["w3"], ["w3_cast"], name="cast"))
+    links = stale_links(optimized)
+    assert links.stale == (StaleLink("", "ar1/Prefetch/w3", "w3_cast", "computed"),)
+    assert links.prefetch_only == ()  # w3 is still read (by the Identity): nothing to drop
+    assert links.describe() == ("1 of 3 Prefetch links is stale: a node now computes 'w3_cast' (a quantizer or "
+                                "converter changed the model after optimize); run optimize --replan")
+    out, plan = optimize(optimized, OptimizeConfig(budget=10_000, replan=True))
+    assert [p.tensor for wp in plan.windows for p in wp.prefetches] == ["w1", "w2", "w3"]  # through the Identity
+    assert stale_links(out).stale == ()
 
 
 def test_a_weight_read_inside_a_subgraph_is_not_stale():
@@ -150,7 +167,7 @@ def test_replan_leaves_the_dropped_bytes_out_of_the_copied_data_file(stale_dir, 
     assert (o.dropped.names, o.dropped.nbytes, o.compacted) == (("w1", "w2"), 4096, 4096)
     data = tmp_path / "out" / "model_00.onnx.data"
     assert (before, data.stat().st_size) == (10240, 6144)
-    offsets = {t.name: int(dict((e.key, e.value) for e in t.external_data)["offset"])
+    offsets = {t.name: int({e.key: e.value for e in t.external_data}["offset"])
                for t in onnx.load(tmp_path / "out" / "model_00.onnx", load_external_data=False).graph.initializer}
     assert offsets == {"w0": 0, "w3": 1024, "w1_q": 2048, "w2_q": 4096}
     got, want = tensors(tmp_path / "out" / "model_00.onnx"), tensors(stale_dir / "model_00.onnx")
@@ -209,8 +226,8 @@ def test_cli_inspect_names_the_stale_links(stale_dir):
     doc = json.loads(cli("inspect", stale_dir / "model_00.onnx", "--budget", "10000", "--json").output)
     assert doc["models"][0]["stale_prefetches"] == {
         "total": 3, "prefetch_only_initializers": ["w1", "w2"],
-        "stale": [{"graph": "", "node": "ar0/Prefetch/w1", "tensor": "w1"},
-                  {"graph": "", "node": "ar0/Prefetch/w2", "tensor": "w2"}]}
+        "stale": [{"graph": "", "node": "ar0/Prefetch/w1", "tensor": "w1", "reason": "unread"},
+                  {"graph": "", "node": "ar0/Prefetch/w2", "tensor": "w2", "reason": "unread"}]}
 
 
 def test_cli_diff_names_the_stale_links_of_each_side(stale_dir, tmp_path):
