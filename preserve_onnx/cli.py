@@ -285,7 +285,7 @@ def optimize(
             # The runner runs a folder's rank family; a file OUT's folder may hold anything.
             raise UsageError("--with-runtime writes a runnable folder: give IN as a directory of rank models "
                              "(and OUT as a folder)")
-        from preserve_onnx.runtime.session import library_path
+        from preserve_onnx.runtime.library import library_path
 
         library_path()  # refused before any model is written when the library is not built
     outcomes = optimize_path(src, None if dry_run else dest, config, in_place=in_place, jobs=jobs,

@@ -102,7 +102,7 @@ def test_diff_counts_vendor_prefetch_nodes(vendor_dir):
 
 
 def test_run_is_bit_identical_with_the_vendor_names(vendor_dir):
-    from preserve_onnx.runtime.session import prefetch_counters
+    from preserve_onnx.runtime.library import prefetch_counters
 
     before = prefetch_counters()
     r = cli("run", vendor_dir, "--against", SRC, "-q", *VENDOR)
@@ -115,7 +115,7 @@ def test_run_is_bit_identical_with_the_vendor_names(vendor_dir):
 def test_a_runtime_without_the_vendor_kernel_runs_the_function_body(vendor_dir):
     """The default spelling registers no CmoPrefetch kernel: onnxruntime inlines the model's function
     (Identity), so the outputs are the same and not one hint is issued."""
-    from preserve_onnx.runtime.session import prefetch_counters
+    from preserve_onnx.runtime.library import prefetch_counters
 
     before = prefetch_counters()
     r = cli("run", vendor_dir, "--against", SRC, "-q")

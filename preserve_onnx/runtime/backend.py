@@ -20,7 +20,7 @@ from preserve_onnx.errors import PreserveError
 from preserve_onnx.runtime.compare import Comparison
 from preserve_onnx.runtime.decode import run_steps
 from preserve_onnx.runtime.feeds import generate_feeds, load_feeds
-from preserve_onnx.runtime.session import PREFETCH_KERNEL_ATTRS
+from preserve_onnx.runtime.library import PREFETCH_KERNEL_ATTRS
 
 if TYPE_CHECKING:
     from preserve_onnx.runtime.twin import TwinComparison

@@ -18,7 +18,7 @@ from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.dims import DecodeLayout
 from preserve_onnx.model_io import copy_file_atomic, write_bytes_atomic
 from preserve_onnx.runtime.backend import prefetch_attr_names
-from preserve_onnx.runtime.session import PREFETCH_KERNEL_ATTRS, library_path
+from preserve_onnx.runtime.library import PREFETCH_KERNEL_ATTRS, library_path
 
 RUNNER_NAME = "run_ranks.py"
 _RUNNER_SOURCE = Path(__file__).resolve().parent / "standalone_runner.py"

@@ -13,7 +13,7 @@ import numpy as np
 
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.runtime.feeds import layout_of
-from preserve_onnx.runtime.session import RankSession
+from preserve_onnx.runtime.session import Ranks
 
 
 def _next_feeds(feeds: dict[str, np.ndarray], next_ids: np.ndarray | None) -> None:
@@ -34,7 +34,7 @@ def _next_feeds(feeds: dict[str, np.ndarray], next_ids: np.ndarray | None) -> No
 
 
 def run_steps(
-    session: RankSession,
+    session: Ranks,
     shared: Mapping[str, np.ndarray],
     per_rank: Mapping[int, Mapping[str, np.ndarray]],
     steps: int,
@@ -82,7 +82,7 @@ def next_token_ids(outputs: list[dict[str, np.ndarray]]) -> np.ndarray | None:
 
 
 def advance_feeds(
-    session: RankSession,
+    session: Ranks,
     shared_now: dict[str, np.ndarray],
     ranks_now: dict[int, dict[str, np.ndarray]],
     outputs: list[dict[str, np.ndarray]],

@@ -29,7 +29,8 @@ import onnxruntime as ort
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.dims import DecodeLayout, bind_lenient, decode_layout
 from preserve_onnx.model_io import write_bytes_atomic
-from preserve_onnx.runtime.session import RankSession, TensorMeta, _meta
+from preserve_onnx.runtime.session import Ranks
+from preserve_onnx.runtime.values import TensorMeta, tensor_meta
 
 SharedFeeds = dict[str, np.ndarray]
 PerRankFeeds = dict[int, dict[str, np.ndarray]]
@@ -63,15 +64,15 @@ def layout_of(source: object) -> DecodeLayout:
 
 def _input_meta(source: object) -> list[tuple[TensorMeta, ...]]:
     """Per-rank input metadata from a RankSession, InferenceSession(s) or TensorMeta sequences."""
-    if isinstance(source, RankSession):
+    if isinstance(source, Ranks):
         return list(source.input_meta)
     if isinstance(source, ort.InferenceSession):
-        return [_meta(source.get_inputs())]
+        return [tensor_meta(source.get_inputs())]
     if isinstance(source, Sequence) and source:
         if all(isinstance(m, TensorMeta) for m in source):
             return [tuple(source)]
         if all(isinstance(s, ort.InferenceSession) for s in source):
-            return [_meta(s.get_inputs()) for s in source]
+            return [tensor_meta(s.get_inputs()) for s in source]
         if all(isinstance(r, Sequence) and all(isinstance(m, TensorMeta) for m in r) for r in source):
             return [tuple(r) for r in source]
     raise PreserveError("generate_feeds needs a RankSession, InferenceSession(s) or per-rank TensorMeta lists")
@@ -82,7 +83,7 @@ def _discover_vocab(source: object) -> int:
 
     The smallest one is safe: a vocab-parallel rank's logits cover a shard of the vocabulary.
     """
-    if not isinstance(source, RankSession):
+    if not isinstance(source, Ranks):
         return DEFAULT_VOCAB
     sizes = [
         m.shape[-1]

@@ -45,19 +45,15 @@ from preserve_onnx.model_io import resolve_ranks
 from preserve_onnx.runtime.backend import RunResult, decode, running_original, session_kwargs
 from preserve_onnx.runtime.compare import Comparison, compare_outputs
 from preserve_onnx.runtime.decode import run_steps
-from preserve_onnx.runtime.session import (
-    PREFETCH_KERNEL_ATTRS,
+from preserve_onnx.runtime.library import PREFETCH_KERNEL_ATTRS, native_library
+from preserve_onnx.runtime.options import (
     ModelLike,
-    RankSession,
-    _first_line,
-    _from_ortvalue,
-    _meta,
-    _native,
-    _opt_level,
-    _to_ortvalue,
     imports_com_microsoft,
+    optimization_level,
     session_options,
 )
+from preserve_onnx.runtime.session import Ranks, _first_line
+from preserve_onnx.runtime.values import from_ortvalue, tensor_meta
 
 INSTALL_HINT = ("the mpi backend needs mpi4py and an MPI library: `make mpi` (Open MPI from the distribution's "
                 "packages, mpi4py into the venv), or `pip install 'preserve-onnx[mpi]'` next to an installed MPI")
@@ -114,7 +110,7 @@ class MpiContext:
         self.size = comm.Get_size()
         self.group = f"preserve-mpi-{os.getpid()}-{next(_GROUPS)}"
         self.failed = False  # a collective or exchange failed: MPI_Finalize is no longer safe
-        self._lib = _native()
+        self._lib = native_library()
         self._comms = [comm.Dup() for _ in range(3)]
         for c in self._comms:
             c.Set_errhandler(MPI.ERRORS_RETURN)
@@ -257,7 +253,7 @@ def check_world(models: Sequence[Any], ctx: MpiContext, what: str = "the model")
             f"start it with `mpirun -n {len(models)}`")
 
 
-class MpiRankSession(RankSession):
+class MpiRankSession(Ranks):
     """Rank ``comm.rank``'s onnxruntime session of a tensor-parallel model; peers are MPI processes.
 
     Every process of the communicator constructs it with the same model list (all ranks' files) and
@@ -298,17 +294,14 @@ class MpiRankSession(RankSession):
         models = list(models)
         if timeout_s <= 0:
             raise PreserveError(f"timeout_s must be positive, got {timeout_s}")
-        self.model_sources = tuple(models)  # as RankSession's: the feeds read their decode layout
         self._ctx = ctx = get_context(comm)
         check_world(models, ctx)
-        self._lib = _native()
-        self._world = ctx.size
+        super().__init__(models, ctx.group, timeout_s)
+        self._lib = native_library()
         self._rank = ctx.rank
-        self._timeout_s = float(timeout_s)
-        self._group = ctx.group
         self._run_lock = threading.Lock()
         options = session_options(
-            rank=ctx.rank, world=ctx.size, group=ctx.group, level=_opt_level(opt_level),
+            rank=ctx.rank, world=ctx.size, group=ctx.group, level=optimization_level(opt_level),
             threads=intra_op_threads or max(1, (os.cpu_count() or 1) // ctx.local_size),
             timeout_s=self._timeout_s, prefetch=(prefetch_domain, prefetch_op, *prefetch_attrs), transport="mpi",
             com_microsoft=imports_com_microsoft(models[ctx.rank]))
@@ -322,7 +315,7 @@ class MpiRankSession(RankSession):
             raise PreserveError(f"rank {ctx.rank}: {reason}") from exc
         self._session = session
         self._sessions = (session,)
-        mine = (_meta(session.get_inputs()), _meta(session.get_outputs()))
+        mine = (tensor_meta(session.get_inputs()), tensor_meta(session.get_outputs()))
         # Loading takes as long as it takes: no deadline here, but a peer's failure ends the wait.
         metas = ctx.allgather(mine, "the exchange of model metadata")
         self._inputs = tuple(m[0] for m in metas)
@@ -371,7 +364,7 @@ class MpiRankSession(RankSession):
             feed = self._local_feeds(feeds, rank_feeds or {})
             with self._run_lock:
                 values = self._session.run_with_ort_values(None, feed)
-            mine = {m.name: _from_ortvalue(v, m) for m, v in zip(self._outputs[self._rank], values, strict=True)}
+            mine = {m.name: from_ortvalue(v, m) for m, v in zip(self._outputs[self._rank], values, strict=True)}
             results: list[dict[str, np.ndarray]] = [{} for _ in range(self._world)]
             results[self._rank] = mine
             if self._share_logits and self._world > 1:
@@ -391,24 +384,8 @@ class MpiRankSession(RankSession):
 
     def _local_feeds(self, feeds: Mapping[str, np.ndarray],
                      rank_feeds: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, ort.OrtValue]:
-        for rank in rank_feeds:
-            if not isinstance(rank, (int, np.integer)) or not 0 <= rank < self._world:
-                raise PreserveError(f"feeds given for rank {rank}, but the world has {self._world} rank(s)")
-        known = set().union(*(self.input_names(r) for r in range(self._world)))
-        unknown = sorted(set(feeds) - known)
-        if unknown:
-            raise PreserveError(f"feed {unknown[0]!r} is not an input of any rank model")
-        meta = {m.name: m for m in self._inputs[self._rank]}
-        own = dict(rank_feeds.get(self._rank, {}))
-        for name in own:
-            if name not in meta:
-                raise PreserveError(f"feed {name!r} is not an input of this rank's model")
-        merged = {k: v for k, v in feeds.items() if k in meta}
-        merged.update(own)
-        missing = [name for name in meta if name not in merged]
-        if missing:
-            raise PreserveError(f"no feed for input {missing[0]!r}")
-        return {name: _to_ortvalue(value, meta[name]) for name, value in merged.items()}
+        self._check_feeds(feeds, rank_feeds)
+        return self._feeds_of(self._rank, feeds, rank_feeds)
 
     def close(self) -> None:
         """Releases the session (the MPI binding stays for the next session of this process)."""

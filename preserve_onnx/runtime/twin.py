@@ -26,11 +26,12 @@ from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.index import is_collective, iter_graphs
 from preserve_onnx.model_io import load_model, resolve_ranks, resolve_single
+from preserve_onnx.runtime.backend import RunResult, session_kwargs
 from preserve_onnx.runtime.compare import max_abs_diff
 from preserve_onnx.runtime.decode import advance_feeds, next_token_ids
 from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, generate_feeds, layout_of, load_feeds
-from preserve_onnx.runtime.backend import RunResult, session_kwargs
-from preserve_onnx.runtime.session import RankSession, TensorMeta
+from preserve_onnx.runtime.session import RankSession
+from preserve_onnx.runtime.values import TensorMeta
 
 # Default absolute tolerance per output dtype (documented in the README, "run --twin"). float32 and
 # float16: measured on the committed samples (worst 1.4e-6 and 2.0e-3 over seeds, batches, contexts),

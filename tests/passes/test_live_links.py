@@ -16,13 +16,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from preserve_onnx.passes import VerifyPrefetchesPass, plan_prefetches
+from preserve_onnx.passes._live import KvLayout, expert_min_tokens, expert_share, live_positions
 
 from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.hardware import load_profile
 from preserve_onnx.optimizer import optimize, strip
-from preserve_onnx.passes import VerifyPrefetchesPass, plan_prefetches
-from preserve_onnx.passes._live import KvLayout, expert_min_tokens, expert_share, live_positions
 from tests.builders import MS, G
 
 HEAD, HEADS, KV_HEADS = 16, 2, 1
@@ -260,7 +260,7 @@ def test_the_runtime_hints_the_live_bytes_computed_by_hand(window, live_position
     """Batch 2 with 10 past positions; sequence 0 holds 5 valid ones (seqlens_k 5), sequence 1 all 10.
     The hinted bytes: both weights whole, then per KV link the live positions of the 2 blocks x 64 bytes."""
     from preserve_onnx.runtime import RankSession
-    from preserve_onnx.runtime.session import prefetch_counters, recording_prefetch_ranges
+    from preserve_onnx.runtime.library import prefetch_counters, recording_prefetch_ranges
 
     model = gqa_model(window=window)
     out, plan = optimize(model, OptimizeConfig(batch=2, context=10, budget=1 << 20))

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from preserve_onnx.cli import app
 from preserve_onnx.runtime import RankSession, compare_outputs
-from preserve_onnx.runtime.session import _opt_level, session_options
+from preserve_onnx.runtime.options import optimization_level, session_options
 from tests.conftest import SAMPLES
 
 LEVELS = ["all", "extended", "basic", "disable"]
@@ -45,7 +45,7 @@ def _weights(seed):
 
 def _optimized_ops(m, tmp_path, level="all"):
     """The nodes onnxruntime runs for ``m`` (op type, Cast's target type), Prefetch nodes left out."""
-    options = session_options(rank=0, world=1, group="g", level=_opt_level(level), threads=1, timeout_s=5,
+    options = session_options(rank=0, world=1, group="g", level=optimization_level(level), threads=1, timeout_s=5,
                               prefetch=("preserve", "Prefetch"))
     options.optimized_model_filepath = str(tmp_path / "ort.onnx")
     ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.runtime import RankSession, compare_outputs
-from preserve_onnx.runtime.session import PrefetchCounters, prefetch_counters, recording_prefetch_ranges
+from preserve_onnx.runtime.library import PrefetchCounters, prefetch_counters, recording_prefetch_ranges
 
 KV_SHAPE = (2, 2, 8, 4)
 ANCHOR = np.arange(6, dtype=np.float32).reshape(2, 3)

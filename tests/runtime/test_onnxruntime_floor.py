@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from preserve_onnx.cli import app
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.runtime import RankSession
-from preserve_onnx.runtime import session as session_module
+from preserve_onnx.runtime import library as library_module
 from tests.conftest import ROOT, SAMPLES
 
-API = session_module._native().preserve_ort_api_version()
+API = library_module.native_library().preserve_ort_api_version()
 TOO_OLD = (f"onnxruntime 1.20.1 is older than the runtime's custom-op library needs (onnxruntime 1.{API}, C API "
            f"version {API}): upgrade it: pip install --upgrade 'onnxruntime>=1.{API}'")
 
@@ -32,7 +32,7 @@ def test_pyproject_requires_the_onnxruntime_the_library_is_built_for():
     (f"1.{API}.0", False), (f"1.{API}.0.dev20250101", False), ("1.32.0", False), ("2.0.0", False),
 ])
 def test_versions_older_than_the_library_are_refused(monkeypatch, version, refused):
-    monkeypatch.setattr(session_module.ort, "__version__", version)
+    monkeypatch.setattr(library_module.ort, "__version__", version)
     m = model([], [vi("x", TensorProto.FLOAT, [1])], [vi("x", TensorProto.FLOAT, [1])])
     if refused:
         with pytest.raises(PreserveError, match=rf"^onnxruntime {re.escape(version)} is older than"):
@@ -42,7 +42,7 @@ def test_versions_older_than_the_library_are_refused(monkeypatch, version, refus
 
 
 def test_run_says_in_one_line_what_to_upgrade(monkeypatch):
-    monkeypatch.setattr(session_module.ort, "__version__", "1.20.1")
+    monkeypatch.setattr(library_module.ort, "__version__", "1.20.1")
     r = CliRunner().invoke(app, ["run", str(SAMPLES / "llama-gqa" / "tp2")])
     assert r.exit_code == 1
     assert r.output == f"error: {TOO_OLD}\n"
@@ -72,6 +72,6 @@ def test_a_library_without_the_api_version_is_one_line():
 
     stale = ctypes.CDLL(ctypes.util.find_library("m"))
     with pytest.raises(PreserveError) as caught:
-        session_module.check_onnxruntime(stale)
+        library_module.check_onnxruntime(stale)
     assert str(caught.value) == (f"the runtime's custom-op library {stale._name} is older than this preserve-onnx: "
                                  f"rebuild it (`make lib` in a clone, or reinstall preserve-onnx)")

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.runtime import RankSession, compare_outputs, library_path
-from preserve_onnx.runtime import session as session_module
+from preserve_onnx.runtime import library as library_module
 
 
 def _weights(seed, shape, dtype=np.float32):
@@ -119,7 +119,7 @@ def test_prefetch_may_live_in_the_com_microsoft_domain():
 
 
 def test_missing_library_is_a_one_line_preserve_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(session_module, "_LIB_DIR", tmp_path)
+    monkeypatch.setattr(library_module, "_LIB_DIR", tmp_path)
     with pytest.raises(PreserveError) as caught:
         library_path()
     assert str(caught.value) == (
@@ -129,7 +129,7 @@ def test_missing_library_is_a_one_line_preserve_error(monkeypatch, tmp_path):
 
 def test_library_that_the_install_could_not_build_names_the_reason(monkeypatch, tmp_path):
     """setup.py writes why it could not build the library into _lib/NOT_BUILT; `run` repeats it."""
-    monkeypatch.setattr(session_module, "_LIB_DIR", tmp_path)
+    monkeypatch.setattr(library_module, "_LIB_DIR", tmp_path)
     (tmp_path / "NOT_BUILT").write_text("no C++ compiler: install g++ (Debian/Ubuntu: apt-get install g++), or set CXX\n")
     with pytest.raises(PreserveError) as caught:
         library_path()
@@ -152,7 +152,7 @@ def _limited_mlp(w1, w2, max_tokens, attr="max_tokens"):
 
 @pytest.mark.parametrize("attr", ["max_tokens", "vendor_tokens"])
 def test_prefetch_skips_its_hint_above_max_tokens_and_outputs_stay_bit_identical(attr):
-    from preserve_onnx.runtime.session import prefetch_counters
+    from preserve_onnx.runtime.library import prefetch_counters
 
     w1 = [_weights(r, (16, 32)) for r in range(2)]
     w2 = [_weights(4 + r, (32, 16)) for r in range(2)]
@@ -172,7 +172,7 @@ def test_prefetch_skips_its_hint_above_max_tokens_and_outputs_stay_bit_identical
 
 
 def test_prefetch_without_max_tokens_always_issues_its_hint():
-    from preserve_onnx.runtime.session import prefetch_counters
+    from preserve_onnx.runtime.library import prefetch_counters
 
     w1, w2 = _weights(1, (8, 8)), _weights(2, (8, 8))
     session = RankSession(tp_mlp(w1, w2, with_prefetch=True))

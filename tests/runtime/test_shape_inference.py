@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.optimizer import optimize
 from preserve_onnx.runtime import RankSession, library_path
-from preserve_onnx.runtime.session import _file_opset_domains, imports_com_microsoft
+from preserve_onnx.runtime.options import _file_opset_domains, imports_com_microsoft
 from tests.conftest import SAMPLE_VARIANTS, SAMPLES
 from tests.strategies import ShapeSpec, build_shape_model, identity_twin
 

@@ -19,16 +19,16 @@ from typer.testing import CliRunner
 from preserve_onnx.cli import app
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.runtime import RankSession, generate_feeds
-from preserve_onnx.runtime.session import TensorMeta
 from preserve_onnx.runtime.twin import (
     TwinCheck,
     default_atol,
     input_split_axis,
-    quantizes_activations,
     output_checks,
+    quantizes_activations,
     run_twin,
     summarize,
 )
+from preserve_onnx.runtime.values import TensorMeta
 from tests.conftest import SAMPLE_VARIANTS, SAMPLES
 
 runner = CliRunner()
