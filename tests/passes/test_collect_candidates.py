@@ -60,7 +60,8 @@ def test_constant_chain_resolves_to_root_and_skips_dq_scale():
     assert [(s.tensor, s.reason) for s in found.skipped if s.tensor.startswith("wq")] == [("wq_scale", DQ_SCALE)]
 
 
-def test_dq_quantized_weight_is_not_a_target_by_default():
+def _dq_matmul(zero_point: TensorProto) -> G:
+    """x -> AllReduce -> MatMul(a, DequantizeLinear(wq, wq_scale, wq_zp)) -> y, int8 wq [8, 8]."""
     g = G()
     g.input("x", ["batch", 8])
     g.allreduce("x", "a", name="ar")
@@ -68,7 +69,12 @@ def test_dq_quantized_weight_is_not_a_target_by_default():
     g.node("MatMul", ["a", "wdq"], ["y"], name="mm")
     g.weight("wq", (8, 8), dtype=np.int8)
     g.inits.append(helper.make_tensor("wq_scale", TensorProto.FLOAT, [], [0.1]))
-    g.inits.append(helper.make_tensor("wq_zp", TensorProto.INT8, [], [0]))
+    g.inits.append(zero_point)
+    return g
+
+
+def test_dq_quantized_weight_is_not_a_target_by_default():
+    g = _dq_matmul(helper.make_tensor("wq_zp", TensorProto.INT8, [], [0]))
     g.output("y")
     found = collect(g.model())
     assert found.candidates == ()  # the zero point follows the quantized weight (docs/design.md §2)
@@ -77,16 +83,9 @@ def test_dq_quantized_weight_is_not_a_target_by_default():
 
 
 def test_dq_zero_point_read_directly_elsewhere_is_not_a_target_by_default():
-    g = G()
-    g.input("x", ["batch", 8])
-    g.allreduce("x", "a", name="ar")
-    g.node("DequantizeLinear", ["wq", "wq_scale", "wq_zp"], ["wdq"], name="dq")
-    g.node("MatMul", ["a", "wdq"], ["y"], name="mm")
+    g = _dq_matmul(helper.make_tensor("wq_zp", TensorProto.FLOAT, [8], [0.0] * 8))
     g.node("Gemm", ["y", "w2", "wq_zp"], ["z"], name="gemm")  # reads the zero point as its C
-    g.weight("wq", (8, 8), dtype=np.int8)
     g.weight("w2", (8, 8))
-    g.inits.append(helper.make_tensor("wq_scale", TensorProto.FLOAT, [], [0.1]))
-    g.inits.append(helper.make_tensor("wq_zp", TensorProto.FLOAT, [8], [0.0] * 8))
     g.output("z")
     assert [c.tensor for c in collect(g.model()).candidates] == ["w2"]
     assert [c.tensor for c in collect(g.model(), qdq_weights=True).candidates] == ["wq", "wq_zp", "w2"]
