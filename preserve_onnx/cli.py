@@ -268,7 +268,7 @@ def optimize(
 ) -> None:
     """Insert Prefetch nodes so weight and KV-cache reads overlap each collective."""
     from preserve_onnx.optimizer import optimize_path
-    from preserve_onnx.report import render_outcomes, report_dict, write_json
+    from preserve_onnx.report import counted, render_outcomes, report_dict, write_json
 
     start = time.perf_counter()
     config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
@@ -307,7 +307,8 @@ def optimize(
     written = outcomes[0].output if len(outcomes) == 1 and outcomes[0].output is not None and not src.is_dir() \
         else dest  # a file written into a folder OUT is named
     where = "dry run, nothing written" if dry_run else f"wrote {escape(str(written))}"
-    out.print(f"[green]done[/green]: {len(outcomes)} model(s), {count} prefetches, {format_size(total)} "
+    out.print(f"[green]done[/green]: {len(outcomes)} model(s), {counted(count, 'prefetch', 'prefetches')}, "
+              f"{format_size(total)} "
               f"planned; {where} in {time.perf_counter() - start:.2f} s", highlight=False, soft_wrap=True)
 
 
@@ -360,6 +361,7 @@ def inspect(
     import json
 
     from preserve_onnx.inspection import inspect_path
+    from preserve_onnx.report import counted
     from preserve_onnx.report_ci import inspection_dict, render_inspections
 
     start = time.perf_counter()
@@ -377,8 +379,8 @@ def inspect(
     count = sum(i.plan.prefetch_count for i in inspections)
     total = sum(i.plan.prefetched_bytes for i in inspections)
     collectives_found = sum(len(i.collectives) for i in inspections)
-    out.print(f"[green]done[/green]: {len(inspections)} model(s), {collectives_found} collectives, {count} "
-              f"prefetches, {format_size(total)} would be planned; nothing written "
+    out.print(f"[green]done[/green]: {len(inspections)} model(s), {counted(collectives_found, 'collective')}, "
+              f"{counted(count, 'prefetch', 'prefetches')}, {format_size(total)} would be planned; nothing written "
               f"in {time.perf_counter() - start:.2f} s", highlight=False, soft_wrap=True)
 
 
@@ -499,6 +501,7 @@ def estimate(
     from preserve_onnx.cost_model import chrome_trace, estimate_dict, estimate_path, parse_sweep, sweep_list, \
         sweep_path
     from preserve_onnx.model_io import write_bytes_atomic
+    from preserve_onnx.report import counted
     from preserve_onnx.report_cost import estimate_summary, estimate_table, sweep_table
 
     start = time.perf_counter()
@@ -523,8 +526,9 @@ def estimate(
             return
         out.print(sweep_table(points, model, hw.name))
         best = max(points, key=lambda p: p.speedup)
-        out.print(f"[green]done[/green]: {len(points)} points; best {best.speedup:.3f}x at batch {best.batch}, "
-                  f"context {best.context}, {best.ranks} ranks in {time.perf_counter() - start:.2f} s",
+        out.print(f"[green]done[/green]: {counted(len(points), 'point')}; best {best.speedup:.3f}x at batch "
+                  f"{best.batch}, context {best.context}, {counted(best.ranks, 'rank')} in "
+                  f"{time.perf_counter() - start:.2f} s",
                   highlight=False, soft_wrap=True)
         return
     est = estimate_path(model, hw, config, ranks, config.budget)
@@ -536,7 +540,7 @@ def estimate(
     out.print(estimate_table(est, None if all_windows else 12))
     out.print(estimate_summary(est), highlight=False, soft_wrap=True)
     where = f"; trace in {escape(str(trace))}" if trace is not None else ""
-    out.print(f"[green]done[/green]: {len(est.windows)} windows estimated{where} in "
+    out.print(f"[green]done[/green]: {counted(len(est.windows), 'window')} estimated{where} in "
               f"{time.perf_counter() - start:.2f} s", highlight=False, soft_wrap=True)
 
 
@@ -626,6 +630,7 @@ def run(
     from rich.table import Table
 
     from preserve_onnx.graph.dims import parse_dim_options
+    from preserve_onnx.report import counted
     from preserve_onnx.runtime.feeds import save_outputs
     from preserve_onnx.runtime.runner import run_models
 
@@ -675,7 +680,7 @@ def run(
         return
     count = sum(len(o) for o in result.outputs)
     if c.identical:
-        out.print(f"[green]PASSED[/green]: {count} outputs on {len(result.models)} rank(s) bit-identical to "
+        out.print(f"[green]PASSED[/green]: {counted(count, 'output')} on {len(result.models)} rank(s) bit-identical to "
                   f"{escape(str(against))} after {steps} step(s) (max abs diff 0)", highlight=False,
                   soft_wrap=True)
         return
@@ -701,12 +706,14 @@ def _check_twin_options(twin: Optional[Path], atol: Optional[float], against: Op
 
 def _print_twin(result, twin: Path, steps: int) -> None:
     """The closing line of `run --twin`; exit 1 on FAILED."""
+    from preserve_onnx.report import counted
+
     c = result.twin
     w = c.worst
     at = f" at step {w.step}" if steps > 1 else ""
     worst = f"worst: rank {w.rank} '{escape(w.name)}'{at}, max abs diff {w.diff:g} (atol {w.atol:g})"
     if c.passed:
-        out.print(f"[green]PASSED[/green]: {c.outputs} outputs on {len(result.models)} rank(s) match "
+        out.print(f"[green]PASSED[/green]: {counted(c.outputs, 'output')} on {len(result.models)} rank(s) match "
                   f"{escape(str(twin))} within tolerance after {steps} step(s); {worst}", highlight=False,
                   soft_wrap=True)
         return

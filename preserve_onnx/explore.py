@@ -158,7 +158,7 @@ def write_plot(path: Path, ex: Exploration) -> None:
     ax.set_xlabel("L2 size (MiB)")
     ax.set_ylabel("performance per cost (baseline best = 1)")
     ax.set_title(f"{Path(ex.source).name} on {ex.hardware}: batch {ex.batch}, context {ex.context}, "
-                 f"{ex.ranks} ranks", fontsize=9)
+                 f"{ex.ranks} rank{'s' if ex.ranks != 1 else ''}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -21,6 +21,11 @@ from preserve_onnx.passes import Plan, WindowPlan
 SCHEMA = 1
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 window``, ``0 windows``, ``2 prefetches`` (``plural`` where an added s is wrong): never "1 ranks"."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def hardware_dict(hw: HardwareProfile) -> dict:
     data = dataclasses.asdict(hw)
     data["collective_alphas"] = dict(hw.collective_alphas)  # implementation -> seconds
@@ -103,7 +108,7 @@ def replan_line(o: RankOutcome) -> str | None:
     name = o.source.name if o.source else "model"
     n = len(o.dropped.names) if o.dropped is not None else 0
     line = (f"{name}: {len(o.stale.stale)} of {o.stale.total} Prefetch links were stale; re-planned on the new "
-            f"weights, dropped {n} initializer{'s' if n != 1 else ''} only they read")
+            f"weights, dropped {counted(n, 'initializer')} only they read")
     if n:
         line += f" ({format_size(o.dropped.nbytes)})"
     if o.compacted:
@@ -184,8 +189,9 @@ def skipped_table(outcome: RankOutcome, verbose: int) -> Table:
 def render_outcomes(console: Console, outcomes: Sequence[RankOutcome], verbose: int) -> None:
     for o in outcomes:
         name = o.source.name if o.source else "model"
-        console.print(plan_table(o, f"{name}: {len(o.plan.windows)} windows, {o.plan.prefetch_count} "
-                                    f"prefetches, {format_size(o.plan.prefetched_bytes)}"))
+        console.print(plan_table(o, f"{name}: {counted(len(o.plan.windows), 'window')}, "
+                                    f"{counted(o.plan.prefetch_count, 'prefetch', 'prefetches')}, "
+                                    f"{format_size(o.plan.prefetched_bytes)}"))
         replanned = replan_line(o)
         if replanned:
             console.print(f"[yellow]{escape(replanned)}[/yellow]", highlight=False, soft_wrap=True)

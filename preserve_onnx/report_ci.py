@@ -18,7 +18,7 @@ from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.diffing import Diff, Entry, ModelDiff
 from preserve_onnx.hardware import format_size
 from preserve_onnx.inspection import Inspection
-from preserve_onnx.report import live_label, report_dict, skipped_table
+from preserve_onnx.report import counted, live_label, report_dict, skipped_table
 
 DIFF_SCHEMA = 1
 MARKDOWN_ROWS = 200  # per model
@@ -135,8 +135,8 @@ def render_inspections(console: Console, inspections: Sequence[Inspection], verb
     for ins in inspections:
         name = ins.source.name if ins.source else "model"
         plan = ins.plan
-        title = (f"{name}: {len(ins.collectives)} collectives, {len(plan.windows)} planned, "
-                 f"{plan.prefetch_count} prefetches, {format_size(plan.prefetched_bytes)} "
+        title = (f"{name}: {counted(len(ins.collectives), 'collective')}, {len(plan.windows)} planned, "
+                 f"{counted(plan.prefetch_count, 'prefetch', 'prefetches')}, {format_size(plan.prefetched_bytes)} "
                  f"({plan.budget_rule}, {ins.ranks} rank(s))")
         console.print(collectives_table(ins, title))
         if any(wp.candidates for wp in plan.windows):
@@ -164,11 +164,11 @@ def summary_phrases(m: ModelDiff) -> list[str]:
     special = set()
     for label, entries in (("added", m.prefetches_added), ("removed", m.prefetches_removed)):
         if entries:
-            phrases.append(f"{len(entries)} Prefetch node{'s' if len(entries) != 1 else ''} {label}")
+            phrases.append(f"{counted(len(entries), 'Prefetch node')} {label}")
             special.update(map(id, entries))
     if m.rewired_collectives:
         n = len(m.rewired_collectives)
-        phrases.append(f"{n} collective{'s' if n != 1 else ''} rewired")
+        phrases.append(f"{counted(n, 'collective')} rewired")
         special.update(map(id, m.rewired_collectives))
     counts: dict[tuple[str, str], int] = {}
     for e in m.entries:

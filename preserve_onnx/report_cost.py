@@ -7,6 +7,7 @@ from rich.table import Table
 from preserve_onnx.cost_model import Estimate, SweepPoint
 from preserve_onnx.explore import MIB, Exploration
 from preserve_onnx.hardware import format_size
+from preserve_onnx.report import counted
 
 
 def _us(seconds: float) -> str:
@@ -19,7 +20,7 @@ def _ms(seconds: float) -> str:
 
 def estimate_table(est: Estimate, limit: int | None = 12) -> Table:
     """One row per window: collective time, planned and overlapped bytes, time saved, validity range."""
-    title = (f"{est.source}: {est.hardware}, batch {est.batch}, context {est.context}, {est.ranks} ranks"
+    title = (f"{est.source}: {est.hardware}, batch {est.batch}, context {est.context}, {counted(est.ranks, 'rank')}"
              + (f" (export: {est.model_ranks})" if est.ranks != est.model_ranks else ""))
     table = Table(title=title, title_justify="left")
     table.add_column("collective", overflow="fold", ratio=3)
@@ -66,8 +67,9 @@ def sweep_table(points: tuple[SweepPoint, ...], source: object, hardware: str) -
     table.add_column("batch", justify="right")
     table.add_column("context", justify="right")
     for r in ranks:
-        table.add_column(f"{r} ranks", justify="right", no_wrap=True)
-    table.add_column(f"KV read ({ranks[0]} ranks)" if len(ranks) > 1 else "KV read", justify="right", no_wrap=True)
+        table.add_column(counted(r, "rank"), justify="right", no_wrap=True)
+    table.add_column(f"KV read ({counted(ranks[0], 'rank')})" if len(ranks) > 1 else "KV read", justify="right",
+                     no_wrap=True)
     table.add_column("hinted", justify="right", no_wrap=True)
     cells: dict[tuple[int, int], dict[int, SweepPoint]] = {}
     for p in points:
@@ -92,7 +94,8 @@ def _context(n: int) -> str:
 def explore_table(ex: Exploration) -> Table:
     norm = ex.best("baseline").perf_per_cost_baseline
     table = Table(title=f"{ex.source}: L2 sweep on {ex.hardware}, batch {ex.batch}, context {ex.context}, "
-                        f"{ex.ranks} ranks (perf/cost relative to the baseline's best)", title_justify="left")
+                        f"{counted(ex.ranks, 'rank')} (perf/cost relative to the baseline's best)",
+                  title_justify="left")
     for col in ("L2", "area", "cost", "step baseline", "step plan", "perf/cost base", "perf/cost plan"):
         table.add_column(col, justify="right", no_wrap=True)
     best_b, best_p = ex.best("baseline"), ex.best("preserve")

@@ -160,3 +160,30 @@ def test_typers_ctrl_c_code_without_standalone_mode_is_one_line(monkeypatch, cap
     with pytest.raises(SystemExit) as info:
         _entry.main()
     assert info.value.code == 1 and capsys.readouterr().err == "interrupted: nothing was written\n"
+
+
+# -- 8. "1 rank", not "1 ranks" ---------------------------------------------------------------------
+
+def test_counted_says_one_noun_and_several_nouns():
+    from preserve_onnx.report import counted
+
+    assert [counted(n, "rank") for n in (0, 1, 2)] == ["0 ranks", "1 rank", "2 ranks"]
+    assert [counted(n, "prefetch", "prefetches") for n in (1, 3)] == ["1 prefetch", "3 prefetches"]
+
+
+def test_one_rank_is_singular_in_estimate_tables_and_closing_lines():
+    r = cli("estimate", SINGLE / "model.onnx")
+    lines = r.output.splitlines()
+    assert r.exit_code == 0 and lines[0] == (f"{SINGLE / 'model.onnx'}: ascend-910b, batch 8, context 16384, 1 rank")
+    assert lines[-1].startswith("done: 0 windows estimated in ")
+    r = cli("estimate", RANKS, "--sweep", "ranks=1,2")
+    assert r.exit_code == 0, r.output
+    header = next(line for line in r.output.splitlines() if "batch" in line and "context" in line)
+    assert [c.strip() for c in header.strip("┃").split("┃")] == ["batch", "context", "1 rank", "2 ranks",
+                                                                 "KV read (1 rank)", "hinted"]
+    assert r.output.splitlines()[-1].startswith("done: 2 points; best 1.101x at batch 8, context 16384, 1 rank in ")
+
+
+def test_explore_title_says_one_rank(tmp_path):
+    r = cli("explore", SINGLE / "model.onnx")
+    assert r.exit_code == 0 and ", 1 rank (perf/cost relative to the baseline's best)" in r.output.splitlines()[0]
