@@ -186,18 +186,59 @@ def skipped_table(outcome: RankOutcome, verbose: int) -> Table:
     return table
 
 
-def render_outcomes(console: Console, outcomes: Sequence[RankOutcome], verbose: int) -> None:
+def plan_key(o: RankOutcome) -> tuple:
+    """What makes two ranks' plans the same: every window (collective, budget, validity range) with every
+    link's tensor, kind, byte range and bytes, and what ``--replan`` found stale and dropped."""
+    windows = tuple((wp.window.graph, wp.window.collective, wp.budget, wp.max_tokens,
+                     tuple((p.tensor, p.kind, p.offset, p.max_size, p.nbytes) for p in wp.prefetches))
+                    for wp in o.plan.windows)
+    stale = (len(o.stale.stale), o.stale.total) if o.stale is not None else None
+    dropped = (o.dropped.names, o.dropped.nbytes) if o.dropped is not None else None
+    return windows, stale, dropped, o.compacted
+
+
+def same_plan_groups(outcomes: Sequence[RankOutcome]) -> list[tuple[RankOutcome, list[RankOutcome]]]:
+    """``[(first rank of a plan, the later ranks with the same plan), ...]`` in rank order."""
+    groups: dict[tuple, tuple[RankOutcome, list[RankOutcome]]] = {}
     for o in outcomes:
-        name = o.source.name if o.source else "model"
-        console.print(plan_table(o, f"{name}: {counted(len(o.plan.windows), 'window')}, "
-                                    f"{counted(o.plan.prefetch_count, 'prefetch', 'prefetches')}, "
-                                    f"{format_size(o.plan.prefetched_bytes)}"))
-        replanned = replan_line(o)
-        if replanned:
-            console.print(f"[yellow]{escape(replanned)}[/yellow]", highlight=False, soft_wrap=True)
-        if verbose:
-            console.print(prefetch_table(o))
-            console.print(skipped_table(o, verbose))
-        if o.verification is not None and verbose:
-            console.print(f"[dim]verify: {o.verification.graphs} graphs, {o.verification.prefetches} "
-                          f"prefetches, onnx checker {o.verification.checker}[/dim]")
+        first, same = groups.setdefault(plan_key(o), (o, []))
+        if first is not o:
+            same.append(o)
+    return list(groups.values())
+
+
+def same_plan_line(first: RankOutcome, same: Sequence[RankOutcome], outcomes: Sequence[RankOutcome]) -> str:
+    """``model_01.onnx ... model_07.onnx: same plan as model_00.onnx`` (a run of consecutive ranks as its
+    ends, others listed)."""
+    names = [o.source.name if o.source else "model" for o in same]
+    where = [next(i for i, o in enumerate(outcomes) if o is s) for s in same]
+    if len(same) > 2 and where == list(range(where[0], where[0] + len(same))):
+        names = [names[0], "...", names[-1]]
+    listed = " ".join(names) if "..." in names else ", ".join(names)
+    return f"{listed}: same plan as {first.source.name if first.source else 'model'}"
+
+
+def render_outcomes(console: Console, outcomes: Sequence[RankOutcome], verbose: int) -> None:
+    """A plan table per rank; ranks whose plan is the same as an earlier rank's get one line instead (every
+    table with ``-v``)."""
+    groups = [(o, []) for o in outcomes] if verbose else same_plan_groups(outcomes)
+    for o, same in groups:
+        _render_outcome(console, o, verbose)
+        if same:
+            console.print(escape(same_plan_line(o, same, outcomes)), highlight=False, soft_wrap=True)
+
+
+def _render_outcome(console: Console, o: RankOutcome, verbose: int) -> None:
+    name = o.source.name if o.source else "model"
+    console.print(plan_table(o, f"{name}: {counted(len(o.plan.windows), 'window')}, "
+                                f"{counted(o.plan.prefetch_count, 'prefetch', 'prefetches')}, "
+                                f"{format_size(o.plan.prefetched_bytes)}"))
+    replanned = replan_line(o)
+    if replanned:
+        console.print(f"[yellow]{escape(replanned)}[/yellow]", highlight=False, soft_wrap=True)
+    if verbose:
+        console.print(prefetch_table(o))
+        console.print(skipped_table(o, verbose))
+    if o.verification is not None and verbose:
+        console.print(f"[dim]verify: {o.verification.graphs} graphs, {o.verification.prefetches} "
+                      f"prefetches, onnx checker {o.verification.checker}[/dim]")

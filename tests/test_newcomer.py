@@ -187,3 +187,65 @@ def test_one_rank_is_singular_in_estimate_tables_and_closing_lines():
 def test_explore_title_says_one_rank(tmp_path):
     r = cli("explore", SINGLE / "model.onnx")
     assert r.exit_code == 0 and ", 1 rank (perf/cost relative to the baseline's best)" in r.output.splitlines()[0]
+
+
+# -- 5. ranks with the same plan: one table ----------------------------------------------------------
+
+def _big(out, layers, ranks=4):
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from make_big_model import make_big_model
+
+    make_big_model(out, "llama3-70b", ranks=ranks, layers=layers)
+    return out
+
+
+TABLE_00 = [
+    "model_00.onnx: 4 windows, 7 prefetches, 166.1 MiB",
+    "┏━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━━┳━━━━━━┳━━━━━━━━━━━━┓",
+    "┃ collective                              ┃ tensors ┃  weights ┃ KV-cache ┃   budget ┃ used ┃ max tokens ┃",
+    "┡━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━━╇━━━━━━╇━━━━━━━━━━━━┩",
+    "│ /model/layers.0/attn/o_proj/AllReduce   │       1 │ 41.5 MiB │      0 B │ 41.5 MiB │ 100% │        235 │",
+    "│ /model/layers.0/mlp/down_proj/AllReduce │       4 │ 40.0 MiB │  1.5 MiB │ 41.5 MiB │ 100% │          - │",
+    "│ /model/layers.1/attn/o_proj/AllReduce   │       1 │ 41.5 MiB │      0 B │ 41.5 MiB │ 100% │        235 │",
+    "│ /model/layers.1/mlp/down_proj/AllReduce │       1 │ 41.5 MiB │      0 B │ 41.5 MiB │ 100% │        235 │",
+    "└─────────────────────────────────────────┴─────────┴──────────┴──────────┴──────────┴──────┴────────────┘",
+]
+
+
+def test_ranks_with_the_same_plan_print_one_table_and_one_line(tmp_path):
+    src = _big(tmp_path / "tp4", layers=2)
+    r = cli("optimize", src, tmp_path / "out", "--dry-run")
+    lines = r.output.splitlines()
+    assert r.exit_code == 0, r.output
+    assert lines[:-1] == [*TABLE_00, "model_01.onnx ... model_03.onnx: same plan as model_00.onnx"]
+    assert lines[-1].startswith("done: 4 model(s), 28 prefetches, 664.5 MiB planned; dry run, nothing written in ")
+    r = cli("optimize", src, tmp_path / "out", "--dry-run", "-v")  # -v: every rank's tables
+    titles = [line for line in r.output.splitlines() if line.startswith("model_0")]
+    assert titles == [f"model_0{k}.onnx: 4 windows, 7 prefetches, 166.1 MiB" for k in range(4)]
+    assert "same plan" not in r.output
+
+
+def test_a_rank_with_another_plan_gets_its_own_table(tmp_path):
+    src = _big(tmp_path / "tp4", layers=2)
+    other = _big(tmp_path / "deeper", layers=3)
+    for name in ("model_02.onnx", "model_02.onnx.data"):
+        (other / name).replace(src / name)  # a rename: the sparse data file is not copied
+    r = cli("optimize", src, tmp_path / "out", "--dry-run")
+    lines = r.output.splitlines()
+    assert lines[:len(TABLE_00) + 1] == [*TABLE_00, "model_01.onnx, model_03.onnx: same plan as model_00.onnx"]
+    assert lines[len(TABLE_00) + 1] == "model_02.onnx: 6 windows, 12 prefetches, 249.2 MiB"
+    assert not any("same plan as model_02" in line for line in lines)
+
+
+def test_same_plan_line_names_runs_by_their_ends():
+    from types import SimpleNamespace
+
+    from preserve_onnx.report import same_plan_line
+
+    ranks = [SimpleNamespace(source=Path(f"model_0{k}.onnx")) for k in range(8)]
+    assert same_plan_line(ranks[0], ranks[1:], ranks) == "model_01.onnx ... model_07.onnx: same plan as model_00.onnx"
+    assert same_plan_line(ranks[0], ranks[1:3], ranks) == "model_01.onnx, model_02.onnx: same plan as model_00.onnx"
+    assert same_plan_line(ranks[0], [ranks[2], ranks[5], ranks[6]], ranks) == \
+        "model_02.onnx, model_05.onnx, model_06.onnx: same plan as model_00.onnx"
