@@ -161,3 +161,16 @@ def test_optimize_verbose_says_why_a_kv_link_keeps_two_inputs(tmp_path, console_
     assert r.exit_code == 0, r.output
     assert r.output.count("two-input form: seqlens_k 'seqlens_k' is made by cast (node 4), after the collective ar: "
                           "the Prefetch would read it before it exists") == 2
+
+
+def test_diff_shows_the_length_input_and_its_attributes(models, tmp_path, console_width):
+    console_width(400)
+    for name, extra in (("static.onnx", ["--static-kv"]), ("live.onnx", [])):
+        r = runner.invoke(app, ["optimize", str(models / "gqa.onnx"), str(tmp_path / name), "-q", "--batch", "2",
+                                "--context", "100", "--budget", "1MiB", *extra])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["diff", str(tmp_path / "static.onnx"), str(tmp_path / "live.onnx")])
+    assert r.exit_code == 1, r.output
+    assert [line.strip() for line in r.output.splitlines() if line.strip().startswith("~")] == [
+        f"~ node ar/Prefetch/{x}: input[2]: (none) -> seqlens_k; attribute seq_axis: (none) -> 2; "
+        f"attribute window: (none) -> {W}" for x in ("past_key", "past_value")]
