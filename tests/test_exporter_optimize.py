@@ -109,3 +109,45 @@ def test_every_gqa_kv_link_carries_its_nodes_seqlens_k(src, optimized):
         assert bool(with_l) == bool(gqa)  # every builder export plans its later layers' KV-cache
         static = load_model(optimized(src, "--static-kv") / rank.name)
         assert {len(n.input) for n in static.graph.node if n.op_type == "Prefetch"} == {2}
+
+
+def test_the_runtime_hints_the_live_bytes_of_a_builder_export(optimized):
+    """docs/design.md §4.7 on a real builder export (2 ranks, 1 KV head of 16 floats per rank, so one
+    position of a (batch, head) block is 64 bytes): a past of 8 positions in which sequence 0 holds 4
+    valid ones (attention mask 5 of 9, seqlens_k 4) and sequence 1 all 8. Every KV link hints
+    (4 + 8) x 64 bytes, every weight link its tensor; outputs stay bit-identical."""
+    import numpy as np
+
+    from preserve_onnx.graph.index import initializer_nbytes
+    from preserve_onnx.runtime import RankSession
+    from preserve_onnx.runtime.library import prefetch_counters
+
+    src = SAMPLES / "exporters" / "genai-llama-fp32" / "tp2"
+    out = optimized(src)
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": np.array([[3], [7]], np.int64),
+             "attention_mask": np.array([[1] * 5 + [0] * 4, [1] * 9], np.int64)}
+    rank_feeds = {r: {f"past_key_values.{i}.{kind}": rng.standard_normal((2, 1, 8, 16)).astype(np.float32)
+                      for i in range(2) for kind in ("key", "value")} for r in range(2)}
+    expected = 0
+    for rank in sorted(out.glob("*.onnx")):
+        model = onnx.load(rank, load_external_data=False)
+        inits = {t.name: t for t in model.graph.initializer}
+        for node in (n for n in model.graph.node if n.op_type == "Prefetch"):
+            size = next(a.i for a in node.attribute if a.name == "max_size")
+            if len(node.input) == 3:
+                assert size == 0
+                expected += (4 + 8) * 64
+            else:
+                expected += size or initializer_nbytes(inits[node.input[1]])
+    with RankSession(sorted(src.glob("*.onnx"))) as session:
+        original = session.run(feeds, rank_feeds)
+    with RankSession(sorted(out.glob("*.onnx"))) as session:
+        before = prefetch_counters()
+        outputs = session.run(feeds, rank_feeds)
+        counters = prefetch_counters() - before
+    assert all(o[k].tobytes() == e[k].tobytes() for o, e in zip(outputs, original) for k in e)
+    assert (counters.skipped_above, counters.skipped_below) == (0, 0)
+    assert counters.bytes == expected
+    links = [n for n in onnx.load(out / "model_00.onnx", load_external_data=False).graph.node if n.op_type == "Prefetch"]
+    assert sum(len(n.input) == 3 for n in links) == 2
