@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.cells import cell_len
 from rich.markup import escape
 from rich.table import Table
 
@@ -73,24 +74,50 @@ def _where(graph: str, name: str) -> str:
     return f"{graph}{name}" if name.startswith("/") else f"{graph}/{name}"
 
 
-def collectives_table(ins: Inspection, title: str) -> Table:
-    """One row per collective: operators in its window, candidate tensors and bytes, the plan."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("collective", overflow="fold", min_width=24)
-    for col in ("op", "ops", "tensors", "bytes", "budget", "planned", "used", "max tokens"):
-        table.add_column(col, justify="left" if col == "op" else "right", no_wrap=True)
+# Columns of the collectives table a narrow terminal leaves out, in this order, until the collective names
+# get their 24 columns: the op (the name ends in it), the window's operator count, the budget's share (planned /
+# budget), the candidate count, the validity range.
+NARROW_DROPS = ("op", "ops", "used", "tensors", "max tokens")
+COLLECTIVE_MIN_WIDTH = 24
+
+
+def collectives_table(ins: Inspection, title: str, width: int | None = None) -> Table:
+    """One row per collective: operators in its window, candidate tensors and bytes, the plan. ``width``: the
+    terminal's; columns of :data:`NARROW_DROPS` are left out (and named in the caption) where the collective
+    names would otherwise get fewer than :data:`COLLECTIVE_MIN_WIDTH` columns."""
+    header = ("collective", "op", "ops", "tensors", "bytes", "budget", "planned", "used", "max tokens")
     plans = {(wp.window.graph, wp.window.index): wp for wp in ins.plan.windows}
+    rows = []
     for w in ins.collectives:
         wp = plans.get((w.graph, w.index))
         if wp is None:
-            table.add_row(escape(_where(w.graph, w.collective)), w.op_type, str(len(w.nodes)), "-", "-",
-                          "not selected", "-", "-", "-")
+            rows.append((_where(w.graph, w.collective), w.op_type, str(len(w.nodes)), "-", "-", "not selected",
+                         "-", "-", "-"))
             continue
         pct = f"{100 * wp.prefetched_bytes / wp.budget:.0f}%" if wp.budget else "-"
-        table.add_row(escape(_where(w.graph, w.collective)), w.op_type, str(len(w.nodes)),
-                      str(len(wp.candidates)), format_size(sum(c.nbytes for c in wp.candidates)),
-                      format_size(wp.budget), format_size(wp.prefetched_bytes), pct,
-                      str(wp.max_tokens) if wp.max_tokens else "-")
+        rows.append((_where(w.graph, w.collective), w.op_type, str(len(w.nodes)), str(len(wp.candidates)),
+                     format_size(sum(c.nbytes for c in wp.candidates)), format_size(wp.budget),
+                     format_size(wp.prefetched_bytes), pct, str(wp.max_tokens) if wp.max_tokens else "-"))
+    keep = list(range(len(header)))
+    dropped = []
+
+    def left_for_names() -> int:  # each column: its widest cell, one space each side, one border
+        others = sum(max(cell_len(header[c]), *(cell_len(r[c]) for r in rows)) + 3 for c in keep[1:])
+        return width - others - 4
+
+    for name in NARROW_DROPS if width is not None else ():
+        if left_for_names() >= COLLECTIVE_MIN_WIDTH:
+            break
+        keep.remove(header.index(name))
+        dropped.append(name)
+    table = Table(title=title, title_justify="left",
+                  caption=f"({', '.join(dropped)} left out at {width} columns)" if dropped else None,
+                  caption_justify="left")
+    table.add_column("collective", overflow="fold", min_width=COLLECTIVE_MIN_WIDTH)
+    for c in keep[1:]:
+        table.add_column(header[c], justify="left" if header[c] == "op" else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*(escape(r[c]) if c == 0 else r[c] for c in keep))
     return table
 
 
@@ -138,7 +165,7 @@ def render_inspections(console: Console, inspections: Sequence[Inspection], verb
         title = (f"{name}: {counted(len(ins.collectives), 'collective')}, {len(plan.windows)} planned, "
                  f"{counted(plan.prefetch_count, 'prefetch', 'prefetches')}, {format_size(plan.prefetched_bytes)} "
                  f"({plan.budget_rule}, {ins.ranks} rank(s))")
-        console.print(collectives_table(ins, title))
+        console.print(collectives_table(ins, title, console.width))
         if any(wp.candidates for wp in plan.windows):
             console.print(candidates_table(ins))
         if ins.prefetches:

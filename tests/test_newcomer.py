@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +250,48 @@ def test_same_plan_line_names_runs_by_their_ends():
     assert same_plan_line(ranks[0], ranks[1:3], ranks) == "model_01.onnx, model_02.onnx: same plan as model_00.onnx"
     assert same_plan_line(ranks[0], [ranks[2], ranks[5], ranks[6]], ranks) == \
         "model_02.onnx, model_05.onnx, model_06.onnx: same plan as model_00.onnx"
+
+
+# -- 6. inspect's collectives table at 80 columns -----------------------------------------------------
+
+NAMES = ["/model/layers.0/attn/o_proj/AllReduce", "/model/layers.0/mlp/down_proj/AllReduce",
+         "/model/layers.1/attn/o_proj/AllReduce", "/model/layers.1/mlp/down_proj/AllReduce"]
+
+
+def _collectives_table(width):
+    from rich.console import Console
+
+    from preserve_onnx.config import OptimizeConfig
+    from preserve_onnx.inspection import inspect_path
+    from preserve_onnx.report_ci import render_inspections
+
+    console = Console(width=width, record=True, color_system=None, file=open(os.devnull, "w"))
+    render_inspections(console, inspect_path(RANKS / "model_00.onnx", OptimizeConfig(budget=1 << 20), jobs=1), 0)
+    lines = console.export_text().splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith("┏"))
+    bottom = next(i for i, line in enumerate(lines) if line.startswith("└"))
+    return lines, lines[top + 1], lines[top + 3:bottom], lines[bottom + 1]
+
+
+def _cells(line):
+    return [c.strip() for c in line.strip().strip("┃│").split("┃" if "┃" in line else "│")]
+
+
+def test_inspect_at_80_columns_leaves_out_columns_and_shows_the_collective_names():
+    lines, header, rows, caption = _collectives_table(80)
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    assert _cells(header) == ["collective", "bytes", "budget", "planned", "max tokens"]
+    assert "".join(_cells(row)[0] for row in rows) == "".join(NAMES)  # every name, folded but whole
+    assert [_cells(row)[1:] for row in rows if _cells(row)[1]] == [
+        ["36.0 KiB", "1.0 MiB", "36.0 KiB", "470"], ["16.0 MiB", "1.0 MiB", "1.0 MiB", "-"],
+        ["36.0 KiB", "1.0 MiB", "36.0 KiB", "470"], ["40.0 KiB", "1.0 MiB", "40.0 KiB", "470"]]
+    assert caption.strip() == "(op, ops, used, tensors left out at 80 columns)"
+
+
+def test_inspect_drops_only_what_the_width_needs():
+    _, header, rows, caption = _collectives_table(100)
+    assert _cells(header) == ["collective", "ops", "tensors", "bytes", "budget", "planned", "used", "max tokens"]
+    assert caption.strip() == "(op left out at 100 columns)"
+    _, header, rows, caption = _collectives_table(160)
+    assert _cells(header)[:3] == ["collective", "op", "ops"] and len(_cells(header)) == 9
+    assert [_cells(row)[0] for row in rows] == NAMES and caption.startswith("candidates")  # no caption
