@@ -278,6 +278,9 @@ def reference_strip(model: onnx.ModelProto) -> onnx.ModelProto:
     for op in list(out.opset_import):
         if op.domain == "preserve":
             out.opset_import.remove(op)
+    for fn in list(out.functions):  # Prefetch's definition for tools that infer shapes (docs/design.md §9)
+        if (fn.domain, fn.name) == ("preserve", "Prefetch"):
+            out.functions.remove(fn)
     return out
 
 
