@@ -322,6 +322,7 @@ def strip(
     prefetch_attr: AttrOpt = None,
     prefetch_version: VersionOpt = 1,
     in_place: Annotated[bool, typer.Option("--in-place", help="allow OUT == IN")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Remove every Prefetch node and reconnect each collective to its original input."""
     from preserve_onnx.optimizer import strip_path
@@ -356,6 +357,7 @@ def inspect(
     ranks: RanksOpt = None,
     jobs: Annotated[Optional[int], typer.Option(help="ranks inspected in parallel (default: cores)")] = None,
     verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Show collectives, their windows, candidate tensors and what optimize would prefetch."""
     import json
@@ -375,7 +377,8 @@ def inspect(
     if json_out:
         print(json.dumps(inspection_dict(inspections, config), indent=2))
         return
-    render_inspections(out, inspections, verbose)
+    if not quiet:
+        render_inspections(out, inspections, verbose)
     count = sum(i.plan.prefetch_count for i in inspections)
     total = sum(i.plan.prefetched_bytes for i in inspections)
     collectives_found = sum(len(i.collectives) for i in inspections)
@@ -396,6 +399,7 @@ def diff(
     prefetch_op: OpOpt = "Prefetch",
     prefetch_attr: AttrOpt = None,
     prefetch_version: VersionOpt = 1,
+    quiet: QuietOpt = False,
 ) -> None:
     """Structural diff of two models or rank directories; exit 0 equal, 1 different, 2 trouble."""
     import json
@@ -412,7 +416,7 @@ def diff(
     elif markdown:
         print(diff_markdown(result), end="")
     else:
-        render_diff(out, result)
+        render_diff(out, result, quiet)
     if not result.equal:
         raise typer.Exit(1)
 
@@ -494,6 +498,7 @@ def estimate(
         help="speedup grid: batch=1,8,32 context=1k,16k,128k ranks=2,4,8 (k = 1024; ranks re-shard)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
     all_windows: Annotated[bool, typer.Option("--all", help="one row per window, however many")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Estimate the decode step without and with the prefetches (cost model)."""
     import json
@@ -524,7 +529,8 @@ def estimate(
         if json_out:
             print(json.dumps(sweep_list(points), indent=2))
             return
-        out.print(sweep_table(points, model, hw.name))
+        if not quiet:
+            out.print(sweep_table(points, model, hw.name))
         best = max(points, key=lambda p: p.speedup)
         out.print(f"[green]done[/green]: {counted(len(points), 'point')}; best {best.speedup:.3f}x at batch "
                   f"{best.batch}, context {best.context}, {counted(best.ranks, 'rank')} in "
@@ -537,8 +543,9 @@ def estimate(
     if json_out:
         print(json.dumps(estimate_dict(est), indent=2))
         return
-    out.print(estimate_table(est, None if all_windows else 12))
-    out.print(estimate_summary(est), highlight=False, soft_wrap=True)
+    if not quiet:
+        out.print(estimate_table(est, None if all_windows else 12))
+        out.print(estimate_summary(est), highlight=False, soft_wrap=True)
     where = f"; trace in {escape(str(trace))}" if trace is not None else ""
     out.print(f"[green]done[/green]: {counted(len(est.windows), 'window')} estimated{where} in "
               f"{time.perf_counter() - start:.2f} s", highlight=False, soft_wrap=True)
@@ -567,6 +574,7 @@ def explore(
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="write the sweep as CSV")] = None,
     plot: Annotated[Optional[Path], typer.Option(
         help="write a plot, .png, .svg or .pdf (needs matplotlib)")] = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Sweep the L2 size (0-256 MiB): performance per cost with and without prefetching."""
     import json
@@ -591,8 +599,9 @@ def explore(
     if json_out:
         print(json.dumps(exploration_dict(ex), indent=2))
         return
-    out.print(explore_table(ex))
-    out.print(explore_summary(ex), highlight=False, soft_wrap=True)
+    if not quiet:
+        out.print(explore_table(ex))
+        out.print(explore_summary(ex), highlight=False, soft_wrap=True)
     out.print(f"[green]done[/green]: {len(ex.points)} L2 sizes in {time.perf_counter() - start:.2f} s",
               highlight=False, soft_wrap=True)
 
@@ -735,6 +744,7 @@ def shard(
     dim: Annotated[Optional[list[str]], typer.Option(
         "--dim", metavar="NAME=N", help="bind a symbolic dim the recognition needs (the head size of "
                                         "plain-operator attention); repeatable")] = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Shard a single-device decoder export into N tensor-parallel rank models (Megatron layout)."""
     from preserve_onnx.graph.dims import parse_dim_options

@@ -246,9 +246,10 @@ def diff_stale_lines(m: ModelDiff) -> list[str]:
     return [line for line in (stale_line(m.a, m.stale_a), stale_line(m.b, m.stale_b)) if line]
 
 
-def render_diff(console: Console, diff: Diff) -> None:
-    """The default human summary: one header per differing model, one line per entry."""
-    for m in diff.models:
+def render_diff(console: Console, diff: Diff, quiet: bool = False) -> None:
+    """The default human summary: one header per differing model, one line per entry (``quiet``: only the
+    closing line)."""
+    for m in diff.models if not quiet else ():
         for warning in diff_stale_lines(m):
             console.print(f"[yellow]{escape(warning)}[/yellow]", highlight=False, soft_wrap=True)
         if m.equal:
@@ -260,9 +261,9 @@ def render_diff(console: Console, diff: Diff) -> None:
             text = _change_text(e) if e.status == "changed" else e.detail
             console.print(f"  [{_STYLE[e.status]}]{_MARK[e.status]} {e.kind}[/] {escape(e.name)}{where}: "
                           f"{escape(text)}", highlight=False, soft_wrap=True)
-    for name in diff.only_a:
+    for name in diff.only_a if not quiet else ():
         console.print(f"  [red]- model[/] {escape(name)}: only in {escape(diff.a)}", highlight=False, soft_wrap=True)
-    for name in diff.only_b:
+    for name in diff.only_b if not quiet else ():
         console.print(f"  [green]+ model[/] {escape(name)}: only in {escape(diff.b)}", highlight=False, soft_wrap=True)
     style = "green" if diff.equal else "yellow"
     console.print(f"[{style}]{'equal' if diff.equal else 'different'}[/]: {escape(diff.a)} vs "

@@ -295,3 +295,40 @@ def test_inspect_drops_only_what_the_width_needs():
     _, header, rows, caption = _collectives_table(160)
     assert _cells(header)[:3] == ["collective", "op", "ops"] and len(_cells(header)) == 9
     assert [_cells(row)[0] for row in rows] == NAMES and caption.startswith("candidates")  # no caption
+
+
+# -- 4. -q on every command that prints more than one line --------------------------------------------
+
+@pytest.mark.parametrize("args, closing", [
+    (("inspect", RANKS), "done: 2 model(s), 8 collectives, 30 prefetches, 32.3 MiB would be planned; nothing written in "),
+    (("estimate", RANKS), "done: 4 windows estimated in "),
+    (("estimate", RANKS, "--sweep", "ranks=2,4"), "done: 2 points; best 1.055x at batch 8, context 16384, 2 ranks in "),
+    (("explore", RANKS), "done: 22 L2 sizes in "),
+    (("diff", RANKS, SAMPLES / "llama-gqa-fp16" / "tp2"),
+     f"different: {RANKS} vs {SAMPLES / 'llama-gqa-fp16' / 'tp2'}: 2 of 2 model(s) differ"),
+    (("diff", RANKS, RANKS), f"equal: {RANKS} vs {RANKS}: no differences"),
+])
+def test_quiet_prints_only_the_closing_line(args, closing):
+    loud, quiet = cli(*args), cli(*args, "-q")
+    assert loud.exit_code == quiet.exit_code and loud.output.splitlines()[-1].startswith(closing)
+    assert len(loud.output.splitlines()) > 1 or args[0] == "diff" and "equal" in closing
+    assert len(quiet.output.splitlines()) == 1 and quiet.output.startswith(closing)
+
+
+@pytest.mark.parametrize("command", ["strip", "shard"])
+def test_quiet_is_accepted_where_the_closing_line_is_all_there_is(command, tmp_path):
+    import re
+
+    def run(out, *quiet):
+        args = (SINGLE, out, "--tp", "2") if command == "shard" else (RANKS, out)
+        r = cli(command, *args, *quiet)
+        assert r.exit_code == 0, r.output
+        return re.sub(r" in \d+\.\d+ s$", "", r.output.replace(str(out), "OUT").rstrip("\n"))
+
+    loud, quiet = run(tmp_path / "a"), run(tmp_path / "b", "-q")
+    assert quiet == loud and len(quiet.splitlines()) == 1 and quiet.startswith("done: ")
+
+
+def test_quiet_still_prints_errors(tmp_path):
+    r = cli("inspect", tmp_path / "none", "-q")
+    assert (r.exit_code, r.output) == (1, f"error: {tmp_path / 'none'}: no such file or directory\n")
