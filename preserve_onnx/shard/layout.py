@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from onnx import AttributeProto, NodeProto
 
 from preserve_onnx.config import MS_DOMAIN
@@ -196,6 +198,8 @@ def _site_heads(
 
 # GroupQueryAttention inputs that hold one value per q head (attention sinks, gpt-oss): split like q.
 PER_HEAD_SLOTS = {(MS_DOMAIN, "GroupQueryAttention"): (11,)}
+# Its quantized KV-cache's scales (k_scale, v_scale): one value per tensor is the same on every rank.
+KV_SCALE_SLOTS = {(MS_DOMAIN, "GroupQueryAttention"): (12, 13)}
 
 
 def _per_head_inputs(ix: GraphIndex, site: int, nh: int) -> dict[str, int]:
@@ -212,6 +216,14 @@ def _per_head_inputs(ix: GraphIndex, site: int, nh: int) -> dict[str, int]:
                 f"('{name}') is not an initializer of its {nh} heads"
             )
         found[name] = nh
+    for slot in KV_SCALE_SLOTS.get((node.domain, node.op_type), ()):
+        name = node.input[slot] if slot < len(node.input) else ""
+        t = ix.inits.get(name) if name else None
+        if name and (t is None or int(np.prod(t.dims)) != 1):
+            raise PreserveError(
+                f"unrecognised layer structure at node '{ix.label(site)}': its KV-cache quantization scale "
+                f"input {slot} ('{name}') is not one per-tensor value (a per-channel scale is not split)"
+            )
     return found
 
 

@@ -144,6 +144,32 @@ def test_sinks_that_are_not_a_per_head_initializer_are_refused(tmp_path):
     )
 
 
+@pytest.mark.parametrize(("dims", "refused_"), [((), False), ((1,), False), ((2, 16), True)])
+def test_a_quantized_kv_cache_keeps_per_tensor_scales_and_refuses_per_channel_ones(dims, refused_, tmp_path):
+    """GroupQueryAttention in[12]/in[13] (k_scale, v_scale): a per-tensor scale is the same on every rank;
+    a per-channel one would have to follow the KV heads and is refused (structure only: onnxruntime's CPU
+    provider has no quantized KV-cache)."""
+    full = decoder(tmp_path / "m" / "full")
+    model = load(full)
+    for gqa in node_of(model, "GroupQueryAttention"):
+        gqa.input.extend([""] * (12 - len(gqa.input)) + ["k_scale", "v_scale"])  # in[12], in[13]
+    model.graph.initializer.extend(
+        numpy_helper.from_array(np.ones(dims, np.float32), name) for name in ("k_scale", "v_scale")
+    )
+    onnx.save(model, full, save_as_external_data=True, location="model.onnx.data")
+    if refused_:
+        refused(
+            full,
+            tmp_path / "out",
+            2,
+            r"^unrecognised layer structure at node '/GQA_\d+': its KV-cache quantization scale input 12 "
+            r"\('k_scale'\) is not one per-tensor value \(a per-channel scale is not split\)$",
+        )
+    else:
+        shard_model(full, tmp_path / "out", 2)
+        assert values(tmp_path / "out" / "model_01.onnx")["k_scale"].shape == dims
+
+
 # -- mixture-of-experts ------------------------------------------------------------------------------
 
 
