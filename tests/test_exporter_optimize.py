@@ -65,9 +65,10 @@ def test_strip_gives_the_real_ranks_back(src, optimized, tmp_path):
 @pytest.mark.parametrize("src", RANK_FOLDERS, ids=IDS)
 def test_kv_cache_is_planned_in_every_window_that_reads_it(src):
     """Each KV-cache input of a layer after the first is read in some window, and planned there whole
-    (the default budget at batch 8 / context 16k holds a tiny model's layer of cache)."""
+    (at batch 8 / context 4k the default budget holds a tiny model's layer of cache: Gemma's 2 KV heads
+    of 64 per rank fill it alone at 16k)."""
     model_file = sorted(src.glob("*.onnx"))[0]
-    found = inspect(model_file, OptimizeConfig())
+    found = inspect(model_file, OptimizeConfig(context=4096))
     kv_inputs = [vi.name for vi in load_model(model_file).graph.input if vi.name.startswith("past_key_values.")]
     planned, candidates = set(), set()
     for window in found.plan.windows:
@@ -79,7 +80,10 @@ def test_kv_cache_is_planned_in_every_window_that_reads_it(src):
     # The first layer's cache is read before the first collective: no window overlaps it.
     later = {name for name in kv_inputs if not name.startswith("past_key_values.0.")}
     assert later and later == candidates == planned
-    assert sum(is_collective(n) for n in load_model(model_file).graph.node) == 4
+    # Two layers, two AllReduces each; Qwen3.5-MoE's first layer (linear attention) has no o_proj
+    # AllReduce, and its mixture-of-experts layers one after the experts and one after the shared expert.
+    want = 5 if src.parent.name.startswith("genai-qwen35moe") else 4
+    assert sum(is_collective(n) for n in load_model(model_file).graph.node) == want
 
 
 @pytest.mark.parametrize("src", RANK_FOLDERS, ids=IDS)
