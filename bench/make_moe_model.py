@@ -32,8 +32,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 MS = "com.microsoft"
 # gpt-oss-20b (config.json of the released model)
-SHAPE = dict(hidden=2880, layers=24, heads=64, kv_heads=8, head_dim=64, experts=32, top_k=4, inter=2880,
-             vocab=201088, window=128, max_pos=4096, block=32)
+SHAPE = {
+    "hidden": 2880, "layers": 24, "heads": 64, "kv_heads": 8, "head_dim": 64, "experts": 32, "top_k": 4,
+    "inter": 2880, "vocab": 201088, "window": 128, "max_pos": 4096, "block": 32,
+}
 F16 = TensorProto.FLOAT16
 
 
@@ -76,20 +78,53 @@ def build(layers: int | None = None) -> tuple[onnx.ModelProto, _Sparse]:
 
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+        helper.make_tensor_value_info(
+            "attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]
+        ),
     ]
     outputs = [helper.make_tensor_value_info("logits", F16, ["batch_size", "sequence_length", s["vocab"]])]
     one = const("/model/constants/INT64/1", 1)
-    seqlens = node("Cast", [node("Sub", [node("ReduceSum", ["attention_mask", const("/model/constants/INT64/[1]", [1])],
-                                              "/model/attn_mask_reformat/ReduceSum", keepdims=0), one],
-                                 "/model/attn_mask_reformat/Sub")], "/model/attn_mask_reformat/Cast", to=TensorProto.INT32)
-    total = node("Cast", [node("Gather", [node("Shape", ["attention_mask"], "/model/attn_mask_reformat/Shape"), one],
-                               "/model/attn_mask_reformat/Gather", axis=0)],
-                 "/model/attn_mask_reformat/Cast_1", to=TensorProto.INT32)
+    seqlens = node(
+        "Cast",
+        [
+            node(
+                "Sub",
+                [
+                    node(
+                        "ReduceSum",
+                        ["attention_mask", const("/model/constants/INT64/[1]", [1])],
+                        "/model/attn_mask_reformat/ReduceSum",
+                        keepdims=0,
+                    ),
+                    one,
+                ],
+                "/model/attn_mask_reformat/Sub",
+            )
+        ],
+        "/model/attn_mask_reformat/Cast",
+        to=TensorProto.INT32,
+    )
+    total = node(
+        "Cast",
+        [
+            node(
+                "Gather",
+                [node("Shape", ["attention_mask"], "/model/attn_mask_reformat/Shape"), one],
+                "/model/attn_mask_reformat/Gather",
+                axis=0,
+            )
+        ],
+        "/model/attn_mask_reformat/Cast_1",
+        to=TensorProto.INT32,
+    )
     cos = w.add("cos_cache", F16, (s["max_pos"], D // 2))
     sin = w.add("sin_cache", F16, (s["max_pos"], D // 2))
-    x = node("Gather", [w.add("model.embed_tokens.weight", F16, (s["vocab"], H)), "input_ids"],
-             "/model/embed_tokens/Gather", axis=0)
+    x = node(
+        "Gather",
+        [w.add("model.embed_tokens.weight", F16, (s["vocab"], H)), "input_ids"],
+        "/model/embed_tokens/Gather",
+        axis=0,
+    )
     routed = const("/model/constants/INT64/[-1, 32]", [-1, E])
     for i in range(s["layers"]):
         p, n = f"/model/layers.{i}", f"model.layers.{i}"
@@ -97,54 +132,153 @@ def build(layers: int | None = None) -> tuple[onnx.ModelProto, _Sparse]:
         past = "past_sliding_length" if sliding else "past_sequence_length"
         present = "total_sliding_length" if sliding else "total_sequence_length"
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", F16,
-                                                        ["batch_size", KV, past, D]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", F16,
-                                                         ["batch_size", KV, present, D]))
-        h = node("SimplifiedLayerNormalization", [x, w.add(f"{n}.input_layernorm.weight", F16, (H,))],
-                 f"{p}/input_layernorm/LayerNorm", epsilon=1e-5, axis=-1, stash_type=1)
+            inputs.append(
+                helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", F16, ["batch_size", KV, past, D])
+            )
+            outputs.append(
+                helper.make_tensor_value_info(f"present.{i}.{kind}", F16, ["batch_size", KV, present, D])
+            )
+        h = node(
+            "SimplifiedLayerNormalization",
+            [x, w.add(f"{n}.input_layernorm.weight", F16, (H,))],
+            f"{p}/input_layernorm/LayerNorm",
+            epsilon=1e-5,
+            axis=-1,
+            stash_type=1,
+        )
         qkv_width = (NH + 2 * KV) * D
-        qkv = node("Add", [node("MatMul", [h, w.add(f"{n}.attn.qkv_proj.MatMul.weight", F16, (H, qkv_width))],
-                                f"{p}/attn/qkv_proj/MatMul"),
-                           w.add(f"{n}.attn.qkv_proj.Add.bias", F16, (qkv_width,))], f"{p}/attn/qkv_proj/Add")
-        window = {"local_window_size": s["window"], "sliding_window_cache": 1} if sliding else {"local_window_size": -1}
+        qkv = node(
+            "Add",
+            [
+                node(
+                    "MatMul",
+                    [h, w.add(f"{n}.attn.qkv_proj.MatMul.weight", F16, (H, qkv_width))],
+                    f"{p}/attn/qkv_proj/MatMul",
+                ),
+                w.add(f"{n}.attn.qkv_proj.Add.bias", F16, (qkv_width,)),
+            ],
+            f"{p}/attn/qkv_proj/Add",
+        )
+        window = (
+            {"local_window_size": s["window"], "sliding_window_cache": 1}
+            if sliding
+            else {"local_window_size": -1}
+        )
         gqa = f"{p}/attn/GroupQueryAttention"
-        nodes.append(helper.make_node(
-            "GroupQueryAttention",
-            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, cos, sin,
-             "", "", w.add(f"{n}.attn.sinks", F16, (NH,))],
-            [f"{gqa}/output_0", f"present.{i}.key", f"present.{i}.value"], name=gqa, domain=MS,
-            num_heads=NH, kv_num_heads=KV, scale=D ** -0.5, do_rotary=1, softcap=0.0, **window))
-        o = node("Add", [node("MatMul", [f"{gqa}/output_0", w.add(f"{n}.attn.o_proj.MatMul.weight", F16, (NH * D, H))],
-                              f"{p}/attn/o_proj/MatMul"), w.add(f"{n}.attn.o_proj.Add.bias", F16, (H,))],
-                 f"{p}/attn/o_proj/Add")
+        nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                [
+                    qkv,
+                    "",
+                    "",
+                    f"past_key_values.{i}.key",
+                    f"past_key_values.{i}.value",
+                    seqlens,
+                    total,
+                    cos,
+                    sin,
+                    "",
+                    "",
+                    w.add(f"{n}.attn.sinks", F16, (NH,)),
+                ],
+                [f"{gqa}/output_0", f"present.{i}.key", f"present.{i}.value"],
+                name=gqa,
+                domain=MS,
+                num_heads=NH,
+                kv_num_heads=KV,
+                scale=D**-0.5,
+                do_rotary=1,
+                softcap=0.0,
+                **window,
+            )
+        )
+        o = node(
+            "Add",
+            [
+                node(
+                    "MatMul",
+                    [f"{gqa}/output_0", w.add(f"{n}.attn.o_proj.MatMul.weight", F16, (NH * D, H))],
+                    f"{p}/attn/o_proj/MatMul",
+                ),
+                w.add(f"{n}.attn.o_proj.Add.bias", F16, (H,)),
+            ],
+            f"{p}/attn/o_proj/Add",
+        )
         x = node("Add", [x, o], f"{p}/residual_add/Add")
-        h = node("SimplifiedLayerNormalization", [x, w.add(f"{n}.post_attention_layernorm.weight", F16, (H,))],
-                 f"{p}/post_attention_layernorm/LayerNorm", epsilon=1e-5, axis=-1, stash_type=1)
-        router = node("Reshape", [node("Add", [node("MatMul", [h, w.add(f"{n}.moe.router.MatMul.weight", F16, (H, E))],
-                                                    f"{p}/moe/router/MatMul"),
-                                               w.add(f"{n}.moe.router.Add.bias", F16, (E,))], f"{p}/moe/router/Add"),
-                                  routed], f"{p}/moe/router/Reshape")
+        h = node(
+            "SimplifiedLayerNormalization",
+            [x, w.add(f"{n}.post_attention_layernorm.weight", F16, (H,))],
+            f"{p}/post_attention_layernorm/LayerNorm",
+            epsilon=1e-5,
+            axis=-1,
+            stash_type=1,
+        )
+        router = node(
+            "Reshape",
+            [
+                node(
+                    "Add",
+                    [
+                        node(
+                            "MatMul",
+                            [h, w.add(f"{n}.moe.router.MatMul.weight", F16, (H, E))],
+                            f"{p}/moe/router/MatMul",
+                        ),
+                        w.add(f"{n}.moe.router.Add.bias", F16, (E,)),
+                    ],
+                    f"{p}/moe/router/Add",
+                ),
+                routed,
+            ],
+            f"{p}/moe/router/Reshape",
+        )
         e = f"{n}.moe.experts"
-        moe = node("QMoE", [
-            h, router,
-            w.add(f"{e}.gate_up_proj.qweight", TensorProto.UINT8, (E, 2 * I, H // 2)),
-            w.add(f"{e}.gate_up_proj.scales", F16, (E, 2 * I, H // s["block"])),
-            w.add(f"{e}.gate_up_proj.bias", F16, (E, 2 * I)),
-            w.add(f"{e}.down_proj.qweight", TensorProto.UINT8, (E, H, I // 2)),
-            w.add(f"{e}.down_proj.scales", F16, (E, H, I // s["block"])),
-            w.add(f"{e}.down_proj.bias", F16, (E, H)),
-        ], f"{p}/moe/QMoE", domain=MS, k=s["top_k"], activation_type="swiglu", swiglu_fusion=1,
-            normalize_routing_weights=1, activation_alpha=1.702, activation_beta=1.0, swiglu_limit=7.0,
-            expert_weight_bits=4, block_size=s["block"])
+        moe = node(
+            "QMoE",
+            [
+                h,
+                router,
+                w.add(f"{e}.gate_up_proj.qweight", TensorProto.UINT8, (E, 2 * I, H // 2)),
+                w.add(f"{e}.gate_up_proj.scales", F16, (E, 2 * I, H // s["block"])),
+                w.add(f"{e}.gate_up_proj.bias", F16, (E, 2 * I)),
+                w.add(f"{e}.down_proj.qweight", TensorProto.UINT8, (E, H, I // 2)),
+                w.add(f"{e}.down_proj.scales", F16, (E, H, I // s["block"])),
+                w.add(f"{e}.down_proj.bias", F16, (E, H)),
+            ],
+            f"{p}/moe/QMoE",
+            domain=MS,
+            k=s["top_k"],
+            activation_type="swiglu",
+            swiglu_fusion=1,
+            normalize_routing_weights=1,
+            activation_alpha=1.702,
+            activation_beta=1.0,
+            swiglu_limit=7.0,
+            expert_weight_bits=4,
+            block_size=s["block"],
+        )
         x = node("Add", [x, moe], f"{p}/moe_residual/Add")
-    h = node("SimplifiedLayerNormalization", [x, w.add("model.norm.weight", F16, (H,))], "/model/norm/LayerNorm",
-             epsilon=1e-5, axis=-1, stash_type=1)
-    nodes.append(helper.make_node("MatMul", [h, w.add("lm_head.MatMul.weight", F16, (H, s["vocab"]))], ["logits"],
-                                  name="/lm_head/MatMul"))
+    h = node(
+        "SimplifiedLayerNormalization",
+        [x, w.add("model.norm.weight", F16, (H,))],
+        "/model/norm/LayerNorm",
+        epsilon=1e-5,
+        axis=-1,
+        stash_type=1,
+    )
+    nodes.append(
+        helper.make_node(
+            "MatMul",
+            [h, w.add("lm_head.MatMul.weight", F16, (H, s["vocab"]))],
+            ["logits"],
+            name="/lm_head/MatMul",
+        )
+    )
     graph = helper.make_graph(nodes, "gpt-oss-20b-shape", inputs, outputs, inline + w.tensors)
-    model = helper.make_model(graph, ir_version=10,
-                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)])
+    model = helper.make_model(
+        graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
+    )
     meta = model.metadata_props.add()
     meta.key, meta.value = "preserve.sample.shape_only", "1"
     return model, w

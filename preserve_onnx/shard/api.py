@@ -18,8 +18,8 @@ from pathlib import Path
 import onnx
 
 from preserve_onnx.errors import PreserveError, UsageError
-from preserve_onnx.model_io import external_info, load_model, resolve_single, staged_directory
 from preserve_onnx.graph.index import iter_graphs
+from preserve_onnx.model_io import external_info, load_model, resolve_single, staged_directory
 from preserve_onnx.shard.cutting import rank_value
 from preserve_onnx.shard.planning import ShardPlan, plan_shards
 from preserve_onnx.shard.tensors import DataWriter, TensorReader

@@ -85,7 +85,9 @@ def rank_value(arr: np.ndarray, cut: Cut | None, world: int, rank: int, data_typ
     if cut is None or cut.how == "replicate":
         return Piece(tuple(arr.shape), (arr,))
     if cut.how == "first":
-        return Piece(tuple(arr.shape), (arr if rank == 0 else np.broadcast_to(np.zeros((), arr.dtype), arr.shape),))
+        return Piece(
+            tuple(arr.shape), (arr if rank == 0 else np.broadcast_to(np.zeros((), arr.dtype), arr.shape),)
+        )
     if cut.how == "scale":
         return Piece(tuple(arr.shape), (_scaled(arr, world, data_type, name),))
     if cut.how == "zero_points":

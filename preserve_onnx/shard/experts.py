@@ -120,7 +120,9 @@ def _experts(ix: GraphIndex, index: int, world: int) -> Experts:
             f"(swiglu_fusion {swiglu})"
         )
     if inter % world:
-        raise PreserveError(f"--tp {world} does not divide the {inter} expert intermediate columns of '{m.label}'")
+        raise PreserveError(
+            f"--tp {world} does not divide the {inter} expert intermediate columns of '{m.label}'"
+        )
     block = attr(node, "block_size", 0) if m.quantized else 0
     share = inter // world
     if m.quantized and block and share % block:

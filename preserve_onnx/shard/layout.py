@@ -17,13 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from onnx import AttributeProto, NodeProto
 
 from preserve_onnx.config import MS_DOMAIN
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.graph.structure import LAYOUT_OPS, attention_cores, is_attention, kv_cache_paths
 from preserve_onnx.graph.index import GraphIndex, Linear, attr, is_op
+from preserve_onnx.graph.structure import LAYOUT_OPS, attention_cores, is_attention, kv_cache_paths
 from preserve_onnx.shard.experts import Experts, find_experts
 from preserve_onnx.shard.tracing import (
     bias_after,
@@ -104,7 +103,9 @@ class Layout:
     per_head: dict[str, int] = field(default_factory=dict)  # 1-D initializers of one value per q head
     experts: dict[int, Experts] = field(default_factory=dict)  # MoE / QMoE nodes, AllReduce after each
     replicated: set[int] = field(default_factory=set)  # linears every rank computes whole (routers, gates)
-    state_layers: set[tuple[int, ...]] = field(default_factory=set)  # their output projections: layers whole on every rank
+    state_layers: set[tuple[int, ...]] = field(
+        default_factory=set
+    )  # their output projections: layers whole on every rank
 
 
 def _column(ix: GraphIndex, lin: Linear, unit: int, label_of) -> Column:
@@ -267,14 +268,21 @@ def _state_nodes(ix: GraphIndex) -> list[tuple[int, str, str]]:
 
     found = []
     for i, node in enumerate(ix.nodes):
-        if is_attention(node) or i in ix.linears or node.op_type in LAYOUT_OPS or is_op(node, "Concat") or any(
-            a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute
+        if (
+            is_attention(node)
+            or i in ix.linears
+            or node.op_type in LAYOUT_OPS
+            or is_op(node, "Concat")
+            or any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute)
         ):
             continue
         states = {r for r in (root_input(ix, t) for t in node.input if t) if r}
         outs = {o for o in (_reaches_output_through_layout(ix, t) for t in node.output if t) if o}
         pairs = sorted(
-            (s, o) for s in states for o in outs if rank_and_type(ix.inputs[s]) == rank_and_type(ix.outputs[o])
+            (s, o)
+            for s in states
+            for o in outs
+            if rank_and_type(ix.inputs[s]) == rank_and_type(ix.outputs[o])
         )
         if pairs:
             found.append((i, *pairs[0]))
@@ -356,14 +364,17 @@ def find_layout(
         kv = {r for i in region for r in (root_input(ix, t) for t in ix.nodes[i].input) if r in kv_paths}
         kv |= {r for r in (root_input(ix, t) for t in kv_slot_inputs(ix.nodes[site])) if r}
         for name in sorted(kv & kv_paths.keys()):
-            rank = len(ix.graph.input[[vi.name for vi in ix.graph.input].index(name)].type.tensor_type.shape.dim)
+            rank = len(
+                ix.graph.input[[vi.name for vi in ix.graph.input].index(name)].type.tensor_type.shape.dim
+            )
             if kv_paths[name].seq_axis != rank - 2:
                 # Its head axis is divided where [batch, heads, sequence, head_size] has it; a cache that
                 # reaches its Concat through a Transpose or Reshape keeps its heads elsewhere.
                 raise PreserveError(
                     f"unrecognised layer structure at node '{ix.label(kv_paths[name].concat)}': KV-cache input "
                     f"'{name}' is not laid out [batch, heads, sequence, head_size] (its Concat grows axis "
-                    f"{kv_paths[name].seq_axis} of it)")
+                    f"{kv_paths[name].seq_axis} of it)"
+                )
         nh, nkv, hs = _site_heads(ix, site, col_lins, kv, dims)
         if not hs:
             raise PreserveError(

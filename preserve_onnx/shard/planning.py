@@ -15,8 +15,7 @@ from onnx import helper, numpy_helper
 
 from preserve_onnx.config import MS_DOMAIN
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.graph.index import is_collective, iter_graphs, node_label
-from preserve_onnx.graph.index import GraphIndex
+from preserve_onnx.graph.index import GraphIndex, is_collective, iter_graphs, node_label
 from preserve_onnx.shard.layout import Layout, find_layout
 from preserve_onnx.shard.rewrite import Cut, Rewriter, divide_head_axis
 

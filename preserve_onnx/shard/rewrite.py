@@ -3,8 +3,8 @@
 The graph is the same on every rank (only weight values differ): head-count attributes, MatMulNBits
 ``N``/``K``, Reshape shape constants, Split sizes and Slice bounds of fused parts, and the KV-cache
 inputs/outputs' head axis are divided by N; every row-parallel linear's and MoE / QMoE node's output
-goes through a new ``com.microsoft::AllReduce`` placed right after it (a bias Add that follows it stays after the
-AllReduce: counted once); with ``--vocab-parallel`` the LM head's output goes through
+goes through a new ``com.microsoft::AllReduce`` placed right after it (a bias Add that follows it stays
+after the AllReduce: counted once); with ``--vocab-parallel`` the LM head's output goes through
 ``com.microsoft::AllGather(axis=-1)``. Value-info of tensors whose shape changes is dropped (onnxruntime
 infers it again).
 """
@@ -283,7 +283,9 @@ class Rewriter:
             inserted[i] = self.collective(i, experts.name, "AllReduce")
         lm = self.layout.lm_head
         if vocab_parallel and lm is not None:
-            inserted[lm.index] = self.collective(lm.index, lm.name, "AllGather", group_size=self.world, axis=-1)
+            inserted[lm.index] = self.collective(
+                lm.index, lm.name, "AllGather", group_size=self.world, axis=-1
+            )
         order = []
         for i, node in enumerate(self.nodes):
             order.append(node)

@@ -9,8 +9,8 @@ from itertools import pairwise
 import numpy as np
 from onnx import NodeProto
 
-from preserve_onnx.graph.structure import LAYOUT_OPS, consumer_slots
 from preserve_onnx.graph.index import GraphIndex, Linear, attr, is_op
+from preserve_onnx.graph.structure import LAYOUT_OPS, consumer_slots
 
 # Operators that add a bias (input 1) to a linear's output.
 BIAS_OPS = ("Add", "FastGelu", "BiasGelu", "BiasAdd")
@@ -147,7 +147,7 @@ def width_of(ix: GraphIndex, tensor: str) -> int:
         if is_op(node, "Reshape"):  # a constant target's last entry (the builder's q/k norm: [0, -1, width])
             shape = ix.constant(node.input[1]) if len(node.input) > 1 else None
             last = int(shape.reshape(-1)[-1]) if shape is not None and shape.size else -1
-            return last if last > 0 else 0
+            return max(0, last)
         if node.op_type in BIAS_OPS and not ix.is_constant(node.input[0]):
             tensor = node.input[0]
         elif node.op_type in BIAS_OPS:

@@ -176,12 +176,19 @@ def _moe(b: _B, h: str, kind: str, inter: int, shared: bool, ffn: int) -> str:
     tokens = b.op("Reshape", [h, b.i64([-1, H])])
 
     def floats(*shape, scale=1.0):
-        return b.init((b.rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)).astype(b.dtype), "expert")
+        return b.init(
+            (b.rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)).astype(b.dtype), "expert"
+        )
 
-    attrs = dict(k=TOPK, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1)
+    attrs = {"k": TOPK, "activation_type": "swiglu", "swiglu_fusion": 1, "normalize_routing_weights": 1}
     bias1, bias2 = floats(E, 2 * inter, scale=0.1), floats(E, H, scale=0.1)
     if kind == "moe":
-        inputs = [floats(E, 2 * inter, H, scale=H**-0.5), bias1, floats(E, H, inter, scale=inter**-0.5), bias2]
+        inputs = [
+            floats(E, 2 * inter, H, scale=H**-0.5),
+            bias1,
+            floats(E, H, inter, scale=inter**-0.5),
+            bias2,
+        ]
         out = b.op("MoE", [tokens, probs, *inputs], domain=MS, **attrs)
     else:
         block = 16 if "block" in kind else 0
@@ -191,11 +198,21 @@ def _moe(b: _B, h: str, kind: str, inter: int, shared: bool, ffn: int) -> str:
 
         def scales(rows, k, depth):
             shape = (E, rows, depth // block) if block else (E, rows)
-            return b.init((np.abs(b.rng.standard_normal(shape, dtype=np.float32)) * 0.02 / k + 0.002).astype(b.dtype), "scales")
+            return b.init(
+                (np.abs(b.rng.standard_normal(shape, dtype=np.float32)) * 0.02 / k + 0.002).astype(b.dtype),
+                "scales",
+            )
 
         inputs = [
-            packed(E, 2 * inter, H // 2), scales(2 * inter, 1, H), bias1,
-            packed(E, H, inter // 2), scales(H, 1, inter), bias2, "", "", "",
+            packed(E, 2 * inter, H // 2),
+            scales(2 * inter, 1, H),
+            bias1,
+            packed(E, H, inter // 2),
+            scales(H, 1, inter),
+            bias2,
+            "",
+            "",
+            "",
         ]
         if kind.endswith("-zp"):
             inputs += [
@@ -225,8 +242,13 @@ def _state_layer(b: _B, h: str, layer: int, inputs: list, outputs: list, et: int
     weight = b.init((b.rng.standard_normal((H, 1, 4), dtype=np.float32) * 0.5).astype(b.dtype), "conv")
     b.nodes.append(
         helper.make_node(
-            "CausalConvWithState", [x, weight, b.vec(H), past], [y, present],
-            name=b.name("/CausalConvWithState"), domain=MS, ndim=1, activation="silu",
+            "CausalConvWithState",
+            [x, weight, b.vec(H), past],
+            [y, present],
+            name=b.name("/CausalConvWithState"),
+            domain=MS,
+            ndim=1,
+            activation="silu",
         )
     )
     y = b.op("Transpose", [y], perm=[0, 2, 1])

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from preserve_onnx.cli import app
 from preserve_onnx.shard import shard_model
-from tests.shard._models import E, H, NH, decoder
+from tests.shard._models import E, H, decoder
 from tests.shard.test_shard import assert_twin, attrs, refused, reshape_shapes
 
 
@@ -132,7 +132,9 @@ def test_sinks_that_are_not_a_per_head_initializer_are_refused(tmp_path):
     full = decoder(tmp_path / "m" / "full", sinks=True)
     model = load(full)
     gqa = node_of(model, "GroupQueryAttention")[0]
-    model.graph.node.insert(0, onnx.helper.make_node("Identity", [gqa.input[11]], ["sinks_copy"], name="copy"))
+    model.graph.node.insert(
+        0, onnx.helper.make_node("Identity", [gqa.input[11]], ["sinks_copy"], name="copy")
+    )
     gqa.input[11] = "sinks_copy"
     onnx.save(model, full, save_as_external_data=True, location="model.onnx.data")
     refused(
@@ -206,16 +208,29 @@ def test_an_allreduce_follows_each_moe_before_the_residual_add(tmp_path):
     assert len(moe) == 2
     for i in moe:
         reduce = order[i + 1]
-        assert (reduce.op_type, reduce.domain, list(reduce.input)) == ("AllReduce", "com.microsoft", [order[i].output[0]])
+        assert (reduce.op_type, reduce.domain, list(reduce.input)) == (
+            "AllReduce",
+            "com.microsoft",
+            [order[i].output[0]],
+        )
         assert attrs(order[i]) == {
-            "k": 2, "activation_type": b"swiglu", "swiglu_fusion": 1, "normalize_routing_weights": 1
+            "k": 2,
+            "activation_type": b"swiglu",
+            "swiglu_fusion": 1,
+            "normalize_routing_weights": 1,
         }
     assert [n.op_type for n in order].count("AllReduce") == 4  # o_proj and the MoE of 2 layers
 
 
 @pytest.mark.parametrize(
     ("moe", "attention", "tp"),
-    [("moe", "mha", 4), ("qmoe", "gqa", 2), ("qmoe-zp", "gqa", 2), ("qmoe-block", "gqa", 2), ("qmoe-block-zp", "mha", 4)],
+    [
+        ("moe", "mha", 4),
+        ("qmoe", "gqa", 2),
+        ("qmoe-zp", "gqa", 2),
+        ("qmoe-block", "gqa", 2),
+        ("qmoe-block-zp", "mha", 4),
+    ],
 )
 def test_moe_and_qmoe_ranks_match_the_single_model(moe, attention, tp, tmp_path):
     """Intermediate 64: 16 per rank at 4 ranks, one block of 16 (MultiHeadAttention's 4 KV heads allow
@@ -270,7 +285,9 @@ def test_a_shared_expert_is_split_like_a_dense_mlp_and_its_gate_replicated(combi
     shard_model(full, tmp_path / "tp2", 2)
     rank = load(tmp_path / "tp2" / "model_01.onnx")
     dims = {t.name: list(t.dims) for t in rank.graph.initializer}
-    assert sorted(dims[n.input[1]] for n in node_of(rank, "MatMul") if dims[n.input[1]][1] == 1) == [[64, 1]] * 2
+    assert (
+        sorted(dims[n.input[1]] for n in node_of(rank, "MatMul") if dims[n.input[1]][1] == 1) == [[64, 1]] * 2
+    )
     assert [n.op_type for n in rank.graph.node].count("AllReduce") == 6  # o_proj, QMoE, shared down x 2
     assert_twin(tmp_path / "tp2", full)
 
@@ -278,14 +295,20 @@ def test_a_shared_expert_is_split_like_a_dense_mlp_and_its_gate_replicated(combi
 def test_swiglu_fusion_2_cuts_the_gate_and_value_blocks_each(tmp_path):
     """[gate | value] rows (swiglu_fusion 2; onnxruntime's CPU kernel runs only 1, so bytes only): rank r
     takes rows [16r, 16r + 16) of the gate block and [32 + 16r, 32 + 16r + 16) of the value block."""
-    full = _edit_moe(tmp_path, "moe", lambda n, m: [a for a in n.attribute if a.name == "swiglu_fusion"][0].__setattr__("i", 2))
+    full = _edit_moe(
+        tmp_path,
+        "moe",
+        lambda n, m: next(a for a in n.attribute if a.name == "swiglu_fusion").__setattr__("i", 2),
+    )
     shard_model(full, tmp_path / "tp2", 2)
     (moe, _) = _moe_nodes(full)
     source = values(full)
     for r in (0, 1):
         mine = values(tmp_path / "tp2" / f"model_0{r}.onnx")
         for name in moe.input[2:4]:
-            rows = np.concatenate([source[name][:, 16 * r : 16 * r + 16], source[name][:, 32 + 16 * r : 48 + 16 * r]], axis=1)
+            rows = np.concatenate(
+                [source[name][:, 16 * r : 16 * r + 16], source[name][:, 32 + 16 * r : 48 + 16 * r]], axis=1
+            )
             assert np.array_equal(mine[name], rows)
 
 
@@ -298,7 +321,12 @@ def test_cli_counts_the_moe_layers_and_their_allreduces(tmp_path):
 
 def test_refuses_an_intermediate_that_tp_does_not_divide(tmp_path):
     full = decoder(tmp_path / "m" / "full", moe="moe", experts_inter=31)
-    refused(full, tmp_path / "out", 2, r"^--tp 2 does not divide the 31 expert intermediate columns of '/MoE_\d+'$")
+    refused(
+        full,
+        tmp_path / "out",
+        2,
+        r"^--tp 2 does not divide the 31 expert intermediate columns of '/MoE_\d+'$",
+    )
 
 
 def test_refuses_a_qmoe_whose_rank_share_is_not_whole_blocks(tmp_path):
@@ -338,13 +366,16 @@ def _first(model: onnx.ModelProto, ops) -> onnx.NodeProto:
         ),
         (
             "moe",
-            lambda n, m: [a for a in n.attribute if a.name == "swiglu_fusion"][0].__setattr__("i", 0),
-            r"fc1's 64 rows are neither its 32 intermediate columns nor a fused pair of them \(swiglu_fusion 0\)",
+            lambda n, m: next(a for a in n.attribute if a.name == "swiglu_fusion").__setattr__("i", 0),
+            r"fc1's 64 rows are neither its 32 intermediate columns nor a fused pair of them "
+            r"\(swiglu_fusion 0\)",
         ),
         (
             "moe",
             lambda n, m: (
-                m.graph.node.insert(0, onnx.helper.make_node("Identity", [n.input[4]], ["fc2_copy"], name="copy")),
+                m.graph.node.insert(
+                    0, onnx.helper.make_node("Identity", [n.input[4]], ["fc2_copy"], name="copy")
+                ),
                 n.input.__setitem__(4, "fc2_copy"),
             ),
             r"its input 4 \('fc2_copy'\) is not an initializer",
@@ -381,7 +412,10 @@ def test_a_state_layer_between_its_own_projections_is_computed_whole_on_every_ra
     assert [n.op_type for n in projections] == ["MatMul", "MatMul"]
     assert all(mine[n.input[1]].shape == (H, H) for n in projections)
     assert all(np.array_equal(mine[n.input[1]], source[n.input[1]]) for n in projections)
-    state = {vi.name: [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim] for vi in rank.graph.input}
+    state = {
+        vi.name: [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]
+        for vi in rank.graph.input
+    }
     assert state["past_conv.0"] == ["batch_size", H, 3]
     assert [n.op_type for n in rank.graph.node].count("AllReduce") == 4  # o_proj and down_proj only
     assert_twin(tmp_path / "tp2", full)
