@@ -190,6 +190,16 @@ def _moe(b: _B, h: str, kind: str, inter: int, shared: bool, ffn: int) -> str:
             bias2,
         ]
         out = b.op("MoE", [tokens, probs, *inputs], domain=MS, **attrs)
+    elif kind == "moe-fc3":  # Phi-3.5-MoE's layout: gate in fc1, value in fc3 (swiglu_fusion 0), biases
+        inputs = [
+            floats(E, inter, H, scale=H**-0.5),
+            floats(E, inter, scale=0.1),
+            floats(E, H, inter, scale=inter**-0.5),
+            bias2,
+            floats(E, inter, H, scale=H**-0.5),
+            floats(E, inter, scale=0.1),
+        ]
+        out = b.op("MoE", [tokens, probs, *inputs], domain=MS, **dict(attrs, swiglu_fusion=0))
     else:
         block = 16 if "block" in kind else 0
 

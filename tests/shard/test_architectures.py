@@ -312,6 +312,22 @@ def test_swiglu_fusion_2_cuts_the_gate_and_value_blocks_each(tmp_path):
             assert np.array_equal(mine[name], rows)
 
 
+def test_fc3_experts_are_cut_on_their_intermediate_rows_like_fc1(tmp_path):
+    """Phi-3.5-MoE's layout (gate in fc1, value in fc3, swiglu_fusion 0; onnxruntime's CPU MoE has no
+    fc3, so bytes only): fc1, fc3 and their biases take rows [16r, 16r + 16), fc2 columns too."""
+    full = decoder(tmp_path / "full", moe="moe-fc3")
+    shard_model(full, tmp_path / "tp2", 2)
+    (moe, _) = _moe_nodes(full)
+    fc1, b1, fc2, b2, fc3, b3 = moe.input[2:8]
+    source = values(full)
+    for r in (0, 1):
+        mine = values(tmp_path / "tp2" / f"model_0{r}.onnx")
+        for name in (fc1, b1, fc3, b3):
+            assert np.array_equal(mine[name], source[name][:, 16 * r : 16 * r + 16]), name
+        assert np.array_equal(mine[fc2], source[fc2][:, :, 16 * r : 16 * r + 16])
+        assert np.array_equal(mine[b2], source[b2] if r == 0 else np.zeros_like(source[b2]))
+
+
 def test_cli_counts_the_moe_layers_and_their_allreduces(tmp_path):
     assert cli_shard(decoder(tmp_path / "full", moe="moe"), tmp_path / "tp2").startswith(
         "done: 2 rank models (6 column-parallel and 2 row-parallel linears, 2 mixture-of-experts layers, "
