@@ -383,8 +383,10 @@ def _first(model: onnx.ModelProto, ops) -> onnx.NodeProto:
         (
             "moe",
             lambda n, m: next(a for a in n.attribute if a.name == "swiglu_fusion").__setattr__("i", 0),
-            r"fc1's 64 rows are neither its 32 intermediate columns nor a fused pair of them "
-            r"\(swiglu_fusion 0\)",
+            (
+                r"fc1's 64 rows are neither its 32 intermediate columns nor a fused pair of them "
+                r"\(swiglu_fusion 0\)"
+            ),
         ),
         (
             "moe",
