@@ -233,6 +233,23 @@ def _check_dim_names(path: Path, dims, *, single: bool = False) -> None:
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="only errors and the closing line")]
 
 
+def _single_device_note(model: Path, first: Optional[Path] = None, *, known: bool = False) -> None:
+    """A yellow ``note:`` on stderr when the model has no collective at all: a single-device export, which
+    plans nothing until `shard` makes its rank models (docs/shard.md). Called only when a plan came out empty;
+    ``first``: the model file to look at (default: the first rank at ``model``); ``known``: the caller saw no
+    collective already. Reads the graph only."""
+    if not known:
+        from preserve_onnx.graph.index import is_collective, iter_graphs
+        from preserve_onnx.model_io import load_model, resolve_ranks
+
+        graph = load_model(first if first is not None else resolve_ranks(model)[0])
+        if any(is_collective(node) for _, g in iter_graphs(graph) for node in g.node):
+            return
+    where = escape(str(model))
+    err.print(f"[yellow]note:[/yellow] {where} has no collectives: it looks like a single-device export; run "
+              f"`preserve-onnx shard {where} OUT --tp N` first (docs/shard.md)", highlight=False, soft_wrap=True)
+
+
 @app.command()
 @handle_errors
 def optimize(
@@ -302,6 +319,8 @@ def optimize(
         write_json(report, report_dict(outcomes, config))
     if not quiet:
         render_outcomes(out, outcomes, verbose)
+        if not any(o.plan.windows for o in outcomes):
+            _single_device_note(src, outcomes[0].source)
     count = sum(o.plan.prefetch_count for o in outcomes)
     total = sum(o.plan.prefetched_bytes for o in outcomes)
     written = outcomes[0].output if len(outcomes) == 1 and outcomes[0].output is not None and not src.is_dir() \
@@ -379,6 +398,8 @@ def inspect(
         return
     if not quiet:
         render_inspections(out, inspections, verbose)
+        if not any(i.collectives for i in inspections):
+            _single_device_note(model, known=True)
     count = sum(i.plan.prefetch_count for i in inspections)
     total = sum(i.plan.prefetched_bytes for i in inspections)
     collectives_found = sum(len(i.collectives) for i in inspections)
@@ -531,6 +552,8 @@ def estimate(
             return
         if not quiet:
             out.print(sweep_table(points, model, hw.name))
+            if not any(p.hinted_bytes for p in points):
+                _single_device_note(model)
         best = max(points, key=lambda p: p.speedup)
         out.print(f"[green]done[/green]: {counted(len(points), 'point')}; best {best.speedup:.3f}x at batch "
                   f"{best.batch}, context {best.context}, {counted(best.ranks, 'rank')} in "
@@ -546,6 +569,8 @@ def estimate(
     if not quiet:
         out.print(estimate_table(est, None if all_windows else 12))
         out.print(estimate_summary(est), highlight=False, soft_wrap=True)
+        if not est.windows:
+            _single_device_note(model, Path(est.source))
     where = f"; trace in {escape(str(trace))}" if trace is not None else ""
     out.print(f"[green]done[/green]: {counted(len(est.windows), 'window')} estimated{where} in "
               f"{time.perf_counter() - start:.2f} s", highlight=False, soft_wrap=True)
@@ -602,6 +627,8 @@ def explore(
     if not quiet:
         out.print(explore_table(ex))
         out.print(explore_summary(ex), highlight=False, soft_wrap=True)
+        if all(p.preserve_s == p.baseline_s for p in ex.points):
+            _single_device_note(model, Path(ex.source))
     out.print(f"[green]done[/green]: {len(ex.points)} L2 sizes in {time.perf_counter() - start:.2f} s",
               highlight=False, soft_wrap=True)
 

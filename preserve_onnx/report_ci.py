@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from rich.console import Console
 from rich.cells import cell_len
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -102,7 +102,7 @@ def collectives_table(ins: Inspection, title: str, width: int | None = None) -> 
     dropped = []
 
     def left_for_names() -> int:  # each column: its widest cell, one space each side, one border
-        others = sum(max(cell_len(header[c]), *(cell_len(r[c]) for r in rows)) + 3 for c in keep[1:])
+        others = sum(max([cell_len(header[c]), *(cell_len(r[c]) for r in rows)]) + 3 for c in keep[1:])
         return width - others - 4
 
     for name in NARROW_DROPS if width is not None else ():

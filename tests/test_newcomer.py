@@ -155,7 +155,8 @@ def test_errors_of_a_command_keep_their_codes_through_the_entry_point(tmp_path):
 
 
 def test_typers_ctrl_c_code_without_standalone_mode_is_one_line(monkeypatch, capsys):
-    from preserve_onnx import _entry, cli as cli_module
+    from preserve_onnx import _entry
+    from preserve_onnx import cli as cli_module
 
     monkeypatch.setattr(cli_module, "app", lambda **_: 130)  # what typer returns for a Ctrl-C while parsing
     with pytest.raises(SystemExit) as info:
@@ -259,6 +260,10 @@ NAMES = ["/model/layers.0/attn/o_proj/AllReduce", "/model/layers.0/mlp/down_proj
 
 
 def _collectives_table(width):
+    return _collectives_table_of(RANKS / "model_00.onnx", width)
+
+
+def _collectives_table_of(model, width):
     from rich.console import Console
 
     from preserve_onnx.config import OptimizeConfig
@@ -266,7 +271,7 @@ def _collectives_table(width):
     from preserve_onnx.report_ci import render_inspections
 
     console = Console(width=width, record=True, color_system=None, file=open(os.devnull, "w"))
-    render_inspections(console, inspect_path(RANKS / "model_00.onnx", OptimizeConfig(budget=1 << 20), jobs=1), 0)
+    render_inspections(console, inspect_path(model, OptimizeConfig(budget=1 << 20), jobs=1), 0)
     lines = console.export_text().splitlines()
     top = next(i for i, line in enumerate(lines) if line.startswith("┏"))
     bottom = next(i for i, line in enumerate(lines) if line.startswith("└"))
@@ -332,3 +337,43 @@ def test_quiet_is_accepted_where_the_closing_line_is_all_there_is(command, tmp_p
 def test_quiet_still_prints_errors(tmp_path):
     r = cli("inspect", tmp_path / "none", "-q")
     assert (r.exit_code, r.output) == (1, f"error: {tmp_path / 'none'}: no such file or directory\n")
+
+
+# -- 1. a single-device model: a note to shard it first ------------------------------------------------
+
+def _note(model):
+    return (f"note: {model} has no collectives: it looks like a single-device export; run "
+            f"`preserve-onnx shard {model} OUT --tp N` first (docs/shard.md)")
+
+
+@pytest.mark.parametrize("args", [("optimize", "MODEL", "OUT"), ("inspect", "MODEL"), ("estimate", "MODEL"),
+                                  ("estimate", "MODEL", "--sweep", "ranks=1,2"), ("explore", "MODEL")])
+def test_single_device_model_gets_one_note_to_shard_first(args, tmp_path):
+    model = SINGLE / "model.onnx"
+    argv = [model if a == "MODEL" else tmp_path / "out.onnx" if a == "OUT" else a for a in args]
+    r = cli(*argv)
+    assert r.exit_code == 0, r.output  # not an error: the model is valid, there is nothing to plan
+    lines = r.output.splitlines()
+    assert lines.count(_note(model)) == 1 and lines[-2] == _note(model) and lines[-1].startswith("done: ")
+    assert "note:" not in cli(*argv, "-q").output  # -q: only the closing line
+
+
+def test_a_model_without_collectives_at_80_columns_is_an_empty_table():
+    _, header, rows, caption = _collectives_table_of(SINGLE / "model.onnx", 80)  # headers alone set the widths
+    assert _cells(header) == ["collective", "tensors", "bytes", "budget", "planned", "max tokens"] and rows == []
+    assert caption.strip() == "(op, ops, used left out at 80 columns)"
+
+
+@pytest.mark.parametrize("args", [("optimize", RANKS, "OUT", "--collectives", "AllGather"),
+                                  ("inspect", RANKS, "--collectives", "AllGather"),
+                                  ("estimate", RANKS, "--collectives", "AllGather"),
+                                  ("explore", RANKS, "--collectives", "AllGather"),
+                                  ("inspect", RANKS), ("estimate", RANKS)])
+def test_rank_models_get_no_note(args, tmp_path):
+    r = cli(*[tmp_path / "out" if a == "OUT" else a for a in args])
+    assert r.exit_code == 0 and "note:" not in r.output
+
+
+def test_json_output_has_no_note():
+    r = cli("inspect", SINGLE / "model.onnx", "--json")
+    assert r.exit_code == 0 and r.output.startswith("{") and "note:" not in r.output
