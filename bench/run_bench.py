@@ -444,9 +444,9 @@ def _runtime_model(shape: dict, where: Path) -> None:
     shutil.rmtree(where, ignore_errors=True)
     where.mkdir(parents=True)
     sys.path.insert(0, str(REPO / "sample_models"))
+    import onnx
     from make_samples import build_llama
 
-    import onnx
     from preserve_onnx.config import OptimizeConfig
     from preserve_onnx.optimizer import optimize_path
 

@@ -524,11 +524,12 @@ def estimate(
     """Estimate the decode step without and with the prefetches (cost model)."""
     import json
 
-    from preserve_onnx.cost_model import chrome_trace, estimate_dict, estimate_path, parse_sweep, sweep_list, \
-        sweep_path
+    from preserve_onnx.cost.estimate import estimate_path
+    from preserve_onnx.cost.sweep import parse_sweep, sweep_path
     from preserve_onnx.model_io import write_bytes_atomic
     from preserve_onnx.report import counted
-    from preserve_onnx.report_cost import estimate_summary, estimate_table, sweep_table
+    from preserve_onnx.report_cost import (chrome_trace, estimate_dict, estimate_summary, estimate_table,
+                                           sweep_list, sweep_table)
 
     start = time.perf_counter()
     if more_sweep and not sweep:
@@ -604,7 +605,7 @@ def explore(
     """Sweep the L2 size (0-256 MiB): performance per cost with and without prefetching."""
     import json
 
-    from preserve_onnx.explore import exploration_dict, explore_path, plot_format, write_csv, write_plot
+    from preserve_onnx.cost.explore import exploration_dict, explore_path, plot_format, write_csv, write_plot
     from preserve_onnx.report_cost import explore_summary, explore_table
 
     start = time.perf_counter()

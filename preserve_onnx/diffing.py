@@ -33,8 +33,8 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.model_io import external_info, load_model, model_files, validate_location
 from preserve_onnx.graph.index import COLLECTIVE_OPS, MS_DOMAIN
+from preserve_onnx.model_io import external_info, load_model, model_files, validate_location
 from preserve_onnx.passes.verify_prefetches import StaleLinks, stale_links
 
 KINDS = ("model", "opset", "metadata", "function", "graph", "input", "output", "initializer",

@@ -25,15 +25,36 @@ import onnx
 
 from preserve_onnx.config import OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError, UsageError
-from preserve_onnx.model_io import (RUNTIME_FILES, ProgressFactory, atomic_path, copy_tree_entry, external_info,
-                                    external_tensors, find_rank_sets, is_rank_file, load_model, save_model,
-                                    sibling_rank_count, staged_directory, write_bytes_atomic)
-from preserve_onnx.passes import (CheckOrderPass, InsertPrefetchesPass, Plan, StripPrefetchesPass,
-                                  VerifyPrefetchesPass)
+from preserve_onnx.model_io import (
+    RUNTIME_FILES,
+    ProgressFactory,
+    atomic_path,
+    copy_tree_entry,
+    external_info,
+    external_tensors,
+    find_rank_sets,
+    is_rank_file,
+    load_model,
+    save_model,
+    sibling_rank_count,
+    staged_directory,
+    write_bytes_atomic,
+)
+from preserve_onnx.passes import (
+    CheckOrderPass,
+    InsertPrefetchesPass,
+    Plan,
+    StripPrefetchesPass,
+    VerifyPrefetchesPass,
+)
 from preserve_onnx.passes.drop_stale_weights import Dropped, DropStaleWeightsPass
+from preserve_onnx.passes.plan_prefetches import (
+    BuildWindowsPass,
+    CollectCandidatesPass,
+    PlanPrefetchesPass,
+    planning_passes,
+)
 from preserve_onnx.passes.verify_prefetches import StaleLinks, Verification, stale_links
-from preserve_onnx.passes.plan_prefetches import (BuildWindowsPass, CollectCandidatesPass, PlanPrefetchesPass,
-                                                  planning_passes)
 from preserve_onnx.pipeline import Pass, Sequential
 
 # Every pass `optimize` can run, in pipeline order: the registry `preserve-onnx passes` prints and

@@ -11,7 +11,6 @@ with ``_`` for ``-``), so each analysis runs once per pipeline. A failure inside
 from __future__ import annotations
 
 import abc
-
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 

@@ -1,11 +1,16 @@
-"""Rendering of the cost model: rich tables for `estimate`, its sweep grid, and `explore`."""
+"""Rendering of the cost model: rich tables for `estimate`, its sweep grid and `explore`; the estimate and
+sweep as JSON and the timelines as a Chrome/Perfetto trace."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from rich.table import Table
 
-from preserve_onnx.cost_model import Estimate, SweepPoint
-from preserve_onnx.explore import MIB, Exploration
+from preserve_onnx.cost.analysis import TRACKS
+from preserve_onnx.cost.estimate import Estimate
+from preserve_onnx.cost.explore import MIB, Exploration
+from preserve_onnx.cost.sweep import SweepPoint
 from preserve_onnx.hardware import format_size
 from preserve_onnx.report import counted
 
@@ -112,3 +117,56 @@ def explore_summary(ex: Exploration) -> str:
     return (f"best L2: {ex.best('baseline').l2_bytes // MIB} MiB without prefetching, "
             f"{ex.best('preserve').l2_bytes // MIB} MiB with it; best perf/cost "
             f"[bold]{ex.gain:.3f}x[/bold] higher with prefetching")
+
+
+def chrome_trace(estimate: Estimate) -> dict:
+    """Both timelines (and the upper bound) as a Chrome/Perfetto trace: one process per scenario, one
+    thread per track; timestamps in microseconds."""
+    events: list[dict] = []
+    for pid, timeline in enumerate((estimate.baseline, estimate.preserve, estimate.upper), start=1):
+        label = f"{timeline.scenario} ({timeline.step_s * 1e3:.3f} ms)"
+        events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": label}})
+        events.append({"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": pid}})
+        for tid, track in enumerate(TRACKS, start=1):
+            events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": track}})
+        for e in timeline.events:
+            events.append({"name": e.name, "cat": e.category, "ph": "X", "pid": pid,
+                           "tid": TRACKS.index(e.track) + 1, "ts": e.start * 1e6, "dur": e.duration * 1e6,
+                           "args": dict(e.args)})
+    return {"traceEvents": events, "displayTimeUnit": "ns",
+            "otherData": {"hardware": estimate.hardware, "source": estimate.source, "batch": estimate.batch,
+                          "context": estimate.context, "ranks": estimate.ranks,
+                          "baseline_s": estimate.baseline_s, "preserve_s": estimate.preserve_s}}
+
+
+# ------------------------------------------------------------------------------------------ to JSON
+
+
+def estimate_dict(est: Estimate) -> dict:
+    """The ``estimate --json`` document."""
+    return {
+        "schema": 1,
+        "source": est.source,
+        "hardware": est.hardware,
+        "batch": est.batch,
+        "context": est.context,
+        "ranks": est.ranks,
+        "model_ranks": est.model_ranks,
+        "baseline_s": est.baseline_s,
+        "preserve_s": est.preserve_s,
+        "upper_bound_s": est.upper_bound_s,
+        "speedup": est.speedup,
+        "upper_bound_speedup": est.upper_bound_speedup,
+        "share_of_upper_bound": est.share_of_upper_bound,
+        "kv_read_bytes": est.kv_read_bytes,
+        "hinted_bytes": est.hinted_bytes,
+        "windows": [dataclasses.asdict(w) for w in est.windows],
+    }
+
+
+def sweep_list(points: tuple[SweepPoint, ...]) -> list[dict]:
+    """The ``estimate --sweep --json`` document: a list of points."""
+    return [{"batch": p.batch, "context": p.context, "ranks": p.ranks, "speedup": p.speedup,
+             "upper_bound_speedup": p.upper_bound_speedup, "baseline_s": p.baseline_s,
+             "preserve_s": p.preserve_s, "kv_read_bytes": p.kv_read_bytes, "hinted_bytes": p.hinted_bytes}
+            for p in points]

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from preserve_onnx.cli import app
 from preserve_onnx.model_io import load_model
 from tests.builders import G, two_layer_mlp
-from tests.exporter_graphs import torchscript_decoder
 from tests.conftest import SAMPLES
+from tests.exporter_graphs import torchscript_decoder
 
 runner = CliRunner()
 
@@ -203,7 +203,7 @@ def test_out_containing_in_is_refused(work, command, monkeypatch):
     message = "contains IN"
     fails_cleanly([command, work / "in", work], message, work)
     monkeypatch.chdir(work)
-    fails_cleanly([command, "in", "."], f"OUT . contains IN in: writing it would replace the input", work)
+    fails_cleanly([command, "in", "."], "OUT . contains IN in: writing it would replace the input", work)
     monkeypatch.chdir(work / "in")
     fails_cleanly([command, ".", "../.."], message, work)
 

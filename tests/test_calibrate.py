@@ -11,9 +11,16 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from preserve_onnx.calibrate import Settings, calibrated_toml, evaluate_measurements, profile_toml, plan
-from preserve_onnx.calibrate.analysis import calibrated_profile, compare, compute_bound_tokens, flagged, predict, \
-    published_profile, usable_l2
+from preserve_onnx.calibrate import Settings, calibrated_toml, evaluate_measurements, plan, profile_toml
+from preserve_onnx.calibrate.analysis import (
+    calibrated_profile,
+    compare,
+    compute_bound_tokens,
+    flagged,
+    predict,
+    published_profile,
+    usable_l2,
+)
 from preserve_onnx.calibrate.kernels import KERNELS, SOURCE
 from preserve_onnx.calibrate.render import calibration_dict
 from preserve_onnx.calibrate.results import BandwidthPoint, Measurements, PrefetchCase, Provenance, TokenPoint

@@ -4,14 +4,16 @@ import dataclasses
 import math
 
 import pytest
+from preserve_onnx.passes import plan_prefetches
 
 from preserve_onnx.config import OptimizeConfig
-from preserve_onnx.cost_model import analyze, evaluate, parse_sweep, plan_chains
+from preserve_onnx.cost.analysis import analyze
+from preserve_onnx.cost.estimate import evaluate, plan_chains
+from preserve_onnx.cost.explore import MIB, device_cost, explore_path
+from preserve_onnx.cost.sweep import parse_sweep
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.explore import MIB, device_cost, explore_path
 from preserve_onnx.hardware import HardwareProfile, builtin_profiles, load_profile
 from preserve_onnx.model_io import load_model
-from preserve_onnx.passes import plan_prefetches
 from tests.builders import G
 from tests.conftest import SAMPLE_VARIANTS, SAMPLES
 

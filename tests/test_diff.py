@@ -15,9 +15,8 @@ from preserve_onnx.cli import app
 from preserve_onnx.diffing import Change, Entry
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.model_io import load_model
-from tests.builders import MS, G, two_layer_mlp
+from tests.builders import MS, G, if_model, two_layer_mlp
 from tests.conftest import SAMPLE_VARIANTS, SAMPLES
-from tests.builders import if_model
 
 runner = CliRunner()
 

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from preserve_onnx.cli import app
 from preserve_onnx.config import OptimizeConfig
+from preserve_onnx.graph.index import is_collective
 from preserve_onnx.inspection import inspect
 from preserve_onnx.model_io import load_model
-from preserve_onnx.graph.index import is_collective
 from tests.conftest import SAMPLES
 
 runner = CliRunner()

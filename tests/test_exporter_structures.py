@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 from preserve_onnx import optimize
 from preserve_onnx.cli import app
 from preserve_onnx.config import OptimizeConfig
-from preserve_onnx.cost_model import analyze
+from preserve_onnx.cost.analysis import analyze
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.model_io import load_model
 from preserve_onnx.graph.dims import graph_dims, parse_dim_options
 from preserve_onnx.graph.structure import kv_cache_paths
+from preserve_onnx.model_io import load_model
 from tests.builders import G
 from tests.conftest import SAMPLES
 from tests.exporter_graphs import HEAD, HEADS, genai_kv_cache_dim, torchscript_decoder
@@ -227,8 +227,9 @@ def test_dim_nothing_binds_is_one_line_naming_dim_tensor_and_option(tmp_path):
     save_ranks(_unbindable(), tmp_path / "tp2")
     r = runner.invoke(app, ["optimize", str(tmp_path / "tp2"), str(tmp_path / "out")])
     assert r.exit_code == 1
-    assert r.output.strip() == ("error: insert-prefetches failed after check-order: KV-cache input 'past_key_values.1.key': cannot bind symbolic dimension "
-                                "'head_dim' (axis 3): give it with --dim head_dim=N")
+    assert r.output.strip() == ("error: collect-candidates failed after check-order, build-windows: KV-cache "
+                                "input 'past_key_values.1.key': cannot bind symbolic dimension 'head_dim' "
+                                "(axis 3): give it with --dim head_dim=N")
     assert not (tmp_path / "out").exists()
 
 

@@ -6,8 +6,13 @@ import pytest
 from onnx import numpy_helper
 
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.model_io import (copy_file_atomic, find_rank_sets, load_model, save_model,
-                                    sibling_rank_count)
+from preserve_onnx.model_io import (
+    copy_file_atomic,
+    find_rank_sets,
+    load_model,
+    save_model,
+    sibling_rank_count,
+)
 from tests.builders import two_layer_mlp
 
 

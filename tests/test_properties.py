@@ -37,8 +37,22 @@ from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.hardware import DEFAULT_PROFILE, load_profile
 from preserve_onnx.optimizer import optimize, strip
-from tests.strategies import (BATCH, CONSUMERS, MS, PAST, SHAPE_RUN, Facts, ModelSpec, ShapeSpec, ShortRepr,
-                              build, build_shape_model, identity_twin, model_specs, shape_specs)
+from tests.strategies import (
+    BATCH,
+    CONSUMERS,
+    MS,
+    PAST,
+    SHAPE_RUN,
+    Facts,
+    ModelSpec,
+    ShapeSpec,
+    ShortRepr,
+    build,
+    build_shape_model,
+    identity_twin,
+    model_specs,
+    shape_specs,
+)
 
 COLLECTIVE_OPS = ("AllReduce", "AllGather", "AllToAll")
 HARDWARE = load_profile(DEFAULT_PROFILE)

@@ -6,7 +6,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from preserve_onnx.cli import app
-from preserve_onnx.cost_model import SweepPoint
+from preserve_onnx.cost.sweep import SweepPoint
 from preserve_onnx.report_cost import sweep_table, sweep_title
 from tests.conftest import SAMPLES
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort  # noqa: E402
 import pytest
 from onnx import TensorProto, helper
-
-import onnxruntime as ort  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"

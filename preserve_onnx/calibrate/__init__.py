@@ -14,8 +14,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from preserve_onnx.calibrate.analysis import Calibration, ComparisonRow, MaxTokens, evaluate_measurements, \
-    published_profile
+from preserve_onnx.calibrate.analysis import (
+    Calibration,
+    ComparisonRow,
+    MaxTokens,
+    evaluate_measurements,
+    published_profile,
+)
 from preserve_onnx.calibrate.plan import Settings, device_index
 from preserve_onnx.calibrate.profile import calibrated_toml, profile_toml
 from preserve_onnx.calibrate.results import Measurements

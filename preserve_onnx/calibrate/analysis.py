@@ -1,7 +1,7 @@
 """From measurements to a profile and to the cost model's check (pure: no GPU, no CuPy).
 
-The comparison replays each measured case through the cost model itself (``cost_model.analyze`` and
-``cost_model.simulate`` on a one-GEMV model: AllReduce -> MatMul), with the calibrated profile and the
+The comparison replays each measured case through the cost model itself (``cost.analysis.analyze`` and
+``cost.timeline.simulate`` on a one-GEMV model: AllReduce -> MatMul), with the calibrated profile and the
 spin's measured time as the collective latency, so the prediction is the formula every `estimate`
 uses, not a second one. The case prefetches the whole weight beside the spin, which is the model's
 ``upper bound`` scenario (every candidate, no budget, no ``max_tokens`` skip: the physics, not the
@@ -20,7 +20,8 @@ from onnx import TensorProto, helper
 from preserve_onnx.calibrate.plan import Settings
 from preserve_onnx.calibrate.results import BandwidthPoint, Measurements, PrefetchCase, TokenPoint
 from preserve_onnx.config import OptimizeConfig
-from preserve_onnx.cost_model import analyze, simulate
+from preserve_onnx.cost.analysis import analyze
+from preserve_onnx.cost.timeline import simulate
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.hardware import HardwareProfile, builtin_profiles, format_size, load_profile
 

@@ -16,9 +16,8 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, numpy_helper
 
-from preserve_onnx.errors import PreserveError
-
 from preserve_onnx.config import COLLECTIVE_OPS, MS_DOMAIN  # noqa: F401 - re-exported
+from preserve_onnx.errors import PreserveError
 
 # Bits per element for every TensorProto data type we can size; sub-byte types pack.
 _BITS = {

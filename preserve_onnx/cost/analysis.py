@@ -1,77 +1,39 @@
-"""Cost model: what the prefetches are worth on a given accelerator (docs/design.md §6).
-
-One decode step of one rank model is replayed as an event timeline with three tracks: *compute* (one
-in-order stream: every operator in node order), *communication* (collectives) and *prefetch* (the
-Prefetch chains, running on the memory system while their collective communicates). An operator starts
-when its stream is free and its inputs are ready; a collective's consumers therefore wait for it. The
-same engine runs three scenarios: the baseline (no prefetch), the plan (the bytes `optimize` would
-prefetch) and the upper bound (every window filled: all of its candidates, no budget).
-
-Equations (seconds, bytes, FLOP; ``s = model_ranks / ranks`` re-shards weights and KV-cache when the
-rank count differs from the export's)::
-
-    operator    t_op = max(s * F / peak_flops, B_hbm / hbm_bw + B_l2 / l2_bw) + launch_overhead
-    collective  t_c  = alpha + 2 (p - 1) / p * M / link_bw        ring AllReduce, p ranks, M message bytes
-    prefetch    a window's chain of P bytes starts with its collective at t0 and streams at hbm_bw until
-                the window's first consumer starts at t1:
-                    moved = min(P, hbm_bw * (t1 - t0), L2)
-                ``moved`` covers the chain's first bytes (consumption order); consumers read those at
-                l2_bw and the rest of their weights and KV-cache at hbm_bw
-    activations bytes an operator reads or writes that are neither weights nor KV-cache go at l2_bw when
-                they fit in the L2 share prefetching leaves, (1 - l2_fraction) * L2, else at hbm_bw
-    step        the end of the last event;  speedup = step(baseline) / step(plan)
-
-What a step reads (docs/design.md §4.7-4.8): a GroupQueryAttention KV-cache read counts its live bytes
-(``--batch`` sequences of ``--context`` positions, ``min(context, W)`` on a windowed layer, at most the
-buffer's length), not the buffer; an expert bank counts the share ``f(T) = 1 - (1 - k/E)^T`` of its
-bytes that T tokens routed uniformly to their top k of E experts read. A link moves its bytes in full
-but only the bytes the consumers read are credited: all of a live-range link, ``f(T)`` of a bank link,
-and of a static (two-input) KV link the live bytes inside its raw range. A bank link below its
-``min_tokens`` moves nothing in the ``preserve`` scenario (the runtime skips the hint).
-
-``hbm_bw`` is the achieved bandwidth (``hbm_bw x hbm_efficiency``) and ``L2`` the usable share
-(``l2_bytes x l2_usable_fraction``) of the profile (docs/design.md §6). Validity range: a window whose
-plan carries ``max_tokens`` (the roofline bound of its consumers, ``passes/_roofline.py``) and whose
-step has more tokens than that moves nothing in the ``preserve`` scenario, as the runtime skips the
-hints; the upper bound ignores the limit (it is the physics, not the policy).
-
-F and B come from the graph: weights from initializer metadata (through constant-only chains, as the
-planner resolves them), KV-cache from the graph inputs with batch and context bound, activations from a
-small shape propagation (symbolic batch -> ``batch``, past/total sequence -> ``context``, other
-sequence axes -> 1). Linear layers cost ``2 * rows * K * N`` FLOP, attention ``2 * heads/kv_heads * KV
-elements``, everything else one FLOP per output element. Operators whose inputs are all constant are
-folded (cost nothing); KV-cache outputs (``present``) are written in place and cost nothing; an ``If``
-runs its then_branch (onnxruntime's merged decoders put the decoder with past there), Loop/Scan bodies
-run once.
-
-Budgets follow docs/design.md §4.3 with the planner's own fill rule, so with the export's rank count ``estimate``
-prefetches exactly what ``optimize`` inserts.
-"""
+"""The cost model's graph side: one decode step of a rank model flattened into operators with their
+FLOP and bytes (weights, KV-cache, activations), windows and their prefetch candidates (the model's
+equations: :mod:`preserve_onnx.cost`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import onnx
 from onnx import TensorProto, numpy_helper
 
 from preserve_onnx.config import OptimizeConfig
-from preserve_onnx.errors import PreserveError, UsageError
-from preserve_onnx.hardware import HardwareProfile
-from preserve_onnx.model_io import load_model, resolve_ranks
-from preserve_onnx.optimizer import plan_model
+from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.dims import Sizing, bind_lenient, decode_layout, message_bytes
-from preserve_onnx.graph.index import MS_DOMAIN, Scope, attr, dtype_bits, is_collective, is_default_domain, \
-    iter_scopes, node_label
+from preserve_onnx.graph.index import (
+    MS_DOMAIN,
+    Scope,
+    attr,
+    dtype_bits,
+    is_collective,
+    is_default_domain,
+    iter_scopes,
+    node_label,
+)
 from preserve_onnx.graph.structure import is_attention, kv_cache_paths, op_key, reads_bytes
+from preserve_onnx.optimizer import plan_model
 from preserve_onnx.passes._live import KvLayout, expert_share, kv_buffer
-from preserve_onnx.passes.collect_candidates import Candidate, consumer_slots, resolve_roots, structural_kv_axes
-from preserve_onnx.passes.plan_prefetches import fill_window  # the planner's own rule
+from preserve_onnx.passes.collect_candidates import (
+    Candidate,
+    consumer_slots,
+    resolve_roots,
+    structural_kv_axes,
+)
 from preserve_onnx.passes.strip_prefetches import StripPrefetchesPass
 
 TRACKS = ("compute", "communication", "prefetch")
@@ -80,9 +42,6 @@ _SAME_SHAPE = {"Cast", "CastLike", "Identity", "Relu", "Sigmoid", "Tanh", "Gelu"
                "Erf", "Neg", "Sqrt", "Softmax", "LayerNormalization", "SimplifiedLayerNormalization",
                "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
                "DequantizeLinear", "QuantizeLinear", "Dropout", "BiasGelu"}
-
-
-# ----------------------------------------------------------------------------------------- the graph
 
 
 @dataclass(frozen=True)
@@ -520,389 +479,3 @@ def _tokens(info: _Info | None, batch: int) -> int:
     if info is None or not info.shape:
         return batch
     return max(1, math.prod(info.shape[:-1]))
-
-
-# -------------------------------------------------------------------------------------- the timeline
-
-
-@dataclass(frozen=True)
-class Event:
-    """One span of a timeline (Chrome trace 'X' event)."""
-
-    track: str  # one of TRACKS
-    name: str
-    category: str  # op type, or "prefetch"
-    start: float
-    duration: float
-    args: tuple[tuple[str, object], ...] = ()
-
-
-@dataclass(frozen=True)
-class Timeline:
-    scenario: str  # "baseline" | "preserve" | "upper bound"
-    step_s: float
-    durations: tuple[float, ...]  # per Analysis.ops position (0 for aliases)
-    moved: tuple[int, ...]  # per window: bytes in L2 when its consumers start
-    events: tuple[Event, ...]
-
-
-def simulate(analysis: Analysis, hw: HardwareProfile, chains: tuple[tuple[tuple, ...], ...],
-             ranks: int, l2_fraction: float, scenario: str) -> Timeline:
-    """Replay the step: ``chains[k]`` is window k's prefetch chain in chain order, as :class:`Link` s (or
-    ``(tensor, bytes)`` pairs: every byte useful, no ``min_tokens``)."""
-    scale = analysis.model_ranks / ranks
-    hbm_bw, l2_capacity = hw.effective_hbm_bw, hw.usable_l2_bytes
-    act_limit = (1.0 - l2_fraction) * l2_capacity
-    window_of: dict[int, int] = {}
-    for k, w in enumerate(analysis.windows):
-        for pos in w.op_positions:
-            window_of[pos] = k
-    starts = {w.position: k for k, w in enumerate(analysis.windows)}
-    ready: dict[str, float] = {}
-    compute_free = comm_free = 0.0
-    t0: dict[int, float] = {}
-    hits: dict[int, dict[str, int]] = {}
-    moved = [0] * len(analysis.windows)
-    durations = [0.0] * len(analysis.ops)
-    events: list[Event] = []
-    for pos, op in enumerate(analysis.ops):
-        t_in = max((ready.get(i, 0.0) for i in op.inputs), default=0.0)
-        if op.kind == "alias":
-            for out in op.outputs:
-                ready[out] = t_in
-            continue
-        if op.kind == "collective":
-            start = max(comm_free, t_in)
-            dur = hw.collective_time(op.message_bytes, ranks)
-            comm_free = start + dur
-            durations[pos] = dur
-            events.append(Event("communication", op.name, op.op_type, start, dur,
-                                (("message_bytes", op.message_bytes), ("ranks", ranks))))
-            for out in op.outputs:
-                ready[out] = comm_free
-            if pos in starts:
-                t0[starts[pos]] = start
-            continue
-        start = max(compute_free, t_in)
-        k = window_of.get(pos)
-        if k is not None and k in t0 and analysis.windows[k].first_consumer == pos:
-            # The chain streamed from t0 until now; what it moved is what the consumers find in L2.
-            chain = tuple(_link(link) for link in chains[k])
-            w = analysis.windows[k]
-            if scenario == "preserve" and 0 < w.max_tokens < w.tokens:
-                chain = ()  # outside the validity range the runtime skips the hints (docs/design.md §3)
-            if scenario == "preserve":  # expert banks below min_tokens: skipped the same way
-                chain = tuple(link for link in chain if link.min_tokens <= w.tokens)
-            total = sum(link.nbytes for link in chain)
-            amount = int(min(total, hbm_bw * (start - t0[k]), l2_capacity))
-            moved[k] = amount
-            hits[k] = _take_prefix(chain, amount)
-            if amount:
-                events.append(Event("prefetch", f"{analysis.windows[k].collective}/Prefetch", "prefetch", t0[k],
-                                    amount / hbm_bw, (("bytes", amount), ("planned_bytes", total))))
-        in_l2 = hits.get(k, {}) if k is not None else {}
-        hbm = float(op.fixed_bytes)
-        l2 = 0.0
-        for r in op.reads:
-            size = r.nbytes * scale
-            cached = min(size, in_l2.get(r.tensor, 0))
-            l2 += cached
-            hbm += size - cached
-        if op.act_bytes <= act_limit:
-            l2 += op.act_bytes
-        else:
-            hbm += op.act_bytes
-        flops = op.flops * (scale if op.reads else 1.0)
-        dur = max(flops / hw.peak_flops, hbm / hbm_bw + l2 / hw.l2_bw) + hw.launch_overhead
-        durations[pos] = dur
-        compute_free = start + dur
-        events.append(Event("compute", op.name, op.op_type, start, dur,
-                            (("hbm_bytes", int(hbm)), ("l2_bytes", int(l2)), ("flops", int(flops)))))
-        for out in op.outputs:
-            ready[out] = compute_free
-    step = max([compute_free, comm_free, *ready.values()], default=0.0)
-    return Timeline(scenario, step, tuple(durations), tuple(moved), tuple(events))
-
-
-def _link(link: tuple) -> Link:
-    return link if isinstance(link, Link) else Link(link[0], link[1], link[1])
-
-
-def _take_prefix(chain: tuple[Link, ...], amount: int) -> dict[str, int]:
-    """Tensor -> bytes the consumers find in L2 once the chain's first ``amount`` bytes moved: each link's
-    useful share of what it moved."""
-    got: dict[str, int] = {}
-    for link in chain:
-        if amount <= 0:
-            break
-        take = min(link.nbytes, amount)
-        useful = link.useful if take == link.nbytes else int(link.useful * take / link.nbytes)
-        got[link.tensor] = got.get(link.tensor, 0) + useful
-        amount -= take
-    return got
-
-
-# -------------------------------------------------------------------------------------- the estimate
-
-
-@dataclass(frozen=True)
-class WindowEstimate:
-    graph: str
-    collective: str
-    collective_s: float
-    budget_bytes: int
-    planned_bytes: int
-    overlapped_bytes: int  # of the planned bytes, those in L2 when the consumers start
-    saved_s: float
-    upper_bound_bytes: int
-    upper_bound_saved_s: float
-    max_tokens: int = 0  # the window's validity range (0 = no limit)
-    tokens: int = 1  # tokens per step in this estimate (above max_tokens the plan's hints are skipped)
-    hinted_bytes: int = 0  # of the planned bytes, those the runtime hints at this step (max/min_tokens)
-
-
-class _Speedups:
-    """Speedups from ``baseline_s``, ``preserve_s`` and ``upper_bound_s`` (fields or properties)."""
-
-    baseline_s: float
-    preserve_s: float
-    upper_bound_s: float
-
-    @property
-    def speedup(self) -> float:
-        return self.baseline_s / self.preserve_s if self.preserve_s else 1.0
-
-    @property
-    def upper_bound_speedup(self) -> float:
-        return self.baseline_s / self.upper_bound_s if self.upper_bound_s else 1.0
-
-
-@dataclass(frozen=True)
-class Estimate(_Speedups):
-    source: str
-    hardware: str
-    batch: int
-    context: int
-    ranks: int
-    model_ranks: int
-    baseline: Timeline
-    preserve: Timeline
-    upper: Timeline
-    windows: tuple[WindowEstimate, ...]
-    kv_read_bytes: int = 0  # KV-cache bytes the step reads (live bytes; docs/design.md §4.7)
-
-    @property
-    def hinted_bytes(self) -> int:
-        return sum(w.hinted_bytes for w in self.windows)
-
-    @property
-    def baseline_s(self) -> float:
-        return self.baseline.step_s
-
-    @property
-    def preserve_s(self) -> float:
-        return self.preserve.step_s
-
-    @property
-    def upper_bound_s(self) -> float:
-        return self.upper.step_s
-
-
-    @property
-    def share_of_upper_bound(self) -> float:
-        """Fraction of the upper bound's time saving that the plan reaches (1.0 when nothing can be saved)."""
-        possible = self.baseline_s - self.upper_bound_s
-        return (self.baseline_s - self.preserve_s) / possible if possible > 0 else 1.0
-
-
-def plan_chains(analysis: Analysis, hw: HardwareProfile, ranks: int, budget: int | None = None,
-                l2_fraction: float = 0.5) -> tuple[tuple[Link, ...], ...]:
-    """Each window's planned chain at ``ranks``: the planner's fill rule over re-sharded candidates."""
-    scale = analysis.model_ranks / ranks
-    chains = []
-    for w in analysis.windows:
-        cands = tuple(dataclasses.replace(c, nbytes=int(c.nbytes * scale)) for c in w.candidates)
-        limit = budget if budget is not None else hw.window_budget(w.message_bytes, ranks, l2_fraction)
-        prefetches, _ = fill_window(w.window, cands, limit, analysis.config.min_chunk, 0, set())
-        chains.append(tuple(Link(p.tensor, p.nbytes, analysis.useful(p.tensor, p.offset, p.nbytes, bool(p.lengths),
-                                                                    scale), p.min_tokens) for p in prefetches))
-    return tuple(chains)
-
-
-def every_chain(analysis: Analysis, ranks: int) -> tuple[tuple[Link, ...], ...]:
-    """The upper bound's chains: every candidate of every window, whole, at ``ranks``."""
-    scale = analysis.model_ranks / ranks
-    return tuple(tuple(Link(c.tensor, int(c.nbytes * scale),
-                            analysis.useful(c.tensor, 0, int(c.nbytes * scale), bool(c.lengths), scale))
-                       for c in w.candidates) for w in analysis.windows)
-
-
-def budgets(analysis: Analysis, hw: HardwareProfile, ranks: int, budget: int | None,
-            l2_fraction: float) -> tuple[int, ...]:
-    return tuple(budget if budget is not None else hw.window_budget(w.message_bytes, ranks, l2_fraction)
-                 for w in analysis.windows)
-
-
-def evaluate(analysis: Analysis, hw: HardwareProfile, ranks: int | None = None, budget: int | None = None,
-             l2_fraction: float = 0.5) -> Estimate:
-    """Baseline, plan and upper-bound timelines of ``analysis`` on ``hw`` at ``ranks`` ranks."""
-    ranks = ranks or analysis.model_ranks
-    if ranks < 1:
-        raise PreserveError("ranks must be at least 1")
-    none = tuple(() for _ in analysis.windows)
-    planned = plan_chains(analysis, hw, ranks, budget, l2_fraction)
-    every = every_chain(analysis, ranks)
-    base = simulate(analysis, hw, none, ranks, l2_fraction, "baseline")
-    pres = simulate(analysis, hw, planned, ranks, l2_fraction, "preserve")
-    upper = simulate(analysis, hw, every, ranks, l2_fraction, "upper bound")
-    windows = []
-    for k, (w, limit) in enumerate(zip(analysis.windows, budgets(analysis, hw, ranks, budget, l2_fraction))):
-        def saved(t: Timeline) -> float:
-            return sum(base.durations[p] - t.durations[p] for p in w.op_positions)
-
-        hinted = 0 if 0 < w.max_tokens < w.tokens else \
-            sum(link.nbytes for link in planned[k] if link.min_tokens <= w.tokens)
-        windows.append(WindowEstimate(
-            w.graph, w.collective, hw.collective_time(w.message_bytes, ranks), limit,
-            sum(link.nbytes for link in planned[k]), pres.moved[k], saved(pres), upper.moved[k], saved(upper),
-            w.max_tokens, w.tokens, hinted))
-    scale = analysis.model_ranks / ranks
-    kv_read = int(sum(r.nbytes for op in analysis.ops for r in op.reads if r.kind == "kv_cache") * scale)
-    return Estimate(analysis.source, hw.name, analysis.batch, analysis.context, ranks, analysis.model_ranks,
-                    base, pres, upper, tuple(windows), kv_read)
-
-
-def rank_model(path: Path, ranks: int | None = None) -> tuple[Path, int]:
-    """The rank model to estimate (rank 0 of what ``path`` names) and the rank count of its export."""
-    files = resolve_ranks(path)
-    return files[0], ranks or len(files)
-
-
-def estimate_path(path: Path, hw: HardwareProfile, config: OptimizeConfig, ranks: int | None = None,
-                  budget: int | None = None) -> Estimate:
-    """Estimate one rank model (or rank 0 of a directory) as ``optimize`` with ``config`` would plan it."""
-    model_path, model_ranks = rank_model(path, ranks)
-    model = load_model(model_path)
-    cfg = dataclasses.replace(config, hardware=hw, budget=budget)
-    return evaluate(analyze(model, cfg, model_ranks, str(model_path)), hw, model_ranks, budget, cfg.l2_fraction)
-
-
-# ---------------------------------------------------------------------------------------- the sweep
-
-
-@dataclass(frozen=True)
-class SweepPoint(_Speedups):
-    batch: int
-    context: int
-    ranks: int
-    baseline_s: float
-    preserve_s: float
-    upper_bound_s: float
-    kv_read_bytes: int = 0  # KV-cache bytes the step reads (flat past W on windowed layers)
-    hinted_bytes: int = 0  # bytes the plan's hints move at this point (expert banks from min_tokens on)
-
-
-SWEEP_KEYS = ("batch", "context", "ranks")
-
-
-def parse_sweep(groups: list[str]) -> dict[str, tuple[int, ...]]:
-    """``["batch=1,8,32", "context=1k,16k", "ranks=2,4,8"]`` -> values per key (context: k = 1024)."""
-    out: dict[str, tuple[int, ...]] = {}
-    for group in groups:
-        for part in group.replace(";", " ").split():
-            key, sep, values = part.partition("=")
-            if not sep or key not in SWEEP_KEYS:
-                raise UsageError(f"--sweep: expected key=v1,v2,... with key in {', '.join(SWEEP_KEYS)}; "
-                                 f"got '{part}'")
-            if key in out:
-                raise UsageError(f"--sweep: '{key}' given twice")
-            try:
-                parsed = tuple(_sweep_int(v) for v in values.split(",") if v.strip())
-            except ValueError:
-                raise UsageError(f"--sweep: '{part}' holds a value that is not a whole number") from None
-            if not parsed or min(parsed) < 1:
-                raise UsageError(f"--sweep: '{part}' needs values of at least 1")
-            if len(set(parsed)) != len(parsed):  # one point per value: a repeat would be counted twice
-                raise UsageError(f"--sweep: '{part}' repeats a value")
-            out[key] = parsed
-    return out
-
-
-def _sweep_int(text: str) -> int:
-    text = text.strip().lower()
-    if text.endswith("k"):
-        return int(float(text[:-1]) * 1024)
-    return int(text)
-
-
-def sweep_path(path: Path, hw: HardwareProfile, config: OptimizeConfig, grid: dict[str, tuple[int, ...]],
-               ranks: int | None = None, budget: int | None = None) -> tuple[SweepPoint, ...]:
-    """Speedups over the batch x context x ranks grid (missing keys: the single configured value)."""
-    model_path, model_ranks = rank_model(path, ranks)
-    model = load_model(model_path)
-    points = []
-    for batch in grid.get("batch", (config.batch,)):
-        for context in grid.get("context", (config.context,)):
-            cfg = dataclasses.replace(config, hardware=hw, budget=budget, batch=batch, context=context)
-            analysis = analyze(model, cfg, model_ranks, str(model_path))
-            for p in grid.get("ranks", (model_ranks,)):
-                est = evaluate(analysis, hw, p, budget, cfg.l2_fraction)
-                points.append(SweepPoint(batch, context, p, est.baseline_s, est.preserve_s, est.upper_bound_s,
-                                         est.kv_read_bytes, est.hinted_bytes))
-    return tuple(points)
-
-
-# ---------------------------------------------------------------------------------------- the trace
-
-
-def chrome_trace(estimate: Estimate) -> dict:
-    """Both timelines (and the upper bound) as a Chrome/Perfetto trace: one process per scenario, one
-    thread per track; timestamps in microseconds."""
-    events: list[dict] = []
-    for pid, timeline in enumerate((estimate.baseline, estimate.preserve, estimate.upper), start=1):
-        label = f"{timeline.scenario} ({timeline.step_s * 1e3:.3f} ms)"
-        events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": label}})
-        events.append({"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": pid}})
-        for tid, track in enumerate(TRACKS, start=1):
-            events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": track}})
-        for e in timeline.events:
-            events.append({"name": e.name, "cat": e.category, "ph": "X", "pid": pid,
-                           "tid": TRACKS.index(e.track) + 1, "ts": e.start * 1e6, "dur": e.duration * 1e6,
-                           "args": dict(e.args)})
-    return {"traceEvents": events, "displayTimeUnit": "ns",
-            "otherData": {"hardware": estimate.hardware, "source": estimate.source, "batch": estimate.batch,
-                          "context": estimate.context, "ranks": estimate.ranks,
-                          "baseline_s": estimate.baseline_s, "preserve_s": estimate.preserve_s}}
-
-
-# ------------------------------------------------------------------------------------------ to JSON
-
-
-def estimate_dict(est: Estimate) -> dict:
-    """The ``estimate --json`` document."""
-    return {
-        "schema": 1,
-        "source": est.source,
-        "hardware": est.hardware,
-        "batch": est.batch,
-        "context": est.context,
-        "ranks": est.ranks,
-        "model_ranks": est.model_ranks,
-        "baseline_s": est.baseline_s,
-        "preserve_s": est.preserve_s,
-        "upper_bound_s": est.upper_bound_s,
-        "speedup": est.speedup,
-        "upper_bound_speedup": est.upper_bound_speedup,
-        "share_of_upper_bound": est.share_of_upper_bound,
-        "kv_read_bytes": est.kv_read_bytes,
-        "hinted_bytes": est.hinted_bytes,
-        "windows": [dataclasses.asdict(w) for w in est.windows],
-    }
-
-
-def sweep_list(points: tuple[SweepPoint, ...]) -> list[dict]:
-    """The ``estimate --sweep --json`` document: a list of points."""
-    return [{"batch": p.batch, "context": p.context, "ranks": p.ranks, "speedup": p.speedup,
-             "upper_bound_speedup": p.upper_bound_speedup, "baseline_s": p.baseline_s,
-             "preserve_s": p.preserve_s, "kv_read_bytes": p.kv_read_bytes, "hinted_bytes": p.hinted_bytes}
-            for p in points]

@@ -1,6 +1,6 @@
 """Design-space exploration over the L2 size: performance per cost with and without prefetching.
 
-For every L2 size the decode step is re-evaluated with the cost model (``cost_model.evaluate``; the
+For every L2 size the decode step is re-evaluated with the cost model (``cost.estimate.evaluate``; the
 budget rule re-plans each window for that L2) and the device is re-priced with an area and cost model
 whose figures live, with their sources, in ``hardware.toml``::
 
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from preserve_onnx.config import OptimizeConfig
-from preserve_onnx.cost_model import analyze, evaluate, rank_model
+from preserve_onnx.cost.analysis import analyze
+from preserve_onnx.cost.estimate import evaluate, rank_model
 from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.hardware import HardwareProfile
 from preserve_onnx.model_io import load_model, write_bytes_atomic
