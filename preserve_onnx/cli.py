@@ -528,8 +528,14 @@ def estimate(
     from preserve_onnx.cost.sweep import parse_sweep, sweep_path
     from preserve_onnx.model_io import write_bytes_atomic
     from preserve_onnx.report import counted
-    from preserve_onnx.report_cost import (chrome_trace, estimate_dict, estimate_summary, estimate_table,
-                                           sweep_list, sweep_table)
+    from preserve_onnx.report_cost import (
+        chrome_trace,
+        estimate_dict,
+        estimate_summary,
+        estimate_table,
+        sweep_list,
+        sweep_table,
+    )
 
     start = time.perf_counter()
     if more_sweep and not sweep:
@@ -819,7 +825,8 @@ def calibrate(
     import json
     import shlex
 
-    from preserve_onnx.calibrate import calibrate as run_calibration, calibrated_toml
+    from preserve_onnx.calibrate import calibrate as run_calibration
+    from preserve_onnx.calibrate import calibrated_toml
     from preserve_onnx.calibrate.plan import device_index
     from preserve_onnx.calibrate.render import calibration_dict, comparison_table, figures_table, summary
     from preserve_onnx.model_io import write_bytes_atomic
