@@ -17,6 +17,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # tests.builders, which _rt_graphs uses
 from _rt_graphs import allreduce, model, vi  # noqa: E402
 
 from preserve_onnx.errors import PreserveError  # noqa: E402

@@ -1,44 +1,23 @@
-"""Small hand-built rank models for the runtime tests (onnx.helper, readable over clever)."""
+"""The runtime tests' rank models, through tests/builders.py (onnx.helper, readable over clever)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-OPSETS = [
-    helper.make_opsetid("", 17),
-    helper.make_opsetid("com.microsoft", 1),
-    helper.make_opsetid("preserve", 1),
-]
+from tests.builders import MS, PRESERVE, RUNTIME_OPSETS, G, allreduce, init, opsets, prefetch, vi
+
+OPSETS = RUNTIME_OPSETS
+__all__ = ["OPSETS", "allreduce", "init", "model", "prefetch", "tp_mlp", "vi"]
 
 
 def model(nodes, inputs, outputs, initializers=(), opsets=OPSETS) -> onnx.ModelProto:
     """A model with IR version 8 (accepted by every onnxruntime this project supports)."""
-    graph = helper.make_graph(list(nodes), "g", list(inputs), list(outputs), list(initializers))
-    m = helper.make_model(graph, opset_imports=list(opsets))
-    m.ir_version = 8
-    return m
+    return G(nodes=nodes, inputs=inputs, outputs=outputs, inits=initializers).runtime_model(opsets)
 
 
-def vi(name, elem_type, shape):
-    return helper.make_tensor_value_info(name, elem_type, shape)
-
-
-def init(name, array):
-    return numpy_helper.from_array(np.asarray(array), name)
-
-
-def prefetch(anchor, x, out, *, domain="preserve", op="Prefetch", max_size=0, offset=0, collective="ar"):
-    return helper.make_node(op, [anchor, x], [out], name=f"prefetch_{out}", domain=domain,
-                            max_size=max_size, offset=offset, collective=collective)
-
-
-def allreduce(inp, out, name="ar"):
-    return helper.make_node("AllReduce", [inp], [out], name=name, domain="com.microsoft")
-
-
-def tp_mlp(w1, w2, *, with_prefetch=False, domain="preserve", op="Prefetch", elem=TensorProto.FLOAT):
+def tp_mlp(w1, w2, *, with_prefetch=False, domain=PRESERVE, op="Prefetch", elem=TensorProto.FLOAT):
     """Row-parallel MLP rank: mm = x @ w1, ar = AllReduce(mm), y = Relu(ar) @ w2.
 
     With ``with_prefetch`` the AllReduce reads the chain mm -> Prefetch(mm, w2) (two chunks) ->
@@ -59,13 +38,11 @@ def tp_mlp(w1, w2, *, with_prefetch=False, domain="preserve", op="Prefetch", ele
         helper.make_node("Relu", ["ar"], ["relu"], name="relu"),
         helper.make_node("MatMul", ["relu", "w2"], ["y"], name="down"),
     ]
-    opsets = list(OPSETS)
-    if domain != "preserve":
-        opsets.append(helper.make_opsetid(domain, 1))
+    extra = () if domain == PRESERVE else (domain,)
     return model(
         nodes,
         [vi("x", elem, ["batch", w1.shape[0]])],
         [vi("mm", elem, None), vi("ar", elem, None), vi("y", elem, None)],
         [init("w1", w1), init("w2", w2)],
-        opsets,
+        opsets(17, MS, PRESERVE, *extra),
     )
