@@ -33,8 +33,18 @@ from onnx import TensorProto, helper, numpy_helper
 MS = "com.microsoft"
 # gpt-oss-20b (config.json of the released model)
 SHAPE = {
-    "hidden": 2880, "layers": 24, "heads": 64, "kv_heads": 8, "head_dim": 64, "experts": 32, "top_k": 4,
-    "inter": 2880, "vocab": 201088, "window": 128, "max_pos": 4096, "block": 32,
+    "hidden": 2880,
+    "layers": 24,
+    "heads": 64,
+    "kv_heads": 8,
+    "head_dim": 64,
+    "experts": 32,
+    "top_k": 4,
+    "inter": 2880,
+    "vocab": 201088,
+    "window": 128,
+    "max_pos": 4096,
+    "block": 32,
 }
 F16 = TensorProto.FLOAT16
 
@@ -75,6 +85,21 @@ def build(layers: int | None = None) -> tuple[onnx.ModelProto, _Sparse]:
     def const(name, values):
         inline.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
         return name
+
+    def norm(x, weight, name):
+        return node(
+            "SimplifiedLayerNormalization",
+            [x, w.add(weight, F16, (H,))],
+            name,
+            epsilon=1e-5,
+            axis=-1,
+            stash_type=1,
+        )
+
+    def linear(x, weight, shape, name, bias=None):
+        """MatMul (the builder's ``<name>/MatMul``), then its bias Add when ``bias`` names one."""
+        y = node("MatMul", [x, w.add(weight, F16, shape)], f"{name}/MatMul")
+        return node("Add", [y, w.add(bias, F16, shape[-1:])], f"{name}/Add") if bias else y
 
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
@@ -138,26 +163,14 @@ def build(layers: int | None = None) -> tuple[onnx.ModelProto, _Sparse]:
             outputs.append(
                 helper.make_tensor_value_info(f"present.{i}.{kind}", F16, ["batch_size", KV, present, D])
             )
-        h = node(
-            "SimplifiedLayerNormalization",
-            [x, w.add(f"{n}.input_layernorm.weight", F16, (H,))],
-            f"{p}/input_layernorm/LayerNorm",
-            epsilon=1e-5,
-            axis=-1,
-            stash_type=1,
-        )
+        h = norm(x, f"{n}.input_layernorm.weight", f"{p}/input_layernorm/LayerNorm")
         qkv_width = (NH + 2 * KV) * D
-        qkv = node(
-            "Add",
-            [
-                node(
-                    "MatMul",
-                    [h, w.add(f"{n}.attn.qkv_proj.MatMul.weight", F16, (H, qkv_width))],
-                    f"{p}/attn/qkv_proj/MatMul",
-                ),
-                w.add(f"{n}.attn.qkv_proj.Add.bias", F16, (qkv_width,)),
-            ],
-            f"{p}/attn/qkv_proj/Add",
+        qkv = linear(
+            h,
+            f"{n}.attn.qkv_proj.MatMul.weight",
+            (H, qkv_width),
+            f"{p}/attn/qkv_proj",
+            f"{n}.attn.qkv_proj.Add.bias",
         )
         window = (
             {"local_window_size": s["window"], "sliding_window_cache": 1}
@@ -193,46 +206,19 @@ def build(layers: int | None = None) -> tuple[onnx.ModelProto, _Sparse]:
                 **window,
             )
         )
-        o = node(
-            "Add",
-            [
-                node(
-                    "MatMul",
-                    [f"{gqa}/output_0", w.add(f"{n}.attn.o_proj.MatMul.weight", F16, (NH * D, H))],
-                    f"{p}/attn/o_proj/MatMul",
-                ),
-                w.add(f"{n}.attn.o_proj.Add.bias", F16, (H,)),
-            ],
-            f"{p}/attn/o_proj/Add",
+        o = linear(
+            f"{gqa}/output_0",
+            f"{n}.attn.o_proj.MatMul.weight",
+            (NH * D, H),
+            f"{p}/attn/o_proj",
+            f"{n}.attn.o_proj.Add.bias",
         )
         x = node("Add", [x, o], f"{p}/residual_add/Add")
-        h = node(
-            "SimplifiedLayerNormalization",
-            [x, w.add(f"{n}.post_attention_layernorm.weight", F16, (H,))],
-            f"{p}/post_attention_layernorm/LayerNorm",
-            epsilon=1e-5,
-            axis=-1,
-            stash_type=1,
+        h = norm(x, f"{n}.post_attention_layernorm.weight", f"{p}/post_attention_layernorm/LayerNorm")
+        logits = linear(
+            h, f"{n}.moe.router.MatMul.weight", (H, E), f"{p}/moe/router", f"{n}.moe.router.Add.bias"
         )
-        router = node(
-            "Reshape",
-            [
-                node(
-                    "Add",
-                    [
-                        node(
-                            "MatMul",
-                            [h, w.add(f"{n}.moe.router.MatMul.weight", F16, (H, E))],
-                            f"{p}/moe/router/MatMul",
-                        ),
-                        w.add(f"{n}.moe.router.Add.bias", F16, (E,)),
-                    ],
-                    f"{p}/moe/router/Add",
-                ),
-                routed,
-            ],
-            f"{p}/moe/router/Reshape",
-        )
+        router = node("Reshape", [logits, routed], f"{p}/moe/router/Reshape")
         e = f"{n}.moe.experts"
         moe = node(
             "QMoE",
@@ -259,14 +245,7 @@ def build(layers: int | None = None) -> tuple[onnx.ModelProto, _Sparse]:
             block_size=s["block"],
         )
         x = node("Add", [x, moe], f"{p}/moe_residual/Add")
-    h = node(
-        "SimplifiedLayerNormalization",
-        [x, w.add("model.norm.weight", F16, (H,))],
-        "/model/norm/LayerNorm",
-        epsilon=1e-5,
-        axis=-1,
-        stash_type=1,
-    )
+    h = norm(x, "model.norm.weight", "/model/norm/LayerNorm")
     nodes.append(
         helper.make_node(
             "MatMul",
