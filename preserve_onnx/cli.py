@@ -247,7 +247,8 @@ def _single_device_note(model: Path, first: Optional[Path] = None, *, known: boo
             return
     where = escape(str(model))
     err.print(f"[yellow]note:[/yellow] {where} has no collectives: it looks like a single-device export; run "
-              f"`preserve-onnx shard {where} OUT --tp N` first (docs/shard.md)", highlight=False, soft_wrap=True)
+              f"`preserve-onnx shard {where} OUT --tp N` first (docs/shard.md)", highlight=False,
+              soft_wrap=True)
 
 
 @app.command()
@@ -404,7 +405,8 @@ def inspect(
     total = sum(i.plan.prefetched_bytes for i in inspections)
     collectives_found = sum(len(i.collectives) for i in inspections)
     out.print(f"[green]done[/green]: {len(inspections)} model(s), {counted(collectives_found, 'collective')}, "
-              f"{counted(count, 'prefetch', 'prefetches')}, {format_size(total)} would be planned; nothing written "
+              f"{counted(count, 'prefetch', 'prefetches')}, {format_size(total)} would be planned; "
+              f"nothing written "
               f"in {time.perf_counter() - start:.2f} s", highlight=False, soft_wrap=True)
 
 
@@ -723,7 +725,8 @@ def run(
         return
     count = sum(len(o) for o in result.outputs)
     if c.identical:
-        out.print(f"[green]PASSED[/green]: {counted(count, 'output')} on {len(result.models)} rank(s) bit-identical to "
+        out.print(f"[green]PASSED[/green]: {counted(count, 'output')} on {len(result.models)} rank(s) "
+                  f"bit-identical to "
                   f"{escape(str(against))} after {steps} step(s) (max abs diff 0)", highlight=False,
                   soft_wrap=True)
         return
@@ -756,7 +759,8 @@ def _print_twin(result, twin: Path, steps: int) -> None:
     at = f" at step {w.step}" if steps > 1 else ""
     worst = f"worst: rank {w.rank} '{escape(w.name)}'{at}, max abs diff {w.diff:g} (atol {w.atol:g})"
     if c.passed:
-        out.print(f"[green]PASSED[/green]: {counted(c.outputs, 'output')} on {len(result.models)} rank(s) match "
+        out.print(f"[green]PASSED[/green]: {counted(c.outputs, 'output')} on {len(result.models)} rank(s) "
+                  f"match "
                   f"{escape(str(twin))} within tolerance after {steps} step(s); {worst}", highlight=False,
                   soft_wrap=True)
         return

@@ -64,7 +64,7 @@ def dim_names(model: onnx.ModelProto) -> frozenset[str]:
 
 def check_dim_names(models: onnx.ModelProto | Iterable[onnx.ModelProto],
                     dims: Iterable[tuple[str, int]] | Mapping[str, int], what: str = "the model") -> None:
-    """Refuse ``--dim`` names that no tensor of ``models`` has (a typo would otherwise bind nothing, silently).
+    """Refuse ``--dim`` names that no tensor of ``models`` has (a typo would otherwise bind nothing silently).
 
     Raises:
         UsageError: Names the unknown name(s) and lists the models' symbolic dim names.
