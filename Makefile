@@ -10,7 +10,7 @@ LIB    := $(LIBDIR)/libpreserve_ops.so
 # fetched from this machine's configured Debian mirror into build/ (private apt state, no system change).
 export ORT_INCLUDE_DIR
 
-.PHONY: setup demo test bench fuzz lib mpi clean exporter-samples
+.PHONY: setup demo test lint bench fuzz lib mpi clean exporter-samples
 
 setup: $(VENV)/.installed $(LIB)
 
@@ -51,6 +51,11 @@ $(VENV)/.mpi: $(VENV)/.installed
 	  && $(PY) -m pip install -q 'mpi4py>=3.1'; } > build/setup-mpi.log 2>&1 || { tail -n 20 build/setup-mpi.log; exit 1; }
 	@$(PY) -c "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])"
 	@touch $@
+
+# Ruff with the rules pyproject.toml selects (the layering bans of passes/, no print in the library), the
+# version the test extra pins.
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test: setup $(if $(NO_MPI),,mpi)
 	$(if $(NO_MPI),,PRESERVE_REQUIRE_MPI=1) $(PY) -m pytest -q
