@@ -38,8 +38,9 @@ def init(name: str, array) -> TensorProto:
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-def prefetch(anchor: str, x: str, out: str, *, domain: str = PRESERVE, op: str = "Prefetch", max_size: int = 0,
-             offset: int = 0, collective: str = "ar", name: str | None = None) -> onnx.NodeProto:
+def prefetch(anchor: str, x: str, out: str, *, domain: str = PRESERVE, op: str = "Prefetch",
+             max_size: int = 0, offset: int = 0, collective: str = "ar",
+             name: str | None = None) -> onnx.NodeProto:
     """A Prefetch node ``out = Prefetch(anchor, x)``, named ``prefetch_<out>`` unless ``name`` is given."""
     return helper.make_node(op, [anchor, x], [out], name=name or f"prefetch_{out}", domain=domain,
                             max_size=max_size, offset=offset, collective=collective)
@@ -104,11 +105,11 @@ class G:
 
     def node(self, op, inputs, outputs, name=None, domain="", **attrs):
         """A node named ``<first output>_node`` unless ``name`` is given."""
-        return self.add(helper.make_node(op, inputs, outputs, name=name if name is not None else outputs[0] + "_node",
-                                         domain=domain, **attrs))
+        name = name if name is not None else outputs[0] + "_node"
+        return self.add(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
 
     def constant(self, name, value, tensor_name=None):
-        """A ``Constant`` node writing ``value`` to ``name`` (its tensor named ``tensor_name`` or ``name``)."""
+        """A ``Constant`` node writing ``value`` to ``name``, its tensor named ``tensor_name`` or ``name``."""
         self.node("Constant", [], [name], value=init(tensor_name or name, value))
         return name
 

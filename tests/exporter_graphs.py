@@ -1,11 +1,11 @@
 """Graphs that reproduce what real exporters write (see the README's "Real exporter output"), built
-small enough to read. Each function names the exporter structure it mirrors."""
+small enough to read, with tests/builders.py. Each function names the exporter structure it mirrors."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from tests.builders import MS, G
 
@@ -13,26 +13,17 @@ HIDDEN, HEADS, HEAD = 32, 2, 16  # per rank
 INNER, VOCAB, POSITIONS = 48, 80, 64
 
 
-def _const(g: G, name: str, value) -> str:
-    """A ``Constant`` node, as TorchScript writes dozens of them inside every layer."""
-    arr = np.asarray(value)
-    g.node("Constant", [], [name], name=f"{name}_node", value=numpy_helper.from_array(arr, name))
-    return name
-
-
 def _weight(g: G, name: str, shape, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    g.inits.append(numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name))
-    return name
+    return g.init(name, (np.random.default_rng(seed).standard_normal(shape) * 0.2).astype(np.float32))
 
 
 def _rms_norm(g: G, x: str, weight: str, prefix: str) -> str:
     """RMSNorm as TorchScript exports it: Pow / ReduceMean / Add / Sqrt / Div / Mul."""
-    two = _const(g, f"{prefix}/Constant_pow", np.float32(2.0))
+    two = g.constant(f"{prefix}/Constant_pow", np.float32(2.0))
     g.node("Pow", [x, two], [f"{prefix}/Pow_out"], name=f"{prefix}/Pow")
     g.node("ReduceMean", [f"{prefix}/Pow_out"], [f"{prefix}/Mean_out"], name=f"{prefix}/ReduceMean", axes=[-1],
            keepdims=1)
-    eps = _const(g, f"{prefix}/Constant_eps", np.float32(1e-5))
+    eps = g.constant(f"{prefix}/Constant_eps", np.float32(1e-5))
     g.node("Add", [f"{prefix}/Mean_out", eps], [f"{prefix}/Add_out"], name=f"{prefix}/Add")
     g.node("Sqrt", [f"{prefix}/Add_out"], [f"{prefix}/Sqrt_out"], name=f"{prefix}/Sqrt")
     g.node("Div", [x, f"{prefix}/Sqrt_out"], [f"{prefix}/Div_out"], name=f"{prefix}/Div")
@@ -44,13 +35,13 @@ def _split_heads(g: G, x: str, prefix: str) -> str:
     """[B, S, heads*head] -> [B, heads, S, head] with the shape built from Shape/Gather/Concat at run time."""
     g.node("Shape", [x], [f"{prefix}/Shape_out"], name=f"{prefix}/Shape")
     for axis in (0, 1):
-        idx = _const(g, f"{prefix}/Constant_{axis}", np.int64(axis))
+        idx = g.constant(f"{prefix}/Constant_{axis}", np.int64(axis))
         g.node("Gather", [f"{prefix}/Shape_out", idx], [f"{prefix}/Gather_{axis}_out"], name=f"{prefix}/Gather_{axis}",
                axis=0)
-        g.node("Unsqueeze", [f"{prefix}/Gather_{axis}_out", _const(g, f"{prefix}/Constant_ax{axis}", np.array([0]))],
+        g.node("Unsqueeze", [f"{prefix}/Gather_{axis}_out", g.constant(f"{prefix}/Constant_ax{axis}", np.array([0]))],
                [f"{prefix}/Unsqueeze_{axis}_out"], name=f"{prefix}/Unsqueeze_{axis}")
-    heads = _const(g, f"{prefix}/Constant_heads", np.array([HEADS], dtype=np.int64))
-    head = _const(g, f"{prefix}/Constant_head", np.array([HEAD], dtype=np.int64))
+    heads = g.constant(f"{prefix}/Constant_heads", np.array([HEADS], dtype=np.int64))
+    head = g.constant(f"{prefix}/Constant_head", np.array([HEAD], dtype=np.int64))
     g.node("Concat", [f"{prefix}/Unsqueeze_0_out", f"{prefix}/Unsqueeze_1_out", heads, head],
            [f"{prefix}/Concat_out"], name=f"{prefix}/Concat", axis=0)
     g.node("Reshape", [x, f"{prefix}/Concat_out"], [f"{prefix}/Reshape_out"], name=f"{prefix}/Reshape")
@@ -79,8 +70,8 @@ def torchscript_decoder(layers: int = 2, *, kv_dims=("batch_size", HEADS, "past_
     embed = _weight(g, f"onnx::Gather_{next(counter)}", (VOCAB, HIDDEN), 1)
     g.node("Gather", [embed, "input_ids"], ["/model/embed_tokens/Gather_output_0"], name="/model/embed_tokens/Gather")
     angles = np.outer(np.arange(POSITIONS), 1.0 / 10000 ** (np.arange(HEAD) / HEAD)).astype(np.float32)
-    cos = _const(g, "/model/rotary_emb/Constant_output_0", np.cos(angles))
-    sin = _const(g, "/model/rotary_emb/Constant_1_output_0", np.sin(angles))
+    cos = g.constant("/model/rotary_emb/Constant_output_0", np.cos(angles))
+    sin = g.constant("/model/rotary_emb/Constant_1_output_0", np.sin(angles))
     hidden = "/model/embed_tokens/Gather_output_0"
     for i in range(layers):
         p = f"/model/layers.{i}"
@@ -95,7 +86,7 @@ def torchscript_decoder(layers: int = 2, *, kv_dims=("batch_size", HEADS, "past_
         for name, cache in (("cos", cos), ("sin", sin)):
             g.node("Gather", [cache, "position_ids"], [f"{p}/self_attn/{name}_out"], name=f"{p}/self_attn/Gather_{name}",
                    axis=0)
-            g.node("Unsqueeze", [f"{p}/self_attn/{name}_out", _const(g, f"{p}/self_attn/Constant_{name}", np.array([1]))],
+            g.node("Unsqueeze", [f"{p}/self_attn/{name}_out", g.constant(f"{p}/self_attn/Constant_{name}", np.array([1]))],
                    [f"{p}/self_attn/{name}_4d"], name=f"{p}/self_attn/Unsqueeze_{name}")
         for proj in ("q", "k"):
             g.node("Mul", [heads[proj], f"{p}/self_attn/cos_4d"], [f"{p}/self_attn/{proj}_cos"], name=f"{p}/self_attn/Mul_{proj}c")
@@ -108,17 +99,17 @@ def torchscript_decoder(layers: int = 2, *, kv_dims=("batch_size", HEADS, "past_
                name=f"{p}/self_attn/Concat_v", axis=2)
         g.node("Transpose", [f"present.{i}.key"], [f"{p}/self_attn/kT"], name=f"{p}/self_attn/Transpose_k", perm=[0, 1, 3, 2])
         g.node("MatMul", [f"{p}/self_attn/q_rot", f"{p}/self_attn/kT"], [f"{p}/self_attn/scores"], name=f"{p}/self_attn/MatMul")
-        scale = _const(g, f"{p}/self_attn/Constant_scale", np.float32(np.sqrt(HEAD)))
+        scale = g.constant(f"{p}/self_attn/Constant_scale", np.float32(np.sqrt(HEAD)))
         g.node("Div", [f"{p}/self_attn/scores", scale], [f"{p}/self_attn/scaled"], name=f"{p}/self_attn/Div")
         g.node("Softmax", [f"{p}/self_attn/scaled"], [f"{p}/self_attn/probs"], name=f"{p}/self_attn/Softmax", axis=-1)
         g.node("MatMul", [f"{p}/self_attn/probs", f"present.{i}.value"], [f"{p}/self_attn/ctx"], name=f"{p}/self_attn/MatMul_1")
         g.node("Transpose", [f"{p}/self_attn/ctx"], [f"{p}/self_attn/ctx_t"], name=f"{p}/self_attn/Transpose_ctx",
                perm=[0, 2, 1, 3])
         g.node("Shape", [f"{p}/self_attn/ctx_t"], [f"{p}/self_attn/ctx_shape"], name=f"{p}/self_attn/Shape_ctx")
-        g.node("Slice", [f"{p}/self_attn/ctx_shape", _const(g, f"{p}/self_attn/Constant_s0", np.array([0])),
-                         _const(g, f"{p}/self_attn/Constant_s1", np.array([2]))], [f"{p}/self_attn/bs"],
+        g.node("Slice", [f"{p}/self_attn/ctx_shape", g.constant(f"{p}/self_attn/Constant_s0", np.array([0])),
+                         g.constant(f"{p}/self_attn/Constant_s1", np.array([2]))], [f"{p}/self_attn/bs"],
                name=f"{p}/self_attn/Slice")
-        g.node("Concat", [f"{p}/self_attn/bs", _const(g, f"{p}/self_attn/Constant_w", np.array([HEADS * HEAD]))],
+        g.node("Concat", [f"{p}/self_attn/bs", g.constant(f"{p}/self_attn/Constant_w", np.array([HEADS * HEAD]))],
                [f"{p}/self_attn/ctx_new_shape"], name=f"{p}/self_attn/Concat_shape", axis=0)
         g.node("Reshape", [f"{p}/self_attn/ctx_t", f"{p}/self_attn/ctx_new_shape"], [f"{p}/self_attn/ctx_2d"],
                name=f"{p}/self_attn/Reshape_ctx")
@@ -145,8 +136,7 @@ def torchscript_decoder(layers: int = 2, *, kv_dims=("batch_size", HEADS, "past_
         hidden = f"{p}/Add_1_output_0"
         if allreduce_value_info:
             for out in (attn_out, mlp_out):
-                g.value_info.append(helper.make_tensor_value_info(
-                    out, TensorProto.FLOAT, [f"{out.replace('/', '_')}_dim_0", f"{out.replace('/', '_')}_dim_1", HIDDEN]))
+                g.declare(out, [f"{out.replace('/', '_')}_dim_0", f"{out.replace('/', '_')}_dim_1", HIDDEN])
     final_w = _weight(g, f"onnx::Mul_{next(counter)}", (HIDDEN,), 90)
     z = _rms_norm(g, hidden, final_w, "/model/norm")
     head = _weight(g, f"onnx::MatMul_{next(counter)}", (HIDDEN, VOCAB), 91)
