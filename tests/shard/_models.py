@@ -169,10 +169,16 @@ def _moe(b: _B, h: str, kind: str, inter: int, shared: bool, ffn: int) -> str:
     """The builder's MoE layer: router MatMul + bias Add, Reshape to [tokens, E], then MoE (fp32:
     ``moe``) or QMoE (4-bit: ``qmoe`` per output row, ``qmoe-block`` blocks of 16, ``-zp`` with zero
     points), SwiGLU with interleaved gate/value rows (swiglu_fusion 1), fc1 and fc2 biases, top-2 of 4
-    experts. ``shared``: a dense SwiGLU MLP beside the experts, gated by sigmoid(linear(h)) (Qwen-MoE),
+    experts (``-routed``: top-k chosen in the graph, LFM2-MoE). ``shared``: a dense SwiGLU MLP beside the experts, gated by sigmoid(linear(h)) (Qwen-MoE),
     added to the experts' output (``"gatedadd"``: by the builder's GatedAdd)."""
     router = b.op("Add", [b.linear(h, H, E), b.vec(E, 0.1)])
     probs = b.op("Reshape", [router, b.i64([-1, E])])
+    if kind.endswith("-routed"):  # routing in the graph (LFM2-MoE): sigmoid scores, top-k, scattered back
+        kind = kind.removesuffix("-routed")
+        scores = b.op("Sigmoid", [probs])
+        values, indices = b.op("TopK", [scores, b.i64([TOPK])], n_out=2, axis=-1)
+        zeros = b.op("ConstantOfShape", [b.op("Shape", [scores])])
+        probs = b.op("ScatterElements", [zeros, indices, values], axis=-1)
     tokens = b.op("Reshape", [h, b.i64([-1, H])])
 
     def floats(*shape, scale=1.0):

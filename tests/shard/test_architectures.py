@@ -226,6 +226,7 @@ def test_an_allreduce_follows_each_moe_before_the_residual_add(tmp_path):
     ("moe", "attention", "tp"),
     [
         ("moe", "mha", 4),
+        ("moe-routed", "gqa", 2),
         ("qmoe", "gqa", 2),
         ("qmoe-zp", "gqa", 2),
         ("qmoe-block", "gqa", 2),
@@ -234,7 +235,8 @@ def test_an_allreduce_follows_each_moe_before_the_residual_add(tmp_path):
 )
 def test_moe_and_qmoe_ranks_match_the_single_model(moe, attention, tp, tmp_path):
     """Intermediate 64: 16 per rank at 4 ranks, one block of 16 (MultiHeadAttention's 4 KV heads allow
-    4 ranks)."""
+    4 ranks). ``moe-routed``: the router's top-k is chosen in the graph (Sigmoid, TopK, ScatterElements
+    into router_probs, as the builder writes LFM2-MoE): the router linear is still found and replicated."""
     full = decoder(tmp_path / "full", moe=moe, attention=attention, experts_inter=64)
     shard_model(full, tmp_path / "out", tp)
     assert_twin(tmp_path / "out", full)
