@@ -96,10 +96,11 @@ class StaleLinks:
         for reason, phrase in (("unread", "no other node reads"), ("computed", "a node now computes")):
             names = [s.tensor for s in self.stale if s.reason == reason]
             if names:
-                parts.append(f"{phrase} " + ", ".join(f"'{t}'" for t in names[:3]) + (", ..." if len(names) > 3 else ""))
+                more = ", ..." if len(names) > 3 else ""
+                parts.append(f"{phrase} " + ", ".join(f"'{t}'" for t in names[:3]) + more)
         return (f"{n} of {self.total} Prefetch link{'s' if self.total != 1 else ''} "
-                f"{'are' if n != 1 else 'is'} stale: {'; '.join(parts)} (a quantizer or converter changed the "
-                f"model after optimize); run optimize --replan")
+                f"{'are' if n != 1 else 'is'} stale: {'; '.join(parts)} (a quantizer or converter "
+                f"changed the model after optimize); run optimize --replan")
 
 
 def stale_links(model: onnx.ModelProto, naming: PrefetchNaming = PrefetchNaming()) -> StaleLinks:
@@ -132,8 +133,8 @@ def stale_links(model: onnx.ModelProto, naming: PrefetchNaming = PrefetchNaming(
         elif x in produced and x not in initializers and x not in interface:
             stale.append(StaleLink(path, node.name, x, "computed"))
     stale = tuple(stale)
-    only = tuple(dict.fromkeys(s.tensor for s in stale
-                               if s.reason == "unread" and s.tensor in initializers and s.tensor not in interface))
+    droppable = initializers - interface
+    only = tuple(dict.fromkeys(s.tensor for s in stale if s.reason == "unread" and s.tensor in droppable))
     return StaleLinks(len(links), stale, only)
 
 

@@ -208,7 +208,8 @@ def compact_data(model: onnx.ModelProto, locations: tuple[str, ...], dest: Path,
                 while done < length:
                     buf = os.pread(fin.fileno(), min(8 << 20, length - done), offset + done)
                     if not buf:
-                        raise PreserveError(f"{target} is short: '{t.name}' needs bytes up to {offset + length}")
+                        raise PreserveError(
+                            f"{target} is short: '{t.name}' needs bytes up to {offset + length}")
                     fout.write(buf)
                     done += len(buf)
                 _set_offset(t, cursor)

@@ -41,8 +41,8 @@ def cli(*args):
 
 
 def save(model: onnx.ModelProto, dst: Path) -> None:
-    onnx.save(model, dst, save_as_external_data=True, all_tensors_to_one_file=True, location=dst.name + ".data",
-              size_threshold=1024)
+    onnx.save(model, dst, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=dst.name + ".data", size_threshold=1024)
 
 
 def onnxslim_tool(src: Path, dst: Path) -> None:
@@ -70,7 +70,8 @@ def shape_inference_tool(src: Path, dst: Path) -> None:
 def symbolic_shape_tool(src: Path, dst: Path) -> None:
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    # Without auto_merge / guess_output_rank: an untyped output fails it ("Incomplete symbolic shape inference").
+    # Without auto_merge / guess_output_rank: an untyped output fails it ("Incomplete symbolic shape
+    # inference").
     save(SymbolicShapeInference.infer_shapes(onnx.load(src), auto_merge=False, guess_output_rank=False), dst)
 
 
@@ -93,7 +94,8 @@ def offline_optimization_tool(src: Path, dst: Path) -> None:
     options.optimized_model_filepath = str(dst)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                      dst.name + ".data")
-    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                     "1024")
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
 
 
@@ -142,7 +144,8 @@ TOOLS = {
     "transformer-optimizer": Tool(transformer_optimizer_tool, ("torch-llama-fp32",)),
     "offline-optimization": Tool(offline_optimization_tool, ("torch-llama-fp32", "genai-llama-fp32"),
                                  drops_functions=True),
-    "quantize-dynamic": Tool(quantize_dynamic_tool, ("torch-llama-fp32", "genai-llama-fp32"), stales_links=True),
+    "quantize-dynamic": Tool(quantize_dynamic_tool, ("torch-llama-fp32", "genai-llama-fp32"),
+                             stales_links=True),
     "matmul-nbits": Tool(matmul_nbits_tool, ("torch-llama-fp32", "genai-llama-fp32"), stales_links=True),
     "float16": Tool(float16_tool, ("torch-llama-fp32", "genai-llama-fp32"), stales_links=True),
 }
@@ -188,7 +191,8 @@ def chain(folder: Path) -> Chain:
         model = load_model(folder / name)
         links = stale_links(model)
         if not links.stale:
-            assert VerifyPrefetchesPass(model)(model).stats.prefetches == links.total  # raises on a broken chain
+            # verify raises on a broken chain
+            assert VerifyPrefetchesPass(model)(model).stats.prefetches == links.total
         seen.add(Chain(links.total, len(links.stale), bool(prefetch_functions(model, PrefetchNaming()))))
     assert len(seen) == 1, seen
     return seen.pop()
@@ -275,7 +279,8 @@ def test_tool_after_optimize(tool, sample, work, tmp_path):
     if TOOLS[tool].stales_links:
         refused = cli("optimize", out, tmp_path / "refused", "-q")
         assert refused.exit_code == 1
-        assert refused.output.startswith(f"error: model_00.onnx: {stale} of {planned} Prefetch links are stale: ")
+        head = f"error: model_00.onnx: {stale} of {planned} Prefetch links are stale: "
+        assert refused.output.startswith(head)
         assert refused.output.endswith("; run optimize --replan; nothing was written\n")
     if TOOLS[tool].stales_links or TOOLS[tool].drops_functions:
         r = cli("optimize", out, tmp_path / "replanned", "--replan", "-q")

@@ -73,10 +73,11 @@ def test_a_link_whose_weight_a_node_now_computes_is_stale():
     links = stale_links(optimized)
     assert links.stale == (StaleLink("", "ar1/Prefetch/w3", "w3_cast", "computed"),)
     assert links.prefetch_only == ()  # w3 is still read (by the Identity): nothing to drop
-    assert links.describe() == ("1 of 3 Prefetch links is stale: a node now computes 'w3_cast' (a quantizer or "
-                                "converter changed the model after optimize); run optimize --replan")
+    assert links.describe() == ("1 of 3 Prefetch links is stale: a node now computes 'w3_cast' (a quantizer "
+                                "or converter changed the model after optimize); run optimize --replan")
     out, plan = optimize(optimized, OptimizeConfig(budget=10_000, replan=True))
-    assert [p.tensor for wp in plan.windows for p in wp.prefetches] == ["w1", "w2", "w3"]  # through the Identity
+    # w3 again, through the Identity (a constant-only chain)
+    assert [p.tensor for wp in plan.windows for p in wp.prefetches] == ["w1", "w2", "w3"]
     assert stale_links(out).stale == ()
 
 
@@ -167,8 +168,9 @@ def test_replan_leaves_the_dropped_bytes_out_of_the_copied_data_file(stale_dir, 
     assert (o.dropped.names, o.dropped.nbytes, o.compacted) == (("w1", "w2"), 4096, 4096)
     data = tmp_path / "out" / "model_00.onnx.data"
     assert (before, data.stat().st_size) == (10240, 6144)
+    written = onnx.load(tmp_path / "out" / "model_00.onnx", load_external_data=False)
     offsets = {t.name: int({e.key: e.value for e in t.external_data}["offset"])
-               for t in onnx.load(tmp_path / "out" / "model_00.onnx", load_external_data=False).graph.initializer}
+               for t in written.graph.initializer}
     assert offsets == {"w0": 0, "w3": 1024, "w1_q": 2048, "w2_q": 4096}
     got, want = tensors(tmp_path / "out" / "model_00.onnx"), tensors(stale_dir / "model_00.onnx")
     assert sorted(got) == ["w0", "w1_q", "w2_q", "w3"]
@@ -241,3 +243,36 @@ def test_cli_diff_names_the_stale_links_of_each_side(stale_dir, tmp_path):
     assert stale["a"] is None and [s["tensor"] for s in stale["b"]["stale"]] == ["w1", "w2"]
     assert f"> `{b}: {LINE}`" in cli("diff", original, b, "--markdown").output.splitlines()
     assert "Prefetch links" not in cli("diff", original, original).output  # no links, no line
+
+
+def test_a_data_file_only_the_dropped_initializers_used_is_not_written(tmp_path, stale_model):
+    src = write_external(stale_model, tmp_path / "in")
+    model = onnx.load(src, load_external_data=False)
+    data = (tmp_path / "in" / "model_00.onnx.data").read_bytes()
+    with open(tmp_path / "in" / "old.data", "wb") as f:  # w1 and w2 moved to a file of their own
+        for t in model.graph.initializer:
+            if t.name in ("w1", "w2"):
+                info = {e.key: e.value for e in t.external_data}
+                start, length = int(info["offset"]), int(info["length"])
+                offset = f.tell()
+                f.write(data[start:start + length])
+                del t.external_data[:]
+                entries = (("location", "old.data"), ("offset", str(offset)), ("length", str(length)))
+                for key, value in entries:
+                    t.external_data.add(key=key, value=value)
+    onnx.save(model, src)
+    (o,) = optimize_path(tmp_path / "in", tmp_path / "out", OptimizeConfig(budget=10_000, replan=True))
+    assert (o.dropped.names, o.dropped.locations, o.compacted) == (("w1", "w2"), ("old.data",), 4096)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model_00.onnx", "model_00.onnx.data"]
+    assert sorted(tensors(tmp_path / "out" / "model_00.onnx")) == ["w0", "w1_q", "w2_q", "w3"]
+
+
+def test_a_short_data_file_is_refused_while_compacting(stale_dir, tmp_path):
+    from preserve_onnx.optimizer import compact_data
+
+    out = tmp_path / "out"
+    out.mkdir()
+    model = onnx.load(stale_dir / "model_00.onnx", load_external_data=False)
+    (out / "model_00.onnx.data").write_bytes((stale_dir / "model_00.onnx.data").read_bytes()[:5000])
+    with pytest.raises(PreserveError, match=r"model_00\.onnx\.data is short: 'w2' needs bytes up to 5120$"):
+        compact_data(model, ("model_00.onnx.data",), out / "model_00.onnx", stale_dir / "model_00.onnx")
