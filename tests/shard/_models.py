@@ -169,8 +169,9 @@ def _moe(b: _B, h: str, kind: str, inter: int, shared: bool, ffn: int) -> str:
     """The builder's MoE layer: router MatMul + bias Add, Reshape to [tokens, E], then MoE (fp32:
     ``moe``) or QMoE (4-bit: ``qmoe`` per output row, ``qmoe-block`` blocks of 16, ``-zp`` with zero
     points), SwiGLU with interleaved gate/value rows (swiglu_fusion 1), fc1 and fc2 biases, top-2 of 4
-    experts (``-routed``: top-k chosen in the graph, LFM2-MoE). ``shared``: a dense SwiGLU MLP beside the experts, gated by sigmoid(linear(h)) (Qwen-MoE),
-    added to the experts' output (``"gatedadd"``: by the builder's GatedAdd)."""
+    experts (``-routed``: top-k chosen in the graph, LFM2-MoE). ``shared``: a dense SwiGLU MLP beside
+    the experts, gated by sigmoid(linear(h)) (Qwen-MoE), added to the experts' output (``"gatedadd"``:
+    by the builder's GatedAdd). ``moe-fc3``: gate in fc1, value in fc3 (Phi-3.5-MoE)."""
     router = b.op("Add", [b.linear(h, H, E), b.vec(E, 0.1)])
     probs = b.op("Reshape", [router, b.i64([-1, E])])
     if kind.endswith("-routed"):  # routing in the graph (LFM2-MoE): sigmoid scores, top-k, scattered back
