@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from preserve_onnx.calibrate import plan
+import preserve_onnx.calibrate.plan as plan
 from preserve_onnx.calibrate.kernels import compile_kernels, load_cupy
 from preserve_onnx.calibrate.results import BandwidthPoint, Measurements, PrefetchCase, Provenance, TokenPoint
 from preserve_onnx.errors import PreserveError

@@ -5,13 +5,13 @@ a byte-exact pass-through and ``AllReduce`` a fixed-order sum, so a model optimi
 must run bit-identical to its original; :func:`compare_outputs` checks exactly that.
 """
 
-from preserve_onnx.runtime.compare import Comparison, compare_outputs, max_abs_diff
+from preserve_onnx.runtime.compare import Comparison, TwinComparison, compare_outputs, max_abs_diff
 from preserve_onnx.runtime.decode import run_steps
 from preserve_onnx.runtime.feeds import generate_feeds, layout_of, load_feeds, save_outputs
 from preserve_onnx.runtime.library import library_path
 from preserve_onnx.runtime.runner import RunResult, run_models
 from preserve_onnx.runtime.session import RankSession
-from preserve_onnx.runtime.twin import TwinComparison, run_twin
+from preserve_onnx.runtime.twin import run_twin
 from preserve_onnx.runtime.values import TensorMeta
 
 __all__ = [

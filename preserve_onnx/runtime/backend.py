@@ -11,19 +11,16 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.runtime.compare import Comparison
+from preserve_onnx.runtime.compare import Comparison, TwinComparison
 from preserve_onnx.runtime.decode import run_steps
 from preserve_onnx.runtime.feeds import generate_feeds, load_feeds
 from preserve_onnx.runtime.library import PREFETCH_KERNEL_ATTRS
-
-if TYPE_CHECKING:
-    from preserve_onnx.runtime.twin import TwinComparison
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Bit-exact comparison of two runs' outputs (every rank, every output).
+"""Comparisons of runs: bit-exact (``run --against``: every rank, every output) and the results of a
+twin run (``run --twin``: within tolerances by dtype, made by :mod:`preserve_onnx.runtime.twin`).
 
 Invariant: ``identical`` is True only when both runs have the same ranks and output names and every
 pair of arrays has the same dtype, shape and bytes. Bytes, not values: NaN equals NaN of the same bit
@@ -98,3 +99,45 @@ def compare_outputs(
             if worst is None or diff > worst[2]:
                 worst = (rank, name, diff)
     return Comparison(identical=not differing, worst=worst, differing=tuple(differing))
+
+
+@dataclass(frozen=True)
+class TwinCheck:
+    """One output of one rank at one step against the single model's (its slice when sharded)."""
+
+    step: int  # 1-based
+    rank: int
+    name: str
+    diff: float  # max abs difference; inf for a shape mismatch or a NaN on one side only
+    atol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.diff <= self.atol
+
+    @property
+    def badness(self) -> float:
+        """How far the difference is into its tolerance (> 1: beyond it)."""
+        if self.atol > 0:
+            return self.diff / self.atol
+        return 0.0 if self.diff == 0 else math.inf
+
+
+@dataclass(frozen=True)
+class TwinComparison:
+    """Result of a twin run.
+
+    Attributes:
+        passed: Every output of every rank at every step is within its tolerance.
+        worst: The check furthest into (or beyond) its tolerance; the first one on a tie.
+        failing: ``(rank, name)`` of every output beyond its tolerance at some step, in order.
+        outputs: Outputs compared per step (every rank's).
+        sharded: Names of the outputs that are split over the ranks (the others are replicated).
+    """
+
+    passed: bool
+    worst: TwinCheck | None
+    failing: tuple[tuple[int, str], ...]
+    outputs: int
+    sharded: tuple[str, ...]
+    hint: str = ""  # a known cause of differences that is not the sharding's (see :func:`failure_hint`)

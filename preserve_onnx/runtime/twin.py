@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import ml_dtypes
@@ -27,7 +27,7 @@ from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.index import is_collective, iter_graphs
 from preserve_onnx.model_io import load_model, resolve_ranks, resolve_single
 from preserve_onnx.runtime.backend import RunResult, session_kwargs
-from preserve_onnx.runtime.compare import max_abs_diff
+from preserve_onnx.runtime.compare import TwinCheck, TwinComparison, max_abs_diff
 from preserve_onnx.runtime.decode import advance_feeds, next_token_ids
 from preserve_onnx.runtime.feeds import DEFAULT_CONTEXT, generate_feeds, layout_of, load_feeds
 from preserve_onnx.runtime.session import RankSession
@@ -74,48 +74,6 @@ def quantizes_activations(model: onnx.ModelProto) -> bool:
     return any(node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
                and any(a.name == "accuracy_level" and a.i == 4 for a in node.attribute)
                for _, graph in iter_graphs(model) for node in graph.node)
-
-
-@dataclass(frozen=True)
-class TwinCheck:
-    """One output of one rank at one step against the single model's (its slice when sharded)."""
-
-    step: int  # 1-based
-    rank: int
-    name: str
-    diff: float  # max abs difference; inf for a shape mismatch or a NaN on one side only
-    atol: float
-
-    @property
-    def ok(self) -> bool:
-        return self.diff <= self.atol
-
-    @property
-    def badness(self) -> float:
-        """How far the difference is into its tolerance (> 1: beyond it)."""
-        if self.atol > 0:
-            return self.diff / self.atol
-        return 0.0 if self.diff == 0 else math.inf
-
-
-@dataclass(frozen=True)
-class TwinComparison:
-    """Result of a twin run.
-
-    Attributes:
-        passed: Every output of every rank at every step is within its tolerance.
-        worst: The check furthest into (or beyond) its tolerance; the first one on a tie.
-        failing: ``(rank, name)`` of every output beyond its tolerance at some step, in order.
-        outputs: Outputs compared per step (every rank's).
-        sharded: Names of the outputs that are split over the ranks (the others are replicated).
-    """
-
-    passed: bool
-    worst: TwinCheck | None
-    failing: tuple[tuple[int, str], ...]
-    outputs: int
-    sharded: tuple[str, ...]
-    hint: str = ""  # a known cause of differences that is not the sharding's (see :func:`failure_hint`)
 
 
 def _fmt(shape: Sequence[object] | None) -> str:

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from preserve_onnx.cli import app
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.runtime import RankSession, generate_feeds
+from preserve_onnx.runtime.compare import TwinCheck
 from preserve_onnx.runtime.twin import (
-    TwinCheck,
     default_atol,
     input_split_axis,
     output_checks,
