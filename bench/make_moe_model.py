@@ -72,7 +72,7 @@ class _Sparse:
 
 def build(layers: int | None = None) -> tuple[onnx.ModelProto, _Sparse]:
     s = dict(SHAPE, layers=layers or SHAPE["layers"])
-    H, NH, KV, D, E, I = s["hidden"], s["heads"], s["kv_heads"], s["head_dim"], s["experts"], s["inter"]
+    H, NH, KV, D, E, INTER = s["hidden"], s["heads"], s["kv_heads"], s["head_dim"], s["experts"], s["inter"]
     w = _Sparse("model.onnx.data")
     nodes: list[onnx.NodeProto] = []
     inline: list[TensorProto] = []
@@ -225,11 +225,11 @@ def build(layers: int | None = None) -> tuple[onnx.ModelProto, _Sparse]:
             [
                 h,
                 router,
-                w.add(f"{e}.gate_up_proj.qweight", TensorProto.UINT8, (E, 2 * I, H // 2)),
-                w.add(f"{e}.gate_up_proj.scales", F16, (E, 2 * I, H // s["block"])),
-                w.add(f"{e}.gate_up_proj.bias", F16, (E, 2 * I)),
-                w.add(f"{e}.down_proj.qweight", TensorProto.UINT8, (E, H, I // 2)),
-                w.add(f"{e}.down_proj.scales", F16, (E, H, I // s["block"])),
+                w.add(f"{e}.gate_up_proj.qweight", TensorProto.UINT8, (E, 2 * INTER, H // 2)),
+                w.add(f"{e}.gate_up_proj.scales", F16, (E, 2 * INTER, H // s["block"])),
+                w.add(f"{e}.gate_up_proj.bias", F16, (E, 2 * INTER)),
+                w.add(f"{e}.down_proj.qweight", TensorProto.UINT8, (E, H, INTER // 2)),
+                w.add(f"{e}.down_proj.scales", F16, (E, H, INTER // s["block"])),
                 w.add(f"{e}.down_proj.bias", F16, (E, H)),
             ],
             f"{p}/moe/QMoE",

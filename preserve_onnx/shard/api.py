@@ -2,8 +2,8 @@
 
 Output: ``OUT/model_00.onnx`` ... ``model_{N-1:02d}.onnx``, each with ``model_0r.onnx.data``, plus the
 other files of MODEL's folder (tokenizer files, ...) copied unchanged, and ``genai_config.json`` with
-the decoder's head counts per rank. Everything is
-built in a staged folder beside OUT (model_io.staged_directory) and renamed into place: a refusal or a failure leaves nothing.
+the decoder's head counts per rank. Everything is built in a staged folder beside OUT
+(model_io.staged_directory) and renamed into place: a refusal or a failure leaves nothing.
 Weights are read through memory maps and written tensor by tensor; the model's weights are never held.
 """
 

@@ -371,9 +371,9 @@ def find_layout(
                 # Its head axis is divided where [batch, heads, sequence, head_size] has it; a cache that
                 # reaches its Concat through a Transpose or Reshape keeps its heads elsewhere.
                 raise PreserveError(
-                    f"unrecognised layer structure at node '{ix.label(kv_paths[name].concat)}': KV-cache input "
-                    f"'{name}' is not laid out [batch, heads, sequence, head_size] (its Concat grows axis "
-                    f"{kv_paths[name].seq_axis} of it)"
+                    f"unrecognised layer structure at node '{ix.label(kv_paths[name].concat)}': KV-cache "
+                    f"input '{name}' is not laid out [batch, heads, sequence, head_size] (its Concat grows "
+                    f"axis {kv_paths[name].seq_axis} of it)"
                 )
         nh, nkv, hs = _site_heads(ix, site, col_lins, kv, dims)
         if not hs:

@@ -17,14 +17,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from preserve_onnx.graph.dims import graph_dims
 from typer.testing import CliRunner
 
 from preserve_onnx.cli import app
 from preserve_onnx.errors import PreserveError, UsageError
+from preserve_onnx.graph.dims import graph_dims
+from preserve_onnx.model_io import resolve_single
 from preserve_onnx.runtime import RankSession, generate_feeds, run_steps
 from preserve_onnx.shard import shard_model
-from preserve_onnx.model_io import resolve_single
 from tests.conftest import SAMPLES
 from tests.shard._models import decoder
 
@@ -626,7 +626,10 @@ def test_refuses_a_folder_without_exactly_one_model(tmp_path):
     src = tmp_path / "export"
     shutil.copytree(SAMPLES / "llama-gqa" / "full", src)
     shutil.copy(src / "model.onnx", src / "other.onnx")
-    refused(src, tmp_path / "out", 2, r"export: the folder holds 2 \.onnx files; name the single-device model's file$")
+    refused(
+        src, tmp_path / "out", 2, r"export: the folder holds 2 \.onnx files; name the single-device model's "
+        r"file$"
+    )
     refused(tmp_path / "missing.onnx", tmp_path / "out", 2, r"missing\.onnx: no such file or directory$")
 
 
@@ -747,14 +750,21 @@ def test_refuses_a_kv_cache_that_reaches_its_concat_through_a_transpose(tmp_path
                 for i, name in enumerate(node.input):
                     if name == vi.name:
                         node.input[i] = f"{vi.name}_t"
-            transposes.append(onnx.helper.make_node("Transpose", [vi.name], [f"{vi.name}_t"], perm=[0, 2, 1, 3],
-                                                    name=f"{vi.name}/Transpose"))
+            transposes.append(
+                onnx.helper.make_node(
+                    "Transpose", [vi.name], [f"{vi.name}_t"], perm=[0, 2, 1, 3], name=f"{vi.name}/Transpose"
+                )
+            )
     nodes = transposes + list(m.graph.node)
     del m.graph.node[:]
     m.graph.node.extend(nodes)
     (tmp_path / "m").mkdir()
     onnx.save(m, tmp_path / "m" / "model.onnx")
-    refused(tmp_path / "m" / "model.onnx", tmp_path / "out", 2,
-            r"^unrecognised layer structure at node '/model/model/layers.0/self_attn/Concat_5': KV-cache input "
-            r"'past_key_values.0.key' is not laid out \[batch, heads, sequence, head_size\] \(its Concat grows "
-            r"axis 1 of it\)$")
+    refused(
+        tmp_path / "m" / "model.onnx",
+        tmp_path / "out",
+        2,
+        r"^unrecognised layer structure at node '/model/model/layers.0/self_attn/Concat_5': KV-cache "
+        r"input 'past_key_values.0.key' is not laid out \[batch, heads, sequence, head_size\] \(its Concat "
+        r"grows axis 1 of it\)$",
+    )
