@@ -346,3 +346,23 @@ def test_the_transformer_optimizer_fuses_what_it_fuses_on_the_original(work):
     original = fused(EXPORTS / "torch-llama-fp32" / "tp2" / "model_00.onnx")
     assert original == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4}
     assert fused(work[1]("torch-llama-fp32") / "model_00.onnx") == original
+
+
+def test_the_registered_kernel_runs_not_the_function(work, tmp_path):
+    """onnxruntime resolves Prefetch to the runtime library's kernel, not to the model's function (which a
+    runtime without the op would inline): the same hints with and without the function."""
+    from preserve_onnx.runtime.library import prefetch_counters
+
+    opt = work[1]("torch-llama-fp32")
+    bare = tmp_path / "bare"
+    shutil.copytree(opt, bare)
+    for name in RANKS:
+        model = onnx.load(bare / name, load_external_data=False)
+        del model.functions[:]
+        onnx.save(model, bare / name)
+    issued = []
+    for folder in (opt, bare):
+        before = prefetch_counters()
+        assert passed(folder, EXPORTS / "torch-llama-fp32" / "tp2", "", "").startswith("PASSED")
+        issued.append((prefetch_counters() - before).issued)
+    assert issued == [26, 26]  # 13 links on each of 2 ranks, one step
