@@ -16,13 +16,22 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "OptimizeConfig": "config", "PrefetchNaming": "config",
-    "Diff": "diffing", "diff": "diffing",
-    "PassError": "errors", "PreserveError": "errors",
-    "HardwareProfile": "hardware", "load_profile": "hardware",
-    "Inspection": "inspection", "inspect": "inspection", "inspect_path": "inspection",
-    "load_model": "model_io", "save_model": "model_io",
-    "optimize": "optimizer", "optimize_path": "optimizer", "strip": "optimizer",
+    "OptimizeConfig": "config",
+    "PrefetchNaming": "config",
+    "Diff": "diffing",
+    "diff": "diffing",
+    "PassError": "errors",
+    "PreserveError": "errors",
+    "HardwareProfile": "hardware",
+    "load_profile": "hardware",
+    "Inspection": "inspection",
+    "inspect": "inspection",
+    "inspect_path": "inspection",
+    "load_model": "model_io",
+    "save_model": "model_io",
+    "optimize": "optimizer",
+    "optimize_path": "optimizer",
+    "strip": "optimizer",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -107,11 +107,16 @@ class HardwareProfile:
         alphas = dict(self.collective_alphas)
         if implementation not in alphas:
             known = ", ".join(alphas) if alphas else "none besides its single collective_alpha"
-            raise UsageError(f"hardware '{self.name}' has no collective implementation '{implementation}' "
-                             f"(known: {known})")
+            raise UsageError(
+                f"hardware '{self.name}' has no collective implementation '{implementation}' (known: {known})"
+            )
         base = self.name.partition("@")[0]
-        return replace(self, name=f"{base}@{implementation}", collective=implementation,
-                       collective_alpha=alphas[implementation])
+        return replace(
+            self,
+            name=f"{base}@{implementation}",
+            collective=implementation,
+            collective_alpha=alphas[implementation],
+        )
 
     def collective_time(self, message_bytes: int, ranks: int) -> float:
         """Ring collective time ``alpha + 2 (p-1)/p * bytes / link_bw`` (docs/design.md §6)."""
@@ -150,8 +155,10 @@ def _parse_profiles(text: str, origin: str) -> dict[str, HardwareProfile]:
             raise PreserveError(f"{origin}: '{name}' is not a table of hardware figures")
         unknown = [k for k in table if k not in _KNOWN_KEYS and not k.endswith("_source")]
         if unknown:  # a misspelt figure would otherwise be dropped without a word
-            raise PreserveError(f"{origin}: profile '{name}': unknown key '{unknown[0]}' (known: "
-                                f"{', '.join(_KNOWN_KEYS)}, and NAME_source for a figure's source)")
+            raise PreserveError(
+                f"{origin}: profile '{name}': unknown key '{unknown[0]}' (known: "
+                f"{', '.join(_KNOWN_KEYS)}, and NAME_source for a figure's source)"
+            )
         missing = [f for f in _NUMERIC_FIELDS if f not in table]
         if missing:
             raise PreserveError(f"{origin}: profile '{name}' lacks {', '.join(missing)}")
@@ -184,8 +191,11 @@ def _parse_profiles(text: str, origin: str) -> dict[str, HardwareProfile]:
             l2_usable_fraction=float(values.get("l2_usable_fraction", 1.0)),
             collective=implementation,
             collective_alphas=alphas,
-            **{f: (int(values[f]) if f == "dies" else float(values[f]))
-               for f in AREA_COST_FIELDS if f in values},
+            **{
+                f: (int(values[f]) if f == "dies" else float(values[f]))
+                for f in AREA_COST_FIELDS
+                if f in values
+            },
         )
     return profiles
 
@@ -199,8 +209,10 @@ def _collectives(table: dict, origin: str, name: str) -> tuple[str, tuple[tuple[
         raise PreserveError(f"{where}: collective must name a collective_alpha implementation")
     if not isinstance(alpha, dict):
         if chosen is not None:
-            raise PreserveError(f"{where}: collective = '{chosen}' needs collective_alpha as a table of "
-                                f"implementations ({{ {chosen} = SECONDS, ... }})")
+            raise PreserveError(
+                f"{where}: collective = '{chosen}' needs collective_alpha as a table of "
+                f"implementations ({{ {chosen} = SECONDS, ... }})"
+            )
         return "", ()
     if not alpha:
         raise PreserveError(f"{where}: collective_alpha is an empty table")
@@ -209,12 +221,15 @@ def _collectives(table: dict, origin: str, name: str) -> tuple[str, tuple[tuple[
             raise PreserveError(f"{where}: collective_alpha.{impl} must be a finite non-negative number")
     if chosen is None:
         if len(alpha) > 1:
-            raise PreserveError(f"{where}: collective_alpha has {len(alpha)} implementations; name the "
-                                f"default with collective = \"...\" (one of {', '.join(alpha)})")
+            raise PreserveError(
+                f"{where}: collective_alpha has {len(alpha)} implementations; name the "
+                f'default with collective = "..." (one of {", ".join(alpha)})'
+            )
         chosen = next(iter(alpha))
     if chosen not in alpha:
-        raise PreserveError(f"{where}: collective = '{chosen}' is not in collective_alpha "
-                            f"({', '.join(alpha)})")
+        raise PreserveError(
+            f"{where}: collective = '{chosen}' is not in collective_alpha ({', '.join(alpha)})"
+        )
     return chosen, tuple((impl, float(v)) for impl, v in alpha.items())
 
 
@@ -266,11 +281,24 @@ def load_profile(name_or_file: str) -> HardwareProfile:
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
-    "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
-    "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
-    "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "ki": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "mi": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "gi": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+    "ti": 1024**4,
 }
 
 

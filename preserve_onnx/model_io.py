@@ -192,8 +192,9 @@ def resolve_ranks(path: Path) -> tuple[Path, ...]:
     sets = find_rank_sets(path)
     if len(sets) > 1:
         names = ", ".join(s.pattern.replace("{rank}", "*") for s in sets)
-        raise PreserveError(f"{path} holds several rank-model families ({names}); name any file of the one "
-                            f"you mean")
+        raise PreserveError(
+            f"{path} holds several rank-model families ({names}); name any file of the one you mean"
+        )
     return sets[0].files
 
 
@@ -217,8 +218,9 @@ def resolve_single(path: Path, what: str = "") -> Path:
         return path
     found = model_files(path)
     if len(found) != 1:
-        raise PreserveError(f"{prefix}{path}: the folder holds {len(found)} .onnx files; name the single-device "
-                            f"model's file")
+        raise PreserveError(
+            f"{prefix}{path}: the folder holds {len(found)} .onnx files; name the single-device model's file"
+        )
     return found[0]
 
 
@@ -346,8 +348,14 @@ def _copy_sparse(fin, fout, total: int, advance: Callable[[int], None] | None) -
     os.ftruncate(ofd, total)
 
 
-def save_model(model: onnx.ModelProto, dest: Path, source_dir: Path, *, copy_data: bool | None = None,
-               progress: ProgressFactory | None = None) -> None:
+def save_model(
+    model: onnx.ModelProto,
+    dest: Path,
+    source_dir: Path,
+    *,
+    copy_data: bool | None = None,
+    progress: ProgressFactory | None = None,
+) -> None:
     """Write ``model`` to ``dest`` atomically; copy its data files unless written beside the source."""
     dest = Path(dest)
     source_dir = Path(source_dir)

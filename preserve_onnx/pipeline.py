@@ -83,8 +83,10 @@ class Sequential:
             if p.name in disabled and p.kind == "analysis":
                 # The passes after it need its data: skipping an analysis cannot work.
                 users = [q.name for q in passes if p.name in q.requires]
-                raise UsageError(f"--disable: '{p.name}' is an analysis that {', '.join(users) or 'nothing'} "
-                                 f"needs, not a step to skip")
+                raise UsageError(
+                    f"--disable: '{p.name}' is an analysis that {', '.join(users) or 'nothing'} "
+                    f"needs, not a step to skip"
+                )
         self.passes = [p for p in passes if p.name not in set(disabled)]
 
     def __call__(self, model: onnx.ModelProto) -> SequentialResult:

@@ -36,8 +36,12 @@ def bare_python(tmp_path_factory) -> Path:
             (deps / entry.name).symlink_to(entry)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", root / "venv"], check=True)
     python = root / "venv" / "bin" / "python"
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(purelib, "_deps.pth").write_text(f"{deps}\n")
     for module in ("preserve_onnx", "onnx", "typer", "ml_dtypes"):
         r = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True, cwd=root)
@@ -60,14 +64,29 @@ def runner(python: Path, script: Path, *args, cwd: Path) -> subprocess.Completed
 
 def test_with_runtime_writes_the_library_and_the_runner_beside_the_models(bundled):
     assert sorted(p.name for p in bundled.iterdir()) == [
-        "libpreserve_ops.so", "model_00.onnx", "model_00.onnx.data", "model_01.onnx", "model_01.onnx.data",
-        "run_ranks.py"]
+        "libpreserve_ops.so",
+        "model_00.onnx",
+        "model_00.onnx.data",
+        "model_01.onnx",
+        "model_01.onnx.data",
+        "run_ranks.py",
+    ]
     assert (bundled / "libpreserve_ops.so").read_bytes() == library_path().read_bytes()
     # The runner's source with the decode layout the rank graphs show (by structure, docs/design.md §2).
-    layout = ('LAYOUT = {"kv": ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key", '
-              '"past_key_values.1.value"], "batch": ["batch_size"], "past": ["past_sequence_length"], '
-              '"total": ["total_sequence_length"]}')
-    source = RUNNER_SOURCE.read_text().replace('LAYOUT = {"kv": [], "batch": [], "past": [], "total": []}', layout)
+    layout = (
+        'LAYOUT = {"kv": ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key", '
+        '"past_key_values.1.value"], "batch": ["batch_size"], "past": ["past_sequence_length"], '
+        '"total": ["total_sequence_length"]}'
+    )
+    # The naming: the default spelled out, every attribute under its own name.
+    naming = (
+        'NAMING = {"domain": "preserve", "op": "Prefetch", "max_size": "max_size", "offset": "offset", '
+        '"max_tokens": "max_tokens", "min_tokens": "min_tokens", "seq_axis": "seq_axis", "window": "window"}'
+    )
+    source = RUNNER_SOURCE.read_text().replace(
+        'LAYOUT = {"kv": [], "batch": [], "past": [], "total": []}', layout
+    )
+    source = source.replace('NAMING = {"domain": "preserve", "op": "Prefetch"}', naming)
     assert (bundled / "run_ranks.py").read_text() == source
     assert os.access(bundled / "run_ranks.py", os.X_OK)
 
@@ -76,7 +95,11 @@ def test_without_the_option_out_holds_only_the_models(tmp_path):
     r = cli("optimize", GQA, tmp_path / "out", "-q")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "model_00.onnx", "model_00.onnx.data", "model_01.onnx", "model_01.onnx.data"]
+        "model_00.onnx",
+        "model_00.onnx.data",
+        "model_01.onnx",
+        "model_01.onnx.data",
+    ]
 
 
 def test_the_runner_passes_against_the_original_without_preserve_onnx(bundled, bare_python, tmp_path):
@@ -86,8 +109,14 @@ def test_the_runner_passes_against_the_original_without_preserve_onnx(bundled, b
 
 
 def test_the_runner_lists_outputs_and_saves_them(bundled, bare_python, tmp_path):
-    r = runner(bare_python, bundled / "run_ranks.py", bundled / "model_01.onnx", "--save", tmp_path / "o.npz",
-               cwd=tmp_path)
+    r = runner(
+        bare_python,
+        bundled / "run_ranks.py",
+        bundled / "model_01.onnx",
+        "--save",
+        tmp_path / "o.npz",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "rank 0  logits  float32  1x1x160"
@@ -115,14 +144,18 @@ def test_the_runner_without_its_library_is_one_line(bundled, bare_python, tmp_pa
     shutil.copy(bundled / "run_ranks.py", tmp_path / "run_ranks.py")
     r = runner(bare_python, tmp_path / "run_ranks.py", GQA, cwd=tmp_path)
     assert (r.returncode, r.stdout) == (1, "")
-    assert r.stderr == (f"error: {tmp_path / 'libpreserve_ops.so'} is missing: it comes with this file "
-                        f"(preserve-onnx optimize --with-runtime)\n")
+    assert r.stderr == (
+        f"error: {tmp_path / 'libpreserve_ops.so'} is missing: it comes with this file "
+        f"(preserve-onnx optimize --with-runtime)\n"
+    )
 
 
 def test_the_runner_names_a_folder_without_rank_models(bundled, bare_python, tmp_path):
     r = runner(bare_python, bundled / "run_ranks.py", tmp_path, cwd=tmp_path)
     assert (r.returncode, r.stdout) == (1, "")
-    assert r.stderr == (f"error: {tmp_path} holds no rank models (model_00.onnx, ... or rank_0_<name>.onnx, ...)\n")
+    assert r.stderr == (
+        f"error: {tmp_path} holds no rank models (model_00.onnx, ... or rank_0_<name>.onnx, ...)\n"
+    )
 
 
 def test_one_model_file_is_a_usage_error(tmp_path):
@@ -131,8 +164,10 @@ def test_one_model_file_is_a_usage_error(tmp_path):
     (tmp_path / "one" / "run_ranks.py").write_text("mine\n")
     r = cli("optimize", GQA / "model_00.onnx", tmp_path / "one" / "model_00.onnx", "--with-runtime")
     assert r.exit_code == 2
-    assert r.output == ("error: --with-runtime writes a runnable folder: give IN as a directory of rank models "
-                        "(and OUT as a folder)\n")
+    assert r.output == (
+        "error: --with-runtime writes a runnable folder: give IN as a directory of rank models "
+        "(and OUT as a folder)\n"
+    )
     assert [p.name for p in (tmp_path / "one").iterdir()] == ["run_ranks.py"]
     assert (tmp_path / "one" / "run_ranks.py").read_text() == "mine\n"
 
@@ -148,8 +183,21 @@ def test_optimizing_again_into_the_same_out_replaces_it(tmp_path):
 
 def test_the_runner_knows_the_vendor_naming_optimize_used(bare_python, tmp_path):
     out = tmp_path / "vendor"
-    r = cli("optimize", GQA, out, "--with-runtime", "-q", "--prefetch-domain", "com.acme.npu", "--prefetch-op",
-            "CmoPrefetch", "--prefetch-attr", "max_size=size", "--prefetch-attr", "max_tokens=vt")
+    r = cli(
+        "optimize",
+        GQA,
+        out,
+        "--with-runtime",
+        "-q",
+        "--prefetch-domain",
+        "com.acme.npu",
+        "--prefetch-op",
+        "CmoPrefetch",
+        "--prefetch-attr",
+        "max_size=size",
+        "--prefetch-attr",
+        "max_tokens=vt",
+    )
     assert r.exit_code == 0, r.output
     run = runner(bare_python, out / "run_ranks.py", "--against", GQA, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
@@ -180,8 +228,19 @@ def test_the_runner_reads_renamed_live_range_attributes(bare_python, tmp_path):
     runner passes the names to the library, which needs seq_axis with L (a link without it fails)."""
     src = SAMPLES / "exporters" / "genai-llama-fp32" / "tp2"
     out = tmp_path / "genai"
-    r = cli("optimize", src, out, "--with-runtime", "-q", "--prefetch-attr", "seq_axis=kv_axis",
-            "--prefetch-attr", "window=kv_window", "--prefetch-attr", "min_tokens=fewest")
+    r = cli(
+        "optimize",
+        src,
+        out,
+        "--with-runtime",
+        "-q",
+        "--prefetch-attr",
+        "seq_axis=kv_axis",
+        "--prefetch-attr",
+        "window=kv_window",
+        "--prefetch-attr",
+        "min_tokens=fewest",
+    )
     assert r.exit_code == 0, r.output
     assert '"seq_axis": "kv_axis", "window": "kv_window"' in (out / "run_ranks.py").read_text()
     assert '"min_tokens": "fewest"' in (out / "run_ranks.py").read_text()

@@ -25,12 +25,27 @@ from preserve_onnx.calibrate.plan import Settings, device_index
 from preserve_onnx.calibrate.profile import calibrated_toml, profile_toml
 from preserve_onnx.calibrate.results import Measurements
 
-__all__ = ["Calibration", "ComparisonRow", "MaxTokens", "Measurements", "Settings", "calibrate",
-           "calibrated_toml", "evaluate_measurements", "profile_toml", "published_profile"]
+__all__ = [
+    "Calibration",
+    "ComparisonRow",
+    "MaxTokens",
+    "Measurements",
+    "Settings",
+    "calibrate",
+    "calibrated_toml",
+    "evaluate_measurements",
+    "profile_toml",
+    "published_profile",
+]
 
 
-def calibrate(device: str = "cuda:0", name: str | None = None, settings: Settings = Settings(),
-              command: str = "preserve-onnx calibrate", log: Callable[[str], None] = lambda _: None) -> Calibration:
+def calibrate(
+    device: str = "cuda:0",
+    name: str | None = None,
+    settings: Settings = Settings(),
+    command: str = "preserve-onnx calibrate",
+    log: Callable[[str], None] = lambda _: None,
+) -> Calibration:
     """Measure on ``device`` and check the cost model; ``name`` picks the published profile to start from
     (default: the built-in one the GPU's name matches)."""
     from preserve_onnx.calibrate.kernels import load_cupy

@@ -87,12 +87,15 @@ def published_profile(device: str, name: str | None) -> HardwareProfile:
     for needle, profile in DEVICE_PROFILES:
         if needle.lower() in device.lower():
             return builtin_profiles()[profile]
-    raise PreserveError(f"no published profile matches '{device}': pass --name with the profile to start from "
-                        f"(built in: {', '.join(builtin_profiles())})")
+    raise PreserveError(
+        f"no published profile matches '{device}': pass --name with the profile to start from "
+        f"(built in: {', '.join(builtin_profiles())})"
+    )
 
 
-def usable_l2(points: tuple[BandwidthPoint, ...], l2_bytes: int,
-              share: float = L2_PLATEAU_SHARE) -> tuple[float, int]:
+def usable_l2(
+    points: tuple[BandwidthPoint, ...], l2_bytes: int, share: float = L2_PLATEAU_SHARE
+) -> tuple[float, int]:
     """``(L2 bandwidth, usable L2 bytes)`` from the read-bandwidth sweep: the plateau is the best
     bandwidth up to half the L2; the usable L2 is the largest working set from the plateau on whose
     bandwidth stays within ``share`` of it (the first one below ends the search)."""
@@ -138,43 +141,88 @@ def calibrated_profile(published: HardwareProfile, m: Measurements) -> HardwareP
         sources[field] = f"measured on {where}: {how}; published: {shown} ({before})"
 
     if hbm_bw != published.hbm_bw:
-        cite("hbm_bw", f"{published.hbm_bw:g}", f"a streaming read reached {m.hbm.bytes_per_s:g} B/s, above "
-                                                f"the nominal figure, which it replaces")
-    cite("hbm_efficiency", f"{published.hbm_efficiency:g}",
-         f"streaming read of {format_size(m.hbm.working_set)} (>= 4x L2) at {m.hbm.bytes_per_s:.4g} B/s "
-         f"= {m.hbm.bytes_per_s / hbm_bw:.3f} of {hbm_bw:g}")
+        cite(
+            "hbm_bw",
+            f"{published.hbm_bw:g}",
+            f"a streaming read reached {m.hbm.bytes_per_s:g} B/s, above "
+            f"the nominal figure, which it replaces",
+        )
+    cite(
+        "hbm_efficiency",
+        f"{published.hbm_efficiency:g}",
+        f"streaming read of {format_size(m.hbm.working_set)} (>= 4x L2) at {m.hbm.bytes_per_s:.4g} B/s "
+        f"= {m.hbm.bytes_per_s / hbm_bw:.3f} of {hbm_bw:g}",
+    )
     cite("l2_bytes", f"{published.l2_bytes}", "the device's cudaDevAttrL2CacheSize")
-    cite("l2_bw", f"{published.l2_bw:g}", "best read bandwidth over working sets up to half the L2 "
-                                          "(ld.global.cg, repeated passes)")
-    cite("l2_usable_fraction", f"{published.l2_usable_fraction:g}",
-         f"read bandwidth stays within {L2_PLATEAU_SHARE:.0%} of the L2's up to {format_size(usable)} "
-         f"of {format_size(m.l2_bytes)}")
-    cite("peak_flops", f"{published.peak_flops:g}", "cuBLAS fp16 product 8192x8192x8192 (random data), median")
+    cite(
+        "l2_bw",
+        f"{published.l2_bw:g}",
+        "best read bandwidth over working sets up to half the L2 (ld.global.cg, repeated passes)",
+    )
+    cite(
+        "l2_usable_fraction",
+        f"{published.l2_usable_fraction:g}",
+        f"read bandwidth stays within {L2_PLATEAU_SHARE:.0%} of the L2's up to {format_size(usable)} "
+        f"of {format_size(m.l2_bytes)}",
+    )
+    cite(
+        "peak_flops", f"{published.peak_flops:g}", "cuBLAS fp16 product 8192x8192x8192 (random data), median"
+    )
     return dataclasses.replace(
-        published, description=f"{published.description}; calibrated on {m.provenance.device}",
-        l2_bytes=m.l2_bytes, hbm_bw=hbm_bw, hbm_efficiency=m.hbm.bytes_per_s / hbm_bw, l2_bw=l2_bw,
-        l2_usable_fraction=fraction, peak_flops=m.peak_flops, sources=sources)
+        published,
+        description=f"{published.description}; calibrated on {m.provenance.device}",
+        l2_bytes=m.l2_bytes,
+        hbm_bw=hbm_bw,
+        hbm_efficiency=m.hbm.bytes_per_s / hbm_bw,
+        l2_bw=l2_bw,
+        l2_usable_fraction=fraction,
+        peak_flops=m.peak_flops,
+        sources=sources,
+    )
 
 
 def gemv_model(tokens: int, k: int, n: int) -> onnx.ModelProto:
     """x[tokens, k] -> AllReduce -> MatMul(w[k, n] fp16) -> y: the measured case as the cost model sees
     it. The weight is an external-data stub: the model holds its shape, never its bytes."""
-    w = TensorProto(name=WEIGHT, data_type=TensorProto.FLOAT16, dims=[k, n], data_location=TensorProto.EXTERNAL)
+    w = TensorProto(
+        name=WEIGHT, data_type=TensorProto.FLOAT16, dims=[k, n], data_location=TensorProto.EXTERNAL
+    )
     w.external_data.add(key="location", value="calibrate-weight.bin")
-    nodes = [helper.make_node("AllReduce", ["x"], ["a"], name="collective", domain="com.microsoft"),
-             helper.make_node("MatMul", ["a", WEIGHT], ["y"], name="gemv")]
-    graph = helper.make_graph(nodes, "calibrate", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [tokens, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [tokens, n])], [w])
-    return helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17),
-                                                                 helper.make_opsetid("com.microsoft", 1)])
+    nodes = [
+        helper.make_node("AllReduce", ["x"], ["a"], name="collective", domain="com.microsoft"),
+        helper.make_node("MatMul", ["a", WEIGHT], ["y"], name="gemv"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "calibrate",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [tokens, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [tokens, n])],
+        [w],
+    )
+    return helper.make_model(
+        graph,
+        ir_version=9,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
 
 
-def predict(profile: HardwareProfile, tokens: int, k: int, n: int, alpha_s: float, prefetch_bytes: int,
-            l2_fraction: float = 0.5) -> tuple[float, float, int]:
+def predict(
+    profile: HardwareProfile,
+    tokens: int,
+    k: int,
+    n: int,
+    alpha_s: float,
+    prefetch_bytes: int,
+    l2_fraction: float = 0.5,
+) -> tuple[float, float, int]:
     """The cost model on one case: ``(baseline step s, saving s, bytes in L2 when the GEMV starts)``."""
     hw = dataclasses.replace(profile, collective_alpha=alpha_s, collective="", collective_alphas=())
-    analysis = analyze(gemv_model(tokens, k, n), OptimizeConfig(hardware=hw, batch=1, l2_fraction=l2_fraction),
-                       model_ranks=1, source="calibrate")
+    analysis = analyze(
+        gemv_model(tokens, k, n),
+        OptimizeConfig(hardware=hw, batch=1, l2_fraction=l2_fraction),
+        model_ranks=1,
+        source="calibrate",
+    )
     base = simulate(analysis, hw, ((),), 1, l2_fraction, "baseline")
     full = simulate(analysis, hw, (((WEIGHT, prefetch_bytes),),), 1, l2_fraction, "upper bound")
     return base.step_s, base.step_s - full.step_s, full.moved[0]
@@ -186,13 +234,28 @@ def flagged(measured: float, predicted: float, noise: float, share: float) -> bo
     return miss > share * abs(measured) and miss > noise
 
 
-def compare(profile: HardwareProfile, cases: tuple[PrefetchCase, ...], share: float) -> tuple[ComparisonRow, ...]:
+def compare(
+    profile: HardwareProfile, cases: tuple[PrefetchCase, ...], share: float
+) -> tuple[ComparisonRow, ...]:
     rows = []
     for c in cases:
         base, saved, moved = predict(profile, c.tokens, c.k, c.n, c.alpha_s, c.prefetch_bytes)
-        rows.append(ComparisonRow(
-            c.tokens, c.weight_bytes, c.alpha_s, c.prefetch_bytes, c.baseline_s, base, c.saved_s, saved, moved,
-            c.noise_s, saved / c.saved_s - 1 if c.saved_s else None, flagged(c.saved_s, saved, c.noise_s, share)))
+        rows.append(
+            ComparisonRow(
+                c.tokens,
+                c.weight_bytes,
+                c.alpha_s,
+                c.prefetch_bytes,
+                c.baseline_s,
+                base,
+                c.saved_s,
+                saved,
+                moved,
+                c.noise_s,
+                saved / c.saved_s - 1 if c.saved_s else None,
+                flagged(c.saved_s, saved, c.noise_s, share),
+            )
+        )
     return tuple(rows)
 
 
@@ -213,5 +276,11 @@ def evaluate_measurements(m: Measurements, published: HardwareProfile, settings:
     profile = calibrated_profile(published, m)
     if not math.isfinite(profile.peak_flops) or profile.peak_flops <= 0:
         raise PreserveError(f"measured peak FLOP/s is {profile.peak_flops}: the fp16 product did not run")
-    return Calibration(m, published, profile, compare(profile, m.cases, settings.flag_share),
-                       max_tokens(profile, m, settings), settings)
+    return Calibration(
+        m,
+        published,
+        profile,
+        compare(profile, m.cases, settings.flag_share),
+        max_tokens(profile, m, settings),
+        settings,
+    )

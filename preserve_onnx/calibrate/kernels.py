@@ -111,8 +111,9 @@ def load_cupy():
     try:
         import cupy
     except ImportError as exc:
-        raise PreserveError(f"calibrate needs CuPy and a CUDA GPU; CuPy is not importable ({exc}): "
-                            f"{CUPY_HINT}") from None
+        raise PreserveError(
+            f"calibrate needs CuPy and a CUDA GPU; CuPy is not importable ({exc}): {CUPY_HINT}"
+        ) from None
     return cupy
 
 
@@ -125,4 +126,6 @@ def compile_kernels(cp, major: int, minor: int) -> dict:
         return {name: module.get_function(name) for name in KERNELS}
     except Exception as exc:  # noqa: BLE001 - NVRTC's and the driver's errors alike
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PreserveError(f"the calibration kernels did not compile for sm_{major}{minor}: {first}") from None
+        raise PreserveError(
+            f"the calibration kernels did not compile for sm_{major}{minor}: {first}"
+        ) from None

@@ -57,7 +57,9 @@ def stream_launch(nbytes: int, sm_count: int) -> Launch:
     """The streaming read's grid over ``nbytes``: enough blocks to fill every SM (4 x 512 threads each),
     no more than there are 16-byte vectors to read (a 1 MiB working set still spreads over 128 blocks)."""
     if nbytes <= 0 or nbytes % VECTOR_BYTES:
-        raise ValueError(f"the streaming read needs a positive multiple of {VECTOR_BYTES} bytes, got {nbytes}")
+        raise ValueError(
+            f"the streaming read needs a positive multiple of {VECTOR_BYTES} bytes, got {nbytes}"
+        )
     if sm_count < 1:
         raise ValueError("sm_count must be at least 1")
     vectors = nbytes // VECTOR_BYTES
@@ -103,8 +105,10 @@ def prefetch_chunks(nbytes: int, bulk: bool, chunk: int = BULK_PREFETCH_CHUNK) -
 
 def chunk_ranges(chunking: Chunking) -> tuple[tuple[int, int], ...]:
     """``(offset, size)`` of every instruction of ``chunking``, in issue order (what the kernel computes)."""
-    return tuple((i * chunking.chunk, chunking.chunk if i < chunking.count - 1 else chunking.last)
-                 for i in range(chunking.count))
+    return tuple(
+        (i * chunking.chunk, chunking.chunk if i < chunking.count - 1 else chunking.last)
+        for i in range(chunking.count)
+    )
 
 
 def prefetch_launch(chunking: Chunking, sm_count: int) -> Launch:
@@ -138,8 +142,12 @@ def prefetch_instruction(major: int, minor: int) -> str:
 
 def cases(settings: Settings) -> tuple[tuple[int, int, float], ...]:
     """The prefetch cases as ``(tokens, weight bytes, alpha seconds)``, weight-major."""
-    return tuple((t, w * MIB, a / 1e6) for w in settings.weights_mib for a in settings.alphas_us
-                 for t in settings.tokens)
+    return tuple(
+        (t, w * MIB, a / 1e6)
+        for w in settings.weights_mib
+        for a in settings.alphas_us
+        for t in settings.tokens
+    )
 
 
 def device_index(text: str) -> int:
@@ -147,7 +155,7 @@ def device_index(text: str) -> int:
     from preserve_onnx.errors import PreserveError
 
     spec = text.strip().lower()
-    index = spec[len("cuda:"):] if spec.startswith("cuda:") else "0" if spec == "cuda" else spec
+    index = spec[len("cuda:") :] if spec.startswith("cuda:") else "0" if spec == "cuda" else spec
     if not (index.isascii() and index.isdigit()):
         raise PreserveError(f"--device '{text}': expected cuda:N (a CUDA device index, e.g. cuda:0)")
     return int(index)

@@ -42,7 +42,10 @@ def profile_toml(hw: HardwareProfile) -> str:
         lines.append(f"collective = {_value(hw.collective)}")
         if "collective" in hw.sources:
             lines.append(f"collective_source = {_value(hw.sources['collective'])}")
-        put("collective_alpha", "{ " + ", ".join(f"{_key(i)} = {_value(a)}" for i, a in hw.collective_alphas) + " }")
+        put(
+            "collective_alpha",
+            "{ " + ", ".join(f"{_key(i)} = {_value(a)}" for i, a in hw.collective_alphas) + " }",
+        )
     else:
         put("collective_alpha", _value(hw.collective_alpha))
     if hw.has_area_cost:
@@ -52,10 +55,12 @@ def profile_toml(hw: HardwareProfile) -> str:
 
 
 def calibrated_toml(profile: HardwareProfile, published: HardwareProfile, fields: tuple[str, ...]) -> str:
-    """The written file: a header of the measured ``fields`` beside the published figures, then the profile."""
-    head = [f"# {profile.name}: calibrated by `preserve-onnx calibrate` (docs/calibrate.md).",
-            "# The measured figures below replace the published ones; each <field>_source says how it was",
-            "# measured and keeps the published figure and its source.",
-            "# field: measured (published)"]
+    """The file to write: a header of the measured ``fields`` beside the published ones, then the profile."""
+    head = [
+        f"# {profile.name}: calibrated by `preserve-onnx calibrate` (docs/calibrate.md).",
+        "# The measured figures below replace the published ones; each <field>_source says how it was",
+        "# measured and keeps the published figure and its source.",
+        "# field: measured (published)",
+    ]
     head += [f"#   {f}: {getattr(profile, f)!r} ({getattr(published, f)!r})" for f in fields]
     return "\n".join(head) + "\n\n" + profile_toml(profile)

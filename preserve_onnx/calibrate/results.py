@@ -17,8 +17,10 @@ class Provenance:
     command: str  # the command line that ran the calibration
 
     def cite(self) -> str:
-        return f"{self.device} (sm {self.compute_capability}, driver {self.driver}, {self.cuda}), {self.date}, " \
-               f"`{self.command}`"
+        return (
+            f"{self.device} (sm {self.compute_capability}, driver {self.driver}, {self.cuda}), {self.date}, "
+            f"`{self.command}`"
+        )
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,27 @@ from preserve_onnx.errors import PreserveError
 
 # Bits per element for every TensorProto data type we can size; sub-byte types pack.
 _BITS = {
-    TensorProto.FLOAT: 32, TensorProto.UINT8: 8, TensorProto.INT8: 8, TensorProto.UINT16: 16,
-    TensorProto.INT16: 16, TensorProto.INT32: 32, TensorProto.INT64: 64, TensorProto.BOOL: 8,
-    TensorProto.FLOAT16: 16, TensorProto.DOUBLE: 64, TensorProto.UINT32: 32, TensorProto.UINT64: 64,
-    TensorProto.COMPLEX64: 64, TensorProto.COMPLEX128: 128, TensorProto.BFLOAT16: 16,
-    TensorProto.FLOAT8E4M3FN: 8, TensorProto.FLOAT8E4M3FNUZ: 8, TensorProto.FLOAT8E5M2: 8,
-    TensorProto.FLOAT8E5M2FNUZ: 8, TensorProto.UINT4: 4, TensorProto.INT4: 4,
+    TensorProto.FLOAT: 32,
+    TensorProto.UINT8: 8,
+    TensorProto.INT8: 8,
+    TensorProto.UINT16: 16,
+    TensorProto.INT16: 16,
+    TensorProto.INT32: 32,
+    TensorProto.INT64: 64,
+    TensorProto.BOOL: 8,
+    TensorProto.FLOAT16: 16,
+    TensorProto.DOUBLE: 64,
+    TensorProto.UINT32: 32,
+    TensorProto.UINT64: 64,
+    TensorProto.COMPLEX64: 64,
+    TensorProto.COMPLEX128: 128,
+    TensorProto.BFLOAT16: 16,
+    TensorProto.FLOAT8E4M3FN: 8,
+    TensorProto.FLOAT8E4M3FNUZ: 8,
+    TensorProto.FLOAT8E5M2: 8,
+    TensorProto.FLOAT8E5M2FNUZ: 8,
+    TensorProto.UINT4: 4,
+    TensorProto.INT4: 4,
 }
 for _name, _bits in (("FLOAT4E2M1", 4), ("FLOAT8E8M0", 8), ("UINT2", 2), ("INT2", 2)):
     if hasattr(TensorProto, _name):
@@ -36,7 +51,9 @@ for _name, _bits in (("FLOAT4E2M1", 4), ("FLOAT8E8M0", 8), ("UINT2", 2), ("INT2"
 def dtype_bits(data_type: int, what: str) -> int:
     """Bits per element of ``data_type``; PreserveError naming ``what`` for unknown or string types."""
     if data_type not in _BITS:
-        name = TensorProto.DataType.Name(data_type) if data_type in TensorProto.DataType.values() else data_type
+        name = (
+            TensorProto.DataType.Name(data_type) if data_type in TensorProto.DataType.values() else data_type
+        )
         raise PreserveError(f"{what}: unsupported element type {name}")
     return _BITS[data_type]
 
@@ -115,7 +132,9 @@ def iter_scopes(model: onnx.ModelProto) -> Iterator[Scope]:
     """Every graph of the model (main first, then subgraphs depth-first in node order)."""
     main = model.graph
     main_inputs = {vi.name: vi for vi in main.input}
-    yield from _walk(main, "", {}, {}, main_inputs, frozenset(), frozenset(), (frozenset(), frozenset(), frozenset()))
+    yield from _walk(
+        main, "", {}, {}, main_inputs, frozenset(), frozenset(), (frozenset(), frozenset(), frozenset())
+    )
 
 
 def _walk(graph, path, outer_inits, outer_producers, main_inputs, own_inputs, outer_locals, outer_dq):
@@ -151,8 +170,11 @@ def _walk(graph, path, outer_inits, outer_producers, main_inputs, own_inputs, ou
             elif attr.type == AttributeProto.GRAPHS:
                 subs = [(f"{attr.name}[{i}]", g) for i, g in enumerate(attr.graphs)]
             for attr_name, sub in subs:
-                sub_path = f"{path}/{node_label(node, index)}:{attr_name}" if path else \
-                    f"{node_label(node, index)}:{attr_name}"
+                sub_path = (
+                    f"{path}/{node_label(node, index)}:{attr_name}"
+                    if path
+                    else f"{node_label(node, index)}:{attr_name}"
+                )
                 sub_inputs = frozenset(vi.name for vi in sub.input)
                 yield from _walk(sub, sub_path, inits, producers, main_inputs, sub_inputs, local_inputs, dq)
 
@@ -190,6 +212,7 @@ def declared_types(graph: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:
 
 
 # -- attributes, op matching and the node-level index (shard, the cost model, dim binding) ------------
+
 
 def attr(node: NodeProto, name: str, default=None):
     """The value of ``node``'s attribute ``name`` (ints, floats, lists, TensorProto, bytes as onnx.helper

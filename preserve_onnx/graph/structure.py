@@ -65,6 +65,7 @@ CONSUMERS: dict[tuple[str, str], Slots] = {
     # GatherBlockQuantized (a quantized embedding) reads a few rows: not a consumer.
 }
 
+
 def consumer_slots(node: NodeProto) -> Slots | None:
     return CONSUMERS.get(op_key(node))
 
@@ -160,10 +161,14 @@ def reads_bytes(node: NodeProto) -> bool:
 
 # The attention operators that hold a whole attention block (output 0 is the context, outputs 1-2 the
 # present KV-cache): (domain, op_type), domain "" for ai.onnx. The one attention-op table of the project.
-ATTENTION_OPS = frozenset({
-    (MS_DOMAIN, "GroupQueryAttention"), (MS_DOMAIN, "MultiHeadAttention"), (MS_DOMAIN, "Attention"),
-    ("", "Attention"),
-})
+ATTENTION_OPS = frozenset(
+    {
+        (MS_DOMAIN, "GroupQueryAttention"),
+        (MS_DOMAIN, "MultiHeadAttention"),
+        (MS_DOMAIN, "Attention"),
+        ("", "Attention"),
+    }
+)
 
 
 def op_key(node: NodeProto) -> tuple[str, str]:

@@ -24,8 +24,12 @@ RUNNER_NAME = "run_ranks.py"
 _RUNNER_SOURCE = Path(__file__).resolve().parent / "standalone_runner.py"
 
 
-def write_runtime(folder: Path, naming: PrefetchNaming = PrefetchNaming(),
-                  dims: Mapping[str, int] | None = None, layout: DecodeLayout | None = None) -> tuple[Path, Path]:
+def write_runtime(
+    folder: Path,
+    naming: PrefetchNaming = PrefetchNaming(),
+    dims: Mapping[str, int] | None = None,
+    layout: DecodeLayout | None = None,
+) -> tuple[Path, Path]:
     """Writes ``libpreserve_ops.so`` and ``run_ranks.py`` into ``folder`` (each atomically); the runner
     knows ``naming``, the spelling of the Prefetch nodes it will meet, ``dims`` (``--dim``) and
     ``layout``, the models' decode layout (docs/design.md §2): the dims the graphs fix and the KV-cache
@@ -41,12 +45,19 @@ def write_runtime(folder: Path, naming: PrefetchNaming = PrefetchNaming(),
     library = library_path()
     copy_file_atomic(library, folder / library.name)
     runner = folder / RUNNER_NAME
-    spelled = {"domain": naming.domain, "op": naming.op_type,
-               **dict(zip(PREFETCH_KERNEL_ATTRS, prefetch_attr_names(naming), strict=True))}
+    spelled = {
+        "domain": naming.domain,
+        "op": naming.op_type,
+        **dict(zip(PREFETCH_KERNEL_ATTRS, prefetch_attr_names(naming), strict=True)),
+    }
     source = _RUNNER_SOURCE.read_text()
     layout = layout or DecodeLayout()
-    roles = {"kv": sorted(layout.kv_axes), "batch": sorted(layout.batch), "past": sorted(layout.past),
-             "total": sorted(layout.total)}
+    roles = {
+        "kv": sorted(layout.kv_axes),
+        "batch": sorted(layout.batch),
+        "past": sorted(layout.past),
+        "total": sorted(layout.total),
+    }
     fixed = {**layout.fixed, **(dims or {})}
     for name, value in (("NAMING", spelled), ("DIMS", dict(sorted(fixed.items()))), ("LAYOUT", roles)):
         source, count = re.subn(rf"^{name} = \{{.*\}}$", f"{name} = {json.dumps(value)}", source, flags=re.M)

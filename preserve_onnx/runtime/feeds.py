@@ -57,7 +57,9 @@ def layout_of(source: object) -> DecodeLayout:
         from preserve_onnx.model_io import load_model
 
         first = models[0]
-        known = decode_layout(first if isinstance(first, onnx.ModelProto) else load_model(pathlib.Path(first)))
+        known = decode_layout(
+            first if isinstance(first, onnx.ModelProto) else load_model(pathlib.Path(first))
+        )
         source._decode_layout = known
     return known
 
@@ -75,7 +77,9 @@ def _input_meta(source: object) -> list[tuple[TensorMeta, ...]]:
             return [tensor_meta(s.get_inputs()) for s in source]
         if all(isinstance(r, Sequence) and all(isinstance(m, TensorMeta) for m in r) for r in source):
             return [tuple(r) for r in source]
-    raise PreserveError("generate_feeds needs a RankSession, InferenceSession(s) or per-rank TensorMeta lists")
+    raise PreserveError(
+        "generate_feeds needs a RankSession, InferenceSession(s) or per-rank TensorMeta lists"
+    )
 
 
 def _discover_vocab(source: object) -> int:
@@ -94,8 +98,9 @@ def _discover_vocab(source: object) -> int:
     return min(sizes) if sizes else DEFAULT_VOCAB
 
 
-def _shape(meta: TensorMeta, layout: DecodeLayout, values: Mapping[str, int], batch: int,
-           context: int) -> tuple[int, ...]:
+def _shape(
+    meta: TensorMeta, layout: DecodeLayout, values: Mapping[str, int], batch: int, context: int
+) -> tuple[int, ...]:
     """``meta``'s shape at the step: its KV-cache axes (an unnamed dim there too) by the layout's roles."""
     axes = layout.kv_axes.get(meta.name)
     by_axis = {axis: size for axis, size in zip(axes, (batch, context)) if axis is not None} if axes else None
@@ -106,8 +111,14 @@ def _rng(seed: int, name: str, rank: int | None) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode()), 0 if rank is None else rank + 1])
 
 
-def _generate(meta: TensorMeta, shape: tuple[int, ...], rng: np.random.Generator, context: int, vocab: int,
-              kv_cache: bool):
+def _generate(
+    meta: TensorMeta,
+    shape: tuple[int, ...],
+    rng: np.random.Generator,
+    context: int,
+    vocab: int,
+    kv_cache: bool,
+):
     dtype = meta.dtype
     name = meta.name
     if dtype == np.dtype(object):
@@ -190,7 +201,9 @@ def generate_feeds(
             shape = _shape(m, layout, values, batch, context)
             kv_cache = m.name in layout.kv_axes
             if kv_cache or len(signatures[m.name]) > 1:
-                per_rank[rank][m.name] = _generate(m, shape, _rng(seed, m.name, rank), context, vocab, kv_cache)
+                per_rank[rank][m.name] = _generate(
+                    m, shape, _rng(seed, m.name, rank), context, vocab, kv_cache
+                )
             elif m.name not in shared:
                 shared[m.name] = _generate(m, shape, _rng(seed, m.name, None), context, vocab, kv_cache)
     return shared, per_rank
@@ -242,7 +255,9 @@ def load_feeds(path: str | os.PathLike) -> tuple[SharedFeeds, PerRankFeeds]:
     return shared, per_rank
 
 
-def save_outputs(path: str | os.PathLike, outputs_per_rank: Sequence[Mapping[str, np.ndarray]]) -> pathlib.Path:
+def save_outputs(
+    path: str | os.PathLike, outputs_per_rank: Sequence[Mapping[str, np.ndarray]]
+) -> pathlib.Path:
     """Writes every rank's outputs to an ``.npz`` file as ``rank{r}/NAME``, atomically.
 
     Args:

@@ -19,6 +19,7 @@ _LIB_NAME = "libpreserve_ops.so"
 PREFETCH_KERNEL_ATTRS = ("max_size", "offset", "max_tokens", "min_tokens", "seq_axis", "window")
 _LIB_DIR = pathlib.Path(__file__).resolve().parent / "_lib"  # setup.py and `make lib` build it there
 
+
 def library_path() -> pathlib.Path:
     """Returns the path of the built custom-op library.
 
@@ -34,13 +35,17 @@ def library_path() -> pathlib.Path:
         marker = path.with_name("NOT_BUILT")
         if marker.is_file():
             reason = (marker.read_text().strip().splitlines() or ["unknown reason"])[0]
-            raise PreserveError(f"the runtime's custom-op library was not built when preserve-onnx was installed "
-                                f"({reason}): provide what it names (a C++ compiler such as g++; onnxruntime's C "
-                                f"headers: ORT_INCLUDE_DIR=<the include folder of onnxruntime's release archive or "
-                                f"of Debian's libonnxruntime-dev>) and reinstall: pip install --force-reinstall "
-                                f"--no-deps <preserve-onnx's source folder or sdist>")
-        raise PreserveError(f"the runtime's custom-op library {path} is missing: reinstall preserve-onnx from its "
-                            f"source folder or sdist where g++ is installed, or run `make lib` in a clone")
+            raise PreserveError(
+                f"the runtime's custom-op library was not built when preserve-onnx was installed "
+                f"({reason}): provide what it names (a C++ compiler such as g++; onnxruntime's C "
+                f"headers: ORT_INCLUDE_DIR=<the include folder of onnxruntime's release archive or "
+                f"of Debian's libonnxruntime-dev>) and reinstall: pip install --force-reinstall "
+                f"--no-deps <preserve-onnx's source folder or sdist>"
+            )
+        raise PreserveError(
+            f"the runtime's custom-op library {path} is missing: reinstall preserve-onnx from its "
+            f"source folder or sdist where g++ is installed, or run `make lib` in a clone"
+        )
     return path
 
 
@@ -69,15 +74,19 @@ def check_onnxruntime(lib: ctypes.CDLL) -> None:
     try:
         api_version = lib.preserve_ort_api_version
     except AttributeError:  # a library built from an older source than this package
-        raise PreserveError(f"the runtime's custom-op library {lib._name} is older than this preserve-onnx: rebuild "
-                            f"it (`make lib` in a clone, or reinstall preserve-onnx)") from None
+        raise PreserveError(
+            f"the runtime's custom-op library {lib._name} is older than this preserve-onnx: rebuild "
+            f"it (`make lib` in a clone, or reinstall preserve-onnx)"
+        ) from None
     api_version.restype = ctypes.c_int
     api = int(api_version())
     installed = ort.__version__
     if _version_tuple(installed)[:2] < (1, api):
-        raise PreserveError(f"onnxruntime {installed} is older than the runtime's custom-op library needs "
-                            f"(onnxruntime 1.{api}, C API version {api}): upgrade it: pip install --upgrade "
-                            f"'onnxruntime>=1.{api}'")
+        raise PreserveError(
+            f"onnxruntime {installed} is older than the runtime's custom-op library needs "
+            f"(onnxruntime 1.{api}, C API version {api}): upgrade it: pip install --upgrade "
+            f"'onnxruntime>=1.{api}'"
+        )
 
 
 def native_library() -> ctypes.CDLL:

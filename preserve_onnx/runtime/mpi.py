@@ -55,8 +55,10 @@ from preserve_onnx.runtime.options import (
 from preserve_onnx.runtime.session import Ranks, _first_line
 from preserve_onnx.runtime.values import from_ortvalue, tensor_meta
 
-INSTALL_HINT = ("the mpi backend needs mpi4py and an MPI library: `make mpi` (Open MPI from the distribution's "
-                "packages, mpi4py into the venv), or `pip install 'preserve-onnx[mpi]'` next to an installed MPI")
+INSTALL_HINT = (
+    "the mpi backend needs mpi4py and an MPI library: `make mpi` (Open MPI from the distribution's "
+    "packages, mpi4py into the venv), or `pip install 'preserve-onnx[mpi]'` next to an installed MPI"
+)
 _TAG_OBJECT = 21
 _STOPPED = "stopped because rank"  # the library's words when a peer's failure ended a collective
 _EXIT_GRACE_S = 10.0
@@ -85,7 +87,9 @@ def _loaded_libmpi() -> str:
                     return path
     except OSError:
         pass
-    raise PreserveError("mpi4py is imported but no libmpi.so is mapped in this process; cannot bind the kernels to MPI")
+    raise PreserveError(
+        "mpi4py is imported but no libmpi.so is mapped in this process; cannot bind the kernels to MPI"
+    )
 
 
 class PeerFailed(PreserveError):
@@ -93,7 +97,7 @@ class PeerFailed(PreserveError):
 
 
 class MpiContext:
-    """This process's binding of the kernels to an MPI communicator (one per process; see :func:`get_context`).
+    """This process's binding of the kernels to an MPI communicator (one per process: :func:`get_context`).
 
     Holds three duplicates of the communicator, all with MPI_ERRORS_RETURN: ``data`` (the kernels'
     tensors), ``control`` (FAIL / EXIT notices) and ``objects`` (the exchanges of Python objects here).
@@ -119,8 +123,16 @@ class MpiContext:
         self.local_size = shared.Get_size()
         shared.Free()
         lib = self._lib
-        lib.preserve_mpi_bind.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int64,
-                                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+        lib.preserve_mpi_bind.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_int,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
         lib.preserve_mpi_bind.restype = ctypes.c_int
         lib.preserve_mpi_last_error.restype = ctypes.c_char_p
         lib.preserve_mpi_fail.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
@@ -129,15 +141,23 @@ class MpiContext:
         lib.preserve_mpi_unbind.argtypes = [ctypes.c_char_p]
         lib.preserve_set_sigterm_message.argtypes = [ctypes.c_char_p]
         handle_size = MPI._sizeof(MPI.Comm)
-        rc = lib.preserve_mpi_bind(self.group.encode(), _loaded_libmpi().encode(), handle_size,
-                                   MPI._handleof(self.data), MPI._handleof(self.control), MPI._handleof(MPI.BYTE),
-                                   self.rank, self.size)
+        rc = lib.preserve_mpi_bind(
+            self.group.encode(),
+            _loaded_libmpi().encode(),
+            handle_size,
+            MPI._handleof(self.data),
+            MPI._handleof(self.control),
+            MPI._handleof(MPI.BYTE),
+            self.rank,
+            self.size,
+        )
         if rc != 0:
             raise PreserveError(lib.preserve_mpi_last_error().decode(errors="replace"))
         if self.size > 1:
             lib.preserve_set_sigterm_message(
                 f"error: rank {self.rank}: stopped by mpirun (SIGTERM): another process of the job ended; "
-                "see its message".encode())
+                "see its message".encode()
+            )
         atexit.register(self._at_exit)
 
     # -- failures ---------------------------------------------------------------------------------
@@ -183,8 +203,9 @@ class MpiContext:
 
     # -- exchanges of Python objects, failure- and deadline-aware ---------------------------------
 
-    def _exchange(self, sends: Mapping[int, Any], sources: Sequence[int], what: str,
-                  timeout_s: float | None) -> dict[int, Any]:
+    def _exchange(
+        self, sends: Mapping[int, Any], sources: Sequence[int], what: str, timeout_s: float | None
+    ) -> dict[int, Any]:
         """Sends ``sends[p]`` to each p and receives one object from each source, polling for failures."""
         self.check_peers()
         requests = [self.objects.isend(obj, dest=p, tag=_TAG_OBJECT) for p, obj in sends.items()]
@@ -204,8 +225,10 @@ class MpiContext:
             waited = time.monotonic() - start
             if timeout_s is not None and waited > timeout_s:
                 missing = ", ".join(str(p) for p in sources if p not in got) or "(sends did not finish)"
-                raise PreserveError(f"rank {self.rank}: timed out after {timeout_s:g} s waiting for rank(s) "
-                                    f"{missing} in {what}")
+                raise PreserveError(
+                    f"rank {self.rank}: timed out after {timeout_s:g} s waiting for rank(s) "
+                    f"{missing} in {what}"
+                )
             naps += 1
             if naps > 200:
                 time.sleep(0.0005 if waited < 1 else 0.005)
@@ -250,7 +273,8 @@ def check_world(models: Sequence[Any], ctx: MpiContext, what: str = "the model")
     if len(models) != ctx.size:
         raise PreserveError(
             f"{what} has {len(models)} rank model(s) but this MPI job has {ctx.size} process(es): "
-            f"start it with `mpirun -n {len(models)}`")
+            f"start it with `mpirun -n {len(models)}`"
+        )
 
 
 class MpiRankSession(Ranks):
@@ -301,10 +325,16 @@ class MpiRankSession(Ranks):
         self._rank = ctx.rank
         self._run_lock = threading.Lock()
         options = session_options(
-            rank=ctx.rank, world=ctx.size, group=ctx.group, level=optimization_level(opt_level),
+            rank=ctx.rank,
+            world=ctx.size,
+            group=ctx.group,
+            level=optimization_level(opt_level),
             threads=intra_op_threads or max(1, (os.cpu_count() or 1) // ctx.local_size),
-            timeout_s=self._timeout_s, prefetch=(prefetch_domain, prefetch_op, *prefetch_attrs), transport="mpi",
-            com_microsoft=imports_com_microsoft(models[ctx.rank]))
+            timeout_s=self._timeout_s,
+            prefetch=(prefetch_domain, prefetch_op, *prefetch_attrs),
+            transport="mpi",
+            com_microsoft=imports_com_microsoft(models[ctx.rank]),
+        )
         model = models[ctx.rank]
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
         try:
@@ -364,12 +394,18 @@ class MpiRankSession(Ranks):
             feed = self._local_feeds(feeds, rank_feeds or {})
             with self._run_lock:
                 values = self._session.run_with_ort_values(None, feed)
-            mine = {m.name: from_ortvalue(v, m) for m, v in zip(self._outputs[self._rank], values, strict=True)}
+            mine = {
+                m.name: from_ortvalue(v, m) for m, v in zip(self._outputs[self._rank], values, strict=True)
+            }
             results: list[dict[str, np.ndarray]] = [{} for _ in range(self._world)]
             results[self._rank] = mine
             if self._share_logits and self._world > 1:
-                logits = ctx.bcast(mine.get("logits") if self._rank == 0 else None, 0, "the broadcast of rank 0's logits",
-                                   self._timeout_s)
+                logits = ctx.bcast(
+                    mine.get("logits") if self._rank == 0 else None,
+                    0,
+                    "the broadcast of rank 0's logits",
+                    self._timeout_s,
+                )
                 if self._rank != 0:
                     results[0] = {"logits": logits}
             return results
@@ -382,8 +418,9 @@ class MpiRankSession(Ranks):
             ctx.fail(reason)
             raise PreserveError(f"rank {self._rank}: {reason}") from exc
 
-    def _local_feeds(self, feeds: Mapping[str, np.ndarray],
-                     rank_feeds: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, ort.OrtValue]:
+    def _local_feeds(
+        self, feeds: Mapping[str, np.ndarray], rank_feeds: Mapping[int, Mapping[str, np.ndarray]]
+    ) -> dict[str, ort.OrtValue]:
         self._check_feeds(feeds, rank_feeds)
         return self._feeds_of(self._rank, feeds, rank_feeds)
 
@@ -407,10 +444,21 @@ def _merge(comparisons: Sequence[Comparison]) -> Comparison:
     return Comparison(identical=not differing, worst=worst, differing=tuple(sorted(differing)))
 
 
-def run_models_mpi(path: Path, *, against: Path | None = None, inputs: Path | None = None, steps: int = 1,
-                   batch: int = 1, context: int = 16, seed: int = 0, opt_level: str = "all",
-                   naming: PrefetchNaming = PrefetchNaming(), timeout_s: float = 60, comm: Any = None,
-                   dims: Mapping[str, int] | None = None):
+def run_models_mpi(
+    path: Path,
+    *,
+    against: Path | None = None,
+    inputs: Path | None = None,
+    steps: int = 1,
+    batch: int = 1,
+    context: int = 16,
+    seed: int = 0,
+    opt_level: str = "all",
+    naming: PrefetchNaming = PrefetchNaming(),
+    timeout_s: float = 60,
+    comm: Any = None,
+    dims: Mapping[str, int] | None = None,
+):
     """:func:`~preserve_onnx.runtime.runner.run_models` with one process per rank (call it on every rank).
 
     Every process reads the same paths (models, ``--inputs``): across machines they must exist on each.
@@ -426,23 +474,45 @@ def run_models_mpi(path: Path, *, against: Path | None = None, inputs: Path | No
         raise PreserveError(f"{path} has {len(models)} ranks but {against} has {len(originals)}")
     try:
         # Every process must run the same command: a difference would pair the wrong collectives.
-        args = (tuple(str(m) for m in models), tuple(str(m) for m in originals), str(inputs), steps, batch, context,
-                seed, opt_level, naming.domain, naming.op_type, tuple(sorted((dims or {}).items())))
+        args = (
+            tuple(str(m) for m in models),
+            tuple(str(m) for m in originals),
+            str(inputs),
+            steps,
+            batch,
+            context,
+            seed,
+            opt_level,
+            naming.domain,
+            naming.op_type,
+            tuple(sorted((dims or {}).items())),
+        )
         seen = ctx.allgather(args, "the start-up check", timeout_s)
         for rank, other in enumerate(seen):
             if other != args:
                 raise PreserveError(f"rank {rank} was started with other arguments than rank {ctx.rank}")
         kw = session_kwargs(naming, opt_level, timeout_s)
         with MpiRankSession(list(models), comm=comm, **kw) as session:
-            shared, per_rank, outputs = decode(session, inputs, steps=steps, batch=batch, context=context,
-                                               seed=seed, dims=dims if inputs is None else None)
+            shared, per_rank, outputs = decode(
+                session,
+                inputs,
+                steps=steps,
+                batch=batch,
+                context=context,
+                seed=seed,
+                dims=dims if inputs is None else None,
+            )
         comparison = None
         if against is not None:
-            with running_original(against, keep=(PeerFailed,)), \
-                    MpiRankSession(list(originals), comm=comm, **kw) as original:
+            with (
+                running_original(against, keep=(PeerFailed,)),
+                MpiRankSession(list(originals), comm=comm, **kw) as original,
+            ):
                 expected = run_steps(original, shared, per_rank, steps)
             pad = [{} for _ in range(ctx.size)]
-            mine = compare_outputs([*pad[:ctx.rank], expected[ctx.rank]], [*pad[:ctx.rank], outputs[ctx.rank]])
+            mine = compare_outputs(
+                [*pad[: ctx.rank], expected[ctx.rank]], [*pad[: ctx.rank], outputs[ctx.rank]]
+            )
             comparison = _merge(ctx.allgather(mine, "the exchange of comparisons", timeout_s))
         everyone = ctx.gather(outputs[ctx.rank], 0, "the gathering of outputs on rank 0", timeout_s)
     except PeerFailed:
@@ -451,15 +521,23 @@ def run_models_mpi(path: Path, *, against: Path | None = None, inputs: Path | No
         ctx.check_peers()
         reason = str(exc)
         prefix = f"rank {ctx.rank}: "
-        ctx.fail(reason[len(prefix):] if reason.startswith(prefix) else reason)
+        ctx.fail(reason[len(prefix) :] if reason.startswith(prefix) else reason)
         raise PreserveError(reason if reason.startswith(prefix) else prefix + reason) from exc
     except Exception as exc:  # noqa: BLE001 - any failure must reach the peers
         ctx.check_peers()
         reason = _first_line(exc)
         ctx.fail(reason)
         raise PreserveError(f"rank {ctx.rank}: {reason}") from exc
-    result_outputs = everyone if everyone is not None else [
-        outputs[r] if r == ctx.rank else {} for r in range(ctx.size)]
-    return RunResult(tuple(models), result_outputs, comparison, steps, time.perf_counter() - start,
-                     backend="mpi", report=ctx.rank == 0, rank=ctx.rank)
-
+    result_outputs = (
+        everyone if everyone is not None else [outputs[r] if r == ctx.rank else {} for r in range(ctx.size)]
+    )
+    return RunResult(
+        tuple(models),
+        result_outputs,
+        comparison,
+        steps,
+        time.perf_counter() - start,
+        backend="mpi",
+        report=ctx.rank == 0,
+        rank=ctx.rank,
+    )

@@ -92,9 +92,18 @@ def imports_com_microsoft(model: ModelLike) -> bool:
     return domains is None or "com.microsoft" in domains
 
 
-def session_options(*, rank: int, world: int, group: str, level: ort.GraphOptimizationLevel, threads: int,
-                    timeout_s: float, prefetch: tuple[str, ...], transport: str = "threads",
-                    com_microsoft: bool = True) -> ort.SessionOptions:
+def session_options(
+    *,
+    rank: int,
+    world: int,
+    group: str,
+    level: ort.GraphOptimizationLevel,
+    threads: int,
+    timeout_s: float,
+    prefetch: tuple[str, ...],
+    transport: str = "threads",
+    com_microsoft: bool = True,
+) -> ort.SessionOptions:
     """Options for one rank's session with the custom-op library registered.
 
     ``prefetch`` is (domain, op type, then the names of the attributes of PREFETCH_KERNEL_ATTRS in that
@@ -111,9 +120,11 @@ def session_options(*, rank: int, world: int, group: str, level: ort.GraphOptimi
     options.log_severity_level = 4
     domain, op, *names = prefetch
     if len(names) > len(PREFETCH_KERNEL_ATTRS):
-        raise PreserveError(f"Prefetch has {len(PREFETCH_KERNEL_ATTRS)} attributes the runtime reads "
-                            f"({', '.join(PREFETCH_KERNEL_ATTRS)}), got {len(names)} names")
-    names += PREFETCH_KERNEL_ATTRS[len(names):]
+        raise PreserveError(
+            f"Prefetch has {len(PREFETCH_KERNEL_ATTRS)} attributes the runtime reads "
+            f"({', '.join(PREFETCH_KERNEL_ATTRS)}), got {len(names)} names"
+        )
+    names += PREFETCH_KERNEL_ATTRS[len(names) :]
     for key, value in (
         ("preserve.rank", rank),
         ("preserve.world_size", world),

@@ -26,10 +26,21 @@ __all__ = ["BACKENDS", "RunResult", "run_models", "session_kwargs"]
 BACKENDS = ("threads", "mpi")
 
 
-def run_models(path: Path, *, against: Path | None = None, inputs: Path | None = None, steps: int = 1,
-               batch: int = 1, context: int = DEFAULT_CONTEXT, seed: int = 0, opt_level: str = "all",
-               naming: PrefetchNaming = PrefetchNaming(), timeout_s: float = 60,
-               backend: str = "threads", dims: Mapping[str, int] | None = None) -> RunResult:
+def run_models(
+    path: Path,
+    *,
+    against: Path | None = None,
+    inputs: Path | None = None,
+    steps: int = 1,
+    batch: int = 1,
+    context: int = DEFAULT_CONTEXT,
+    seed: int = 0,
+    opt_level: str = "all",
+    naming: PrefetchNaming = PrefetchNaming(),
+    timeout_s: float = 60,
+    backend: str = "threads",
+    dims: Mapping[str, int] | None = None,
+) -> RunResult:
     """Run ``path`` (file or rank directory) for ``steps`` decode steps; compare with ``against``.
 
     ``backend="mpi"``: call it in every process of ``mpirun -n RANKS``; process r runs rank r (see
@@ -41,8 +52,19 @@ def run_models(path: Path, *, against: Path | None = None, inputs: Path | None =
     if backend == "mpi":
         from preserve_onnx.runtime.mpi import run_models_mpi
 
-        return run_models_mpi(path, against=against, inputs=inputs, steps=steps, batch=batch, context=context,
-                              seed=seed, opt_level=opt_level, naming=naming, timeout_s=timeout_s, dims=dims)
+        return run_models_mpi(
+            path,
+            against=against,
+            inputs=inputs,
+            steps=steps,
+            batch=batch,
+            context=context,
+            seed=seed,
+            opt_level=opt_level,
+            naming=naming,
+            timeout_s=timeout_s,
+            dims=dims,
+        )
     start = time.perf_counter()
     models = resolve_ranks(path)
     originals: Sequence[Path] = resolve_ranks(against) if against is not None else ()
@@ -50,8 +72,15 @@ def run_models(path: Path, *, against: Path | None = None, inputs: Path | None =
         raise PreserveError(f"{path} has {len(models)} ranks but {against} has {len(originals)}")
     kw = session_kwargs(naming, opt_level, timeout_s)
     with RankSession(list(models), **kw) as session:
-        shared, per_rank, outputs = decode(session, inputs, steps=steps, batch=batch, context=context, seed=seed,
-                                           dims=dims if inputs is None else None)
+        shared, per_rank, outputs = decode(
+            session,
+            inputs,
+            steps=steps,
+            batch=batch,
+            context=context,
+            seed=seed,
+            dims=dims if inputs is None else None,
+        )
     comparison = None
     if against is not None:
         with running_original(against), RankSession(list(originals), **kw) as original:

@@ -43,8 +43,10 @@ from preserve_onnx.runtime.values import TensorMeta, from_ortvalue, tensor_meta,
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 # Our kernels' messages already name the op, node, rank and group: drop onnxruntime's wrapper.
-_OWN_KERNEL = re.compile(r"Non-zero status code returned while running \S+ node\. Name:'[^']*' Status Message: "
-                         r"(?=(?:AllReduce|AllGather) '|Prefetch: )")
+_OWN_KERNEL = re.compile(
+    r"Non-zero status code returned while running \S+ node\. Name:'[^']*' Status Message: "
+    r"(?=(?:AllReduce|AllGather) '|Prefetch: )"
+)
 _ABORTED_MARK = "group aborted:"
 _ABORT_GRACE_S = 10.0
 _GROUP_COUNTER = itertools.count()
@@ -146,8 +148,9 @@ class Ranks(abc.ABC):
         """Names of rank ``rank``'s graph outputs."""
         return [m.name for m in self._outputs[rank]]
 
-    def _check_feeds(self, feeds: Mapping[str, np.ndarray],
-                     rank_feeds: Mapping[int, Mapping[str, np.ndarray]]) -> None:
+    def _check_feeds(
+        self, feeds: Mapping[str, np.ndarray], rank_feeds: Mapping[int, Mapping[str, np.ndarray]]
+    ) -> None:
         for rank in rank_feeds:
             if not isinstance(rank, (int, np.integer)) or not 0 <= rank < self._world:
                 raise PreserveError(f"feeds given for rank {rank}, but the world has {self._world} rank(s)")
@@ -156,8 +159,9 @@ class Ranks(abc.ABC):
         if unknown:
             raise PreserveError(f"feed {unknown[0]!r} is not an input of any rank model")
 
-    def _feeds_of(self, rank: int, feeds: Mapping[str, np.ndarray],
-                  rank_feeds: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, ort.OrtValue]:
+    def _feeds_of(
+        self, rank: int, feeds: Mapping[str, np.ndarray], rank_feeds: Mapping[int, Mapping[str, np.ndarray]]
+    ) -> dict[str, ort.OrtValue]:
         """Rank ``rank``'s inputs: ``feeds`` overridden by its own, each input given exactly once."""
         meta = {m.name: m for m in self._inputs[rank]}
         own = dict(rank_feeds.get(rank, {}))
@@ -172,8 +176,11 @@ class Ranks(abc.ABC):
         return {name: to_ortvalue(value, meta[name]) for name, value in merged.items()}
 
     @abc.abstractmethod
-    def run(self, feeds: Mapping[str, np.ndarray],
-            rank_feeds: Mapping[int, Mapping[str, np.ndarray]] | None = None) -> list[dict[str, np.ndarray]]:
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        rank_feeds: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    ) -> list[dict[str, np.ndarray]]:
         """Runs the ranks once and returns every rank's outputs (one dict per rank, rank order)."""
 
     @abc.abstractmethod
@@ -240,29 +247,39 @@ class RankSession(Ranks):
             data_dirs = list(data_dir)
             if len(data_dirs) != len(models):
                 raise PreserveError(f"data_dir names {len(data_dirs)} folders for {len(models)} models")
-        super().__init__(models, f"preserve-{os.getpid()}-{next(_GROUP_COUNTER)}-{uuid.uuid4().hex[:8]}",
-                         timeout_s)
+        super().__init__(
+            models, f"preserve-{os.getpid()}-{next(_GROUP_COUNTER)}-{uuid.uuid4().hex[:8]}", timeout_s
+        )
         self._lib = native_library()
         level = optimization_level(opt_level)
         threads = intra_op_threads or max(1, (os.cpu_count() or 1) // self._world)
 
         def create(rank: int) -> ort.InferenceSession:
             model = models[rank]
-            options = session_options(rank=rank, world=self._world, group=self._group, level=level,
-                                      threads=threads, timeout_s=self._timeout_s, prefetch=(
-                                          prefetch_domain, prefetch_op, *prefetch_attrs),
-                                      com_microsoft=imports_com_microsoft(model))
+            options = session_options(
+                rank=rank,
+                world=self._world,
+                group=self._group,
+                level=level,
+                threads=threads,
+                timeout_s=self._timeout_s,
+                prefetch=(prefetch_domain, prefetch_op, *prefetch_attrs),
+                com_microsoft=imports_com_microsoft(model),
+            )
             if isinstance(model, onnx.ModelProto):
-                external = next((t for t in model.graph.initializer
-                                 if t.data_location == onnx.TensorProto.EXTERNAL), None)
+                external = next(
+                    (t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL), None
+                )
                 if external is not None:
                     if data_dirs[rank] is None:
                         raise PreserveError(
                             f"rank {rank}: the model keeps '{external.name}' in an external data file, and a "
-                            f"ModelProto does not know its folder: pass data_dir=..., or the model's path")
+                            f"ModelProto does not know its folder: pass data_dir=..., or the model's path"
+                        )
                     # onnxruntime would otherwise look for the files in the current directory.
-                    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                                     os.fspath(data_dirs[rank]))
+                    options.add_session_config_entry(
+                        "session.model_external_initializers_file_folder_path", os.fspath(data_dirs[rank])
+                    )
                 source = model.SerializeToString()
             else:
                 source = os.fspath(model)
@@ -362,7 +379,9 @@ class RankSession(Ranks):
                                 f"rank {rank}: {_first_line(exc)} (rank {stuck[0]} did not stop within "
                                 f"{_ABORT_GRACE_S:.0f} s)"
                             )
-                        finished.wait(timeout=0.5 if deadline is None else max(0.01, deadline - time.monotonic()))
+                        finished.wait(
+                            timeout=0.5 if deadline is None else max(0.01, deadline - time.monotonic())
+                        )
             except KeyboardInterrupt:
                 # Release the ranks and, once they have returned, leave the group ready for the next run.
                 self._lib.preserve_abort_group(self._group.encode())
@@ -392,8 +411,10 @@ class RankSession(Ranks):
         with finished:
             if not finished.wait_for(lambda: all(done), timeout=_ABORT_GRACE_S):
                 stuck = next(r for r, d in enumerate(done) if not d)
-                raise PreserveError(f"rank {stuck} of an earlier run is still running (it did not stop after "
-                                    f"that run failed); wait for it or create a new RankSession")
+                raise PreserveError(
+                    f"rank {stuck} of an earlier run is still running (it did not stop after "
+                    f"that run failed); wait for it or create a new RankSession"
+                )
         self._stragglers = None
         self._lib.preserve_reset_group(self._group.encode())
 

@@ -39,8 +39,9 @@ import numpy as np
 import onnxruntime as ort
 
 LIBRARY = Path(__file__).resolve().parent / "libpreserve_ops.so"
-# How the Prefetch nodes are spelled: `optimize --with-runtime` writes the naming it used here.
-NAMING = {"domain": "preserve", "op": "Prefetch", "max_size": "max_size", "offset": "offset", "max_tokens": "max_tokens", "min_tokens": "min_tokens", "seq_axis": "seq_axis", "window": "window"}
+# How the Prefetch nodes are spelled: `optimize --with-runtime` writes the naming it used here. NAMING,
+# DIMS and LAYOUT stay one line each: runtime/bundle.py rewrites them by that pattern.
+NAMING = {"domain": "preserve", "op": "Prefetch"}
 # The Prefetch attributes the library reads (a NAMING without one of them: its own name).
 KERNEL_ATTRS = ("max_size", "offset", "max_tokens", "min_tokens", "seq_axis", "window")
 # Symbolic dims the rank graphs fix (a builder export's kv_cache_dim): written by `optimize --with-runtime`;
@@ -51,12 +52,26 @@ DIMS = {}
 LAYOUT = {"kv": [], "batch": [], "past": [], "total": []}
 EXPR = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*([+-])\s*(\d+)\s*$")
 RANK_PATTERNS = (re.compile(r"^model_(\d+)\.onnx$"), re.compile(r"^rank_(\d+)_(.+)\.onnx$"))
-DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-          "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
-          "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
-          "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_}
-LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
 _GROUPS = itertools.count()
 
 
@@ -101,11 +116,16 @@ def open_sessions(models: list[Path], args: argparse.Namespace) -> tuple[list[or
         options.graph_optimization_level = LEVELS[args.opt_level]
         options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // len(models))
         options.log_severity_level = 4
-        for key, value in (("preserve.rank", rank), ("preserve.world_size", len(models)), ("preserve.group", group),
-                           ("preserve.transport", "threads"), ("preserve.timeout_ms", round(args.timeout * 1000)),
-                           ("preserve.prefetch_domain", args.prefetch_domain),
-                           ("preserve.prefetch_op", args.prefetch_op),
-                           *((f"preserve.prefetch_attr_{attr}", NAMING.get(attr, attr)) for attr in KERNEL_ATTRS)):
+        for key, value in (
+            ("preserve.rank", rank),
+            ("preserve.world_size", len(models)),
+            ("preserve.group", group),
+            ("preserve.transport", "threads"),
+            ("preserve.timeout_ms", round(args.timeout * 1000)),
+            ("preserve.prefetch_domain", args.prefetch_domain),
+            ("preserve.prefetch_op", args.prefetch_op),
+            *((f"preserve.prefetch_attr_{attr}", NAMING.get(attr, attr)) for attr in KERNEL_ATTRS),
+        ):
             options.add_session_config_entry(key, str(value))
         options.register_custom_ops_library(str(LIBRARY))
         try:
@@ -119,8 +139,12 @@ def bind(dim, axis: int, args: argparse.Namespace) -> int:
     """One axis's size for generated inputs (the same order as preserve-onnx's own feeds)."""
     if isinstance(dim, int) and dim >= 0:
         return dim
-    values = {**{n: args.batch for n in LAYOUT["batch"]}, **{n: args.context + 1 for n in LAYOUT["total"]},
-              **{n: args.context for n in LAYOUT["past"]}, **args.dims}
+    values = {
+        **{n: args.batch for n in LAYOUT["batch"]},
+        **{n: args.context + 1 for n in LAYOUT["total"]},
+        **{n: args.context for n in LAYOUT["past"]},
+        **args.dims,
+    }
     name = dim if isinstance(dim, str) else ""
     expr = EXPR.match(name)
     if name in values:
@@ -132,14 +156,23 @@ def bind(dim, axis: int, args: argparse.Namespace) -> int:
 
 def generate(sessions: list[ort.InferenceSession], args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
     """Every rank's inputs from the seed; the KV-cache (LAYOUT's) differs per rank, the rest is shared."""
-    vocab = min((o.shape[-1] for s in sessions for o in s.get_outputs()
-                 if o.name == "logits" and o.shape and isinstance(o.shape[-1], int)), default=100)
+    vocab = min(
+        (
+            o.shape[-1]
+            for s in sessions
+            for o in s.get_outputs()
+            if o.name == "logits" and o.shape and isinstance(o.shape[-1], int)
+        ),
+        default=100,
+    )
     feeds = []
     for rank, session in enumerate(sessions):
         mine = {}
         for meta in session.get_inputs():
             if meta.type not in DTYPES:
-                raise RunError(f"cannot generate input {meta.name!r} of type {meta.type}: give it in --inputs")
+                raise RunError(
+                    f"cannot generate input {meta.name!r} of type {meta.type}: give it in --inputs"
+                )
             dtype, name = np.dtype(DTYPES[meta.type]), meta.name
             shape = tuple(bind(d, i, args) for i, d in enumerate(meta.shape))
             per_rank = name in LAYOUT["kv"]
@@ -147,15 +180,23 @@ def generate(sessions: list[ort.InferenceSession], args: argparse.Namespace) -> 
             if dtype == np.bool_:
                 value = np.ones(shape, dtype)
             elif np.issubdtype(dtype, np.integer):
-                fill = {"attention_mask": 1, "seqlens_k": args.context, "total_sequence_length": args.context + 1}
+                fill = {
+                    "attention_mask": 1,
+                    "seqlens_k": args.context,
+                    "total_sequence_length": args.context + 1,
+                }
                 if name == "input_ids":
                     value = rng.integers(0, vocab, size=shape).astype(dtype)
                 elif name == "position_ids":
-                    value = np.broadcast_to(np.arange(args.context, args.context + shape[-1]), shape).astype(dtype)
+                    value = np.broadcast_to(np.arange(args.context, args.context + shape[-1]), shape).astype(
+                        dtype
+                    )
                 else:
                     value = np.full(shape, fill.get(name, 0), dtype)
             else:
-                value = (rng.standard_normal(shape, dtype=np.float32) * (0.1 if per_rank else 1.0)).astype(dtype)
+                value = (rng.standard_normal(shape, dtype=np.float32) * (0.1 if per_rank else 1.0)).astype(
+                    dtype
+                )
             mine[name] = value
         feeds.append(mine)
     return feeds
@@ -228,9 +269,16 @@ def compare(expected: list[dict], actual: list[dict]) -> tuple[bool, int, float]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="run_ranks.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="?", type=Path, default=Path(__file__).resolve().parent,
-                        help="folder of rank models or one rank file (default: this file's folder)")
-    parser.add_argument("--against", type=Path, help="the original rank models: same feeds, outputs bit-identical")
+    parser.add_argument(
+        "models",
+        nargs="?",
+        type=Path,
+        default=Path(__file__).resolve().parent,
+        help="folder of rank models or one rank file (default: this file's folder)",
+    )
+    parser.add_argument(
+        "--against", type=Path, help="the original rank models: same feeds, outputs bit-identical"
+    )
     parser.add_argument("--inputs", type=Path, help=".npz of inputs (NAME, or rank{r}/NAME)")
     parser.add_argument("--save", type=Path, help="write every rank's outputs to this .npz as rank{r}/NAME")
     parser.add_argument("--batch", type=int, default=1)
@@ -255,11 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if not LIBRARY.is_file():
-            raise RunError(f"{LIBRARY} is missing: it comes with this file (preserve-onnx optimize --with-runtime)")
+            raise RunError(
+                f"{LIBRARY} is missing: it comes with this file (preserve-onnx optimize --with-runtime)"
+            )
         api = ctypes.CDLL(str(LIBRARY)).preserve_ort_api_version()  # onnxruntime 1.N serves C API N
         if tuple(int(part) for part in re.findall(r"\d+", ort.__version__)[:2]) < (1, api):
-            raise RunError(f"onnxruntime {ort.__version__} is older than {LIBRARY.name} needs (onnxruntime 1.{api}): "
-                           f"upgrade it: pip install --upgrade 'onnxruntime>=1.{api}'")
+            raise RunError(
+                f"onnxruntime {ort.__version__} is older than {LIBRARY.name} needs (onnxruntime 1.{api}): "
+                f"upgrade it: pip install --upgrade 'onnxruntime>=1.{api}'"
+            )
         models = rank_files(args.models)
         sessions, group = open_sessions(models, args)
         feeds = load_inputs(args.inputs, len(models)) if args.inputs else generate(sessions, args)
@@ -267,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.save:
             tmp = args.save.with_name(args.save.name + ".tmp")
             with open(tmp, "wb") as handle:
-                np.savez(handle, **{f"rank{r}/{k}": v for r, out in enumerate(outputs) for k, v in out.items()})
+                np.savez(
+                    handle, **{f"rank{r}/{k}": v for r, out in enumerate(outputs) for k, v in out.items()}
+                )
             os.replace(tmp, args.save)
         if args.against is None:
             for rank, out in enumerate(outputs):
@@ -288,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     identical, count, worst = compare(expected, outputs)
     verdict = "PASSED" if identical else "FAILED"
     how = "bit-identical to" if identical else "differ from"
-    print(f"{verdict}: {count} outputs on {len(models)} rank(s) {how} {args.against} (max abs diff {worst:g})")
+    print(
+        f"{verdict}: {count} outputs on {len(models)} rank(s) {how} {args.against} (max abs diff {worst:g})"
+    )
     return 0 if identical else 1
 
 

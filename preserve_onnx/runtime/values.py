@@ -41,6 +41,7 @@ _RAW_TYPES: dict[np.dtype, int] = {
 }
 _UINT_OF_SIZE = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16)}
 
+
 @dataclass(frozen=True)
 class TensorMeta:
     """Name, element type and shape of a graph input or output of one rank's model.
@@ -62,8 +63,11 @@ class TensorMeta:
 def tensor_meta(args: Sequence[ort.NodeArg]) -> tuple[TensorMeta, ...]:
     out = []
     for arg in args:
-        dims = None if arg.shape is None else tuple(d if isinstance(d, (int, str)) or d is None else None
-                                                    for d in arg.shape)
+        dims = (
+            None
+            if arg.shape is None
+            else tuple(d if isinstance(d, (int, str)) or d is None else None for d in arg.shape)
+        )
         out.append(TensorMeta(arg.name, _ORT_TYPES.get(arg.type, np.dtype(object)), dims, arg.type))
     return tuple(out)
 
@@ -71,8 +75,12 @@ def tensor_meta(args: Sequence[ort.NodeArg]) -> tuple[TensorMeta, ...]:
 def to_ortvalue(array: np.ndarray, meta: TensorMeta) -> ort.OrtValue:
     """Wraps a numpy array for onnxruntime, passing types numpy lacks as raw bytes."""
     array = np.asarray(array)
-    if meta.dtype in _RAW_TYPES and array.dtype != meta.dtype and array.dtype.itemsize == meta.dtype.itemsize \
-            and array.dtype.kind in "Vu":
+    if (
+        meta.dtype in _RAW_TYPES
+        and array.dtype != meta.dtype
+        and array.dtype.itemsize == meta.dtype.itemsize
+        and array.dtype.kind in "Vu"
+    ):
         # bfloat16 read back from .npz files arrives as raw bytes (|V2) or as its uint16 view.
         array = array.view(meta.dtype)
     if array.dtype in _RAW_TYPES:
