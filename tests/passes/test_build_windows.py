@@ -21,7 +21,10 @@ def test_window_stops_at_unselected_collective():
     g.node("MatMul", ["g1", g.weight("w2", (8, 8))], ["y"], name="mm2")
     g.output("y")
     windows = build_windows(g.model(), collectives=("AllReduce",))
-    assert [(w.collective, w.selected, w.nodes) for w in windows] == [("ar0", True, (1,)), ("ag", False, (3,))]
+    assert [(w.collective, w.selected, w.nodes) for w in windows] == [
+        ("ar0", True, (1,)),
+        ("ag", False, (3,)),
+    ]
 
 
 def test_no_collectives_no_windows():

@@ -17,8 +17,10 @@ def test_unsorted_graph_is_refused_not_reordered():
     nodes[0], nodes[1] = nodes[1], nodes[0]
     del m.graph.node[:]
     m.graph.node.extend(nodes)
-    with pytest.raises(PreserveError, match="node 0 'ar0' reads 'h0' before it is produced: the graph is not "
-                                            "in topological order"):
+    with pytest.raises(
+        PreserveError,
+        match="node 0 'ar0' reads 'h0' before it is produced: the graph is not in topological order",
+    ):
         CheckOrderPass()(m)
 
 

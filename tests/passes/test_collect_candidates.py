@@ -56,8 +56,13 @@ def test_constant_chain_resolves_to_root_and_skips_dq_scale():
     g.inits.append(helper.make_tensor("wq_zp", TensorProto.INT8, [8], [0] * 8))
     g.output("y")
     found = collect(g.model(), qdq_weights=True)
-    assert [(c.tensor, c.consumer, c.nbytes) for c in found.candidates] == [("wq", "mm", 64), ("wq_zp", "mm", 8)]
-    assert [(s.tensor, s.reason) for s in found.skipped if s.tensor.startswith("wq")] == [("wq_scale", DQ_SCALE)]
+    assert [(c.tensor, c.consumer, c.nbytes) for c in found.candidates] == [
+        ("wq", "mm", 64),
+        ("wq_zp", "mm", 8),
+    ]
+    assert [(s.tensor, s.reason) for s in found.skipped if s.tensor.startswith("wq")] == [
+        ("wq_scale", DQ_SCALE)
+    ]
 
 
 def _dq_matmul(zero_point: TensorProto) -> G:
@@ -79,7 +84,10 @@ def test_dq_quantized_weight_is_not_a_target_by_default():
     found = collect(g.model())
     assert found.candidates == ()  # the zero point follows the quantized weight (docs/design.md §2)
     assert [(s.tensor, s.reason) for s in found.skipped if s.tensor.startswith("wq")] == [
-        ("wq", DQ_WEIGHT), ("wq_scale", DQ_SCALE), ("wq_zp", DQ_ZERO_POINT)]
+        ("wq", DQ_WEIGHT),
+        ("wq_scale", DQ_SCALE),
+        ("wq_zp", DQ_ZERO_POINT),
+    ]
 
 
 def test_dq_zero_point_read_directly_elsewhere_is_not_a_target_by_default():
@@ -95,14 +103,20 @@ def test_constant_node_output_is_not_a_target():
     g = G()
     g.input("x", ["batch", 8])
     g.allreduce("x", "a", name="ar")
-    g.node("Constant", [], ["c"], name="const",
-           value=helper.make_tensor("v", TensorProto.FLOAT, [8, 8], [0.0] * 64))
+    g.node(
+        "Constant",
+        [],
+        ["c"],
+        name="const",
+        value=helper.make_tensor("v", TensorProto.FLOAT, [8, 8], [0.0] * 64),
+    )
     g.node("MatMul", ["a", "c"], ["y"], name="mm")
     g.output("y")
     found = collect(g.model())
     assert found.candidates == ()
     assert [s.reason for s in found.skipped if s.tensor == "c"] == [
-        "output of a Constant node (exporters keep weights in initializers)"]
+        "output of a Constant node (exporters keep weights in initializers)"
+    ]
 
 
 def test_weight_shared_with_consumer_outside_the_window_is_prefetched_once_inside():
@@ -116,8 +130,9 @@ def test_weight_shared_with_consumer_outside_the_window_is_prefetched_once_insid
     g.output("y")
     found = collect(g.model())
     assert [(c.tensor, c.consumer) for c in found.candidates] == [("w_shared", "mm_in")]
-    assert ("w_shared", "already covered in this window (first read by mm_in)") in \
-        [(s.tensor, s.reason) for s in found.skipped]
+    assert ("w_shared", "already covered in this window (first read by mm_in)") in [
+        (s.tensor, s.reason) for s in found.skipped
+    ]
 
 
 def gqa_model(past_shape):
@@ -128,9 +143,25 @@ def gqa_model(past_shape):
     g.input("seqlens_k", ["batch"], TensorProto.INT32)
     g.input("total_seq", [], TensorProto.INT32)
     g.allreduce("x", "a", name="ar")
-    g.node("GroupQueryAttention", ["a", "a", "a", "past_key_values.0.key", "past_key_values.0.value",
-                                   "seqlens_k", "total_seq", g.weight("cos", (64, 8)), g.weight("sin", (64, 8))],
-           ["o", "present.0.key", "present.0.value"], name="gqa", domain=MS, num_heads=2, kv_num_heads=2)
+    g.node(
+        "GroupQueryAttention",
+        [
+            "a",
+            "a",
+            "a",
+            "past_key_values.0.key",
+            "past_key_values.0.value",
+            "seqlens_k",
+            "total_seq",
+            g.weight("cos", (64, 8)),
+            g.weight("sin", (64, 8)),
+        ],
+        ["o", "present.0.key", "present.0.value"],
+        name="gqa",
+        domain=MS,
+        num_heads=2,
+        kv_num_heads=2,
+    )
     g.output("o")
     return g.model()
 
@@ -181,7 +212,8 @@ def test_the_collectives_inputs_are_never_candidates_even_through_a_chain():
     found = collect(g.model())
     assert found.candidates == ()
     assert ("wc", "the collective's own input (through a constant-only chain)") in [
-        (s.tensor, s.reason) for s in found.skipped]
+        (s.tensor, s.reason) for s in found.skipped
+    ]
     # A variadic AllReduce: its second input is its own too.
     g = G()
     g.input("x", ["batch", 16])
@@ -193,7 +225,8 @@ def test_the_collectives_inputs_are_never_candidates_even_through_a_chain():
     g.output("a0b")
     found = collect(g.model())
     assert found.candidates == () and ("wd", "the collective's own input") in [
-        (s.tensor, s.reason) for s in found.skipped]
+        (s.tensor, s.reason) for s in found.skipped
+    ]
 
 
 def test_a_dequantize_scale_or_weight_read_by_another_op_is_still_not_a_target():
@@ -223,8 +256,14 @@ def test_loop_state_named_like_a_kv_input_is_an_activation():
     body.input("c", [], TensorProto.BOOL)
     body.input("past", ["batch", 2, "past", 16])  # loop-carried, shadows the main input 'past'
     body.allreduce("h", "a", name="ar_body")
-    body.node("MultiHeadAttention", ["q", "q", "q", "", "", "", "past", "past_main"], ["o", "pk", "pv"],
-              name="mha_body", domain=MS, num_heads=2)
+    body.node(
+        "MultiHeadAttention",
+        ["q", "q", "q", "", "", "", "past", "past_main"],
+        ["o", "pk", "pv"],
+        name="mha_body",
+        domain=MS,
+        num_heads=2,
+    )
     body.node("Identity", ["c"], ["c_out"], name="idc")
     body.node("Identity", ["past"], ["past_out"], name="idp")
     body.output("c_out", [], TensorProto.BOOL)

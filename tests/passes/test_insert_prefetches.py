@@ -17,11 +17,24 @@ def test_exact_structure_after_insertion():
     result = run(m, budget=3000, min_chunk=512)
     assert result.modified
     g = result.model.graph
-    assert ops(g) == ["MatMul", "Prefetch(w1)", "Prefetch(w2)", "AllReduce", "MatMul", "MatMul",
-                      "Prefetch(w3)", "AllReduce", "MatMul"]
+    assert ops(g) == [
+        "MatMul",
+        "Prefetch(w1)",
+        "Prefetch(w2)",
+        "AllReduce",
+        "MatMul",
+        "MatMul",
+        "Prefetch(w3)",
+        "AllReduce",
+        "MatMul",
+    ]
     p1, p2, ar = g.node[1], g.node[2], g.node[3]
     assert (p1.name, list(p1.input), list(p1.output), p1.domain) == (
-        "ar0/Prefetch/w1", ["h0", "w1"], ["ar0/Prefetch/w1/out"], "preserve")
+        "ar0/Prefetch/w1",
+        ["h0", "w1"],
+        ["ar0/Prefetch/w1/out"],
+        "preserve",
+    )
     assert list(p2.input) == ["ar0/Prefetch/w1/out", "w2"]
     assert list(ar.input) == ["ar0/Prefetch/w2/out"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in p2.attribute}
@@ -64,8 +77,9 @@ def test_refuses_model_that_already_has_prefetches():
 
 
 def test_vendor_naming():
-    naming = PrefetchNaming(domain="vendor.cmo", op_type="CmoPrefetch", version=2, max_size="size",
-                            max_tokens="valid_tokens")
+    naming = PrefetchNaming(
+        domain="vendor.cmo", op_type="CmoPrefetch", version=2, max_size="size", max_tokens="valid_tokens"
+    )
     g = run(two_layer_mlp(), naming=naming).model
     p = g.graph.node[1]
     assert (p.op_type, p.domain) == ("CmoPrefetch", "vendor.cmo")
@@ -75,8 +89,11 @@ def test_vendor_naming():
 
 def test_collective_inside_if_branch_prefetches_outer_weight_inside_branch():
     out = run(if_model()).model
-    then_g = out.graph.node[0].attribute[1].g if out.graph.node[0].attribute[1].name == "then_branch" else \
-        out.graph.node[0].attribute[0].g
+    then_g = (
+        out.graph.node[0].attribute[1].g
+        if out.graph.node[0].attribute[1].name == "then_branch"
+        else out.graph.node[0].attribute[0].g
+    )
     assert ops(then_g) == ["Prefetch(w_outer)", "AllReduce", "MatMul"]
     assert [t.name for t in out.graph.initializer] == ["w_outer"]  # the weight stays in the outer graph
     assert [t.name for t in then_g.initializer] == []
@@ -98,10 +115,16 @@ def test_max_tokens_only_where_the_window_has_a_limit():
     g.output("y", ["batch", 8])
     g.output("present", ["batch", 2, "total_seq", 4])
     model = run(g.model(), budget=1 << 20).model
-    attrs = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-             for n in model.graph.node if n.op_type == "Prefetch"}
+    attrs = {
+        n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        for n in model.graph.node
+        if n.op_type == "Prefetch"
+    }
     assert {name: a.get("max_tokens") for name, a in attrs.items()} == {
-        "ar0/Prefetch/w": None, "ar0/Prefetch/past": None, "ar1/Prefetch/w2": 470}
+        "ar0/Prefetch/w": None,
+        "ar0/Prefetch/past": None,
+        "ar1/Prefetch/w2": 470,
+    }
 
 
 # -- Prefetch's definition as a model-local function (docs/design.md, "Chain safety") ------------------
@@ -112,10 +135,16 @@ def test_the_model_gets_prefetch_as_a_local_function():
     out = run(m).model
     (fn,) = out.functions
     assert (fn.domain, fn.name, list(fn.input), list(fn.output), list(fn.attribute)) == (
-        "preserve", "Prefetch", ["A", "X", "L"], ["Y"], list(PREFETCH_ATTRIBUTES))
+        "preserve",
+        "Prefetch",
+        ["A", "X", "L"],
+        ["Y"],
+        list(PREFETCH_ATTRIBUTES),
+    )
     assert list(PREFETCH_ATTRIBUTES)[:4] == ["max_size", "offset", "collective", "max_tokens"]
     assert [(n.op_type, n.domain, list(n.input), list(n.output)) for n in fn.node] == [
-        ("Identity", "", ["A"], ["Y"])]
+        ("Identity", "", ["A"], ["Y"])
+    ]
     assert [(o.domain, o.version) for o in fn.opset_import] == [("", 17)]  # the model's own default opset
     onnx.checker.check_model(out, full_check=True)
 
@@ -126,11 +155,18 @@ def test_onnx_shape_inference_types_every_prefetch_output_like_its_anchor():
     inferred = onnx.shape_inference.infer_shapes(out, strict_mode=True)
     types = {vi.name: vi.type for vi in inferred.graph.value_info}
     prefetches = [n for n in out.graph.node if n.op_type == "Prefetch"]
-    assert [n.output[0] for n in prefetches] == ["ar0/Prefetch/w1/out", "ar0/Prefetch/w2/out", "ar1/Prefetch/w3/out"]
+    assert [n.output[0] for n in prefetches] == [
+        "ar0/Prefetch/w1/out",
+        "ar0/Prefetch/w2/out",
+        "ar1/Prefetch/w3/out",
+    ]
     for node in prefetches[:2]:
         assert types[node.output[0]] == types[node.input[0]]
     t = types["ar0/Prefetch/w2/out"].tensor_type
-    assert (t.elem_type, [d.dim_param or d.dim_value for d in t.shape.dim]) == (onnx.TensorProto.FLOAT, ["batch", 16])
+    assert (t.elem_type, [d.dim_param or d.dim_value for d in t.shape.dim]) == (
+        onnx.TensorProto.FLOAT,
+        ["batch", 16],
+    )
     # ar1's anchor descends from an AllReduce output, which onnx (no com.microsoft schemas) leaves untyped.
     assert "h2" not in types and "ar1/Prefetch/w3/out" not in types
 
@@ -157,8 +193,11 @@ def test_refuses_a_model_that_already_defines_the_function():
 
     stripped_nodes = StripPrefetchesPass()(out).model
     stripped_nodes.functions.extend(out.functions)  # a tool removed the nodes and kept the definition
-    with pytest.raises(PreserveError, match=r"^the model already defines a function preserve::Prefetch; "
-                                            r"pass --replan to remove it, or choose another --prefetch-domain$"):
+    with pytest.raises(
+        PreserveError,
+        match=r"^the model already defines a function preserve::Prefetch; "
+        r"pass --replan to remove it, or choose another --prefetch-domain$",
+    ):
         run(stripped_nodes)
 
 
@@ -169,7 +208,11 @@ def test_an_unused_import_of_the_prefetch_domain_at_another_version_is_kept_and_
     m = two_layer_mlp()
     m.opset_import.append(onnx.helper.make_opsetid("preserve", 1000))
     out = run(m).model
-    assert [(o.domain, o.version) for o in out.opset_import] == [("", 17), ("com.microsoft", 1), ("preserve", 1000)]
+    assert [(o.domain, o.version) for o in out.opset_import] == [
+        ("", 17),
+        ("com.microsoft", 1),
+        ("preserve", 1000),
+    ]
     assert StripPrefetchesPass()(out).model.SerializeToString() == m.SerializeToString()
 
 
@@ -183,6 +226,9 @@ def test_refuses_the_prefetch_domain_at_another_version_when_the_model_uses_it()
     g.output("y", ["batch", 16])
     m = g.model()
     m.opset_import.append(onnx.helper.make_opsetid("preserve", 3))
-    with pytest.raises(PreserveError, match=r"^the model imports domain 'preserve' at version 3, not 1; "
-                                            r"choose another --prefetch-domain$"):
+    with pytest.raises(
+        PreserveError,
+        match=r"^the model imports domain 'preserve' at version 3, not 1; "
+        r"choose another --prefetch-domain$",
+    ):
         run(m)

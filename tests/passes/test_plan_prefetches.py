@@ -35,7 +35,8 @@ def test_remainder_below_min_chunk_stops_planning():
     p = plan(two_layer_mlp(16, 32), budget=3000, min_chunk=1024)
     assert spans(p.windows[0]) == [("w1", 0, 0, 2048)]
     assert [s.reason for s in p.windows[0].skipped if s.tensor == "w2"] == [
-        "budget exhausted (952 B left < min chunk 1024 B)"]
+        "budget exhausted (952 B left < min chunk 1024 B)"
+    ]
 
 
 def test_no_budget_left_plans_nothing_even_with_min_chunk_zero():
@@ -43,8 +44,7 @@ def test_no_budget_left_plans_nothing_even_with_min_chunk_zero():
     assert spans(plan(two_layer_mlp(16, 32), budget=0, min_chunk=0).windows[0]) == []
     p = plan(two_layer_mlp(16, 32), budget=2048, min_chunk=0)
     assert spans(p.windows[0]) == [("w1", 0, 0, 2048)]
-    assert [s.reason for s in p.windows[0].skipped if s.tensor == "w2"] == [
-        "budget exhausted (0 B left)"]
+    assert [s.reason for s in p.windows[0].skipped if s.tensor == "w2"] == ["budget exhausted (0 B left)"]
 
 
 def test_partial_prefetch_ends_the_window():
@@ -62,11 +62,18 @@ def test_per_operation_limit_splits_into_a_chain():
     hw = dataclasses.replace(load_profile("ascend-910b"), max_prefetch_bytes=1000)
     p = plan(two_layer_mlp(16, 32), hardware=hw, budget=10_000)
     assert spans(p.windows[0]) == [
-        ("w1", 0, 1000, 1000), ("w1", 1000, 1000, 1000), ("w1", 2000, 48, 48),
-        ("w2", 0, 1000, 1000), ("w2", 1000, 1000, 1000), ("w2", 2000, 48, 48),
+        ("w1", 0, 1000, 1000),
+        ("w1", 1000, 1000, 1000),
+        ("w1", 2000, 48, 48),
+        ("w2", 0, 1000, 1000),
+        ("w2", 1000, 1000, 1000),
+        ("w2", 2000, 48, 48),
     ]
-    assert [pf.node for pf in p.windows[0].prefetches[:3]] == ["ar0/Prefetch/w1/0", "ar0/Prefetch/w1/1",
-                                                                "ar0/Prefetch/w1/2"]
+    assert [pf.node for pf in p.windows[0].prefetches[:3]] == [
+        "ar0/Prefetch/w1/0",
+        "ar0/Prefetch/w1/1",
+        "ar0/Prefetch/w1/2",
+    ]
 
 
 def test_budget_rule_from_hardware_profile():

@@ -25,7 +25,10 @@ def test_strip_honours_vendor_naming_and_ignores_other_domains():
     naming = PrefetchNaming(domain="v", op_type="P")
     optimized = InsertPrefetchesPass(OptimizeConfig(budget=10_000, naming=naming))(two_layer_mlp()).model
     assert not StripPrefetchesPass()(optimized).modified  # default naming sees nothing
-    assert StripPrefetchesPass(naming)(optimized).model.SerializeToString() == two_layer_mlp().SerializeToString()
+    assert (
+        StripPrefetchesPass(naming)(optimized).model.SerializeToString()
+        == two_layer_mlp().SerializeToString()
+    )
 
 
 def test_prefetch_feeding_a_graph_output_is_refused():
@@ -74,8 +77,14 @@ def test_strip_removes_a_function_left_without_its_nodes_and_keeps_other_functio
     from onnx import helper
 
     optimized = InsertPrefetchesPass(OptimizeConfig(budget=10_000))(two_layer_mlp()).model
-    own = helper.make_function("custom", "Twice", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
-                               [helper.make_opsetid("", 17)])
+    own = helper.make_function(
+        "custom",
+        "Twice",
+        ["a"],
+        ["b"],
+        [helper.make_node("Add", ["a", "a"], ["b"])],
+        [helper.make_opsetid("", 17)],
+    )
     orphan = StripPrefetchesPass()(optimized).model
     orphan.functions.extend([optimized.functions[0], own])
     result = StripPrefetchesPass()(orphan)

@@ -70,8 +70,16 @@ def test_prefetch_of_an_activation_is_refused():
 def test_chain_not_ending_at_a_collective_is_refused():
     g = G()
     g.input("x", ["batch", 8])
-    g.node("Prefetch", ["x", g.weight("w", (8, 8))], ["p"], name="p", domain="preserve", max_size=0, offset=0,
-           collective="ar")
+    g.node(
+        "Prefetch",
+        ["x", g.weight("w", (8, 8))],
+        ["p"],
+        name="p",
+        domain="preserve",
+        max_size=0,
+        offset=0,
+        collective="ar",
+    )
     g.node("Relu", ["p"], ["y"], name="relu")
     g.output("y")
     with pytest.raises(PreserveError, match="its chain ends at Relu, not a collective"):

@@ -1,8 +1,8 @@
 """Run under `mpirun -n N` by test_mpi.py: one process per rank, through the Python API.
 
-    python _mpi_worker.py kernels OUT.npz        AllReduce (4 dtypes) + AllGather (3 axes), every rank's outputs
-    python _mpi_worker.py mismatch               rank 1 feeds a different shape into the AllReduce
-    python _mpi_worker.py kill|sleep MODEL_DIR   rank 1 dies (SIGKILL) / hangs before the run; rank 0 runs
+python _mpi_worker.py kernels OUT.npz        AllReduce (4 dtypes) + AllGather (3 axes), every rank's outputs
+python _mpi_worker.py mismatch               rank 1 feeds a different shape into the AllReduce
+python _mpi_worker.py kill|sleep MODEL_DIR   rank 1 dies (SIGKILL) / hangs before the run; rank 0 runs
 """
 
 from __future__ import annotations
@@ -28,20 +28,36 @@ ELEMS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorPro
 
 
 def kernel_models(world: int):
-    """One model per rank: AllReduce of x in 4 dtypes (variadic: two inputs at once) and AllGather on 3 axes."""
+    """One model per rank: AllReduce of x in 4 dtypes (variadic: two inputs at once), AllGather on 3 axes."""
     nodes, inputs, outputs = [], [], []
     for elem in ELEMS:
         name = TensorProto.DataType.Name(elem).lower()
         inputs += [vi(f"x_{name}", elem, [4, 5]), vi(f"z_{name}", elem, [3])]
         outputs += [vi(f"ar_{name}", elem, None), vi(f"az_{name}", elem, None)]
-        nodes.append(helper.make_node("AllReduce", [f"x_{name}", f"z_{name}"], [f"ar_{name}", f"az_{name}"],
-                                      name=f"ar_{name}", domain="com.microsoft"))
+        nodes.append(
+            helper.make_node(
+                "AllReduce",
+                [f"x_{name}", f"z_{name}"],
+                [f"ar_{name}", f"az_{name}"],
+                name=f"ar_{name}",
+                domain="com.microsoft",
+            )
+        )
     for axis in (0, 1, -1):
         tag = str(axis).replace("-", "m")
         inputs.append(vi(f"g{tag}", TensorProto.FLOAT, [2, 3]))
         outputs.append(vi(f"ag{tag}", TensorProto.FLOAT, None))
-        nodes.append(helper.make_node("AllGather", [f"g{tag}"], [f"ag{tag}"], name=f"ag{tag}", domain="com.microsoft",
-                                      group_size=world, axis=axis))
+        nodes.append(
+            helper.make_node(
+                "AllGather",
+                [f"g{tag}"],
+                [f"ag{tag}"],
+                name=f"ag{tag}",
+                domain="com.microsoft",
+                group_size=world,
+                axis=axis,
+            )
+        )
     m = model(nodes, inputs, outputs)
     return [m] * world
 
@@ -50,8 +66,12 @@ def kernel_feeds(world: int):
     """Per-rank feeds with magnitudes far apart, so that summation order shows in the bits."""
     import ml_dtypes
 
-    dtypes = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16,
-              TensorProto.BFLOAT16: ml_dtypes.bfloat16, TensorProto.DOUBLE: np.float64}
+    dtypes = {
+        TensorProto.FLOAT: np.float32,
+        TensorProto.FLOAT16: np.float16,
+        TensorProto.BFLOAT16: ml_dtypes.bfloat16,
+        TensorProto.DOUBLE: np.float64,
+    }
     per_rank = {}
     for r in range(world):
         rng = np.random.default_rng(100 + r)
@@ -78,7 +98,9 @@ def main() -> int:
             save_outputs(sys.argv[2], everyone)
         return 0
     if mode == "mismatch":
-        m0 = model([allreduce("x", "y")], [vi("x", TensorProto.FLOAT, ["n", 5])], [vi("y", TensorProto.FLOAT, None)])
+        m0 = model(
+            [allreduce("x", "y")], [vi("x", TensorProto.FLOAT, ["n", 5])], [vi("y", TensorProto.FLOAT, None)]
+        )
         session = MpiRankSession([m0] * ctx.size)
         x = np.ones((2 if ctx.rank == 0 else 3, 5), np.float32)
         try:

@@ -72,7 +72,9 @@ def test_allreduce_sums_in_rank_order_accumulating_in_float(elem, dtype):
     ranks = 3
     rng = np.random.default_rng(7)
     # Values of very different magnitudes make the summation order and the single final rounding visible.
-    xs = [(rng.standard_normal((4, 5)) * 10.0 ** (2 * r)).astype(np.float32).astype(dtype) for r in range(ranks)]
+    xs = [
+        (rng.standard_normal((4, 5)) * 10.0 ** (2 * r)).astype(np.float32).astype(dtype) for r in range(ranks)
+    ]
     acc = np.float64 if dtype == np.float64 else np.float32
     expected = xs[0].astype(acc)
     for r in range(1, ranks):
@@ -137,7 +139,11 @@ def test_allreduce_is_variadic():
 @pytest.mark.parametrize("axis", [0, -1, 1])
 def test_allgather_concatenates_in_rank_order(axis):
     m = model(
-        [helper.make_node("AllGather", ["x"], ["y"], name="ag", domain="com.microsoft", group_size=2, axis=axis)],
+        [
+            helper.make_node(
+                "AllGather", ["x"], ["y"], name="ag", domain="com.microsoft", group_size=2, axis=axis
+            )
+        ],
         [vi("x", TensorProto.FLOAT, [2, 3])],
         [vi("y", TensorProto.FLOAT, None)],
     )
@@ -154,7 +160,11 @@ def test_allgather_concatenates_in_rank_order(axis):
 
 def test_allgather_bfloat16_last_axis():
     m = model(
-        [helper.make_node("AllGather", ["x"], ["y"], name="ag", domain="com.microsoft", group_size=2, axis=-1)],
+        [
+            helper.make_node(
+                "AllGather", ["x"], ["y"], name="ag", domain="com.microsoft", group_size=2, axis=-1
+            )
+        ],
         [vi("x", TensorProto.BFLOAT16, ["b", 2])],
         [vi("y", TensorProto.BFLOAT16, None)],
     )
@@ -166,7 +176,11 @@ def test_allgather_bfloat16_last_axis():
 
 def test_allgather_rejects_group_size_other_than_world():
     m = model(
-        [helper.make_node("AllGather", ["x"], ["y"], name="ag", domain="com.microsoft", group_size=4, axis=0)],
+        [
+            helper.make_node(
+                "AllGather", ["x"], ["y"], name="ag", domain="com.microsoft", group_size=4, axis=0
+            )
+        ],
         [vi("x", TensorProto.FLOAT, [2])],
         [vi("y", TensorProto.FLOAT, None)],
     )
@@ -206,7 +220,9 @@ def test_failing_rank_raises_within_seconds_and_session_recovers():
     session = RankSession([tp_mlp(w1[r], w2[r]) for r in range(2)], timeout_s=60)
     x = np.ones((2, 8), np.float32)
     start = time.monotonic()
-    with pytest.raises(PreserveError, match=r"^rank 1: Got invalid dimensions for input: x .*Got: 7 Expected: 8"):
+    with pytest.raises(
+        PreserveError, match=r"^rank 1: Got invalid dimensions for input: x .*Got: 7 Expected: 8"
+    ):
         session.run({"x": x}, {1: {"x": np.ones((2, 7), np.float32)}})
     assert time.monotonic() - start < 10
     # The group was reset: the next run works.
@@ -215,10 +231,16 @@ def test_failing_rank_raises_within_seconds_and_session_recovers():
 
 
 def test_timeout_names_the_collective_rank_and_what_it_waited_for():
-    with_ar = model([allreduce("x", "y", "the_allreduce")], [vi("x", TensorProto.FLOAT, [2])],
-                    [vi("y", TensorProto.FLOAT, [2])])
-    without = model([helper.make_node("Identity", ["x"], ["y"])], [vi("x", TensorProto.FLOAT, [2])],
-                    [vi("y", TensorProto.FLOAT, [2])])
+    with_ar = model(
+        [allreduce("x", "y", "the_allreduce")],
+        [vi("x", TensorProto.FLOAT, [2])],
+        [vi("y", TensorProto.FLOAT, [2])],
+    )
+    without = model(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [vi("x", TensorProto.FLOAT, [2])],
+        [vi("y", TensorProto.FLOAT, [2])],
+    )
     session = RankSession([with_ar, without], timeout_s=1)
     start = time.monotonic()
     with pytest.raises(PreserveError) as info:
@@ -232,9 +254,15 @@ def test_timeout_names_the_collective_rank_and_what_it_waited_for():
 
 
 def test_ranks_in_different_collectives_fail_on_every_rank():
-    ar = model([allreduce("x", "y", "ar")], [vi("x", TensorProto.FLOAT, [2])], [vi("y", TensorProto.FLOAT, None)])
+    ar = model(
+        [allreduce("x", "y", "ar")], [vi("x", TensorProto.FLOAT, [2])], [vi("y", TensorProto.FLOAT, None)]
+    )
     ag = model(
-        [helper.make_node("AllGather", ["x"], ["y"], name="ag", domain="com.microsoft", group_size=2, axis=0)],
+        [
+            helper.make_node(
+                "AllGather", ["x"], ["y"], name="ag", domain="com.microsoft", group_size=2, axis=0
+            )
+        ],
         [vi("x", TensorProto.FLOAT, [2])],
         [vi("y", TensorProto.FLOAT, None)],
     )
@@ -261,9 +289,12 @@ def test_unknown_feed_names_and_ranks_are_refused():
 
 
 def test_bad_model_is_a_preserve_error():
-    broken = model([helper.make_node("NoSuchOp", ["x"], ["y"], domain="nowhere")],
-                   [vi("x", TensorProto.FLOAT, [1])], [vi("y", TensorProto.FLOAT, [1])],
-                   opsets=[helper.make_opsetid("", 17), helper.make_opsetid("nowhere", 1)])
+    broken = model(
+        [helper.make_node("NoSuchOp", ["x"], ["y"], domain="nowhere")],
+        [vi("x", TensorProto.FLOAT, [1])],
+        [vi("y", TensorProto.FLOAT, [1])],
+        opsets=[helper.make_opsetid("", 17), helper.make_opsetid("nowhere", 1)],
+    )
     with pytest.raises(PreserveError, match=r"^rank 0: .*NoSuchOp"):
         RankSession([broken])
 
@@ -325,15 +356,24 @@ def _collective_chain(length):
         nodes.append(helper.make_node("Mul", [f"s{i}", "scale"], [f"m{i}"]))
         cur = f"m{i}"
         if i % 3 == 2:
-            nodes.append(helper.make_node("AllGather", [cur], [f"g{i}"], name=f"ag{i}", domain="com.microsoft",
-                                          group_size=8, axis=0))
+            nodes.append(
+                helper.make_node(
+                    "AllGather", [cur], [f"g{i}"], name=f"ag{i}", domain="com.microsoft", group_size=8, axis=0
+                )
+            )
             nodes.append(helper.make_node("Slice", [f"g{i}", "zero", "two"], [f"c{i}"]))
             cur = f"c{i}"
     nodes.append(helper.make_node("Identity", [cur], ["y"]))
-    inits = [helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
-             helper.make_tensor("two", TensorProto.INT64, [1], [2])]
-    return model(nodes, [vi("x", TensorProto.FLOAT, [2, 3]), vi("scale", TensorProto.FLOAT, [2, 3])],
-                 [vi("y", TensorProto.FLOAT, None)], initializers=inits)
+    inits = [
+        helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("two", TensorProto.INT64, [1], [2]),
+    ]
+    return model(
+        nodes,
+        [vi("x", TensorProto.FLOAT, [2, 3]), vi("scale", TensorProto.FLOAT, [2, 3])],
+        [vi("y", TensorProto.FLOAT, None)],
+        initializers=inits,
+    )
 
 
 def _chain_expected(xs, scales, length):
@@ -365,10 +405,18 @@ def test_eight_oversubscribed_ranks_through_a_long_chain_of_collectives():
 def test_rank_failing_after_an_odd_number_of_collectives_then_the_session_recovers():
     # Rank 1 fails in a Reshape after 3 collectives, while rank 0 waits in the 4th: the reset must put
     # both back in step (collectives alternate between two buffer sets).
-    nodes = [allreduce("x", "a0", "ar0"), allreduce("a0", "a1", "ar1"), allreduce("a1", "a2", "ar2"),
-             helper.make_node("Reshape", ["a2", "shape"], ["r"]), allreduce("r", "y", "ar3")]
-    m = model(nodes, [vi("x", TensorProto.FLOAT, [4]), vi("shape", TensorProto.INT64, [1])],
-              [vi("y", TensorProto.FLOAT, None)])
+    nodes = [
+        allreduce("x", "a0", "ar0"),
+        allreduce("a0", "a1", "ar1"),
+        allreduce("a1", "a2", "ar2"),
+        helper.make_node("Reshape", ["a2", "shape"], ["r"]),
+        allreduce("r", "y", "ar3"),
+    ]
+    m = model(
+        nodes,
+        [vi("x", TensorProto.FLOAT, [4]), vi("shape", TensorProto.INT64, [1])],
+        [vi("y", TensorProto.FLOAT, None)],
+    )
     session = RankSession([m, m], timeout_s=60)
     x = np.arange(4, dtype=np.float32)
     good = np.array([4], np.int64)
@@ -384,10 +432,16 @@ def test_ctrl_c_during_a_run_leaves_the_session_usable():
     import _thread
     import threading
 
-    with_ar = model([allreduce("x", "y", "the_allreduce")], [vi("x", TensorProto.FLOAT, [2])],
-                    [vi("y", TensorProto.FLOAT, [2])])
-    without = model([helper.make_node("Identity", ["x"], ["y"])], [vi("x", TensorProto.FLOAT, [2])],
-                    [vi("y", TensorProto.FLOAT, [2])])
+    with_ar = model(
+        [allreduce("x", "y", "the_allreduce")],
+        [vi("x", TensorProto.FLOAT, [2])],
+        [vi("y", TensorProto.FLOAT, [2])],
+    )
+    without = model(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [vi("x", TensorProto.FLOAT, [2])],
+        [vi("y", TensorProto.FLOAT, [2])],
+    )
     session = RankSession([with_ar, without], timeout_s=3)  # rank 0 waits for a rank 1 that never comes
     timer = threading.Timer(0.3, _thread.interrupt_main)
     timer.start()

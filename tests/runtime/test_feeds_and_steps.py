@@ -61,8 +61,12 @@ def _decoder(rank: int):
             vi("pos_seen", TensorProto.INT64, None),
             vi("mask_shape", TensorProto.INT64, None),
         ],
-        [init("emb", EMB), init("w", w), init("axes1", np.array([1], np.int64)),
-         init("two", np.array(2.0, np.float32))],
+        [
+            init("emb", EMB),
+            init("w", w),
+            init("axes1", np.array([1], np.int64)),
+            init("two", np.array(2.0, np.float32)),
+        ],
     )
 
 
@@ -96,9 +100,15 @@ def test_generate_feeds_is_deterministic_per_seed(decoder):
 
 def test_generate_feeds_symbol_rules_and_special_inputs():
     metas = [
-        TensorMeta("attention_mask", np.dtype(np.int64), ("batch_size", "past_sequence_length + 1"), "tensor(int64)"),
-        TensorMeta("past_key_values.0.key", np.dtype(np.float16), ("batch_size", 2, "past_sequence_length", 8),
-                   "tensor(float16)"),
+        TensorMeta(
+            "attention_mask", np.dtype(np.int64), ("batch_size", "past_sequence_length + 1"), "tensor(int64)"
+        ),
+        TensorMeta(
+            "past_key_values.0.key",
+            np.dtype(np.float16),
+            ("batch_size", 2, "past_sequence_length", 8),
+            "tensor(float16)",
+        ),
         TensorMeta("past_0", BF16, (None, 2, None, 8), "tensor(bfloat16)"),
         TensorMeta("seqlens_k", np.dtype(np.int32), ("batch_size",), "tensor(int32)"),
         TensorMeta("total_sequence_length", np.dtype(np.int32), (), "tensor(int32)"),
@@ -106,8 +116,11 @@ def test_generate_feeds_symbol_rules_and_special_inputs():
         TensorMeta("inputs_embeds", np.dtype(np.float16), ("batch", "seq", 4), "tensor(float16)"),
         TensorMeta("step", np.dtype(np.int64), (1,), "tensor(int64)"),
     ]
-    layout = DecodeLayout(kv_axes={"past_key_values.0.key": (0, 2), "past_0": (0, 2)},
-                          past=frozenset({"past_sequence_length"}), batch=frozenset({"batch_size"}))
+    layout = DecodeLayout(
+        kv_axes={"past_key_values.0.key": (0, 2), "past_0": (0, 2)},
+        past=frozenset({"past_sequence_length"}),
+        batch=frozenset({"batch_size"}),
+    )
     shared, per_rank = generate_feeds([metas, metas], batch=3, context=7, seed=1, vocab=10, layout=layout)
     assert shared["attention_mask"].shape == (3, 8)
     assert per_rank[0]["past_key_values.0.key"].shape == (3, 2, 7, 8)
@@ -121,10 +134,14 @@ def test_generate_feeds_symbol_rules_and_special_inputs():
 
 
 def test_generate_feeds_puts_inputs_that_differ_between_ranks_per_rank():
-    r0 = [TensorMeta("x", np.dtype(np.float32), (2, 4), "tensor(float)"),
-          TensorMeta("y", np.dtype(np.float32), (3,), "tensor(float)")]
-    r1 = [TensorMeta("x", np.dtype(np.float32), (2, 8), "tensor(float)"),
-          TensorMeta("y", np.dtype(np.float32), (3,), "tensor(float)")]
+    r0 = [
+        TensorMeta("x", np.dtype(np.float32), (2, 4), "tensor(float)"),
+        TensorMeta("y", np.dtype(np.float32), (3,), "tensor(float)"),
+    ]
+    r1 = [
+        TensorMeta("x", np.dtype(np.float32), (2, 8), "tensor(float)"),
+        TensorMeta("y", np.dtype(np.float32), (3,), "tensor(float)"),
+    ]
     shared, per_rank = generate_feeds([r0, r1])
     assert list(shared) == ["y"]
     assert per_rank[0]["x"].shape == (2, 4) and per_rank[1]["x"].shape == (2, 8)
@@ -173,8 +190,10 @@ def test_run_steps_needs_a_positive_step_count(decoder):
 
 def test_the_decode_layout_comes_from_the_graph_not_the_names(decoder):
     layout = layout_of(decoder)
-    assert dict(layout.feedback) == {"present.0.key": "past_key_values.0.key",
-                                     "present.0.value": "past_key_values.0.value"}
+    assert dict(layout.feedback) == {
+        "present.0.key": "past_key_values.0.key",
+        "present.0.value": "past_key_values.0.value",
+    }
     assert dict(layout.kv_axes) == {"past_key_values.0.key": (0, 2), "past_key_values.0.value": (0, 2)}
     assert layout_of(decoder) is layout  # once per session
 
@@ -187,12 +206,15 @@ def test_inputs_named_like_a_cache_are_not_kv_cache_without_the_structure():
 
 def test_load_feeds_key_convention(tmp_path):
     path = tmp_path / "feeds.npz"
-    np.savez(path, **{
-        "x": np.ones(2, np.float32),
-        "/model/odd/name": np.zeros(1, np.int64),
-        "rank0/past": np.full(3, 0.5, np.float32),
-        "rank1/past": np.full(3, 1.5, np.float32),
-    })
+    np.savez(
+        path,
+        **{
+            "x": np.ones(2, np.float32),
+            "/model/odd/name": np.zeros(1, np.int64),
+            "rank0/past": np.full(3, 0.5, np.float32),
+            "rank1/past": np.full(3, 1.5, np.float32),
+        },
+    )
     shared, per_rank = load_feeds(path)
     assert sorted(shared) == ["/model/odd/name", "x"]
     assert sorted(per_rank) == [0, 1]
@@ -206,8 +228,14 @@ def test_npz_feeds_drive_rank_sessions(tmp_path):
         [vi("y", TensorProto.FLOAT, [3])],
     )
     path = tmp_path / "feeds.npz"
-    np.savez(path, **{"x": np.array([1, 2, 3], np.float32), "rank0/past": np.array([10, 20, 30], np.float32),
-                      "rank1/past": np.array([100, 200, 300], np.float32)})
+    np.savez(
+        path,
+        **{
+            "x": np.array([1, 2, 3], np.float32),
+            "rank0/past": np.array([10, 20, 30], np.float32),
+            "rank1/past": np.array([100, 200, 300], np.float32),
+        },
+    )
     shared, per_rank = load_feeds(path)
     out = RankSession([m, m]).run(shared, per_rank)
     np.testing.assert_array_equal(out[0]["y"], [112, 224, 336])
@@ -226,7 +254,9 @@ def test_bfloat16_survives_save_and_load(tmp_path):
 
 
 def test_bfloat16_from_a_plain_npz_feeds_a_bfloat16_model(tmp_path):
-    m = model([allreduce("x", "y")], [vi("x", TensorProto.BFLOAT16, [2])], [vi("y", TensorProto.BFLOAT16, [2])])
+    m = model(
+        [allreduce("x", "y")], [vi("x", TensorProto.BFLOAT16, [2])], [vi("y", TensorProto.BFLOAT16, [2])]
+    )
     path = tmp_path / "f.npz"
     np.savez(path, x=np.array([1.5, 2.0], np.float32).astype(BF16))  # stored as raw |V2
     shared, per_rank = load_feeds(path)
@@ -240,12 +270,17 @@ def test_load_feeds_errors_are_one_line(tmp_path):
         load_feeds(tmp_path / "missing.npz")
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(PreserveError, match=r"^inputs file .*bad\.npz is not an \.npz archive of named arrays "
-                                            r"\(write one with numpy\.savez\)$"):
+    with pytest.raises(
+        PreserveError,
+        match=r"^inputs file .*bad\.npz is not an \.npz archive of named arrays "
+        r"\(write one with numpy\.savez\)$",
+    ):
         load_feeds(bad)
     single = tmp_path / "one.npy"
     np.save(single, np.ones(3, np.float32))
-    with pytest.raises(PreserveError, match=r"one\.npy is not an \.npz archive .*: it holds one unnamed array"):
+    with pytest.raises(
+        PreserveError, match=r"one\.npy is not an \.npz archive .*: it holds one unnamed array"
+    ):
         load_feeds(single)
 
 

@@ -30,8 +30,10 @@ def _rank(w1, w2, *, chain=0, collective="AllReduce", expose=False):
         nodes.append(prefetch(anchor, "w2" if i % 2 == 0 else "w1", f"p{i}"))
         anchor = f"p{i}"
     attrs = {"group_size": 2, "axis": 0} if collective == "AllGather" else {}
-    nodes += [helper.make_node(collective, [anchor], ["c"], name="c", domain="com.microsoft", **attrs),
-              helper.make_node("MatMul", ["c", "w2"], ["y"], name="down")]
+    nodes += [
+        helper.make_node(collective, [anchor], ["c"], name="c", domain="com.microsoft", **attrs),
+        helper.make_node("MatMul", ["c", "w2"], ["y"], name="down"),
+    ]
     outputs = [vi("y", TensorProto.FLOAT16, None)] + ([vi("c", TensorProto.FLOAT16, None)] if expose else [])
     return model(nodes, [vi("x", TensorProto.FLOAT16, [4, 16])], outputs, [init("w1", w1), init("w2", w2)])
 
@@ -45,21 +47,44 @@ def _weights(seed):
 
 def _optimized_ops(m, tmp_path, level="all"):
     """The nodes onnxruntime runs for ``m`` (op type, Cast's target type), Prefetch nodes left out."""
-    options = session_options(rank=0, world=1, group="g", level=optimization_level(level), threads=1, timeout_s=5,
-                              prefetch=("preserve", "Prefetch"))
+    options = session_options(
+        rank=0,
+        world=1,
+        group="g",
+        level=optimization_level(level),
+        threads=1,
+        timeout_s=5,
+        prefetch=("preserve", "Prefetch"),
+    )
     options.optimized_model_filepath = str(tmp_path / "ort.onnx")
     ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return [(n.op_type, *[a.i for a in n.attribute if a.name == "to"])
-            for n in onnx.load(tmp_path / "ort.onnx").graph.node if n.op_type != "Prefetch"]
+    return [
+        (n.op_type, *[a.i for a in n.attribute if a.name == "to"])
+        for n in onnx.load(tmp_path / "ort.onnx").graph.node
+        if n.op_type != "Prefetch"
+    ]
 
 
 def test_the_mechanism_a_lone_collective_runs_in_float32_one_behind_a_chain_in_float16(tmp_path):
-    """What makes the original and the optimized model differ without pinning: the Casts onnxruntime inserts."""
+    """What makes the original and the optimized model differ without pinning: the Casts onnxruntime
+    inserts."""
     w1, w2, _ = _weights(0)
     assert _optimized_ops(_rank(w1[0], w2[0]), tmp_path) == [
-        ("Cast", 1), ("MatMul",), ("AllReduce",), ("MatMul",), ("Cast", 10)]
+        ("Cast", 1),
+        ("MatMul",),
+        ("AllReduce",),
+        ("MatMul",),
+        ("Cast", 10),
+    ]
     assert _optimized_ops(_rank(w1[0], w2[0], chain=2), tmp_path) == [
-        ("Cast", 1), ("MatMul",), ("Cast", 10), ("AllReduce",), ("Cast", 1), ("MatMul",), ("Cast", 10)]
+        ("Cast", 1),
+        ("MatMul",),
+        ("Cast", 10),
+        ("AllReduce",),
+        ("Cast", 1),
+        ("MatMul",),
+        ("Cast", 10),
+    ]
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -67,8 +92,9 @@ def test_the_mechanism_a_lone_collective_runs_in_float32_one_behind_a_chain_in_f
 def test_float16_chains_are_bit_identical_to_the_original(level, collective):
     w1, w2, x = _weights(1)
     original = RankSession([_rank(w1[r], w2[r], collective=collective) for r in range(2)], opt_level=level)
-    optimized = RankSession([_rank(w1[r], w2[r], chain=3, collective=collective) for r in range(2)],
-                            opt_level=level)
+    optimized = RankSession(
+        [_rank(w1[r], w2[r], chain=3, collective=collective) for r in range(2)], opt_level=level
+    )
     a, b = original.run({"x": x}), optimized.run({"x": x})
     result = compare_outputs(a, b)
     assert result.identical, result
@@ -80,7 +106,9 @@ def test_a_collective_run_in_float32_computes_what_its_float16_kernel_computes(c
     output a graph output): partial results rounded to float16, an AllReduce's sum rounded once."""
     w1, w2, x = _weights(2)
     lone = RankSession([_rank(w1[r], w2[r], collective=collective) for r in range(2)]).run({"x": x})
-    kept = RankSession([_rank(w1[r], w2[r], collective=collective, expose=True) for r in range(2)]).run({"x": x})
+    kept = RankSession([_rank(w1[r], w2[r], collective=collective, expose=True) for r in range(2)]).run(
+        {"x": x}
+    )
     for r in range(2):
         assert lone[r]["y"].tobytes() == kept[r]["y"].tobytes()
     # Unrounded partial sums (what onnxruntime alone would compute) differ on these values.
@@ -123,6 +151,8 @@ def test_float16_converted_torchscript_export_stays_bit_identical_after_optimize
     r = runner.invoke(app, ["optimize", str(converted), str(out), "-q"])
     assert r.exit_code == 0, r.output
     assert sum(n.op_type == "Prefetch" for n in onnx.load(out / "model_00.onnx").graph.node) > 0
-    r = runner.invoke(app, ["run", str(out), "--against", str(converted), "--steps", "2", "--opt-level", level])
+    r = runner.invoke(
+        app, ["run", str(out), "--against", str(converted), "--steps", "2", "--opt-level", level]
+    )
     assert r.exit_code == 0, r.output
     assert "PASSED: 10 outputs on 2 rank(s) bit-identical" in r.output

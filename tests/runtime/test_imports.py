@@ -12,7 +12,8 @@ RUNTIME = ROOT / "preserve_onnx" / "runtime"
 
 
 def _executed(body: list[ast.stmt], top_level_only: bool):
-    """The statements that run (``if TYPE_CHECKING:`` blocks never do), into functions unless top-level only."""
+    """The statements that run (``if TYPE_CHECKING:`` blocks never do), into functions unless
+    top-level only."""
     for node in body:
         if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
             continue
@@ -42,12 +43,18 @@ def test_mpi_and_runner_do_not_import_each_other_at_module_level():
 
 
 def test_backend_imports_neither_backend():
-    assert not imported("backend") & {"preserve_onnx.runtime.runner", "preserve_onnx.runtime.mpi",
-                                      "preserve_onnx.runtime.twin"}
+    assert not imported("backend") & {
+        "preserve_onnx.runtime.runner",
+        "preserve_onnx.runtime.mpi",
+        "preserve_onnx.runtime.twin",
+    }
 
 
 def test_no_runtime_module_imports_one_that_imports_it_back():
     modules = [p.stem for p in RUNTIME.glob("*.py") if p.stem != "__init__"]
-    graph = {m: {n.rsplit(".", 1)[1] for n in imported(m) if n.startswith("preserve_onnx.runtime.")} for m in modules}
+    graph = {
+        m: {n.rsplit(".", 1)[1] for n in imported(m) if n.startswith("preserve_onnx.runtime.")}
+        for m in modules
+    }
     cycles = sorted((a, b) for a in graph for b in graph[a] if a < b and a in graph.get(b, set()))
     assert cycles == []

@@ -24,13 +24,19 @@ def _prefetch(inputs, **attrs):
     return helper.make_node("Prefetch", inputs, ["y"], name="p", domain="preserve", **attrs)
 
 
-def _session(l_type=TensorProto.INT64, l_shape=(2,), kv_shape=KV_SHAPE, with_l=True, anchor_shape=(2, 3), **attrs):
+def _session(
+    l_type=TensorProto.INT64, l_shape=(2,), kv_shape=KV_SHAPE, with_l=True, anchor_shape=(2, 3), **attrs
+):
     inputs = ["a", "kv", "L"] if with_l else ["a", "kv"]
-    graph_inputs = [vi("a", TensorProto.FLOAT, list(anchor_shape)), vi("kv", TensorProto.FLOAT, list(kv_shape))]
+    graph_inputs = [
+        vi("a", TensorProto.FLOAT, list(anchor_shape)),
+        vi("kv", TensorProto.FLOAT, list(kv_shape)),
+    ]
     if with_l:
         graph_inputs.append(vi("L", l_type, list(l_shape)))
-    return RankSession(model([_prefetch(inputs, **attrs)], graph_inputs,
-                             [vi("y", TensorProto.FLOAT, list(anchor_shape))]))
+    return RankSession(
+        model([_prefetch(inputs, **attrs)], graph_inputs, [vi("y", TensorProto.FLOAT, list(anchor_shape))])
+    )
 
 
 def _hint(session, lengths=None, kv_shape=KV_SHAPE, anchor=ANCHOR):
@@ -113,7 +119,9 @@ def test_an_offset_past_the_live_bytes_hints_nothing():
 
 @pytest.mark.parametrize("l_shape, lengths", [((), np.array(4, np.int64)), ((1,), np.array([4], np.int32))])
 def test_a_scalar_or_one_value_length_applies_to_every_sequence(l_shape, lengths):
-    session = _session(TensorProto.INT64 if lengths.dtype == np.int64 else TensorProto.INT32, l_shape, seq_axis=2)
+    session = _session(
+        TensorProto.INT64 if lengths.dtype == np.int64 else TensorProto.INT32, l_shape, seq_axis=2
+    )
     counters, ranges = _hint(session, lengths)
     assert ranges == [(0, 64), (128, 192), (256, 320), (384, 448)]
     assert counters == _issued(4 * 64)
@@ -131,8 +139,9 @@ def test_any_batch_size_and_a_sequence_axis_right_after_the_batch():
 
 def test_seq_axis_zero_takes_one_length():
     shape = (8, 4)
-    counters, ranges = _hint(_session(l_shape=(), kv_shape=shape, seq_axis=0, window=2), np.array(5, np.int64),
-                             kv_shape=shape)
+    counters, ranges = _hint(
+        _session(l_shape=(), kv_shape=shape, seq_axis=0, window=2), np.array(5, np.int64), kv_shape=shape
+    )
     assert ranges == [(48, 80)]
     assert counters == _issued(32)
 
@@ -149,12 +158,15 @@ def test_seq_axis_and_window_without_l_change_nothing():
     assert (ranges, counters) == ([(8, 16)], _issued(8))
 
 
-@pytest.mark.parametrize("tokens, expected", [
-    (2, PrefetchCounters(0, 0, 1, 0)),
-    (3, PrefetchCounters(1, 0, 0, 256)),
-    (6, PrefetchCounters(1, 0, 0, 256)),
-    (7, PrefetchCounters(0, 1, 0, 0)),
-])
+@pytest.mark.parametrize(
+    "tokens, expected",
+    [
+        (2, PrefetchCounters(0, 0, 1, 0)),
+        (3, PrefetchCounters(1, 0, 0, 256)),
+        (6, PrefetchCounters(1, 0, 0, 256)),
+        (7, PrefetchCounters(0, 1, 0, 0)),
+    ],
+)
 def test_min_tokens_skips_below_as_max_tokens_skips_above(tokens, expected):
     session = _session(anchor_shape=("t", 3), seq_axis=2, min_tokens=3, max_tokens=6)
     anchor = np.ones((tokens, 3), np.float32)
@@ -171,8 +183,18 @@ def test_l_keeps_a_chain_bit_identical_to_the_original_on_two_ranks():
         nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm")]
         anchor = "mm"
         if with_prefetch:
-            nodes.append(helper.make_node("Prefetch", ["mm", "kv", "seqlens"], ["mm_p"], name="p", domain="preserve",
-                                          seq_axis=2, window=3, max_size=100))
+            nodes.append(
+                helper.make_node(
+                    "Prefetch",
+                    ["mm", "kv", "seqlens"],
+                    ["mm_p"],
+                    name="p",
+                    domain="preserve",
+                    seq_axis=2,
+                    window=3,
+                    max_size=100,
+                )
+            )
             anchor = "mm_p"
         nodes.append(allreduce(anchor, "y"))
         inputs = [vi("x", TensorProto.FLOAT, ["b", 8])]
@@ -180,10 +202,14 @@ def test_l_keeps_a_chain_bit_identical_to_the_original_on_two_ranks():
             inputs += [vi("kv", TensorProto.FLOAT, ["b", 2, "s", 4]), vi("seqlens", TensorProto.INT32, ["b"])]
         return model(nodes, inputs, [vi("y", TensorProto.FLOAT, ["b", 8])], [init("w", weight)])
 
-    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32), "kv": np.zeros((2, 2, 16, 4), np.float32),
-             "seqlens": np.array([7, 16], np.int32)}
+    feeds = {
+        "x": rng.standard_normal((2, 8)).astype(np.float32),
+        "kv": np.zeros((2, 2, 16, 4), np.float32),
+        "seqlens": np.array([7, 16], np.int32),
+    }
     plain = RankSession([rank(w[r], False) for r in range(2)], opt_level="all").run(
-        {k: v for k, v in feeds.items() if k == "x"})
+        {k: v for k, v in feeds.items() if k == "x"}
+    )
     before = prefetch_counters()
     optimized = RankSession([rank(w[r], True) for r in range(2)], opt_level="all").run(feeds)
     # Live bytes per rank: b0 positions [4, 7), b1 [13, 16): 3 x 16 bytes per head, 4 heads; max_size 100.
@@ -192,10 +218,19 @@ def test_l_keeps_a_chain_bit_identical_to_the_original_on_two_ranks():
 
 
 def test_vendor_spelled_seq_axis_window_and_min_tokens_are_read():
-    m = model([helper.make_node("Prefetch", ["a", "kv", "L"], ["y"], name="p", domain="preserve", v_axis=2, v_win=2,
-                                v_min=5)],
-              [vi("a", TensorProto.FLOAT, ["t", 3]), vi("kv", TensorProto.FLOAT, list(KV_SHAPE)),
-               vi("L", TensorProto.INT64, [2])], [vi("y", TensorProto.FLOAT, ["t", 3])])
+    m = model(
+        [
+            helper.make_node(
+                "Prefetch", ["a", "kv", "L"], ["y"], name="p", domain="preserve", v_axis=2, v_win=2, v_min=5
+            )
+        ],
+        [
+            vi("a", TensorProto.FLOAT, ["t", 3]),
+            vi("kv", TensorProto.FLOAT, list(KV_SHAPE)),
+            vi("L", TensorProto.INT64, [2]),
+        ],
+        [vi("y", TensorProto.FLOAT, ["t", 3])],
+    )
     session = RankSession(m, prefetch_attrs=("max_size", "offset", "max_tokens", "v_min", "v_axis", "v_win"))
     counters, _ = _hint(session, np.array([3, 5], np.int64))
     assert counters == PrefetchCounters(0, 0, 1, 0)  # 2 tokens < v_min 5
@@ -205,30 +240,73 @@ def test_vendor_spelled_seq_axis_window_and_min_tokens_are_read():
 
 
 def test_more_attribute_names_than_the_kernel_reads_are_refused():
-    m = model([_prefetch(["a", "kv"])], [vi("a", TensorProto.FLOAT, [1]), vi("kv", TensorProto.FLOAT, [1])],
-              [vi("y", TensorProto.FLOAT, [1])])
+    m = model(
+        [_prefetch(["a", "kv"])],
+        [vi("a", TensorProto.FLOAT, [1]), vi("kv", TensorProto.FLOAT, [1])],
+        [vi("y", TensorProto.FLOAT, [1])],
+    )
     with pytest.raises(PreserveError) as caught:
         RankSession(m, prefetch_attrs=("a", "b", "c", "d", "e", "f", "g"))
-    assert str(caught.value) == ("Prefetch has 6 attributes the runtime reads (max_size, offset, max_tokens, "
-                                 "min_tokens, seq_axis, window), got 7 names")
+    assert str(caught.value) == (
+        "Prefetch has 6 attributes the runtime reads (max_size, offset, max_tokens, "
+        "min_tokens, seq_axis, window), got 7 names"
+    )
 
 
-@pytest.mark.parametrize("attrs, l_type, l_shape, lengths, message", [
-    ({}, TensorProto.INT64, (2,), np.array([3, 5], np.int64),
-     "the length input L needs the attribute 'seq_axis' (docs/design.md §3)"),
-    ({"seq_axis": 4}, TensorProto.INT64, (2,), np.array([3, 5], np.int64),
-     "seq_axis 4 is out of range for X of rank 4"),
-    ({"seq_axis": 2, "window": -1}, TensorProto.INT64, (2,), np.array([3, 5], np.int64),
-     "'window' must be 0 (all valid positions) or positive, got -1"),
-    ({"seq_axis": 2}, TensorProto.FLOAT, (2,), np.array([3, 5], np.float32),
-     "the length input L must be int32 or int64, got float32"),
-    ({"seq_axis": 2}, TensorProto.INT64, (3,), np.array([3, 5, 1], np.int64),
-     "L has 3 values for 2 sequences (X's axis 0)"),
-    ({"seq_axis": 0}, TensorProto.INT64, (2,), np.array([3, 5], np.int64),
-     "L has 2 values for 1 sequence (seq_axis 0)"),
-    ({"seq_axis": 2}, TensorProto.INT64, (1, 2), np.array([[3, 5]], np.int64),
-     "the length input L must be a scalar or one value per sequence, got shape [1, 2]"),
-])
+@pytest.mark.parametrize(
+    "attrs, l_type, l_shape, lengths, message",
+    [
+        (
+            {},
+            TensorProto.INT64,
+            (2,),
+            np.array([3, 5], np.int64),
+            "the length input L needs the attribute 'seq_axis' (docs/design.md §3)",
+        ),
+        (
+            {"seq_axis": 4},
+            TensorProto.INT64,
+            (2,),
+            np.array([3, 5], np.int64),
+            "seq_axis 4 is out of range for X of rank 4",
+        ),
+        (
+            {"seq_axis": 2, "window": -1},
+            TensorProto.INT64,
+            (2,),
+            np.array([3, 5], np.int64),
+            "'window' must be 0 (all valid positions) or positive, got -1",
+        ),
+        (
+            {"seq_axis": 2},
+            TensorProto.FLOAT,
+            (2,),
+            np.array([3, 5], np.float32),
+            "the length input L must be int32 or int64, got float32",
+        ),
+        (
+            {"seq_axis": 2},
+            TensorProto.INT64,
+            (3,),
+            np.array([3, 5, 1], np.int64),
+            "L has 3 values for 2 sequences (X's axis 0)",
+        ),
+        (
+            {"seq_axis": 0},
+            TensorProto.INT64,
+            (2,),
+            np.array([3, 5], np.int64),
+            "L has 2 values for 1 sequence (seq_axis 0)",
+        ),
+        (
+            {"seq_axis": 2},
+            TensorProto.INT64,
+            (1, 2),
+            np.array([[3, 5]], np.int64),
+            "the length input L must be a scalar or one value per sequence, got shape [1, 2]",
+        ),
+    ],
+)
 def test_bad_lengths_or_attributes_are_one_line_errors(attrs, l_type, l_shape, lengths, message):
     session = _session(l_type, l_shape, **attrs)
     with pytest.raises(PreserveError) as caught:
@@ -252,25 +330,58 @@ def test_the_standalone_runner_runs_prefetches_with_l(tmp_path):
         folder.mkdir()
     for r in range(2):
         weight = init("w", rng.standard_normal((8, 8)).astype(np.float32))
-        inputs = [vi("x", TensorProto.FLOAT, ["batch", 8]), vi("past", TensorProto.FLOAT, ["batch", 2, "past", 4]),
-                  vi("seqlens", TensorProto.INT32, ["batch"])]
-        head = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
-                helper.make_node("ReduceSum", ["past"], ["s"], name="sum", keepdims=0)]
-        outputs = [vi("y", TensorProto.FLOAT, ["batch", 8]), vi("s", TensorProto.FLOAT, []),
-                   vi("n", TensorProto.INT32, ["batch"])]
+        inputs = [
+            vi("x", TensorProto.FLOAT, ["batch", 8]),
+            vi("past", TensorProto.FLOAT, ["batch", 2, "past", 4]),
+            vi("seqlens", TensorProto.INT32, ["batch"]),
+        ]
+        head = [
+            helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
+            helper.make_node("ReduceSum", ["past"], ["s"], name="sum", keepdims=0),
+        ]
+        outputs = [
+            vi("y", TensorProto.FLOAT, ["batch", 8]),
+            vi("s", TensorProto.FLOAT, []),
+            vi("n", TensorProto.INT32, ["batch"]),
+        ]
         tail = [helper.make_node("Identity", ["seqlens"], ["n"], name="n")]
-        onnx.save(model(head + [allreduce("mm", "y")] + tail, inputs, outputs, [weight]),
-                  original / f"model_{r:02d}.onnx")
-        chain = [helper.make_node("Prefetch", ["mm", "past", "seqlens"], ["mm_p"], name="p", domain="preserve",
-                                  seq_axis=2, window=4, max_size=64)]
-        onnx.save(model(head + chain + [allreduce("mm_p", "y")] + tail, inputs, outputs, [weight]),
-                  optimized / f"model_{r:02d}.onnx")
+        onnx.save(
+            model(head + [allreduce("mm", "y")] + tail, inputs, outputs, [weight]),
+            original / f"model_{r:02d}.onnx",
+        )
+        chain = [
+            helper.make_node(
+                "Prefetch",
+                ["mm", "past", "seqlens"],
+                ["mm_p"],
+                name="p",
+                domain="preserve",
+                seq_axis=2,
+                window=4,
+                max_size=64,
+            )
+        ]
+        onnx.save(
+            model(head + chain + [allreduce("mm_p", "y")] + tail, inputs, outputs, [weight]),
+            optimized / f"model_{r:02d}.onnx",
+        )
     _, script = write_runtime(optimized)
-    naming = json.loads(next(line for line in script.read_text().splitlines()
-                             if line.startswith("NAMING = ")).removeprefix("NAMING = "))
+    naming = json.loads(
+        next(line for line in script.read_text().splitlines() if line.startswith("NAMING = ")).removeprefix(
+            "NAMING = "
+        )
+    )
     assert {k: naming[k] for k in ("min_tokens", "seq_axis", "window")} == {
-        "min_tokens": "min_tokens", "seq_axis": "seq_axis", "window": "window"}
-    run = subprocess.run([sys.executable, str(script), "--against", str(original), "--batch", "2"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        "min_tokens": "min_tokens",
+        "seq_axis": "seq_axis",
+        "window": "window",
+    }
+    run = subprocess.run(
+        [sys.executable, str(script), "--against", str(original), "--batch", "2"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert "PASSED" in run.stdout

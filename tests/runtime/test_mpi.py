@@ -32,14 +32,23 @@ _MISSING = MPIRUN is None or importlib.util.find_spec("mpi4py") is None
 # `make test` installs MPI and sets PRESERVE_REQUIRE_MPI=1: there a missing MPI fails, never skips.
 if _MISSING and os.environ.get("PRESERVE_REQUIRE_MPI") == "1":
     raise RuntimeError("PRESERVE_REQUIRE_MPI=1 but mpirun or mpi4py is missing (`make mpi`)")
-pytestmark = pytest.mark.skipif(_MISSING, reason="MPI backend tests need Open MPI's mpirun and mpi4py (`make mpi`)")
+pytestmark = pytest.mark.skipif(
+    _MISSING, reason="MPI backend tests need Open MPI's mpirun and mpi4py (`make mpi`)"
+)
 
 
 def mpirun(n: int, *argv: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs argv in n processes on this machine, over loopback only."""
-    environ = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                   OMPI_MCA_btl_tcp_if_include="lo", OMPI_MCA_oob_tcp_if_include="lo",
-                   OMPI_MCA_btl_vader_single_copy_mechanism="none", NO_COLOR="1", COLUMNS="200")
+    environ = dict(
+        os.environ,
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMPI_MCA_btl_tcp_if_include="lo",
+        OMPI_MCA_oob_tcp_if_include="lo",
+        OMPI_MCA_btl_vader_single_copy_mechanism="none",
+        NO_COLOR="1",
+        COLUMNS="200",
+    )
     environ.update(env or {})
     cmd = [MPIRUN, "-n", str(n), "--oversubscribe", *argv]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environ, cwd=REPO)
@@ -50,11 +59,24 @@ def npz(path: Path) -> dict[str, bytes]:
         return {k: archive[k].dtype.str.encode() + archive[k].tobytes() for k in archive.files}
 
 
-@pytest.mark.parametrize("sample", ["llama-gqa", "llama-gqa-fp16", "gpt-attention", "merged-decoder", "llama-int4"])
+@pytest.mark.parametrize(
+    "sample", ["llama-gqa", "llama-gqa-fp16", "gpt-attention", "merged-decoder", "llama-int4"]
+)
 def test_cli_mpi_is_bit_identical_to_threads(sample, tmp_path):
     src = SAMPLES / sample / "tp2"
-    res = mpirun(2, str(CLI), "run", str(src), "--backend", "mpi", "--steps", "3", "--save",
-                 str(tmp_path / "mpi.npz"), "-q")
+    res = mpirun(
+        2,
+        str(CLI),
+        "run",
+        str(src),
+        "--backend",
+        "mpi",
+        "--steps",
+        "3",
+        "--save",
+        str(tmp_path / "mpi.npz"),
+        "-q",
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("done: ran 2 rank(s)") == 1  # rank 0 reports for both
     threads = run_models(src, steps=3)
@@ -68,15 +90,27 @@ def test_cli_against_passes_under_mpi(tmp_path):
     src = SAMPLES / "llama-gqa" / "tp2"
     opt = tmp_path / "opt"
     subprocess.run([str(CLI), "optimize", str(src), str(opt), "-q"], check=True, capture_output=True)
-    res = mpirun(2, str(CLI), "run", str(opt), "--backend", "mpi", "--against", str(src), "--steps", "3", "-q")
+    res = mpirun(
+        2, str(CLI), "run", str(opt), "--backend", "mpi", "--against", str(src), "--steps", "3", "-q"
+    )
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("PASSED") == 1 and "10 outputs on 2 rank(s) bit-identical" in " ".join(res.stdout.split())
+    assert res.stdout.count("PASSED") == 1 and "10 outputs on 2 rank(s) bit-identical" in " ".join(
+        res.stdout.split()
+    )
 
 
 def test_no_colour_codes_under_mpirun():
     # Open MPI hands each rank a pseudo-terminal even when the job's output is piped.
-    res = mpirun(2, str(CLI), "run", str(SAMPLES / "llama-gqa" / "tp2"), "--backend", "mpi", "-q",
-                 env={"NO_COLOR": "", "TERM": "xterm-256color"})
+    res = mpirun(
+        2,
+        str(CLI),
+        "run",
+        str(SAMPLES / "llama-gqa" / "tp2"),
+        "--backend",
+        "mpi",
+        "-q",
+        env={"NO_COLOR": "", "TERM": "xterm-256color"},
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().startswith("done: ran 2 rank(s) in ") and "\x1b[" not in res.stdout + res.stderr
 
@@ -97,8 +131,19 @@ def test_cli_inputs_file_under_mpi(tmp_path):
     for r, feeds in per_rank.items():
         arrays.update({f"rank{r}/{k}": v for k, v in feeds.items()})
     np.savez(tmp_path / "feeds.npz", **arrays)
-    res = mpirun(2, str(CLI), "run", str(src), "--backend", "mpi", "--inputs", str(tmp_path / "feeds.npz"),
-                 "--save", str(tmp_path / "mpi.npz"), "-q")
+    res = mpirun(
+        2,
+        str(CLI),
+        "run",
+        str(src),
+        "--backend",
+        "mpi",
+        "--inputs",
+        str(tmp_path / "feeds.npz"),
+        "--save",
+        str(tmp_path / "mpi.npz"),
+        "-q",
+    )
     assert res.returncode == 0, res.stderr
     threads = run_models(src, inputs=tmp_path / "feeds.npz")
     save_outputs(tmp_path / "threads.npz", threads.outputs)
@@ -122,15 +167,24 @@ def test_wrong_process_count_is_an_error_on_every_rank():
     start = time.monotonic()
     res = mpirun(3, str(CLI), "run", str(SAMPLES / "llama-gqa" / "tp2"), "--backend", "mpi", timeout=90)
     assert res.returncode != 0
-    assert res.stderr.count("has 2 rank model(s) but this MPI job has 3 process(es): start it with `mpirun -n 2`") == 3
+    assert (
+        res.stderr.count(
+            "has 2 rank model(s) but this MPI job has 3 process(es): start it with `mpirun -n 2`"
+        )
+        == 3
+    )
     assert "Traceback" not in res.stderr
     assert time.monotonic() - start < 60
 
 
 def test_mpi_backend_outside_mpirun_names_the_process_count():
-    res = subprocess.run([str(CLI), "run", str(SAMPLES / "llama-gqa" / "tp2"), "--backend", "mpi"],
-                         capture_output=True, text=True, timeout=90,
-                         env=dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"))
+    res = subprocess.run(
+        [str(CLI), "run", str(SAMPLES / "llama-gqa" / "tp2"), "--backend", "mpi"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"),
+    )
     assert res.returncode == 1
     assert "this MPI job has 1 process(es): start it with `mpirun -n 2`" in res.stderr
 
@@ -144,11 +198,17 @@ def test_failing_rank_stops_every_rank_with_its_reason(tmp_path):
     arrays["rank1/input_ids"] = np.zeros((1, 1), np.float32)  # wrong type on rank 1 only
     np.savez(tmp_path / "bad.npz", **arrays)
     start = time.monotonic()
-    res = mpirun(2, str(CLI), "run", str(src), "--backend", "mpi", "--inputs", str(tmp_path / "bad.npz"), timeout=90)
+    res = mpirun(
+        2, str(CLI), "run", str(src), "--backend", "mpi", "--inputs", str(tmp_path / "bad.npz"), timeout=90
+    )
     assert res.returncode == 1
     lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert any(line.startswith("error: rank 1: ") and "expected: (tensor(int64))" in line for line in lines), res.stderr
-    assert any(line.startswith("error: rank 0: stopped because rank 1 failed: ") for line in lines), res.stderr
+    assert any(
+        line.startswith("error: rank 1: ") and "expected: (tensor(int64))" in line for line in lines
+    ), res.stderr
+    assert any(line.startswith("error: rank 0: stopped because rank 1 failed: ") for line in lines), (
+        res.stderr
+    )
     assert time.monotonic() - start < 30
 
 
@@ -156,7 +216,10 @@ def test_mismatched_collective_inputs_name_both_ranks():
     res = mpirun(2, sys.executable, str(WORKER), "mismatch", timeout=90)
     assert res.returncode == 1
     for rank in (0, 1):  # its own check, or the peer's report if that came first
-        assert f"error: rank {rank}: AllReduce 'ar'" in res.stderr or f"error: rank {rank}: stopped because" in res.stderr
+        assert (
+            f"error: rank {rank}: AllReduce 'ar'" in res.stderr
+            or f"error: rank {rank}: stopped because" in res.stderr
+        )
     assert res.stderr.count("input 0 is float32[2, 5] on rank 0 but float32[3, 5] on rank 1") == 2
 
 
@@ -170,10 +233,24 @@ def test_killed_rank_ends_the_job_with_a_message_on_the_survivor():
 
 def test_hung_rank_times_out_instead_of_hanging():
     start = time.monotonic()
-    res = mpirun(2, "-x", "TIMEOUT_S", "-x", "PRESERVE_MPI_EXIT_GRACE_S", sys.executable, str(WORKER), "sleep",
-                 str(SAMPLES / "llama-gqa" / "tp2"), timeout=90, env={"TIMEOUT_S": "2", "PRESERVE_MPI_EXIT_GRACE_S": "2"})
+    res = mpirun(
+        2,
+        "-x",
+        "TIMEOUT_S",
+        "-x",
+        "PRESERVE_MPI_EXIT_GRACE_S",
+        sys.executable,
+        str(WORKER),
+        "sleep",
+        str(SAMPLES / "llama-gqa" / "tp2"),
+        timeout=90,
+        env={"TIMEOUT_S": "2", "PRESERVE_MPI_EXIT_GRACE_S": "2"},
+    )
     assert res.returncode != 0
-    assert "error: rank 0: AllReduce" in res.stderr and "timed out after 2000 ms waiting for rank(s) 1" in res.stderr
+    assert (
+        "error: rank 0: AllReduce" in res.stderr
+        and "timed out after 2000 ms waiting for rank(s) 1" in res.stderr
+    )
     assert "error: rank 1: stopped by mpirun (SIGTERM)" in res.stderr
     assert time.monotonic() - start < 30
 
@@ -182,8 +259,20 @@ def test_cli_mpi_binds_symbolic_dims_like_threads(tmp_path):
     """The builder's `kv_cache_dim` is bound from the graph (and by --dim) under MPI too."""
     src = SAMPLES / "exporters" / "genai-llama-fp32" / "tp2"
     for extra in ([], ["--dim", "batch_size=3"]):
-        res = mpirun(2, str(CLI), "run", str(src), "--backend", "mpi", "--steps", "2", "--save",
-                     str(tmp_path / "mpi.npz"), "-q", *extra)
+        res = mpirun(
+            2,
+            str(CLI),
+            "run",
+            str(src),
+            "--backend",
+            "mpi",
+            "--steps",
+            "2",
+            "--save",
+            str(tmp_path / "mpi.npz"),
+            "-q",
+            *extra,
+        )
         assert res.returncode == 0, res.stderr
         threads = run_models(src, steps=2, dims=dict(batch_size=3) if extra else None)
         save_outputs(tmp_path / "threads.npz", threads.outputs)

@@ -67,8 +67,11 @@ def test_prefetch_passes_any_type_through_exactly():
 
 def test_prefetch_of_a_kv_cache_input_and_offset_beyond_the_tensor():
     m = model(
-        [prefetch("a", "past", "a1", offset=1 << 40), prefetch("a1", "past", "a2", max_size=1 << 40),
-         allreduce("a2", "y")],
+        [
+            prefetch("a", "past", "a1", offset=1 << 40),
+            prefetch("a1", "past", "a2", max_size=1 << 40),
+            allreduce("a2", "y"),
+        ],
         [vi("a", TensorProto.FLOAT, [3]), vi("past", TensorProto.FLOAT16, ["b", 2, "s", 4])],
         [vi("y", TensorProto.FLOAT, [3])],
     )
@@ -99,7 +102,9 @@ def test_prefetch_domain_and_op_are_configurable():
     w1 = [_weights(r, (8, 8)) for r in range(2)]
     w2 = [_weights(3 + r, (8, 8)) for r in range(2)]
     x = _weights(7, (1, 8))
-    custom = [tp_mlp(w1[r], w2[r], with_prefetch=True, domain="vendor.cmo", op="CmoPrefetch") for r in range(2)]
+    custom = [
+        tp_mlp(w1[r], w2[r], with_prefetch=True, domain="vendor.cmo", op="CmoPrefetch") for r in range(2)
+    ]
     plain = [tp_mlp(w1[r], w2[r]) for r in range(2)]
     b = RankSession(custom, prefetch_domain="vendor.cmo", prefetch_op="CmoPrefetch").run({"x": x})
     a = RankSession(plain).run({"x": x})
@@ -123,22 +128,26 @@ def test_missing_library_is_a_one_line_preserve_error(monkeypatch, tmp_path):
     with pytest.raises(PreserveError) as caught:
         library_path()
     assert str(caught.value) == (
-        f"the runtime's custom-op library {tmp_path / 'libpreserve_ops.so'} is missing: reinstall preserve-onnx from "
-        f"its source folder or sdist where g++ is installed, or run `make lib` in a clone")
+        f"the runtime's custom-op library {tmp_path / 'libpreserve_ops.so'} is missing: reinstall "
+        f"preserve-onnx from its source folder or sdist where g++ is installed, or run `make lib` in a clone"
+    )
 
 
 def test_library_that_the_install_could_not_build_names_the_reason(monkeypatch, tmp_path):
     """setup.py writes why it could not build the library into _lib/NOT_BUILT; `run` repeats it."""
     monkeypatch.setattr(library_module, "_LIB_DIR", tmp_path)
-    (tmp_path / "NOT_BUILT").write_text("no C++ compiler: install g++ (Debian/Ubuntu: apt-get install g++), or set CXX\n")
+    (tmp_path / "NOT_BUILT").write_text(
+        "no C++ compiler: install g++ (Debian/Ubuntu: apt-get install g++), or set CXX\n"
+    )
     with pytest.raises(PreserveError) as caught:
         library_path()
     assert str(caught.value) == (
-        "the runtime's custom-op library was not built when preserve-onnx was installed (no C++ compiler: install "
-        "g++ (Debian/Ubuntu: apt-get install g++), or set CXX): provide what it names (a C++ compiler such as g++; "
-        "onnxruntime's C headers: ORT_INCLUDE_DIR=<the include folder of onnxruntime's release archive or of "
-        "Debian's libonnxruntime-dev>) and reinstall: pip install --force-reinstall --no-deps <preserve-onnx's "
-        "source folder or sdist>")
+        "the runtime's custom-op library was not built when preserve-onnx was installed (no C++ compiler: "
+        "install g++ (Debian/Ubuntu: apt-get install g++), or set CXX): provide what it names (a C++ "
+        "compiler such as g++; onnxruntime's C headers: ORT_INCLUDE_DIR=<the include folder of onnxruntime's "
+        "release archive or of Debian's libonnxruntime-dev>) and reinstall: pip install --force-reinstall "
+        "--no-deps <preserve-onnx's source folder or sdist>"
+    )
 
 
 def _limited_mlp(w1, w2, max_tokens, attr="max_tokens"):
@@ -157,8 +166,9 @@ def test_prefetch_skips_its_hint_above_max_tokens_and_outputs_stay_bit_identical
     w1 = [_weights(r, (16, 32)) for r in range(2)]
     w2 = [_weights(4 + r, (32, 16)) for r in range(2)]
     plain = RankSession([tp_mlp(w1[r], w2[r]) for r in range(2)])
-    limited = RankSession([_limited_mlp(w1[r], w2[r], 4, attr) for r in range(2)],
-                          prefetch_attrs=("max_size", "offset", attr))
+    limited = RankSession(
+        [_limited_mlp(w1[r], w2[r], 4, attr) for r in range(2)], prefetch_attrs=("max_size", "offset", attr)
+    )
     for tokens, issued, skipped in [(4, 6, 0), (5, 0, 6), (1, 6, 0), (64, 0, 6)]:
         x = _weights(tokens, (tokens, 16))
         before = prefetch_counters()

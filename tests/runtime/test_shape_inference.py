@@ -45,17 +45,23 @@ def _torchscript_attention(dims, head: list[onnx.NodeProto], src: str, extra_ini
         helper.make_node("Gather", ["shape", "i1"], ["s"], name="/self_attn/Gather_1", axis=0),
         helper.make_node("Unsqueeze", ["b", "ax0"], ["b1"], name="/self_attn/Unsqueeze"),
         helper.make_node("Unsqueeze", ["s", "ax0"], ["s1"], name="/self_attn/Unsqueeze_1"),
-        helper.make_node("Concat", ["b1", "s1", "heads", "minus1"], ["split"], name="/self_attn/Concat",
-                         axis=0),
+        helper.make_node(
+            "Concat", ["b1", "s1", "heads", "minus1"], ["split"], name="/self_attn/Concat", axis=0
+        ),
         helper.make_node("Reshape", [src, "split"], ["q"], name="/self_attn/Reshape"),
         helper.make_node("Transpose", ["q"], ["qt"], name="/self_attn/Transpose", perm=[0, 2, 1, 3]),
         helper.make_node("Transpose", ["qt"], ["o"], name="/self_attn/Transpose_1", perm=[0, 2, 1, 3]),
         helper.make_node("Concat", ["b1", "s1", "minus1"], ["merge"], name="/self_attn/Concat_1", axis=0),
         helper.make_node("Reshape", ["o", "merge"], ["y"], name="/self_attn/Reshape_1"),
     ]
-    inits = [init("i0", np.array(0, np.int64)), init("i1", np.array(1, np.int64)),
-             init("ax0", np.array([0], np.int64)), init("heads", np.array([HEADS], np.int64)),
-             init("minus1", np.array([-1], np.int64)), *extra_inits]
+    inits = [
+        init("i0", np.array(0, np.int64)),
+        init("i1", np.array(1, np.int64)),
+        init("ax0", np.array([0], np.int64)),
+        init("heads", np.array([HEADS], np.int64)),
+        init("minus1", np.array([-1], np.int64)),
+        *extra_inits,
+    ]
     m = model(nodes, [vi("x", F32, dims)], [vi("y", F32, None), vi(src, F32, None)], inits)
     m.graph.value_info.extend(value_info)
     return m
@@ -99,16 +105,30 @@ def test_torchscript_reshapes_after_an_allgather_of_unknown_dims_load_and_run(di
 @pytest.mark.parametrize("with_l", [False, True])
 def test_torchscript_reshapes_after_a_prefetch_chain_of_unknown_dims_load_and_run(x_type, collective, with_l):
     """The optimizer's chain (three links, X a weight of the anchor's type or another, with or without the
-    length input L of docs/design.md §3) in front of the AllReduce, and a chain read directly by the reshapes."""
+    length input L of docs/design.md §3) in front of the AllReduce, and a chain read directly by the
+    reshapes."""
     extra = {"seq_axis": 0, "window": 4} if with_l else {}
-    head = [helper.make_node("Prefetch", [a, "w", "lens"] if with_l else [a, "w"], [o], name=o, domain="preserve",
-                             max_size=0, offset=0, collective="ar", **extra)
-            for a, o in (("x", "p0"), ("p0", "p1"), ("p1", "p2"))]
+    head = [
+        helper.make_node(
+            "Prefetch",
+            [a, "w", "lens"] if with_l else [a, "w"],
+            [o],
+            name=o,
+            domain="preserve",
+            max_size=0,
+            offset=0,
+            collective="ar",
+            **extra,
+        )
+        for a, o in (("x", "p0"), ("p0", "p1"), ("p1", "p2"))
+    ]
     src = "p2"
     if collective:
         head.append(helper.make_node("AllReduce", ["p2"], ["ar"], name="ar", domain=MS))
         src = "ar"
-    inits = [init("w", np.arange(64).astype(x_type))] + ([init("lens", np.array(10, np.int64))] if with_l else [])
+    inits = [init("w", np.arange(64).astype(x_type))] + (
+        [init("lens", np.array(10, np.int64))] if with_l else []
+    )
     m = _torchscript_attention([None, None, None], head, src, inits)
     xs = [_x(0), _x(1)]
     out = RankSession([m, m]).run({}, {r: {"x": xs[r]} for r in range(2)})
@@ -117,11 +137,17 @@ def test_torchscript_reshapes_after_a_prefetch_chain_of_unknown_dims_load_and_ru
         np.testing.assert_array_equal(out[r]["y"], _expected_y(want))
 
 
-@pytest.mark.parametrize("declared", [
-    ["/model/layers.0/AllReduce_output_0_dim_0", "/model/layers.0/AllReduce_output_0_dim_1", 8],
-    ["/model/layers.0/AllReduce_output_0_dim_0", "/model/layers.0/AllReduce_output_0_dim_1",
-     "/model/layers.0/AllReduce_output_0_dim_2"],
-])
+@pytest.mark.parametrize(
+    "declared",
+    [
+        ["/model/layers.0/AllReduce_output_0_dim_0", "/model/layers.0/AllReduce_output_0_dim_1", 8],
+        [
+            "/model/layers.0/AllReduce_output_0_dim_0",
+            "/model/layers.0/AllReduce_output_0_dim_1",
+            "/model/layers.0/AllReduce_output_0_dim_2",
+        ],
+    ],
+)
 @pytest.mark.parametrize("dims", [["batch_size", "sequence_length", 8], [None, None, None]])
 def test_torchscript_value_info_with_generated_dim_names_loads_and_runs(dims, declared):
     """TorchScript declares the AllReduce output with dim names of its own, unrelated to the input's."""
@@ -146,8 +172,16 @@ def _every_op_model():
         helper.make_node("AllGather", ["x"], ["g1"], name="ag1", domain=MS, axis=1, group_size=2),
         helper.make_node("AllGather", ["x"], ["g2"], name="ag2", domain=MS, axis=-1, group_size=2),
         helper.make_node("AllGather", ["x"], ["g0"], name="ag0", domain=MS, axis=0, group_size=2),
-        helper.make_node("Prefetch", ["x", "w"], ["p"], name="pf", domain="preserve", max_size=0, offset=0,
-                         collective="ar0"),
+        helper.make_node(
+            "Prefetch",
+            ["x", "w"],
+            ["p"],
+            name="pf",
+            domain="preserve",
+            max_size=0,
+            offset=0,
+            collective="ar0",
+        ),
     ]
     outputs = [vi(o, F32, None) for o in ("a", "b", "g1", "g2", "g0", "p")]
     return model(nodes, [vi("x", F32, ["batch", None, 4])], outputs, [w])
@@ -168,14 +202,27 @@ def test_outputs_copy_values_and_names_and_name_every_other_dim():
     assert _output_shapes(RankSession([_every_op_model()] * 2)) == expected
     out = session.run({"x": np.ones((2, 3, 4), np.float32)})
     assert {k: v.shape for k, v in out[0].items()} == {
-        "a": (2, 3, 4), "b": (2, 3, 4), "g1": (2, 6, 4), "g2": (2, 3, 8), "g0": (4, 3, 4), "p": (2, 3, 4)}
+        "a": (2, 3, 4),
+        "b": (2, 3, 4),
+        "g1": (2, 6, 4),
+        "g2": (2, 3, 8),
+        "g0": (4, 3, 4),
+        "p": (2, 3, 4),
+    }
 
 
 def test_prefetch_vendor_op_names_its_dims_after_itself():
-    m = model([helper.make_node("PrefetchWeights", ["x", "w"], ["p"], name="pf", domain="vendor.ops",
-                                max_size=0, offset=0)],
-              [vi("x", F32, [None, 4])], [vi("p", F32, None)], [init("w", np.ones(4, np.float32))],
-              opsets=[helper.make_opsetid("", 17), helper.make_opsetid("vendor.ops", 1)])
+    m = model(
+        [
+            helper.make_node(
+                "PrefetchWeights", ["x", "w"], ["p"], name="pf", domain="vendor.ops", max_size=0, offset=0
+            )
+        ],
+        [vi("x", F32, [None, 4])],
+        [vi("p", F32, None)],
+        [init("w", np.ones(4, np.float32))],
+        opsets=[helper.make_opsetid("", 17), helper.make_opsetid("vendor.ops", 1)],
+    )
     session = RankSession(m, prefetch_domain="vendor.ops", prefetch_op="PrefetchWeights")
     assert _output_shapes(session) == {"p": ("preserve.PrefetchWeights.dim0", 4)}
 
@@ -187,11 +234,15 @@ def test_an_input_of_unknown_rank_keeps_no_shape(op):
     if op == "AllGather":
         node = helper.make_node("AllGather", ["x"], ["c"], name="ag", domain=MS, axis=0, group_size=1)
     else:
-        node = helper.make_node("Prefetch", ["x", "w"], ["c"], name="pf", domain="preserve", max_size=0,
-                                offset=0)
-    m = model([node, helper.make_node("MatMul", ["c", "w2"], ["y"], name="mm")], [vi("x", F32, None)],
-              [vi("y", F32, None)],
-              [init("w", np.ones(3, np.float32)), init("w2", np.ones((4, 2), np.float32))])
+        node = helper.make_node(
+            "Prefetch", ["x", "w"], ["c"], name="pf", domain="preserve", max_size=0, offset=0
+        )
+    m = model(
+        [node, helper.make_node("MatMul", ["c", "w2"], ["y"], name="mm")],
+        [vi("x", F32, None)],
+        [vi("y", F32, None)],
+        [init("w", np.ones(3, np.float32)), init("w2", np.ones((4, 2), np.float32))],
+    )
     out = RankSession(m).run({"x": np.ones((3, 4), np.float32)})
     np.testing.assert_array_equal(out[0]["y"], np.full((3, 2), 4, np.float32))
 
@@ -199,9 +250,15 @@ def test_an_input_of_unknown_rank_keeps_no_shape(op):
 def test_allreduce_of_an_input_of_unknown_rank_reads_as_a_scalar():
     """The documented limit: the API sets AllReduce's output type only with a shape, and an unknown rank
     arrives as rank 0, so a MatMul after it is refused (it loads after Identity)."""
-    m = model([helper.make_node("AllReduce", ["x"], ["c"], name="ar", domain=MS),
-               helper.make_node("MatMul", ["c", "w2"], ["y"], name="mm")],
-              [vi("x", F32, None)], [vi("y", F32, None)], [init("w2", np.ones((4, 2), np.float32))])
+    m = model(
+        [
+            helper.make_node("AllReduce", ["x"], ["c"], name="ar", domain=MS),
+            helper.make_node("MatMul", ["c", "w2"], ["y"], name="mm"),
+        ],
+        [vi("x", F32, None)],
+        [vi("y", F32, None)],
+        [init("w2", np.ones((4, 2), np.float32))],
+    )
     ort.InferenceSession(identity_twin(m).SerializeToString(), providers=["CPUExecutionProvider"])
     with pytest.raises(PreserveError, match=r"^rank 0: .*\(MatMul\).*Input tensors of wrong rank \(0\)"):
         RankSession(m)
@@ -209,12 +266,21 @@ def test_allreduce_of_an_input_of_unknown_rank_reads_as_a_scalar():
 
 def test_shape_spec_graph_with_every_kind_of_dim_runs_on_two_ranks():
     """One drawn-style graph of tests/strategies.py, fixed: the property test's building blocks."""
-    spec = ShapeSpec(dims=(None, "seq_1", 8), matmul=True, prefetches=2, prefetch_x="u8",
-                     collective="AllGather", gather_axis=1, world=2, value_info="generated",
-                     stages=("split", "same", "merge"))
+    spec = ShapeSpec(
+        dims=(None, "seq_1", 8),
+        matmul=True,
+        prefetches=2,
+        prefetch_x="u8",
+        collective="AllGather",
+        gather_axis=1,
+        world=2,
+        value_info="generated",
+        stages=("split", "same", "merge"),
+    )
     x = _x(0)
-    plain = ort.InferenceSession(build_shape_model(spec, equivalent=True).SerializeToString(),
-                                 providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(
+        build_shape_model(spec, equivalent=True).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     want = plain.run(None, {"x": x})[0]
     assert want.shape == (2, 6, 8)
     out = RankSession([build_shape_model(spec)] * 2).run({"x": x})
@@ -241,7 +307,8 @@ def _rank_files(folder):
 
 
 SAMPLE_DIRS = [SAMPLES / v / "tp2" for v in SAMPLE_VARIANTS] + sorted(
-    p for p in (SAMPLES / "exporters").glob("*/tp*") if p.is_dir() and _rank_files(p))
+    p for p in (SAMPLES / "exporters").glob("*/tp*") if p.is_dir() and _rank_files(p)
+)
 
 
 def _identity_loads(m: onnx.ModelProto, folder) -> bool:
@@ -249,8 +316,9 @@ def _identity_loads(m: onnx.ModelProto, folder) -> bool:
     options.log_severity_level = 4
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     try:
-        ort.InferenceSession(identity_twin(m).SerializeToString(), options,
-                             providers=["CPUExecutionProvider"])
+        ort.InferenceSession(
+            identity_twin(m).SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
     except Exception:  # noqa: BLE001 - onnxruntime raises several types; then the rule asks nothing
         return False
     return True
@@ -287,12 +355,16 @@ def test_single_device_samples_load_in_the_runtime(path):
 def _matmul_scale_model() -> onnx.ModelProto:
     """MatMul then Mul by a scalar, importing only the default domain (a TorchScript export's opsets):
     onnxruntime's optimizer fuses the pair into com.microsoft::FusedMatMul."""
-    return model([helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
-                  helper.make_node("Mul", ["mm", "scale"], ["y"], name="scale")],
-                 [vi("x", F32, ["batch", 4])], [vi("y", F32, None)],
-                 [init("w", np.arange(8, dtype=np.float32).reshape(4, 2)),
-                  init("scale", np.array(0.25, np.float32))],
-                 opsets=[helper.make_opsetid("", 17)])
+    return model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
+            helper.make_node("Mul", ["mm", "scale"], ["y"], name="scale"),
+        ],
+        [vi("x", F32, ["batch", 4])],
+        [vi("y", F32, None)],
+        [init("w", np.arange(8, dtype=np.float32).reshape(4, 2)), init("scale", np.array(0.25, np.float32))],
+        opsets=[helper.make_opsetid("", 17)],
+    )
 
 
 @pytest.mark.parametrize("as_path", [False, True], ids=["proto", "path"])
