@@ -52,8 +52,21 @@ def sample_copy(tmp_path):
 # or HYPOTHESIS_PROFILE=NAME.
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
-settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=200,
-                          suppress_health_check=_SLOW_OK, print_blob=True)
-settings.register_profile("fuzz", database=None, deadline=None, max_examples=1_000_000,
-                          suppress_health_check=_SLOW_OK, print_blob=True)
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=200,
+    suppress_health_check=_SLOW_OK,
+    print_blob=True,
+)
+settings.register_profile(
+    "fuzz",
+    database=None,
+    deadline=None,
+    max_examples=1_000_000,
+    suppress_health_check=_SLOW_OK,
+    print_blob=True,
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

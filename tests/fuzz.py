@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                 test()
             except Exception as exc:  # noqa: BLE001 - report every failure and go on fuzzing
                 where = traceback.extract_tb(exc.__traceback__)[-1]
-                signature = f"{type(exc).__name__} at {os.path.basename(where.filename)}:{where.lineno}: " \
-                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                signature = (
+                    f"{type(exc).__name__} at {os.path.basename(where.filename)}:{where.lineno}: "
+                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                )
                 failures.append((test.__name__, signature))
                 print(f"\n=== FAILURE in {test.__name__}: {signature}", flush=True)
                 traceback.print_exception(exc, limit=-4)
@@ -64,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         tried = ", ".join(f"{k} {v}" for k, v in props.COUNTS.items())
         print(f"[{elapsed / 60:5.1f} min] examples: {tried}; failures: {len(failures)}", flush=True)
     distinct = sorted(set(failures))
-    print(f"\nfuzz: {(time.monotonic() - start) / 60:.1f} min, {rounds} rounds, examples tried: " +
-          ", ".join(f"{k} {v}" for k, v in props.COUNTS.items()) +
-          f" (total {sum(props.COUNTS.values())}); failures: {len(failures)} ({len(distinct)} distinct)")
+    print(
+        f"\nfuzz: {(time.monotonic() - start) / 60:.1f} min, {rounds} rounds, examples tried: "
+        + ", ".join(f"{k} {v}" for k, v in props.COUNTS.items())
+        + f" (total {sum(props.COUNTS.values())}); failures: {len(failures)} ({len(distinct)} distinct)"
+    )
     for name, signature in distinct:
         print(f"  {name}: {signature}")
     return 1 if failures else 0

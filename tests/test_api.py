@@ -18,8 +18,20 @@ MODEL = SAMPLES / "llama-gqa" / "tp2" / "model_00.onnx"
 
 
 def test_public_names():
-    assert {"optimize", "optimize_path", "strip", "inspect", "inspect_path", "diff", "Diff", "Inspection",
-            "OptimizeConfig", "PrefetchNaming", "load_model", "save_model"} <= set(preserve_onnx.__all__)
+    assert {
+        "optimize",
+        "optimize_path",
+        "strip",
+        "inspect",
+        "inspect_path",
+        "diff",
+        "Diff",
+        "Inspection",
+        "OptimizeConfig",
+        "PrefetchNaming",
+        "load_model",
+        "save_model",
+    } <= set(preserve_onnx.__all__)
     for name in preserve_onnx.__all__:
         assert hasattr(preserve_onnx, name)
 
@@ -69,23 +81,37 @@ def test_the_cli_prints_what_the_library_returns(tmp_path):
     assert json.loads(r.output) == diff_dict(diff(MODEL, tmp_path / "o.onnx"))
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda: preserve_onnx.PrefetchNaming(max_size="offset"), "two Prefetch attributes would share a name"),
-    (lambda: preserve_onnx.PrefetchNaming(op_type=""), "the Prefetch domain and op type must not be empty"),
-    (lambda: preserve_onnx.PrefetchNaming(version=0), "opset version must be an integer of at least 1, got 0"),
-    (lambda: preserve_onnx.PrefetchNaming(offset="1st"), "attribute names must be identifiers"),
-    (lambda: preserve_onnx.PrefetchNaming(domain="com.microsoft", op_type="AllReduce"),
-     "cannot be spelled com.microsoft::AllReduce: that is a collective"),
-    (lambda: OptimizeConfig(l2_fraction=2.0), r"l2_fraction must be in \(0, 1\], got 2.0"),
-    (lambda: OptimizeConfig(budget=-5), "budget must be an integer of at least 0, got -5"),
-    (lambda: OptimizeConfig(batch=0), "batch must be an integer of at least 1, got 0"),
-    (lambda: OptimizeConfig(min_chunk=-1), "min_chunk must be an integer of at least 0, got -1"),
-    (lambda: OptimizeConfig(ranks=0), "ranks must be an integer of at least 1, got 0"),
-    (lambda: OptimizeConfig(collectives="AllReduce"), "collectives must be a tuple"),
-    (lambda: OptimizeConfig(hardware="tpu-v9"), "unknown hardware 'tpu-v9'"),
-    (lambda: optimize(MODEL, ranks=-1), "ranks must be an integer of at least 1, got -1"),
-    (lambda: optimize(42), "expected an onnx.ModelProto or a path to an .onnx file, got int"),
-])
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (
+            lambda: preserve_onnx.PrefetchNaming(max_size="offset"),
+            "two Prefetch attributes would share a name",
+        ),
+        (
+            lambda: preserve_onnx.PrefetchNaming(op_type=""),
+            "the Prefetch domain and op type must not be empty",
+        ),
+        (
+            lambda: preserve_onnx.PrefetchNaming(version=0),
+            "opset version must be an integer of at least 1, got 0",
+        ),
+        (lambda: preserve_onnx.PrefetchNaming(offset="1st"), "attribute names must be identifiers"),
+        (
+            lambda: preserve_onnx.PrefetchNaming(domain="com.microsoft", op_type="AllReduce"),
+            "cannot be spelled com.microsoft::AllReduce: that is a collective",
+        ),
+        (lambda: OptimizeConfig(l2_fraction=2.0), r"l2_fraction must be in \(0, 1\], got 2.0"),
+        (lambda: OptimizeConfig(budget=-5), "budget must be an integer of at least 0, got -5"),
+        (lambda: OptimizeConfig(batch=0), "batch must be an integer of at least 1, got 0"),
+        (lambda: OptimizeConfig(min_chunk=-1), "min_chunk must be an integer of at least 0, got -1"),
+        (lambda: OptimizeConfig(ranks=0), "ranks must be an integer of at least 1, got 0"),
+        (lambda: OptimizeConfig(collectives="AllReduce"), "collectives must be a tuple"),
+        (lambda: OptimizeConfig(hardware="tpu-v9"), "unknown hardware 'tpu-v9'"),
+        (lambda: optimize(MODEL, ranks=-1), "ranks must be an integer of at least 1, got -1"),
+        (lambda: optimize(42), "expected an onnx.ModelProto or a path to an .onnx file, got int"),
+    ],
+)
 def test_the_api_refuses_what_the_cli_refuses(build, message):
     with pytest.raises(preserve_onnx.PreserveError, match=message):
         build()
@@ -98,8 +124,11 @@ def test_hardware_by_name_in_the_api():
 def test_strip_refuses_nodes_that_only_share_the_prefetch_spelling(tmp_path):
     # Told that Prefetch is spelled like a one-input op the model uses, strip must not delete those ops.
     naming = preserve_onnx.PrefetchNaming(domain="com.microsoft", op_type="SkipSimplifiedLayerNormalization")
-    with pytest.raises(preserve_onnx.PreserveError, match=r"^node '.*' \(com\.microsoft::"
-                       r"SkipSimplifiedLayerNormalization\) is not a Prefetch \(2 or 3 inputs, 1 output\)"):
+    with pytest.raises(
+        preserve_onnx.PreserveError,
+        match=r"^node '.*' \(com\.microsoft::"
+        r"SkipSimplifiedLayerNormalization\) is not a Prefetch \(2 or 3 inputs, 1 output\)",
+    ):
         strip(MODEL, naming)
 
 
@@ -107,8 +136,10 @@ def test_optimizing_does_not_load_the_diff_and_inspect_modules():
     import subprocess
     import sys
 
-    code = ("import sys; from preserve_onnx.optimizer import optimize_path; "
-            "print(sorted(m for m in ('preserve_onnx.diffing', 'preserve_onnx.inspection') if m in sys.modules))")
+    code = (
+        "import sys; from preserve_onnx.optimizer import optimize_path; "
+        "print(sorted(m for m in ('preserve_onnx.diffing', 'preserve_onnx.inspection') if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert (r.returncode, r.stdout.strip()) == (0, "[]"), r.stderr
     assert "diff" in dir(preserve_onnx)

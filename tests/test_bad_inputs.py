@@ -66,8 +66,9 @@ def test_directory_without_rank_files(work):
 
 def test_directory_with_a_gap_in_rank_numbers(work):
     os.rename(work / "in" / "model_01.onnx", work / "in" / "model_02.onnx")
-    fails_cleanly(["optimize", work / "in", work / "out"], "rank 1 is missing from model_00.onnx, model_02.onnx",
-                  work)
+    fails_cleanly(
+        ["optimize", work / "in", work / "out"], "rank 1 is missing from model_00.onnx, model_02.onnx", work
+    )
 
 
 def test_file_that_is_not_onnx(work):
@@ -88,7 +89,9 @@ def test_graph_with_a_cycle(work):
     g.allreduce("a", "b", name="ar")
     g.output("b")
     save(g.model(), work / "cycle.onnx")
-    fails_cleanly(["optimize", work / "cycle.onnx", work / "out.onnx"], "the graph has a cycle (through node", work)
+    fails_cleanly(
+        ["optimize", work / "cycle.onnx", work / "out.onnx"], "the graph has a cycle (through node", work
+    )
 
 
 def test_graph_not_in_topological_order(work):
@@ -101,15 +104,17 @@ def test_graph_not_in_topological_order(work):
     fails_cleanly(["optimize", work / "unsorted.onnx", work / "out.onnx"], "not in topological order", work)
     # inspect and a dry run refuse it the same way: they do not show a plan that optimize would not make
     r = fails_cleanly(["inspect", work / "unsorted.onnx"], "not in topological order", work)
-    d = fails_cleanly(["optimize", work / "unsorted.onnx", work / "out.onnx", "--dry-run"], "not in topological",
-                      work)
+    d = fails_cleanly(
+        ["optimize", work / "unsorted.onnx", work / "out.onnx", "--dry-run"], "not in topological", work
+    )
     assert r.output.startswith("error: check-order failed: node 0 ") and r.output == d.output
 
 
 def test_missing_external_data_file_when_it_must_be_copied(work):
     os.remove(work / "in" / "model_01.onnx.data")
-    fails_cleanly(["optimize", work / "in" / "model_01.onnx", work / "out.onnx"], "model_01.onnx.data is missing",
-                  work)
+    fails_cleanly(
+        ["optimize", work / "in" / "model_01.onnx", work / "out.onnx"], "model_01.onnx.data is missing", work
+    )
 
 
 @pytest.mark.parametrize("out", ["out", "in/model_01_opt.onnx"])  # a directory OUT; a file beside its data
@@ -122,13 +127,18 @@ def test_missing_external_data_file_of_a_rank_in_a_directory_or_beside_it(work, 
 def test_short_external_data_file_when_it_must_be_copied(work):
     data = work / "in" / "model_00.onnx.data"
     data.write_bytes(data.read_bytes()[:1000])
-    fails_cleanly(["optimize", work / "in" / "model_00.onnx", work / "out.onnx"], "is short: 1000 bytes", work)
+    fails_cleanly(
+        ["optimize", work / "in" / "model_00.onnx", work / "out.onnx"], "is short: 1000 bytes", work
+    )
 
 
-@pytest.mark.parametrize("location, message", [
-    ("/etc/passwd", "is absolute; only paths inside the model's folder are accepted"),
-    ("../../etc/passwd", "escapes the model's folder; refused"),
-])
+@pytest.mark.parametrize(
+    "location, message",
+    [
+        ("/etc/passwd", "is absolute; only paths inside the model's folder are accepted"),
+        ("../../etc/passwd", "escapes the model's folder; refused"),
+    ],
+)
 def test_external_data_location_outside_the_folder(work, location, message):
     m = load_model(work / "in" / "model_00.onnx")
     for t in m.graph.initializer:
@@ -143,8 +153,11 @@ def test_unknown_dtype(work):
     m = two_layer_mlp()
     m.graph.initializer[1].data_type = 999  # w1, read in the first window
     save(m, work / "odd.onnx")
-    fails_cleanly(["optimize", work / "odd.onnx", work / "out.onnx"], "initializer 'w1': unsupported element type 999",
-                  work)
+    fails_cleanly(
+        ["optimize", work / "odd.onnx", work / "out.onnx"],
+        "initializer 'w1': unsupported element type 999",
+        work,
+    )
 
 
 def test_symbolic_dimension_that_cannot_be_bound(work):
@@ -155,9 +168,12 @@ def test_symbolic_dimension_that_cannot_be_bound(work):
         if vi.name.startswith("present."):
             vi.type.tensor_type.shape.dim[3].dim_param = "head_dim"
     save(m, work / "in" / "model_00.onnx")
-    fails_cleanly(["optimize", work / "in" / "model_00.onnx", work / "out.onnx"],
-                  "KV-cache input 'past_key_values.1.key': cannot bind symbolic dimension 'head_dim' (axis 3): "
-                  "give it with --dim head_dim=N", work)
+    fails_cleanly(
+        ["optimize", work / "in" / "model_00.onnx", work / "out.onnx"],
+        "KV-cache input 'past_key_values.1.key': cannot bind symbolic dimension 'head_dim' (axis 3): "
+        "give it with --dim head_dim=N",
+        work,
+    )
 
 
 def test_kv_heads_left_symbolic_are_bound_from_the_attention_op(work):
@@ -189,12 +205,16 @@ def test_names_that_collide_with_the_optimizers_get_suffixes(tmp_path):
 
 def test_input_that_already_has_prefetch_nodes(work):
     assert runner.invoke(app, ["optimize", str(work / "in"), str(work / "once"), "-q"]).exit_code == 0
-    fails_cleanly(["optimize", work / "once", work / "twice"], "pass --replan to strip them and plan again", work)
+    fails_cleanly(
+        ["optimize", work / "once", work / "twice"], "pass --replan to strip them and plan again", work
+    )
 
 
 def test_out_equal_to_in(work):
     fails_cleanly(["optimize", work / "in", work / "in"], "OUT is IN", work)
-    fails_cleanly(["optimize", work / "in" / "model_00.onnx", work / "in" / "model_00.onnx"], "OUT is IN", work)
+    fails_cleanly(
+        ["optimize", work / "in" / "model_00.onnx", work / "in" / "model_00.onnx"], "OUT is IN", work
+    )
 
 
 @pytest.mark.parametrize("command", ["optimize", "strip"])
@@ -218,8 +238,11 @@ def test_existing_out_with_files_not_from_in_is_refused(work):
     assert runner.invoke(app, ["optimize", str(work / "in"), str(work / "out"), "-q"]).exit_code == 0
     # ...but not when the user keeps something of their own in it.
     (work / "out" / "mine.txt").write_text("keep me")
-    fails_cleanly(["optimize", work / "in", work / "out"], f"OUT {work / 'out'} exists and holds 'mine.txt', "
-                  "which is not from IN", work)
+    fails_cleanly(
+        ["optimize", work / "in", work / "out"],
+        f"OUT {work / 'out'} exists and holds 'mine.txt', which is not from IN",
+        work,
+    )
 
 
 def test_out_in_a_read_only_folder(work, monkeypatch):
@@ -231,7 +254,9 @@ def test_out_in_a_read_only_folder(work, monkeypatch):
     # Running as root ignores directory modes, so the failure is injected where the file is created.
     monkeypatch.setattr("tempfile.mkstemp", denied)
     monkeypatch.setattr("tempfile.mkdtemp", denied)
-    fails_cleanly(["optimize", work / "in" / "model_00.onnx", work / "ro" / "out.onnx"], "Permission denied", work)
+    fails_cleanly(
+        ["optimize", work / "in" / "model_00.onnx", work / "ro" / "out.onnx"], "Permission denied", work
+    )
     fails_cleanly(["optimize", work / "in", work / "ro" / "out"], "Permission denied", work)
 
 
@@ -243,8 +268,12 @@ def test_disk_that_fills_up_while_writing(work, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    fails_cleanly(["optimize", work / "in", work / "out", "--budget", "1MiB"], "No space left on device", work)
-    fails_cleanly(["optimize", work / "in" / "model_00.onnx", work / "one.onnx"], "No space left on device", work)
+    fails_cleanly(
+        ["optimize", work / "in", work / "out", "--budget", "1MiB"], "No space left on device", work
+    )
+    fails_cleanly(
+        ["optimize", work / "in" / "model_00.onnx", work / "one.onnx"], "No space left on device", work
+    )
     assert (work / "out" / "model_00.onnx").read_bytes() == previous  # the old OUT survives
 
 
@@ -261,15 +290,20 @@ def test_interrupt_in_the_middle_of_a_rank_directory(work, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(optimizer, "_optimize_one", interrupted)
-    fails_cleanly(["optimize", work / "in", work / "out", "--jobs", "1"], "interrupted: nothing was written", work)
+    fails_cleanly(
+        ["optimize", work / "in", work / "out", "--jobs", "1"], "interrupted: nothing was written", work
+    )
     assert len(calls) == 2
 
 
 @pytest.mark.parametrize("where", ["nodir/r.json", "."])
 def test_unwritable_report_fails_before_out_is_written(work, where):
     report = work / where
-    message = (f"cannot write {report}: folder {report.parent} does not exist" if where != "."
-               else f"cannot write {report}: it is a directory")
+    message = (
+        f"cannot write {report}: folder {report.parent} does not exist"
+        if where != "."
+        else f"cannot write {report}: it is a directory"
+    )
     fails_cleanly(["optimize", work / "in", work / "out", "--report", report], message, work)
 
 
@@ -277,17 +311,25 @@ def test_run_inputs_that_are_not_an_npz(work):
     import numpy as np
 
     np.save(work / "feeds.npy", np.ones(3, np.float32))
-    fails_cleanly(["run", work / "in", "--inputs", work / "feeds.npy"],
-                  "is not an .npz archive of named arrays (write one with numpy.savez): it holds one unnamed "
-                  "array (.npy)", work)
+    fails_cleanly(
+        ["run", work / "in", "--inputs", work / "feeds.npy"],
+        "is not an .npz archive of named arrays (write one with numpy.savez): it holds one unnamed "
+        "array (.npy)",
+        work,
+    )
     (work / "notes.txt").write_text("hello")
-    fails_cleanly(["run", work / "in", "--inputs", work / "notes.txt"], "notes.txt is not an .npz archive", work)
+    fails_cleanly(
+        ["run", work / "in", "--inputs", work / "notes.txt"], "notes.txt is not an .npz archive", work
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--seed", "-1"], "--seed must be at least 0"),
-    (["--steps", "0"], "--steps must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", "-1"], "--seed must be at least 0"),
+        (["--steps", "0"], "--steps must be at least 1"),
+    ],
+)
 def test_run_bad_numbers_are_usage_errors(work, args, message):
     r = runner.invoke(app, ["run", str(work / "in"), *args])
     assert (r.exit_code, r.output.strip()) == (2, f"error: {message}")

@@ -26,26 +26,38 @@ def _write(path, text):
 
 
 def test_mirror_from_a_one_line_sources_list_skips_security_source_and_comment_lines(tmp_path):
-    sources = _write(tmp_path / "sources.list", "\n".join([
-        "# deb http://commented.example/debian bookworm main",
-        "deb-src http://src.example/debian bookworm main",
-        "deb http://mirror.example/debian-security bookworm-security main",
-        "deb [arch=amd64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://mirror.example/debian/ "
-        "bookworm main contrib",
-    ]))
+    sources = _write(
+        tmp_path / "sources.list",
+        "\n".join(
+            [
+                "# deb http://commented.example/debian bookworm main",
+                "deb-src http://src.example/debian bookworm main",
+                "deb http://mirror.example/debian-security bookworm-security main",
+                "deb [arch=amd64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+                "http://mirror.example/debian/ bookworm main contrib",
+            ]
+        ),
+    )
     assert build_runtime.debian_mirror((sources,)) == "http://mirror.example/debian"
 
 
 def test_mirror_from_deb822_sources_in_file_name_order_skips_disabled_stanzas(tmp_path):
     parts = tmp_path / "sources.list.d"
-    _write(parts / "a-nodesource.sources", "Types: deb\nURIs: https://deb.nodesource.com/node_20.x\n"
-                                           "Suites: nodistro\nComponents: main\n")
-    _write(parts / "b-old.sources", "Types: deb\nURIs: http://disabled.example/debian\nSuites: bookworm\n"
-                                    "Enabled: no\n")
-    _write(parts / "c-debian.sources", "Types: deb\n# a comment\nURIs: http://security.example/debian-security\n"
-                                       "Suites: bookworm-security\n\n"
-                                       "Types: deb-src deb\nURIs: http://one.example/debian http://two.example/debian\n"
-                                       "Suites: bookworm bookworm-updates\nComponents: main\n")
+    _write(
+        parts / "a-nodesource.sources",
+        "Types: deb\nURIs: https://deb.nodesource.com/node_20.x\nSuites: nodistro\nComponents: main\n",
+    )
+    _write(
+        parts / "b-old.sources",
+        "Types: deb\nURIs: http://disabled.example/debian\nSuites: bookworm\nEnabled: no\n",
+    )
+    _write(
+        parts / "c-debian.sources",
+        "Types: deb\n# a comment\nURIs: http://security.example/debian-security\n"
+        "Suites: bookworm-security\n\n"
+        "Types: deb-src deb\nURIs: http://one.example/debian http://two.example/debian\n"
+        "Suites: bookworm bookworm-updates\nComponents: main\n",
+    )
     _write(parts / "d.list.disabled-by-someone", "deb http://not-read.example/debian bookworm main\n")
     missing = tmp_path / "sources.list"
     assert build_runtime.debian_mirror((missing, parts)) == "http://one.example/debian"
@@ -61,10 +73,11 @@ def _fake_tools(tmp_path, *, update_fails=False):
     """apt-get and dpkg stand-ins on a PATH of their own; each call is appended to calls.log."""
     bin_dir = tmp_path / "bin"
     log = tmp_path / "calls.log"
+    failed = "echo 'E: Failed to fetch http://mirror.example/debian/dists/trixie/InRelease'; exit 100"
     apt = f"""#!/bin/sh
 echo "apt-get $*" >> {log}
 case " $* " in
-  *" update "*) {"echo 'E: Failed to fetch http://mirror.example/debian/dists/trixie/InRelease'; exit 100" if update_fails else "exit 0"} ;;
+  *" update "*) {failed if update_fails else "exit 0"} ;;
   *" download "*) touch libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb ;;
 esac
 """
@@ -90,13 +103,19 @@ def test_headers_fetched_from_the_configured_mirror_with_a_private_apt_state_onc
     assert include == build / "ort-headers" / "usr" / "include" / "onnxruntime"
     assert (include / "onnxruntime_c_api.h").read_text() == "// header\n"
     assert (build / "apt" / "sources.list").read_text() == "deb http://mirror.example/debian trixie main\n"
-    private = (f"-o Dir::Etc::SourceList={build}/apt/sources.list -o Dir::Etc::SourceParts=/dev/null "
-               f"-o Dir::State::Lists={build}/apt/lists -o Dir::Cache={build}/apt/cache -o Debug::NoLocking=1")
+    private = (
+        f"-o Dir::Etc::SourceList={build}/apt/sources.list -o Dir::Etc::SourceParts=/dev/null "
+        f"-o Dir::State::Lists={build}/apt/lists -o Dir::Cache={build}/apt/cache -o Debug::NoLocking=1"
+    )
     calls = log.read_text().splitlines()
-    assert calls[:2] == [f"apt-get {private} update -qq", f"apt-get {private} download -qq libonnxruntime-dev"]
+    assert calls[:2] == [
+        f"apt-get {private} update -qq",
+        f"apt-get {private} download -qq libonnxruntime-dev",
+    ]
     # unpacked into a temporary folder beside ort-headers, then renamed (a half-unpacked tree is never used)
     assert len(calls) == 3 and calls[2].startswith(
-        f"dpkg -x {build}/apt/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb {build}/ort-headers.")
+        f"dpkg -x {build}/apt/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb {build}/ort-headers."
+    )
     assert sorted(p.name for p in build.iterdir()) == ["apt", "ort-headers", "ort-headers.lock"]
 
     assert build_runtime.fetch_headers(build) == include  # second call: nothing fetched
@@ -108,8 +127,10 @@ def test_a_failed_apt_update_is_one_line_that_names_the_mirror(tmp_path, monkeyp
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     with pytest.raises(build_runtime.BuildError) as caught:
         build_runtime.fetch_headers(tmp_path / "build", mirror="http://mirror.example/debian")
-    assert str(caught.value) == ("apt-get update from http://mirror.example/debian (trixie) failed: "
-                                 "E: Failed to fetch http://mirror.example/debian/dists/trixie/InRelease")
+    assert str(caught.value) == (
+        "apt-get update from http://mirror.example/debian (trixie) failed: "
+        "E: Failed to fetch http://mirror.example/debian/dists/trixie/InRelease"
+    )
     assert not (tmp_path / "build" / "ort-headers").exists()
 
 
@@ -117,8 +138,10 @@ def test_without_apt_the_error_says_to_set_ort_include_dir(tmp_path, monkeypatch
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(build_runtime.BuildError) as caught:
         build_runtime.fetch_headers(tmp_path / "build")
-    assert str(caught.value) == ("no onnxruntime C headers: set ORT_INCLUDE_DIR to a folder with onnxruntime_c_api.h "
-                                 "(fetching Debian's libonnxruntime-dev needs apt-get and dpkg)")
+    assert str(caught.value) == (
+        "no onnxruntime C headers: set ORT_INCLUDE_DIR to a folder with onnxruntime_c_api.h "
+        "(fetching Debian's libonnxruntime-dev needs apt-get and dpkg)"
+    )
 
 
 def test_ort_include_dir_without_the_header_is_refused(tmp_path, monkeypatch):
@@ -137,7 +160,15 @@ def test_a_cxx_that_does_not_exist_is_refused_not_replaced(monkeypatch):
 
 def test_the_command_line_prints_one_error_line_and_exits_1(tmp_path):
     env = {**os.environ, "CXX": "/nonexistent/c++"}
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_runtime.py"), str(tmp_path / "lib.so")],
-                       capture_output=True, text=True, env=env)
-    assert (r.returncode, r.stdout, r.stderr) == (1, "", "error: CXX=/nonexistent/c++: no such compiler on the PATH\n")
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "build_runtime.py"), str(tmp_path / "lib.so")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (
+        1,
+        "",
+        "error: CXX=/nonexistent/c++: no such compiler on the PATH\n",
+    )
     assert not (tmp_path / "lib.so").exists()

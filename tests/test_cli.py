@@ -73,17 +73,35 @@ def test_report_schema(tmp_path):
     window = model["windows"][0]
     assert set(window) >= {"collective", "budget_bytes", "prefetched_bytes", "prefetches"}
     assert window["collective"] == "/model/layers.0/attn/o_proj/AllReduce"
-    assert set(window["prefetches"][0]) == {"node", "tensor", "kind", "consumer", "offset", "max_size", "bytes",
-                                            "lengths", "seq_axis", "window", "min_tokens"}
-    assert sum(p["bytes"] for p in window["prefetches"]) == window["prefetched_bytes"] <= window["budget_bytes"]
+    assert set(window["prefetches"][0]) == {
+        "node",
+        "tensor",
+        "kind",
+        "consumer",
+        "offset",
+        "max_size",
+        "bytes",
+        "lengths",
+        "seq_axis",
+        "window",
+        "min_tokens",
+    }
+    assert (
+        sum(p["bytes"] for p in window["prefetches"]) == window["prefetched_bytes"] <= window["budget_bytes"]
+    )
 
 
 def test_output_beside_input_references_its_data_file(sample_copy):
     d = sample_copy("llama-gqa")
     r = cli("optimize", d / "model_00.onnx", d / "opt_00.onnx", "-q")
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in d.iterdir()) == ["model_00.onnx", "model_00.onnx.data", "model_01.onnx",
-                                                   "model_01.onnx.data", "opt_00.onnx"]
+    assert sorted(p.name for p in d.iterdir()) == [
+        "model_00.onnx",
+        "model_00.onnx.data",
+        "model_01.onnx",
+        "model_01.onnx.data",
+        "opt_00.onnx",
+    ]
 
 
 def test_dry_run_writes_nothing(tmp_path):
@@ -117,21 +135,30 @@ def test_prefetched_input_needs_replan(tmp_path):
 
 
 def test_verbose_says_why_tensors_were_skipped(tmp_path):
-    r = cli("optimize", SAMPLES / "llama-gqa" / "tp2" / "model_00.onnx", tmp_path / "o.onnx", "-v",
-            "--budget", "40KiB")
+    r = cli(
+        "optimize",
+        SAMPLES / "llama-gqa" / "tp2" / "model_00.onnx",
+        tmp_path / "o.onnx",
+        "-v",
+        "--budget",
+        "40KiB",
+    )
     assert r.exit_code == 0, r.output
     assert "not prefetched" in r.output and "budget exhausted" in r.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--hardware", "tpu-v9"], "unknown hardware 'tpu-v9'"),
-    (["--budget", "lots"], "not a size: 'lots'"),
-    (["--collectives", "AllSum"], "--collectives: unknown 'AllSum'"),
-    (["--disable", "no-such-pass"], "--disable: unknown pass 'no-such-pass'"),
-    (["--disable", "plan-prefetches"], "'plan-prefetches' is an analysis that insert-prefetches needs"),
-    (["--disable", "build-windows"], "'build-windows' is an analysis that collect-candidates needs"),
-    (["--batch", "0"], "--batch must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--hardware", "tpu-v9"], "unknown hardware 'tpu-v9'"),
+        (["--budget", "lots"], "not a size: 'lots'"),
+        (["--collectives", "AllSum"], "--collectives: unknown 'AllSum'"),
+        (["--disable", "no-such-pass"], "--disable: unknown pass 'no-such-pass'"),
+        (["--disable", "plan-prefetches"], "'plan-prefetches' is an analysis that insert-prefetches needs"),
+        (["--disable", "build-windows"], "'build-windows' is an analysis that collect-candidates needs"),
+        (["--batch", "0"], "--batch must be at least 1"),
+    ],
+)
 def test_bad_options_are_one_line_errors(tmp_path, args, message):
     r = cli("optimize", SAMPLES / "llama-gqa" / "tp2", tmp_path / "out", *args)
     assert r.exit_code == 2  # a usage error, like the parser's own
@@ -147,15 +174,23 @@ def test_missing_input_and_usage_errors(tmp_path):
 
 
 def test_disable_verify_pass(tmp_path):
-    r = cli("optimize", SAMPLES / "llama-gqa" / "tp2", tmp_path / "out", "--disable", "verify-prefetches", "-q")
+    r = cli(
+        "optimize", SAMPLES / "llama-gqa" / "tp2", tmp_path / "out", "--disable", "verify-prefetches", "-q"
+    )
     assert r.exit_code == 0, r.output
 
 
 def test_passes_and_hardware_listings():
     r = cli("passes")
     assert r.exit_code == 0
-    for name in ("strip-prefetches", "build-windows", "collect-candidates", "plan-prefetches",
-                 "insert-prefetches", "verify-prefetches"):
+    for name in (
+        "strip-prefetches",
+        "build-windows",
+        "collect-candidates",
+        "plan-prefetches",
+        "insert-prefetches",
+        "verify-prefetches",
+    ):
         assert name in r.output
     r = cli("hardware")
     assert r.exit_code == 0 and "ascend-910b" in r.output and "h100-sxm" in r.output
@@ -175,14 +210,21 @@ def test_output_that_cannot_be_written_is_one_line():
 
     src = str(SAMPLES / "llama-gqa" / "tp2")
     # A reader that went away (`... --json | head`): no message, no traceback, exit 1.
-    p = subprocess.Popen([sys.executable, "-m", "preserve_onnx", "inspect", src, "--json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "preserve_onnx", "inspect", src, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     p.stdout.close()
     assert p.wait(60) == 1 and p.stderr.read() == b""
     # A full disk under `> file`.
     with open("/dev/full", "w") as full:
-        r = subprocess.run([sys.executable, "-m", "preserve_onnx", "inspect", src, "--json"], stdout=full,
-                           stderr=subprocess.PIPE, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "preserve_onnx", "inspect", src, "--json"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     assert (r.returncode, r.stderr) == (1, "error: No space left on device\n")
 
 
@@ -192,7 +234,10 @@ def test_closing_line_names_the_file_written_into_a_folder(tmp_path):
     assert r.exit_code == 0 and f"; wrote {tmp_path / 'model_00.onnx'} in " in r.output
     (tmp_path / "stripped").mkdir()
     r = cli("strip", tmp_path / "model_00.onnx", tmp_path / "stripped")
-    assert r.output.strip() == f"done: removed 15 Prefetch nodes; wrote {tmp_path / 'stripped' / 'model_00.onnx'}"
+    assert (
+        r.output.strip()
+        == f"done: removed 15 Prefetch nodes; wrote {tmp_path / 'stripped' / 'model_00.onnx'}"
+    )
 
 
 def test_ctrl_c_during_a_real_run_is_one_line():
@@ -203,8 +248,11 @@ def test_ctrl_c_during_a_real_run_is_one_line():
     from pathlib import Path
 
     command = Path(sys.executable).parent / "preserve-onnx"
-    p = subprocess.Popen([str(command), "inspect", str(SAMPLES / "llama-gqa" / "tp2")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [str(command), "inspect", str(SAMPLES / "llama-gqa" / "tp2")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     # Before Python installs its SIGINT handler, the signal would simply kill the interpreter: wait
     # until the kernel says the process catches SIGINT (bit 1 of SigCgt), however slow the machine.
     deadline = time.monotonic() + 30
@@ -236,6 +284,7 @@ def test_ctrl_c_before_a_command_runs_is_one_line(where, monkeypatch, capsys):
 
         monkeypatch.setattr(builtins, "__import__", interrupted_import)
     else:
+
         def app(**_):  # cli.main passes standalone_mode=False
             if where == "parsing":
                 raise KeyboardInterrupt

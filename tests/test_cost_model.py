@@ -18,9 +18,18 @@ from tests.builders import G
 from tests.conftest import SAMPLE_VARIANTS, SAMPLES
 
 # Round numbers so every figure below can be checked by hand.
-TOY = HardwareProfile(name="toy", description="hand-computable", l2_bytes=1_000_000, hbm_bw=1e9, l2_bw=4e9,
-                      link_bw=1e9, collective_alpha=1e-6, peak_flops=1e12, launch_overhead=0.0,
-                      max_prefetch_bytes=0)
+TOY = HardwareProfile(
+    name="toy",
+    description="hand-computable",
+    l2_bytes=1_000_000,
+    hbm_bw=1e9,
+    l2_bw=4e9,
+    link_bw=1e9,
+    collective_alpha=1e-6,
+    peak_flops=1e12,
+    launch_overhead=0.0,
+    max_prefetch_bytes=0,
+)
 
 
 def allreduce_then_matmul():
@@ -68,7 +77,9 @@ def test_hand_computed_resharding_and_collective():
 
 def test_timeline_tracks():
     est = toy_estimate()
-    by_track = {t: [e for e in est.preserve.events if e.track == t] for t in ("compute", "communication", "prefetch")}
+    by_track = {
+        t: [e for e in est.preserve.events if e.track == t] for t in ("compute", "communication", "prefetch")
+    }
     (coll,), (pf,), (mm,) = by_track["communication"], by_track["prefetch"], by_track["compute"]
     assert (coll.name, coll.start) == ("ar", 0.0)
     assert pf.start == coll.start and pf.duration == pytest.approx(1064 / 1e9)
@@ -90,11 +101,14 @@ def test_estimate_prefetches_what_optimize_plans(variant):
     model = load_model(SAMPLES / variant / "tp2" / "model_00.onnx")
     for config in (OptimizeConfig(), OptimizeConfig(budget=40 << 10), OptimizeConfig(batch=1, context=128)):
         analysis = analyze(model, config, 2)
-        plan = {(w.window.graph, w.window.collective): w.prefetched_bytes
-                for w in plan_prefetches(model, config, 2).windows}
+        plan = {
+            (w.window.graph, w.window.collective): w.prefetched_bytes
+            for w in plan_prefetches(model, config, 2).windows
+        }
         chains = plan_chains(analysis, config.hardware, 2, config.budget)
-        assert [sum(link.nbytes for link in c) for c in chains] == \
-            [plan[(w.graph, w.collective)] for w in analysis.windows]
+        assert [sum(link.nbytes for link in c) for c in chains] == [
+            plan[(w.graph, w.collective)] for w in analysis.windows
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +144,10 @@ def test_faster_link_never_increases_the_saving(big_model):
     model = load_model(big_model)
     analysis = analyze(model, OptimizeConfig(), 8)
     hw = load_profile("ascend-910b")
-    results = [evaluate(analysis, dataclasses.replace(hw, link_bw=bw), 8) for bw in (1e9, 10e9, 30e9, 56e9,
-                                                                                       200e9, 1e12)]
+    results = [
+        evaluate(analysis, dataclasses.replace(hw, link_bw=bw), 8)
+        for bw in (1e9, 10e9, 30e9, 56e9, 200e9, 1e12)
+    ]
     saved = [e.baseline_s - e.preserve_s for e in results]
     assert saved == sorted(saved, reverse=True)
     speedups = [e.speedup for e in results[2:]]
@@ -167,18 +183,39 @@ def test_explore_moves_the_best_l2_up(big_model):
 
 def test_parse_sweep():
     assert parse_sweep(["batch=1,8,32", "context=1k,16k,128k ranks=2,4,8"]) == {
-        "batch": (1, 8, 32), "context": (1024, 16384, 131072), "ranks": (2, 4, 8)}
-    for bad, message in (("heads=2", "key in batch"), ("batch=x", "not a whole number"),
-                         ("batch=0", "at least 1"), ("batch=1 batch=2", "given twice")):
+        "batch": (1, 8, 32),
+        "context": (1024, 16384, 131072),
+        "ranks": (2, 4, 8),
+    }
+    for bad, message in (
+        ("heads=2", "key in batch"),
+        ("batch=x", "not a whole number"),
+        ("batch=0", "at least 1"),
+        ("batch=1 batch=2", "given twice"),
+    ):
         with pytest.raises(PreserveError, match=message):
             parse_sweep([bad])
 
 
 def test_every_profile_has_sources_for_every_figure():
     for hw in builtin_profiles().values():
-        for f in ("l2_bytes", "hbm_bw", "l2_bw", "link_bw", "collective_alpha", "peak_flops", "launch_overhead",
-                  "max_prefetch_bytes", "die_mm2", "hbm_gb", "sram_mm2_per_mb", "wafer_cost_per_mm2",
-                  "hbm_efficiency", "l2_usable_fraction", "collective"):
+        for f in (
+            "l2_bytes",
+            "hbm_bw",
+            "l2_bw",
+            "link_bw",
+            "collective_alpha",
+            "peak_flops",
+            "launch_overhead",
+            "max_prefetch_bytes",
+            "die_mm2",
+            "hbm_gb",
+            "sram_mm2_per_mb",
+            "wafer_cost_per_mm2",
+            "hbm_efficiency",
+            "l2_usable_fraction",
+            "collective",
+        ):
             assert len(hw.sources.get(f, "")) > 10, (hw.name, f)
     assert set(builtin_profiles()) == {"ascend-910b", "h100-sxm", "h200", "b200", "mi300x", "tpu-v5e"}
 
@@ -196,7 +233,8 @@ def test_budget_rule_uses_the_cost_models_collective_time():
 
 
 def fp16_mlp(hidden=512, inner=2048):
-    """x[batch,hidden] fp16 -> o_proj -> AllReduce -> up -> Relu -> down -> AllReduce: a weights-only window."""
+    """x[batch,hidden] fp16 -> o_proj -> AllReduce -> up -> Relu -> down -> AllReduce: a weights-only
+    window."""
     import numpy as np
     from onnx import TensorProto
 
@@ -248,8 +286,15 @@ def test_above_max_tokens_the_plan_saves_nothing_because_the_hints_are_skipped()
 
 
 def test_a_window_that_prefetches_kv_cache_has_no_limit():
-    est = evaluate(analyze(load_model(SAMPLES / "llama-gqa" / "tp2" / "model_00.onnx"),
-                           OptimizeConfig(hardware=load_profile("h100-sxm")), 2), load_profile("h100-sxm"), 2)
+    est = evaluate(
+        analyze(
+            load_model(SAMPLES / "llama-gqa" / "tp2" / "model_00.onnx"),
+            OptimizeConfig(hardware=load_profile("h100-sxm")),
+            2,
+        ),
+        load_profile("h100-sxm"),
+        2,
+    )
     # After o_proj: MLP weights only (fp32 here, 4 B per weight); after layer 0's down_proj: q/k/v weights
     # and the KV-cache (memory-bound at any batch); after the last down_proj: the LM head.
     fp32 = int(989e12 * 4 / (2 * 0.9 * 3.35e12))

@@ -29,8 +29,16 @@ def test_sections_mirror_the_contracts_numbering():
     headings = re.findall(r"^## (\d+)\. (.+)$", DESIGN.read_text(), re.M)
     assert [int(n) for n, _ in headings] == list(range(1, 10))
     assert [title for _, title in headings] == [
-        "Purpose", "Inputs the tool understands", "The Prefetch operator", "Planning rules", "Command line",
-        "Cost model and hardware profiles", "Reference CPU runtime", "Sharding", "Chain safety"]
+        "Purpose",
+        "Inputs the tool understands",
+        "The Prefetch operator",
+        "Planning rules",
+        "Command line",
+        "Cost model and hardware profiles",
+        "Reference CPU runtime",
+        "Sharding",
+        "Chain safety",
+    ]
 
 
 def test_every_citation_names_an_existing_section():
@@ -40,7 +48,9 @@ def test_every_citation_names_an_existing_section():
     assert rules == {1, 2, 3, 4, 5, 6, 7, 8}
     bad = []
     for path in _sources():
-        for section, rule in re.findall(r"docs/design\.md §(\d+)(?:\.(\d+))?", path.read_text(errors="replace")):
+        for section, rule in re.findall(
+            r"docs/design\.md §(\d+)(?:\.(\d+))?", path.read_text(errors="replace")
+        ):
             if not 1 <= int(section) <= 9 or (rule and (section != "4" or int(rule) not in rules)):
                 bad.append(f"{path.relative_to(ROOT)}: §{section}{'.' + rule if rule else ''}")
     assert bad == []
@@ -48,6 +58,10 @@ def test_every_citation_names_an_existing_section():
 
 def test_nothing_cites_the_contract_outside_the_repository():
     word = "SP" + "EC"  # spelled apart so that this file does not match itself
-    found = [f"{path.relative_to(ROOT)}:{n}" for path in _sources()
-             for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if word in line]
+    found = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in _sources()
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if word in line
+    ]
     assert found == []

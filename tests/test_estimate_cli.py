@@ -51,16 +51,38 @@ def test_estimate_every_sample(variant, tmp_path):
     r = cli("estimate", src, "--json", "--trace", tmp_path / "trace.json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
-    for key in ("baseline_s", "preserve_s", "speedup", "upper_bound_speedup", "windows", "upper_bound_s",
-                "share_of_upper_bound", "hardware", "batch", "context", "ranks"):
+    for key in (
+        "baseline_s",
+        "preserve_s",
+        "speedup",
+        "upper_bound_speedup",
+        "windows",
+        "upper_bound_s",
+        "share_of_upper_bound",
+        "hardware",
+        "batch",
+        "context",
+        "ranks",
+    ):
         assert key in doc
     assert doc["ranks"] == 2 and doc["hardware"] == "ascend-910b" and len(doc["windows"]) == 4
     assert 1.0 <= doc["speedup"] <= doc["upper_bound_speedup"]
     assert doc["baseline_s"] / doc["preserve_s"] == pytest.approx(doc["speedup"])
     for w in doc["windows"]:
-        assert set(w) == {"graph", "collective", "collective_s", "budget_bytes", "planned_bytes",
-                          "overlapped_bytes", "saved_s", "upper_bound_bytes", "upper_bound_saved_s",
-                          "max_tokens", "tokens", "hinted_bytes"}
+        assert set(w) == {
+            "graph",
+            "collective",
+            "collective_s",
+            "budget_bytes",
+            "planned_bytes",
+            "overlapped_bytes",
+            "saved_s",
+            "upper_bound_bytes",
+            "upper_bound_saved_s",
+            "max_tokens",
+            "tokens",
+            "hinted_bytes",
+        }
     tracks = check_chrome_trace(json.loads((tmp_path / "trace.json").read_text()))
     assert {pid for pid, _ in tracks} == {1, 2, 3}  # baseline, preserve, upper bound
     for (pid, tid), events in tracks.items():
@@ -113,7 +135,8 @@ def test_sweep_grid(big_dir):
     assert time.perf_counter() - start < 30
     points = json.loads(r.output)
     assert [(p["batch"], p["context"], p["ranks"]) for p in points] == [
-        (b, c, n) for b in (1, 8) for c in (1024, 131072) for n in (2, 8)]
+        (b, c, n) for b in (1, 8) for c in (1024, 131072) for n in (2, 8)
+    ]
     assert all(set(p) >= {"batch", "context", "ranks", "speedup"} for p in points)
     best = max(points, key=lambda p: p["speedup"])
     assert (best["batch"], best["context"], best["ranks"]) == (8, 1024, 8)
@@ -154,9 +177,13 @@ def test_explore_plot_format_follows_the_suffix(tmp_path, name, magic):
 
 
 def test_explore_plot_with_an_unknown_suffix_is_refused(tmp_path):
-    r = cli("explore", SAMPLES / "llama-gqa" / "tp2", "--csv", tmp_path / "ok.csv", "--plot", tmp_path / "l2.jpeg")
-    assert (r.exit_code, r.output.strip()) == (2, f"error: --plot {tmp_path / 'l2.jpeg'}: the name must end in "
-                                                  ".png, .svg, .pdf")
+    r = cli(
+        "explore", SAMPLES / "llama-gqa" / "tp2", "--csv", tmp_path / "ok.csv", "--plot", tmp_path / "l2.jpeg"
+    )
+    assert (r.exit_code, r.output.strip()) == (
+        2,
+        f"error: --plot {tmp_path / 'l2.jpeg'}: the name must end in .png, .svg, .pdf",
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -167,15 +194,21 @@ def test_explore_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch)
     assert not (tmp_path / "l2.png").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--sweep", "heads=2"], "key in batch, context, ranks"),
-    (["--sweep", "batch=1,8,1"], "--sweep: 'batch=1,8,1' repeats a value"),
-    (["batch=2"], "unexpected argument 'batch=2'"),
-    (["--sweep", "batch=1", "--trace", "t.json"], "cannot be combined with --sweep"),
-    (["--sweep", "batch=1", "--all"], "--all lists the windows of one estimate; it cannot be combined with --sweep"),
-    (["--hardware", "tpu-v9"], "unknown hardware 'tpu-v9'"),
-    (["--batch", "0"], "--batch must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sweep", "heads=2"], "key in batch, context, ranks"),
+        (["--sweep", "batch=1,8,1"], "--sweep: 'batch=1,8,1' repeats a value"),
+        (["batch=2"], "unexpected argument 'batch=2'"),
+        (["--sweep", "batch=1", "--trace", "t.json"], "cannot be combined with --sweep"),
+        (
+            ["--sweep", "batch=1", "--all"],
+            "--all lists the windows of one estimate; it cannot be combined with --sweep",
+        ),
+        (["--hardware", "tpu-v9"], "unknown hardware 'tpu-v9'"),
+        (["--batch", "0"], "--batch must be at least 1"),
+    ],
+)
 def test_estimate_errors_are_one_line(args, message):
     r = cli("estimate", SAMPLES / "llama-gqa" / "tp2", *args)
     assert r.exit_code == 2, r.output  # usage errors
@@ -184,8 +217,10 @@ def test_estimate_errors_are_one_line(args, message):
 
 def test_explore_needs_area_figures(tmp_path):
     toml = tmp_path / "hw.toml"
-    toml.write_text("[bare]\nl2_bytes = 1000\nhbm_bw = 1e9\nl2_bw = 4e9\nlink_bw = 1e9\ncollective_alpha = 1e-6\n"
-                    "peak_flops = 1e12\nlaunch_overhead = 0\nmax_prefetch_bytes = 0\n")
+    toml.write_text(
+        "[bare]\nl2_bytes = 1000\nhbm_bw = 1e9\nl2_bw = 4e9\nlink_bw = 1e9\ncollective_alpha = 1e-6\n"
+        "peak_flops = 1e12\nlaunch_overhead = 0\nmax_prefetch_bytes = 0\n"
+    )
     r = cli("explore", SAMPLES / "llama-gqa" / "tp2", "--hardware", toml)
     assert r.exit_code == 1 and "has no area/cost figures" in r.output
     assert cli("estimate", SAMPLES / "llama-gqa" / "tp2", "--hardware", toml).exit_code == 0
@@ -199,22 +234,34 @@ def test_hardware_lists_every_profile(monkeypatch):
     assert r.exit_code == 0
     for name in ("ascend-910b", "h100-sxm", "h200", "b200", "mi300x", "tpu-v5e"):
         assert name in r.output
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
-            for line in r.output.splitlines() if line.startswith("│") and line.split("│")[1].strip()}
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+        for line in r.output.splitlines()
+        if line.startswith("│") and line.split("│")[1].strip()
+    }
     # usable L2 of nominal, achieved HBM of nominal, link per direction, implementations, fp16 max tokens
-    assert rows["ascend-910b"][0:5] == ["163.2 MiB of 192.0 MiB", "1.36 of 1.60 TB/s", "6.4 TB/s", "28 GB/s",
-                                        "hccl 25.0 us"]
+    assert rows["ascend-910b"][0:5] == [
+        "163.2 MiB of 192.0 MiB",
+        "1.36 of 1.60 TB/s",
+        "6.4 TB/s",
+        "28 GB/s",
+        "hccl 25.0 us",
+    ]
     assert rows["h100-sxm"][4:7] == ["nccl 22.0 us*, oneshot 7.0 us", "989 TF", "328"]
     assert rows["ascend-910b"][7] == "120.0 MiB" and rows["h100-sxm"][7] == "none"
 
 
-@pytest.mark.parametrize("naming", [[], ["--prefetch-domain", "com.acme", "--prefetch-op", "Cmo",
-                                         "--prefetch-attr", "max_size=size"]])
+@pytest.mark.parametrize(
+    "naming",
+    [[], ["--prefetch-domain", "com.acme", "--prefetch-op", "Cmo", "--prefetch-attr", "max_size=size"]],
+)
 def test_an_optimized_model_is_estimated_like_its_original(tmp_path, naming):
     src = SAMPLES / "llama-gqa" / "tp2"
     assert cli("optimize", src, tmp_path / "opt", "-q", *naming).exit_code == 0
-    for command, keys in (("estimate", ("baseline_s", "preserve_s", "upper_bound_speedup", "windows")),
-                          ("explore", ("points", "best_l2_baseline_bytes", "best_l2_preserve_bytes"))):
+    for command, keys in (
+        ("estimate", ("baseline_s", "preserve_s", "upper_bound_speedup", "windows")),
+        ("explore", ("points", "best_l2_baseline_bytes", "best_l2_preserve_bytes")),
+    ):
         before, after = (cli(command, path, "--json", *naming) for path in (src, tmp_path / "opt"))
         assert before.exit_code == after.exit_code == 0, after.output
         b, a = json.loads(before.output), json.loads(after.output)
@@ -227,11 +274,20 @@ def test_an_optimized_model_is_estimated_like_its_original(tmp_path, naming):
 
 
 def test_explore_checks_every_destination_before_writing(tmp_path):
-    r = cli("explore", SAMPLES / "llama-gqa" / "tp2", "--csv", tmp_path / "ok.csv", "--plot",
-            tmp_path / "nodir" / "x.png")
+    r = cli(
+        "explore",
+        SAMPLES / "llama-gqa" / "tp2",
+        "--csv",
+        tmp_path / "ok.csv",
+        "--plot",
+        tmp_path / "nodir" / "x.png",
+    )
     assert r.exit_code == 1
-    assert r.output.strip() == f"error: cannot write {tmp_path / 'nodir' / 'x.png'}: folder {tmp_path / 'nodir'} " \
-                               "does not exist"
+    assert (
+        r.output.strip()
+        == f"error: cannot write {tmp_path / 'nodir' / 'x.png'}: folder {tmp_path / 'nodir'} "
+        "does not exist"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -272,5 +328,7 @@ def test_sweep_speedup_falls_to_one_past_the_roofline_threshold(tmp_path):
 
 def test_an_unknown_collective_implementation_is_a_usage_error():
     r = cli("estimate", SAMPLES / "llama-gqa" / "tp2", "--hardware", "h100-sxm@mpi")
-    assert (r.exit_code, r.output.strip()) == (2, "error: hardware 'h100-sxm' has no collective implementation "
-                                                  "'mpi' (known: nccl, oneshot)")
+    assert (r.exit_code, r.output.strip()) == (
+        2,
+        "error: hardware 'h100-sxm' has no collective implementation 'mpi' (known: nccl, oneshot)",
+    )

@@ -5,8 +5,16 @@ import pytest
 from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.hardware import builtin_profiles, load_profile
 
-FIGURES = {"l2_bytes": 1 << 20, "hbm_bw": 1e12, "l2_bw": 4e12, "link_bw": 1e11, "collective_alpha": 1e-5,
-           "peak_flops": 1e14, "launch_overhead": 0, "max_prefetch_bytes": 0}
+FIGURES = {
+    "l2_bytes": 1 << 20,
+    "hbm_bw": 1e12,
+    "l2_bw": 4e12,
+    "link_bw": 1e11,
+    "collective_alpha": 1e-5,
+    "peak_flops": 1e14,
+    "launch_overhead": 0,
+    "max_prefetch_bytes": 0,
+}
 
 
 def toml(tmp_path, name="mine", **figures):
@@ -25,7 +33,12 @@ def test_builtin_profiles_have_every_figure_positive_where_divided_by():
 
 def test_a_user_file_with_one_profile_and_picking_one_of_several(tmp_path):
     hw = load_profile(str(toml(tmp_path, description='"test chip"', link_bw_source='"datasheet"')))
-    assert (hw.name, hw.description, hw.link_bw, hw.sources) == ("mine", "test chip", 1e11, {"link_bw": "datasheet"})
+    assert (hw.name, hw.description, hw.link_bw, hw.sources) == (
+        "mine",
+        "test chip",
+        1e11,
+        {"link_bw": "datasheet"},
+    )
     path = tmp_path / "two.toml"
     path.write_text(toml(tmp_path, name="a").read_text() + toml(tmp_path, name="b", l2_bytes=7).read_text())
     assert load_profile(f"{path}:b").l2_bytes == 7
@@ -35,16 +48,19 @@ def test_a_user_file_with_one_profile_and_picking_one_of_several(tmp_path):
         load_profile(f"{path}:c")
 
 
-@pytest.mark.parametrize("figures, message", [
-    ({"link_bw": 0}, "link_bw must be greater than 0"),
-    ({"hbm_bw": 0}, "hbm_bw must be greater than 0"),
-    ({"peak_flops": 0}, "peak_flops must be greater than 0"),
-    ({"l2_bw": "nan"}, "l2_bw must be a finite non-negative number"),
-    ({"link_bw": "inf"}, "link_bw must be a finite non-negative number"),
-    ({"collective_alpha": -1}, "collective_alpha must be a finite non-negative number"),
-    ({"l2_bytes": '"big"'}, "l2_bytes must be a finite non-negative number"),
-    ({"die_mm": 600}, "unknown key 'die_mm'"),
-])
+@pytest.mark.parametrize(
+    "figures, message",
+    [
+        ({"link_bw": 0}, "link_bw must be greater than 0"),
+        ({"hbm_bw": 0}, "hbm_bw must be greater than 0"),
+        ({"peak_flops": 0}, "peak_flops must be greater than 0"),
+        ({"l2_bw": "nan"}, "l2_bw must be a finite non-negative number"),
+        ({"link_bw": "inf"}, "link_bw must be a finite non-negative number"),
+        ({"collective_alpha": -1}, "collective_alpha must be a finite non-negative number"),
+        ({"l2_bytes": '"big"'}, "l2_bytes must be a finite non-negative number"),
+        ({"die_mm": 600}, "unknown key 'die_mm'"),
+    ],
+)
 def test_bad_figures_are_refused(tmp_path, figures, message):
     with pytest.raises(PreserveError, match=f"profile 'mine': {message}"):
         load_profile(str(toml(tmp_path, **figures)))
@@ -71,13 +87,36 @@ def test_unknown_builtin_name_is_a_usage_error():
 
 
 def test_every_builtin_figure_cites_a_source_or_says_estimate():
-    cited = ("datasheet", "whitepaper", "paper", "documentation", "issue", "PR ", "gpu-benches", "spec", "brief",
-             "CSET", "TSMC", "ISSCC", "docs/design.md", "hiascend", "arthurchiao", "policy", "one ", "four ",
-             "onnxruntime", "HCCL", "XLA")
+    cited = (
+        "datasheet",
+        "whitepaper",
+        "paper",
+        "documentation",
+        "issue",
+        "PR ",
+        "gpu-benches",
+        "spec",
+        "brief",
+        "CSET",
+        "TSMC",
+        "ISSCC",
+        "docs/design.md",
+        "hiascend",
+        "arthurchiao",
+        "policy",
+        "one ",
+        "four ",
+        "onnxruntime",
+        "HCCL",
+        "XLA",
+    )
     for hw in builtin_profiles().values():
         for figure, source in hw.sources.items():
-            assert source.startswith("estimate") or "estimate" in source or any(c in source for c in cited), \
-                (hw.name, figure, source)
+            assert source.startswith("estimate") or "estimate" in source or any(c in source for c in cited), (
+                hw.name,
+                figure,
+                source,
+            )
 
 
 def test_calibrated_figures_of_the_paper_platform():
@@ -98,19 +137,31 @@ def test_collective_implementations_default_and_pick():
     assert (fast.name, fast.collective, fast.collective_alpha) == ("h100-sxm@oneshot", "oneshot", 7e-6)
     assert fast.collective_time(65536, 8) == pytest.approx(7e-6 + 2 * 7 / 8 * 65536 / 450e9, rel=1e-12)
     assert load_profile("mi300x@quickreduce").collective_alpha == 7.5e-6
-    with pytest.raises(UsageError, match=r"^hardware 'h100-sxm' has no collective implementation 'hccl' "
-                                         r"\(known: nccl, oneshot\)$"):
+    with pytest.raises(
+        UsageError,
+        match=r"^hardware 'h100-sxm' has no collective implementation 'hccl' "
+        r"\(known: nccl, oneshot\)$",
+    ):
         load_profile("h100-sxm@hccl")
     with pytest.raises(UsageError, match="expected NAME@IMPLEMENTATION"):
         load_profile("h100-sxm@")
 
 
 def test_a_user_file_with_collective_implementations(tmp_path):
-    path = toml(tmp_path, collective_alpha="{ lib = 3e-5, fast = 5e-6 }", collective='"lib"',
-                hbm_efficiency=0.5, l2_usable_fraction=0.25)
+    path = toml(
+        tmp_path,
+        collective_alpha="{ lib = 3e-5, fast = 5e-6 }",
+        collective='"lib"',
+        hbm_efficiency=0.5,
+        l2_usable_fraction=0.25,
+    )
     hw = load_profile(str(path))
-    assert (hw.collective, hw.collective_alpha, hw.effective_hbm_bw, hw.usable_l2_bytes) == \
-        ("lib", 3e-5, 5e11, (1 << 20) // 4)
+    assert (hw.collective, hw.collective_alpha, hw.effective_hbm_bw, hw.usable_l2_bytes) == (
+        "lib",
+        3e-5,
+        5e11,
+        (1 << 20) // 4,
+    )
     assert hw.window_budget(0, 1, 1.0) == int(min((1 << 20) / 4, 5e11 * 3e-5))
     assert load_profile(f"{path}@fast").collective_alpha == 5e-6
     assert load_profile(f"{path}:mine@fast").name == "mine@fast"
@@ -128,19 +179,31 @@ def test_a_folder_with_an_at_sign_is_a_path_not_an_implementation(tmp_path):
     assert load_profile(str(path)).name == "mine"
 
 
-@pytest.mark.parametrize("figures, message", [
-    ({"collective_alpha": "{ a = 1e-5, b = 2e-5 }"}, r"collective_alpha has 2 implementations; name the default "
-                                                     r'with collective = "\.\.\." \(one of a, b\)'),
-    ({"collective_alpha": "{ a = 1e-5 }", "collective": '"b"'}, r"collective = 'b' is not in collective_alpha \(a\)"),
-    ({"collective": '"nccl"'}, r"collective = 'nccl' needs collective_alpha as a table of implementations"),
-    ({"collective_alpha": "{}"}, "collective_alpha is an empty table"),
-    ({"collective_alpha": '{ a = "fast" }'}, "collective_alpha.a must be a finite non-negative number"),
-    ({"collective_alpha": "{ a = -1.0 }"}, "collective_alpha.a must be a finite non-negative number"),
-    ({"collective_alpha": "{ a = 1e-5 }", "collective": "3"}, "collective must name a collective_alpha"),
-    ({"hbm_efficiency": 0}, r"hbm_efficiency must be in \(0, 1\], got 0"),
-    ({"l2_usable_fraction": 1.5}, r"l2_usable_fraction must be in \(0, 1\], got 1.5"),
-    ({"hbm_efficiency": '"high"'}, "hbm_efficiency must be a finite non-negative number"),
-])
+@pytest.mark.parametrize(
+    "figures, message",
+    [
+        (
+            {"collective_alpha": "{ a = 1e-5, b = 2e-5 }"},
+            r"collective_alpha has 2 implementations; name the default "
+            r'with collective = "\.\.\." \(one of a, b\)',
+        ),
+        (
+            {"collective_alpha": "{ a = 1e-5 }", "collective": '"b"'},
+            r"collective = 'b' is not in collective_alpha \(a\)",
+        ),
+        (
+            {"collective": '"nccl"'},
+            r"collective = 'nccl' needs collective_alpha as a table of implementations",
+        ),
+        ({"collective_alpha": "{}"}, "collective_alpha is an empty table"),
+        ({"collective_alpha": '{ a = "fast" }'}, "collective_alpha.a must be a finite non-negative number"),
+        ({"collective_alpha": "{ a = -1.0 }"}, "collective_alpha.a must be a finite non-negative number"),
+        ({"collective_alpha": "{ a = 1e-5 }", "collective": "3"}, "collective must name a collective_alpha"),
+        ({"hbm_efficiency": 0}, r"hbm_efficiency must be in \(0, 1\], got 0"),
+        ({"l2_usable_fraction": 1.5}, r"l2_usable_fraction must be in \(0, 1\], got 1.5"),
+        ({"hbm_efficiency": '"high"'}, "hbm_efficiency must be a finite non-negative number"),
+    ],
+)
 def test_bad_collectives_and_calibration_are_refused(tmp_path, figures, message):
     with pytest.raises(PreserveError, match=f"profile 'mine': {message}"):
         load_profile(str(toml(tmp_path, **figures)))

@@ -35,8 +35,10 @@ def test_collectives_windows_and_candidates():
     ]
     planned = [p for wp in ins.plan.windows for p in wp.prefetches]
     assert [(p.node, p.tensor, p.offset, p.max_size, p.nbytes) for p in planned] == [
-        ("ar0/Prefetch/w1", "w1", 0, 0, 2048), ("ar0/Prefetch/w2", "w2", 0, 0, 2048),
-        ("ar1/Prefetch/w3", "w3", 0, 0, 1024)]
+        ("ar0/Prefetch/w1", "w1", 0, 0, 2048),
+        ("ar0/Prefetch/w2", "w2", 0, 0, 2048),
+        ("ar1/Prefetch/w3", "w3", 0, 0, 1024),
+    ]
     assert ins.prefetches == ()
     assert (ins.source, ins.ranks) == (None, 1)
 
@@ -69,18 +71,25 @@ def test_unselected_collectives_are_listed_and_bound_windows():
     g.output("y")
     ins = inspect(g.model(), OptimizeConfig(budget=1 << 20))
     assert [(w.collective, w.op_type, w.selected, w.nodes) for w in ins.collectives] == [
-        ("ar0", "AllReduce", True, (1,)), ("ag", "AllGather", False, (3,))]
+        ("ar0", "AllReduce", True, (1,)),
+        ("ag", "AllGather", False, (3,)),
+    ]
     assert [(wp.window.collective, [p.tensor for p in wp.prefetches]) for wp in ins.plan.windows] == [
-        ("ar0", ["w0"])]
+        ("ar0", ["w0"])
+    ]
     both = inspect(g.model(), OptimizeConfig(budget=1 << 20, collectives=("AllReduce", "AllGather")))
     assert [(wp.window.collective, [p.tensor for p in wp.prefetches]) for wp in both.plan.windows] == [
-        ("ar0", ["w0"]), ("ag", ["w1"])]
+        ("ar0", ["w0"]),
+        ("ag", ["w1"]),
+    ]
 
 
 def test_inspect_path_of_a_rank_directory():
     inspections = inspect_path(SAMPLES / "llama-gqa" / "tp2", jobs=1)
     assert [(i.source.name, i.ranks, len(i.collectives)) for i in inspections] == [
-        ("model_00.onnx", 2, 4), ("model_01.onnx", 2, 4)]
+        ("model_00.onnx", 2, 4),
+        ("model_01.onnx", 2, 4),
+    ]
 
 
 @pytest.mark.parametrize("variant", SAMPLE_VARIANTS)
@@ -90,13 +99,26 @@ def test_cli_json_is_the_optimize_report_plus_collectives(variant, tmp_path):
     r = cli("inspect", src, "--json", "--budget", "2MiB")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
-    assert cli("optimize", src, tmp_path / "o", "--dry-run", "-q", "--budget", "2MiB",
-               "--report", tmp_path / "r.json").exit_code == 0
+    assert (
+        cli(
+            "optimize",
+            src,
+            tmp_path / "o",
+            "--dry-run",
+            "-q",
+            "--budget",
+            "2MiB",
+            "--report",
+            tmp_path / "r.json",
+        ).exit_code
+        == 0
+    )
     report = json.loads((tmp_path / "r.json").read_text())
     assert doc["schema"] == 1
     for model in doc["models"]:
-        assert [(c["op_type"], c["selected"]) for c in model.pop("collectives")] == \
-            [("AllReduce", True)] * len(model["windows"])
+        assert [(c["op_type"], c["selected"]) for c in model.pop("collectives")] == [
+            ("AllReduce", True)
+        ] * len(model["windows"])
         assert model.pop("existing_prefetches") == []
         assert model.pop("stale_prefetches") is None  # no Prefetch node, nothing to be stale
     assert doc == report  # same schema, same plan, same settings
@@ -110,8 +132,20 @@ def test_cli_json_of_an_optimized_model_lists_its_prefetches(tmp_path):
     (model,) = doc["models"]
     existing = model["existing_prefetches"]
     assert [p["node"] for p in existing] == [p["node"] for w in model["windows"] for p in w["prefetches"]]
-    assert set(existing[0]) == {"graph", "node", "anchor", "tensor", "collective", "offset", "max_size",
-                                "max_tokens", "lengths", "seq_axis", "window", "min_tokens"}
+    assert set(existing[0]) == {
+        "graph",
+        "node",
+        "anchor",
+        "tensor",
+        "collective",
+        "offset",
+        "max_size",
+        "max_tokens",
+        "lengths",
+        "seq_axis",
+        "window",
+        "min_tokens",
+    }
     # The validity range read back from the nodes is the one the plan gives the window (fp32 on 910B).
     assert [p["max_tokens"] for p in existing[:3]] == [model["windows"][0]["max_tokens"]] * 3 == [470] * 3
 
@@ -129,14 +163,19 @@ def test_cli_tables(wide):
     r = cli("inspect", src, "--budget", "1MiB", "-v")
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
-    assert lines[0].startswith("model_00.onnx: 4 collectives, 4 planned, 11 prefetches, 1.1 MiB "
-                               "(--budget 1048576 B per window, 2 rank(s))")
-    assert any("/model/layers.0/mlp/down_proj/AllReduce" in line and "16.0 MiB" in line and "100%" in line
-               for line in lines)
+    assert lines[0].startswith(
+        "model_00.onnx: 4 collectives, 4 planned, 11 prefetches, 1.1 MiB "
+        "(--budget 1048576 B per window, 2 rank(s))"
+    )
+    assert any(
+        "/model/layers.0/mlp/down_proj/AllReduce" in line and "16.0 MiB" in line and "100%" in line
+        for line in lines
+    )
     assert any("past_key_values.1.key" in line and "first 1008.0 KiB" in line for line in lines)
     assert any("past_key_values.1.value" in line and "budget exhausted" in line for line in lines)  # -v
-    assert lines[-1].startswith("done: 1 model(s), 4 collectives, 11 prefetches, 1.1 MiB would be planned; "
-                                "nothing written in ")
+    assert lines[-1].startswith(
+        "done: 1 model(s), 4 collectives, 11 prefetches, 1.1 MiB would be planned; nothing written in "
+    )
 
 
 def test_cli_tables_show_existing_prefetches(tmp_path, wide):
@@ -145,23 +184,35 @@ def test_cli_tables_show_existing_prefetches(tmp_path, wide):
     r = cli("inspect", tmp_path / "o.onnx", "--budget", "64KiB")
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
-    table = lines[lines.index(next(x for x in lines if x.startswith("Prefetch nodes already in the model"))):]
+    table = lines[
+        lines.index(next(x for x in lines if x.startswith("Prefetch nodes already in the model"))) :
+    ]
     rows = [x.split("│")[1:4] for x in table if x.startswith("│")]
     assert len(rows) == 10
-    assert [c.strip() for c in rows[0]] == ["/model/layers.0/attn/o_proj/AllReduce",
-                                             "model.layers.0.mlp.gate_proj.MatMul.weight", "whole"]
+    assert [c.strip() for c in rows[0]] == [
+        "/model/layers.0/attn/o_proj/AllReduce",
+        "model.layers.0.mlp.gate_proj.MatMul.weight",
+        "whole",
+    ]
     first = next(x for x in table if x.startswith("│"))
     assert first.split("│")[4].strip() == "470"  # the node's max_tokens
 
 
-@pytest.mark.parametrize("args, message, code", [
-    (["nope.onnx"], "error: nope.onnx: no such file or directory", 1),
-    ([str(SAMPLES / "llama-gqa" / "tp2"), "--collectives", "Bogus"], "error: --collectives: unknown 'Bogus'", 2),
-    ([str(SAMPLES / "llama-gqa" / "tp2"), "--batch", "0"], "error: --batch must be at least 1", 2),
-    ([str(SAMPLES / "llama-gqa" / "tp2"), "--hardware", "nope"], "error: unknown hardware 'nope'", 2),
-    ([str(SAMPLES / "llama-gqa" / "tp2"), "--jobs", "0"], "error: --jobs must be at least 1", 2),
-    ([str(SAMPLES / "llama-gqa" / "tp2"), "--ranks", "-2"], "error: --ranks must be at least 1", 2),
-])
+@pytest.mark.parametrize(
+    "args, message, code",
+    [
+        (["nope.onnx"], "error: nope.onnx: no such file or directory", 1),
+        (
+            [str(SAMPLES / "llama-gqa" / "tp2"), "--collectives", "Bogus"],
+            "error: --collectives: unknown 'Bogus'",
+            2,
+        ),
+        ([str(SAMPLES / "llama-gqa" / "tp2"), "--batch", "0"], "error: --batch must be at least 1", 2),
+        ([str(SAMPLES / "llama-gqa" / "tp2"), "--hardware", "nope"], "error: unknown hardware 'nope'", 2),
+        ([str(SAMPLES / "llama-gqa" / "tp2"), "--jobs", "0"], "error: --jobs must be at least 1", 2),
+        ([str(SAMPLES / "llama-gqa" / "tp2"), "--ranks", "-2"], "error: --ranks must be at least 1", 2),
+    ],
+)
 def test_cli_errors_are_one_line(args, message, code):
     r = cli("inspect", *args)
     assert r.exit_code == code
@@ -173,7 +224,10 @@ def test_inspect_honours_vendor_naming():
     config = OptimizeConfig(budget=3_000, min_chunk=512, naming=naming)
     optimized, _ = optimize(two_layer_mlp(), config)
     assert [(p.node, p.max_size) for p in inspect(optimized, config).prefetches] == [
-        ("ar0/Prefetch/w1", 0), ("ar0/Prefetch/w2", 952), ("ar1/Prefetch/w3", 0)]
+        ("ar0/Prefetch/w1", 0),
+        ("ar0/Prefetch/w2", 952),
+        ("ar1/Prefetch/w3", 0),
+    ]
     assert inspect(optimized, OptimizeConfig(budget=3_000, min_chunk=512)).prefetches == ()
 
 

@@ -23,8 +23,14 @@ def logged(*args, columns: int = 80, cwd=None) -> subprocess.CompletedProcess:
     """``preserve-onnx ARGS`` with stdout and stderr pipes, no stdin, and COLUMNS=columns."""
     env = {**os.environ, "COLUMNS": str(columns)}
     env.pop("NO_COLOR", None)  # a CI log without NO_COLOR: still no colour codes, since there is no terminal
-    return subprocess.run([sys.executable, "-m", "preserve_onnx", *map(str, args)], capture_output=True, text=True,
-                          env=env, stdin=subprocess.DEVNULL, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "preserve_onnx", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+    )
 
 
 def node_names(folder, op_types=("AllReduce", "AllGather", "AllToAll", "Prefetch")) -> set[str]:
@@ -64,8 +70,11 @@ def optimized(tmp_path_factory):
 
 def test_optimize_verbose_log_names_every_collective_and_prefetch_whole(optimized):
     root, stdout = optimized
-    assert_whole(stdout, node_names(GQA) | {n.rsplit("/Prefetch/", 1)[1] for n in node_names(root / "full")
-                                            if "/Prefetch/" in n})
+    assert_whole(
+        stdout,
+        node_names(GQA)
+        | {n.rsplit("/Prefetch/", 1)[1] for n in node_names(root / "full") if "/Prefetch/" in n},
+    )
     assert stdout.splitlines()[0] == "model_00.onnx: 4 windows, 15 prefetches, 16.1 MiB"
     assert max(len(line) for line in stdout.splitlines()) > 80  # wider than the 80 columns, not folded
 
@@ -75,7 +84,9 @@ def test_inspect_of_subgraph_collectives_keeps_the_long_names_and_the_title_on_o
     assert r.returncode == 0, r.stderr
     assert_whole(r.stdout, node_names(MERGED, ("AllReduce",)))
     title = r.stdout.splitlines()[0]
-    assert title.startswith("model_00.onnx: 8 collectives, 8 planned, 30 prefetches") and title.endswith("rank(s))")
+    assert title.startswith("model_00.onnx: 8 collectives, 8 planned, 30 prefetches") and title.endswith(
+        "rank(s))"
+    )
 
 
 def test_estimate_diff_and_run_logs_keep_names_whole(optimized):
@@ -91,7 +102,8 @@ def test_estimate_diff_and_run_logs_keep_names_whole(optimized):
     run = logged("run", root / "tight", "--against", GQA)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == (
-        f"PASSED: 10 outputs on 2 rank(s) bit-identical to {GQA} after 1 step(s) (max abs diff 0)")
+        f"PASSED: 10 outputs on 2 rank(s) bit-identical to {GQA} after 1 step(s) (max abs diff 0)"
+    )
 
 
 def test_an_error_with_a_long_path_is_one_line(tmp_path):
@@ -112,5 +124,7 @@ def test_quiet_and_json_are_the_same_at_any_width(optimized, tmp_path):
         quiet = logged("optimize", GQA, out, "-q", columns=columns)
         assert quiet.returncode == 0 and quiet.stderr == ""
         lines = quiet.stdout.splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"done: 2 model(s), 30 prefetches, 32.3 MiB planned; wrote {out} in ")
+        assert len(lines) == 1 and lines[0].startswith(
+            f"done: 2 model(s), 30 prefetches, 32.3 MiB planned; wrote {out} in "
+        )
         shutil.rmtree(out)

@@ -17,8 +17,14 @@ from tests.builders import two_layer_mlp
 
 
 def save_external(model, path):
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=0)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=0,
+    )
 
 
 def set_location(model, location):
@@ -37,11 +43,14 @@ def test_load_never_reads_external_data(tmp_path):
     assert [t.raw_data for t in model.graph.initializer] == [b""] * 4
 
 
-@pytest.mark.parametrize("location, message", [
-    ("/etc/passwd", "is absolute"),
-    ("../../etc/passwd", "escapes the model's folder"),
-    ("sub/../../x.data", "escapes the model's folder"),
-])
+@pytest.mark.parametrize(
+    "location, message",
+    [
+        ("/etc/passwd", "is absolute"),
+        ("../../etc/passwd", "escapes the model's folder"),
+        ("sub/../../x.data", "escapes the model's folder"),
+    ],
+)
 def test_external_locations_outside_the_folder_are_refused(tmp_path, location, message):
     m = two_layer_mlp()
     path = tmp_path / "m.onnx"
@@ -96,8 +105,10 @@ def test_save_elsewhere_copies_data_without_hard_links(tmp_path):
     assert copied.read_bytes() == (src / "m.onnx.data").read_bytes()
     assert copied.stat().st_nlink == 1 and (src / "m.onnx.data").stat().st_nlink == 1
     loaded = onnx.load(str(dest / "m.onnx"))  # onnx refuses hard-linked data files
-    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]),
-                                  numpy_helper.to_array(two_layer_mlp().graph.initializer[0]))
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(loaded.graph.initializer[0]),
+        numpy_helper.to_array(two_layer_mlp().graph.initializer[0]),
+    )
     assert sorted(p.name for p in dest.iterdir()) == ["m.onnx", "m.onnx.data"]  # no temp files left
 
 
@@ -134,8 +145,13 @@ def test_sparse_copy_keeps_holes_and_bytes(tmp_path):
 
 
 def test_rank_sets_olive_and_onnxruntime_naming(tmp_path):
-    for name in ("model_00.onnx", "model_01.onnx", "rank_0_llama_decoder.onnx", "rank_1_llama_decoder.onnx",
-                 "config.json"):
+    for name in (
+        "model_00.onnx",
+        "model_01.onnx",
+        "rank_0_llama_decoder.onnx",
+        "rank_1_llama_decoder.onnx",
+        "config.json",
+    ):
         (tmp_path / name).write_bytes(b"")
     sets = find_rank_sets(tmp_path)
     assert [(s.pattern, [f.name for f in s.files]) for s in sets] == [

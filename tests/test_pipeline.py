@@ -79,8 +79,10 @@ def test_an_analysis_hands_its_data_to_the_passes_that_require_it():
 
 
 def test_an_analysis_cannot_be_disabled():
-    with pytest.raises(UsageError, match="^--disable: 'count-nodes' is an analysis that report-count needs, "
-                                         "not a step to skip$"):
+    with pytest.raises(
+        UsageError,
+        match="^--disable: 'count-nodes' is an analysis that report-count needs, not a step to skip$",
+    ):
         Sequential([Count(), Report()], disabled=["count-nodes"])
 
 

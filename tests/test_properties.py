@@ -79,22 +79,32 @@ class ConfigSpec(ShortRepr):
     context: int = 16384
 
     def config(self) -> OptimizeConfig:
-        hardware = HARDWARE if self.max_op is None else \
-            dataclasses.replace(HARDWARE, max_prefetch_bytes=self.max_op)
-        return OptimizeConfig(hardware=hardware, budget=self.budget, min_chunk=self.min_chunk, kv=self.kv,
-                              qdq_weights=self.qdq_weights, collectives=self.collectives, batch=self.batch,
-                              context=self.context)
+        hardware = (
+            HARDWARE if self.max_op is None else dataclasses.replace(HARDWARE, max_prefetch_bytes=self.max_op)
+        )
+        return OptimizeConfig(
+            hardware=hardware,
+            budget=self.budget,
+            min_chunk=self.min_chunk,
+            kv=self.kv,
+            qdq_weights=self.qdq_weights,
+            collectives=self.collectives,
+            batch=self.batch,
+            context=self.context,
+        )
 
 
 @st.composite
 def configs(draw) -> ConfigSpec:
-    budget = draw(st.one_of(
-        st.none(),  # the hardware rule
-        st.just(0),
-        st.integers(1, 256),  # tiny
-        st.integers(256, 40_000),  # cuts somewhere in the windows of these tiny models
-        st.just(1 << 30),  # everything
-    ))
+    budget = draw(
+        st.one_of(
+            st.none(),  # the hardware rule
+            st.just(0),
+            st.integers(1, 256),  # tiny
+            st.integers(256, 40_000),  # cuts somewhere in the windows of these tiny models
+            st.just(1 << 30),  # everything
+        )
+    )
     max_op = draw(st.sampled_from((None, None, 0, 256, 1000, 4096)))
     # Large KV sizes only with the real per-operation limit: 256-byte links of 16 MiB would be 65k nodes.
     sizes = ((8, 16384), (BATCH, PAST), (1, 64)) if not max_op else ((BATCH, PAST), (1, 64))
@@ -119,7 +129,7 @@ def _graphs(graph: onnx.GraphProto):
     yield graph
     for node in graph.node:
         for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                 yield from _graphs(sub)
 
 
@@ -133,8 +143,8 @@ def _kv_bytes(shape: tuple, config: OptimizeConfig) -> int:
 
 
 def expected_candidates(model: onnx.ModelProto, facts: Facts, config: OptimizeConfig) -> dict[str, list]:
-    """docs/design.md §2/§4.1-4.2 from the generator's records: collective name -> [(tensor, bytes)] in first-use
-    order (empty for collectives that are not selected)."""
+    """docs/design.md §2/§4.1-4.2 from the generator's records: collective name -> [(tensor, bytes)] in
+    first-use order (empty for collectives that are not selected)."""
     roles = {"target"} | ({"dq_weight"} if config.qdq_weights else set())
     out: dict[str, list] = {}
     for graph in _graphs(model.graph):
@@ -145,7 +155,7 @@ def expected_candidates(model: onnx.ModelProto, facts: Facts, config: OptimizeCo
             end = positions[k + 1] if k + 1 < len(positions) else len(nodes)
             found: list[tuple[str, int]] = []
             if coll.op_type in config.collectives:
-                for node in nodes[pos + 1:end]:
+                for node in nodes[pos + 1 : end]:
                     domain = "" if node.domain in ("", "ai.onnx") else node.domain
                     slots = CONSUMERS.get((domain, node.op_type))
                     if slots is None:
@@ -158,8 +168,9 @@ def expected_candidates(model: onnx.ModelProto, facts: Facts, config: OptimizeCo
                         if slot in kv and name in facts.kv_inputs:
                             tensors = [(name, _kv_bytes(facts.kv_inputs[name], config))] if config.kv else []
                         elif slot in weights and name in facts.exprs:
-                            tensors = [(r, facts.init_bytes[r]) for r, role in facts.exprs[name]
-                                       if role in roles]
+                            tensors = [
+                                (r, facts.init_bytes[r]) for r, role in facts.exprs[name] if role in roles
+                            ]
                         else:
                             tensors = []
                         for t in tensors:
@@ -188,13 +199,21 @@ def _attrs(node) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def check_prefetches(original: onnx.ModelProto, optimized: onnx.ModelProto, facts: Facts, plan,
-                     config: OptimizeConfig) -> None:
+def check_prefetches(
+    original: onnx.ModelProto, optimized: onnx.ModelProto, facts: Facts, plan, config: OptimizeConfig
+) -> None:
     """Every Prefetch well formed and placed; the chains are exactly the plan docs/design.md §4 prescribes."""
     expected = expected_candidates(original, facts, config)
     windows = {w.window.collective: w for w in plan.windows}
-    selected = {name for name in expected if any(
-        n.name == name and n.op_type in config.collectives for g in _graphs(original.graph) for n in g.node)}
+    selected = {
+        name
+        for name in expected
+        if any(
+            n.name == name and n.op_type in config.collectives
+            for g in _graphs(original.graph)
+            for n in g.node
+        )
+    }
     assert set(windows) == selected, "one plan window per selected collective"
     max_op = config.hardware.max_prefetch_bytes
     seen_prefetches = 0
@@ -221,7 +240,10 @@ def check_prefetches(original: onnx.ModelProto, optimized: onnx.ModelProto, fact
             anchor = facts.collectives[coll.name]
             links = []
             for p in chain:
-                assert len(p.input) == 2 and len(p.output) == 1, p
+                assert len(p.input) in (2, 3) and len(p.output) == 1, p
+                if len(p.input) == 3:  # a GroupQueryAttention KV link reads its node's seqlens_k (design §3)
+                    assert p.input[2] == "seqlens_k" and p.input[1] in facts.kv_inputs, p
+                    assert _attrs(p)["seq_axis"] == 2, p
                 assert p.input[0] == anchor, f"{p.name}: chain broken ({p.input[0]} != {anchor})"
                 assert readers.get(p.output[0]) == 1, f"{p.name}: output read {readers.get(p.output[0])}x"
                 a = _attrs(p)
@@ -257,11 +279,13 @@ def check_prefetches(original: onnx.ModelProto, optimized: onnx.ModelProto, fact
                 assert wp.budget == config.budget
             want = expected_spans(expected[coll.name], wp.budget, config.min_chunk)
             assert spans == want, f"{coll.name}: planned {spans}, docs/design.md §4 says {want}"
-            assert [(p.tensor, p.offset, p.max_size) for p in wp.prefetches] == \
-                [(x, o, m) for x, o, _, m in links]
+            assert [(p.tensor, p.offset, p.max_size) for p in wp.prefetches] == [
+                (x, o, m) for x, o, _, m in links
+            ]
             assert wp.prefetched_bytes == sum(s for _, _, s, _ in links)
-    assert seen_prefetches == total_prefetches == plan.prefetch_count, \
+    assert seen_prefetches == total_prefetches == plan.prefetch_count, (
         "every Prefetch sits immediately before its collective"
+    )
     # New names are unique: every tensor is produced once and every node name is used once (SSA).
     produced = [o for g in _graphs(optimized.graph) for n in g.node for o in n.output if o]
     names = [n.name for g in _graphs(optimized.graph) for n in g.node]
@@ -316,8 +340,9 @@ def test_optimize_plans_and_rewrites_per_spec(spec: ModelSpec, cs: ConfigSpec):
     model, facts = build(spec, rank=0)
     before = model.SerializeToString()
     optimized, plan = optimize(model, config, ranks=2)
-    planned = [(w.window.collective, [(p.tensor, p.offset, p.max_size) for p in w.prefetches])
-               for w in plan.windows]
+    planned = [
+        (w.window.collective, [(p.tensor, p.offset, p.max_size) for p in w.prefetches]) for w in plan.windows
+    ]
     note(f"plan: {planned}")
     assert model.SerializeToString() == before, "optimize changed its input"
     assert _checker_ok(model) is None, "the generator made a model the onnx checker rejects"
@@ -349,9 +374,12 @@ def _feeds(model: onnx.ModelProto, facts: Facts, cond: bool):
     for rank in (0, 1):
         r = np.random.default_rng([rank, 11])
         per_rank[rank] = {
-            name: (r.standard_normal([BATCH if d == "batch" else PAST if d == "past" else d for d in shape])
-                   * 0.1).astype(np.float32)
-            for name, shape in facts.kv_inputs.items()}
+            name: (
+                r.standard_normal([BATCH if d == "batch" else PAST if d == "past" else d for d in shape])
+                * 0.1
+            ).astype(np.float32)
+            for name, shape in facts.kv_inputs.items()
+        }
     return shared, per_rank
 
 

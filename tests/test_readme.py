@@ -38,19 +38,38 @@ def test_readme_is_short_and_says_where_the_cli_lands():
 
 
 def test_quick_start_reaches_a_verified_result(tmp_path):
-    """The README's first ```bash block, as written: activate, optimize a sample, PASSED against the original."""
+    """The README's first ```bash block, as written: activate, optimize a sample, PASSED against the
+    original."""
     cmds = commands(README.read_text())
     assert cmds[0] == "source .venv/bin/activate"  # the test's PATH already starts with the venv's bin
-    quick_start = "```bash\n" + "\n".join(cmds[1:]) + "\n```\n" + "".join(
-        f"```\n{body}```\n" for body in blocks(README.read_text(), ""))
-    check(quick_start, [
-        ("preserve-onnx optimize sample_models/llama-gqa/tp2 out/ --report report.json", 0,
-         ("model_00.onnx: 4 windows, 15 prefetches, 16.1 MiB",
-          "done: 2 model(s), 30 prefetches, 32.3 MiB planned; wrote out in 0.18 s")),
-        ("preserve-onnx run out/ --against sample_models/llama-gqa/tp2 --steps 3", 0,
-         ("PASSED: 10 outputs on 2 rank(s) bit-identical to sample_models/llama-gqa/tp2 after 3 step(s) "
-          "(max abs diff 0)",)),
-    ], tmp_path)
+    quick_start = (
+        "```bash\n"
+        + "\n".join(cmds[1:])
+        + "\n```\n"
+        + "".join(f"```\n{body}```\n" for body in blocks(README.read_text(), ""))
+    )
+    check(
+        quick_start,
+        [
+            (
+                "preserve-onnx optimize sample_models/llama-gqa/tp2 out/ --report report.json",
+                0,
+                (
+                    "model_00.onnx: 4 windows, 15 prefetches, 16.1 MiB",
+                    "done: 2 model(s), 30 prefetches, 32.3 MiB planned; wrote out in 0.18 s",
+                ),
+            ),
+            (
+                "preserve-onnx run out/ --against sample_models/llama-gqa/tp2 --steps 3",
+                0,
+                (
+                    "PASSED: 10 outputs on 2 rank(s) bit-identical to sample_models/llama-gqa/tp2 after 3 "
+                    "step(s) (max abs diff 0)",
+                ),
+            ),
+        ],
+        tmp_path,
+    )
     assert (tmp_path / "report.json").is_file()
 
 
@@ -58,8 +77,12 @@ def test_hugging_face_path_is_the_one_the_shard_walkthrough_runs():
     text = README.read_text()
     path = next(body for body in blocks(text, "") if "onnxruntime_genai.models.builder" in body)
     steps = [line.split("#")[0].split() for line in path.splitlines()]
-    assert [s[:2] for s in steps] == [["python", "-m"], ["preserve-onnx", "shard"], ["preserve-onnx", "optimize"],
-                                      ["preserve-onnx", "run"]]
+    assert [s[:2] for s in steps] == [
+        ["python", "-m"],
+        ["preserve-onnx", "shard"],
+        ["preserve-onnx", "optimize"],
+        ["preserve-onnx", "run"],
+    ]
     walked = {cmd for cmd, _, _ in EXPECTED["04_shard_a_builder_export"]}
     for step in steps[1:]:
         assert " ".join(step) in walked or " ".join([*step, "-q"]) in walked, step
@@ -88,7 +111,9 @@ def test_python_examples_run(tmp_path):
     for i, (path, block) in enumerate(found):
         script = tmp_path / f"example_{i}.py"
         script.write_text(block)
-        r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
         assert r.returncode == 0, (path.name, r.stderr)
         assert "prefetches," in r.stdout, path.name
 
@@ -99,7 +124,8 @@ _CODE = re.compile(r"^```.*?^```", re.S | re.M)
 
 
 def anchors(text: str) -> set[str]:
-    """GitHub's heading anchors: lower case, punctuation other than - and _ dropped, spaces to -, repeats -1, -2."""
+    """GitHub's heading anchors: lower case, punctuation other than - and _ dropped, spaces to -, repeats
+    -1, -2."""
     seen: dict[str, int] = {}
     out = set()
     for heading in re.findall(r"^#{1,6} (.+)$", _CODE.sub("", text), re.M):
@@ -133,13 +159,21 @@ def test_every_relative_link_resolves():
 
 def test_anchors_and_broken_links_are_found(tmp_path):
     assert anchors("# A\n## JSON report (`--report`)\n## A\n```\n# not a heading\n```\n") == {
-        "a", "json-report---report", "a-1"}
+        "a",
+        "json-report---report",
+        "a-1",
+    }
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "cli.md").write_text("# Command reference\n## JSON report (`--report`)\n")
     (tmp_path / "outside.md").write_text("# Outside\n")
     doc = tmp_path / "docs" / "probe.md"
-    doc.write_text("[ok](cli.md#json-report---report) [file](nope.md) [anchor](cli.md#nope) [self](#here) "
-                   "[up](../outside.md) [web](https://example.com/x)\n```\n[in code](nope.md)\n```\n# Here\n")
-    assert broken_links(doc, tmp_path / "docs") == ["probe.md: nope.md", "probe.md: cli.md#nope",
-                                                    "probe.md: ../outside.md"]
+    doc.write_text(
+        "[ok](cli.md#json-report---report) [file](nope.md) [anchor](cli.md#nope) [self](#here) "
+        "[up](../outside.md) [web](https://example.com/x)\n```\n[in code](nope.md)\n```\n# Here\n"
+    )
+    assert broken_links(doc, tmp_path / "docs") == [
+        "probe.md: nope.md",
+        "probe.md: cli.md#nope",
+        "probe.md: ../outside.md",
+    ]
     assert broken_links(doc, tmp_path) == ["docs/probe.md: nope.md", "docs/probe.md: cli.md#nope"]
