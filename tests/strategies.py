@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-MS = "com.microsoft"
+from tests.builders import MS, G, collective, init, prefetch, vi
+
 PAST = 3  # past sequence length fed to the runtime
 BATCH = 2  # batch fed to the runtime
 GQA_HEAD = 16  # GroupQueryAttention on CPU needs head_size % 16 == 0
@@ -154,14 +155,13 @@ class Facts:
 # ------------------------------------------------------------------------------------------ builder
 
 
-class _Graph:
+class _Graph(G):
     """One graph under construction (the main graph or an If branch)."""
 
-    def __init__(self, parent: "_Graph | None"):
+    def __init__(self, parent: "_Graph | None", name: str = ""):
+        super().__init__(name)
         self.parent = parent
-        self.nodes: list[onnx.NodeProto] = []
         self.chain: set[int] = set()  # ids of constant-chain nodes (scattered later)
-        self.inits: list[TensorProto] = []
         self.pool: list[tuple[tuple, str]] = []  # (shape, expression name) visible from here
 
     def visible_pool(self) -> list[tuple[tuple, str]]:
@@ -176,9 +176,9 @@ class _Builder:
         self.H = spec.hidden
         self.facts = Facts()
         self.counter = 0
-        self.main = _Graph(None)
-        self.inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, self.H])]
-        self.outputs: list[onnx.ValueInfoProto] = []
+        self.main = _Graph(None, "prop")
+        self.main.input("x", ["batch", 1, self.H])
+        self.main.output("y", ["batch", 1, self.H])  # the last Identity's; the present outputs follow
         self.kv_pool: list[tuple[tuple, tuple[str, ...]]] = []
         self.shape_inits: dict[tuple, str] = {}
 
@@ -197,14 +197,12 @@ class _Builder:
 
     def init(self, g: _Graph, stem: str, array: np.ndarray, local: bool = False) -> str:
         name = self.name(stem)
-        target = g if local else self.main
-        target.inits.append(numpy_helper.from_array(array, name))
+        (g if local else self.main).init(name, array)
         self.facts.init_bytes[name] = array.nbytes
         return name
 
     def node(self, g: _Graph, op, inputs, outputs, *, domain="", chain=False, **attrs) -> onnx.NodeProto:
-        n = helper.make_node(op, list(inputs), list(outputs), name=self.name(f"{op}"), domain=domain, **attrs)
-        g.nodes.append(n)
+        n = g.node(op, list(inputs), list(outputs), name=self.name(f"{op}"), domain=domain, **attrs)
         if chain:
             g.chain.add(id(n))
         return n
@@ -228,7 +226,7 @@ class _Builder:
         if ws.base == "const":
             out = self.name("const")
             self.node(g, "Constant", [], [out], chain=True,
-                      value=numpy_helper.from_array(self.values(shape, np.float32, scale), out + "_value"))
+                      value=init(out + "_value", self.values(shape, np.float32, scale)))
             self.facts.exprs[out] = []
             g.pool.append((shape, out))
             return out
@@ -292,7 +290,7 @@ class _Builder:
         names = []
         for part in ("key", "value"):
             name = self.name(f"past_key_values.{stem}.{part}")
-            self.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape)))
+            self.main.input(name, list(shape))
             self.facts.kv_inputs[name] = shape
             names.append(name)
         names = tuple(names)
@@ -301,7 +299,8 @@ class _Builder:
 
     def present(self, g: _Graph, names: list[str], shape: list) -> None:
         if g is self.main:
-            self.outputs.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in names)
+            for n in names:
+                self.main.output(n, shape)
 
     # -- layers ----------------------------------------------------------------------------------
     def block(self, g: _Graph, b: Block, h: str) -> str:
@@ -405,8 +404,8 @@ class _Builder:
 
     def if_block(self, g: _Graph, b: IfBlock, h: str) -> str:
         self.facts.has_if = True
-        if "cond" not in [vi.name for vi in self.inputs]:
-            self.inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+        if "cond" not in [v.name for v in self.main.inputs]:
+            self.main.input("cond", [], TensorProto.BOOL)
         branches = []
         for layers in (b.then_branch, b.else_branch):
             sub = _Graph(g)
@@ -415,15 +414,14 @@ class _Builder:
                 cur = self.layer(sub, layer, cur)
             out = self.name("branch_out")
             self.node(sub, "Identity", [cur], [out])
-            branches.append((sub, out))
+            sub.output(out, ["batch", 1, self.H])
+            branches.append(sub)
         out = self.name("if_out")
         attrs = {}
-        for attr, (sub, bout) in zip(("then_branch", "else_branch"), branches):
+        for attr, sub in zip(("then_branch", "else_branch"), branches):
             _scatter(sub, self.spec.placement_seed + self.counter)
-            attrs[attr] = helper.make_graph(sub.nodes, self.name(attr), [],
-                                            [helper.make_tensor_value_info(bout, TensorProto.FLOAT,
-                                                                           ["batch", 1, self.H])],
-                                            sub.inits)
+            sub.name = self.name(attr)
+            attrs[attr] = sub.graph()
         self.node(g, "If", ["cond"], [out], **attrs)
         return self.collective(g, b.collective, out)
 
@@ -436,14 +434,11 @@ class _Builder:
             h = self.layer(self.main, layer, h)
         self.node(self.main, "Identity", [h], ["y"])
         if self.facts.has_gqa:
-            self.inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-                            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [1])]
+            self.main.input("seqlens_k", ["batch"], TensorProto.INT32)
+            self.main.input("total_sequence_length", [1], TensorProto.INT32)
         _scatter(self.main, self.spec.placement_seed)
-        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1, self.H])] + self.outputs
-        graph = helper.make_graph(self.main.nodes, "prop", self.inputs, outputs, self.main.inits)
         opset = self.facts.opset
-        return helper.make_model(graph, ir_version=9 if opset <= 21 else 11,
-                                 opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)])
+        return self.main.model(opset, ir_version=9 if opset <= 21 else 11)
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:
@@ -622,7 +617,7 @@ def shape_specs(draw) -> ShapeSpec:
 
 
 def _ints(name: str, values) -> TensorProto:
-    return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+    return init(name, np.asarray(values, dtype=np.int64))
 
 
 def build_shape_model(spec: ShapeSpec, equivalent: bool = False) -> onnx.ModelProto:
@@ -635,17 +630,16 @@ def build_shape_model(spec: ShapeSpec, equivalent: bool = False) -> onnx.ModelPr
         inits.append(_ints("heads", [spec.heads]))
     cur = "x"
     if spec.matmul:
-        inits.append(numpy_helper.from_array(np.eye(SHAPE_RUN[2], dtype=np.float32) * 0.5, "w"))
+        inits.append(init("w", np.eye(SHAPE_RUN[2], dtype=np.float32) * 0.5))
         nodes.append(helper.make_node("MatMul", [cur, "w"], ["mm"], name="mm"))
         cur = "mm"
     if spec.prefetches:
         x_dtype = np.float32 if spec.prefetch_x == "f32" else np.uint8
-        inits.append(numpy_helper.from_array(np.arange(64).astype(x_dtype), "pw"))
+        inits.append(init("pw", np.arange(64).astype(x_dtype)))
     for i in range(spec.prefetches):
         out = f"pf{i}"
         if not equivalent:
-            nodes.append(helper.make_node("Prefetch", [cur, "pw"], [out], name=out, domain="preserve",
-                                          max_size=0, offset=0, collective="coll"))
+            nodes.append(prefetch(cur, "pw", out, name=out, collective="coll"))
         else:
             nodes.append(helper.make_node("Identity", [cur], [out], name=out))
         cur = out
@@ -654,7 +648,7 @@ def build_shape_model(spec: ShapeSpec, equivalent: bool = False) -> onnx.ModelPr
         if not equivalent:
             gather = spec.collective == "AllGather"
             attrs = {"axis": spec.gather_axis, "group_size": spec.world} if gather else {}
-            nodes.append(helper.make_node(spec.collective, [cur], [out], name="coll", domain=MS, **attrs))
+            nodes.append(collective(spec.collective, cur, out, "coll", **attrs))
         elif spec.world == 1:
             nodes.append(helper.make_node("Identity", [cur], [out], name="coll"))
         elif spec.collective == "AllReduce":
@@ -695,16 +689,9 @@ def build_shape_model(spec: ShapeSpec, equivalent: bool = False) -> onnx.ModelPr
             "static": run,
             "unknown": [None] * 3,
         }[spec.value_info]
-        value_infos.append(helper.make_tensor_value_info(
-            f"/model/layers.0/{spec.collective}_output_0", TensorProto.FLOAT, declared))
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, spec.dims)
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    graph = helper.make_graph(nodes, "shapes", [x], [y], inits,
-                              value_info=value_infos)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1),
-                                                    helper.make_opsetid("preserve", 1)])
-    model.ir_version = 8
-    return model
+        value_infos.append(vi(f"/model/layers.0/{spec.collective}_output_0", TensorProto.FLOAT, declared))
+    return G("shapes", nodes=nodes, inputs=[vi("x", TensorProto.FLOAT, spec.dims)],
+             outputs=[vi("y", TensorProto.FLOAT, None)], inits=inits, value_info=value_infos).runtime_model()
 
 
 def identity_twin(model: onnx.ModelProto,
