@@ -128,13 +128,26 @@ def _walk_graphs(graph: GraphProto, path: str) -> Iterator[tuple[str, GraphProto
                 yield from _walk_graphs(sub, f"{path}/{label}" if path else label)
 
 
-def iter_scopes(model: onnx.ModelProto) -> Iterator[Scope]:
-    """Every graph of the model (main first, then subgraphs depth-first in node order)."""
+def iter_scopes(model: onnx.ModelProto) -> tuple[Scope, ...]:
+    """Every graph of the model (main first, then subgraphs depth-first in node order).
+
+    The scopes of the last model asked for are kept (the model itself, so its id stays its own, with its
+    node and initializer counts): the analyses of one pipeline ask for the same unchanged model in turn
+    (passes never change the model they are given), and each walk of a 70B rank's graph costs ~10 ms.
+    """
+    key = (len(model.graph.node), len(model.graph.initializer))
+    if _last_scopes[0] is model and _last_scopes[1] == key:
+        return _last_scopes[2]
     main = model.graph
     main_inputs = {vi.name: vi for vi in main.input}
-    yield from _walk(
+    scopes = tuple(_walk(
         main, "", {}, {}, main_inputs, frozenset(), frozenset(), (frozenset(), frozenset(), frozenset())
-    )
+    ))
+    _last_scopes[:] = [model, key, scopes]
+    return scopes
+
+
+_last_scopes: list = [None, None, ()]  # [model, (nodes, initializers), its scopes]
 
 
 def _walk(graph, path, outer_inits, outer_producers, main_inputs, own_inputs, outer_locals, outer_dq):
