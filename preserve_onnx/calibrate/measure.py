@@ -32,8 +32,10 @@ def open_device(cp, index: int) -> dict:
     if count < 1:
         raise PreserveError("calibrate needs a CUDA GPU; CUDA found none")
     if index >= count:
-        raise PreserveError(f"--device cuda:{index}: this machine has {count} CUDA device"
-                            f"{'s' if count > 1 else ''} (cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})")
+        raise PreserveError(
+            f"--device cuda:{index}: this machine has {count} CUDA device"
+            f"{'s' if count > 1 else ''} (cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})"
+        )
     return cp.cuda.runtime.getDeviceProperties(index)
 
 
@@ -54,9 +56,13 @@ def provenance(cp, index: int, props: dict, command: str) -> Provenance:
         driver = f"CUDA driver API {v // 1000}.{v % 1000 // 10}"
     v = cp.cuda.runtime.runtimeGetVersion()
     return Provenance(
-        device=name, compute_capability=f"{props['major']}.{props['minor']}", driver=driver,
+        device=name,
+        compute_capability=f"{props['major']}.{props['minor']}",
+        driver=driver,
         cuda=f"CUDA runtime {v // 1000}.{v % 1000 // 10}, CuPy {cp.__version__}",
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), command=command)
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=command,
+    )
 
 
 def _smi_driver(index: int) -> str | None:
@@ -64,8 +70,13 @@ def _smi_driver(index: int) -> str | None:
     if smi is None:
         return None
     try:
-        done = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader", "-i", str(index)],
-                              capture_output=True, text=True, timeout=20, check=False)
+        done = subprocess.run(
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader", "-i", str(index)],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     text = done.stdout.strip()
@@ -92,13 +103,20 @@ class _Bench:
     # -- building blocks, all queued on a stream
     def read(self, nbytes: int, passes: int, stream) -> None:
         launch = plan.stream_launch(nbytes, self.sm)
-        self.k["read_stream"]((launch.grid,), (launch.block,),
-                              (self.buffer, np.uint64(nbytes // plan.VECTOR_BYTES), np.uint32(passes), self.sink),
-                              stream=stream)
+        self.k["read_stream"](
+            (launch.grid,),
+            (launch.block,),
+            (self.buffer, np.uint64(nbytes // plan.VECTOR_BYTES), np.uint32(passes), self.sink),
+            stream=stream,
+        )
 
     def flush(self) -> None:
-        self.k["read_stream"]((self.flush_launch.grid,), (self.flush_launch.block,),
-                              (self.buffer, np.uint64(self.flush_vectors), np.uint32(1), self.sink), stream=self.main)
+        self.k["read_stream"](
+            (self.flush_launch.grid,),
+            (self.flush_launch.block,),
+            (self.buffer, np.uint64(self.flush_vectors), np.uint32(1), self.sink),
+            stream=self.main,
+        )
 
     def spin(self, seconds: float) -> None:
         self.k["spin"]((1,), (plan.SPIN_THREADS,), (np.uint64(round(seconds * 1e9)),), stream=self.main)
@@ -106,12 +124,18 @@ class _Bench:
     def prefetch(self, weight, nbytes: int) -> None:
         chunking = plan.prefetch_chunks(nbytes, self.bulk)
         launch = plan.prefetch_launch(chunking, self.sm)
-        self.k["prefetch_l2"]((launch.grid,), (launch.block,), (weight, np.uint64(nbytes), np.uint32(chunking.chunk)),
-                              stream=self.side)
+        self.k["prefetch_l2"](
+            (launch.grid,),
+            (launch.block,),
+            (weight, np.uint64(nbytes), np.uint32(chunking.chunk)),
+            stream=self.side,
+        )
 
     def demote(self, weight) -> None:
         launch = plan.line_launch(weight.nbytes, self.sm)
-        self.k["demote_l2"]((launch.grid,), (launch.block,), (weight, np.uint64(weight.nbytes)), stream=self.main)
+        self.k["demote_l2"](
+            (launch.grid,), (launch.block,), (weight, np.uint64(weight.nbytes)), stream=self.main
+        )
 
     def gemv(self, x, w, y) -> None:
         with self.main:
@@ -125,8 +149,13 @@ class _Bench:
         self.stop.synchronize()
         return self.cp.cuda.get_elapsed_time(self.start, self.stop) * 1e-3
 
-    def median(self, body: Callable[[], None], repeats: int, before: Callable[[], None] | None = None,
-               warmup: int = 2) -> float:
+    def median(
+        self,
+        body: Callable[[], None],
+        repeats: int,
+        before: Callable[[], None] | None = None,
+        warmup: int = 2,
+    ) -> float:
         times = []
         for i in range(warmup + repeats):
             if before is not None:
@@ -157,7 +186,7 @@ class _Bench:
             b = cp.random.standard_normal((PEAK_N, PEAK_N), dtype=cp.float32).astype(cp.float16)
             c = cp.empty((PEAK_N, PEAK_N), dtype=cp.float16)
         t = self.median(lambda: self.gemv(a, b, c), max(5, settings.bandwidth_repeats // 2), warmup=3)
-        return 2.0 * PEAK_N ** 3 / t
+        return 2.0 * PEAK_N**3 / t
 
     def weight(self, nbytes: int):
         cp = self.cp
@@ -168,8 +197,10 @@ class _Bench:
     def activations(self, tokens: int, k: int, n: int):
         cp = self.cp
         with self.main:
-            return (cp.random.standard_normal((tokens, k), dtype=cp.float32).astype(cp.float16),
-                    cp.empty((tokens, n), dtype=cp.float16))
+            return (
+                cp.random.standard_normal((tokens, k), dtype=cp.float32).astype(cp.float16),
+                cp.empty((tokens, n), dtype=cp.float16),
+            )
 
     def token_sweep(self, settings: plan.Settings, w) -> tuple[TokenPoint, ...]:
         points = []
@@ -210,15 +241,27 @@ class _Bench:
         diffs = np.array(base) - np.array(pref)
         q1, q3 = np.percentile(diffs, [25, 75])
         k, n = w.shape
-        return PrefetchCase(tokens, w.nbytes, k, n, alpha, spin_s, w.nbytes, float(np.median(base)),
-                            float(np.median(pref)), float(np.median(diffs)), float(q3 - q1) / 2)
+        return PrefetchCase(
+            tokens,
+            w.nbytes,
+            k,
+            n,
+            alpha,
+            spin_s,
+            w.nbytes,
+            float(np.median(base)),
+            float(np.median(pref)),
+            float(np.median(diffs)),
+            float(q3 - q1) / 2,
+        )
 
     def spin_time(self, settings: plan.Settings, alpha: float) -> float:
         return self.median(lambda: self.spin(alpha), settings.repeats, before=self.flush)
 
 
-def measure(index: int, settings: plan.Settings, command: str,
-            log: Callable[[str], None] = lambda _: None) -> Measurements:
+def measure(
+    index: int, settings: plan.Settings, command: str, log: Callable[[str], None] = lambda _: None
+) -> Measurements:
     """Run every measurement on CUDA device ``index`` (seconds to about a minute on an H100)."""
     cp = load_cupy()
     props = open_device(cp, index)
@@ -226,11 +269,16 @@ def measure(index: int, settings: plan.Settings, command: str,
         prov = provenance(cp, index, props, command)
         major, minor = int(props["major"]), int(props["minor"])
         sm_count, l2_bytes = int(props["multiProcessorCount"]), int(props["l2CacheSize"])
-        log(f"{prov.device}: {sm_count} SMs, {l2_bytes / plan.MIB:.0f} MiB L2, driver {prov.driver}; compiling")
+        log(
+            f"{prov.device}: {sm_count} SMs, {l2_bytes / plan.MIB:.0f} MiB L2, driver {prov.driver}; "
+            "compiling"
+        )
         kernels = compile_kernels(cp, major, minor)
         bench = _Bench(cp, kernels, sm_count, l2_bytes, bulk=major >= 9)
         hbm = bench.hbm(settings)
-        log(f"HBM streaming read: {hbm.bytes_per_s / 1e12:.2f} TB/s over {hbm.working_set / plan.MIB:.0f} MiB")
+        log(
+            f"HBM streaming read: {hbm.bytes_per_s / 1e12:.2f} TB/s over {hbm.working_set / plan.MIB:.0f} MiB"
+        )
         sweep = bench.l2_sweep(settings)
         log(f"read bandwidth over {len(sweep)} working sets: done")
         peak = bench.peak_flops(settings)
@@ -245,5 +293,15 @@ def measure(index: int, settings: plan.Settings, command: str,
             cases.append(bench.case(settings, t, weights[wbytes], alpha, spins[alpha]))
         log(f"prefetch during a stand-in collective: {len(cases)} cases done")
         cp.cuda.Device().synchronize()
-    return Measurements(prov, sm_count, l2_bytes, plan.prefetch_instruction(major, minor), hbm, sweep, peak,
-                        tuple(biggest.shape), tokens, tuple(cases))
+    return Measurements(
+        prov,
+        sm_count,
+        l2_bytes,
+        plan.prefetch_instruction(major, minor),
+        hbm,
+        sweep,
+        peak,
+        tuple(biggest.shape),
+        tokens,
+        tuple(cases),
+    )

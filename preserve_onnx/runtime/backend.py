@@ -39,8 +39,13 @@ class RunResult:
 
 def session_kwargs(naming: PrefetchNaming, opt_level: str, timeout_s: float) -> dict:
     """The keyword arguments both backends' sessions take for one `run`."""
-    return dict(prefetch_domain=naming.domain, prefetch_op=naming.op_type,
-                prefetch_attrs=prefetch_attr_names(naming), opt_level=opt_level, timeout_s=timeout_s)
+    return dict(
+        prefetch_domain=naming.domain,
+        prefetch_op=naming.op_type,
+        prefetch_attrs=prefetch_attr_names(naming),
+        opt_level=opt_level,
+        timeout_s=timeout_s,
+    )
 
 
 def prefetch_attr_names(naming: PrefetchNaming) -> tuple[str, ...]:
@@ -49,8 +54,16 @@ def prefetch_attr_names(naming: PrefetchNaming) -> tuple[str, ...]:
     return tuple(getattr(naming, attr, attr) for attr in PREFETCH_KERNEL_ATTRS)
 
 
-def decode(session, inputs: Path | None, *, steps: int, batch: int, context: int, seed: int,
-           dims: Mapping[str, int] | None = None):
+def decode(
+    session,
+    inputs: Path | None,
+    *,
+    steps: int,
+    batch: int,
+    context: int,
+    seed: int,
+    dims: Mapping[str, int] | None = None,
+):
     """``(shared, per_rank, outputs)``: feeds from ``inputs`` (or generated), then ``steps`` decode
     steps on ``session`` (a RankSession or an MpiRankSession)."""
     if inputs is not None:

@@ -71,9 +71,13 @@ def default_atol(dtype: np.dtype, name: str, least: float = 0.0) -> float:
 
 def quantizes_activations(model: onnx.ModelProto) -> bool:
     """Whether a ``com.microsoft::MatMulNBits`` of the model has ``accuracy_level`` 4 (int8 activations)."""
-    return any(node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
-               and any(a.name == "accuracy_level" and a.i == 4 for a in node.attribute)
-               for _, graph in iter_graphs(model) for node in graph.node)
+    return any(
+        node.op_type == "MatMulNBits"
+        and node.domain == "com.microsoft"
+        and any(a.name == "accuracy_level" and a.i == 4 for a in node.attribute)
+        for _, graph in iter_graphs(model)
+        for node in graph.node
+    )
 
 
 def _fmt(shape: Sequence[object] | None) -> str:
@@ -95,13 +99,16 @@ def single_model(single: Path) -> tuple[Path, onnx.ModelProto]:
     for path, graph in iter_graphs(model):
         for node in graph.node:
             if is_collective(node):
-                raise PreserveError(f"--twin {single}: it has collectives ({node.op_type} '{node.name}'): it is a "
-                                    f"rank model, not the single-device model the ranks were sharded from")
+                raise PreserveError(
+                    f"--twin {single}: it has collectives ({node.op_type} '{node.name}'): it is a "
+                    f"rank model, not the single-device model the ranks were sharded from"
+                )
     return single, model
 
 
-def _check_signatures(kind: str, ranks: Sequence[Sequence[TensorMeta]], single: Sequence[TensorMeta],
-                      single_path: Path) -> None:
+def _check_signatures(
+    kind: str, ranks: Sequence[Sequence[TensorMeta]], single: Sequence[TensorMeta], single_path: Path
+) -> None:
     """Same names and dtypes on every rank and in the single model."""
     want = {m.name: m for m in single}
     for rank, metas in enumerate(ranks):
@@ -109,13 +116,17 @@ def _check_signatures(kind: str, ranks: Sequence[Sequence[TensorMeta]], single: 
         if set(have) != set(want):
             only_single = ", ".join(sorted(set(want) - set(have))) or "none"
             only_rank = ", ".join(sorted(set(have) - set(want))) or "none"
-            raise PreserveError(f"--twin {single_path}: its {kind}s differ from rank {rank}'s (only in the single "
-                                f"model: {only_single}; only in the rank: {only_rank}): is it the model the "
-                                f"ranks were sharded from?")
+            raise PreserveError(
+                f"--twin {single_path}: its {kind}s differ from rank {rank}'s (only in the single "
+                f"model: {only_single}; only in the rank: {only_rank}): is it the model the "
+                f"ranks were sharded from?"
+            )
         for name, meta in have.items():
             if meta.dtype != want[name].dtype:
-                raise PreserveError(f"--twin {single_path}: {kind} {name!r} is {want[name].dtype} there but "
-                                    f"{meta.dtype} on rank {rank}")
+                raise PreserveError(
+                    f"--twin {single_path}: {kind} {name!r} is {want[name].dtype} there but "
+                    f"{meta.dtype} on rank {rank}"
+                )
 
 
 def input_split_axis(name: str, ranks: Sequence[TensorMeta], single: TensorMeta) -> int | None:
@@ -131,11 +142,16 @@ def input_split_axis(name: str, ranks: Sequence[TensorMeta], single: TensorMeta)
         return None
     world = len(ranks)
     if any(len(m.shape) != len(single.shape) for m in ranks):
-        raise PreserveError(f"input {name!r} has rank shape {_fmt(ranks[0].shape)} but {_fmt(single.shape)} in "
-                            f"the single model")
-    differing = [axis for axis, size in enumerate(single.shape)
-                 if isinstance(size, int) and any(isinstance(m.shape[axis], int) and m.shape[axis] != size
-                                                  for m in ranks)]
+        raise PreserveError(
+            f"input {name!r} has rank shape {_fmt(ranks[0].shape)} but {_fmt(single.shape)} in "
+            f"the single model"
+        )
+    differing = [
+        axis
+        for axis, size in enumerate(single.shape)
+        if isinstance(size, int)
+        and any(isinstance(m.shape[axis], int) and m.shape[axis] != size for m in ranks)
+    ]
     if not differing:
         return None
     if len(differing) == 1:
@@ -143,9 +159,11 @@ def input_split_axis(name: str, ranks: Sequence[TensorMeta], single: TensorMeta)
         sizes = [m.shape[axis] for m in ranks]
         if all(isinstance(s, int) for s in sizes) and sum(sizes) == single.shape[axis]:
             return axis
-    raise PreserveError(f"input {name!r} is {_fmt(single.shape)} in the single model but {_fmt(ranks[0].shape)} "
-                        f"on rank 0 of {world}: not {world} shards of it on one axis (are these the ranks of a "
-                        f"{world}-way split of that model?)")
+    raise PreserveError(
+        f"input {name!r} is {_fmt(single.shape)} in the single model but {_fmt(ranks[0].shape)} "
+        f"on rank 0 of {world}: not {world} shards of it on one axis (are these the ranks of a "
+        f"{world}-way split of that model?)"
+    )
 
 
 def _bound(meta: TensorMeta, dims: Mapping[str, int]) -> TensorMeta:
@@ -155,9 +173,14 @@ def _bound(meta: TensorMeta, dims: Mapping[str, int]) -> TensorMeta:
     return replace(meta, shape=tuple(dims.get(d, d) if isinstance(d, str) else d for d in meta.shape))
 
 
-def twin_feeds(session: RankSession, twin: RankSession, shared: Mapping[str, np.ndarray],
-               per_rank: Mapping[int, Mapping[str, np.ndarray]], rank_dims: Mapping[str, int] | None = None,
-               single_dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+def twin_feeds(
+    session: RankSession,
+    twin: RankSession,
+    shared: Mapping[str, np.ndarray],
+    per_rank: Mapping[int, Mapping[str, np.ndarray]],
+    rank_dims: Mapping[str, int] | None = None,
+    single_dims: Mapping[str, int] | None = None,
+) -> dict[str, np.ndarray]:
     """The single model's feeds from the ranks': replicated inputs as they are, shards concatenated.
 
     ``rank_dims`` / ``single_dims``: symbolic dims the rank graphs / the single graph fix (e.g. KV
@@ -171,31 +194,42 @@ def twin_feeds(session: RankSession, twin: RankSession, shared: Mapping[str, np.
     feeds: dict[str, np.ndarray] = {}
     for meta in twin.input_meta[0]:
         name = meta.name
-        rank_metas = [_bound(next(m for m in metas if m.name == name), rank_dims or {})
-                      for metas in session.input_meta]
+        rank_metas = [
+            _bound(next(m for m in metas if m.name == name), rank_dims or {}) for metas in session.input_meta
+        ]
         values = [per_rank.get(r, {}).get(name, shared.get(name)) for r in range(session.world_size)]
         if any(v is None for v in values):
             continue
         axis = input_split_axis(name, rank_metas, _bound(meta, single_dims or {}))
         if axis is None:
             first = np.asarray(values[0])
-            if any(np.asarray(v).shape != first.shape or np.asarray(v).tobytes() != first.tobytes()
-                   for v in values[1:]):
-                raise PreserveError(f"input {name!r} is fed different values on different ranks but has the "
-                                    f"ranks' shape in the single model: no single feed matches them all")
+            if any(
+                np.asarray(v).shape != first.shape or np.asarray(v).tobytes() != first.tobytes()
+                for v in values[1:]
+            ):
+                raise PreserveError(
+                    f"input {name!r} is fed different values on different ranks but has the "
+                    f"ranks' shape in the single model: no single feed matches them all"
+                )
             feeds[name] = first
             continue
         try:
             feeds[name] = np.concatenate([np.asarray(v) for v in values], axis=axis)
         except ValueError as exc:
             shapes = ", ".join(_fmt(np.shape(v)) for v in values)
-            raise PreserveError(f"input {name!r}: the ranks' feeds ({shapes}) do not concatenate on axis "
-                                f"{axis}") from exc
+            raise PreserveError(
+                f"input {name!r}: the ranks' feeds ({shapes}) do not concatenate on axis {axis}"
+            ) from exc
     return feeds
 
 
-def output_checks(step: int, expected: Mapping[str, np.ndarray], got: Sequence[Mapping[str, np.ndarray]],
-                  atol: float | None, least: float = 0.0) -> tuple[list[TwinCheck], set[str]]:
+def output_checks(
+    step: int,
+    expected: Mapping[str, np.ndarray],
+    got: Sequence[Mapping[str, np.ndarray]],
+    atol: float | None,
+    least: float = 0.0,
+) -> tuple[list[TwinCheck], set[str]]:
     """Checks every rank's outputs of one step against the single model's; also the sharded names.
 
     Tolerance: ``atol``, else the dtype's default but at least ``least`` (see :func:`default_atol`).
@@ -242,8 +276,13 @@ def summarize(checks: Sequence[TwinCheck], outputs: int, sharded: set[str]) -> T
             failing[(check.rank, check.name)] = None
         if worst is None or check.badness > worst.badness:
             worst = check
-    return TwinComparison(passed=not failing, worst=worst, failing=tuple(sorted(failing)), outputs=outputs,
-                          sharded=tuple(sorted(sharded)))
+    return TwinComparison(
+        passed=not failing,
+        worst=worst,
+        failing=tuple(sorted(failing)),
+        outputs=outputs,
+        sharded=tuple(sorted(sharded)),
+    )
 
 
 def failure_hint(model: onnx.ModelProto, opt_level: str) -> str:
@@ -261,16 +300,29 @@ def failure_hint(model: onnx.ModelProto, opt_level: str) -> str:
     for _, graph in iter_graphs(model):
         dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
         if any(n.op_type == "MatMul" and dq_outputs.intersection(n.input) for n in graph.node):
-            return ("at this --opt-level onnxruntime rewrites DequantizeLinear -> MatMul into MatMulNBits that "
-                    "quantize activations in 32-wide blocks, which a rank's share of K need not align with: "
-                    "compare with --opt-level basic")
+            return (
+                "at this --opt-level onnxruntime rewrites DequantizeLinear -> MatMul into MatMulNBits that "
+                "quantize activations in 32-wide blocks, which a rank's share of K need not align with: "
+                "compare with --opt-level basic"
+            )
     return ""
 
 
-def run_twin(path: Path, single: Path, *, inputs: Path | None = None, steps: int = 1, batch: int = 1,
-             context: int = DEFAULT_CONTEXT, seed: int = 0, opt_level: str = "all",
-             naming: PrefetchNaming = PrefetchNaming(), timeout_s: float = 60,
-             atol: float | None = None, dims: Mapping[str, int] | None = None) -> RunResult:
+def run_twin(
+    path: Path,
+    single: Path,
+    *,
+    inputs: Path | None = None,
+    steps: int = 1,
+    batch: int = 1,
+    context: int = DEFAULT_CONTEXT,
+    seed: int = 0,
+    opt_level: str = "all",
+    naming: PrefetchNaming = PrefetchNaming(),
+    timeout_s: float = 60,
+    atol: float | None = None,
+    dims: Mapping[str, int] | None = None,
+) -> RunResult:
     """Runs the rank models at ``path`` and the single-device model ``single`` in lock step and compares.
 
     Feeds come from ``inputs`` or are generated for the ranks (see :func:`generate_feeds`); the single
@@ -310,8 +362,9 @@ def run_twin(path: Path, single: Path, *, inputs: Path | None = None, steps: int
                 shared, per_rank = generate_feeds(ranks, batch=batch, context=context, seed=seed, dims=dims)
             ranks_shared, ranks_own = dict(shared), {r: dict(f) for r, f in per_rank.items()}
             try:
-                single_feeds = twin_feeds(ranks, twin, shared, per_rank, layout_of(ranks).fixed,
-                                          layout_of(twin).fixed)
+                single_feeds = twin_feeds(
+                    ranks, twin, shared, per_rank, layout_of(ranks).fixed, layout_of(twin).fixed
+                )
             except PreserveError as exc:
                 raise PreserveError(f"--twin {single}: {exc}") from exc
             checks: list[TwinCheck] = []
