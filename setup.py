@@ -50,14 +50,19 @@ class BuildRuntime(build_ext):
             out.unlink(missing_ok=True)
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(f"{exc}\n")
-            print(f"warning: the runtime's custom-op library was not built ({exc}); the optimizer works, "
-                  f"`preserve-onnx run` does not", file=sys.stderr)
+            print(
+                f"warning: the runtime's custom-op library was not built ({exc}); the optimizer works, "
+                f"`preserve-onnx run` does not",
+                file=sys.stderr,
+            )
 
     def copy_extensions_to_source(self):
         """Editable installs: the library (or the reason it is missing) goes next to the sources."""
         build_py = self.get_finalized_command("build_py")
         for ext in self.extensions:  # _lib/ is not in the repository
-            pathlib.Path(self._get_inplace_equivalent(build_py, ext)[0]).parent.mkdir(parents=True, exist_ok=True)
+            pathlib.Path(self._get_inplace_equivalent(build_py, ext)[0]).parent.mkdir(
+                parents=True, exist_ok=True
+            )
         super().copy_extensions_to_source()
         for ext in self.extensions:
             inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)

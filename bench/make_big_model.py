@@ -24,6 +24,7 @@ as holes without reading or writing them.
 Function API: make_big_model(out_dir, preset="llama3-70b", ranks=8, layers=None, ...) -> [paths];
 make_single_model(out_dir, preset="llama3-8b", layers=None, dtype="float16") -> path.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,14 +41,32 @@ if str(_SAMPLES) not in sys.path:
 import make_samples as ms  # noqa: E402
 
 PRESETS: dict[str, ms.Config] = {
-    "llama3-70b": ms.Config(hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=28672, vocab=128256,
-                            max_seq=8192, rope_theta=500000.0),
-    "llama3-8b": ms.Config(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
-                           max_seq=8192, rope_theta=500000.0),
-    "llama2-70b": ms.Config(hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=28672, vocab=32000,
-                            max_seq=4096),
-    "llama2-7b": ms.Config(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000,
-                           max_seq=4096),
+    "llama3-70b": ms.Config(
+        hidden=8192,
+        layers=80,
+        heads=64,
+        kv_heads=8,
+        intermediate=28672,
+        vocab=128256,
+        max_seq=8192,
+        rope_theta=500000.0,
+    ),
+    "llama3-8b": ms.Config(
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        intermediate=14336,
+        vocab=128256,
+        max_seq=8192,
+        rope_theta=500000.0,
+    ),
+    "llama2-70b": ms.Config(
+        hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=28672, vocab=32000, max_seq=4096
+    ),
+    "llama2-7b": ms.Config(
+        hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000, max_seq=4096
+    ),
 }
 
 
@@ -60,9 +79,16 @@ def _config(preset: str, layers: int | None, overrides: dict):
     return replace(PRESETS[preset], **overrides) if overrides else PRESETS[preset]
 
 
-def make_big_model(out_dir, preset: str = "llama3-70b", ranks: int = 8, layers: int | None = None,
-                   dtype: str = "float16", vocab_parallel: bool = False, align: int = 4096,
-                   **overrides) -> list[Path]:
+def make_big_model(
+    out_dir,
+    preset: str = "llama3-70b",
+    ranks: int = 8,
+    layers: int | None = None,
+    dtype: str = "float16",
+    vocab_parallel: bool = False,
+    align: int = 4096,
+    **overrides,
+) -> list[Path]:
     """Write OUT_DIR/model_{r:02d}.onnx + sparse .data for every rank; return the model paths.
 
     `overrides` replace Config fields (hidden, heads, kv_heads, intermediate, vocab, max_seq, ...)."""
@@ -75,8 +101,9 @@ def make_big_model(out_dir, preset: str = "llama3-70b", ranks: int = 8, layers: 
     for r in range(ranks):
         name = f"model_{r:02d}.onnx"
         sink = ms.ExternalRefs(name + ".data", align=align)
-        model, _ = ms.build_rank_model(cfg, src, "llama", r, ranks, True, sink=sink,
-                                       vocab_parallel=vocab_parallel)
+        model, _ = ms.build_rank_model(
+            cfg, src, "llama", r, ranks, True, sink=sink, vocab_parallel=vocab_parallel
+        )
         meta = model.metadata_props.add()
         meta.key, meta.value = "preserve.sample.shape_only", "1"
         path = out / name
@@ -95,11 +122,18 @@ def write_dense(path: Path, size: int, block: int = 16 << 20) -> None:
     pattern = np.random.default_rng(20261201).integers(1, 256, block, dtype=np.uint8).tobytes()
     with open(path, "wb") as f:
         for start in range(0, size, block):
-            f.write(pattern[:min(block, size - start)])
+            f.write(pattern[: min(block, size - start)])
 
 
-def make_single_model(out_dir, preset: str = "llama3-8b", layers: int | None = None, dtype: str = "float16",
-                      align: int = 4096, dense: bool = False, **overrides) -> Path:
+def make_single_model(
+    out_dir,
+    preset: str = "llama3-8b",
+    layers: int | None = None,
+    dtype: str = "float16",
+    align: int = 4096,
+    dense: bool = False,
+    **overrides,
+) -> Path:
     """Write OUT_DIR/model.onnx + model.onnx.data (sparse; with ``dense``, every byte written, none zero):
     the unsharded decoder; return the model path."""
     cfg = _config(preset, layers, overrides)
@@ -107,8 +141,9 @@ def make_single_model(out_dir, preset: str = "llama3-8b", layers: int | None = N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sink = ms.ExternalRefs("model.onnx.data", align=align)
-    model, _ = ms.build_rank_model(cfg, ms.ShapeOnlyWeights(cfg, "llama", ms.np_dtype(dtype)), "llama", 0, 1,
-                                   False, sink=sink)
+    model, _ = ms.build_rank_model(
+        cfg, ms.ShapeOnlyWeights(cfg, "llama", ms.np_dtype(dtype)), "llama", 0, 1, False, sink=sink
+    )
     meta = model.metadata_props.add()
     meta.key, meta.value = "preserve.sample.shape_only", "1"
     path = out / "model.onnx"
@@ -125,29 +160,46 @@ def make_single_model(out_dir, preset: str = "llama3-8b", layers: int | None = N
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="shape-only tensor-parallel rank models with sparse data files")
     ap.add_argument("out_dir")
-    ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                    help="model shape (default llama3-70b; llama3-8b with --single)")
+    ap.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="model shape (default llama3-70b; llama3-8b with --single)",
+    )
     ap.add_argument("--ranks", type=int, default=8)
     ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
-    ap.add_argument("--vocab-parallel", action="store_true",
-                    help="split the LM head by vocabulary and AllGather the logits")
-    ap.add_argument("--single", action="store_true",
-                    help="write the single-device model (OUT_DIR/model.onnx), the input of `shard`")
-    ap.add_argument("--dense", action="store_true",
-                    help="with --single: write every byte of the data file (non-zero pattern) instead of a hole")
+    ap.add_argument(
+        "--vocab-parallel",
+        action="store_true",
+        help="split the LM head by vocabulary and AllGather the logits",
+    )
+    ap.add_argument(
+        "--single",
+        action="store_true",
+        help="write the single-device model (OUT_DIR/model.onnx), the input of `shard`",
+    )
+    ap.add_argument(
+        "--dense",
+        action="store_true",
+        help="with --single: write every byte of the data file (non-zero pattern) instead of a hole",
+    )
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     if a.single:
         paths = [make_single_model(a.out_dir, a.preset or "llama3-8b", a.layers, a.dtype, dense=a.dense)]
     else:
-        paths = make_big_model(a.out_dir, a.preset or "llama3-70b", a.ranks, a.layers, a.dtype, a.vocab_parallel)
+        paths = make_big_model(
+            a.out_dir, a.preset or "llama3-70b", a.ranks, a.layers, a.dtype, a.vocab_parallel
+        )
     data = [Path(str(p) + ".data") for p in paths]
     logical = sum(d.stat().st_size for d in data)
     on_disk = sum(d.stat().st_blocks * 512 for d in data)
     what = "single-device model" if a.single else f"{len(paths)} rank models"
-    print(f"{what} in {a.out_dir} ({time.perf_counter() - t0:.1f} s): "
-          f"{logical / 2**30:.1f} GiB of weights referenced, {on_disk / 2**20:.1f} MiB on disk")
+    print(
+        f"{what} in {a.out_dir} ({time.perf_counter() - t0:.1f} s): "
+        f"{logical / 2**30:.1f} GiB of weights referenced, {on_disk / 2**20:.1f} MiB on disk"
+    )
     return 0
 
 

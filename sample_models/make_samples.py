@@ -23,6 +23,7 @@ CLI: ``python sample_models/make_samples.py [--out sample_models]`` regenerates 
 Everything here is deterministic: only IEEE basic arithmetic on numpy's seeded Generator output and
 ``math.cos``/``math.sin`` (libm, float64) are used to make values, so two runs give identical bytes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,9 +98,14 @@ class Config:
             raise ValueError(f"heads, kv_heads and intermediate must split across {world} ranks")
         if arch == "llama" and self.heads % self.kv_heads:
             raise ValueError("heads must be a multiple of kv_heads")
-        widths = {self.hidden, self.intermediate, self.heads * self.head_size,
-                  self.kv_heads * self.head_size, 3 * self.hidden,
-                  (self.heads + 2 * self.kv_heads) * self.head_size}
+        widths = {
+            self.hidden,
+            self.intermediate,
+            self.heads * self.head_size,
+            self.kv_heads * self.head_size,
+            3 * self.hidden,
+            (self.heads + 2 * self.kv_heads) * self.head_size,
+        }
         if self.vocab in widths:  # onnxruntime-genai finds the LM head by its width
             raise ValueError(f"vocab {self.vocab} equals another linear width {sorted(widths)}")
 
@@ -112,7 +118,7 @@ class RandomWeights:
     def __init__(self, cfg: Config, arch: str, dtype: np.dtype, seed: int):
         self.cfg, self.arch, self.dtype = cfg, arch, np.dtype(dtype)
         rng = np.random.default_rng(seed)
-        H, I, V, hs = cfg.hidden, cfg.intermediate, cfg.vocab, cfg.head_size
+        H, F, V, hs = cfg.hidden, cfg.intermediate, cfg.vocab, cfg.head_size  # F: the MLP's inner width
         qw, kvw = cfg.heads * hs, cfg.kv_heads * hs
         w: dict[str, np.ndarray] = {}
 
@@ -135,9 +141,9 @@ class RandomWeights:
                 lin(p + "v", H, kvw)
                 lin(p + "o", qw, H)
                 norm(p + "post_norm", H)
-                lin(p + "gate", H, I)
-                lin(p + "up", H, I)
-                lin(p + "down", I, H)
+                lin(p + "gate", H, F)
+                lin(p + "up", H, F)
+                lin(p + "down", F, H)
             else:  # gpt
                 norm(p + "ln1.w", H)
                 bias(p + "ln1.b", H)
@@ -147,9 +153,9 @@ class RandomWeights:
                 bias(p + "o_b", H)
                 norm(p + "ln2.w", H)
                 bias(p + "ln2.b", H)
-                lin(p + "fc1", H, I)
-                bias(p + "fc1_b", I)
-                lin(p + "fc2", I, H)
+                lin(p + "fc1", H, F)
+                bias(p + "fc1_b", F)
+                lin(p + "fc2", F, H)
                 bias(p + "fc2_b", H)
         if arch == "llama":
             norm("norm", H)
@@ -189,14 +195,24 @@ class ShapeOnlyWeights:
         if arch != "llama":
             raise ValueError("shape-only weights are implemented for the llama architecture")
         self.cfg, self.arch, self.dtype = cfg, arch, np.dtype(dtype)
-        H, I, V, hs = cfg.hidden, cfg.intermediate, cfg.vocab, cfg.head_size
+        H, F, V, hs = cfg.hidden, cfg.intermediate, cfg.vocab, cfg.head_size
         qw, kvw = cfg.heads * hs, cfg.kv_heads * hs
         self.shapes = {"embed": (V, H), "norm": (H,), "lm_head": (H, V)}
         for i in range(cfg.layers):
             p = f"l{i}."
-            self.shapes.update({p + "in_norm": (H,), p + "q": (H, qw), p + "k": (H, kvw),
-                                p + "v": (H, kvw), p + "o": (qw, H), p + "post_norm": (H,),
-                                p + "gate": (H, I), p + "up": (H, I), p + "down": (I, H)})
+            self.shapes.update(
+                {
+                    p + "in_norm": (H,),
+                    p + "q": (H, qw),
+                    p + "k": (H, kvw),
+                    p + "v": (H, kvw),
+                    p + "o": (qw, H),
+                    p + "post_norm": (H,),
+                    p + "gate": (H, F),
+                    p + "up": (H, F),
+                    p + "down": (F, H),
+                }
+            )
 
     def _z(self, shape):
         return np.broadcast_to(np.zeros((), self.dtype), shape)
@@ -372,8 +388,9 @@ class Graph:
         name = self.prefix + name
         if outputs is None:
             outputs = [f"{name}/output_{j}" for j in range(n_out)]
-        self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=name,
-                                           domain=domain or None, **attrs))
+        self.nodes.append(
+            helper.make_node(op, list(inputs), list(outputs), name=name, domain=domain or None, **attrs)
+        )
         return outputs[0] if len(outputs) == 1 else outputs
 
     def weight(self, name: str, arr: np.ndarray) -> str:
@@ -392,8 +409,9 @@ class Graph:
         tag = "0D" if scalar else "1D"
         if scalar:
             vals = vals.reshape(())
-        return self.const(f"/model/constants/INT64/{tag}/{'_'.join(str(int(v)) for v in vals.reshape(-1))}",
-                          vals)
+        return self.const(
+            f"/model/constants/INT64/{tag}/{'_'.join(str(int(v)) for v in vals.reshape(-1))}", vals
+        )
 
 
 def _split(n: int, world: int, rank: int) -> slice:
@@ -404,8 +422,17 @@ def _split(n: int, world: int, rank: int) -> slice:
 class Decoder:
     """Emits one decoder (llama or gpt) for one rank into a Graph."""
 
-    def __init__(self, g: Graph, src, rank: int, world: int, collectives: bool, quant: str | None,
-                 nbits_block: int = 32, vocab_parallel: bool = False):
+    def __init__(
+        self,
+        g: Graph,
+        src,
+        rank: int,
+        world: int,
+        collectives: bool,
+        quant: str | None,
+        nbits_block: int = 32,
+        vocab_parallel: bool = False,
+    ):
         self.g, self.src, self.cfg = g, src, src.cfg
         self.vocab_parallel = vocab_parallel and world > 1 and collectives
         self.rank, self.world, self.collectives = rank, world, collectives
@@ -437,7 +464,8 @@ class Decoder:
     def linear(self, x: str, key: str, mod: str, split: str | None, nodes_first: list | None = None) -> str:
         """`mod` is e.g. 'model.layers.0.attn.q_proj' (initializers) -> node '/model/layers.0/attn/q_proj'."""
         path = "/" + mod.replace("model.layers.", "model/layers.").replace(".", "/").replace(
-            "layers/", "layers.")
+            "layers/", "layers."
+        )
         if mod == "lm_head":
             path = "/lm_head"
         if self.quant is None:
@@ -467,8 +495,16 @@ class Decoder:
             b = self.g.weight(f"{mod}.MatMul.weight_Q4", B)
             sc = self.g.weight(f"{mod}.MatMul.weight_scales", S)
             zz = self.g.weight(f"{mod}.MatMul.weight_zero_points", Z)
-            return self.g.node("MatMulNBits", [x, b, sc, zz], f"{path}/MatMulNBits", domain=MS,
-                               K=kb * block, N=N, bits=4, block_size=block)
+            return self.g.node(
+                "MatMulNBits",
+                [x, b, sc, zz],
+                f"{path}/MatMulNBits",
+                domain=MS,
+                K=kb * block,
+                N=N,
+                bits=4,
+                block_size=block,
+            )
         if self.quant == "qdq":
             per_channel = mod != "lm_head"  # lm_head per tensor, the rest per output channel
             if key not in self._qcache:
@@ -483,8 +519,13 @@ class Decoder:
             ws = self.g.const(f"{mod}.MatMul.weight_scale", scale.astype(self.dtype))
             wz = self.g.const(f"{mod}.MatMul.weight_zero_point", zp)
             attrs = {"axis": 1} if per_channel else {}
-            dq = helper.make_node("DequantizeLinear", [wq, ws, wz], [f"{mod}.MatMul.weight_dequantized"],
-                                  name=self.g.prefix + f"{path}/DequantizeLinear", **attrs)
+            dq = helper.make_node(
+                "DequantizeLinear",
+                [wq, ws, wz],
+                [f"{mod}.MatMul.weight_dequantized"],
+                name=self.g.prefix + f"{path}/DequantizeLinear",
+                **attrs,
+            )
             if nodes_first is not None:  # emitted elsewhere in the node list (e.g. graph start)
                 nodes_first.append(dq)
             else:
@@ -497,7 +538,6 @@ class Decoder:
         g, cfg, src = self.g, self.cfg, self.src
         W = self.world
         nh, nkv = cfg.heads // W, cfg.kv_heads // W
-        hs = cfg.head_size
         dq_first: list | None = [] if self.quant == "qdq" else None
         # attention-mask preprocessing, as onnxruntime-genai does it for GroupQueryAttention
         m = inputs["attention_mask"]
@@ -512,41 +552,94 @@ class Decoder:
         cos_n = g.weight("cos_cache", cos)
         sin_n = g.weight("sin_cache", sin)
 
-        x = g.node("Gather", [g.weight("model.embed_tokens.weight", self.shard("embed", src["embed"], None)),
-                              inputs["input_ids"]], "/model/embed_tokens/Gather", axis=0)
+        x = g.node(
+            "Gather",
+            [
+                g.weight("model.embed_tokens.weight", self.shard("embed", src["embed"], None)),
+                inputs["input_ids"],
+            ],
+            "/model/embed_tokens/Gather",
+            axis=0,
+        )
         residual = None
         pending = x  # what is added to the residual by the next (Skip)SimplifiedLayerNorm
         for i in range(cfg.layers):
             L, P = f"/model/layers.{i}", f"model.layers.{i}"
-            ln_w = g.weight(f"{P}.input_layernorm.weight", self.shard(f"l{i}.in_norm", src[f"l{i}.in_norm"], None))
+            ln_w = g.weight(
+                f"{P}.input_layernorm.weight", self.shard(f"l{i}.in_norm", src[f"l{i}.in_norm"], None)
+            )
             if residual is None:
-                h = g.node("SimplifiedLayerNormalization", [pending, ln_w], f"{L}/input_layernorm/LayerNorm",
-                           epsilon=cfg.eps, axis=-1, stash_type=1)
+                h = g.node(
+                    "SimplifiedLayerNormalization",
+                    [pending, ln_w],
+                    f"{L}/input_layernorm/LayerNorm",
+                    epsilon=cfg.eps,
+                    axis=-1,
+                    stash_type=1,
+                )
                 residual = pending
             else:
-                outs = g.node("SkipSimplifiedLayerNormalization", [pending, residual, ln_w],
-                              f"{L}/input_layernorm/SkipLayerNorm", domain=MS, epsilon=cfg.eps,
-                              outputs=[f"{g.prefix}{L}/input_layernorm/output_0", "", "",
-                                       f"{g.prefix}{L}/input_layernorm/output_3"])
+                outs = g.node(
+                    "SkipSimplifiedLayerNormalization",
+                    [pending, residual, ln_w],
+                    f"{L}/input_layernorm/SkipLayerNorm",
+                    domain=MS,
+                    epsilon=cfg.eps,
+                    outputs=[
+                        f"{g.prefix}{L}/input_layernorm/output_0",
+                        "",
+                        "",
+                        f"{g.prefix}{L}/input_layernorm/output_3",
+                    ],
+                )
                 h, residual = outs[0], outs[3]
             q = self.linear(h, f"l{i}.q", f"{P}.attn.q_proj", "col", dq_first)
             k = self.linear(h, f"l{i}.k", f"{P}.attn.k_proj", "col", dq_first)
             v = self.linear(h, f"l{i}.v", f"{P}.attn.v_proj", "col", dq_first)
-            gqa = g.node("GroupQueryAttention",
-                         [q, k, v, inputs[f"past_key_values.{i}.key"], inputs[f"past_key_values.{i}.value"],
-                          seqlens, total, cos_n, sin_n],
-                         f"{L}/attn/GroupQueryAttention", domain=MS,
-                         outputs=[f"{g.prefix}{L}/attn/GroupQueryAttention/output_0",
-                                  out_names[f"present.{i}.key"], out_names[f"present.{i}.value"]],
-                         num_heads=nh, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0)
+            gqa = g.node(
+                "GroupQueryAttention",
+                [
+                    q,
+                    k,
+                    v,
+                    inputs[f"past_key_values.{i}.key"],
+                    inputs[f"past_key_values.{i}.value"],
+                    seqlens,
+                    total,
+                    cos_n,
+                    sin_n,
+                ],
+                f"{L}/attn/GroupQueryAttention",
+                domain=MS,
+                outputs=[
+                    f"{g.prefix}{L}/attn/GroupQueryAttention/output_0",
+                    out_names[f"present.{i}.key"],
+                    out_names[f"present.{i}.value"],
+                ],
+                num_heads=nh,
+                kv_num_heads=nkv,
+                do_rotary=1,
+                rotary_interleaved=0,
+            )
             o = self.linear(gqa[0], f"l{i}.o", f"{P}.attn.o_proj", "row", dq_first)
             o = self.allreduce(o, f"{L}/attn/o_proj/AllReduce")
-            ln2 = g.weight(f"{P}.post_attention_layernorm.weight",
-                           self.shard(f"l{i}.post_norm", src[f"l{i}.post_norm"], None))
-            outs = g.node("SkipSimplifiedLayerNormalization", [o, residual, ln2],
-                          f"{L}/post_attention_layernorm/SkipLayerNorm", domain=MS, epsilon=cfg.eps,
-                          outputs=[f"{g.prefix}{L}/post_attention_layernorm/output_0", "", "",
-                                   f"{g.prefix}{L}/post_attention_layernorm/output_3"])
+            ln2 = g.weight(
+                f"{P}.post_attention_layernorm.weight",
+                self.shard(f"l{i}.post_norm", src[f"l{i}.post_norm"], None),
+            )
+            outs = g.node(
+                "SkipSimplifiedLayerNormalization",
+                [o, residual, ln2],
+                f"{L}/post_attention_layernorm/SkipLayerNorm",
+                domain=MS,
+                epsilon=cfg.eps,
+                outputs=[
+                    f"{g.prefix}{L}/post_attention_layernorm/output_0",
+                    "",
+                    "",
+                    f"{g.prefix}{L}/post_attention_layernorm/output_3",
+                ],
+            )
             h, residual = outs[0], outs[3]
             gate = self.linear(h, f"l{i}.gate", f"{P}.mlp.gate_proj", "col", dq_first)
             up = self.linear(h, f"l{i}.up", f"{P}.mlp.up_proj", "col", dq_first)
@@ -557,15 +650,26 @@ class Decoder:
             pending = self.allreduce(down, f"{L}/mlp/down_proj/AllReduce")
         L = f"/model/layers.{cfg.layers}"
         nw = g.weight("model.norm.weight", self.shard("norm", src["norm"], None))
-        outs = g.node("SkipSimplifiedLayerNormalization", [pending, residual, nw],
-                      f"{L}/final_norm_layernorm/SkipLayerNorm", domain=MS, epsilon=cfg.eps,
-                      outputs=[f"{g.prefix}{L}/final_norm_layernorm/output_0", "", "",
-                               f"{g.prefix}{L}/final_norm_layernorm/output_3"])
+        outs = g.node(
+            "SkipSimplifiedLayerNormalization",
+            [pending, residual, nw],
+            f"{L}/final_norm_layernorm/SkipLayerNorm",
+            domain=MS,
+            epsilon=cfg.eps,
+            outputs=[
+                f"{g.prefix}{L}/final_norm_layernorm/output_0",
+                "",
+                "",
+                f"{g.prefix}{L}/final_norm_layernorm/output_3",
+            ],
+        )
         if self.vocab_parallel:  # LM head split by vocabulary columns, logits gathered on every rank
             if self.quant is not None:
                 raise ValueError("vocab_parallel is implemented for float weights only")
             part = self.linear(outs[0], "lm_head", "lm_head", "col")
-            logits = g.node("AllGather", [part], "/lm_head/AllGather", domain=MS, group_size=self.world, axis=-1)
+            logits = g.node(
+                "AllGather", [part], "/lm_head/AllGather", domain=MS, group_size=self.world, axis=-1
+            )
         else:
             logits = self.linear(outs[0], "lm_head", "lm_head", None, dq_first)
         # the LM head writes the graph output directly
@@ -588,53 +692,110 @@ class Decoder:
         W, H, hs = self.world, cfg.hidden, cfg.head_size
         nh = cfg.heads // W
         mask = g.node("Cast", [inputs["attention_mask"]], "/model/attn_mask/Cast", to=TensorProto.INT32)
-        x = g.node("Gather", [g.weight("transformer.wte.weight", self.shard("embed", src["embed"], None)),
-                              inputs["input_ids"]], "/transformer/wte/Gather", axis=0)
+        x = g.node(
+            "Gather",
+            [
+                g.weight("transformer.wte.weight", self.shard("embed", src["embed"], None)),
+                inputs["input_ids"],
+            ],
+            "/transformer/wte/Gather",
+            axis=0,
+        )
         for i in range(cfg.layers):
             L, P = f"/transformer/h.{i}", f"transformer.h.{i}"
-            ln = g.node("LayerNormalization",
-                        [x, g.weight(f"{P}.ln_1.weight", self.shard(f"l{i}.ln1.w", src[f"l{i}.ln1.w"], None)),
-                         g.weight(f"{P}.ln_1.bias", self.shard(f"l{i}.ln1.b", src[f"l{i}.ln1.b"], None))],
-                        f"{L}/ln_1/LayerNormalization", axis=-1, epsilon=cfg.eps)
+            ln = g.node(
+                "LayerNormalization",
+                [
+                    x,
+                    g.weight(f"{P}.ln_1.weight", self.shard(f"l{i}.ln1.w", src[f"l{i}.ln1.w"], None)),
+                    g.weight(f"{P}.ln_1.bias", self.shard(f"l{i}.ln1.b", src[f"l{i}.ln1.b"], None)),
+                ],
+                f"{L}/ln_1/LayerNormalization",
+                axis=-1,
+                epsilon=cfg.eps,
+            )
             # fused QKV [H, 3H] laid out [Q | K | V]: rank r takes its heads of each part
             qkv = src[f"l{i}.qkv"].reshape(H, 3, H)
             qkv_r = self.shard(f"l{i}.qkv", qkv, "col").reshape(H, 3 * nh * hs)
             qkv_b = self.shard(f"l{i}.qkv_b", src[f"l{i}.qkv_b"].reshape(3, H), "col").reshape(-1)
-            att = g.node("Attention",
-                         [ln, g.weight(f"{P}.attn.c_attn.weight", qkv_r), g.weight(f"{P}.attn.c_attn.bias", qkv_b),
-                          mask, inputs[f"past_{i}"]],
-                         f"{L}/attn/Attention", domain=MS,
-                         outputs=[f"{g.prefix}{L}/attn/Attention/output_0", out_names[f"present_{i}"]],
-                         num_heads=nh, unidirectional=1)
-            o = g.node("MatMul", [att[0], g.weight(f"{P}.attn.c_proj.weight",
-                                                   self.shard(f"l{i}.o", src[f"l{i}.o"], "row"))],
-                       f"{L}/attn/c_proj/MatMul")
+            att = g.node(
+                "Attention",
+                [
+                    ln,
+                    g.weight(f"{P}.attn.c_attn.weight", qkv_r),
+                    g.weight(f"{P}.attn.c_attn.bias", qkv_b),
+                    mask,
+                    inputs[f"past_{i}"],
+                ],
+                f"{L}/attn/Attention",
+                domain=MS,
+                outputs=[f"{g.prefix}{L}/attn/Attention/output_0", out_names[f"present_{i}"]],
+                num_heads=nh,
+                unidirectional=1,
+            )
+            o = g.node(
+                "MatMul",
+                [att[0], g.weight(f"{P}.attn.c_proj.weight", self.shard(f"l{i}.o", src[f"l{i}.o"], "row"))],
+                f"{L}/attn/c_proj/MatMul",
+            )
             o = self.allreduce(o, f"{L}/attn/c_proj/AllReduce")
-            o = g.node("Add", [o, g.weight(f"{P}.attn.c_proj.bias", self.shard(f"l{i}.o_b", src[f"l{i}.o_b"], None))],
-                       f"{L}/attn/c_proj/Add")
+            o = g.node(
+                "Add",
+                [o, g.weight(f"{P}.attn.c_proj.bias", self.shard(f"l{i}.o_b", src[f"l{i}.o_b"], None))],
+                f"{L}/attn/c_proj/Add",
+            )
             x = g.node("Add", [x, o], f"{L}/Add")
-            ln = g.node("LayerNormalization",
-                        [x, g.weight(f"{P}.ln_2.weight", self.shard(f"l{i}.ln2.w", src[f"l{i}.ln2.w"], None)),
-                         g.weight(f"{P}.ln_2.bias", self.shard(f"l{i}.ln2.b", src[f"l{i}.ln2.b"], None))],
-                        f"{L}/ln_2/LayerNormalization", axis=-1, epsilon=cfg.eps)
-            f1 = g.node("MatMul", [ln, g.weight(f"{P}.mlp.c_fc.weight", self.shard(f"l{i}.fc1", src[f"l{i}.fc1"], "col"))],
-                        f"{L}/mlp/c_fc/MatMul")
-            act = g.node("FastGelu", [f1, g.weight(f"{P}.mlp.c_fc.bias",
-                                                   self.shard(f"l{i}.fc1_b", src[f"l{i}.fc1_b"], "col"))],
-                         f"{L}/mlp/act/FastGelu", domain=MS)
-            f2 = g.node("MatMul", [act, g.weight(f"{P}.mlp.c_proj.weight",
-                                                 self.shard(f"l{i}.fc2", src[f"l{i}.fc2"], "row"))],
-                        f"{L}/mlp/c_proj/MatMul")
+            ln = g.node(
+                "LayerNormalization",
+                [
+                    x,
+                    g.weight(f"{P}.ln_2.weight", self.shard(f"l{i}.ln2.w", src[f"l{i}.ln2.w"], None)),
+                    g.weight(f"{P}.ln_2.bias", self.shard(f"l{i}.ln2.b", src[f"l{i}.ln2.b"], None)),
+                ],
+                f"{L}/ln_2/LayerNormalization",
+                axis=-1,
+                epsilon=cfg.eps,
+            )
+            f1 = g.node(
+                "MatMul",
+                [ln, g.weight(f"{P}.mlp.c_fc.weight", self.shard(f"l{i}.fc1", src[f"l{i}.fc1"], "col"))],
+                f"{L}/mlp/c_fc/MatMul",
+            )
+            act = g.node(
+                "FastGelu",
+                [f1, g.weight(f"{P}.mlp.c_fc.bias", self.shard(f"l{i}.fc1_b", src[f"l{i}.fc1_b"], "col"))],
+                f"{L}/mlp/act/FastGelu",
+                domain=MS,
+            )
+            f2 = g.node(
+                "MatMul",
+                [act, g.weight(f"{P}.mlp.c_proj.weight", self.shard(f"l{i}.fc2", src[f"l{i}.fc2"], "row"))],
+                f"{L}/mlp/c_proj/MatMul",
+            )
             f2 = self.allreduce(f2, f"{L}/mlp/c_proj/AllReduce")
-            f2 = g.node("Add", [f2, g.weight(f"{P}.mlp.c_proj.bias", self.shard(f"l{i}.fc2_b", src[f"l{i}.fc2_b"], None))],
-                        f"{L}/mlp/c_proj/Add")
+            f2 = g.node(
+                "Add",
+                [f2, g.weight(f"{P}.mlp.c_proj.bias", self.shard(f"l{i}.fc2_b", src[f"l{i}.fc2_b"], None))],
+                f"{L}/mlp/c_proj/Add",
+            )
             x = g.node("Add", [x, f2], f"{L}/Add_1")
-        ln = g.node("LayerNormalization",
-                    [x, g.weight("transformer.ln_f.weight", self.shard("lnf.w", src["lnf.w"], None)),
-                     g.weight("transformer.ln_f.bias", self.shard("lnf.b", src["lnf.b"], None))],
-                    "/transformer/ln_f/LayerNormalization", axis=-1, epsilon=cfg.eps)
-        g.node("MatMul", [ln, g.weight("lm_head.weight", self.shard("lm_head", src["lm_head"], None))],
-               "/lm_head/MatMul", outputs=[out_names["logits"]])
+        ln = g.node(
+            "LayerNormalization",
+            [
+                x,
+                g.weight("transformer.ln_f.weight", self.shard("lnf.w", src["lnf.w"], None)),
+                g.weight("transformer.ln_f.bias", self.shard("lnf.b", src["lnf.b"], None)),
+            ],
+            "/transformer/ln_f/LayerNormalization",
+            axis=-1,
+            epsilon=cfg.eps,
+        )
+        g.node(
+            "MatMul",
+            [ln, g.weight("lm_head.weight", self.shard("lm_head", src["lm_head"], None))],
+            "/lm_head/MatMul",
+            outputs=[out_names["logits"]],
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -649,8 +810,10 @@ def io_spec(cfg: Config, arch: str, world: int, dtype: np.dtype):
     """Graph inputs and outputs (name, elem type, dims) of one rank."""
     et = _NP_TO_ONNX[np.dtype(dtype)]
     hs = cfg.head_size
-    ins = [("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-           ("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+    ins = [
+        ("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        ("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+    ]
     outs = [("logits", et, ["batch_size", "sequence_length", cfg.vocab])]
     if arch == "llama":
         kvh = cfg.kv_heads // world
@@ -666,9 +829,19 @@ def io_spec(cfg: Config, arch: str, world: int, dtype: np.dtype):
     return ins, outs
 
 
-def build_rank_model(cfg: Config, src, arch: str, rank: int, world: int, collectives: bool,
-                     quant: str | None = None, merged: bool = False, sink=None,
-                     nbits_block: int = 32, vocab_parallel: bool = False) -> tuple[onnx.ModelProto, list]:
+def build_rank_model(
+    cfg: Config,
+    src,
+    arch: str,
+    rank: int,
+    world: int,
+    collectives: bool,
+    quant: str | None = None,
+    merged: bool = False,
+    sink=None,
+    nbits_block: int = 32,
+    vocab_parallel: bool = False,
+) -> tuple[onnx.ModelProto, list]:
     """One model: rank `rank` of `world` (collectives=True) or the twin (world 1, collectives=False).
 
     Returns the ModelProto (initializers inline, or external references when `sink` is ExternalRefs)
@@ -692,22 +865,38 @@ def build_rank_model(cfg: Config, src, arch: str, rank: int, world: int, collect
             names = {n: f"/{br}/{n}" for n, _, _ in outs}
             (dec.llama if arch == "llama" else dec.gpt)({n: n for n, _, _ in ins}, names)
             # branch graphs have no initializers of their own: weights are captured from outside
-            branches[br] = helper.make_graph(g.nodes, f"{br}_branch", [],
-                                             [_vi(names[n], et, d) for n, et, d in outs])
+            branches[br] = helper.make_graph(
+                g.nodes, f"{br}_branch", [], [_vi(names[n], et, d) for n, et, d in outs]
+            )
             if br == "then":
                 shard_log = g.shard_log
-        ifn = helper.make_node("If", ["use_cache_branch"], [n for n, _, _ in outs], name="optimum::if",
-                               then_branch=branches["then"], else_branch=branches["else"])
+        ifn = helper.make_node(
+            "If",
+            ["use_cache_branch"],
+            [n for n, _, _ in outs],
+            name="optimum::if",
+            then_branch=branches["then"],
+            else_branch=branches["else"],
+        )
         nodes = [ifn]
         graph_inputs = [_vi(*s) for s in ins] + [_vi("use_cache_branch", TensorProto.BOOL, [1])]
-    graph = helper.make_graph(nodes, "main_graph", graph_inputs, [_vi(*s) for s in outs],
-                              initializer=list(inits.values()))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name=PRODUCER, producer_version="1")
+    graph = helper.make_graph(
+        nodes, "main_graph", graph_inputs, [_vi(*s) for s in outs], initializer=list(inits.values())
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+        producer_name=PRODUCER,
+        producer_version="1",
+    )
     model.ir_version = IR_VERSION
-    meta = {"preserve.sample.arch": arch, "preserve.sample.world": str(world),
-            "preserve.sample.rank": str(rank), "preserve.sample.quant": quant or "none",
-            "preserve.sample.dtype": str(np.dtype(src.dtype))}
+    meta = {
+        "preserve.sample.arch": arch,
+        "preserve.sample.world": str(world),
+        "preserve.sample.rank": str(rank),
+        "preserve.sample.quant": quant or "none",
+        "preserve.sample.dtype": str(np.dtype(src.dtype)),
+    }
     for k, v in meta.items():
         p = model.metadata_props.add()
         p.key, p.value = k, v
@@ -721,8 +910,15 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     data = path.with_name(path.name + ".data")
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         tmp_model = Path(tmp) / path.name
-        onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=SIZE_THRESHOLD, convert_attribute=False)
+        onnx.save_model(
+            model,
+            str(tmp_model),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=SIZE_THRESHOLD,
+            convert_attribute=False,
+        )
         tmp_data = Path(tmp) / data.name
         if tmp_data.exists():
             os.replace(tmp_data, data)
@@ -753,9 +949,19 @@ def verify_sharding(log: list) -> int:
     return len(groups)
 
 
-def build_variant(out_dir: Path, cfg: Config, arch: str, dtype: str, world: int, seed: int,
-                  quant: str | None = None, merged: bool = False, nbits_block: int = 32,
-                  align: int = 64, vocab_parallel: bool = False) -> dict:
+def build_variant(
+    out_dir: Path,
+    cfg: Config,
+    arch: str,
+    dtype: str,
+    world: int,
+    seed: int,
+    quant: str | None = None,
+    merged: bool = False,
+    nbits_block: int = 32,
+    align: int = 64,
+    vocab_parallel: bool = False,
+) -> dict:
     """Write out_dir/tp{world}/model_0r.onnx for every rank and out_dir/full/model.onnx (the twin).
 
     Data offsets are `align`-byte aligned. Raises AssertionError if a shard does not reassemble."""
@@ -769,13 +975,32 @@ def build_variant(out_dir: Path, cfg: Config, arch: str, dtype: str, world: int,
     tp = out_dir / f"tp{world}"
     for r in range(world):
         p = tp / f"model_{r:02d}.onnx"
-        log += write_model(p, lambda sink, r=r: build_rank_model(cfg, src, arch, r, world, True, quant, merged,
-                                                                 sink=sink, nbits_block=nbits_block,
-                                                                 vocab_parallel=vocab_parallel), align)
+        log += write_model(
+            p,
+            lambda sink, r=r: build_rank_model(
+                cfg,
+                src,
+                arch,
+                r,
+                world,
+                True,
+                quant,
+                merged,
+                sink=sink,
+                nbits_block=nbits_block,
+                vocab_parallel=vocab_parallel,
+            ),
+            align,
+        )
         written["ranks"].append(p)
     p = out_dir / "full" / "model.onnx"
-    lg_full = write_model(p, lambda sink: build_rank_model(cfg, src, arch, 0, 1, False, quant, merged,
-                                                           sink=sink, nbits_block=nbits_block), align)
+    lg_full = write_model(
+        p,
+        lambda sink: build_rank_model(
+            cfg, src, arch, 0, 1, False, quant, merged, sink=sink, nbits_block=nbits_block
+        ),
+        align,
+    )
     written["full"] = p
     written["checked_tensors"] = verify_sharding(log)
     # and the twin holds exactly the full tensors
@@ -785,20 +1010,43 @@ def build_variant(out_dir: Path, cfg: Config, arch: str, dtype: str, world: int,
     return written
 
 
-def build_llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
-                world: int, dtype: str, out_dir, seed: int = 0, *, quant: str | None = None,
-                merged: bool = False, max_seq: int = 2048, nbits_block: int = 32, align: int = 4096,
-                vocab_parallel: bool = False) -> dict:
+def build_llama(
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    vocab: int,
+    world: int,
+    dtype: str,
+    out_dir,
+    seed: int = 0,
+    *,
+    quant: str | None = None,
+    merged: bool = False,
+    max_seq: int = 2048,
+    nbits_block: int = 32,
+    align: int = 4096,
+    vocab_parallel: bool = False,
+) -> dict:
     """Benchmark entry point: llama-style tp ranks + twin for arbitrary sizes.
 
     Writes out_dir/tp{world}/model_{r:02d}.onnx (+ .data) and out_dir/full/model.onnx (+ .data).
     quant: None (float MatMul), 'int4' (MatMulNBits) or 'qdq' (int8 DequantizeLinear -> MatMul);
     merged: wrap the decoder in an If on `use_cache_branch`; vocab_parallel: split the LM head by vocabulary
     and AllGather the logits (Megatron's parallel LM head). Returns the written paths."""
-    cfg = Config(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
-                 vocab=vocab, max_seq=max_seq)
-    return build_variant(Path(out_dir), cfg, "llama", dtype, world, seed, quant, merged, nbits_block, align,
-                         vocab_parallel)
+    cfg = Config(
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=intermediate,
+        vocab=vocab,
+        max_seq=max_seq,
+    )
+    return build_variant(
+        Path(out_dir), cfg, "llama", dtype, world, seed, quant, merged, nbits_block, align, vocab_parallel
+    )
 
 
 SAMPLE_CFG = Config()
@@ -820,8 +1068,17 @@ def build_samples(out: Path, world: int = 2, variants=None) -> dict:
     for name, (arch, dtype, quant, merged) in VARIANTS.items():
         if variants and name not in variants:
             continue
-        res[name] = build_variant(out / name, SAMPLE_CFG, arch, dtype, world, SAMPLE_SEED, quant, merged,
-                                  nbits_block=16 if quant == "int4" else 32)
+        res[name] = build_variant(
+            out / name,
+            SAMPLE_CFG,
+            arch,
+            dtype,
+            world,
+            SAMPLE_SEED,
+            quant,
+            merged,
+            nbits_block=16 if quant == "int4" else 32,
+        )
     return res
 
 

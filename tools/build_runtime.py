@@ -38,8 +38,21 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 APT_SOURCES = (pathlib.Path("/etc/apt/sources.list"), pathlib.Path("/etc/apt/sources.list.d"))
 CXXFLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared", "-pthread")
 # Suites of Debian's own archive (security updates live in another archive, without this package).
-_DEBIAN_SUITES = {"oldoldstable", "oldstable", "stable", "testing", "unstable", "sid", "experimental",
-                  "buster", "bullseye", "bookworm", "trixie", "forky", "duke"}
+_DEBIAN_SUITES = {
+    "oldoldstable",
+    "oldstable",
+    "stable",
+    "testing",
+    "unstable",
+    "sid",
+    "experimental",
+    "buster",
+    "bullseye",
+    "bookworm",
+    "trixie",
+    "forky",
+    "duke",
+}
 
 
 class BuildError(Exception):
@@ -122,19 +135,32 @@ def fetch_headers(build_dir: pathlib.Path, mirror: str | None = None) -> pathlib
             return include
         missing = [tool for tool in ("apt-get", "dpkg") if shutil.which(tool) is None]
         if missing:
-            raise BuildError(f"no onnxruntime C headers: set ORT_INCLUDE_DIR to a folder with {HEADER} "
-                             f"(fetching Debian's {DEB_PACKAGE} needs {' and '.join(missing)})")
+            raise BuildError(
+                f"no onnxruntime C headers: set ORT_INCLUDE_DIR to a folder with {HEADER} "
+                f"(fetching Debian's {DEB_PACKAGE} needs {' and '.join(missing)})"
+            )
         for folder in (apt / "lists" / "partial", apt / "cache" / "archives" / "partial"):
             folder.mkdir(parents=True, exist_ok=True)
         mirror = mirror or debian_mirror()
         (apt / "sources.list").write_text(f"deb {mirror} {DEB_SUITE} main\n")
-        options = ["-o", f"Dir::Etc::SourceList={apt / 'sources.list'}", "-o", "Dir::Etc::SourceParts=/dev/null",
-                   "-o", f"Dir::State::Lists={apt / 'lists'}", "-o", f"Dir::Cache={apt / 'cache'}",
-                   "-o", "Debug::NoLocking=1"]
+        options = [
+            "-o",
+            f"Dir::Etc::SourceList={apt / 'sources.list'}",
+            "-o",
+            "Dir::Etc::SourceParts=/dev/null",
+            "-o",
+            f"Dir::State::Lists={apt / 'lists'}",
+            "-o",
+            f"Dir::Cache={apt / 'cache'}",
+            "-o",
+            "Debug::NoLocking=1",
+        ]
         _run(["apt-get", *options, "update", "-qq"], f"apt-get update from {mirror} ({DEB_SUITE})")
         for old in apt.glob(f"{DEB_PACKAGE}_*.deb"):
             old.unlink()
-        _run(["apt-get", *options, "download", "-qq", DEB_PACKAGE], f"apt-get download {DEB_PACKAGE}", cwd=apt)
+        _run(
+            ["apt-get", *options, "download", "-qq", DEB_PACKAGE], f"apt-get download {DEB_PACKAGE}", cwd=apt
+        )
         debs = sorted(apt.glob(f"{DEB_PACKAGE}_*.deb"))
         if not debs:
             raise BuildError(f"apt-get download {DEB_PACKAGE} from {mirror} left no .deb file")
@@ -173,7 +199,9 @@ def compiler() -> str:
     raise BuildError("no C++ compiler: install g++ (Debian/Ubuntu: apt-get install g++), or set CXX")
 
 
-def build(out: pathlib.Path, build_dir: pathlib.Path = ROOT / "build", source: pathlib.Path = SOURCE) -> pathlib.Path:
+def build(
+    out: pathlib.Path, build_dir: pathlib.Path = ROOT / "build", source: pathlib.Path = SOURCE
+) -> pathlib.Path:
     """Compiles ``source`` into the shared library ``out`` (written whole: temporary file, then rename).
 
     Raises:
@@ -185,8 +213,10 @@ def build(out: pathlib.Path, build_dir: pathlib.Path = ROOT / "build", source: p
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     try:
-        _run([*cxx.split(), *CXXFLAGS, f"-I{include}", "-o", str(tmp), str(source), "-ldl"],
-             f"{cxx} {source.name}")
+        _run(
+            [*cxx.split(), *CXXFLAGS, f"-I{include}", "-o", str(tmp), str(source), "-ldl"],
+            f"{cxx} {source.name}",
+        )
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -196,8 +226,12 @@ def build(out: pathlib.Path, build_dir: pathlib.Path = ROOT / "build", source: p
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=pathlib.Path, help="the library to write (libpreserve_ops.so)")
-    parser.add_argument("--build-dir", type=pathlib.Path, default=ROOT / "build",
-                        help="where the fetched headers are kept (default: build/ in the project)")
+    parser.add_argument(
+        "--build-dir",
+        type=pathlib.Path,
+        default=ROOT / "build",
+        help="where the fetched headers are kept (default: build/ in the project)",
+    )
     args = parser.parse_args(argv)
     try:
         build(args.out, args.build_dir)

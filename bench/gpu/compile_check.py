@@ -55,19 +55,28 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in ARCHES:
             status, log, ptx = nvrtc_ptx(lib, arch)
-            print(f"sm_{arch}: NVRTC {'ok' if status == 0 else f'failed ({status})'}{': ' + log if log else ''}")
+            print(
+                f"sm_{arch}: NVRTC {'ok' if status == 0 else f'failed ({status})'}{': ' + log if log else ''}"
+            )
             if status or not ptx:
                 return 1
-            entries = {line.split()[2] for line in ptx.decode().splitlines() if line.startswith(".visible .entry")}
+            entries = {
+                line.split()[2] for line in ptx.decode().splitlines() if line.startswith(".visible .entry")
+            }
             missing = {f"{k}(" for k in KERNELS} - entries
             if missing:
                 print(f"sm_{arch}: PTX lacks {sorted(missing)}")
                 return 1
             src = Path(tmp) / f"calibrate_{arch}.ptx"
             src.write_bytes(ptx)
-            done = subprocess.run([args.ptxas, f"-arch=sm_{arch}", "-v", str(src), "-o", str(src.with_suffix(".cubin"))],
-                                  capture_output=True, text=True, check=False)
-            print(f"sm_{arch}: ptxas {'ok' if done.returncode == 0 else 'failed'}\n{done.stdout}{done.stderr}".rstrip())
+            done = subprocess.run(
+                [args.ptxas, f"-arch=sm_{arch}", "-v", str(src), "-o", str(src.with_suffix(".cubin"))],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            verdict = "ok" if done.returncode == 0 else "failed"
+            print(f"sm_{arch}: ptxas {verdict}\n{done.stdout}{done.stderr}".rstrip())
             if done.returncode:
                 return 1
     return 0
