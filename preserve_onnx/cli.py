@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect as pyinspect
 import os
 import sys
 import time
@@ -150,7 +152,7 @@ AttrOpt = Annotated[Optional[list[str]], typer.Option(
     "--prefetch-attr", metavar="NAME=NEW", help=f"rename a Prefetch attribute ({', '.join(PREFETCH_ATTRIBUTES)}); repeatable")]
 VersionOpt = Annotated[int, typer.Option("--prefetch-version", help="opset version of the Prefetch domain")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="say why tensors were skipped")]
-# Planning options, shared by optimize and inspect (turned into an OptimizeConfig by _config).
+# Planning options (planning_options below adds them to every command that plans).
 HardwareOpt = Annotated[str, typer.Option(help="hardware profile NAME or FILE.toml")]
 BudgetOpt = Annotated[Optional[str], typer.Option(help="bytes per window, e.g. 96MiB (overrides the rule)")]
 L2FractionOpt = Annotated[float, typer.Option(help="share of L2 a window may fill")]
@@ -163,7 +165,7 @@ StaticKvOpt = Annotated[bool, typer.Option("--static-kv", help="KV-cache links w
                                            "(two-input Prefetch: raw byte ranges, no live ranges)")]
 CollectivesOpt = Annotated[str, typer.Option(help="comma-separated collectives to plan")]
 MinChunkOpt = Annotated[str, typer.Option(help="smallest partial prefetch")]
-RanksOpt = Annotated[Optional[int], typer.Option(help="rank count for collective time (default: from files)")]
+RanksOpt = Annotated[Optional[int], typer.Option(help="ranks of the export, for the collective time (default: from the files)")]
 DimOpt = Annotated[Optional[list[str]], typer.Option(
     "--dim", metavar="NAME=N", help="bind a symbolic dim by name, before --batch/--context and the graph; repeatable")]
 
@@ -191,6 +193,54 @@ def _config(*, hardware: str, budget: Optional[str], l2_fraction: float, batch: 
         qdq_weights=qdq_weights, static_kv=static_kv,
         collectives=chosen, naming=naming, min_chunk=_size("--min-chunk", min_chunk), ranks=ranks, replan=replan,
         disabled=disabled)
+
+
+# The planning options, declared once (docs/cli.md): every command that plans takes this group, as
+# (name, annotation, default). ``planning_options`` adds them to a command and hands it the checked
+# OptimizeConfig as ``config``.
+_PLANNING_OPTIONS: tuple[tuple[str, object, object], ...] = (
+    ("hardware", HardwareOpt, DEFAULT_PROFILE),
+    ("budget", BudgetOpt, None),
+    ("l2_fraction", L2FractionOpt, 0.5),
+    ("batch", BatchOpt, 8),
+    ("context", ContextOpt, 16384),
+    ("ranks", RanksOpt, None),
+    ("no_kv", NoKvOpt, False),
+    ("qdq_weights", QdqOpt, False),
+    ("static_kv", StaticKvOpt, False),
+    ("collectives", CollectivesOpt, "AllReduce"),
+    ("min_chunk", MinChunkOpt, "64KiB"),
+    ("dim", DimOpt, None),
+    ("prefetch_domain", DomainOpt, "preserve"),
+    ("prefetch_op", OpOpt, "Prefetch"),
+    ("prefetch_attr", AttrOpt, None),
+    ("prefetch_version", VersionOpt, 1),
+)
+
+
+def planning_options(fn: Callable | None = None, *, budget: bool = True) -> Callable:
+    """Give a command the planning options (``_PLANNING_OPTIONS``; ``budget=False``: all but --budget) and
+    call it with ``config``, the OptimizeConfig they make (checked by ``_config``), instead of them."""
+    if fn is None:
+        return functools.partial(planning_options, budget=budget)
+    options = [o for o in _PLANNING_OPTIONS if budget or o[0] != "budget"]
+    signature = pyinspect.signature(fn, eval_str=True)
+    own = [q for q in signature.parameters.values() if q.name != "config"]
+    positional = [q for q in own if q.default is pyinspect.Parameter.empty]
+    added = [pyinspect.Parameter(name, pyinspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
+             for name, kind, default in options]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        chosen = {name: kwargs.pop(name, default) for name, _, default in options}
+        naming = _naming(chosen.pop("prefetch_domain"), chosen.pop("prefetch_op"), chosen.pop("prefetch_attr"),
+                         chosen.pop("prefetch_version"))
+        chosen.setdefault("budget", None)
+        return fn(*args, config=_config(naming=naming, **chosen), **kwargs)
+
+    wrapper.__signature__ = signature.replace(
+        parameters=[*positional, *added, *(q for q in own if q not in positional)])
+    return wrapper
 
 
 def _writable(*paths: Optional[Path]) -> None:
@@ -253,25 +303,10 @@ def _single_device_note(model: Path, first: Optional[Path] = None, *, known: boo
 
 @app.command()
 @handle_errors
+@planning_options
 def optimize(
     src: Annotated[Path, typer.Argument(metavar="IN", help="rank model (.onnx) or directory of rank models")],
     dest: Annotated[Path, typer.Argument(metavar="OUT", help="output file, or directory for a rank directory")],
-    hardware: HardwareOpt = DEFAULT_PROFILE,
-    budget: BudgetOpt = None,
-    l2_fraction: L2FractionOpt = 0.5,
-    batch: BatchOpt = 8,
-    context: ContextOpt = 16384,
-    no_kv: NoKvOpt = False,
-    qdq_weights: QdqOpt = False,
-    static_kv: StaticKvOpt = False,
-    collectives: CollectivesOpt = "AllReduce",
-    prefetch_domain: DomainOpt = "preserve",
-    prefetch_op: OpOpt = "Prefetch",
-    prefetch_attr: AttrOpt = None,
-    prefetch_version: VersionOpt = 1,
-    min_chunk: MinChunkOpt = "64KiB",
-    dim: DimOpt = None,
-    ranks: RanksOpt = None,
     report: Annotated[Optional[Path], typer.Option(help="write the JSON report here")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="plan and report, write no model")] = False,
     replan: Annotated[bool, typer.Option("--replan", help="strip existing Prefetch nodes, plan again")] = False,
@@ -283,16 +318,15 @@ def optimize(
                                "numpy) beside the models")] = False,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
+    *,
+    config: OptimizeConfig,
 ) -> None:
     """Insert Prefetch nodes so weight and KV-cache reads overlap each collective."""
     from preserve_onnx.optimizer import optimize_path
     from preserve_onnx.report import counted, render_outcomes, report_dict, write_json
 
     start = time.perf_counter()
-    config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
-                     no_kv=no_kv, qdq_weights=qdq_weights, static_kv=static_kv, collectives=collectives,
-                     naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
-                     min_chunk=min_chunk, ranks=ranks, replan=replan, disabled=tuple(disable or ()), dim=dim)
+    config = dataclasses.replace(config, replan=replan, disabled=tuple(disable or ()))
     _at_least_one("--jobs", jobs)
     _writable(report)
     _check_dim_names(src, config.dims)
@@ -356,28 +390,15 @@ def strip(
 
 @app.command()
 @handle_errors
+@planning_options
 def inspect(
     model: Annotated[Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")],
     json_out: Annotated[bool, typer.Option("--json", help="print the JSON report (schema 1) instead of tables")] = False,
-    hardware: HardwareOpt = DEFAULT_PROFILE,
-    budget: BudgetOpt = None,
-    l2_fraction: L2FractionOpt = 0.5,
-    batch: BatchOpt = 8,
-    context: ContextOpt = 16384,
-    no_kv: NoKvOpt = False,
-    qdq_weights: QdqOpt = False,
-    static_kv: StaticKvOpt = False,
-    collectives: CollectivesOpt = "AllReduce",
-    prefetch_domain: DomainOpt = "preserve",
-    prefetch_op: OpOpt = "Prefetch",
-    prefetch_attr: AttrOpt = None,
-    prefetch_version: VersionOpt = 1,
-    min_chunk: MinChunkOpt = "64KiB",
-    dim: DimOpt = None,
-    ranks: RanksOpt = None,
     jobs: Annotated[Optional[int], typer.Option(help="ranks inspected in parallel (default: cores)")] = None,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
+    *,
+    config: OptimizeConfig,
 ) -> None:
     """Show collectives, their windows, candidate tensors and what optimize would prefetch."""
     import json
@@ -387,10 +408,6 @@ def inspect(
     from preserve_onnx.report_ci import inspection_dict, render_inspections
 
     start = time.perf_counter()
-    config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
-                     no_kv=no_kv, qdq_weights=qdq_weights, static_kv=static_kv, collectives=collectives,
-                     naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
-                     min_chunk=min_chunk, ranks=ranks, dim=dim)
     _at_least_one("--jobs", jobs)
     _check_dim_names(model, config.dims)
     inspections = inspect_path(model, config, jobs=jobs)
@@ -497,31 +514,18 @@ SweepArgs = Annotated[Optional[list[str]], typer.Argument(
 
 @app.command()
 @handle_errors
+@planning_options
 def estimate(
     model: Annotated[Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")],
     more_sweep: SweepArgs = None,
-    hardware: HardwareOpt = DEFAULT_PROFILE,
-    batch: BatchOpt = 8,
-    context: ContextOpt = 16384,
-    ranks: Annotated[Optional[int], typer.Option(help="ranks of the export (default: from files)")] = None,
-    budget: BudgetOpt = None,
-    l2_fraction: L2FractionOpt = 0.5,
-    no_kv: NoKvOpt = False,
-    qdq_weights: QdqOpt = False,
-    static_kv: StaticKvOpt = False,
-    collectives: CollectivesOpt = "AllReduce",
-    min_chunk: MinChunkOpt = "64KiB",
-    dim: DimOpt = None,
-    prefetch_domain: DomainOpt = "preserve",
-    prefetch_op: OpOpt = "Prefetch",
-    prefetch_attr: AttrOpt = None,
-    prefetch_version: VersionOpt = 1,
     trace: Annotated[Optional[Path], typer.Option(help="write a Chrome/Perfetto trace of the timelines")] = None,
     sweep: Annotated[Optional[list[str]], typer.Option(
         help="speedup grid: batch=1,8,32 context=1k,16k,128k ranks=2,4,8 (k = 1024; ranks re-shard)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
     all_windows: Annotated[bool, typer.Option("--all", help="one row per window, however many")] = False,
     quiet: QuietOpt = False,
+    *,
+    config: OptimizeConfig,
 ) -> None:
     """Estimate the decode step without and with the prefetches (cost model)."""
     import json
@@ -542,10 +546,6 @@ def estimate(
     start = time.perf_counter()
     if more_sweep and not sweep:
         raise UsageError(f"unexpected argument '{more_sweep[0]}' (sweep groups follow --sweep)")
-    config = _config(hardware=hardware, budget=budget, l2_fraction=l2_fraction, batch=batch, context=context,
-                     no_kv=no_kv, qdq_weights=qdq_weights, static_kv=static_kv, collectives=collectives,
-                     naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
-                     min_chunk=min_chunk, ranks=ranks, dim=dim)
     hw = config.hardware
     _writable(trace)
     _check_dim_names(model, config.dims)
@@ -555,7 +555,7 @@ def estimate(
         if all_windows:
             raise UsageError("--all lists the windows of one estimate; it cannot be combined with --sweep")
         grid = parse_sweep([*sweep, *(more_sweep or ())])
-        points = sweep_path(model, hw, config, grid, ranks, config.budget)
+        points = sweep_path(model, hw, config, grid, config.ranks, config.budget)
         if json_out:
             print(json.dumps(sweep_list(points), indent=2))
             return
@@ -569,7 +569,7 @@ def estimate(
                   f"{time.perf_counter() - start:.2f} s",
                   highlight=False, soft_wrap=True)
         return
-    est = estimate_path(model, hw, config, ranks, config.budget)
+    est = estimate_path(model, hw, config, config.ranks, config.budget)
     if trace is not None:
         write_bytes_atomic(trace, json.dumps(chrome_trace(est)).encode())
     if json_out:
@@ -587,28 +587,16 @@ def estimate(
 
 @app.command()
 @handle_errors
+@planning_options(budget=False)
 def explore(
     model: Annotated[Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")],
-    hardware: HardwareOpt = DEFAULT_PROFILE,
-    batch: BatchOpt = 8,
-    context: ContextOpt = 16384,
-    ranks: Annotated[Optional[int], typer.Option(help="ranks of the export (default: from files)")] = None,
-    l2_fraction: L2FractionOpt = 0.5,
-    no_kv: NoKvOpt = False,
-    qdq_weights: QdqOpt = False,
-    static_kv: StaticKvOpt = False,
-    collectives: CollectivesOpt = "AllReduce",
-    min_chunk: MinChunkOpt = "64KiB",
-    dim: DimOpt = None,
-    prefetch_domain: DomainOpt = "preserve",
-    prefetch_op: OpOpt = "Prefetch",
-    prefetch_attr: AttrOpt = None,
-    prefetch_version: VersionOpt = 1,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of the table")] = False,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="write the sweep as CSV")] = None,
     plot: Annotated[Optional[Path], typer.Option(
         help="write a plot, .png, .svg or .pdf (needs matplotlib)")] = None,
     quiet: QuietOpt = False,
+    *,
+    config: OptimizeConfig,
 ) -> None:
     """Sweep the L2 size (0-256 MiB): performance per cost with and without prefetching."""
     import json
@@ -617,15 +605,11 @@ def explore(
     from preserve_onnx.report_cost import explore_summary, explore_table
 
     start = time.perf_counter()
-    config = _config(hardware=hardware, budget=None, l2_fraction=l2_fraction, batch=batch, context=context,
-                     no_kv=no_kv, qdq_weights=qdq_weights, static_kv=static_kv, collectives=collectives,
-                     naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
-                     min_chunk=min_chunk, ranks=ranks, dim=dim)
     _writable(csv_path, plot)
     if plot is not None:
         plot_format(plot)
     _check_dim_names(model, config.dims)
-    ex = explore_path(model, config.hardware, config, ranks)
+    ex = explore_path(model, config.hardware, config, config.ranks)
     if csv_path is not None:
         write_csv(csv_path, ex)
     if plot is not None:

@@ -295,3 +295,18 @@ def test_ctrl_c_before_a_command_runs_is_one_line(where, monkeypatch, capsys):
         _entry.main()
     assert info.value.code == 1
     assert capsys.readouterr().err == "interrupted: nothing was written\n"
+
+
+def test_the_planning_options_are_one_group_on_every_command_that_plans():
+    import typer.main
+
+    from preserve_onnx.cli import _PLANNING_OPTIONS
+
+    group = [name for name, _, _ in _PLANNING_OPTIONS]
+    click_app = typer.main.get_command(app)
+    for command, expected in (("optimize", group), ("inspect", group), ("estimate", group),
+                              ("explore", [n for n in group if n != "budget"])):
+        params = [p.name for p in click_app.commands[command].params]
+        assert [p for p in params if p in group] == expected, command
+    r = cli("explore", SAMPLES / "llama-gqa" / "tp2", "--budget", "1MiB")
+    assert r.exit_code == 2  # explore sweeps the L2 size: the budget rule is its subject, not an option
