@@ -465,41 +465,19 @@ def diff(
 @handle_errors
 def list_passes() -> None:
     """List the passes and analyses of the optimize pipeline."""
-    from rich.table import Table
-
     from preserve_onnx.optimizer import PASSES
+    from preserve_onnx.report import passes_table
 
-    table = Table(title="optimize pipeline", title_justify="left")
-    for col in ("pass", "kind", "what it does"):
-        table.add_column(col)
-    for name, (kind, summary) in PASSES.items():
-        table.add_row(name, kind, summary)
-    out.print(table)
+    out.print(passes_table(PASSES))
 
 
 @app.command("hardware")
 @handle_errors
 def list_hardware() -> None:
     """List the built-in hardware profiles."""
-    from rich.table import Table
+    from preserve_onnx.report import hardware_table
 
-    table = Table(title="hardware profiles (usable L2, achieved HBM; --hardware NAME@IMPL picks a collective)",
-                  title_justify="left")
-    table.add_column("name", no_wrap=True)
-    for col in ("L2", "HBM BW", "L2 BW", "link BW", "AllReduce alpha", "peak", "fp16 max tokens", "prefetch chunk"):
-        table.add_column(col, justify="right")
-
-    for hw in builtin_profiles().values():
-        alphas = hw.collective_alphas or ((hw.collective, hw.collective_alpha),)
-        latency = ", ".join(f"{impl + ' ' if impl else ''}{alpha * 1e6:.1f} us" + ("*" if impl == hw.collective and
-                                                                                   len(alphas) > 1 else "")
-                            for impl, alpha in alphas)
-        table.add_row(hw.name, f"{format_size(hw.usable_l2_bytes)} of {format_size(hw.l2_bytes)}",
-                      f"{hw.effective_hbm_bw / 1e12:.2f} of {hw.hbm_bw / 1e12:.2f} TB/s",
-                      f"{hw.l2_bw / 1e12:.1f} TB/s", f"{hw.link_bw / 1e9:.0f} GB/s", latency,
-                      f"{hw.peak_flops / 1e12:.0f} TF", f"{hw.roofline_tokens(2, 2):.0f}",
-                      format_size(hw.max_prefetch_bytes) if hw.max_prefetch_bytes else "none")
-    out.print(table)
+    out.print(hardware_table(builtin_profiles().values()))
     out.print("* the default: the library a user of the platform gets. fp16 max tokens: tokens per step past "
               "which a linear layer is compute-bound and prefetching its fp16 weights saves nothing "
               "(peak / (2 x achieved HBM BW / 2 B)).", highlight=False, soft_wrap=True)
@@ -656,10 +634,8 @@ def run(
 ) -> None:
     """Run rank models on the reference CPU runtime; with --against, prove outputs are unchanged;
     with --twin, compare them with the single-device model they were sharded from."""
-    from rich.table import Table
-
     from preserve_onnx.graph.dims import parse_dim_options
-    from preserve_onnx.report import counted
+    from preserve_onnx.report import counted, outputs_table
     from preserve_onnx.runtime.feeds import save_outputs
     from preserve_onnx.runtime.runner import run_models
 
@@ -692,13 +668,7 @@ def run(
     if save is not None:
         save_outputs(save, result.outputs)
     if not quiet:
-        table = Table(title=f"{len(result.models)} rank(s), {steps} step(s)", title_justify="left")
-        for col in ("rank", "output", "dtype", "shape"):
-            table.add_column(col)
-        for rank, outputs in enumerate(result.outputs):
-            for name, value in outputs.items():
-                table.add_row(str(rank), name, str(value.dtype), "x".join(map(str, value.shape)))
-        out.print(table)
+        out.print(outputs_table(result.outputs, steps))
     if result.twin is not None:
         _print_twin(result, twin, steps)
         return

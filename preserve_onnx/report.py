@@ -242,3 +242,45 @@ def _render_outcome(console: Console, o: RankOutcome, verbose: int) -> None:
     if o.verification is not None and verbose:
         console.print(f"[dim]verify: {o.verification.graphs} graphs, {o.verification.prefetches} "
                       f"prefetches, onnx checker {o.verification.checker}[/dim]")
+
+
+def passes_table(passes: dict[str, tuple[str, str]]) -> Table:
+    """`preserve-onnx passes`: the registry, in pipeline order."""
+    table = Table(title="optimize pipeline", title_justify="left")
+    for col in ("pass", "kind", "what it does"):
+        table.add_column(col)
+    for name, (kind, summary) in passes.items():
+        table.add_row(name, kind, summary)
+    return table
+
+
+def hardware_table(profiles) -> Table:
+    """`preserve-onnx hardware`: each profile's usable L2, achieved HBM bandwidth and the figures the cost
+    model uses."""
+    table = Table(title="hardware profiles (usable L2, achieved HBM; --hardware NAME@IMPL picks a collective)",
+                  title_justify="left")
+    table.add_column("name", no_wrap=True)
+    for col in ("L2", "HBM BW", "L2 BW", "link BW", "AllReduce alpha", "peak", "fp16 max tokens", "prefetch chunk"):
+        table.add_column(col, justify="right")
+    for hw in profiles:
+        alphas = hw.collective_alphas or ((hw.collective, hw.collective_alpha),)
+        latency = ", ".join(f"{impl + ' ' if impl else ''}{alpha * 1e6:.1f} us"
+                            + ("*" if impl == hw.collective and len(alphas) > 1 else "")
+                            for impl, alpha in alphas)
+        table.add_row(hw.name, f"{format_size(hw.usable_l2_bytes)} of {format_size(hw.l2_bytes)}",
+                      f"{hw.effective_hbm_bw / 1e12:.2f} of {hw.hbm_bw / 1e12:.2f} TB/s",
+                      f"{hw.l2_bw / 1e12:.1f} TB/s", f"{hw.link_bw / 1e9:.0f} GB/s", latency,
+                      f"{hw.peak_flops / 1e12:.0f} TF", f"{hw.roofline_tokens(2, 2):.0f}",
+                      format_size(hw.max_prefetch_bytes) if hw.max_prefetch_bytes else "none")
+    return table
+
+
+def outputs_table(outputs: Sequence[dict], steps: int) -> Table:
+    """`run`: every rank's outputs after the last step (name, dtype, shape)."""
+    table = Table(title=f"{len(outputs)} rank(s), {steps} step(s)", title_justify="left")
+    for col in ("rank", "output", "dtype", "shape"):
+        table.add_column(col)
+    for rank, named in enumerate(outputs):
+        for name, value in named.items():
+            table.add_row(str(rank), name, str(value.dtype), "x".join(map(str, value.shape)))
+    return table
