@@ -4,7 +4,6 @@ import dataclasses
 import math
 
 import pytest
-from preserve_onnx.passes import plan_prefetches
 
 from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.cost.analysis import analyze
@@ -14,6 +13,7 @@ from preserve_onnx.cost.sweep import parse_sweep
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.hardware import HardwareProfile, builtin_profiles, load_profile
 from preserve_onnx.model_io import load_model
+from preserve_onnx.passes import plan_prefetches
 from tests.builders import G
 from tests.conftest import SAMPLE_VARIANTS, SAMPLES
 

@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from preserve_onnx.passes import plan_prefetches
 from typer.testing import CliRunner
 
 from preserve_onnx import OptimizeConfig, PrefetchNaming, diff, optimize
@@ -15,6 +14,7 @@ from preserve_onnx.cli import app
 from preserve_onnx.diffing import Change, Entry
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.model_io import load_model
+from preserve_onnx.passes import plan_prefetches
 from tests.builders import MS, G, if_model, two_layer_mlp
 from tests.conftest import SAMPLE_VARIANTS, SAMPLES
 

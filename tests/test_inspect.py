@@ -3,12 +3,12 @@
 import json
 
 import pytest
-from preserve_onnx.passes import Candidate, Window
 from typer.testing import CliRunner
 
 from preserve_onnx import OptimizeConfig, PrefetchNaming, inspect, inspect_path, optimize
 from preserve_onnx.cli import app
 from preserve_onnx.inspection import ExistingPrefetch
+from preserve_onnx.passes import Candidate, Window
 from tests.builders import MS, G, two_layer_mlp
 from tests.conftest import SAMPLE_VARIANTS, SAMPLES
 

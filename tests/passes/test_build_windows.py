@@ -1,6 +1,6 @@
 from onnx import TensorProto, helper
-from preserve_onnx.passes import build_windows
 
+from preserve_onnx.passes import build_windows
 from tests.builders import MS, G, if_model, two_layer_mlp
 
 

@@ -1,7 +1,7 @@
 import pytest
-from preserve_onnx.passes import CheckOrderPass
 
 from preserve_onnx.errors import PreserveError
+from preserve_onnx.passes import CheckOrderPass
 from tests.builders import G, two_layer_mlp
 
 

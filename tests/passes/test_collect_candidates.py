@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
-from preserve_onnx.passes import build_windows, collect_candidates
-from preserve_onnx.passes.collect_candidates import DQ_SCALE, DQ_WEIGHT, DQ_ZERO_POINT
 
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.index import iter_scopes
+from preserve_onnx.passes import build_windows, collect_candidates
+from preserve_onnx.passes.collect_candidates import DQ_SCALE, DQ_WEIGHT, DQ_ZERO_POINT
 from tests.builders import MS, G, two_layer_mlp
 
 

@@ -1,9 +1,9 @@
 import onnx
 import pytest
-from preserve_onnx.passes import InsertPrefetchesPass
 
 from preserve_onnx.config import PREFETCH_ATTRIBUTES, OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError
+from preserve_onnx.passes import InsertPrefetchesPass
 from tests.builders import G, if_model, ops, two_layer_mlp
 
 

@@ -1,9 +1,8 @@
 import dataclasses
 
-from preserve_onnx.passes import plan_prefetches
-
 from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.hardware import load_profile
+from preserve_onnx.passes import plan_prefetches
 from tests.builders import G, two_layer_mlp
 
 

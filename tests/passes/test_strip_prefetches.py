@@ -1,8 +1,8 @@
 import pytest
-from preserve_onnx.passes import InsertPrefetchesPass, StripPrefetchesPass
 
 from preserve_onnx.config import OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError
+from preserve_onnx.passes import InsertPrefetchesPass, StripPrefetchesPass
 from tests.builders import G, if_model, two_layer_mlp
 
 

@@ -1,9 +1,9 @@
 import onnx
 import pytest
-from preserve_onnx.passes import InsertPrefetchesPass, VerifyPrefetchesPass
 
 from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.errors import PreserveError
+from preserve_onnx.passes import InsertPrefetchesPass, VerifyPrefetchesPass
 from tests.builders import G, two_layer_mlp
 
 
