@@ -92,7 +92,9 @@ class KvBuffer:
         return (self.end - self.start) * self.row
 
 
-def kv_buffer(node: onnx.NodeProto, vi: onnx.ValueInfoProto, seq_axis: int, sizing: Sizing, raw: int) -> KvBuffer:
+def kv_buffer(
+    node: onnx.NodeProto, vi: onnx.ValueInfoProto, seq_axis: int, sizing: Sizing, raw: int
+) -> KvBuffer:
     """The buffer behind a GroupQueryAttention KV input whose bytes at ``sizing`` are ``raw``: its length
     as :func:`buffer_length` binds it; a ``sliding_window_cache=1`` node's buffer is window-sized, so a
     length that neither the graph nor ``--dim`` fixes is its ``local_window_size``."""
@@ -100,8 +102,13 @@ def kv_buffer(node: onnx.NodeProto, vi: onnx.ValueInfoProto, seq_axis: int, sizi
     capacity = bound
     dims = vi.type.tensor_type.shape.dim
     w = int(attr(node, "local_window_size", -1))
-    if int(attr(node, "sliding_window_cache", 0)) and w > 0 and 0 <= seq_axis < len(dims) \
-            and not dims[seq_axis].HasField("dim_value") and dims[seq_axis].dim_param not in sizing.dims:
+    if (
+        int(attr(node, "sliding_window_cache", 0))
+        and w > 0
+        and 0 <= seq_axis < len(dims)
+        and not dims[seq_axis].HasField("dim_value")
+        and dims[seq_axis].dim_param not in sizing.dims
+    ):
         capacity = w
     start, end = live_positions(capacity, sizing.context, kv_window(node))
     return KvBuffer(capacity, raw // bound if bound else 0, start, end)

@@ -22,18 +22,19 @@ import math
 from collections.abc import Sequence
 
 import onnx
-
-from preserve_onnx.hardware import HardwareProfile
-from preserve_onnx.graph.index import MS_DOMAIN, Scope, is_default_domain, node_label
 from preserve_onnx.passes.build_windows import Window
 from preserve_onnx.passes.collect_candidates import Candidate
+
+from preserve_onnx.graph.index import MS_DOMAIN, Scope, is_default_domain, node_label
+from preserve_onnx.hardware import HardwareProfile
 
 # (domain, op type) -> the input slot holding the weight operand, for the linear layers.
 _LINEAR_WEIGHT_SLOT = {("", "MatMul"): 1, ("", "Gemm"): 1, (MS_DOMAIN, "MatMulNBits"): 1}
 
 
-def window_max_tokens(scope: Scope, window: Window, candidates: Sequence[Candidate], prefetched: Sequence,
-                      hw: HardwareProfile) -> int:
+def window_max_tokens(
+    scope: Scope, window: Window, candidates: Sequence[Candidate], prefetched: Sequence, hw: HardwareProfile
+) -> int:
     """The window's ``max_tokens`` (0 = no limit) for the prefetches ``prefetched`` (anything with a
     ``consumer`` label) planned from ``candidates``."""
     consumers = dict.fromkeys(p.consumer for p in prefetched)
@@ -51,8 +52,9 @@ def window_max_tokens(scope: Scope, window: Window, candidates: Sequence[Candida
     return max(1, int(limit))
 
 
-def consumer_tokens(scope: Scope, node: onnx.NodeProto, reads: Sequence[Candidate],
-                    hw: HardwareProfile) -> float:
+def consumer_tokens(
+    scope: Scope, node: onnx.NodeProto, reads: Sequence[Candidate], hw: HardwareProfile
+) -> float:
     """Tokens per step up to which ``node`` stays memory-bound (``inf``: always)."""
     domain = "" if is_default_domain(node.domain) else node.domain
     slot = _LINEAR_WEIGHT_SLOT.get((domain, node.op_type))

@@ -22,7 +22,6 @@ from preserve_onnx.graph.dims import declared_types, message_bytes
 from preserve_onnx.graph.index import Scope, is_collective, iter_scopes, node_label
 
 
-
 @dataclass(frozen=True)
 class Window:
     """One collective and the operators after it, up to the next collective."""
@@ -37,8 +36,12 @@ class Window:
     message_bytes: int  # bytes of the collective's input for one decode step (0 = unknown)
 
 
-def build_windows(model: onnx.ModelProto, collectives: tuple[str, ...] = ("AllReduce",),
-                  batch: int = 8, scopes: Sequence[Scope] | None = None) -> tuple[Window, ...]:
+def build_windows(
+    model: onnx.ModelProto,
+    collectives: tuple[str, ...] = ("AllReduce",),
+    batch: int = 8,
+    scopes: Sequence[Scope] | None = None,
+) -> tuple[Window, ...]:
     """All collectives of the model with their windows, main graph first, then subgraphs."""
     windows = []
     for scope in scopes if scopes is not None else iter_scopes(model):
@@ -49,14 +52,16 @@ def build_windows(model: onnx.ModelProto, collectives: tuple[str, ...] = ("AllRe
             node = nodes[index]
             end = positions[k + 1] if k + 1 < len(positions) else len(nodes)
             anchor = node.input[0] if node.input else ""
-            windows.append(Window(
-                graph=scope.path,
-                index=index,
-                collective=node_label(node, index),
-                op_type=node.op_type,
-                anchor=anchor,
-                selected=node.op_type in collectives,
-                nodes=tuple(range(index + 1, end)),
-                message_bytes=message_bytes(scope, anchor, batch, declared),
-            ))
+            windows.append(
+                Window(
+                    graph=scope.path,
+                    index=index,
+                    collective=node_label(node, index),
+                    op_type=node.op_type,
+                    anchor=anchor,
+                    selected=node.op_type in collectives,
+                    nodes=tuple(range(index + 1, end)),
+                    message_bytes=message_bytes(scope, anchor, batch, declared),
+                )
+            )
     return tuple(windows)

@@ -15,11 +15,11 @@ named there is resolved to what is read from HBM:
 Refused, each with a reason that ``-v`` shows: activations (anything computed from a graph input),
 the scale of a DequantizeLinear (onnxruntime fuses DQ+MatMul into a quantized kernel only while the
 scale has no other reader), the quantized weight and the zero point of a DequantizeLinear unless
-``qdq_weights`` (measured:
-onnxruntime 1.32 rewrites DQ+MatMul into MatMulNBits only while the weight has no other reader, so a
-Prefetch reading it changes the logits; vendor toolchains that do not fuse can opt in), outputs of ``Constant`` nodes (exporters put weights in initializers),
-the collective's own input, and a tensor already covered in the window. Candidates come in order of
-first use (node order, then input index). Nothing here reads weight bytes.
+``qdq_weights`` (measured: onnxruntime 1.32 rewrites DQ+MatMul into MatMulNBits only while the weight
+has no other reader, so a Prefetch reading it changes the logits; vendor toolchains that do not fuse
+can opt in), outputs of ``Constant`` nodes (exporters put weights in initializers), the collective's
+own input, and a tensor already covered in the window. Candidates come in order of first use (node
+order, then input index). Nothing here reads weight bytes.
 """
 
 from __future__ import annotations
@@ -28,14 +28,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import onnx
-
-from preserve_onnx.graph.index import MS_DOMAIN, Scope, attr, initializer_nbytes, is_default_domain, node_label
-from preserve_onnx.graph.dims import Sizing
 from preserve_onnx.passes._live import EXPERT_SHARE, expert_min_tokens, expert_share, kv_buffer, kv_window
-from preserve_onnx.graph.structure import (CONSUMERS, KvCachePath, Slots, consumer_slots,  # noqa: F401
-                                             kv_cache_paths, reads_bytes)
 from preserve_onnx.passes.build_windows import Window
 
+from preserve_onnx.graph.dims import Sizing
+from preserve_onnx.graph.index import (
+    MS_DOMAIN,
+    Scope,
+    attr,
+    initializer_nbytes,
+    is_default_domain,
+    node_label,
+)
+from preserve_onnx.graph.structure import (
+    KvCachePath,
+    Slots,
+    consumer_slots,  # noqa: F401
+    kv_cache_paths,
+    reads_bytes,
+)
 
 _NO_SLOTS = Slots()  # an operator that reads no weights or KV-cache through its slots
 
@@ -92,10 +103,19 @@ class WindowCandidates:
     skipped: tuple[Skipped, ...]
 
 
-def collect_candidates(scope: Scope, window: Window, *, batch: int = 8, context: int = 16384,
-                       kv: bool = True, qdq_weights: bool = False, sizing: Sizing | None = None,
-                       kv_paths: Mapping[str, KvCachePath] | None = None, static_kv: bool = False,
-                       positions: Mapping[str, int] | None = None) -> WindowCandidates:
+def collect_candidates(
+    scope: Scope,
+    window: Window,
+    *,
+    batch: int = 8,
+    context: int = 16384,
+    kv: bool = True,
+    qdq_weights: bool = False,
+    sizing: Sizing | None = None,
+    kv_paths: Mapping[str, KvCachePath] | None = None,
+    static_kv: bool = False,
+    positions: Mapping[str, int] | None = None,
+) -> WindowCandidates:
     """Candidates of ``window`` (which lives in ``scope``), in first-use order; expert banks that a step
     reads less than half of at the planning point (``--batch`` tokens) come after everything else.
 
@@ -109,8 +129,12 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int = 8, context:
     if kv_paths is None:
         kv_paths = kv_cache_paths(scope.graph) if not scope.path else {}
     # Tensor -> the structural KV input whose bytes it carries (the input and its layout copies).
-    kv_alias = {alias: path for path in kv_paths.values() for alias in path.aliases
-                if path.input not in scope.local_inputs}
+    kv_alias = {
+        alias: path
+        for path in kv_paths.values()
+        for alias in path.aliases
+        if path.input not in scope.local_inputs
+    }
     nodes = scope.graph.node
     in_window = {out for i in window.nodes for out in nodes[i].output if out}
     # Every input of the collective (input 0 is the anchor; AllReduce is variadic): never a target.
@@ -140,18 +164,31 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int = 8, context:
             if slot in structural:  # plain-operator KV-cache (docs/design.md §2, way 2)
                 path = kv_alias[name]
                 if not reads_bytes(node):
-                    skip(f"{node.op_type} reads only the KV-cache's shape, not its bytes: not a consumer",
-                         path.input)
+                    skip(
+                        f"{node.op_type} reads only the KV-cache's shape, not its bytes: not a consumer",
+                        path.input,
+                    )
                     continue
                 if not kv:
                     skip("KV-cache excluded by --no-kv", path.input)
                     continue
-                found = [(path.input, sizing.kv_bytes(scope.main_inputs[path.input], structural_kv_axes(
-                    path, scope.main_inputs[path.input])))]
+                found = [
+                    (
+                        path.input,
+                        sizing.kv_bytes(
+                            scope.main_inputs[path.input],
+                            structural_kv_axes(path, scope.main_inputs[path.input]),
+                        ),
+                    )
+                ]
                 kind = "kv_cache"
                 live = {}
-            elif slot in slots.kv and name in scope.main_inputs and name not in scope.initializers \
-                    and name not in scope.local_inputs:  # a Loop's carried state may reuse a KV name
+            elif (
+                slot in slots.kv
+                and name in scope.main_inputs
+                and name not in scope.initializers
+                and name not in scope.local_inputs
+            ):  # a Loop's carried state may reuse a KV name
                 if not kv:
                     skip("KV-cache excluded by --no-kv")
                     continue
@@ -180,23 +217,37 @@ def collect_candidates(scope: Scope, window: Window, *, batch: int = 8, context:
                 kind = "weight"
                 live = {}
             else:
-                skip("KV slot not fed by a graph input" if name not in scope.initializers
-                     else "KV slot fed by an initializer")
+                skip(
+                    "KV slot not fed by a graph input"
+                    if name not in scope.initializers
+                    else "KV slot fed by an initializer"
+                )
                 continue
             for tensor, size in found:
                 if tensor in seen:
                     skip(f"already covered in this window (first read by {seen[tensor]})", tensor)
                     continue
                 seen[tensor] = consumer
-                extra = _bank(node, slot, slots, scope.initializers[tensor], sizing.batch) if kind == "weight" \
+                extra = (
+                    _bank(node, slot, slots, scope.initializers[tensor], sizing.batch)
+                    if kind == "weight"
                     else live
+                )
                 cand = Candidate(tensor, kind, consumer, slot, size, **extra)
                 (deferred if cand.min_tokens and cand.read_share < EXPERT_SHARE else candidates).append(cand)
     return WindowCandidates(window, tuple(candidates + deferred), tuple(skipped))
 
 
-def _kv_live(scope: Scope, window: Window, node: onnx.NodeProto, name: str, axes: tuple[int, int],
-             sizing: Sizing, static_kv: bool, positions: Mapping[str, int] | None) -> dict:
+def _kv_live(
+    scope: Scope,
+    window: Window,
+    node: onnx.NodeProto,
+    name: str,
+    axes: tuple[int, int],
+    sizing: Sizing,
+    static_kv: bool,
+    positions: Mapping[str, int] | None,
+) -> dict:
     """A KV slot's link (docs/design.md §3 "Live ranges"): GroupQueryAttention's carry L = its
     ``seqlens_k`` (in[5]), ``seq_axis`` and ``window``, sized in live bytes; other attention ops (whose
     past holds exactly the valid positions) and ``static_kv`` keep the two-input form over the tensor's
@@ -219,9 +270,13 @@ def _kv_live(scope: Scope, window: Window, node: onnx.NodeProto, name: str, axes
 
 
 def _visible(scope: Scope, window: Window, tensor: str, positions: Mapping[str, int] | None) -> str:
-    """"" when ``tensor`` exists where the window's Prefetch chain goes (before the collective), else why not."""
-    if tensor in scope.initializers or tensor in scope.local_inputs or \
-            (not scope.path and tensor in scope.main_inputs):
+    """An empty string when ``tensor`` exists where the window's Prefetch chain goes (before the
+    collective), else why not."""
+    if (
+        tensor in scope.initializers
+        or tensor in scope.local_inputs
+        or (not scope.path and tensor in scope.main_inputs)
+    ):
         return ""
     if positions is None:
         positions = producer_positions(scope.graph)
@@ -229,8 +284,10 @@ def _visible(scope: Scope, window: Window, tensor: str, positions: Mapping[str, 
         if positions[tensor] < window.index:
             return ""
         index = positions[tensor]
-        return (f"is made by {node_label(scope.graph.node[index], index)} (node {index}), after the collective "
-                f"{window.collective}: the Prefetch would read it before it exists")
+        return (
+            f"is made by {node_label(scope.graph.node[index], index)} (node {index}), after the collective "
+            f"{window.collective}: the Prefetch would read it before it exists"
+        )
     if scope.path and (tensor in scope.producers or tensor in scope.main_inputs):
         return ""  # made in an outer graph: in scope throughout this subgraph
     return "has no producer in scope"
@@ -253,13 +310,19 @@ def _bank(node: onnx.NodeProto, slot: int, slots: Slots, tensor: onnx.TensorProt
 
 
 # Constant inputs that are read but never prefetch targets, and why (``-v`` shows these).
-DQ_SCALE = ("scale of DequantizeLinear: never a target (onnxruntime fuses DequantizeLinear+MatMul into a "
-            "quantized kernel only while the scale has no other reader)")
-DQ_WEIGHT = ("quantized weight of DequantizeLinear: not a target unless --qdq-weights (onnxruntime 1.32 "
-             "rewrites DequantizeLinear+MatMul into MatMulNBits only while the weight has no other reader; "
-             "a Prefetch reader changes its numerics)")
-DQ_ZERO_POINT = ("zero point of DequantizeLinear: not a target unless --qdq-weights (it follows the quantized "
-                 "weight: onnxruntime's DequantizeLinear+MatMul fusion strands a zero point that another node reads)")
+DQ_SCALE = (
+    "scale of DequantizeLinear: never a target (onnxruntime fuses DequantizeLinear+MatMul into a "
+    "quantized kernel only while the scale has no other reader)"
+)
+DQ_WEIGHT = (
+    "quantized weight of DequantizeLinear: not a target unless --qdq-weights (onnxruntime 1.32 "
+    "rewrites DequantizeLinear+MatMul into MatMulNBits only while the weight has no other reader; "
+    "a Prefetch reader changes its numerics)"
+)
+DQ_ZERO_POINT = (
+    "zero point of DequantizeLinear: not a target unless --qdq-weights (it follows the quantized "
+    "weight: onnxruntime's DequantizeLinear+MatMul fusion strands a zero point that another node reads)"
+)
 
 
 @dataclass(frozen=True)
@@ -271,8 +334,9 @@ class Resolution:
     excluded: tuple[tuple[str, str], ...] = ()  # (initializer, why) read by the chain but not targets
 
 
-def resolve_roots(scope: Scope, name: str, in_window: set[str] = frozenset(), *, qdq_weights: bool = False,
-                  depth: int = 0) -> Resolution:
+def resolve_roots(
+    scope: Scope, name: str, in_window: set[str] = frozenset(), *, qdq_weights: bool = False, depth: int = 0
+) -> Resolution:
     """The root initializers that ``name`` is computed from by constant-only operators."""
     if name in scope.initializers:
         return Resolution((name,))
@@ -297,7 +361,9 @@ def resolve_roots(scope: Scope, name: str, in_window: set[str] = frozenset(), *,
         sub = resolve_roots(scope, inp, in_window, qdq_weights=qdq_weights, depth=depth + 1)
         if sub.reason and not (sub.reason.startswith("output of a Constant") and index not in targets):
             # Any non-constant operand makes the whole chain an activation.
-            reason = sub.reason if sub.reason.startswith("activation") else f"via {node.op_type}: {sub.reason}"
+            reason = (
+                sub.reason if sub.reason.startswith("activation") else f"via {node.op_type}: {sub.reason}"
+            )
             return Resolution(reason=reason)
         excluded.extend(sub.excluded)
         why = None

@@ -29,12 +29,12 @@ from collections import defaultdict
 
 import onnx
 from onnx import helper
+from preserve_onnx.passes.plan_prefetches import Plan, WindowPlan
+from preserve_onnx.passes.plan_prefetches import plan_prefetches as plan_model
 
 from preserve_onnx.config import PREFETCH_ATTRIBUTES, OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.index import iter_graphs
-from preserve_onnx.passes.plan_prefetches import Plan, WindowPlan
-from preserve_onnx.passes.plan_prefetches import plan_prefetches as plan_model
 from preserve_onnx.pipeline import Pass, PassResult
 
 
@@ -58,12 +58,16 @@ class InsertPrefetchesPass(Pass):
         existing = count_prefetches(model, naming)
         if existing:
             # Planning on top of old prefetches would double every chain and break strip(optimize(m)) == m.
-            raise PreserveError(f"the model already contains {existing} {naming.domain}::{naming.op_type} "
-                                f"nodes; pass --replan to strip them and plan again")
+            raise PreserveError(
+                f"the model already contains {existing} {naming.domain}::{naming.op_type} "
+                f"nodes; pass --replan to strip them and plan again"
+            )
         if prefetch_functions(model, naming):
             # strip removes the definition with the nodes: a foreign one would be lost.
-            raise PreserveError(f"the model already defines a function {naming.domain}::{naming.op_type}; "
-                                f"pass --replan to remove it, or choose another --prefetch-domain")
+            raise PreserveError(
+                f"the model already defines a function {naming.domain}::{naming.op_type}; "
+                f"pass --replan to remove it, or choose another --prefetch-domain"
+            )
         in_use = any(n.domain == naming.domain for _, g in iter_graphs(model) for n in g.node)
         if plan is None:
             plan = plan_model(model, self.config, self.ranks)
@@ -104,8 +108,9 @@ def _prefetch_node(naming, anchor: str, p, collective: str, max_tokens: int = 0)
     does); ``max_tokens`` / ``min_tokens`` only when there is a limit (absent = no limit), ``seq_axis`` and
     ``window`` with the length input (docs/design.md §3)."""
     inputs = [anchor, p.tensor] + ([p.lengths] if p.lengths else [])
-    node = onnx.NodeProto(op_type=naming.op_type, domain=naming.domain, name=p.node,
-                          input=inputs, output=[p.output])
+    node = onnx.NodeProto(
+        op_type=naming.op_type, domain=naming.domain, name=p.node, input=inputs, output=[p.output]
+    )
     attrs = [
         onnx.AttributeProto(name=naming.max_size, type=onnx.AttributeProto.INT, i=p.max_size),
         onnx.AttributeProto(name=naming.offset, type=onnx.AttributeProto.INT, i=p.offset),
@@ -114,7 +119,9 @@ def _prefetch_node(naming, anchor: str, p, collective: str, max_tokens: int = 0)
     if max_tokens > 0:
         attrs.append(onnx.AttributeProto(name=naming.max_tokens, type=onnx.AttributeProto.INT, i=max_tokens))
     if p.min_tokens > 0:
-        attrs.append(onnx.AttributeProto(name=naming.min_tokens, type=onnx.AttributeProto.INT, i=p.min_tokens))
+        attrs.append(
+            onnx.AttributeProto(name=naming.min_tokens, type=onnx.AttributeProto.INT, i=p.min_tokens)
+        )
     if p.lengths:
         attrs.append(onnx.AttributeProto(name=naming.seq_axis, type=onnx.AttributeProto.INT, i=p.seq_axis))
         attrs.append(onnx.AttributeProto(name=naming.window, type=onnx.AttributeProto.INT, i=p.window))
@@ -129,8 +136,10 @@ def _ensure_opset(model: onnx.ModelProto, domain: str, version: int, in_use: boo
     for op in model.opset_import:
         if op.domain == domain:
             if op.version != version and in_use:
-                raise PreserveError(f"the model imports domain '{domain}' at version {op.version}, "
-                                    f"not {version}; choose another --prefetch-domain")
+                raise PreserveError(
+                    f"the model imports domain '{domain}' at version {op.version}, "
+                    f"not {version}; choose another --prefetch-domain"
+                )
             return
     model.opset_import.append(helper.make_opsetid(domain, version))
 
@@ -147,12 +156,16 @@ def prefetch_function(model: onnx.ModelProto, naming: PrefetchNaming) -> onnx.Fu
     """
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     return onnx.FunctionProto(
-        name=naming.op_type, domain=naming.domain, input=["A", "X", "L"], output=["Y"],
+        name=naming.op_type,
+        domain=naming.domain,
+        input=["A", "X", "L"],
+        output=["Y"],
         attribute=[getattr(naming, a) for a in PREFETCH_ATTRIBUTES],
         node=[onnx.NodeProto(op_type="Identity", input=["A"], output=["Y"])],
         opset_import=[helper.make_opsetid("", version)],
         doc_string="Y = A; X (and L's live range) are only a cache hint. For tools that infer shapes: a "
-                   "runtime that registers this op runs its own kernel.")
+        "runtime that registers this op runs its own kernel.",
+    )
 
 
 def prefetch_functions(model: onnx.ModelProto, naming: PrefetchNaming) -> list[onnx.FunctionProto]:

@@ -19,15 +19,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx
+from preserve_onnx.passes._roofline import window_max_tokens
+from preserve_onnx.passes.build_windows import Window, build_windows
+from preserve_onnx.passes.collect_candidates import (
+    Candidate,
+    Skipped,
+    WindowCandidates,
+    collect_candidates,
+    producer_positions,
+)
 
 from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.graph.dims import Sizing
 from preserve_onnx.graph.index import all_names, iter_scopes
-from preserve_onnx.passes._roofline import window_max_tokens
 from preserve_onnx.graph.structure import kv_cache_paths
-from preserve_onnx.passes.build_windows import Window, build_windows
-from preserve_onnx.passes.collect_candidates import (Candidate, Skipped, WindowCandidates, collect_candidates,
-                                                     producer_positions)
 from preserve_onnx.pipeline import Pass, PassResult
 
 
@@ -88,8 +93,9 @@ def plan_prefetches(model: onnx.ModelProto, config: OptimizeConfig, ranks: int =
     return plan_windows(model, config, ranks, collect_all(model, config, windows))
 
 
-def collect_all(model: onnx.ModelProto, config: OptimizeConfig,
-                windows: tuple[Window, ...]) -> tuple[WindowCandidates, ...]:
+def collect_all(
+    model: onnx.ModelProto, config: OptimizeConfig, windows: tuple[Window, ...]
+) -> tuple[WindowCandidates, ...]:
     """The candidates of every selected window (analysis ``collect-candidates``)."""
     scope_list = list(iter_scopes(model))
     scopes = {s.path: s for s in scope_list}
@@ -103,14 +109,24 @@ def collect_all(model: onnx.ModelProto, config: OptimizeConfig,
         scope = scopes[window.graph]
         if window.graph not in positions:
             positions[window.graph] = producer_positions(scope.graph)
-        found.append(collect_candidates(scope, window, kv=config.kv, qdq_weights=config.qdq_weights,
-                                        sizing=sizing, kv_paths=kv_paths, static_kv=config.static_kv,
-                                        positions=positions[window.graph]))
+        found.append(
+            collect_candidates(
+                scope,
+                window,
+                kv=config.kv,
+                qdq_weights=config.qdq_weights,
+                sizing=sizing,
+                kv_paths=kv_paths,
+                static_kv=config.static_kv,
+                positions=positions[window.graph],
+            )
+        )
     return tuple(found)
 
 
-def plan_windows(model: onnx.ModelProto, config: OptimizeConfig, ranks: int,
-                 found: tuple[WindowCandidates, ...]) -> Plan:
+def plan_windows(
+    model: onnx.ModelProto, config: OptimizeConfig, ranks: int, found: tuple[WindowCandidates, ...]
+) -> Plan:
     """Budgets, the fill rule, names and validity ranges for each window's candidates (analysis
     ``plan-prefetches``)."""
     hw = config.hardware
@@ -119,20 +135,29 @@ def plan_windows(model: onnx.ModelProto, config: OptimizeConfig, ranks: int,
     plans = []
     for wc in found:
         window = wc.window
-        budget = config.budget if config.budget is not None else \
-            hw.window_budget(window.message_bytes, ranks, config.l2_fraction)
-        prefetches, skipped = fill_window(window, wc.candidates, budget, config.min_chunk,
-                                          hw.max_prefetch_bytes, taken)
+        budget = (
+            config.budget
+            if config.budget is not None
+            else hw.window_budget(window.message_bytes, ranks, config.l2_fraction)
+        )
+        prefetches, skipped = fill_window(
+            window, wc.candidates, budget, config.min_chunk, hw.max_prefetch_bytes, taken
+        )
         max_tokens = window_max_tokens(scopes[window.graph], window, wc.candidates, prefetches, hw)
-        plans.append(WindowPlan(window, budget, wc.candidates, wc.skipped + skipped,
-                                tuple(prefetches), max_tokens))
-    rule = (f"--budget {config.budget} B per window" if config.budget is not None else
-            f"min({config.l2_fraction} x usable L2, achieved HBM BW x t_collective) on {hw.name}")
+        plans.append(
+            WindowPlan(window, budget, wc.candidates, wc.skipped + skipped, tuple(prefetches), max_tokens)
+        )
+    rule = (
+        f"--budget {config.budget} B per window"
+        if config.budget is not None
+        else f"min({config.l2_fraction} x usable L2, achieved HBM BW x t_collective) on {hw.name}"
+    )
     return Plan(hw.name, rule, ranks, tuple(plans))
 
 
-def fill_window(window: Window, candidates, budget: int, min_chunk: int, max_op: int,
-                taken: set[str]) -> tuple[list[PlannedPrefetch], tuple[Skipped, ...]]:
+def fill_window(
+    window: Window, candidates, budget: int, min_chunk: int, max_op: int, taken: set[str]
+) -> tuple[list[PlannedPrefetch], tuple[Skipped, ...]]:
     """The fill rule for one window (first use order, one partial cut, per-op split); names taken
     from ``taken`` are avoided and added to it. Shared with the cost model so both agree."""
     prefetches: list[PlannedPrefetch] = []
@@ -144,8 +169,11 @@ def fill_window(window: Window, candidates, budget: int, min_chunk: int, max_op:
         elif remaining > 0 and remaining >= min_chunk:  # max_size 0 would mean the whole tensor
             span = remaining
         else:
-            why = (f"budget exhausted ({remaining} B left < min chunk {min_chunk} B)" if remaining > 0
-                   else "budget exhausted (0 B left)")
+            why = (
+                f"budget exhausted ({remaining} B left < min chunk {min_chunk} B)"
+                if remaining > 0
+                else "budget exhausted (0 B left)"
+            )
             for rest in candidates[i:]:
                 skipped.append(Skipped(rest.tensor, rest.consumer, rest.slot, why))
             break
@@ -156,14 +184,33 @@ def fill_window(window: Window, candidates, budget: int, min_chunk: int, max_op:
             node = _unique(base, taken)
             output = _unique(f"{base}/out", taken)
             max_size = 0 if whole and len(pieces) == 1 else size
-            prefetches.append(PlannedPrefetch(node, output, cand.tensor, cand.kind, cand.consumer,
-                                              offset, max_size, size, cand.lengths, cand.seq_axis, cand.window,
-                                              cand.min_tokens))
+            prefetches.append(
+                PlannedPrefetch(
+                    node,
+                    output,
+                    cand.tensor,
+                    cand.kind,
+                    cand.consumer,
+                    offset,
+                    max_size,
+                    size,
+                    cand.lengths,
+                    cand.seq_axis,
+                    cand.window,
+                    cand.min_tokens,
+                )
+            )
         remaining -= span
         if not whole:
-            for rest in candidates[i + 1:]:
-                skipped.append(Skipped(rest.tensor, rest.consumer, rest.slot,
-                                       f"budget exhausted after partial prefetch of {cand.tensor}"))
+            for rest in candidates[i + 1 :]:
+                skipped.append(
+                    Skipped(
+                        rest.tensor,
+                        rest.consumer,
+                        rest.slot,
+                        f"budget exhausted after partial prefetch of {cand.tensor}",
+                    )
+                )
             break
     return prefetches, tuple(skipped)
 

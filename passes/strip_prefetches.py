@@ -13,11 +13,11 @@ has no input.
 from __future__ import annotations
 
 import onnx
+from preserve_onnx.passes.insert_prefetches import prefetch_functions
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.index import iter_graphs
-from preserve_onnx.passes.insert_prefetches import prefetch_functions
 from preserve_onnx.pipeline import Pass, PassResult
 
 
@@ -29,8 +29,9 @@ class StripPrefetchesPass(Pass):
         self.naming = naming
 
     def run(self, model: onnx.ModelProto) -> PassResult:
-        if not any(self.naming.matches(n) for _, g in iter_graphs(model) for n in g.node) \
-                and not prefetch_functions(model, self.naming):
+        if not any(
+            self.naming.matches(n) for _, g in iter_graphs(model) for n in g.node
+        ) and not prefetch_functions(model, self.naming):
             return PassResult(model, False, 0)
         out = onnx.ModelProto()
         out.CopyFrom(model)
@@ -44,7 +45,8 @@ class StripPrefetchesPass(Pass):
                         # what the model computes. A third input is the length input L (removed with it).
                         raise PreserveError(
                             f"node '{node.name}' ({node.domain}::{node.op_type}) is not a Prefetch (2 or 3 "
-                            f"inputs, 1 output); check the Prefetch naming options; nothing was stripped")
+                            f"inputs, 1 output); check the Prefetch naming options; nothing was stripped"
+                        )
                     replaced[node.output[0]] = node.input[0]
 
         def source(name: str) -> str:

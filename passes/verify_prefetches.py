@@ -14,11 +14,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx
+from preserve_onnx.passes.check_order import check_topological
+
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.passes.check_order import check_topological
-from preserve_onnx.graph.index import (MS_DOMAIN, attr, declared_types, initializer_nbytes, is_collective,
-                                       is_default_domain, iter_graphs, iter_scopes)
+from preserve_onnx.graph.index import (
+    MS_DOMAIN,
+    attr,
+    declared_types,
+    initializer_nbytes,
+    is_collective,
+    is_default_domain,
+    iter_graphs,
+    iter_scopes,
+)
 from preserve_onnx.pipeline import Pass, PassResult
 
 
@@ -98,9 +107,11 @@ class StaleLinks:
             if names:
                 more = ", ..." if len(names) > 3 else ""
                 parts.append(f"{phrase} " + ", ".join(f"'{t}'" for t in names[:3]) + more)
-        return (f"{n} of {self.total} Prefetch link{'s' if self.total != 1 else ''} "
-                f"{'are' if n != 1 else 'is'} stale: {'; '.join(parts)} (a quantizer or converter "
-                f"changed the model after optimize); run optimize --replan")
+        return (
+            f"{n} of {self.total} Prefetch link{'s' if self.total != 1 else ''} "
+            f"{'are' if n != 1 else 'is'} stale: {'; '.join(parts)} (a quantizer or converter "
+            f"changed the model after optimize); run optimize --replan"
+        )
 
 
 def stale_links(model: onnx.ModelProto, naming: PrefetchNaming = PrefetchNaming()) -> StaleLinks:
@@ -241,12 +252,17 @@ class VerifyPrefetchesPass(Pass):
             raise PreserveError(f"{label}: '{n.seq_axis}' {axis.i} is not an axis of '{x}' (rank {rank})")
         window = attrs.get(n.window)
         if window is not None and (window.type != onnx.AttributeProto.INT or window.i < 0):
-            raise PreserveError(f"{label}: '{n.window}' must be a non-negative integer (0 = every valid position)")
+            raise PreserveError(
+                f"{label}: '{n.window}' must be a non-negative integer (0 = every valid position)"
+            )
 
     def _declared(self, scope) -> dict:
         """Declared types visible in ``scope`` (the main graph's, then the scope's own), once per scope."""
         if scope.path not in self._declared_cache:
-            self._declared_cache[scope.path] = {**declared_types(self._main_graph), **declared_types(scope.graph)}
+            self._declared_cache[scope.path] = {
+                **declared_types(self._main_graph),
+                **declared_types(scope.graph),
+            }
         return self._declared_cache[scope.path]
 
 
@@ -261,8 +277,13 @@ def _elem_type(scope, tensor: str, declared: dict) -> int:
     producer = scope.producers.get(tensor)
     if producer is not None and producer.op_type == "Cast" and is_default_domain(producer.domain):
         return int(attr(producer, "to", 0))
-    if any(node.op_type == "GroupQueryAttention" and node.domain == MS_DOMAIN and len(node.input) > 5
-           and node.input[5] == tensor for node in scope.graph.node):
+    if any(
+        node.op_type == "GroupQueryAttention"
+        and node.domain == MS_DOMAIN
+        and len(node.input) > 5
+        and node.input[5] == tensor
+        for node in scope.graph.node
+    ):
         return onnx.TensorProto.INT32
     return 0
 

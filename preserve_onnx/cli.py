@@ -20,8 +20,12 @@ from preserve_onnx.config import PREFETCH_ATTRIBUTES, OptimizeConfig, PrefetchNa
 from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.hardware import DEFAULT_PROFILE, builtin_profiles, format_size, load_profile, parse_size
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
-                  help="Prefetch weights and KV-cache into L2 while tensor-parallel collectives communicate.")
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+    help="Prefetch weights and KV-cache into L2 while tensor-parallel collectives communicate.",
+)
 # Under mpirun, Open MPI gives each rank a pseudo-terminal even when the job's output goes to a pipe or
 # a file, so a rank cannot tell: no colour there.
 _UNDER_MPI = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
@@ -56,8 +60,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option(
-        "--version", is_eager=True, callback=_version, help="print the version and exit")] = False) -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="print the version and exit")
+    ] = False,
+) -> None:
     pass
 
 
@@ -88,14 +95,21 @@ def handle_errors(fn: Callable | None = None, *, error_code: int = 1) -> Callabl
             raise typer.Exit(error_code) from None
         except OSError as exc:  # writing the output itself failed (a full disk under `> file`)
             where = f" ({exc.filename})" if exc.filename else ""
-            err.print(f"[red]error:[/red] {escape(exc.strerror or str(exc))}{escape(where)}", highlight=False,
-                      soft_wrap=True)
+            err.print(
+                f"[red]error:[/red] {escape(exc.strerror or str(exc))}{escape(where)}",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(error_code) from None
         except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
             if os.environ.get("PRESERVE_DEBUG"):
                 raise
-            err.print(f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))} "
-                      f"(set PRESERVE_DEBUG=1 for a traceback)", highlight=False, soft_wrap=True)
+            err.print(
+                f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))} "
+                f"(set PRESERVE_DEBUG=1 for a traceback)",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(error_code) from None
 
     return wrapper
@@ -109,8 +123,14 @@ def _progress(quiet: bool):
     def factory(name: str, total: int):
         if total < BIG_COPY:
             return lambda n: None
-        progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                            TransferSpeedColumn(), console=err, transient=True)
+        progress = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=err,
+            transient=True,
+        )
         progress.start()
         task = progress.add_task(f"copying {name}", total=total)
         done = [0]
@@ -137,8 +157,10 @@ def _naming(domain: str, op: str, attrs: Optional[list[str]] = None, version: in
         ours, sep, theirs = item.partition("=")
         ours, theirs = ours.strip(), theirs.strip()
         if not sep or ours not in PREFETCH_ATTRIBUTES or not theirs.isidentifier():
-            raise UsageError(f"--prefetch-attr '{item}': expected NAME=NEW with NAME one of "
-                                f"{', '.join(PREFETCH_ATTRIBUTES)} and NEW an identifier")
+            raise UsageError(
+                f"--prefetch-attr '{item}': expected NAME=NEW with NAME one of "
+                f"{', '.join(PREFETCH_ATTRIBUTES)} and NEW an identifier"
+            )
         renames[ours] = theirs
     names = {a: renames.get(a, a) for a in PREFETCH_ATTRIBUTES}
     if len(set(names.values())) != len(names):
@@ -148,8 +170,14 @@ def _naming(domain: str, op: str, attrs: Optional[list[str]] = None, version: in
 
 DomainOpt = Annotated[str, typer.Option("--prefetch-domain", help="domain of the Prefetch op")]
 OpOpt = Annotated[str, typer.Option("--prefetch-op", help="op type of the Prefetch op")]
-AttrOpt = Annotated[Optional[list[str]], typer.Option(
-    "--prefetch-attr", metavar="NAME=NEW", help=f"rename a Prefetch attribute ({', '.join(PREFETCH_ATTRIBUTES)}); repeatable")]
+AttrOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--prefetch-attr",
+        metavar="NAME=NEW",
+        help=f"rename a Prefetch attribute ({', '.join(PREFETCH_ATTRIBUTES)}); repeatable",
+    ),
+]
 VersionOpt = Annotated[int, typer.Option("--prefetch-version", help="opset version of the Prefetch domain")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="say why tensors were skipped")]
 # Planning options (planning_options below adds them to every command that plans).
@@ -159,21 +187,54 @@ L2FractionOpt = Annotated[float, typer.Option(help="share of L2 a window may fil
 BatchOpt = Annotated[int, typer.Option(help="batch size that sizes the KV-cache and messages")]
 ContextOpt = Annotated[int, typer.Option(help="context length that sizes the KV-cache")]
 NoKvOpt = Annotated[bool, typer.Option("--no-kv", help="do not prefetch KV-cache")]
-QdqOpt = Annotated[bool, typer.Option("--qdq-weights", help="also prefetch DequantizeLinear's "
-                                      "quantized weights (blocks onnxruntime's DQ+MatMul fusion)")]
-StaticKvOpt = Annotated[bool, typer.Option("--static-kv", help="KV-cache links without the length input L "
-                                           "(two-input Prefetch: raw byte ranges, no live ranges)")]
+QdqOpt = Annotated[
+    bool,
+    typer.Option(
+        "--qdq-weights",
+        help="also prefetch DequantizeLinear's quantized weights (blocks onnxruntime's DQ+MatMul fusion)",
+    ),
+]
+StaticKvOpt = Annotated[
+    bool,
+    typer.Option(
+        "--static-kv",
+        help="KV-cache links without the length input L "
+        "(two-input Prefetch: raw byte ranges, no live ranges)",
+    ),
+]
 CollectivesOpt = Annotated[str, typer.Option(help="comma-separated collectives to plan")]
 MinChunkOpt = Annotated[str, typer.Option(help="smallest partial prefetch")]
-RanksOpt = Annotated[Optional[int], typer.Option(help="ranks of the export, for the collective time (default: from the files)")]
-DimOpt = Annotated[Optional[list[str]], typer.Option(
-    "--dim", metavar="NAME=N", help="bind a symbolic dim by name, before --batch/--context and the graph; repeatable")]
+RanksOpt = Annotated[
+    Optional[int], typer.Option(help="ranks of the export, for the collective time (default: from the files)")
+]
+DimOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--dim",
+        metavar="NAME=N",
+        help="bind a symbolic dim by name, before --batch/--context and the graph; repeatable",
+    ),
+]
 
 
-def _config(*, hardware: str, budget: Optional[str], l2_fraction: float, batch: int, context: int, no_kv: bool,
-            qdq_weights: bool, collectives: str, naming: PrefetchNaming, min_chunk: str, ranks: Optional[int],
-            replan: bool = False, disabled: tuple[str, ...] = (), dim: Optional[list[str]] = None,
-            static_kv: bool = False) -> OptimizeConfig:
+def _config(
+    *,
+    hardware: str,
+    budget: Optional[str],
+    l2_fraction: float,
+    batch: int,
+    context: int,
+    no_kv: bool,
+    qdq_weights: bool,
+    collectives: str,
+    naming: PrefetchNaming,
+    min_chunk: str,
+    ranks: Optional[int],
+    replan: bool = False,
+    disabled: tuple[str, ...] = (),
+    dim: Optional[list[str]] = None,
+    static_kv: bool = False,
+) -> OptimizeConfig:
     """The planning options, checked, as the optimizer's frozen config."""
     from preserve_onnx.graph.dims import parse_dim_options
 
@@ -181,18 +242,31 @@ def _config(*, hardware: str, budget: Optional[str], l2_fraction: float, batch: 
     chosen = tuple(c.strip() for c in collectives.split(",") if c.strip())
     bad = [c for c in chosen if c not in known]
     if bad or not chosen:
-        raise UsageError(f"--collectives: unknown '{bad[0] if bad else collectives}' (choose from {', '.join(known)})")
+        raise UsageError(
+            f"--collectives: unknown '{bad[0] if bad else collectives}' (choose from {', '.join(known)})"
+        )
     for label, value in (("--batch", batch), ("--context", context)):
         _at_least_one(label, value)
     if not 0 < l2_fraction <= 1:
         raise UsageError("--l2-fraction must be in (0, 1]")
     _at_least_one("--ranks", ranks)
     return OptimizeConfig(
-        hardware=load_profile(hardware), budget=_size("--budget", budget) if budget is not None else None,
-        l2_fraction=l2_fraction, batch=batch, context=context, dims=parse_dim_options(dim), kv=not no_kv,
-        qdq_weights=qdq_weights, static_kv=static_kv,
-        collectives=chosen, naming=naming, min_chunk=_size("--min-chunk", min_chunk), ranks=ranks, replan=replan,
-        disabled=disabled)
+        hardware=load_profile(hardware),
+        budget=_size("--budget", budget) if budget is not None else None,
+        l2_fraction=l2_fraction,
+        batch=batch,
+        context=context,
+        dims=parse_dim_options(dim),
+        kv=not no_kv,
+        qdq_weights=qdq_weights,
+        static_kv=static_kv,
+        collectives=chosen,
+        naming=naming,
+        min_chunk=_size("--min-chunk", min_chunk),
+        ranks=ranks,
+        replan=replan,
+        disabled=disabled,
+    )
 
 
 # The planning options, declared once (docs/cli.md): every command that plans takes this group, as
@@ -227,19 +301,26 @@ def planning_options(fn: Callable | None = None, *, budget: bool = True) -> Call
     signature = pyinspect.signature(fn, eval_str=True)
     own = [q for q in signature.parameters.values() if q.name != "config"]
     positional = [q for q in own if q.default is pyinspect.Parameter.empty]
-    added = [pyinspect.Parameter(name, pyinspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
-             for name, kind, default in options]
+    added = [
+        pyinspect.Parameter(name, pyinspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
+        for name, kind, default in options
+    ]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         chosen = {name: kwargs.pop(name, default) for name, _, default in options}
-        naming = _naming(chosen.pop("prefetch_domain"), chosen.pop("prefetch_op"), chosen.pop("prefetch_attr"),
-                         chosen.pop("prefetch_version"))
+        naming = _naming(
+            chosen.pop("prefetch_domain"),
+            chosen.pop("prefetch_op"),
+            chosen.pop("prefetch_attr"),
+            chosen.pop("prefetch_version"),
+        )
         chosen.setdefault("budget", None)
         return fn(*args, config=_config(naming=naming, **chosen), **kwargs)
 
     wrapper.__signature__ = signature.replace(
-        parameters=[*positional, *added, *(q for q in own if q not in positional)])
+        parameters=[*positional, *added, *(q for q in own if q not in positional)]
+    )
     return wrapper
 
 
@@ -296,9 +377,12 @@ def _single_device_note(model: Path, first: Optional[Path] = None, *, known: boo
         if any(is_collective(node) for _, g in iter_graphs(graph) for node in g.node):
             return
     where = escape(str(model))
-    err.print(f"[yellow]note:[/yellow] {where} has no collectives: it looks like a single-device export; run "
-              f"`preserve-onnx shard {where} OUT --tp N` first (docs/shard.md)", highlight=False,
-              soft_wrap=True)
+    err.print(
+        f"[yellow]note:[/yellow] {where} has no collectives: it looks like a single-device export; run "
+        f"`preserve-onnx shard {where} OUT --tp N` first (docs/shard.md)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -306,16 +390,25 @@ def _single_device_note(model: Path, first: Optional[Path] = None, *, known: boo
 @planning_options
 def optimize(
     src: Annotated[Path, typer.Argument(metavar="IN", help="rank model (.onnx) or directory of rank models")],
-    dest: Annotated[Path, typer.Argument(metavar="OUT", help="output file, or directory for a rank directory")],
+    dest: Annotated[
+        Path, typer.Argument(metavar="OUT", help="output file, or directory for a rank directory")
+    ],
     report: Annotated[Optional[Path], typer.Option(help="write the JSON report here")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="plan and report, write no model")] = False,
-    replan: Annotated[bool, typer.Option("--replan", help="strip existing Prefetch nodes, plan again")] = False,
+    replan: Annotated[
+        bool, typer.Option("--replan", help="strip existing Prefetch nodes, plan again")
+    ] = False,
     in_place: Annotated[bool, typer.Option("--in-place", help="allow OUT == IN")] = False,
     disable: Annotated[Optional[list[str]], typer.Option(help="skip a pass by name (repeatable)")] = None,
     jobs: Annotated[Optional[int], typer.Option(help="ranks optimized in parallel (default: cores)")] = None,
-    with_runtime: Annotated[bool, typer.Option(
-        "--with-runtime", help="also write the runtime library and run_ranks.py (needs only onnxruntime and "
-                               "numpy) beside the models")] = False,
+    with_runtime: Annotated[
+        bool,
+        typer.Option(
+            "--with-runtime",
+            help="also write the runtime library and run_ranks.py (needs only onnxruntime and "
+            "numpy) beside the models",
+        ),
+    ] = False,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
     *,
@@ -335,13 +428,16 @@ def optimize(
             raise UsageError("--with-runtime writes files beside the models; --dry-run writes none")
         if not src.is_dir():
             # The runner runs a folder's rank family; a file OUT's folder may hold anything.
-            raise UsageError("--with-runtime writes a runnable folder: give IN as a directory of rank models "
-                             "(and OUT as a folder)")
+            raise UsageError(
+                "--with-runtime writes a runnable folder: give IN as a directory of rank models "
+                "(and OUT as a folder)"
+            )
         from preserve_onnx.runtime.library import library_path
 
         library_path()  # refused before any model is written when the library is not built
-    outcomes = optimize_path(src, None if dry_run else dest, config, in_place=in_place, jobs=jobs,
-                             progress=_progress(quiet))
+    outcomes = optimize_path(
+        src, None if dry_run else dest, config, in_place=in_place, jobs=jobs, progress=_progress(quiet)
+    )
     if with_runtime:
         from preserve_onnx.graph.dims import decode_layout
         from preserve_onnx.model_io import load_model
@@ -349,7 +445,9 @@ def optimize(
 
         # The decode layout of the first input rank (graph only; optimize changes no input or output).
         first = next((o.source for o in outcomes if o.source is not None), None)
-        write_runtime(dest, config.naming, dict(config.dims), decode_layout(load_model(first)) if first else None)
+        write_runtime(
+            dest, config.naming, dict(config.dims), decode_layout(load_model(first)) if first else None
+        )
     if report is not None:
         write_json(report, report_dict(outcomes, config))
     if not quiet:
@@ -358,12 +456,19 @@ def optimize(
             _single_device_note(src, outcomes[0].source)
     count = sum(o.plan.prefetch_count for o in outcomes)
     total = sum(o.plan.prefetched_bytes for o in outcomes)
-    written = outcomes[0].output if len(outcomes) == 1 and outcomes[0].output is not None and not src.is_dir() \
-        else dest  # a file written into a folder OUT is named
+    written = (
+        outcomes[0].output
+        if len(outcomes) == 1 and outcomes[0].output is not None and not src.is_dir()
+        else dest
+    )  # a file written into a folder OUT is named
     where = "dry run, nothing written" if dry_run else f"wrote {escape(str(written))}"
-    out.print(f"[green]done[/green]: {len(outcomes)} model(s), {counted(count, 'prefetch', 'prefetches')}, "
-              f"{format_size(total)} "
-              f"planned; {where} in {time.perf_counter() - start:.2f} s", highlight=False, soft_wrap=True)
+    out.print(
+        f"[green]done[/green]: {len(outcomes)} model(s), {counted(count, 'prefetch', 'prefetches')}, "
+        f"{format_size(total)} "
+        f"planned; {where} in {time.perf_counter() - start:.2f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -384,16 +489,23 @@ def strip(
     naming = _naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version)
     removed = strip_path(src, dest, naming, in_place=in_place)
     written = dest / src.name if src.is_file() and dest.is_dir() else dest
-    out.print(f"[green]done[/green]: removed {removed} Prefetch nodes; wrote {escape(str(written))}",
-              highlight=False, soft_wrap=True)
+    out.print(
+        f"[green]done[/green]: removed {removed} Prefetch nodes; wrote {escape(str(written))}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
 @handle_errors
 @planning_options
 def inspect(
-    model: Annotated[Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")],
-    json_out: Annotated[bool, typer.Option("--json", help="print the JSON report (schema 1) instead of tables")] = False,
+    model: Annotated[
+        Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")
+    ],
+    json_out: Annotated[
+        bool, typer.Option("--json", help="print the JSON report (schema 1) instead of tables")
+    ] = False,
     jobs: Annotated[Optional[int], typer.Option(help="ranks inspected in parallel (default: cores)")] = None,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
@@ -421,10 +533,14 @@ def inspect(
     count = sum(i.plan.prefetch_count for i in inspections)
     total = sum(i.plan.prefetched_bytes for i in inspections)
     collectives_found = sum(len(i.collectives) for i in inspections)
-    out.print(f"[green]done[/green]: {len(inspections)} model(s), {counted(collectives_found, 'collective')}, "
-              f"{counted(count, 'prefetch', 'prefetches')}, {format_size(total)} would be planned; "
-              f"nothing written "
-              f"in {time.perf_counter() - start:.2f} s", highlight=False, soft_wrap=True)
+    out.print(
+        f"[green]done[/green]: {len(inspections)} model(s), {counted(collectives_found, 'collective')}, "
+        f"{counted(count, 'prefetch', 'prefetches')}, {format_size(total)} would be planned; "
+        f"nothing written "
+        f"in {time.perf_counter() - start:.2f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -434,7 +550,9 @@ def diff(
     b: Annotated[Path, typer.Argument(metavar="B", help="model or directory of models")],
     json_out: Annotated[bool, typer.Option("--json", help="machine-readable diff")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="a pull-request comment in Markdown")] = False,
-    data: Annotated[bool, typer.Option("--data", help="also compare external weight bytes (reads them)")] = False,
+    data: Annotated[
+        bool, typer.Option("--data", help="also compare external weight bytes (reads them)")
+    ] = False,
     prefetch_domain: DomainOpt = "preserve",
     prefetch_op: OpOpt = "Prefetch",
     prefetch_attr: AttrOpt = None,
@@ -449,8 +567,9 @@ def diff(
 
     if json_out and markdown:
         raise UsageError("--json and --markdown exclude each other")
-    result = diff_paths(a, b, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
-                        data=data)
+    result = diff_paths(
+        a, b, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version), data=data
+    )
     if json_out:
         print(json.dumps(diff_dict(result), indent=2))
     elif markdown:
@@ -478,27 +597,46 @@ def list_hardware() -> None:
     from preserve_onnx.report import hardware_table
 
     out.print(hardware_table(builtin_profiles().values()))
-    out.print("* the default: the library a user of the platform gets. fp16 max tokens: tokens per step past "
-              "which a linear layer is compute-bound and prefetching its fp16 weights saves nothing "
-              "(peak / (2 x achieved HBM BW / 2 B)).", highlight=False, soft_wrap=True)
+    out.print(
+        "* the default: the library a user of the platform gets. fp16 max tokens: tokens per step past "
+        "which a linear layer is compute-bound and prefetching its fp16 weights saves nothing "
+        "(peak / (2 x achieved HBM BW / 2 B)).",
+        highlight=False,
+        soft_wrap=True,
+    )
     for hw in builtin_profiles().values():
-        out.print(f"[bold]{escape(hw.name)}[/bold]: {escape(hw.description)}", highlight=False,
-                  soft_wrap=True)
+        out.print(
+            f"[bold]{escape(hw.name)}[/bold]: {escape(hw.description)}", highlight=False, soft_wrap=True
+        )
 
 
-SweepArgs = Annotated[Optional[list[str]], typer.Argument(
-    metavar="[KEY=V,...]...", show_default=False, help="further --sweep groups, e.g. context=1k,16k ranks=2,8")]
+SweepArgs = Annotated[
+    Optional[list[str]],
+    typer.Argument(
+        metavar="[KEY=V,...]...",
+        show_default=False,
+        help="further --sweep groups, e.g. context=1k,16k ranks=2,8",
+    ),
+]
 
 
 @app.command()
 @handle_errors
 @planning_options
 def estimate(
-    model: Annotated[Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")],
+    model: Annotated[
+        Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")
+    ],
     more_sweep: SweepArgs = None,
-    trace: Annotated[Optional[Path], typer.Option(help="write a Chrome/Perfetto trace of the timelines")] = None,
-    sweep: Annotated[Optional[list[str]], typer.Option(
-        help="speedup grid: batch=1,8,32 context=1k,16k,128k ranks=2,4,8 (k = 1024; ranks re-shard)")] = None,
+    trace: Annotated[
+        Optional[Path], typer.Option(help="write a Chrome/Perfetto trace of the timelines")
+    ] = None,
+    sweep: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="speedup grid: batch=1,8,32 context=1k,16k,128k ranks=2,4,8 (k = 1024; ranks re-shard)"
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
     all_windows: Annotated[bool, typer.Option("--all", help="one row per window, however many")] = False,
     quiet: QuietOpt = False,
@@ -542,10 +680,13 @@ def estimate(
             if not any(p.hinted_bytes for p in points):
                 _single_device_note(model)
         best = max(points, key=lambda p: p.speedup)
-        out.print(f"[green]done[/green]: {counted(len(points), 'point')}; best {best.speedup:.3f}x at batch "
-                  f"{best.batch}, context {best.context}, {counted(best.ranks, 'rank')} in "
-                  f"{time.perf_counter() - start:.2f} s",
-                  highlight=False, soft_wrap=True)
+        out.print(
+            f"[green]done[/green]: {counted(len(points), 'point')}; best {best.speedup:.3f}x at batch "
+            f"{best.batch}, context {best.context}, {counted(best.ranks, 'rank')} in "
+            f"{time.perf_counter() - start:.2f} s",
+            highlight=False,
+            soft_wrap=True,
+        )
         return
     est = estimate_path(model, hw, config, config.ranks, config.budget)
     if trace is not None:
@@ -559,19 +700,26 @@ def estimate(
         if not est.windows:
             _single_device_note(model, Path(est.source))
     where = f"; trace in {escape(str(trace))}" if trace is not None else ""
-    out.print(f"[green]done[/green]: {counted(len(est.windows), 'window')} estimated{where} in "
-              f"{time.perf_counter() - start:.2f} s", highlight=False, soft_wrap=True)
+    out.print(
+        f"[green]done[/green]: {counted(len(est.windows), 'window')} estimated{where} in "
+        f"{time.perf_counter() - start:.2f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
 @handle_errors
 @planning_options(budget=False)
 def explore(
-    model: Annotated[Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")],
+    model: Annotated[
+        Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")
+    ],
     json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of the table")] = False,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="write the sweep as CSV")] = None,
-    plot: Annotated[Optional[Path], typer.Option(
-        help="write a plot, .png, .svg or .pdf (needs matplotlib)")] = None,
+    plot: Annotated[
+        Optional[Path], typer.Option(help="write a plot, .png, .svg or .pdf (needs matplotlib)")
+    ] = None,
     quiet: QuietOpt = False,
     *,
     config: OptimizeConfig,
@@ -600,30 +748,55 @@ def explore(
         out.print(explore_summary(ex), highlight=False, soft_wrap=True)
         if all(p.preserve_s == p.baseline_s for p in ex.points):
             _single_device_note(model, Path(ex.source))
-    out.print(f"[green]done[/green]: {len(ex.points)} L2 sizes in {time.perf_counter() - start:.2f} s",
-              highlight=False, soft_wrap=True)
+    out.print(
+        f"[green]done[/green]: {len(ex.points)} L2 sizes in {time.perf_counter() - start:.2f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
 @handle_errors
 def run(
-    model: Annotated[Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")],
-    inputs: Annotated[Optional[Path], typer.Option(help="feeds .npz: NAME for every rank, rank{r}/NAME for one")] = None,
-    against: Annotated[Optional[Path], typer.Option(help="original model(s): require bit-identical outputs")] = None,
-    twin: Annotated[Optional[Path], typer.Option(
-        help="the single-device model the ranks were sharded from: require outputs within tolerance")] = None,
-    atol: Annotated[Optional[float], typer.Option(
-        help="--twin's absolute tolerance for every output (default by dtype: float32 1e-4, float16 2e-2, "
-             "bfloat16 0.16, integers exact)")] = None,
+    model: Annotated[
+        Path, typer.Argument(metavar="MODEL|DIR", help="rank model or directory of rank models")
+    ],
+    inputs: Annotated[
+        Optional[Path], typer.Option(help="feeds .npz: NAME for every rank, rank{r}/NAME for one")
+    ] = None,
+    against: Annotated[
+        Optional[Path], typer.Option(help="original model(s): require bit-identical outputs")
+    ] = None,
+    twin: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="the single-device model the ranks were sharded from: require outputs within tolerance"
+        ),
+    ] = None,
+    atol: Annotated[
+        Optional[float],
+        typer.Option(
+            help="--twin's absolute tolerance for every output (default by dtype: float32 1e-4, "
+            "float16 2e-2, bfloat16 0.16, integers exact)"
+        ),
+    ] = None,
     save: Annotated[Optional[Path], typer.Option(help="write outputs to .npz as rank{r}/NAME")] = None,
-    steps: Annotated[int, typer.Option(help="decode steps, feeding present.* back into past_key_values.*")] = 1,
+    steps: Annotated[
+        int, typer.Option(help="decode steps, feeding present.* back into past_key_values.*")
+    ] = 1,
     batch: Annotated[int, typer.Option(help="batch size of generated feeds")] = 1,
     context: Annotated[int, typer.Option(help="past length of generated feeds")] = 16,
     seed: Annotated[int, typer.Option(help="seed of generated feeds")] = 0,
-    opt_level: Annotated[str, typer.Option(
-        help="onnxruntime optimization: disable|basic|extended|layout|all")] = "all",
-    backend: Annotated[str, typer.Option(help="threads: all ranks in this process; mpi: one process per rank "
-                                              "under `mpirun -n RANKS` (rank 0 reports)")] = "threads",
+    opt_level: Annotated[
+        str, typer.Option(help="onnxruntime optimization: disable|basic|extended|layout|all")
+    ] = "all",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="threads: all ranks in this process; mpi: one process per rank "
+            "under `mpirun -n RANKS` (rank 0 reports)"
+        ),
+    ] = "threads",
     timeout: Annotated[float, typer.Option(help="seconds a rank waits in a collective for the others")] = 60,
     prefetch_domain: DomainOpt = "preserve",
     prefetch_op: OpOpt = "Prefetch",
@@ -652,15 +825,35 @@ def run(
     if twin is not None:
         from preserve_onnx.runtime.twin import run_twin
 
-        result = run_twin(model, twin, inputs=inputs, steps=steps, batch=batch, context=context, seed=seed,
-                          opt_level=opt_level, naming=_naming(prefetch_domain, prefetch_op, prefetch_attr,
-                                                              prefetch_version),
-                          timeout_s=timeout, atol=atol, dims=dims)
+        result = run_twin(
+            model,
+            twin,
+            inputs=inputs,
+            steps=steps,
+            batch=batch,
+            context=context,
+            seed=seed,
+            opt_level=opt_level,
+            naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
+            timeout_s=timeout,
+            atol=atol,
+            dims=dims,
+        )
     else:
-        result = run_models(model, against=against, inputs=inputs, steps=steps, batch=batch, context=context,
-                            seed=seed, opt_level=opt_level,
-                            naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
-                            timeout_s=timeout, backend=backend, dims=dims)
+        result = run_models(
+            model,
+            against=against,
+            inputs=inputs,
+            steps=steps,
+            batch=batch,
+            context=context,
+            seed=seed,
+            opt_level=opt_level,
+            naming=_naming(prefetch_domain, prefetch_op, prefetch_attr, prefetch_version),
+            timeout_s=timeout,
+            backend=backend,
+            dims=dims,
+        )
     if not result.report:  # an MPI rank other than 0: rank 0 saves and prints for all; exit alike
         if result.comparison is not None and not result.comparison.identical:
             raise typer.Exit(1)
@@ -674,23 +867,35 @@ def run(
         return
     c = result.comparison
     if c is None:
-        out.print(f"[green]done[/green]: ran {len(result.models)} rank(s) in {result.seconds:.2f} s",
-                  highlight=False, soft_wrap=True)
+        out.print(
+            f"[green]done[/green]: ran {len(result.models)} rank(s) in {result.seconds:.2f} s",
+            highlight=False,
+            soft_wrap=True,
+        )
         return
     count = sum(len(o) for o in result.outputs)
     if c.identical:
-        out.print(f"[green]PASSED[/green]: {counted(count, 'output')} on {len(result.models)} rank(s) "
-                  f"bit-identical to "
-                  f"{escape(str(against))} after {steps} step(s) (max abs diff 0)", highlight=False,
-                  soft_wrap=True)
+        out.print(
+            f"[green]PASSED[/green]: {counted(count, 'output')} on {len(result.models)} rank(s) "
+            f"bit-identical to "
+            f"{escape(str(against))} after {steps} step(s) (max abs diff 0)",
+            highlight=False,
+            soft_wrap=True,
+        )
         return
     rank, name, diff = c.worst
-    out.print(f"[red]FAILED[/red]: {len(c.differing)} of {count} outputs differ from {escape(str(against))}; "
-              f"worst: rank {rank} '{escape(name)}', max abs diff {diff:g}", highlight=False, soft_wrap=True)
+    out.print(
+        f"[red]FAILED[/red]: {len(c.differing)} of {count} outputs differ from {escape(str(against))}; "
+        f"worst: rank {rank} '{escape(name)}', max abs diff {diff:g}",
+        highlight=False,
+        soft_wrap=True,
+    )
     raise typer.Exit(1)
 
 
-def _check_twin_options(twin: Optional[Path], atol: Optional[float], against: Optional[Path], backend: str) -> None:
+def _check_twin_options(
+    twin: Optional[Path], atol: Optional[float], against: Optional[Path], backend: str
+) -> None:
     if twin is None:
         if atol is not None:
             raise UsageError("--atol is --twin's tolerance: give --twin too")
@@ -698,8 +903,10 @@ def _check_twin_options(twin: Optional[Path], atol: Optional[float], against: Op
     if against is not None:
         raise UsageError("--twin and --against are two different checks: give one of them")
     if backend != "threads":
-        raise UsageError("--twin runs on the threads backend only (the single-device model runs in the same "
-                         "process as the ranks)")
+        raise UsageError(
+            "--twin runs on the threads backend only (the single-device model runs in the same "
+            "process as the ranks)"
+        )
     if atol is not None and not atol >= 0:
         raise UsageError("--atol must be at least 0")
 
@@ -713,13 +920,20 @@ def _print_twin(result, twin: Path, steps: int) -> None:
     at = f" at step {w.step}" if steps > 1 else ""
     worst = f"worst: rank {w.rank} '{escape(w.name)}'{at}, max abs diff {w.diff:g} (atol {w.atol:g})"
     if c.passed:
-        out.print(f"[green]PASSED[/green]: {counted(c.outputs, 'output')} on {len(result.models)} rank(s) "
-                  f"match "
-                  f"{escape(str(twin))} within tolerance after {steps} step(s); {worst}", highlight=False,
-                  soft_wrap=True)
+        out.print(
+            f"[green]PASSED[/green]: {counted(c.outputs, 'output')} on {len(result.models)} rank(s) "
+            f"match "
+            f"{escape(str(twin))} within tolerance after {steps} step(s); {worst}",
+            highlight=False,
+            soft_wrap=True,
+        )
         return
-    out.print(f"[red]FAILED[/red]: {len(c.failing)} of {c.outputs} outputs beyond tolerance of "
-              f"{escape(str(twin))}; {worst}", highlight=False, soft_wrap=True)
+    out.print(
+        f"[red]FAILED[/red]: {len(c.failing)} of {c.outputs} outputs beyond tolerance of "
+        f"{escape(str(twin))}; {worst}",
+        highlight=False,
+        soft_wrap=True,
+    )
     if c.hint:
         out.print(f"hint: {escape(c.hint)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
@@ -728,14 +942,24 @@ def _print_twin(result, twin: Path, steps: int) -> None:
 @app.command()
 @handle_errors
 def shard(
-    model: Annotated[Path, typer.Argument(metavar="MODEL", help="single-device decoder .onnx (or its folder)")],
+    model: Annotated[
+        Path, typer.Argument(metavar="MODEL", help="single-device decoder .onnx (or its folder)")
+    ],
     dest: Annotated[Path, typer.Argument(metavar="OUT", help="new folder for model_00.onnx ... (+ .data)")],
     tp: Annotated[int, typer.Option("--tp", help="tensor-parallel ranks N")],
-    vocab_parallel: Annotated[bool, typer.Option(
-        "--vocab-parallel", help="split the LM head by vocabulary and AllGather the logits")] = False,
-    dim: Annotated[Optional[list[str]], typer.Option(
-        "--dim", metavar="NAME=N", help="bind a symbolic dim the recognition needs (the head size of "
-                                        "plain-operator attention); repeatable")] = None,
+    vocab_parallel: Annotated[
+        bool,
+        typer.Option("--vocab-parallel", help="split the LM head by vocabulary and AllGather the logits"),
+    ] = False,
+    dim: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--dim",
+            metavar="NAME=N",
+            help="bind a symbolic dim the recognition needs (the head size of "
+            "plain-operator attention); repeatable",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Shard a single-device decoder export into N tensor-parallel rank models (Megatron layout)."""
@@ -748,15 +972,21 @@ def shard(
     gathered = ", logits gathered by AllGather" if result.vocab_parallel else ""
     experts = "".join(
         f", {n} {what}{'s' if n > 1 else ''}{where}"
-        for n, what, where in ((result.expert_layers, "mixture-of-experts layer", ""),
-                               (result.state_layers, "state layer", " computed whole on every rank"))
+        for n, what, where in (
+            (result.expert_layers, "mixture-of-experts layer", ""),
+            (result.state_layers, "state layer", " computed whole on every rank"),
+        )
         if n
     )
-    out.print(f"[green]done[/green]: {result.world} rank models ({result.column_parallel} column-parallel and "
-              f"{result.row_parallel} row-parallel linears{experts}, {result.allreduces} AllReduce per rank"
-              f"{gathered}), "
-              f"{format_size(result.bytes_written)} of weights; wrote {escape(str(dest))} in "
-              f"{result.seconds:.2f} s", highlight=False, soft_wrap=True)
+    out.print(
+        f"[green]done[/green]: {result.world} rank models ({result.column_parallel} column-parallel and "
+        f"{result.row_parallel} row-parallel linears{experts}, {result.allreduces} AllReduce per rank"
+        f"{gathered}), "
+        f"{format_size(result.bytes_written)} of weights; wrote {escape(str(dest))} in "
+        f"{result.seconds:.2f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("runtime-lib")
@@ -772,14 +1002,24 @@ def runtime_lib() -> None:
 @handle_errors
 def calibrate(
     device: Annotated[str, typer.Option(help="the CUDA device to measure, cuda:N")] = "cuda:0",
-    out_path: Annotated[Optional[Path], typer.Option(
-        "--out", metavar="PROFILE.toml", help="where to write the calibrated profile (default: NAME-calibrated.toml)")
+    out_path: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            metavar="PROFILE.toml",
+            help="where to write the calibrated profile (default: NAME-calibrated.toml)",
+        ),
     ] = None,
-    name: Annotated[Optional[str], typer.Option(
-        help="published profile to start from and name to write (h100-sxm, h200, ...; default: the GPU's)")] = None,
+    name: Annotated[
+        Optional[str],
+        typer.Option(
+            help="published profile to start from and name to write (h100-sxm, h200, ...; default: the GPU's)"
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
 ) -> None:
-    """Measure a CUDA GPU (CuPy) and write a calibrated hardware profile; compare the cost model (docs/calibrate.md)."""
+    """Measure a CUDA GPU (CuPy) and write a calibrated hardware profile; compare the cost model
+    (docs/calibrate.md)."""
     import json
     import shlex
 
@@ -792,10 +1032,17 @@ def calibrate(
     start = time.perf_counter()
     device_index(device)  # a bad --device or --out fails before CuPy is imported
     _writable(out_path)
-    command = shlex.join(["preserve-onnx", "calibrate", *sys.argv[2:]]) if sys.argv[1:2] == ["calibrate"] else \
-        f"preserve-onnx calibrate --device {device}"
-    cal = run_calibration(device, name, command=command,
-                          log=lambda line: err.print(f"calibrate: {escape(line)}", highlight=False, soft_wrap=True))
+    command = (
+        shlex.join(["preserve-onnx", "calibrate", *sys.argv[2:]])
+        if sys.argv[1:2] == ["calibrate"]
+        else f"preserve-onnx calibrate --device {device}"
+    )
+    cal = run_calibration(
+        device,
+        name,
+        command=command,
+        log=lambda line: err.print(f"calibrate: {escape(line)}", highlight=False, soft_wrap=True),
+    )
     dest = out_path if out_path is not None else Path(f"{cal.profile.name}-calibrated.toml")
     write_bytes_atomic(dest, calibrated_toml(cal.profile, cal.published, cal.measured_fields).encode())
     if json_out:
@@ -804,12 +1051,17 @@ def calibrate(
     out.print(figures_table(cal))
     out.print(comparison_table(cal))
     out.print(escape(summary(cal)), highlight=False, soft_wrap=True)
-    out.print(f"[green]done[/green]: wrote {escape(str(dest))} (--hardware {escape(str(dest))}) in "
-              f"{time.perf_counter() - start:.0f} s", highlight=False, soft_wrap=True)
+    out.print(
+        f"[green]done[/green]: wrote {escape(str(dest))} (--hardware {escape(str(dest))}) in "
+        f"{time.perf_counter() - start:.0f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def main() -> None:
-    """The ``preserve-onnx`` command: typer parses, but a usage error is one line (exit 2), not typer's box."""
+    """The ``preserve-onnx`` command: typer parses, but a usage error is one line (exit 2), not typer's
+    box."""
     try:
         from typer import _click as click  # typer >= 0.28 vendors click
     except ImportError:  # pragma: no cover - older typer depends on click

@@ -38,14 +38,20 @@ class PrefetchNaming:
             raise UsageError("the Prefetch domain and op type must not be empty")
         if self.domain == MS_DOMAIN and self.op_type in COLLECTIVE_OPS:
             # strip/--replan would delete the model's collectives as if they were prefetches
-            raise UsageError(f"the Prefetch op cannot be spelled {MS_DOMAIN}::{self.op_type}: that is a collective")
+            raise UsageError(
+                f"the Prefetch op cannot be spelled {MS_DOMAIN}::{self.op_type}: that is a collective"
+            )
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
-            raise UsageError(f"the Prefetch opset version must be an integer of at least 1, got {self.version!r}")
+            raise UsageError(
+                f"the Prefetch opset version must be an integer of at least 1, got {self.version!r}"
+            )
         names = [getattr(self, a) for a in PREFETCH_ATTRIBUTES]
         if not all(isinstance(n, str) and n.isidentifier() for n in names):
             raise UsageError(f"Prefetch attribute names must be identifiers, got {names}")
         if len(set(names)) != len(names):
-            raise UsageError(f"two Prefetch attributes would share a name ({dict(zip(PREFETCH_ATTRIBUTES, names))})")
+            raise UsageError(
+                f"two Prefetch attributes would share a name ({dict(zip(PREFETCH_ATTRIBUTES, names))})"
+            )
 
     def matches(self, node) -> bool:
         return node.op_type == self.op_type and node.domain == self.domain
@@ -88,16 +94,25 @@ class OptimizeConfig:
             raise UsageError(f"l2_fraction must be in (0, 1], got {self.l2_fraction!r}")
         unknown = [c for c in self.collectives if c not in COLLECTIVE_OPS]
         if unknown or not self.collectives or isinstance(self.collectives, str):
-            raise UsageError(f"collectives must be a tuple drawn from {', '.join(COLLECTIVE_OPS)}, "
-                             f"got {self.collectives!r}")
+            raise UsageError(
+                f"collectives must be a tuple drawn from {', '.join(COLLECTIVE_OPS)}, "
+                f"got {self.collectives!r}"
+            )
 
 
 def check_dims(dims: object) -> tuple[tuple[str, int], ...]:
     """``dims`` as the API takes it (a mapping or pairs), checked: names non-empty, values >= 1."""
     pairs = tuple(dims.items()) if isinstance(dims, Mapping) else tuple(dims)  # type: ignore[arg-type]
     for pair in pairs:
-        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and pair[0]
-                and isinstance(pair[1], int) and not isinstance(pair[1], bool) and pair[1] >= 1):
+        if not (
+            isinstance(pair, tuple)
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and pair[0]
+            and isinstance(pair[1], int)
+            and not isinstance(pair[1], bool)
+            and pair[1] >= 1
+        ):
             raise UsageError(f"dims must be (name, positive int) pairs, got {pair!r}")
     return pairs
 

@@ -65,8 +65,9 @@ class Inspection:
         return RankOutcome(self.source, None, self.ranks, False, self.plan, None, self.seconds)
 
 
-def inspect(model: onnx.ModelProto | str | Path, config: OptimizeConfig | None = None,
-            ranks: int | None = None) -> Inspection:
+def inspect(
+    model: onnx.ModelProto | str | Path, config: OptimizeConfig | None = None, ranks: int | None = None
+) -> Inspection:
     """Inspect one model (a ModelProto or a path to a ``.onnx`` file); nothing is changed or written.
 
     ``ranks`` (for the collective time in the budget rule) defaults to ``config.ranks``, else the
@@ -82,19 +83,28 @@ def inspect(model: onnx.ModelProto | str | Path, config: OptimizeConfig | None =
     # initializers --replan drops are read by nothing after the strip: never candidates).
     result = planning_pipeline(config, ranks, strip=bool(existing))(model)
     collectives = result.stats("build-windows")  # every collective, flagged
-    return Inspection(source, ranks, collectives, result.stats("plan-prefetches"), existing,
-                      time.perf_counter() - start, stale)
+    return Inspection(
+        source,
+        ranks,
+        collectives,
+        result.stats("plan-prefetches"),
+        existing,
+        time.perf_counter() - start,
+        stale,
+    )
 
 
-def inspect_path(src: str | Path, config: OptimizeConfig | None = None, *,
-                 jobs: int | None = None) -> tuple[Inspection, ...]:
+def inspect_path(
+    src: str | Path, config: OptimizeConfig | None = None, *, jobs: int | None = None
+) -> tuple[Inspection, ...]:
     """Inspect a model file or every rank model of a directory (rank order)."""
     config = config or OptimizeConfig()
     return map_path(functools.partial(_inspect_one, config), Path(src), None, jobs=jobs)
 
 
-def _inspect_one(config: OptimizeConfig, progress, src: Path, dest, ranks: int | None,
-                 copy_data) -> Inspection:
+def _inspect_one(
+    config: OptimizeConfig, progress, src: Path, dest, ranks: int | None, copy_data
+) -> Inspection:
     """A ``map_path`` task (module level, so worker processes can run it); writes nothing."""
     return inspect(src, config, config.ranks or ranks)  # an explicit --ranks wins, as in optimize
 
@@ -107,16 +117,22 @@ def _existing_prefetches(model: onnx.ModelProto, naming: PrefetchNaming) -> tupl
                 continue
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             collective = attrs.get(naming.collective, b"")
-            found.append(ExistingPrefetch(
-                graph=scope.path, node=node.name,
-                anchor=node.input[0] if len(node.input) > 0 else "",
-                tensor=node.input[1] if len(node.input) > 1 else "",
-                collective=collective.decode() if isinstance(collective, bytes) else str(collective),
-                offset=int(attrs.get(naming.offset, 0)), max_size=int(attrs.get(naming.max_size, 0)),
-                max_tokens=_int_attr(attrs.get(naming.max_tokens, 0)),
-                lengths=node.input[2] if len(node.input) > 2 else "",
-                seq_axis=attrs[naming.seq_axis] if isinstance(attrs.get(naming.seq_axis), int) else None,
-                window=_int_attr(attrs.get(naming.window, 0)), min_tokens=_int_attr(attrs.get(naming.min_tokens, 0))))
+            found.append(
+                ExistingPrefetch(
+                    graph=scope.path,
+                    node=node.name,
+                    anchor=node.input[0] if len(node.input) > 0 else "",
+                    tensor=node.input[1] if len(node.input) > 1 else "",
+                    collective=collective.decode() if isinstance(collective, bytes) else str(collective),
+                    offset=int(attrs.get(naming.offset, 0)),
+                    max_size=int(attrs.get(naming.max_size, 0)),
+                    max_tokens=_int_attr(attrs.get(naming.max_tokens, 0)),
+                    lengths=node.input[2] if len(node.input) > 2 else "",
+                    seq_axis=attrs[naming.seq_axis] if isinstance(attrs.get(naming.seq_axis), int) else None,
+                    window=_int_attr(attrs.get(naming.window, 0)),
+                    min_tokens=_int_attr(attrs.get(naming.min_tokens, 0)),
+                )
+            )
     return tuple(found)
 
 

@@ -59,13 +59,22 @@ from preserve_onnx.pipeline import Pass, Sequential
 
 # Every pass `optimize` can run, in pipeline order: the registry `preserve-onnx passes` prints and
 # `--disable` is checked against (generated from the passes' own name, kind and summary).
-REGISTRY: tuple[type[Pass], ...] = (CheckOrderPass, StripPrefetchesPass, DropStaleWeightsPass, BuildWindowsPass,
-                                    CollectCandidatesPass, PlanPrefetchesPass, InsertPrefetchesPass,
-                                    VerifyPrefetchesPass)
+REGISTRY: tuple[type[Pass], ...] = (
+    CheckOrderPass,
+    StripPrefetchesPass,
+    DropStaleWeightsPass,
+    BuildWindowsPass,
+    CollectCandidatesPass,
+    PlanPrefetchesPass,
+    InsertPrefetchesPass,
+    VerifyPrefetchesPass,
+)
 _REPLAN_ONLY = {StripPrefetchesPass.name, DropStaleWeightsPass.name}
 # name -> (kind, one-line summary), in pipeline order.
-PASSES = {cls.name: (cls.kind, cls.summary + (" (runs only with --replan)" if cls.name in _REPLAN_ONLY else ""))
-          for cls in REGISTRY}
+PASSES = {
+    cls.name: (cls.kind, cls.summary + (" (runs only with --replan)" if cls.name in _REPLAN_ONLY else ""))
+    for cls in REGISTRY
+}
 
 
 @dataclass(frozen=True)
@@ -84,14 +93,18 @@ class RankOutcome:
     compacted: int = 0  # bytes left out of the output's data files (those initializers' data)
 
 
-def build_pipeline(config: OptimizeConfig, baseline: onnx.ModelProto, ranks: int,
-                   stale: StaleLinks | None = None) -> Sequential:
+def build_pipeline(
+    config: OptimizeConfig, baseline: onnx.ModelProto, ranks: int, stale: StaleLinks | None = None
+) -> Sequential:
     passes: list[Pass] = [CheckOrderPass()]
     if config.replan:
         stale = stale if stale is not None else stale_links(baseline, config.naming)
         passes += [StripPrefetchesPass(config.naming), DropStaleWeightsPass(stale.prefetch_only)]
-    passes += [*planning_passes(config, ranks), InsertPrefetchesPass(config, ranks),
-               VerifyPrefetchesPass(baseline, config.naming)]
+    passes += [
+        *planning_passes(config, ranks),
+        InsertPrefetchesPass(config, ranks),
+        VerifyPrefetchesPass(baseline, config.naming),
+    ]
     return Sequential(passes, config.disabled, known=list(PASSES))
 
 
@@ -107,8 +120,9 @@ def plan_model(model: onnx.ModelProto, config: OptimizeConfig, ranks: int = 1) -
     return planning_pipeline(config, ranks)(model).stats("plan-prefetches")
 
 
-def optimize(model: onnx.ModelProto | str | Path, config: OptimizeConfig | None = None,
-             ranks: int | None = None) -> tuple[onnx.ModelProto, Plan]:
+def optimize(
+    model: onnx.ModelProto | str | Path, config: OptimizeConfig | None = None, ranks: int | None = None
+) -> tuple[onnx.ModelProto, Plan]:
     """Optimize one model (a ModelProto or a path) and return ``(optimized model, plan)``.
 
     The input is not changed. ``ranks`` (for the collective time in the budget rule) defaults to
@@ -118,14 +132,17 @@ def optimize(model: onnx.ModelProto | str | Path, config: OptimizeConfig | None 
     return out, outcome.plan
 
 
-def resolve_model(model: onnx.ModelProto | str | Path, config: OptimizeConfig,
-                  ranks: int | None) -> tuple[onnx.ModelProto, Path | None, int]:
+def resolve_model(
+    model: onnx.ModelProto | str | Path, config: OptimizeConfig, ranks: int | None
+) -> tuple[onnx.ModelProto, Path | None, int]:
     """``(model, source path or None, ranks)``: loads a path (never its weights) and settles the rank
     count: ``ranks``, else ``config.ranks``, else the number of sibling rank files of a path, else 1."""
     if ranks is not None and (isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1):
         raise UsageError(f"ranks must be an integer of at least 1, got {ranks!r}")
     if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
-        raise UsageError(f"expected an onnx.ModelProto or a path to an .onnx file, got {type(model).__name__}")
+        raise UsageError(
+            f"expected an onnx.ModelProto or a path to an .onnx file, got {type(model).__name__}"
+        )
     source = None
     if isinstance(model, (str, os.PathLike)):
         source = Path(model)
@@ -145,9 +162,17 @@ def _optimize_loaded(model, config: OptimizeConfig, ranks: int | None):
         raise PreserveError(f"{where}{stale.describe()}; nothing was written")
     result = build_pipeline(config, model, ranks, stale)(model)
     plan = result.stats("insert-prefetches") or result.stats("plan-prefetches")  # insert disabled: the plan
-    outcome = RankOutcome(source, None, ranks, result.modified, plan,
-                          result.stats("verify-prefetches"), time.perf_counter() - start,
-                          stale if stale.total else None, result.stats("drop-stale-weights"))
+    outcome = RankOutcome(
+        source,
+        None,
+        ranks,
+        result.modified,
+        plan,
+        result.stats("verify-prefetches"),
+        time.perf_counter() - start,
+        stale if stale.total else None,
+        result.stats("drop-stale-weights"),
+    )
     return outcome, result.model
 
 
@@ -158,8 +183,14 @@ def strip(model: onnx.ModelProto | str | Path, naming: PrefetchNaming = Prefetch
     return StripPrefetchesPass(naming)(model).model
 
 
-def _optimize_one(config: OptimizeConfig, progress: ProgressFactory | None, src: Path, dest: Path | None,
-                  ranks: int | None, copy_data: bool | None) -> RankOutcome:
+def _optimize_one(
+    config: OptimizeConfig,
+    progress: ProgressFactory | None,
+    src: Path,
+    dest: Path | None,
+    ranks: int | None,
+    copy_data: bool | None,
+) -> RankOutcome:
     outcome, model = _optimize_loaded(src, config, config.ranks or ranks)  # an explicit --ranks wins
     if dest is None:
         return outcome
@@ -170,8 +201,9 @@ def _optimize_one(config: OptimizeConfig, progress: ProgressFactory | None, src:
     return dataclasses.replace(outcome, output=dest, compacted=compacted)
 
 
-def compact_data(model: onnx.ModelProto, locations: tuple[str, ...], dest: Path,
-                 src: Path) -> tuple[onnx.ModelProto, int]:
+def compact_data(
+    model: onnx.ModelProto, locations: tuple[str, ...], dest: Path, src: Path
+) -> tuple[onnx.ModelProto, int]:
     """Rewrite the data files ``locations`` beside ``dest`` (already written) with only the bytes that
     ``model`` still reads, and ``dest`` with the new offsets; returns (model, bytes left out).
 
@@ -183,14 +215,19 @@ def compact_data(model: onnx.ModelProto, locations: tuple[str, ...], dest: Path,
     out = None
     for location in locations:
         target, original = dest.parent / location, src.parent / location
-        if not target.is_file() or (original.exists() and os.path.samefile(target, original)) \
-                or _shared(location, src):
+        if (
+            not target.is_file()
+            or (original.exists() and os.path.samefile(target, original))
+            or _shared(location, src)
+        ):
             continue
         if out is None:
             out = onnx.ModelProto()
             out.CopyFrom(model)
-        tensors = sorted((t for t in external_tensors(out) if external_info(t).get("location") == location),
-                         key=lambda t: int(external_info(t).get("offset", 0) or 0))
+        tensors = sorted(
+            (t for t in external_tensors(out) if external_info(t).get("location") == location),
+            key=lambda t: int(external_info(t).get("offset", 0) or 0),
+        )
         before = target.stat().st_size
         if not tensors:
             target.unlink()
@@ -209,7 +246,8 @@ def compact_data(model: onnx.ModelProto, locations: tuple[str, ...], dest: Path,
                     buf = os.pread(fin.fileno(), min(8 << 20, length - done), offset + done)
                     if not buf:
                         raise PreserveError(
-                            f"{target} is short: '{t.name}' needs bytes up to {offset + length}")
+                            f"{target} is short: '{t.name}' needs bytes up to {offset + length}"
+                        )
                     fout.write(buf)
                     done += len(buf)
                 _set_offset(t, cursor)
@@ -236,14 +274,24 @@ def _set_offset(tensor: onnx.TensorProto, offset: int) -> None:
 def _shared(location: str, src: Path) -> bool:
     """Whether another rank model beside ``src`` keeps data in ``location`` (compacting would break it)."""
     for entry in sorted(src.parent.iterdir()):
-        if entry != src and entry.is_file() and is_rank_file(entry.name) and any(
-                external_info(t).get("location") == location for t in external_tensors(load_model(entry))):
+        if (
+            entry != src
+            and entry.is_file()
+            and is_rank_file(entry.name)
+            and any(external_info(t).get("location") == location for t in external_tensors(load_model(entry)))
+        ):
             return True
     return False
 
 
-def _strip_one(naming: PrefetchNaming, progress: ProgressFactory | None, src: Path, dest: Path | None,
-               ranks: int | None, copy_data: bool | None) -> int:
+def _strip_one(
+    naming: PrefetchNaming,
+    progress: ProgressFactory | None,
+    src: Path,
+    dest: Path | None,
+    ranks: int | None,
+    copy_data: bool | None,
+) -> int:
     result = StripPrefetchesPass(naming)(load_model(src))
     if dest is not None:
         save_model(result.model, dest, src.parent, copy_data=copy_data, progress=progress)
@@ -261,8 +309,15 @@ def resolve_output(src: Path, out: Path, in_place: bool) -> Path:
     return out
 
 
-def map_path(task: Callable, src: Path, out: Path | None, *, in_place: bool = False,
-             jobs: int | None = None, progress: ProgressFactory | None = None) -> tuple:
+def map_path(
+    task: Callable,
+    src: Path,
+    out: Path | None,
+    *,
+    in_place: bool = False,
+    jobs: int | None = None,
+    progress: ProgressFactory | None = None,
+) -> tuple:
     """Apply ``task(progress, src_file, dest_file, ranks, copy_data)`` to a file or a rank directory.
 
     A directory OUT is built in a hidden staging folder beside it (rank files by ``task``, every
@@ -299,8 +354,9 @@ def _check_directory_out(src: Path, out: Path) -> None:
     IN, or an existing one holding files that the run would not write again."""
     src_r, out_r = src.resolve(), out.resolve()
     if src_r.is_relative_to(out_r):
-        raise PreserveError(f"OUT {out} contains IN {src}: writing it would replace the input; "
-                            f"choose a new folder")
+        raise PreserveError(
+            f"OUT {out} contains IN {src}: writing it would replace the input; choose a new folder"
+        )
     if out_r.is_relative_to(src_r):
         raise PreserveError(f"OUT {out} is inside IN {src}; choose a folder outside it")
     if not out_r.parent.is_dir():
@@ -308,26 +364,40 @@ def _check_directory_out(src: Path, out: Path) -> None:
     if out_r.is_dir():
         # OUT is replaced as a whole: allowed when everything in it is a rank model, a name that IN has
         # too, or what --with-runtime writes (a previous run's output), so nothing the user put there is lost.
-        foreign = sorted(e.name for e in out_r.iterdir() if not is_rank_file(e.name)
-                         and not (src_r / e.name).exists() and e.name not in RUNTIME_FILES)
+        foreign = sorted(
+            e.name
+            for e in out_r.iterdir()
+            if not is_rank_file(e.name) and not (src_r / e.name).exists() and e.name not in RUNTIME_FILES
+        )
         if foreign:
-            raise PreserveError(f"OUT {out} exists and holds '{foreign[0]}', which is not from IN "
-                                f"(OUT is replaced as a whole): remove it or choose a new folder")
+            raise PreserveError(
+                f"OUT {out} exists and holds '{foreign[0]}', which is not from IN "
+                f"(OUT is replaced as a whole): remove it or choose a new folder"
+            )
 
 
-def optimize_path(src: Path, out: Path | None, config: OptimizeConfig, *, in_place: bool = False,
-                  jobs: int | None = None, progress: ProgressFactory | None = None) -> tuple[RankOutcome, ...]:
+def optimize_path(
+    src: Path,
+    out: Path | None,
+    config: OptimizeConfig,
+    *,
+    in_place: bool = False,
+    jobs: int | None = None,
+    progress: ProgressFactory | None = None,
+) -> tuple[RankOutcome, ...]:
     """Optimize a file or a rank directory into ``out`` (None = dry run, nothing written)."""
-    outcomes = map_path(functools.partial(_optimize_one, config), src, out, in_place=in_place, jobs=jobs,
-                        progress=progress)
+    outcomes = map_path(
+        functools.partial(_optimize_one, config), src, out, in_place=in_place, jobs=jobs, progress=progress
+    )
     if out is not None and Path(src).is_dir():
         # Report final paths, not the staging folder's.
         outcomes = tuple(dataclasses.replace(o, output=Path(out) / o.source.name) for o in outcomes)
     return outcomes
 
 
-def strip_path(src: Path, dest: Path, naming: PrefetchNaming = PrefetchNaming(), *,
-               in_place: bool = False) -> int:
+def strip_path(
+    src: Path, dest: Path, naming: PrefetchNaming = PrefetchNaming(), *, in_place: bool = False
+) -> int:
     """Strip a file or every rank file of a directory into ``dest``; returns Prefetch nodes removed."""
     return sum(map_path(functools.partial(_strip_one, naming), src, dest, in_place=in_place, jobs=1))
 

@@ -22,7 +22,8 @@ SCHEMA = 1
 
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """``1 window``, ``0 windows``, ``2 prefetches`` (``plural`` where an added s is wrong): never "1 ranks"."""
+    """``1 window``, ``0 windows``, ``2 prefetches`` (``plural`` where an added s is wrong): never
+    "1 ranks"."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
@@ -44,11 +45,21 @@ def window_dict(wp: WindowPlan, verbose: bool = True) -> dict:
         "prefetched_bytes": wp.prefetched_bytes,
         "max_tokens": wp.max_tokens,  # the validity range (docs/design.md §3); 0 = no limit
         "prefetches": [
-            {"node": p.node, "tensor": p.tensor, "kind": p.kind, "consumer": p.consumer,
-             "offset": p.offset, "max_size": p.max_size, "bytes": p.nbytes,
-             # The live range (docs/design.md §3): L's tensor (null = two inputs; offset, max_size and
-             # bytes then count live bytes), X's sequence axis and the window; expert banks' min_tokens.
-             "lengths": p.lengths or None, "seq_axis": p.seq_axis, "window": p.window, "min_tokens": p.min_tokens}
+            {
+                "node": p.node,
+                "tensor": p.tensor,
+                "kind": p.kind,
+                "consumer": p.consumer,
+                "offset": p.offset,
+                "max_size": p.max_size,
+                "bytes": p.nbytes,
+                # The live range (docs/design.md §3): L's tensor (null = two inputs; offset, max_size and
+                # bytes then count live bytes), X's sequence axis and the window; expert banks' min_tokens.
+                "lengths": p.lengths or None,
+                "seq_axis": p.seq_axis,
+                "window": p.window,
+                "min_tokens": p.min_tokens,
+            }
             for p in wp.prefetches
         ],
     }
@@ -75,15 +86,26 @@ def report_dict(outcomes: Sequence[RankOutcome], config: OptimizeConfig) -> dict
         "budget": config.budget,
         "budget_rule": outcomes[0].plan.budget_rule if outcomes else None,
         "settings": {
-            "l2_fraction": config.l2_fraction, "batch": config.batch, "context": config.context,
-            "kv": config.kv, "static_kv": config.static_kv, "qdq_weights": config.qdq_weights, "collectives": list(config.collectives), "min_chunk": config.min_chunk,
-            "prefetch_domain": config.naming.domain, "prefetch_op": config.naming.op_type,
+            "l2_fraction": config.l2_fraction,
+            "batch": config.batch,
+            "context": config.context,
+            "kv": config.kv,
+            "static_kv": config.static_kv,
+            "qdq_weights": config.qdq_weights,
+            "collectives": list(config.collectives),
+            "min_chunk": config.min_chunk,
+            "prefetch_domain": config.naming.domain,
+            "prefetch_op": config.naming.op_type,
             "prefetch_version": config.naming.version,
             "prefetch_attributes": {a: getattr(config.naming, a) for a in PREFETCH_ATTRIBUTES},
         },
         "models": [
-            {"source": str(o.source) if o.source else None, "output": str(o.output) if o.output else None,
-             **plan_dict(o.plan), **replan_dict(o)}
+            {
+                "source": str(o.source) if o.source else None,
+                "output": str(o.output) if o.output else None,
+                **plan_dict(o.plan),
+                **replan_dict(o),
+            }
             for o in outcomes
         ],
     }
@@ -94,10 +116,15 @@ def replan_dict(o: RankOutcome) -> dict:
     if o.stale is None or not o.stale.stale:
         return {}
     dropped = o.dropped.names if o.dropped is not None else ()
-    return {"replan": {"prefetch_links": o.stale.total, "stale_links": len(o.stale.stale),
-                       "dropped_initializers": list(dropped),
-                       "dropped_bytes": o.dropped.nbytes if o.dropped is not None else 0,
-                       "data_bytes_left_out": o.compacted}}
+    return {
+        "replan": {
+            "prefetch_links": o.stale.total,
+            "stale_links": len(o.stale.stale),
+            "dropped_initializers": list(dropped),
+            "dropped_bytes": o.dropped.nbytes if o.dropped is not None else 0,
+            "data_bytes_left_out": o.compacted,
+        }
+    }
 
 
 def replan_line(o: RankOutcome) -> str | None:
@@ -107,8 +134,10 @@ def replan_line(o: RankOutcome) -> str | None:
         return None
     name = o.source.name if o.source else "model"
     n = len(o.dropped.names) if o.dropped is not None else 0
-    line = (f"{name}: {len(o.stale.stale)} of {o.stale.total} Prefetch links were stale; re-planned on the new "
-            f"weights, dropped {counted(n, 'initializer')} only they read")
+    line = (
+        f"{name}: {len(o.stale.stale)} of {o.stale.total} Prefetch links were stale; re-planned on the new "
+        f"weights, dropped {counted(n, 'initializer')} only they read"
+    )
     if n:
         line += f" ({format_size(o.dropped.nbytes)})"
     if o.compacted:
@@ -135,8 +164,15 @@ def plan_table(outcome: RankOutcome, title: str) -> Table:
         kv = sum(p.nbytes for p in wp.prefetches if p.kind == "kv_cache")
         pct = f"{100 * wp.prefetched_bytes / wp.budget:.0f}%" if wp.budget else "-"
         name = wp.window.collective if not wp.window.graph else f"{wp.window.graph}/{wp.window.collective}"
-        table.add_row(name, str(len({p.tensor for p in wp.prefetches})), format_size(weights),
-                      format_size(kv), format_size(wp.budget), pct, str(wp.max_tokens) if wp.max_tokens else "-")
+        table.add_row(
+            name,
+            str(len({p.tensor for p in wp.prefetches})),
+            format_size(weights),
+            format_size(kv),
+            format_size(wp.budget),
+            pct,
+            str(wp.max_tokens) if wp.max_tokens else "-",
+        )
     return table
 
 
@@ -150,8 +186,14 @@ def prefetch_table(outcome: RankOutcome) -> Table:
         for p in wp.prefetches:
             span = f"[{p.offset}, {p.offset + p.nbytes})" if p.max_size else "whole"
             cand = notes.get((wp.window.collective, p.tensor))
-            table.add_row(wp.window.collective, p.tensor, p.kind, format_size(p.nbytes), span,
-                          live_label(cand if cand is not None else p))
+            table.add_row(
+                wp.window.collective,
+                p.tensor,
+                p.kind,
+                format_size(p.nbytes),
+                span,
+                live_label(cand if cand is not None else p),
+            )
     return table
 
 
@@ -161,7 +203,9 @@ def live_label(item) -> str:
     bank, a KV link's reason for the two-input form, else ""."""
     parts = []
     if item.lengths:
-        parts.append(f"L={item.lengths} axis {item.seq_axis}" + (f" window {item.window}" if item.window else ""))
+        parts.append(
+            f"L={item.lengths} axis {item.seq_axis}" + (f" window {item.window}" if item.window else "")
+        )
     if item.min_tokens:
         share = getattr(item, "read_share", None)
         parts.append(f"min_tokens {item.min_tokens}" + (f", reads {share:.0%}" if share is not None else ""))
@@ -189,9 +233,16 @@ def skipped_table(outcome: RankOutcome, verbose: int) -> Table:
 def plan_key(o: RankOutcome) -> tuple:
     """What makes two ranks' plans the same: every window (collective, budget, validity range) with every
     link's tensor, kind, byte range and bytes, and what ``--replan`` found stale and dropped."""
-    windows = tuple((wp.window.graph, wp.window.collective, wp.budget, wp.max_tokens,
-                     tuple((p.tensor, p.kind, p.offset, p.max_size, p.nbytes) for p in wp.prefetches))
-                    for wp in o.plan.windows)
+    windows = tuple(
+        (
+            wp.window.graph,
+            wp.window.collective,
+            wp.budget,
+            wp.max_tokens,
+            tuple((p.tensor, p.kind, p.offset, p.max_size, p.nbytes) for p in wp.prefetches),
+        )
+        for wp in o.plan.windows
+    )
     stale = (len(o.stale.stale), o.stale.total) if o.stale is not None else None
     dropped = (o.dropped.names, o.dropped.nbytes) if o.dropped is not None else None
     return windows, stale, dropped, o.compacted
@@ -230,9 +281,14 @@ def render_outcomes(console: Console, outcomes: Sequence[RankOutcome], verbose: 
 
 def _render_outcome(console: Console, o: RankOutcome, verbose: int) -> None:
     name = o.source.name if o.source else "model"
-    console.print(plan_table(o, f"{name}: {counted(len(o.plan.windows), 'window')}, "
-                                f"{counted(o.plan.prefetch_count, 'prefetch', 'prefetches')}, "
-                                f"{format_size(o.plan.prefetched_bytes)}"))
+    console.print(
+        plan_table(
+            o,
+            f"{name}: {counted(len(o.plan.windows), 'window')}, "
+            f"{counted(o.plan.prefetch_count, 'prefetch', 'prefetches')}, "
+            f"{format_size(o.plan.prefetched_bytes)}",
+        )
+    )
     replanned = replan_line(o)
     if replanned:
         console.print(f"[yellow]{escape(replanned)}[/yellow]", highlight=False, soft_wrap=True)
@@ -240,8 +296,10 @@ def _render_outcome(console: Console, o: RankOutcome, verbose: int) -> None:
         console.print(prefetch_table(o))
         console.print(skipped_table(o, verbose))
     if o.verification is not None and verbose:
-        console.print(f"[dim]verify: {o.verification.graphs} graphs, {o.verification.prefetches} "
-                      f"prefetches, onnx checker {o.verification.checker}[/dim]")
+        console.print(
+            f"[dim]verify: {o.verification.graphs} graphs, {o.verification.prefetches} "
+            f"prefetches, onnx checker {o.verification.checker}[/dim]"
+        )
 
 
 def passes_table(passes: dict[str, tuple[str, str]]) -> Table:
@@ -257,21 +315,40 @@ def passes_table(passes: dict[str, tuple[str, str]]) -> Table:
 def hardware_table(profiles) -> Table:
     """`preserve-onnx hardware`: each profile's usable L2, achieved HBM bandwidth and the figures the cost
     model uses."""
-    table = Table(title="hardware profiles (usable L2, achieved HBM; --hardware NAME@IMPL picks a collective)",
-                  title_justify="left")
+    table = Table(
+        title="hardware profiles (usable L2, achieved HBM; --hardware NAME@IMPL picks a collective)",
+        title_justify="left",
+    )
     table.add_column("name", no_wrap=True)
-    for col in ("L2", "HBM BW", "L2 BW", "link BW", "AllReduce alpha", "peak", "fp16 max tokens", "prefetch chunk"):
+    for col in (
+        "L2",
+        "HBM BW",
+        "L2 BW",
+        "link BW",
+        "AllReduce alpha",
+        "peak",
+        "fp16 max tokens",
+        "prefetch chunk",
+    ):
         table.add_column(col, justify="right")
     for hw in profiles:
         alphas = hw.collective_alphas or ((hw.collective, hw.collective_alpha),)
-        latency = ", ".join(f"{impl + ' ' if impl else ''}{alpha * 1e6:.1f} us"
-                            + ("*" if impl == hw.collective and len(alphas) > 1 else "")
-                            for impl, alpha in alphas)
-        table.add_row(hw.name, f"{format_size(hw.usable_l2_bytes)} of {format_size(hw.l2_bytes)}",
-                      f"{hw.effective_hbm_bw / 1e12:.2f} of {hw.hbm_bw / 1e12:.2f} TB/s",
-                      f"{hw.l2_bw / 1e12:.1f} TB/s", f"{hw.link_bw / 1e9:.0f} GB/s", latency,
-                      f"{hw.peak_flops / 1e12:.0f} TF", f"{hw.roofline_tokens(2, 2):.0f}",
-                      format_size(hw.max_prefetch_bytes) if hw.max_prefetch_bytes else "none")
+        latency = ", ".join(
+            f"{impl + ' ' if impl else ''}{alpha * 1e6:.1f} us"
+            + ("*" if impl == hw.collective and len(alphas) > 1 else "")
+            for impl, alpha in alphas
+        )
+        table.add_row(
+            hw.name,
+            f"{format_size(hw.usable_l2_bytes)} of {format_size(hw.l2_bytes)}",
+            f"{hw.effective_hbm_bw / 1e12:.2f} of {hw.hbm_bw / 1e12:.2f} TB/s",
+            f"{hw.l2_bw / 1e12:.1f} TB/s",
+            f"{hw.link_bw / 1e9:.0f} GB/s",
+            latency,
+            f"{hw.peak_flops / 1e12:.0f} TF",
+            f"{hw.roofline_tokens(2, 2):.0f}",
+            format_size(hw.max_prefetch_bytes) if hw.max_prefetch_bytes else "none",
+        )
     return table
 
 

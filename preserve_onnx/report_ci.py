@@ -26,11 +26,16 @@ MARKDOWN_ROWS = 200  # per model
 MARKDOWN_CHARS = 60_000  # in all, with room for the closing lines: a PR comment holds at most 65536
 
 _NOUNS = {  # kind -> (singular, plural)
-    "model": ("model field set", "model field sets"), "opset": ("opset import", "opset imports"),
-    "metadata": ("metadata entry", "metadata entries"), "function": ("function", "functions"),
-    "graph": ("graph header", "graph headers"), "input": ("graph input", "graph inputs"),
-    "output": ("graph output", "graph outputs"), "initializer": ("initializer", "initializers"),
-    "value_info": ("value_info entry", "value_info entries"), "node": ("node", "nodes"),
+    "model": ("model field set", "model field sets"),
+    "opset": ("opset import", "opset imports"),
+    "metadata": ("metadata entry", "metadata entries"),
+    "function": ("function", "functions"),
+    "graph": ("graph header", "graph headers"),
+    "input": ("graph input", "graph inputs"),
+    "output": ("graph output", "graph outputs"),
+    "initializer": ("initializer", "initializers"),
+    "value_info": ("value_info entry", "value_info entries"),
+    "node": ("node", "nodes"),
 }
 _MARK = {"added": "+", "removed": "-", "changed": "~"}
 _STYLE = {"added": "green", "removed": "red", "changed": "yellow"}
@@ -45,8 +50,14 @@ def inspection_dict(inspections: Sequence[Inspection], config: OptimizeConfig) -
     data = report_dict([i.outcome for i in inspections], config)
     for model, ins in zip(data["models"], inspections):
         model["collectives"] = [
-            {"graph": w.graph, "collective": w.collective, "op_type": w.op_type, "selected": w.selected,
-             "message_bytes": w.message_bytes, "window_nodes": len(w.nodes)}
+            {
+                "graph": w.graph,
+                "collective": w.collective,
+                "op_type": w.op_type,
+                "selected": w.selected,
+                "message_bytes": w.message_bytes,
+                "window_nodes": len(w.nodes),
+            }
             for w in ins.collectives
         ]
         model["existing_prefetches"] = [dataclasses.asdict(p) for p in ins.prefetches]
@@ -58,8 +69,11 @@ def stale_dict(stale) -> dict | None:
     """A model's stale Prefetch links for JSON (None when the model has no Prefetch node)."""
     if stale is None:
         return None
-    return {"total": stale.total, "stale": [dataclasses.asdict(s) for s in stale.stale],
-            "prefetch_only_initializers": list(stale.prefetch_only)}
+    return {
+        "total": stale.total,
+        "stale": [dataclasses.asdict(s) for s in stale.stale],
+        "prefetch_only_initializers": list(stale.prefetch_only),
+    }
 
 
 def stale_line(name: str, stale) -> str | None:
@@ -74,9 +88,9 @@ def _where(graph: str, name: str) -> str:
     return f"{graph}{name}" if name.startswith("/") else f"{graph}/{name}"
 
 
-# Columns of the collectives table a narrow terminal leaves out, in this order, until the collective names
-# get their 24 columns: the op (the name ends in it), the window's operator count, the budget's share (planned /
-# budget), the candidate count, the validity range.
+# Columns of the collectives table a narrow terminal leaves out, in this order, until the collective
+# names get their 24 columns: the op (the name ends in it), the window's operator count, the budget's
+# share (planned / budget), the candidate count, the validity range.
 NARROW_DROPS = ("op", "ops", "used", "tensors", "max tokens")
 COLLECTIVE_MIN_WIDTH = 24
 
@@ -91,13 +105,34 @@ def collectives_table(ins: Inspection, title: str, width: int | None = None) -> 
     for w in ins.collectives:
         wp = plans.get((w.graph, w.index))
         if wp is None:
-            rows.append((_where(w.graph, w.collective), w.op_type, str(len(w.nodes)), "-", "-", "not selected",
-                         "-", "-", "-"))
+            rows.append(
+                (
+                    _where(w.graph, w.collective),
+                    w.op_type,
+                    str(len(w.nodes)),
+                    "-",
+                    "-",
+                    "not selected",
+                    "-",
+                    "-",
+                    "-",
+                )
+            )
             continue
         pct = f"{100 * wp.prefetched_bytes / wp.budget:.0f}%" if wp.budget else "-"
-        rows.append((_where(w.graph, w.collective), w.op_type, str(len(w.nodes)), str(len(wp.candidates)),
-                     format_size(sum(c.nbytes for c in wp.candidates)), format_size(wp.budget),
-                     format_size(wp.prefetched_bytes), pct, str(wp.max_tokens) if wp.max_tokens else "-"))
+        rows.append(
+            (
+                _where(w.graph, w.collective),
+                w.op_type,
+                str(len(w.nodes)),
+                str(len(wp.candidates)),
+                format_size(sum(c.nbytes for c in wp.candidates)),
+                format_size(wp.budget),
+                format_size(wp.prefetched_bytes),
+                pct,
+                str(wp.max_tokens) if wp.max_tokens else "-",
+            )
+        )
     keep = list(range(len(header)))
     dropped = []
 
@@ -110,9 +145,12 @@ def collectives_table(ins: Inspection, title: str, width: int | None = None) -> 
             break
         keep.remove(header.index(name))
         dropped.append(name)
-    table = Table(title=title, title_justify="left",
-                  caption=f"({', '.join(dropped)} left out at {width} columns)" if dropped else None,
-                  caption_justify="left")
+    table = Table(
+        title=title,
+        title_justify="left",
+        caption=f"({', '.join(dropped)} left out at {width} columns)" if dropped else None,
+        caption_justify="left",
+    )
     table.add_column("collective", overflow="fold", min_width=COLLECTIVE_MIN_WIDTH)
     for c in keep[1:]:
         table.add_column(header[c], justify="left" if header[c] == "op" else "right", no_wrap=True)
@@ -125,8 +163,12 @@ def candidates_table(ins: Inspection) -> Table:
     """One row per candidate tensor of each window, with what the plan does with it."""
     table = Table(title="candidates (first use order)", title_justify="left")
     for col in ("collective", "tensor", "kind", "bytes", "consumer", "plan", "live range"):
-        table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left",
-                         no_wrap=col in ("kind", "bytes"))
+        table.add_column(
+            col,
+            overflow="fold",
+            justify="right" if col == "bytes" else "left",
+            no_wrap=col in ("kind", "bytes"),
+        )
     for wp in ins.plan.windows:
         if not wp.candidates:
             continue
@@ -141,9 +183,15 @@ def candidates_table(ins: Inspection) -> Table:
                 plan = f"first {format_size(covered)}"
             else:
                 plan = "-"
-            table.add_row(escape(wp.window.collective) if k == 0 else "", escape(c.tensor), c.kind,
-                          format_size(c.nbytes),
-                          escape(f"{c.consumer}[{c.slot}]"), plan, escape(live_label(c)))
+            table.add_row(
+                escape(wp.window.collective) if k == 0 else "",
+                escape(c.tensor),
+                c.kind,
+                format_size(c.nbytes),
+                escape(f"{c.consumer}[{c.slot}]"),
+                plan,
+                escape(live_label(c)),
+            )
     return table
 
 
@@ -153,8 +201,13 @@ def existing_table(ins: Inspection) -> Table:
         table.add_column(col, overflow="fold")
     for p in ins.prefetches:
         span = "whole" if p.max_size == 0 else f"[{p.offset}, {p.offset + p.max_size})"
-        table.add_row(escape(_where(p.graph, p.collective)), escape(p.tensor), span,
-                      str(p.max_tokens) if p.max_tokens else "-", escape(live_label(p)))
+        table.add_row(
+            escape(_where(p.graph, p.collective)),
+            escape(p.tensor),
+            span,
+            str(p.max_tokens) if p.max_tokens else "-",
+            escape(live_label(p)),
+        )
     return table
 
 
@@ -162,9 +215,11 @@ def render_inspections(console: Console, inspections: Sequence[Inspection], verb
     for ins in inspections:
         name = ins.source.name if ins.source else "model"
         plan = ins.plan
-        title = (f"{name}: {counted(len(ins.collectives), 'collective')}, {len(plan.windows)} planned, "
-                 f"{counted(plan.prefetch_count, 'prefetch', 'prefetches')}, {format_size(plan.prefetched_bytes)} "
-                 f"({plan.budget_rule}, {ins.ranks} rank(s))")
+        title = (
+            f"{name}: {counted(len(ins.collectives), 'collective')}, {len(plan.windows)} planned, "
+            f"{counted(plan.prefetch_count, 'prefetch', 'prefetches')}, {format_size(plan.prefetched_bytes)} "
+            f"({plan.budget_rule}, {ins.ranks} rank(s))"
+        )
         console.print(collectives_table(ins, title, console.width))
         if any(wp.candidates for wp in plan.windows):
             console.print(candidates_table(ins))
@@ -215,10 +270,18 @@ def diff_dict(diff: Diff) -> dict:
         "only_a": list(diff.only_a),
         "only_b": list(diff.only_b),
         "models": [
-            {"a": m.a, "b": m.b, "equal": m.equal, "summary": summary_phrases(m), "counts": m.counts(),
-             "stale_prefetches": {"a": stale_dict(m.stale_a), "b": stale_dict(m.stale_b)},
-             "entries": [{**dataclasses.asdict(e), "changes": [dataclasses.asdict(c) for c in e.changes]}
-                         for e in m.entries]}
+            {
+                "a": m.a,
+                "b": m.b,
+                "equal": m.equal,
+                "summary": summary_phrases(m),
+                "counts": m.counts(),
+                "stale_prefetches": {"a": stale_dict(m.stale_a), "b": stale_dict(m.stale_b)},
+                "entries": [
+                    {**dataclasses.asdict(e), "changes": [dataclasses.asdict(c) for c in e.changes]}
+                    for e in m.entries
+                ],
+            }
             for m in diff.models
         ],
     }
@@ -237,8 +300,11 @@ def _headline(diff: Diff) -> str:
 
 
 def _change_text(e: Entry) -> str:
-    return "; ".join(f"{c.field}: {c.before if c.before is not None else '(none)'} -> "
-                     f"{c.after if c.after is not None else '(none)'}" for c in e.changes)
+    return "; ".join(
+        f"{c.field}: {c.before if c.before is not None else '(none)'} -> "
+        f"{c.after if c.after is not None else '(none)'}"
+        for c in e.changes
+    )
 
 
 def diff_stale_lines(m: ModelDiff) -> list[str]:
@@ -254,25 +320,42 @@ def render_diff(console: Console, diff: Diff, quiet: bool = False) -> None:
             console.print(f"[yellow]{escape(warning)}[/yellow]", highlight=False, soft_wrap=True)
         if m.equal:
             continue
-        console.print(f"[bold]{escape(m.a)} -> {escape(m.b)}[/bold]: {escape(', '.join(summary_phrases(m)))}",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold]{escape(m.a)} -> {escape(m.b)}[/bold]: {escape(', '.join(summary_phrases(m)))}",
+            highlight=False,
+            soft_wrap=True,
+        )
         for e in m.entries:
             where = f" [dim]in {escape(e.graph)}[/dim]" if e.graph else ""
             text = _change_text(e) if e.status == "changed" else e.detail
-            console.print(f"  [{_STYLE[e.status]}]{_MARK[e.status]} {e.kind}[/] {escape(e.name)}{where}: "
-                          f"{escape(text)}", highlight=False, soft_wrap=True)
+            console.print(
+                f"  [{_STYLE[e.status]}]{_MARK[e.status]} {e.kind}[/] {escape(e.name)}{where}: "
+                f"{escape(text)}",
+                highlight=False,
+                soft_wrap=True,
+            )
     for name in diff.only_a if not quiet else ():
-        console.print(f"  [red]- model[/] {escape(name)}: only in {escape(diff.a)}", highlight=False, soft_wrap=True)
+        console.print(
+            f"  [red]- model[/] {escape(name)}: only in {escape(diff.a)}", highlight=False, soft_wrap=True
+        )
     for name in diff.only_b if not quiet else ():
-        console.print(f"  [green]+ model[/] {escape(name)}: only in {escape(diff.b)}", highlight=False, soft_wrap=True)
+        console.print(
+            f"  [green]+ model[/] {escape(name)}: only in {escape(diff.b)}", highlight=False, soft_wrap=True
+        )
     style = "green" if diff.equal else "yellow"
-    console.print(f"[{style}]{'equal' if diff.equal else 'different'}[/]: {escape(diff.a)} vs "
-                  f"{escape(diff.b)}: {_headline(diff)}", highlight=False, soft_wrap=True)
+    console.print(
+        f"[{style}]{'equal' if diff.equal else 'different'}[/]: {escape(diff.a)} vs "
+        f"{escape(diff.b)}: {_headline(diff)}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _md(text: str) -> str:
     """Inline code for a table cell: no pipes, backticks or line breaks break out of it."""
-    text = text.replace("|", "\\|").replace("`", "'").replace("\r\n", "↵").replace("\n", "↵").replace("\r", "↵")
+    text = (
+        text.replace("|", "\\|").replace("`", "'").replace("\r\n", "↵").replace("\n", "↵").replace("\r", "↵")
+    )
     return f"`{text}`" if text else ""
 
 
@@ -295,17 +378,33 @@ def diff_markdown(diff: Diff) -> str:
     differing = [m for m in diff.models if not m.equal]
     for k, m in enumerate(differing):
         warnings = [f"> {_md(line)}" for line in diff_stale_lines(m)]
-        head = [f"#### {_md(m.b)}", "", ", ".join(summary_phrases(m)), "", *warnings, *([""] if warnings else [])]
+        head = [
+            f"#### {_md(m.b)}",
+            "",
+            ", ".join(summary_phrases(m)),
+            "",
+            *warnings,
+            *([""] if warnings else []),
+        ]
         if size + sum(len(x) + 1 for x in head) > MARKDOWN_CHARS:
             lines.append(f"… {len(differing) - k} more differing model(s) (see `diff --json`)")
             break
-        table = ["<details><summary>changes</summary>", "",
-                 "| | kind | graph | name | change |", "|---|---|---|---|---|"]
+        table = [
+            "<details><summary>changes</summary>",
+            "",
+            "| | kind | graph | name | change |",
+            "|---|---|---|---|---|",
+        ]
         size += sum(len(x) + 1 for x in head + table)
         shown = 0
         for e in m.entries[:MARKDOWN_ROWS]:
-            text = "<br>".join(f"{c.field}: {_md(c.before or '(none)')} → {_md(c.after or '(none)')}"
-                               for c in e.changes) if e.status == "changed" else _md(e.detail)
+            text = (
+                "<br>".join(
+                    f"{c.field}: {_md(c.before or '(none)')} → {_md(c.after or '(none)')}" for c in e.changes
+                )
+                if e.status == "changed"
+                else _md(e.detail)
+            )
             row = f"| {_MARK[e.status]} | {e.kind} | {_md(e.graph)} | {_md(e.name)} | {text} |"
             if size + len(row) + 1 > MARKDOWN_CHARS:
                 break

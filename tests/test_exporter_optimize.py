@@ -69,7 +69,9 @@ def test_kv_cache_is_planned_in_every_window_that_reads_it(src):
     of 64 per rank fill it alone at 16k)."""
     model_file = sorted(src.glob("*.onnx"))[0]
     found = inspect(model_file, OptimizeConfig(context=4096))
-    kv_inputs = [vi.name for vi in load_model(model_file).graph.input if vi.name.startswith("past_key_values.")]
+    kv_inputs = [
+        vi.name for vi in load_model(model_file).graph.input if vi.name.startswith("past_key_values.")
+    ]
     planned, candidates = set(), set()
     for window in found.plan.windows:
         kv = {c.tensor for c in window.candidates if c.kind == "kv_cache"}
@@ -129,10 +131,18 @@ def test_the_runtime_hints_the_live_bytes_of_a_builder_export(optimized):
     src = SAMPLES / "exporters" / "genai-llama-fp32" / "tp2"
     out = optimized(src)
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": np.array([[3], [7]], np.int64),
-             "attention_mask": np.array([[1] * 5 + [0] * 4, [1] * 9], np.int64)}
-    rank_feeds = {r: {f"past_key_values.{i}.{kind}": rng.standard_normal((2, 1, 8, 16)).astype(np.float32)
-                      for i in range(2) for kind in ("key", "value")} for r in range(2)}
+    feeds = {
+        "input_ids": np.array([[3], [7]], np.int64),
+        "attention_mask": np.array([[1] * 5 + [0] * 4, [1] * 9], np.int64),
+    }
+    rank_feeds = {
+        r: {
+            f"past_key_values.{i}.{kind}": rng.standard_normal((2, 1, 8, 16)).astype(np.float32)
+            for i in range(2)
+            for kind in ("key", "value")
+        }
+        for r in range(2)
+    }
     expected = 0
     for rank in sorted(out.glob("*.onnx")):
         model = onnx.load(rank, load_external_data=False)
@@ -153,5 +163,9 @@ def test_the_runtime_hints_the_live_bytes_of_a_builder_export(optimized):
     assert all(o[k].tobytes() == e[k].tobytes() for o, e in zip(outputs, original) for k in e)
     assert (counters.skipped_above, counters.skipped_below) == (0, 0)
     assert counters.bytes == expected
-    links = [n for n in onnx.load(out / "model_00.onnx", load_external_data=False).graph.node if n.op_type == "Prefetch"]
+    links = [
+        n
+        for n in onnx.load(out / "model_00.onnx", load_external_data=False).graph.node
+        if n.op_type == "Prefetch"
+    ]
     assert sum(len(n.input) == 3 for n in links) == 2

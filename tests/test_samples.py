@@ -1,6 +1,7 @@
 """The committed sample models: layout, they run, the sharding is right, and they regenerate byte for byte.
 
 Also the shape-only big-model generator (bench/make_big_model.py)."""
+
 from __future__ import annotations
 
 import filecmp
@@ -80,8 +81,14 @@ def _kv_axis(name: str) -> int:
 def test_committed_layout(variant):
     d = SAMPLES / variant
     files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
-    assert files == ["full/model.onnx", "full/model.onnx.data", "tp2/model_00.onnx", "tp2/model_00.onnx.data",
-                     "tp2/model_01.onnx", "tp2/model_01.onnx.data"]
+    assert files == [
+        "full/model.onnx",
+        "full/model.onnx.data",
+        "tp2/model_00.onnx",
+        "tp2/model_00.onnx.data",
+        "tp2/model_01.onnx",
+        "tp2/model_01.onnx.data",
+    ]
     for rel in ("full/model.onnx", "tp2/model_00.onnx", "tp2/model_01.onnx"):
         m = onnx.load(str(d / rel), load_external_data=False)
         locs = set()
@@ -145,7 +152,12 @@ def test_io_names_and_shapes():
     kvh = CFG.kv_heads // WORLD
     for i in range(CFG.layers):
         for kv in ("key", "value"):
-            assert ins[f"past_key_values.{i}.{kv}"] == ["batch_size", kvh, "past_sequence_length", CFG.head_size]
+            assert ins[f"past_key_values.{i}.{kv}"] == [
+                "batch_size",
+                kvh,
+                "past_sequence_length",
+                CFG.head_size,
+            ]
             assert outs[f"present.{i}.{kv}"] == ["batch_size", kvh, "total_sequence_length", CFG.head_size]
     assert outs["logits"] == ["batch_size", "sequence_length", CFG.vocab]
     g = onnx.load(str(SAMPLES / "gpt-attention/tp2/model_00.onnx"), load_external_data=False)
@@ -202,8 +214,10 @@ def test_quantized_twins_track_float(variant, tol):
     s = _session(SAMPLES / variant / "full/model.onnx")
     f = _feeds(ref)
     a = ref.run(None, f)[0]
-    b = s.run(None, {k: v.astype(np.float16) if v.dtype == np.float32 and "fp16" in variant else v
-                     for k, v in f.items()})[0].astype(np.float32)
+    b = s.run(
+        None,
+        {k: v.astype(np.float16) if v.dtype == np.float32 and "fp16" in variant else v for k, v in f.items()},
+    )[0].astype(np.float32)
     rel = np.abs(a - b).max() / np.abs(a).max()
     assert rel < tol, rel
 
@@ -294,15 +308,22 @@ def _check_sharded(variant, config=None):
         results = []
         for r, s in enumerate(sessions):
             names = [o.name for o in s.get_outputs()]
-            results.append(dict(zip(names, s.run(None, {**feeds[r], **{f"__ar_in_{j}": ar[j] for j in range(n_ar)}}))))
+            results.append(
+                dict(zip(names, s.run(None, {**feeds[r], **{f"__ar_in_{j}": ar[j] for j in range(n_ar)}})))
+            )
         partial_names = [o.name for o in sessions[0].get_outputs()][-n_ar:]
-        ar = [sum(res[[o.name for o in sessions[r].get_outputs()][-n_ar:][j]] for r, res in enumerate(results))
-              .astype(dtype) for j in range(n_ar)]
+        ar = [
+            sum(
+                res[[o.name for o in sessions[r].get_outputs()][-n_ar:][j]] for r, res in enumerate(results)
+            ).astype(dtype)
+            for j in range(n_ar)
+        ]
         assert len(partial_names) == n_ar
     atol = 1e-2 if dtype == np.float16 else 1e-5  # measured: 2e-3 and 1e-6
     for r in range(WORLD):
-        np.testing.assert_allclose(results[r]["logits"].astype(np.float32), tw["logits"].astype(np.float32),
-                                   atol=atol, rtol=0)
+        np.testing.assert_allclose(
+            results[r]["logits"].astype(np.float32), tw["logits"].astype(np.float32), atol=atol, rtol=0
+        )
     for name, full in tw.items():
         if name.startswith("present"):
             got = np.concatenate([results[r][name] for r in range(WORLD)], axis=_kv_axis(name))
@@ -330,16 +351,30 @@ def test_regeneration_is_byte_identical(tmp_path):
     gen = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     # make_samples.py owns the generated variants; sample_models/exporters/ is made by `make exporter-samples`
     # (tests/test_exporter_samples.py checks those).
-    committed = sorted(str(p.relative_to(SAMPLES)) for p in SAMPLES.rglob("*.onnx*")
-                       if p.is_file() and p.relative_to(SAMPLES).parts[0] != "exporters")
+    committed = sorted(
+        str(p.relative_to(SAMPLES))
+        for p in SAMPLES.rglob("*.onnx*")
+        if p.is_file() and p.relative_to(SAMPLES).parts[0] != "exporters"
+    )
     assert gen == committed
     mismatch = [p for p in gen if not filecmp.cmp(tmp_path / p, SAMPLES / p, shallow=False)]
     assert not mismatch, f"regenerated files differ from the committed ones: {mismatch}"
 
 
 def test_build_llama_api(tmp_path):
-    res = ms.build_llama(hidden=128, layers=1, heads=8, kv_heads=4, intermediate=256, vocab=500, world=4,
-                         dtype="float32", out_dir=tmp_path, seed=3, max_seq=64)
+    res = ms.build_llama(
+        hidden=128,
+        layers=1,
+        heads=8,
+        kv_heads=4,
+        intermediate=256,
+        vocab=500,
+        world=4,
+        dtype="float32",
+        out_dir=tmp_path,
+        seed=3,
+        max_seq=64,
+    )
     assert [p.name for p in res["ranks"]] == [f"model_{r:02d}.onnx" for r in range(4)]
     assert (tmp_path / "full/model.onnx.data").exists()
     m = onnx.load(str(res["ranks"][3]), load_external_data=False)
@@ -395,12 +430,20 @@ def test_big_model_sparse_and_shapes(tmp_path):
     assert {a.name: a.i for a in gqa.attribute}["kv_num_heads"] == 1
     kv = next(i for i in m.graph.input if i.name == "past_key_values.0.key")
     assert [d.dim_param or d.dim_value for d in kv.type.tensor_type.shape.dim] == [
-        "batch_size", 1, "past_sequence_length", 128]
+        "batch_size",
+        1,
+        "past_sequence_length",
+        128,
+    ]
 
 
 def test_big_model_cli_and_vocab_parallel(tmp_path):
-    assert big.main([str(tmp_path), "--preset", "llama3-8b", "--ranks", "2", "--layers", "1",
-                     "--vocab-parallel"]) == 0
+    assert (
+        big.main(
+            [str(tmp_path), "--preset", "llama3-8b", "--ranks", "2", "--layers", "1", "--vocab-parallel"]
+        )
+        == 0
+    )
     m = onnx.load(str(tmp_path / "model_01.onnx"), load_external_data=False)
     last = m.graph.node[-1]
     assert last.op_type == "AllGather" and last.output[0] == "logits"

@@ -23,7 +23,7 @@ runner = CliRunner()
 def test_optimized_sample_is_bit_identical_over_decode_steps(variant, budget, static_kv, tmp_path):
     src = SAMPLES / variant / "tp2"
     config = OptimizeConfig(budget=budget, min_chunk=1024, static_kv=static_kv)
-    (outcome, *_), = [optimize_path(src, tmp_path / "opt", config, jobs=1)]
+    ((outcome, *_),) = [optimize_path(src, tmp_path / "opt", config, jobs=1)]
     assert outcome.plan.prefetch_count > 0
     result = run_models(tmp_path / "opt", against=src, steps=3, batch=2, context=8)
     assert result.comparison.identical, result.comparison
@@ -33,13 +33,27 @@ def test_optimized_sample_is_bit_identical_over_decode_steps(variant, budget, st
 def test_cli_run_against_passes_and_saves(tmp_path):
     src = SAMPLES / "llama-gqa" / "tp2"
     assert runner.invoke(app, ["optimize", str(src), str(tmp_path / "opt"), "-q"]).exit_code == 0
-    r = runner.invoke(app, ["run", str(tmp_path / "opt"), "--against", str(src), "--steps", "2",
-                            "--save", str(tmp_path / "out.npz")])
+    r = runner.invoke(
+        app,
+        [
+            "run",
+            str(tmp_path / "opt"),
+            "--against",
+            str(src),
+            "--steps",
+            "2",
+            "--save",
+            str(tmp_path / "out.npz"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "PASSED: 10 outputs on 2 rank(s) bit-identical" in r.output
     with np.load(tmp_path / "out.npz") as saved:
-        assert sorted(saved.files) == sorted(f"rank{r}/{n}" for r in (0, 1) for n in (
-            "logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"))
+        assert sorted(saved.files) == sorted(
+            f"rank{r}/{n}"
+            for r in (0, 1)
+            for n in ("logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value")
+        )
 
 
 def test_cli_run_against_a_different_model_fails(tmp_path, console_width):
@@ -50,13 +64,21 @@ def test_cli_run_against_a_different_model_fails(tmp_path, console_width):
     shutil.copytree(SAMPLES / "llama-qdq" / "tp2", other)
     r = runner.invoke(app, ["run", str(SAMPLES / "llama-gqa" / "tp2"), "--against", str(other), "-q"])
     assert r.exit_code == 1
-    assert r.output.splitlines() == [f"FAILED: 10 of 10 outputs differ from {other}; worst: rank 0 'logits', "
-                                     f"max abs diff {0.0468852:g}"], r.output
+    assert r.output.splitlines() == [
+        f"FAILED: 10 of 10 outputs differ from {other}; worst: rank 0 'logits', max abs diff {0.0468852:g}"
+    ], r.output
 
 
 def test_cli_run_rank_count_mismatch(tmp_path):
-    r = runner.invoke(app, ["run", str(SAMPLES / "llama-gqa" / "tp2"), "--against",
-                            str(SAMPLES / "llama-gqa" / "full" / "model.onnx")])
+    r = runner.invoke(
+        app,
+        [
+            "run",
+            str(SAMPLES / "llama-gqa" / "tp2"),
+            "--against",
+            str(SAMPLES / "llama-gqa" / "full" / "model.onnx"),
+        ],
+    )
     assert r.exit_code == 1 and "has 2 ranks but" in r.output
 
 
@@ -82,8 +104,10 @@ def test_cli_run_with_inputs_npz_shared_and_per_rank(tmp_path):
     arrays.update({f"rank{r}/{k}": v for r, feeds in per_rank.items() for k, v in feeds.items()})
     np.savez(tmp_path / "feeds.npz", **arrays)
     expected = session.run(shared, per_rank)
-    r = runner.invoke(app, ["run", str(src), "--inputs", str(tmp_path / "feeds.npz"), "--save",
-                            str(tmp_path / "out.npz"), "-q"])
+    r = runner.invoke(
+        app,
+        ["run", str(src), "--inputs", str(tmp_path / "feeds.npz"), "--save", str(tmp_path / "out.npz"), "-q"],
+    )
     assert r.exit_code == 0, r.output
     with np.load(tmp_path / "out.npz") as saved:
         for rank in (0, 1):
@@ -108,8 +132,11 @@ def test_in_memory_flow_load_optimize_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # not the models' folder: the data must not be looked for here
     src = SAMPLES / "llama-gqa" / "tp2"
     originals = [load_model(src / f"model_0{r}.onnx") for r in range(2)]
-    with pytest.raises(PreserveError, match=r"^rank 0: the model keeps '.*' in an external data file, and a "
-                                            r"ModelProto does not know its folder: pass data_dir=\.\.\."):
+    with pytest.raises(
+        PreserveError,
+        match=r"^rank 0: the model keeps '.*' in an external data file, and a "
+        r"ModelProto does not know its folder: pass data_dir=\.\.\.",
+    ):
         RankSession(originals)
     with pytest.raises(PreserveError, match="data_dir names 1 folders for 2 models"):
         RankSession(originals, data_dir=[src])
@@ -121,12 +148,16 @@ def test_in_memory_flow_load_optimize_run(tmp_path, monkeypatch):
 
 
 def test_cli_run_names_the_original_when_it_fails(tmp_path):
-    r = runner.invoke(app, ["run", str(SAMPLES / "llama-gqa" / "tp2"), "--against",
-                            str(SAMPLES / "llama-gqa-fp16" / "tp2")])
+    r = runner.invoke(
+        app, ["run", str(SAMPLES / "llama-gqa" / "tp2"), "--against", str(SAMPLES / "llama-gqa-fp16" / "tp2")]
+    )
     assert r.exit_code == 1
     # Both ranks fail alike; which one reports first is a race.
-    assert re.match(rf"error: the original {re.escape(str(SAMPLES / 'llama-gqa-fp16' / 'tp2'))}: rank [01]: "
-                    r"Unexpected input data type", r.output), r.output
+    assert re.match(
+        rf"error: the original {re.escape(str(SAMPLES / 'llama-gqa-fp16' / 'tp2'))}: rank [01]: "
+        r"Unexpected input data type",
+        r.output,
+    ), r.output
 
 
 def test_cli_run_timeout_option(tmp_path):
@@ -135,11 +166,20 @@ def test_cli_run_timeout_option(tmp_path):
 
     # Rank 1 runs no collective: rank 0 waits in its AllReduce for --timeout seconds, then fails.
     def rank(with_collective):
-        node = (helper.make_node("AllReduce", ["x"], ["y"], name="ar", domain="com.microsoft") if with_collective
-                else helper.make_node("Identity", ["x"], ["y"]))
-        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        node = (
+            helper.make_node("AllReduce", ["x"], ["y"], name="ar", domain="com.microsoft")
+            if with_collective
+            else helper.make_node("Identity", ["x"], ["y"])
+        )
+        g = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        )
+        m = helper.make_model(
+            g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+        )
         m.ir_version = 8
         return m
 

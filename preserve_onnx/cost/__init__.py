@@ -44,6 +44,6 @@ folded (cost nothing); KV-cache outputs (``present``) are written in place and c
 runs its then_branch (onnxruntime's merged decoders put the decoder with past there), Loop/Scan bodies
 run once.
 
-Budgets follow docs/design.md §4.3 with the planner's own fill rule, so with the export's rank count ``estimate``
-prefetches exactly what ``optimize`` inserts.
+Budgets follow docs/design.md §4.3 with the planner's own fill rule, so with the export's rank count
+``estimate`` prefetches exactly what ``optimize`` inserts.
 """

@@ -38,10 +38,30 @@ from preserve_onnx.passes.strip_prefetches import StripPrefetchesPass
 
 TRACKS = ("compute", "communication", "prefetch")
 _LINEAR = {"MatMul", "Gemm", "MatMulNBits"}
-_SAME_SHAPE = {"Cast", "CastLike", "Identity", "Relu", "Sigmoid", "Tanh", "Gelu", "FastGelu", "QuickGelu",
-               "Erf", "Neg", "Sqrt", "Softmax", "LayerNormalization", "SimplifiedLayerNormalization",
-               "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
-               "DequantizeLinear", "QuantizeLinear", "Dropout", "BiasGelu"}
+_SAME_SHAPE = {
+    "Cast",
+    "CastLike",
+    "Identity",
+    "Relu",
+    "Sigmoid",
+    "Tanh",
+    "Gelu",
+    "FastGelu",
+    "QuickGelu",
+    "Erf",
+    "Neg",
+    "Sqrt",
+    "Softmax",
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "RotaryEmbedding",
+    "DequantizeLinear",
+    "QuantizeLinear",
+    "Dropout",
+    "BiasGelu",
+}
 
 
 @dataclass(frozen=True)
@@ -149,8 +169,9 @@ def _input_info(vi: onnx.ValueInfoProto, values: Mapping[str, int], batch: int) 
     tt = vi.type.tensor_type
     if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
         return _Info(None, batch, tt.elem_type or TensorProto.FLOAT)
-    dims = bind_lenient((d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim),
-                        values, batch)
+    dims = bind_lenient(
+        (d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim), values, batch
+    )
     return _Info(dims, math.prod(dims), tt.elem_type)
 
 
@@ -186,7 +207,9 @@ class _Walker:
         self.const: set[str] = set()
         self.ops: list[Op] = []
         # Plain-operator KV-cache (docs/design.md §2): tensor carrying the cache's bytes -> its path.
-        self.kv_alias = {alias: path for path in kv_cache_paths(model.graph).values() for alias in path.aliases}
+        self.kv_alias = {
+            alias: path for path in kv_cache_paths(model.graph).values() for alias in path.aliases
+        }
         self.kv_read: set[str] = set()  # structural KV inputs already read in this step
         self.kv_layouts: dict[str, KvLayout] = {}  # GroupQueryAttention KV buffers: their live positions
         self.shares: dict[str, float] = {}  # expert banks: the share of their bytes a step reads
@@ -214,8 +237,17 @@ class _Walker:
             self.walk(sub)
             for out, b_out in zip(outs, branch.output):
                 self.info[out] = self.info.get(b_out.name, _Info(None, 0, TensorProto.FLOAT))
-            self.ops.append(Op(scope.path, index, label, node.op_type, "alias",
-                               tuple(o.name for o in branch.output), outs))
+            self.ops.append(
+                Op(
+                    scope.path,
+                    index,
+                    label,
+                    node.op_type,
+                    "alias",
+                    tuple(o.name for o in branch.output),
+                    outs,
+                )
+            )
             return
         if default and node.op_type == "Constant":
             value = attr(node, "value")
@@ -228,8 +260,9 @@ class _Walker:
             msg = message_bytes(scope, anchor, self.batch)
             for out in outs:
                 self.info[out] = self.info.get(anchor, _Info(None, 0, TensorProto.FLOAT))
-            self.ops.append(Op(scope.path, index, label, node.op_type, "collective", ins, outs,
-                               message_bytes=msg))
+            self.ops.append(
+                Op(scope.path, index, label, node.op_type, "collective", ins, outs, message_bytes=msg)
+            )
             return
         out_infos = self._infer(scope, node)
         for out, info in zip(outs, out_infos):
@@ -275,7 +308,7 @@ class _Walker:
             axis = int(attr(node, "axis", 0))
             if a.shape and idx.shape is not None:
                 r = axis % len(a.shape)
-                dims = a.shape[:r] + idx.shape + a.shape[r + 1:]
+                dims = a.shape[:r] + idx.shape + a.shape[r + 1 :]
                 return [_Info(dims, math.prod(dims), a.dtype)]
         if is_attention(node) and a is not None:
             return [self._attention_out(node, ins)] + [_Info(None, 0, dtype)] * (n_out - 1)
@@ -297,13 +330,18 @@ class _Walker:
                     return [_Info(tuple(dims), a.numel, a.dtype)]
             return [_Info(None, a.numel, a.dtype)]
         shaped = [i for i in ins if i is not None and i.shape]
-        if op == "Concat" and shaped and all(i is not None for i in ins) and len({len(i.shape) for i in shaped}) == 1:
+        if (
+            op == "Concat"
+            and shaped
+            and all(i is not None for i in ins)
+            and len({len(i.shape) for i in shaped}) == 1
+        ):
             # Inputs without a shape (a Reshape to a computed shape) extend the axis by their element count.
             ref = shaped[0].shape
             axis = int(attr(node, "axis", 0)) % len(ref)
-            across = math.prod(ref[:axis] + ref[axis + 1:]) or 1
+            across = math.prod(ref[:axis] + ref[axis + 1 :]) or 1
             extent = sum(i.shape[axis] if i.shape else i.numel // across for i in ins)
-            dims = ref[:axis] + (extent,) + ref[axis + 1:]
+            dims = ref[:axis] + (extent,) + ref[axis + 1 :]
             return [_Info(dims, math.prod(dims), shaped[0].dtype)]
         if op == "Transpose" and a is not None and a.shape:
             perm = attr(node, "perm") or list(reversed(range(len(a.shape))))
@@ -315,7 +353,9 @@ class _Walker:
             if a.shape and axes:
                 reduced = {int(x) % len(a.shape) for x in axes}
                 keep = int(attr(node, "keepdims", 1))
-                dims = tuple(1 if i in reduced else d for i, d in enumerate(a.shape) if keep or i not in reduced)
+                dims = tuple(
+                    1 if i in reduced else d for i, d in enumerate(a.shape) if keep or i not in reduced
+                )
                 return [_Info(dims, math.prod(dims), a.dtype)]
             return [_Info(None, max(1, a.numel // max(1, (a.shape or (1,))[-1])), a.dtype)]
         if op in _SAME_SHAPE and a is not None:
@@ -326,8 +366,13 @@ class _Walker:
     def _attention_out(self, node: onnx.NodeProto, ins: list) -> _Info:
         q = ins[0]
         heads = int(attr(node, "num_heads", 0) or attr(node, "q_num_heads", 0) or 1)
-        if node.op_type == "Attention" and node.domain not in ("", "ai.onnx") and len(ins) > 1 and ins[1] \
-                and ins[1].shape:
+        if (
+            node.op_type == "Attention"
+            and node.domain not in ("", "ai.onnx")
+            and len(ins) > 1
+            and ins[1]
+            and ins[1].shape
+        ):
             width = ins[1].shape[-1] // 3
             rows = q.numel // q.shape[-1] if q.shape else self.batch
             return _Info(None, rows * width, q.dtype)
@@ -340,8 +385,16 @@ class _Walker:
         return q
 
     # -- costs
-    def _cost(self, scope: Scope, index: int, label: str, node: onnx.NodeProto, ins: tuple[str, ...],
-              outs: tuple[str, ...], out_infos: list[_Info]) -> Op:
+    def _cost(
+        self,
+        scope: Scope,
+        index: int,
+        label: str,
+        node: onnx.NodeProto,
+        ins: tuple[str, ...],
+        outs: tuple[str, ...],
+        out_infos: list[_Info],
+    ) -> Op:
         slots = consumer_slots(node)
         reads: list[Read] = []
         read_inputs: set[str] = set()
@@ -378,7 +431,9 @@ class _Walker:
                 if path is None or path.input in self.kv_read or path.input not in scope.main_inputs:
                     continue
                 vi = scope.main_inputs[path.input]
-                reads.append(Read(path.input, self.sizing.kv_bytes(vi, structural_kv_axes(path, vi)), "kv_cache"))
+                reads.append(
+                    Read(path.input, self.sizing.kv_bytes(vi, structural_kv_axes(path, vi)), "kv_cache")
+                )
                 read_inputs.add(name)
                 self.kv_read.add(path.input)
         for slot, name in enumerate(node.input):
@@ -394,7 +449,9 @@ class _Walker:
         act += sum(_bytes(i) for i in keep)
         if not flops:
             flops = float(sum(i.numel for i in keep))
-        return Op(scope.path, index, label, node.op_type, "compute", ins, outs, flops, tuple(reads), fixed, act)
+        return Op(
+            scope.path, index, label, node.op_type, "compute", ins, outs, flops, tuple(reads), fixed, act
+        )
 
     def _kv_read(self, node: onnx.NodeProto, name: str, axes: tuple[int, int], scope: Scope) -> int:
         """Bytes a step reads of a KV-cache input: a GroupQueryAttention's live bytes (its window, at most
@@ -405,9 +462,11 @@ class _Walker:
             return raw
         buffer = kv_buffer(node, vi, axes[1], self.sizing, raw)
         shape = self.info[name].shape if name in self.info else None
-        blocks = math.prod(shape[:axes[1]]) if shape and len(shape) > axes[1] else 0
+        blocks = math.prod(shape[: axes[1]]) if shape and len(shape) > axes[1] else 0
         if blocks and buffer.row % blocks == 0:
-            self.kv_layouts[name] = KvLayout(blocks, buffer.capacity, buffer.row // blocks, buffer.start, buffer.end)
+            self.kv_layouts[name] = KvLayout(
+                blocks, buffer.capacity, buffer.row // blocks, buffer.start, buffer.end
+            )
         return buffer.live_bytes
 
     def _consumer_flops(self, node: onnx.NodeProto, reads: list[Read]) -> float:
@@ -416,7 +475,11 @@ class _Walker:
             if node.op_type == "MatMulNBits":
                 elems = int(attr(node, "K", 0)) * int(attr(node, "N", 0))
             else:
-                w = node.input[1] if node.op_type == "Gemm" or node.input[0] not in self.const else node.input[0]
+                w = (
+                    node.input[1]
+                    if node.op_type == "Gemm" or node.input[0] not in self.const
+                    else node.input[0]
+                )
                 if node.op_type == "MatMul" and w not in self.const:
                     # Both operands computed (attention in plain operators, Q @ K^T): batched, so
                     # 2 x A's elements x B's columns, not A's rows x all of B.
@@ -448,14 +511,18 @@ class _Walker:
         return max(1, a.numel // max(1, a.shape[-1]))
 
 
-def analyze(model: onnx.ModelProto, config: OptimizeConfig, model_ranks: int, source: str = "model") -> Analysis:
+def analyze(
+    model: onnx.ModelProto, config: OptimizeConfig, model_ranks: int, source: str = "model"
+) -> Analysis:
     """Flatten ``model``'s decode step and plan it as ``optimize`` would (``config``, ``model_ranks``).
 
     Prefetch nodes already in ``model`` (spelled as ``config.naming`` says) are removed first, as
     ``optimize --replan`` would: an optimized model is estimated exactly like its original.
     """
     model = StripPrefetchesPass(config.naming)(model).model
-    walker = _Walker(model, Sizing.for_model(model, config.batch, config.context, config.dims), config.qdq_weights)
+    walker = _Walker(
+        model, Sizing.for_model(model, config.batch, config.context, config.dims), config.qdq_weights
+    )
     walker.walk("")
     ops = tuple(walker.ops)
     position = {(op.graph, op.index): pos for pos, op in enumerate(ops) if op.kind != "alias"}
@@ -467,15 +534,36 @@ def analyze(model: onnx.ModelProto, config: OptimizeConfig, model_ranks: int, so
             continue  # in a branch the decode step does not run (an If's else_branch)
         where = [position[(w.graph, i)] for i in w.nodes if (w.graph, i) in position]
         first = next((p for p in where if ops[p].reads), None)
-        windows.append(WindowSpec(w.graph, w.collective, position[(w.graph, w.index)], tuple(where), first,
-                                  w.message_bytes, w, wp.candidates, wp.max_tokens,
-                                  _tokens(walker.info.get(w.anchor), config.batch)))
-    return Analysis(source, model_ranks, config.batch, config.context, ops, tuple(windows), config,
-                    dict(walker.kv_layouts), dict(walker.shares))
+        windows.append(
+            WindowSpec(
+                w.graph,
+                w.collective,
+                position[(w.graph, w.index)],
+                tuple(where),
+                first,
+                w.message_bytes,
+                w,
+                wp.candidates,
+                wp.max_tokens,
+                _tokens(walker.info.get(w.anchor), config.batch),
+            )
+        )
+    return Analysis(
+        source,
+        model_ranks,
+        config.batch,
+        config.context,
+        ops,
+        tuple(windows),
+        config,
+        dict(walker.kv_layouts),
+        dict(walker.shares),
+    )
 
 
 def _tokens(info: _Info | None, batch: int) -> int:
-    """Tokens per step a Prefetch sees: the product of its anchor's dims except the last (docs/design.md §3)."""
+    """Tokens per step a Prefetch sees: the product of its anchor's dims except the last
+    (docs/design.md §3)."""
     if info is None or not info.shape:
         return batch
     return max(1, math.prod(info.shape[:-1]))

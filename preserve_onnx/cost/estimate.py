@@ -78,7 +78,6 @@ class Estimate(_Speedups):
     def upper_bound_s(self) -> float:
         return self.upper.step_s
 
-
     @property
     def share_of_upper_bound(self) -> float:
         """Fraction of the upper bound's time saving that the plan reaches (1.0 when nothing can be saved)."""
@@ -86,8 +85,9 @@ class Estimate(_Speedups):
         return (self.baseline_s - self.preserve_s) / possible if possible > 0 else 1.0
 
 
-def plan_chains(analysis: Analysis, hw: HardwareProfile, ranks: int, budget: int | None = None,
-                l2_fraction: float = 0.5) -> tuple[tuple[Link, ...], ...]:
+def plan_chains(
+    analysis: Analysis, hw: HardwareProfile, ranks: int, budget: int | None = None, l2_fraction: float = 0.5
+) -> tuple[tuple[Link, ...], ...]:
     """Each window's planned chain at ``ranks``: the planner's fill rule over re-sharded candidates."""
     scale = analysis.model_ranks / ranks
     chains = []
@@ -95,27 +95,52 @@ def plan_chains(analysis: Analysis, hw: HardwareProfile, ranks: int, budget: int
         cands = tuple(dataclasses.replace(c, nbytes=int(c.nbytes * scale)) for c in w.candidates)
         limit = budget if budget is not None else hw.window_budget(w.message_bytes, ranks, l2_fraction)
         prefetches, _ = fill_window(w.window, cands, limit, analysis.config.min_chunk, 0, set())
-        chains.append(tuple(Link(p.tensor, p.nbytes, analysis.useful(p.tensor, p.offset, p.nbytes, bool(p.lengths),
-                                                                    scale), p.min_tokens) for p in prefetches))
+        chains.append(
+            tuple(
+                Link(
+                    p.tensor,
+                    p.nbytes,
+                    analysis.useful(p.tensor, p.offset, p.nbytes, bool(p.lengths), scale),
+                    p.min_tokens,
+                )
+                for p in prefetches
+            )
+        )
     return tuple(chains)
 
 
 def every_chain(analysis: Analysis, ranks: int) -> tuple[tuple[Link, ...], ...]:
     """The upper bound's chains: every candidate of every window, whole, at ``ranks``."""
     scale = analysis.model_ranks / ranks
-    return tuple(tuple(Link(c.tensor, int(c.nbytes * scale),
-                            analysis.useful(c.tensor, 0, int(c.nbytes * scale), bool(c.lengths), scale))
-                       for c in w.candidates) for w in analysis.windows)
+    return tuple(
+        tuple(
+            Link(
+                c.tensor,
+                int(c.nbytes * scale),
+                analysis.useful(c.tensor, 0, int(c.nbytes * scale), bool(c.lengths), scale),
+            )
+            for c in w.candidates
+        )
+        for w in analysis.windows
+    )
 
 
-def budgets(analysis: Analysis, hw: HardwareProfile, ranks: int, budget: int | None,
-            l2_fraction: float) -> tuple[int, ...]:
-    return tuple(budget if budget is not None else hw.window_budget(w.message_bytes, ranks, l2_fraction)
-                 for w in analysis.windows)
+def budgets(
+    analysis: Analysis, hw: HardwareProfile, ranks: int, budget: int | None, l2_fraction: float
+) -> tuple[int, ...]:
+    return tuple(
+        budget if budget is not None else hw.window_budget(w.message_bytes, ranks, l2_fraction)
+        for w in analysis.windows
+    )
 
 
-def evaluate(analysis: Analysis, hw: HardwareProfile, ranks: int | None = None, budget: int | None = None,
-             l2_fraction: float = 0.5) -> Estimate:
+def evaluate(
+    analysis: Analysis,
+    hw: HardwareProfile,
+    ranks: int | None = None,
+    budget: int | None = None,
+    l2_fraction: float = 0.5,
+) -> Estimate:
     """Baseline, plan and upper-bound timelines of ``analysis`` on ``hw`` at ``ranks`` ranks."""
     ranks = ranks or analysis.model_ranks
     if ranks < 1:
@@ -128,19 +153,46 @@ def evaluate(analysis: Analysis, hw: HardwareProfile, ranks: int | None = None, 
     upper = simulate(analysis, hw, every, ranks, l2_fraction, "upper bound")
     windows = []
     for k, (w, limit) in enumerate(zip(analysis.windows, budgets(analysis, hw, ranks, budget, l2_fraction))):
+
         def saved(t: Timeline) -> float:
             return sum(base.durations[p] - t.durations[p] for p in w.op_positions)
 
-        hinted = 0 if 0 < w.max_tokens < w.tokens else \
-            sum(link.nbytes for link in planned[k] if link.min_tokens <= w.tokens)
-        windows.append(WindowEstimate(
-            w.graph, w.collective, hw.collective_time(w.message_bytes, ranks), limit,
-            sum(link.nbytes for link in planned[k]), pres.moved[k], saved(pres), upper.moved[k], saved(upper),
-            w.max_tokens, w.tokens, hinted))
+        hinted = (
+            0
+            if 0 < w.max_tokens < w.tokens
+            else sum(link.nbytes for link in planned[k] if link.min_tokens <= w.tokens)
+        )
+        windows.append(
+            WindowEstimate(
+                w.graph,
+                w.collective,
+                hw.collective_time(w.message_bytes, ranks),
+                limit,
+                sum(link.nbytes for link in planned[k]),
+                pres.moved[k],
+                saved(pres),
+                upper.moved[k],
+                saved(upper),
+                w.max_tokens,
+                w.tokens,
+                hinted,
+            )
+        )
     scale = analysis.model_ranks / ranks
     kv_read = int(sum(r.nbytes for op in analysis.ops for r in op.reads if r.kind == "kv_cache") * scale)
-    return Estimate(analysis.source, hw.name, analysis.batch, analysis.context, ranks, analysis.model_ranks,
-                    base, pres, upper, tuple(windows), kv_read)
+    return Estimate(
+        analysis.source,
+        hw.name,
+        analysis.batch,
+        analysis.context,
+        ranks,
+        analysis.model_ranks,
+        base,
+        pres,
+        upper,
+        tuple(windows),
+        kv_read,
+    )
 
 
 def rank_model(path: Path, ranks: int | None = None) -> tuple[Path, int]:
@@ -149,10 +201,17 @@ def rank_model(path: Path, ranks: int | None = None) -> tuple[Path, int]:
     return files[0], ranks or len(files)
 
 
-def estimate_path(path: Path, hw: HardwareProfile, config: OptimizeConfig, ranks: int | None = None,
-                  budget: int | None = None) -> Estimate:
+def estimate_path(
+    path: Path,
+    hw: HardwareProfile,
+    config: OptimizeConfig,
+    ranks: int | None = None,
+    budget: int | None = None,
+) -> Estimate:
     """Estimate one rank model (or rank 0 of a directory) as ``optimize`` with ``config`` would plan it."""
     model_path, model_ranks = rank_model(path, ranks)
     model = load_model(model_path)
     cfg = dataclasses.replace(config, hardware=hw, budget=budget)
-    return evaluate(analyze(model, cfg, model_ranks, str(model_path)), hw, model_ranks, budget, cfg.l2_fraction)
+    return evaluate(
+        analyze(model, cfg, model_ranks, str(model_path)), hw, model_ranks, budget, cfg.l2_fraction
+    )

@@ -30,8 +30,14 @@ class Timeline:
     events: tuple[Event, ...]
 
 
-def simulate(analysis: Analysis, hw: HardwareProfile, chains: tuple[tuple[tuple, ...], ...],
-             ranks: int, l2_fraction: float, scenario: str) -> Timeline:
+def simulate(
+    analysis: Analysis,
+    hw: HardwareProfile,
+    chains: tuple[tuple[tuple, ...], ...],
+    ranks: int,
+    l2_fraction: float,
+    scenario: str,
+) -> Timeline:
     """Replay the step: ``chains[k]`` is window k's prefetch chain in chain order, as :class:`Link` s (or
     ``(tensor, bytes)`` pairs: every byte useful, no ``min_tokens``)."""
     scale = analysis.model_ranks / ranks
@@ -60,8 +66,16 @@ def simulate(analysis: Analysis, hw: HardwareProfile, chains: tuple[tuple[tuple,
             dur = hw.collective_time(op.message_bytes, ranks)
             comm_free = start + dur
             durations[pos] = dur
-            events.append(Event("communication", op.name, op.op_type, start, dur,
-                                (("message_bytes", op.message_bytes), ("ranks", ranks))))
+            events.append(
+                Event(
+                    "communication",
+                    op.name,
+                    op.op_type,
+                    start,
+                    dur,
+                    (("message_bytes", op.message_bytes), ("ranks", ranks)),
+                )
+            )
             for out in op.outputs:
                 ready[out] = comm_free
             if pos in starts:
@@ -82,8 +96,16 @@ def simulate(analysis: Analysis, hw: HardwareProfile, chains: tuple[tuple[tuple,
             moved[k] = amount
             hits[k] = _take_prefix(chain, amount)
             if amount:
-                events.append(Event("prefetch", f"{analysis.windows[k].collective}/Prefetch", "prefetch", t0[k],
-                                    amount / hbm_bw, (("bytes", amount), ("planned_bytes", total))))
+                events.append(
+                    Event(
+                        "prefetch",
+                        f"{analysis.windows[k].collective}/Prefetch",
+                        "prefetch",
+                        t0[k],
+                        amount / hbm_bw,
+                        (("bytes", amount), ("planned_bytes", total)),
+                    )
+                )
         in_l2 = hits.get(k, {}) if k is not None else {}
         hbm = float(op.fixed_bytes)
         l2 = 0.0
@@ -100,8 +122,16 @@ def simulate(analysis: Analysis, hw: HardwareProfile, chains: tuple[tuple[tuple,
         dur = max(flops / hw.peak_flops, hbm / hbm_bw + l2 / hw.l2_bw) + hw.launch_overhead
         durations[pos] = dur
         compute_free = start + dur
-        events.append(Event("compute", op.name, op.op_type, start, dur,
-                            (("hbm_bytes", int(hbm)), ("l2_bytes", int(l2)), ("flops", int(flops)))))
+        events.append(
+            Event(
+                "compute",
+                op.name,
+                op.op_type,
+                start,
+                dur,
+                (("hbm_bytes", int(hbm)), ("l2_bytes", int(l2)), ("flops", int(flops))),
+            )
+        )
         for out in op.outputs:
             ready[out] = compute_free
     step = max([compute_free, comm_free, *ready.values()], default=0.0)

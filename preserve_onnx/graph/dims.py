@@ -27,7 +27,15 @@ import onnx
 
 from preserve_onnx.errors import PreserveError, UsageError
 from preserve_onnx.graph.index import MS_DOMAIN, Scope, attr, declared_types, iter_graphs, iter_scopes, nbytes
-from preserve_onnx.graph.structure import ATTENTION_OPS, FLOAT_TYPES, KvCachePath, consumer_slots, op_key, kv_cache_paths, producer_width
+from preserve_onnx.graph.structure import (
+    ATTENTION_OPS,
+    FLOAT_TYPES,
+    KvCachePath,
+    consumer_slots,
+    kv_cache_paths,
+    op_key,
+    producer_width,
+)
 
 
 def parse_dim_options(values: Iterable[str] | None) -> tuple[tuple[str, int], ...]:
@@ -62,8 +70,11 @@ def dim_names(model: onnx.ModelProto) -> frozenset[str]:
     return frozenset(names)
 
 
-def check_dim_names(models: onnx.ModelProto | Iterable[onnx.ModelProto],
-                    dims: Iterable[tuple[str, int]] | Mapping[str, int], what: str = "the model") -> None:
+def check_dim_names(
+    models: onnx.ModelProto | Iterable[onnx.ModelProto],
+    dims: Iterable[tuple[str, int]] | Mapping[str, int],
+    what: str = "the model",
+) -> None:
     """Refuse ``--dim`` names that no tensor of ``models`` has (a typo would otherwise bind nothing silently).
 
     Raises:
@@ -92,8 +103,9 @@ _KV_LAYOUT: dict[tuple[str, str], dict[int, str]] = {  # keys: structure.ATTENTI
 }
 
 
-def _head_size(scope: Scope, declared: Mapping[str, onnx.ValueInfoProto], node: onnx.NodeProto,
-               key: tuple[str, str]) -> int:
+def _head_size(
+    scope: Scope, declared: Mapping[str, onnx.ValueInfoProto], node: onnx.NodeProto, key: tuple[str, str]
+) -> int:
     """Head size from the query's width and the head counts (0 when the graph does not say)."""
     if key == (MS_DOMAIN, "Attention"):
         weights = scope.initializers.get(node.input[1]) if len(node.input) > 1 else None
@@ -124,8 +136,11 @@ def _reshaped_width(scope: Scope, tensor: str) -> int:
     if node is None or node.op_type != "Reshape" or len(node.input) < 2:
         return 0
     source = scope.producers.get(node.input[1])
-    value = attr(source, "value") if source is not None and source.op_type == "Constant" else \
-        scope.initializers.get(node.input[1])
+    value = (
+        attr(source, "value")
+        if source is not None and source.op_type == "Constant"
+        else scope.initializers.get(node.input[1])
+    )
     if not isinstance(value, onnx.TensorProto) or value.data_location == onnx.TensorProto.EXTERNAL:
         return 0
     shape = onnx.numpy_helper.to_array(value).reshape(-1)
@@ -135,11 +150,16 @@ def _reshaped_width(scope: Scope, tensor: str) -> int:
 def _fixed_dims(vi: onnx.ValueInfoProto | None) -> dict[int, int]:
     if vi is None or not vi.type.tensor_type.HasField("shape"):
         return {}
-    return {axis: d.dim_value for axis, d in enumerate(vi.type.tensor_type.shape.dim) if d.HasField("dim_value")}
+    return {
+        axis: d.dim_value for axis, d in enumerate(vi.type.tensor_type.shape.dim) if d.HasField("dim_value")
+    }
 
 
-def graph_dims(model: onnx.ModelProto, scopes: Iterable[Scope] | None = None,
-               kv_paths: Mapping[str, KvCachePath] | None = None) -> dict[str, int]:
+def graph_dims(
+    model: onnx.ModelProto,
+    scopes: Iterable[Scope] | None = None,
+    kv_paths: Mapping[str, KvCachePath] | None = None,
+) -> dict[str, int]:
     """Symbolic dim name -> value, for every KV-cache dim the graph itself fixes (rule 3 above).
     ``scopes``/``kv_paths``: the model's, when the caller has them already."""
     main = model.graph
@@ -164,7 +184,9 @@ def graph_dims(model: onnx.ModelProto, scopes: Iterable[Scope] | None = None,
             declared = declared if declared is not None else declared_types(scope.graph)
             values = {}
             for axis, source in _KV_LAYOUT[key].items():
-                values[axis] = _head_size(scope, declared, node, key) if source == "head" else attr(node, source, 0)
+                values[axis] = (
+                    _head_size(scope, declared, node, key) if source == "head" else attr(node, source, 0)
+                )
             slots = consumer_slots(node)  # the KV slots of docs/design.md §2's table
             batch_seq = slots.kv_axes
             if key == (MS_DOMAIN, "Attention"):
@@ -177,8 +199,14 @@ def graph_dims(model: onnx.ModelProto, scopes: Iterable[Scope] | None = None,
                     learn_from = _fixed_dims(outputs[present])
                     for slot in slots.kv:
                         if slot < len(node.input) and node.input[slot]:
-                            learn(node.input[slot], {a: v for a, v in learn_from.items()
-                                                     if a not in values and a not in batch_seq})
+                            learn(
+                                node.input[slot],
+                                {
+                                    a: v
+                                    for a, v in learn_from.items()
+                                    if a not in values and a not in batch_seq
+                                },
+                            )
     for path in (kv_paths if kv_paths is not None else kv_cache_paths(main)).values():
         concat_out = main.node[path.concat].output[0]
         if len(path.aliases) == 1 and concat_out == path.output:  # same axes on both sides
@@ -187,9 +215,17 @@ def graph_dims(model: onnx.ModelProto, scopes: Iterable[Scope] | None = None,
     return {name: next(iter(values)) for name, values in by_name.items() if len(values) == 1}
 
 
-def bind_shape(vi: onnx.ValueInfoProto, *, dims: Mapping[str, int], graph: Mapping[str, int],
-               batch_axis: int | None, seq_axis: int | None, batch: int, context: int,
-               what: str) -> tuple[int, ...]:
+def bind_shape(
+    vi: onnx.ValueInfoProto,
+    *,
+    dims: Mapping[str, int],
+    graph: Mapping[str, int],
+    batch_axis: int | None,
+    seq_axis: int | None,
+    batch: int,
+    context: int,
+    what: str,
+) -> tuple[int, ...]:
     """``vi``'s dims as numbers, bound in the documented order; PreserveError names an unbindable dim."""
     tt = vi.type.tensor_type
     if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
@@ -208,16 +244,35 @@ def bind_shape(vi: onnx.ValueInfoProto, *, dims: Mapping[str, int], graph: Mappi
             shape.append(graph[d.dim_param])
         else:
             label = f"symbolic dimension '{d.dim_param}'" if d.dim_param else "an unnamed dimension"
-            hint = f"give it with --dim {d.dim_param}=N" if d.dim_param else "name it in the model to bind it with --dim"
+            hint = (
+                f"give it with --dim {d.dim_param}=N"
+                if d.dim_param
+                else "name it in the model to bind it with --dim"
+            )
             raise PreserveError(f"{what} '{vi.name}': cannot bind {label} (axis {axis}): {hint}")
     return tuple(shape)
 
 
-def kv_bytes(vi: onnx.ValueInfoProto, axes: tuple[int | None, int | None], *, batch: int, context: int,
-             dims: Mapping[str, int], graph: Mapping[str, int]) -> int:
+def kv_bytes(
+    vi: onnx.ValueInfoProto,
+    axes: tuple[int | None, int | None],
+    *,
+    batch: int,
+    context: int,
+    dims: Mapping[str, int],
+    graph: Mapping[str, int],
+) -> int:
     """Bytes of a KV-cache input with its batch/sequence axes ``axes`` bound to ``batch``/``context``."""
-    shape = bind_shape(vi, dims=dims, graph=graph, batch_axis=axes[0], seq_axis=axes[1], batch=batch,
-                       context=context, what="KV-cache input")
+    shape = bind_shape(
+        vi,
+        dims=dims,
+        graph=graph,
+        batch_axis=axes[0],
+        seq_axis=axes[1],
+        batch=batch,
+        context=context,
+        what="KV-cache input",
+    )
     return nbytes(shape, vi.type.tensor_type.elem_type, f"KV-cache input '{vi.name}'")
 
 
@@ -233,9 +288,15 @@ class Sizing:
     find_graph_dims: Callable[[], Mapping[str, int]] = dict
 
     @classmethod
-    def for_model(cls, model: onnx.ModelProto, batch: int, context: int, dims: Iterable[tuple[str, int]] = (),
-                  scopes: Iterable[Scope] | None = None,
-                  kv_paths: Mapping[str, KvCachePath] | None = None) -> "Sizing":
+    def for_model(
+        cls,
+        model: onnx.ModelProto,
+        batch: int,
+        context: int,
+        dims: Iterable[tuple[str, int]] = (),
+        scopes: Iterable[Scope] | None = None,
+        kv_paths: Mapping[str, KvCachePath] | None = None,
+    ) -> "Sizing":
         return cls(batch, context, dict(dims), lambda: graph_dims(model, scopes, kv_paths))
 
     @functools.cached_property
@@ -267,8 +328,10 @@ class _Lazy(Mapping):
 
 # -- collective message sizes (docs/design.md §4.3, the budget rule) ----------------------------------
 
-def message_bytes(scope: Scope, tensor: str, batch: int,
-                  declared: dict[str, onnx.ValueInfoProto] | None = None) -> int:
+
+def message_bytes(
+    scope: Scope, tensor: str, batch: int, declared: dict[str, onnx.ValueInfoProto] | None = None
+) -> int:
     """Bytes of ``tensor`` in one decode step (sequence length 1, batch ``batch``); 0 when unknown."""
     vi = (declared if declared is not None else declared_types(scope.graph)).get(tensor)
     size = _declared_bytes(vi, batch) if vi is not None else None
@@ -333,8 +396,9 @@ class DecodeLayout:
     fixed: Mapping[str, int] = field(default_factory=dict)
     windows: Mapping[str, int] = field(default_factory=dict)
 
-    def values(self, *, batch: int, context: int, dims: Mapping[str, int] | None = None,
-               new_tokens: int = 1) -> dict[str, int]:
+    def values(
+        self, *, batch: int, context: int, dims: Mapping[str, int] | None = None, new_tokens: int = 1
+    ) -> dict[str, int]:
         """Symbolic dim name -> value at a step of ``new_tokens`` after a past of ``context``:
         ``--dim`` first, then the dims the graph fixes, then the roles above."""
         found = {name: batch for name in self.batch}
@@ -385,7 +449,9 @@ def decode_layout(model: onnx.ModelProto) -> DecodeLayout:
     names: dict[str, set[str]] = {"past": set(), "total": set(), "batch": set()}
 
     def dim_name(vi: onnx.ValueInfoProto | None, axis: int | None) -> str:
-        dims = vi.type.tensor_type.shape.dim if vi is not None and vi.type.tensor_type.HasField("shape") else ()
+        dims = (
+            vi.type.tensor_type.shape.dim if vi is not None and vi.type.tensor_type.HasField("shape") else ()
+        )
         return dims[axis].dim_param if axis is not None and axis < len(dims) else ""
 
     windows: dict[str, int] = {}
@@ -408,13 +474,23 @@ def decode_layout(model: onnx.ModelProto) -> DecodeLayout:
         group.discard("")
     names["total"] -= names["past"]
     windows.pop("", None)
-    return DecodeLayout(kv_axes, feedback, frozenset(names["past"]), frozenset(names["total"]),
-                        frozenset(names["batch"]), graph_dims(model, kv_paths=paths),
-                        {name: w for name, w in windows.items() if name not in names["past"]})
+    return DecodeLayout(
+        kv_axes,
+        feedback,
+        frozenset(names["past"]),
+        frozenset(names["total"]),
+        frozenset(names["batch"]),
+        graph_dims(model, kv_paths=paths),
+        {name: w for name, w in windows.items() if name not in names["past"]},
+    )
 
 
-def bind_lenient(shape: Iterable[int | str | None], values: Mapping[str, int], batch: int,
-                 by_axis: Mapping[int, int] | None = None) -> tuple[int, ...]:
+def bind_lenient(
+    shape: Iterable[int | str | None],
+    values: Mapping[str, int],
+    batch: int,
+    by_axis: Mapping[int, int] | None = None,
+) -> tuple[int, ...]:
     """Numbers for every dim of ``shape`` where no error is wanted (generated feeds, the cost model's
     activations): a fixed dim, a name in ``values`` (:meth:`DecodeLayout.values`), ``NAME +/- k`` of
     one, ``by_axis`` (a KV-cache input's batch and sequence axes), then axis 0 -> ``batch`` and any other

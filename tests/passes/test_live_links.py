@@ -29,7 +29,9 @@ HEAD, HEADS, KV_HEADS = 16, 2, 1
 POSITION = HEAD * 4  # bytes of one position of one (batch, head) block
 
 
-def gqa_model(*, window=-1, window_cache=None, seqlens_after=False, past="past", static_dims=None) -> onnx.ModelProto:
+def gqa_model(
+    *, window=-1, window_cache=None, seqlens_after=False, past="past", static_dims=None
+) -> onnx.ModelProto:
     """x -> MatMul(w0) -> AllReduce -> MatMul(wqkv) -> GroupQueryAttention(past k/v, seqlens_k) -> MatMul(wo).
 
     seqlens_k = Cast(ReduceSum(mask) - 1) is made before the collective (after it with ``seqlens_after``).
@@ -41,8 +43,10 @@ def gqa_model(*, window=-1, window_cache=None, seqlens_after=False, past="past",
     past_shape = ["batch", KV_HEADS, past, HEAD] if static_dims is None else static_dims
     g.input("past_key", past_shape)
     g.input("past_value", past_shape)
-    g.inits += [numpy_helper.from_array(np.array(1, np.int64), "one"),
-                numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    g.inits += [
+        numpy_helper.from_array(np.array(1, np.int64), "one"),
+        numpy_helper.from_array(np.array([1], np.int64), "axes"),
+    ]
 
     def lengths():
         g.node("ReduceSum", ["attention_mask", "axes"], ["mask_sum"], name="sum", keepdims=0)
@@ -62,8 +66,14 @@ def gqa_model(*, window=-1, window_cache=None, seqlens_after=False, past="past",
     attrs = {"num_heads": HEADS, "kv_num_heads": KV_HEADS, "local_window_size": window}
     if window_cache is not None:
         attrs["sliding_window_cache"] = window_cache
-    g.node("GroupQueryAttention", ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total_len"],
-           ["attn", "present_key", "present_value"], name="gqa", domain=MS, **attrs)
+    g.node(
+        "GroupQueryAttention",
+        ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total_len"],
+        ["attn", "present_key", "present_value"],
+        name="gqa",
+        domain=MS,
+        **attrs,
+    )
     g.node("MatMul", ["attn", g.weight("wo", (hidden, hidden))], ["y"], name="wo")
     g.output("y", ["batch", 1, hidden])
     g.output("present_key", ["batch", KV_HEADS, "total", HEAD])
@@ -110,40 +120,53 @@ def test_a_window_cache_node_gets_window_0_and_its_buffer_capacity():
     # Its buffer holds fewer tokens than its capacity early on: the live bytes follow --context.
     plan = plan_prefetches(model, OptimizeConfig(batch=2, context=10, budget=1 << 20))
     assert {p.nbytes for p in kv_links(plan).values()} == {2 * 10 * POSITION}
-    # A capacity the graph leaves symbolic (the builder's past_sliding_length) is the window, unless --dim says.
+    # A capacity the graph leaves symbolic (the builder's past_sliding_length) is the window, unless --dim
+    # says otherwise.
     model = gqa_model(window=32, window_cache=1, past="past_sliding_length")
     plan = plan_prefetches(model, OptimizeConfig(batch=2, context=100, budget=1 << 20))
     assert {(p.window, p.nbytes) for p in kv_links(plan).values()} == {(0, 2 * 32 * POSITION)}
     static = plan_prefetches(model, OptimizeConfig(batch=2, context=100, budget=1 << 20, static_kv=True))
     assert {(p.lengths, p.nbytes) for p in kv_links(static).values()} == {("", 2 * 32 * POSITION)}
-    plan = plan_prefetches(model, OptimizeConfig(batch=2, context=100, budget=1 << 20,
-                                                 dims={"past_sliding_length": 64}))
+    plan = plan_prefetches(
+        model, OptimizeConfig(batch=2, context=100, budget=1 << 20, dims={"past_sliding_length": 64})
+    )
     assert {p.nbytes for p in kv_links(plan).values()} == {2 * 64 * POSITION}
 
 
 def test_a_dim_bound_buffer_longer_than_the_context_counts_only_the_live_positions():
     # A shared max_length buffer of 1024 positions, 100 of them holding tokens.
-    plan = plan_prefetches(gqa_model(), OptimizeConfig(batch=2, context=100, dims={"past": 1024}, budget=1 << 20))
+    plan = plan_prefetches(
+        gqa_model(), OptimizeConfig(batch=2, context=100, dims={"past": 1024}, budget=1 << 20)
+    )
     assert {p.nbytes for p in kv_links(plan).values()} == {2 * 100 * POSITION}
-    static = plan_prefetches(gqa_model(), OptimizeConfig(batch=2, context=100, dims={"past": 1024}, budget=1 << 20,
-                                                         static_kv=True))
+    static = plan_prefetches(
+        gqa_model(), OptimizeConfig(batch=2, context=100, dims={"past": 1024}, budget=1 << 20, static_kv=True)
+    )
     assert {p.nbytes for p in kv_links(static).values()} == {2 * 1024 * POSITION}
 
 
 def test_static_kv_keeps_the_two_input_form():
-    plan = plan_prefetches(gqa_model(window=32), OptimizeConfig(batch=2, context=100, budget=1 << 20, static_kv=True))
+    plan = plan_prefetches(
+        gqa_model(window=32), OptimizeConfig(batch=2, context=100, budget=1 << 20, static_kv=True)
+    )
     for p in kv_links(plan).values():
         assert (p.lengths, p.seq_axis, p.window, p.nbytes) == ("", None, 0, 2 * 100 * POSITION)
-    out, _ = optimize(gqa_model(window=32), OptimizeConfig(batch=2, context=100, budget=1 << 20, static_kv=True))
+    out, _ = optimize(
+        gqa_model(window=32), OptimizeConfig(batch=2, context=100, budget=1 << 20, static_kv=True)
+    )
     assert {len(n.input) for n in out.graph.node if n.op_type == "Prefetch"} == {2}
 
 
 def test_seqlens_k_made_after_the_collective_falls_back_to_two_inputs_with_a_note():
-    plan = plan_prefetches(gqa_model(seqlens_after=True), OptimizeConfig(batch=2, context=100, budget=1 << 20))
+    plan = plan_prefetches(
+        gqa_model(seqlens_after=True), OptimizeConfig(batch=2, context=100, budget=1 << 20)
+    )
     for c in kv_candidates(plan).values():
         assert (c.lengths, c.nbytes) == ("", 2 * 100 * POSITION)
-        assert c.note == ("two-input form: seqlens_k 'seqlens_k' is made by cast (node 4), after the collective ar: "
-                          "the Prefetch would read it before it exists")
+        assert c.note == (
+            "two-input form: seqlens_k 'seqlens_k' is made by cast (node 4), after the collective ar: "
+            "the Prefetch would read it before it exists"
+        )
 
 
 def test_split_and_cut_links_count_offsets_in_live_bytes():
@@ -155,7 +178,10 @@ def test_split_and_cut_links_count_offsets_in_live_bytes():
     (window,) = plan.windows
     kv = [p for p in window.prefetches if p.tensor == "past_key"]
     assert [(p.offset, p.max_size, p.nbytes, p.lengths, p.window) for p in kv] == [
-        (0, 1024, 1024, "seqlens_k", 32), (1024, 1024, 1024, "seqlens_k", 32), (2048, 512, 512, "seqlens_k", 32)]
+        (0, 1024, 1024, "seqlens_k", 32),
+        (1024, 1024, 1024, "seqlens_k", 32),
+        (2048, 512, 512, "seqlens_k", 32),
+    ]
     assert [p.tensor for p in window.prefetches].count("wqkv") == 8
 
 
@@ -174,8 +200,10 @@ def test_the_inserted_node_wires_l_and_the_attributes():
 # -- expert banks -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k, experts, want", [(4, 32, 6), (8, 256, 22), (4, 128, 22), (8, 128, 11), (1, 2, 1),
-                                              (2, 4, 1), (1, 1, 1)])
+@pytest.mark.parametrize(
+    "k, experts, want",
+    [(4, 32, 6), (8, 256, 22), (4, 128, 22), (8, 128, 11), (1, 2, 1), (2, 4, 1), (1, 1, 1)],
+)
 def test_min_tokens_is_the_smallest_t_with_half_the_bank_read(k, experts, want):
     assert expert_min_tokens(k, experts) == want
     assert expert_share(k, experts, want) >= 0.5
@@ -185,7 +213,9 @@ def test_min_tokens_is_the_smallest_t_with_half_the_bank_read(k, experts, want):
 def test_expert_share_by_hand():
     assert expert_share(4, 32, 1) == 4 / 32
     assert expert_share(4, 32, 2) == 1 - (28 / 32) ** 2
-    assert expert_share(4, 128, 8) == 1 - (124 / 128) ** 8 == pytest.approx(0.2243, abs=1e-4)  # "about a fifth"
+    assert (
+        expert_share(4, 128, 8) == 1 - (124 / 128) ** 8 == pytest.approx(0.2243, abs=1e-4)
+    )  # "about a fifth"
 
 
 def moe_model(experts=32, k=4) -> onnx.ModelProto:
@@ -195,9 +225,21 @@ def moe_model(experts=32, k=4) -> onnx.ModelProto:
     g.input("x", ["batch", hidden])
     g.allreduce("x", "ar", name="ar")
     g.node("MatMul", ["ar", g.weight("gate", (hidden, experts))], ["logits"], name="gate")
-    g.node("MoE", ["ar", "logits", g.weight("fc1", (experts, inner, hidden)), "",
-                   g.weight("fc2", (experts, hidden, inner))], ["moe"], name="moe", domain=MS, k=k,
-           activation_type="relu")
+    g.node(
+        "MoE",
+        [
+            "ar",
+            "logits",
+            g.weight("fc1", (experts, inner, hidden)),
+            "",
+            g.weight("fc2", (experts, hidden, inner)),
+        ],
+        ["moe"],
+        name="moe",
+        domain=MS,
+        k=k,
+        activation_type="relu",
+    )
     g.node("MatMul", ["moe", g.weight("shared", (hidden, hidden))], ["y"], name="shared")
     g.output("y", ["batch", hidden])
     return g.model()
@@ -208,17 +250,34 @@ def test_banks_read_less_than_half_wait_behind_the_rest_of_the_window():
     plan = plan_prefetches(moe_model(), OptimizeConfig(batch=2, budget=1 << 20))
     (window,) = plan.windows
     assert [(c.tensor, c.min_tokens) for c in window.candidates] == [
-        ("gate", 0), ("shared", 0), ("fc1", 6), ("fc2", 6)]
-    assert [c.read_share for c in window.candidates] == [1.0, 1.0, expert_share(4, 32, 2), expert_share(4, 32, 2)]
+        ("gate", 0),
+        ("shared", 0),
+        ("fc1", 6),
+        ("fc2", 6),
+    ]
+    assert [c.read_share for c in window.candidates] == [
+        1.0,
+        1.0,
+        expert_share(4, 32, 2),
+        expert_share(4, 32, 2),
+    ]
     assert [(p.tensor, p.min_tokens) for p in window.prefetches] == [
-        ("gate", 0), ("shared", 0), ("fc1", 6), ("fc2", 6)]
+        ("gate", 0),
+        ("shared", 0),
+        ("fc1", 6),
+        ("fc2", 6),
+    ]
 
 
 def test_banks_read_at_least_half_stay_in_first_use_order():
     plan = plan_prefetches(moe_model(), OptimizeConfig(batch=6, budget=1 << 20))
     (window,) = plan.windows
     assert [(c.tensor, c.min_tokens) for c in window.candidates] == [
-        ("gate", 0), ("fc1", 6), ("fc2", 6), ("shared", 0)]
+        ("gate", 0),
+        ("fc1", 6),
+        ("fc2", 6),
+        ("shared", 0),
+    ]
 
 
 def test_a_tight_budget_goes_to_the_router_and_the_shared_expert_first():
@@ -229,8 +288,11 @@ def test_a_tight_budget_goes_to_the_router_and_the_shared_expert_first():
 
 def test_bank_links_carry_min_tokens():
     out, _ = optimize(moe_model(), OptimizeConfig(batch=2, budget=1 << 20))
-    got = {n.input[1]: {a.name: a.i for a in n.attribute if a.name == "min_tokens"}
-           for n in out.graph.node if n.op_type == "Prefetch"}
+    got = {
+        n.input[1]: {a.name: a.i for a in n.attribute if a.name == "min_tokens"}
+        for n in out.graph.node
+        if n.op_type == "Prefetch"
+    }
     assert got == {"gate": {}, "shared": {}, "fc1": {"min_tokens": 6}, "fc2": {"min_tokens": 6}}
 
 
@@ -266,10 +328,12 @@ def test_the_runtime_hints_the_live_bytes_computed_by_hand(window, live_position
     out, plan = optimize(model, OptimizeConfig(batch=2, context=10, budget=1 << 20))
     assert [p.tensor for p in plan.windows[0].prefetches] == ["wqkv", "past_key", "past_value", "wo"]
     rng = np.random.default_rng(0)
-    feeds = {"x": rng.standard_normal((2, 1, HEADS * HEAD)).astype(np.float32),
-             "attention_mask": np.array([[1] * 6 + [0] * 5, [1] * 11], np.int64),
-             "past_key": rng.standard_normal((2, KV_HEADS, 10, HEAD)).astype(np.float32),
-             "past_value": rng.standard_normal((2, KV_HEADS, 10, HEAD)).astype(np.float32)}
+    feeds = {
+        "x": rng.standard_normal((2, 1, HEADS * HEAD)).astype(np.float32),
+        "attention_mask": np.array([[1] * 6 + [0] * 5, [1] * 11], np.int64),
+        "past_key": rng.standard_normal((2, KV_HEADS, 10, HEAD)).astype(np.float32),
+        "past_value": rng.standard_normal((2, KV_HEADS, 10, HEAD)).astype(np.float32),
+    }
     original = RankSession(model).run(feeds)[0]
     session = RankSession(out)
     before = prefetch_counters()
@@ -315,26 +379,35 @@ def test_verify_passes_links_with_l():
 def test_verify_refuses_an_l_that_is_not_an_int_tensor():
     model, out = _optimized_gqa()
     _kv_node(out).input[2] = "mask_sum_f"
-    out.graph.node.insert(3, helper.make_node("Cast", ["mask_sum"], ["mask_sum_f"], name="to_float",
-                                              to=TensorProto.FLOAT))
-    with pytest.raises(PreserveError, match=r"^Prefetch node 'ar/Prefetch/past_key': its length input 'mask_sum_f' "
-                                            r"is FLOAT, not an int32/int64 tensor$"):
+    out.graph.node.insert(
+        3, helper.make_node("Cast", ["mask_sum"], ["mask_sum_f"], name="to_float", to=TensorProto.FLOAT)
+    )
+    with pytest.raises(
+        PreserveError,
+        match=r"^Prefetch node 'ar/Prefetch/past_key': its length input 'mask_sum_f' "
+        r"is FLOAT, not an int32/int64 tensor$",
+    ):
         VerifyPrefetchesPass(model)(out)
 
 
 def test_verify_refuses_an_l_of_unknown_type():
     model, out = _optimized_gqa()
     _kv_node(out).input[2] = "mask_sub"  # Sub's output: no declaration, not a Cast, no GQA reads it
-    with pytest.raises(PreserveError, match=r"its length input 'mask_sub' is of unknown type, not an int32/int64"):
+    with pytest.raises(
+        PreserveError, match=r"its length input 'mask_sub' is of unknown type, not an int32/int64"
+    ):
         VerifyPrefetchesPass(model)(out)
 
 
-@pytest.mark.parametrize("value, message", [
-    (None, r"has a length input but no integer 'seq_axis'"),
-    ("two", r"has a length input but no integer 'seq_axis'"),
-    (4, r"'seq_axis' 4 is not an axis of 'past_key' \(rank 4\)"),
-    (-5, r"'seq_axis' -5 is not an axis of 'past_key' \(rank 4\)"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (None, r"has a length input but no integer 'seq_axis'"),
+        ("two", r"has a length input but no integer 'seq_axis'"),
+        (4, r"'seq_axis' 4 is not an axis of 'past_key' \(rank 4\)"),
+        (-5, r"'seq_axis' -5 is not an axis of 'past_key' \(rank 4\)"),
+    ],
+)
 def test_verify_refuses_a_bad_seq_axis(value, message):
     model, out = _optimized_gqa()
     _set(_kv_node(out), "seq_axis", value)
@@ -348,11 +421,14 @@ def test_verify_accepts_a_negative_seq_axis_within_the_rank():
     assert VerifyPrefetchesPass(model)(out).stats.prefetches == 4
 
 
-@pytest.mark.parametrize("name, value, message", [
-    ("window", -1, r"'window' must be a non-negative integer \(0 = every valid position\)"),
-    ("window", 1.5, r"'window' must be a non-negative integer \(0 = every valid position\)"),
-    ("min_tokens", -3, r"'min_tokens' must be a non-negative integer \(0 = no limit\)"),
-])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("window", -1, r"'window' must be a non-negative integer \(0 = every valid position\)"),
+        ("window", 1.5, r"'window' must be a non-negative integer \(0 = every valid position\)"),
+        ("min_tokens", -3, r"'min_tokens' must be a non-negative integer \(0 = no limit\)"),
+    ],
+)
 def test_verify_refuses_a_bad_window_or_min_tokens(name, value, message):
     model, out = _optimized_gqa()
     _set(_kv_node(out), name, value)
@@ -374,19 +450,37 @@ def test_strip_removes_links_with_l_and_gives_the_original_back():
 
 
 def test_an_l_made_in_the_outer_graph_is_visible_in_a_branch():
-    """A merged decoder: seqlens_k made in the main graph, the collective and the attention in an If branch."""
+    """A merged decoder: seqlens_k made in the main graph, the collective and the attention in an If
+    branch."""
     flat = gqa_model(window=32)
     lengths = {"sum", "sub", "cast", "shape", "gather", "cast_total"}
     outer = [n for n in flat.graph.node if n.name in lengths]
     inner = [n for n in flat.graph.node if n.name not in lengths]
     branches = [helper.make_graph(inner, name, [], list(flat.graph.output)) for name in ("then", "else")]
     main = helper.make_graph(
-        outer + [helper.make_node("If", ["cond"], [o.name for o in flat.graph.output], name="if",
-                                  then_branch=branches[0], else_branch=branches[1])],
-        "merged", [*flat.graph.input, helper.make_tensor_value_info("cond", TensorProto.BOOL, [1])],
-        list(flat.graph.output), list(flat.graph.initializer))
+        outer
+        + [
+            helper.make_node(
+                "If",
+                ["cond"],
+                [o.name for o in flat.graph.output],
+                name="if",
+                then_branch=branches[0],
+                else_branch=branches[1],
+            )
+        ],
+        "merged",
+        [*flat.graph.input, helper.make_tensor_value_info("cond", TensorProto.BOOL, [1])],
+        list(flat.graph.output),
+        list(flat.graph.initializer),
+    )
     model = helper.make_model(main, ir_version=9, opset_imports=list(flat.opset_import))
     plan = plan_prefetches(model, OptimizeConfig(batch=2, context=100, budget=1 << 20))
-    assert {(w.window.graph, p.tensor, p.lengths, p.window) for w in plan.windows for p in w.prefetches
-            if p.kind == "kv_cache"} == {(f"if:{b}_branch", t, "seqlens_k", 32) for b in ("then", "else")
-                                         for t in ("past_key", "past_value")}
+    assert {
+        (w.window.graph, p.tensor, p.lengths, p.window)
+        for w in plan.windows
+        for p in w.prefetches
+        if p.kind == "kv_cache"
+    } == {
+        (f"if:{b}_branch", t, "seqlens_k", 32) for b in ("then", "else") for t in ("past_key", "past_value")
+    }
