@@ -10,6 +10,7 @@ Tools run on both ranks of a sample; the tools' versions are pinned in pyproject
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -18,14 +19,14 @@ from pathlib import Path
 
 import onnx
 import pytest
-from preserve_onnx.passes import VerifyPrefetchesPass
-from preserve_onnx.passes.insert_prefetches import prefetch_functions
-from preserve_onnx.passes.verify_prefetches import stale_links
 from typer.testing import CliRunner
 
 from preserve_onnx.cli import app
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.model_io import is_rank_file, load_model
+from preserve_onnx.passes import VerifyPrefetchesPass
+from preserve_onnx.passes.insert_prefetches import prefetch_functions
+from preserve_onnx.passes.verify_prefetches import stale_links
 from tests.conftest import SAMPLES
 
 runner = CliRunner()
@@ -210,6 +211,17 @@ def passed(folder: Path, against: Path, tool: str, sample: str) -> str:
 
 
 PASSED = "PASSED: 10 outputs on 2 rank(s) bit-identical to {} after 1 step(s) (max abs diff 0)"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tools_write_into_a_temporary_folder(tmp_path_factory):
+    """Some tools write scratch files into the current directory (symbolic shape inference's
+    sym_shape_infer_temp.onnx, the transformer optimizer's external data under a random name): run the
+    module elsewhere, so that the checkout stays clean."""
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(here)
 
 
 @pytest.fixture(scope="module")
