@@ -2,8 +2,9 @@
 (typed value info, an initializer from an array, Prefetch and collective nodes, opset imports).
 
 The other test graph modules are thin uses of it: ``tests/runtime/_rt_graphs.py`` (runtime rank
-models), ``tests/exporter_graphs.py`` (real exporter structures) and ``tests/strategies.py`` (the
-property tests' random graphs)."""
+models), ``tests/exporter_graphs.py`` (real exporter structures), ``tests/strategies.py`` (the
+property tests' random graphs) and ``tests/shard/_models.py`` (the shard tests' single-device
+decoders)."""
 
 from __future__ import annotations
 

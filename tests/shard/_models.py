@@ -19,6 +19,9 @@ exporters do (external data, size threshold 1024).
   and a hybrid's convolution-state layer (``state_layer``, Gated DeltaNet).
 
 hidden 64, 4 heads / 2 KV heads of size 16, FFN 96, vocab 160, 2 layers, rotary caches of 64 positions.
+
+Nodes, initializers, graph inputs/outputs and the model (IR version 10, opsets) go through
+:class:`tests.builders.G`; this module adds the exporters' naming (``/<Op>_<n>``) and the layers.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-MS = "com.microsoft"
+from tests.builders import MS, G, init, opsets
+
 H, NH, NKV, HS, FFN, VOCAB, LAYERS, MAXPOS = 64, 4, 2, 16, 96, 160, 2, 64
 _SAMPLES = Path(__file__).resolve().parents[2] / "sample_models" / "make_samples.py"
 
@@ -46,11 +50,13 @@ def _make_samples():
 
 
 class _B:
+    """The decoder's layers on a :class:`G`, named by :meth:`name` (``<base>_<n>``, one count over
+    nodes, initializers and values)."""
+
     def __init__(self, seed: int, dtype, quant: str | None) -> None:
         self.rng = np.random.default_rng(seed)
         self.dtype, self.quant = np.dtype(dtype), quant
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[TensorProto] = []
+        self.g = G("decoder")
         self.count = 0
         self.ms = _make_samples() if quant else None
         self.quant_bias = quant == "int4+bias"
@@ -61,30 +67,22 @@ class _B:
         return f"{base}_{self.count}"
 
     def init(self, arr: np.ndarray, base: str = "w") -> str:
-        name = self.name(base)
-        self.inits.append(
-            numpy_helper.from_array(np.ascontiguousarray(arr) if np.ndim(arr) else np.asarray(arr), name)
-        )
-        return name
+        return self.g.init(self.name(base), arr)
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs):
+        """A node as exporters write it: the default domain left unset (``domain`` empty)."""
+        return self.g.node(op, inputs, outputs, name=name, domain=domain or None, **attrs)
 
     def const_node(self, arr: np.ndarray) -> str:
         """A Constant node (torch.onnx puts rotary caches and shapes there)."""
         out = self.name("const")
-        self.nodes.append(
-            helper.make_node(
-                "Constant",
-                [],
-                [out],
-                name=out + "/Constant",
-                value=numpy_helper.from_array(np.asarray(arr), out + "_value"),
-            )
-        )
+        self.node("Constant", [], [out], out + "/Constant", value=init(out + "_value", arr))
         return out
 
     def op(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs):
         base = self.name(f"/{op}")
         outs = [f"{base}/output_{j}" for j in range(n_out)]
-        self.nodes.append(helper.make_node(op, inputs, outs, name=base, domain=domain or None, **attrs))
+        self.node(op, inputs, outs, base, domain, **attrs)
         return outs[0] if n_out == 1 else outs
 
     def i64(self, values) -> str:
@@ -247,26 +245,24 @@ def _moe(b: _B, h: str, kind: str, inter: int, shared: bool, ffn: int) -> str:
     return out
 
 
-def _state_layer(b: _B, h: str, layer: int, inputs: list, outputs: list, et: int, enclosed: bool) -> str:
+def _state_layer(b: _B, h: str, layer: int, et: int, enclosed: bool) -> str:
     """A convolution-state layer as Gated DeltaNet writes it: state in -> CausalConvWithState -> state
     out. ``enclosed``: between its own input and output projections, added to the residual stream
     (computed whole on every rank); else the op alone on the MLP's input (refused)."""
     past, present = f"past_conv.{layer}", f"present_conv.{layer}"
-    inputs.append(helper.make_tensor_value_info(past, et, ["batch_size", H, 3]))
-    outputs.append(helper.make_tensor_value_info(present, et, ["batch_size", H, 3]))
+    b.g.input(past, ["batch_size", H, 3], et)
+    b.g.output(present, ["batch_size", H, 3], et)
     x = b.op("Transpose", [b.linear(h, H, H) if enclosed else h], perm=[0, 2, 1])
     y = b.name("/conv") + "/output_0"
     weight = b.init((b.rng.standard_normal((H, 1, 4), dtype=np.float32) * 0.5).astype(b.dtype), "conv")
-    b.nodes.append(
-        helper.make_node(
-            "CausalConvWithState",
-            [x, weight, b.vec(H), past],
-            [y, present],
-            name=b.name("/CausalConvWithState"),
-            domain=MS,
-            ndim=1,
-            activation="silu",
-        )
+    b.node(
+        "CausalConvWithState",
+        [x, weight, b.vec(H), past],
+        [y, present],
+        b.name("/CausalConvWithState"),
+        MS,
+        ndim=1,
+        activation="silu",
     )
     y = b.op("Transpose", [y], perm=[0, 2, 1])
     return b.linear(y, H, H) if enclosed else y
@@ -310,17 +306,10 @@ def _plain_attention(
     q, k = _rotate(b, q, cos, sin), _rotate(b, k, cos, sin)
     if onnx_attention:  # ONNX Attention (opset 23) on [B, heads, S, HS], its own KV-cache inputs/outputs
         ctx = b.name("/Attention") + "/output_0"
-        b.nodes.append(
-            helper.make_node(
-                "Attention",
-                [q, k, v, "", past_k, past_v],
-                [ctx, present_k, present_v],
-                name=b.name("/Attention"),
-            )
-        )
+        b.node("Attention", [q, k, v, "", past_k, past_v], [ctx, present_k, present_v], b.name("/Attention"))
         return b.op("Reshape", [b.op("Transpose", [ctx], perm=[0, 2, 1, 3]), b.i64([0, 0, NH * HS])])
-    b.nodes.append(helper.make_node("Concat", [past_k, k], [present_k], name=b.name("/Concat"), axis=2))
-    b.nodes.append(helper.make_node("Concat", [past_v, v], [present_v], name=b.name("/Concat"), axis=2))
+    b.node("Concat", [past_k, k], [present_k], b.name("/Concat"), axis=2)
+    b.node("Concat", [past_v, v], [present_v], b.name("/Concat"), axis=2)
 
     def repeat(t, full_shape=False):  # repeat_kv: [B, kv, T, HS] -> [B, heads, T, HS]
         if full_shape:  # dynamo: [B, kv, n_rep, T, HS] with kv and n_rep constants (both 2 here)
@@ -370,13 +359,9 @@ def decoder(
     b = _B(seed, dtype, quant)
     b.head_dim_name = head_dim_name
     et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info(
-            "attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]
-        ),
-    ]
-    outputs = [helper.make_tensor_value_info("logits", et, ["batch_size", "sequence_length", vocab])]
+    b.g.input("input_ids", ["batch_size", "sequence_length"], TensorProto.INT64)
+    b.g.input("attention_mask", ["batch_size", "total_sequence_length"], TensorProto.INT64)
+    b.g.output("logits", ["batch_size", "sequence_length", vocab], et)
     cos_np, sin_np = _rope(dtype, head_size)
     if attention == "gqa":
         m = "attention_mask"
@@ -423,20 +408,9 @@ def decoder(
     kvh = NH if attention == "mha" else NKV  # MultiHeadAttention: as many KV heads as heads
     for i in range(LAYERS):
         for kind in ("key", "value"):
-            inputs.append(
-                helper.make_tensor_value_info(
-                    f"past_key_values.{i}.{kind}",
-                    et,
-                    ["batch_size", kvh, "past_sequence_length", head_dim_name or head_size],
-                )
-            )
-            outputs.append(
-                helper.make_tensor_value_info(
-                    f"present.{i}.{kind}",
-                    et,
-                    ["batch_size", kvh, "total_sequence_length", head_dim_name or head_size],
-                )
-            )
+            head = head_dim_name or head_size
+            b.g.input(f"past_key_values.{i}.{kind}", ["batch_size", kvh, "past_sequence_length", head], et)
+            b.g.output(f"present.{i}.{kind}", ["batch_size", kvh, "total_sequence_length", head], et)
         past = (f"past_key_values.{i}.key", f"past_key_values.{i}.value")
         present = (f"present.{i}.key", f"present.{i}.value")
         if attention in ("plain", "onnx"):
@@ -457,35 +431,31 @@ def decoder(
                 extra += ["", "", b.vec(head_size, 0.1, 1.0), b.vec(head_size, 0.1, 1.0)]
             window_attrs = {"local_window_size": window} if window else {}
             outs = [b.name("/gqa") + "/output_0", *present]
-            b.nodes.append(
-                helper.make_node(
-                    "GroupQueryAttention",
-                    [q, k, v, *past, seqlens, total, cos, sin, *extra],
-                    outs,
-                    name=b.name("/GQA"),
-                    domain=MS,
-                    num_heads=NH,
-                    kv_num_heads=NKV,
-                    do_rotary=1,
-                    softcap=30.0 if softcap else 0.0,
-                    **window_attrs,
-                )
+            b.node(
+                "GroupQueryAttention",
+                [q, k, v, *past, seqlens, total, cos, sin, *extra],
+                outs,
+                b.name("/GQA"),
+                MS,
+                num_heads=NH,
+                kv_num_heads=NKV,
+                do_rotary=1,
+                softcap=30.0 if softcap else 0.0,
+                **window_attrs,
             )
             ctx = outs[0]
         elif attention == "mha":
             q = b.op("RotaryEmbedding", [parts[0], position_ids, cos, sin], domain=MS, num_heads=NH)
             k = b.op("RotaryEmbedding", [parts[1], position_ids, cos, sin], domain=MS, num_heads=NH)
             outs = [b.name("/mha") + "/output_0", *present]
-            b.nodes.append(
-                helper.make_node(
-                    "MultiHeadAttention",
-                    [q, k, parts[2], "", "", "", *past],
-                    outs,
-                    name=b.name("/MHA"),
-                    domain=MS,
-                    num_heads=NH,
-                    unidirectional=1,
-                )
+            b.node(
+                "MultiHeadAttention",
+                [q, k, parts[2], "", "", "", *past],
+                outs,
+                b.name("/MHA"),
+                MS,
+                num_heads=NH,
+                unidirectional=1,
             )
             ctx = outs[0]
         else:
@@ -497,10 +467,10 @@ def decoder(
             else b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
         )
         if state_layer == "enclosed":  # a hybrid's convolution-state layer with its own projections
-            x = b.op("Add", [x, _state_layer(b, h, i, inputs, outputs, et, True)])
+            x = b.op("Add", [x, _state_layer(b, h, i, et, True)])
             h = b.op("SimplifiedLayerNormalization", [x, b.vec(H, 0.1, 1.0)], epsilon=1e-5, axis=-1)
         elif state_layer:  # the convolution-state op alone on the MLP's input
-            h = _state_layer(b, h, i, inputs, outputs, et, False)
+            h = _state_layer(b, h, i, et, False)
         if moe:
             x = b.op("Add", [x, _moe(b, h, moe, experts_inter, shared_expert, ffn)])
         else:
@@ -510,16 +480,8 @@ def decoder(
     if softcap:  # Gemma-2's logit soft-capping: tanh(logits / 30) * 30
         cap = b.const_node(np.asarray(30.0, dtype))
         logits = b.op("Mul", [b.op("Tanh", [b.op("Div", [logits, cap])]), cap])
-    b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits/Identity"))
-    graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
-    model = helper.make_model(
-        graph,
-        ir_version=10,
-        opset_imports=[
-            helper.make_opsetid("", 23 if attention == "onnx" else 21),
-            helper.make_opsetid(MS, 1),
-        ],
-    )
+    b.node("Identity", [logits], ["logits"], "/logits/Identity")
+    model = b.g.model(ir_version=10, imports=opsets(23 if attention == "onnx" else 21, MS))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
