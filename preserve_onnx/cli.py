@@ -727,8 +727,8 @@ def explore(
     """Sweep the L2 size (0-256 MiB): performance per cost with and without prefetching."""
     import json
 
-    from preserve_onnx.cost.explore import exploration_dict, explore_path, plot_format, write_csv, write_plot
-    from preserve_onnx.report_cost import explore_summary, explore_table
+    from preserve_onnx.cost.explore import explore_path, plot_format, write_csv, write_plot
+    from preserve_onnx.report_cost import exploration_dict, explore_summary, explore_table
 
     start = time.perf_counter()
     _writable(csv_path, plot)

@@ -194,15 +194,16 @@ def chrome_trace(estimate: Estimate) -> dict:
 # ------------------------------------------------------------------------------------------ to JSON
 
 
+def _json_head(result: Estimate | Exploration) -> dict:
+    """What every cost-model JSON document starts with: schema, source, hardware and the planning point."""
+    return {"schema": 1, "source": result.source, "hardware": result.hardware, "batch": result.batch,
+            "context": result.context, "ranks": result.ranks}
+
+
 def estimate_dict(est: Estimate) -> dict:
     """The ``estimate --json`` document."""
     return {
-        "schema": 1,
-        "source": est.source,
-        "hardware": est.hardware,
-        "batch": est.batch,
-        "context": est.context,
-        "ranks": est.ranks,
+        **_json_head(est),
         "model_ranks": est.model_ranks,
         "baseline_s": est.baseline_s,
         "preserve_s": est.preserve_s,
@@ -232,3 +233,14 @@ def sweep_list(points: tuple[SweepPoint, ...]) -> list[dict]:
         }
         for p in points
     ]
+
+
+def exploration_dict(ex: Exploration) -> dict:
+    """The ``explore --json`` document."""
+    return {
+        **_json_head(ex),
+        "points": [dataclasses.asdict(p) for p in ex.points],
+        "best_l2_baseline_bytes": ex.best("baseline").l2_bytes,
+        "best_l2_preserve_bytes": ex.best("preserve").l2_bytes,
+        "perf_per_cost_gain": ex.gain,
+    }

@@ -97,22 +97,6 @@ def explore_path(path: Path, hw: HardwareProfile, config: OptimizeConfig, ranks:
     return Exploration(str(model_path), hw.name, cfg.batch, cfg.context, model_ranks, tuple(points))
 
 
-def exploration_dict(ex: Exploration) -> dict:
-    """The ``explore --json`` document."""
-    return {
-        "schema": 1,
-        "source": ex.source,
-        "hardware": ex.hardware,
-        "batch": ex.batch,
-        "context": ex.context,
-        "ranks": ex.ranks,
-        "points": [dataclasses.asdict(p) for p in ex.points],
-        "best_l2_baseline_bytes": ex.best("baseline").l2_bytes,
-        "best_l2_preserve_bytes": ex.best("preserve").l2_bytes,
-        "perf_per_cost_gain": ex.gain,
-    }
-
-
 CSV_COLUMNS = ("l2_bytes", "area_mm2", "cost", "baseline_s", "preserve_s", "perf_per_cost_baseline",
                "perf_per_cost_preserve")
 
