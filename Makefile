@@ -58,6 +58,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: setup $(if $(NO_MPI),,mpi)
+	$(VENV)/bin/ruff check .
 	$(if $(NO_MPI),,PRESERVE_REQUIRE_MPI=1) $(PY) -m pytest -q
 
 # The property tests (tests/test_properties.py) with fresh seeds for FUZZ_MINUTES of wall clock;
