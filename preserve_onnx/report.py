@@ -239,7 +239,20 @@ def plan_key(o: RankOutcome) -> tuple:
             wp.window.collective,
             wp.budget,
             wp.max_tokens,
-            tuple((p.tensor, p.kind, p.offset, p.max_size, p.nbytes) for p in wp.prefetches),
+            tuple(
+                (
+                    p.tensor,
+                    p.kind,
+                    p.offset,
+                    p.max_size,
+                    p.nbytes,
+                    p.lengths,
+                    p.seq_axis,
+                    p.window,
+                    p.min_tokens,
+                )
+                for p in wp.prefetches
+            ),
         )
         for wp in o.plan.windows
     )
@@ -248,17 +261,18 @@ def plan_key(o: RankOutcome) -> tuple:
     return windows, stale, dropped, o.compacted
 
 
-def same_plan_groups(outcomes: Sequence[RankOutcome]) -> list[tuple[RankOutcome, list[RankOutcome]]]:
-    """``[(first rank of a plan, the later ranks with the same plan), ...]`` in rank order."""
-    groups: dict[tuple, tuple[RankOutcome, list[RankOutcome]]] = {}
+def same_plan_groups(outcomes: Sequence, key=plan_key) -> list[tuple[object, list]]:
+    """``[(first rank of a plan, the later ranks with the same plan), ...]`` in rank order; ``key`` says
+    what makes two ranks' results the same (``plan_key`` for optimize, ``inspection_key`` for inspect)."""
+    groups: dict[tuple, tuple[object, list]] = {}
     for o in outcomes:
-        first, same = groups.setdefault(plan_key(o), (o, []))
+        first, same = groups.setdefault(key(o), (o, []))
         if first is not o:
             same.append(o)
     return list(groups.values())
 
 
-def same_plan_line(first: RankOutcome, same: Sequence[RankOutcome], outcomes: Sequence[RankOutcome]) -> str:
+def same_plan_line(first, same: Sequence, outcomes: Sequence) -> str:
     """``model_01.onnx ... model_07.onnx: same plan as model_00.onnx`` (a run of consecutive ranks as its
     ends, others listed)."""
     names = [o.source.name if o.source else "model" for o in same]

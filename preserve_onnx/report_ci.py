@@ -19,7 +19,15 @@ from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.diffing import Diff, Entry, ModelDiff
 from preserve_onnx.hardware import format_size
 from preserve_onnx.inspection import Inspection
-from preserve_onnx.report import counted, live_label, report_dict, skipped_table
+from preserve_onnx.report import (
+    counted,
+    live_label,
+    plan_key,
+    report_dict,
+    same_plan_groups,
+    same_plan_line,
+    skipped_table,
+)
 
 DIFF_SCHEMA = 1
 MARKDOWN_ROWS = 200  # per model
@@ -211,25 +219,47 @@ def existing_table(ins: Inspection) -> Table:
     return table
 
 
+def inspection_key(ins: Inspection) -> tuple:
+    """What makes two ranks' inspections the same: the plan (``plan_key``), every collective with its
+    window, every window's candidates, the Prefetch nodes already there and their stale count."""
+    collectives = tuple(
+        (w.graph, w.collective, w.op_type, w.selected, len(w.nodes), w.message_bytes) for w in ins.collectives
+    )
+    candidates = tuple(
+        tuple((c.tensor, c.kind, c.consumer, c.nbytes) for c in wp.candidates) for wp in ins.plan.windows
+    )
+    stale = (len(ins.stale.stale), ins.stale.total) if ins.stale is not None else None
+    return plan_key(ins.outcome), collectives, candidates, ins.prefetches, stale
+
+
 def render_inspections(console: Console, inspections: Sequence[Inspection], verbose: int) -> None:
-    for ins in inspections:
-        name = ins.source.name if ins.source else "model"
-        plan = ins.plan
-        title = (
-            f"{name}: {counted(len(ins.collectives), 'collective')}, {len(plan.windows)} planned, "
-            f"{counted(plan.prefetch_count, 'prefetch', 'prefetches')}, {format_size(plan.prefetched_bytes)} "
-            f"({plan.budget_rule}, {ins.ranks} rank(s))"
-        )
-        console.print(collectives_table(ins, title, console.width))
-        if any(wp.candidates for wp in plan.windows):
-            console.print(candidates_table(ins))
-        if ins.prefetches:
-            console.print(existing_table(ins))
-        warning = stale_line(name, ins.stale)
-        if warning:
-            console.print(f"[yellow]{escape(warning)}[/yellow]", highlight=False, soft_wrap=True)
-        if verbose:
-            console.print(skipped_table(ins.outcome, verbose))
+    """A set of tables per rank; ranks whose inspection is the same as an earlier rank's get one line
+    instead (every rank's tables with ``-v``), as ``optimize`` prints its plans."""
+    groups = [(i, []) for i in inspections] if verbose else same_plan_groups(inspections, inspection_key)
+    for ins, same in groups:
+        _render_inspection(console, ins, verbose)
+        if same:
+            console.print(escape(same_plan_line(ins, same, inspections)), highlight=False, soft_wrap=True)
+
+
+def _render_inspection(console: Console, ins: Inspection, verbose: int) -> None:
+    name = ins.source.name if ins.source else "model"
+    plan = ins.plan
+    title = (
+        f"{name}: {counted(len(ins.collectives), 'collective')}, {len(plan.windows)} planned, "
+        f"{counted(plan.prefetch_count, 'prefetch', 'prefetches')}, {format_size(plan.prefetched_bytes)} "
+        f"({plan.budget_rule}, {ins.ranks} rank(s))"
+    )
+    console.print(collectives_table(ins, title, console.width))
+    if any(wp.candidates for wp in plan.windows):
+        console.print(candidates_table(ins))
+    if ins.prefetches:
+        console.print(existing_table(ins))
+    warning = stale_line(name, ins.stale)
+    if warning:
+        console.print(f"[yellow]{escape(warning)}[/yellow]", highlight=False, soft_wrap=True)
+    if verbose:
+        console.print(skipped_table(ins.outcome, verbose))
 
 
 # -- diff --------------------------------------------------------------------------------------

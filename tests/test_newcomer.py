@@ -299,6 +299,33 @@ def test_a_rank_with_another_plan_gets_its_own_table(tmp_path):
     assert not any("same plan as model_02" in line for line in lines)
 
 
+def test_inspect_prints_ranks_with_the_same_inspection_once(tmp_path):
+    src = _big(tmp_path / "tp4", layers=2)
+    r = cli("inspect", src)
+    assert r.exit_code == 0, r.output
+    titles = [line for line in r.output.splitlines() if line.startswith("model_0")]
+    assert titles == [
+        "model_00.onnx: 4 collectives, 4 planned, 7 prefetches, 166.1 MiB (min(0.5 x usable L2, achieved HBM BW "
+        "x t_collective) on ascend-910b, 4 rank(s))",
+        "model_01.onnx ... model_03.onnx: same plan as model_00.onnx",
+    ]
+    r = cli("inspect", src, "-v")  # -v: every rank's tables
+    assert [line[:14] for line in r.output.splitlines() if line.startswith("model_0")] == [
+        f"model_0{k}.onnx:" for k in range(4)
+    ]
+    assert "same plan" not in r.output
+
+
+def test_inspect_gives_a_rank_with_another_plan_its_own_tables(tmp_path):
+    src = _big(tmp_path / "tp4", layers=2)
+    other = _big(tmp_path / "deeper", layers=3)
+    for name in ("model_02.onnx", "model_02.onnx.data"):
+        (other / name).replace(src / name)
+    lines = cli("inspect", src).output.splitlines()
+    assert "model_01.onnx, model_03.onnx: same plan as model_00.onnx" in lines
+    assert any(line.startswith("model_02.onnx: 6 collectives") for line in lines)
+
+
 def test_same_plan_line_names_runs_by_their_ends():
     from types import SimpleNamespace
 
