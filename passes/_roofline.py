@@ -22,11 +22,11 @@ import math
 from collections.abc import Sequence
 
 import onnx
-from preserve_onnx.passes.build_windows import Window
-from preserve_onnx.passes.collect_candidates import Candidate
 
 from preserve_onnx.graph.index import MS_DOMAIN, Scope, is_default_domain, node_label
 from preserve_onnx.hardware import HardwareProfile
+from preserve_onnx.passes.build_windows import Window
+from preserve_onnx.passes.collect_candidates import Candidate
 
 # (domain, op type) -> the input slot holding the weight operand, for the linear layers.
 _LINEAR_WEIGHT_SLOT = {("", "MatMul"): 1, ("", "Gemm"): 1, (MS_DOMAIN, "MatMulNBits"): 1}

@@ -28,8 +28,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import onnx
-from preserve_onnx.passes._live import EXPERT_SHARE, expert_min_tokens, expert_share, kv_buffer, kv_window
-from preserve_onnx.passes.build_windows import Window
 
 from preserve_onnx.graph.dims import Sizing
 from preserve_onnx.graph.index import (
@@ -47,6 +45,8 @@ from preserve_onnx.graph.structure import (
     kv_cache_paths,
     reads_bytes,
 )
+from preserve_onnx.passes._live import EXPERT_SHARE, expert_min_tokens, expert_share, kv_buffer, kv_window
+from preserve_onnx.passes.build_windows import Window
 
 _NO_SLOTS = Slots()  # an operator that reads no weights or KV-cache through its slots
 

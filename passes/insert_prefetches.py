@@ -29,12 +29,12 @@ from collections import defaultdict
 
 import onnx
 from onnx import helper
-from preserve_onnx.passes.plan_prefetches import Plan, WindowPlan
-from preserve_onnx.passes.plan_prefetches import plan_prefetches as plan_model
 
 from preserve_onnx.config import PREFETCH_ATTRIBUTES, OptimizeConfig, PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.index import iter_graphs
+from preserve_onnx.passes.plan_prefetches import Plan, WindowPlan
+from preserve_onnx.passes.plan_prefetches import plan_prefetches as plan_model
 from preserve_onnx.pipeline import Pass, PassResult
 
 

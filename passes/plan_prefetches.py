@@ -19,6 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx
+
+from preserve_onnx.config import OptimizeConfig
+from preserve_onnx.graph.dims import Sizing
+from preserve_onnx.graph.index import all_names, iter_scopes
+from preserve_onnx.graph.structure import kv_cache_paths
 from preserve_onnx.passes._roofline import window_max_tokens
 from preserve_onnx.passes.build_windows import Window, build_windows
 from preserve_onnx.passes.collect_candidates import (
@@ -28,11 +33,6 @@ from preserve_onnx.passes.collect_candidates import (
     collect_candidates,
     producer_positions,
 )
-
-from preserve_onnx.config import OptimizeConfig
-from preserve_onnx.graph.dims import Sizing
-from preserve_onnx.graph.index import all_names, iter_scopes
-from preserve_onnx.graph.structure import kv_cache_paths
 from preserve_onnx.pipeline import Pass, PassResult
 
 

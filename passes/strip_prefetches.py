@@ -13,11 +13,11 @@ has no input.
 from __future__ import annotations
 
 import onnx
-from preserve_onnx.passes.insert_prefetches import prefetch_functions
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.graph.index import iter_graphs
+from preserve_onnx.passes.insert_prefetches import prefetch_functions
 from preserve_onnx.pipeline import Pass, PassResult
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx
-from preserve_onnx.passes.check_order import check_topological
 
 from preserve_onnx.config import PrefetchNaming
 from preserve_onnx.errors import PreserveError
@@ -28,6 +27,7 @@ from preserve_onnx.graph.index import (
     iter_graphs,
     iter_scopes,
 )
+from preserve_onnx.passes.check_order import check_topological
 from preserve_onnx.pipeline import Pass, PassResult
 
 

@@ -9,13 +9,13 @@ import json
 
 import onnx
 import pytest
-from preserve_onnx.passes._live import expert_share
 from typer.testing import CliRunner
 
 from preserve_onnx.cli import app
 from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.cost.analysis import Link, analyze
 from preserve_onnx.cost.estimate import evaluate, plan_chains
+from preserve_onnx.passes._live import expert_share
 from tests.passes.test_live_links import POSITION, gqa_model, moe_model
 
 runner = CliRunner()

@@ -305,8 +305,8 @@ def test_inspect_prints_ranks_with_the_same_inspection_once(tmp_path):
     assert r.exit_code == 0, r.output
     titles = [line for line in r.output.splitlines() if line.startswith("model_0")]
     assert titles == [
-        "model_00.onnx: 4 collectives, 4 planned, 7 prefetches, 166.1 MiB (min(0.5 x usable L2, achieved HBM BW "
-        "x t_collective) on ascend-910b, 4 rank(s))",
+        "model_00.onnx: 4 collectives, 4 planned, 7 prefetches, 166.1 MiB (min(0.5 x usable L2, "
+        "achieved HBM BW x t_collective) on ascend-910b, 4 rank(s))",
         "model_01.onnx ... model_03.onnx: same plan as model_00.onnx",
     ]
     r = cli("inspect", src, "-v")  # -v: every rank's tables

@@ -9,14 +9,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from preserve_onnx.passes import DropStaleWeightsPass
-from preserve_onnx.passes.verify_prefetches import StaleLink, stale_links
 from typer.testing import CliRunner
 
 from preserve_onnx import OptimizeConfig, optimize, strip
 from preserve_onnx.cli import app
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.optimizer import optimize_path
+from preserve_onnx.passes import DropStaleWeightsPass
+from preserve_onnx.passes.verify_prefetches import StaleLink, stale_links
 from tests.builders import if_model, two_layer_mlp
 
 runner = CliRunner()

@@ -16,13 +16,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from preserve_onnx.passes import VerifyPrefetchesPass, plan_prefetches
-from preserve_onnx.passes._live import KvLayout, expert_min_tokens, expert_share, live_positions
 
 from preserve_onnx.config import OptimizeConfig
 from preserve_onnx.errors import PreserveError
 from preserve_onnx.hardware import load_profile
 from preserve_onnx.optimizer import optimize, strip
+from preserve_onnx.passes import VerifyPrefetchesPass, plan_prefetches
+from preserve_onnx.passes._live import KvLayout, expert_min_tokens, expert_share, live_positions
 from tests.builders import MS, G
 
 HEAD, HEADS, KV_HEADS = 16, 2, 1
