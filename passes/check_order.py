@@ -15,6 +15,7 @@ import onnx
 from onnx import AttributeProto
 
 from preserve_onnx.errors import PreserveError
+from preserve_onnx.graph.index import producer_index
 from preserve_onnx.pipeline import Pass, PassResult
 
 
@@ -49,13 +50,15 @@ def _order_error(graph: onnx.GraphProto, outer: frozenset[str], where: str, inde
     stuck = _cycle_member(graph, outer)
     if stuck is not None:
         return f"the graph has a cycle (through node '{stuck}'); it cannot be optimized or run"
-    return (f"{label} reads '{name}' before it is produced: the graph is not in topological order, "
-            f"which ONNX requires (sort it first, e.g. with onnx-graphsurgeon's toposort)")
+    return (
+        f"{label} reads '{name}' before it is produced: the graph is not in topological order, "
+        f"which ONNX requires (sort it first, e.g. with onnx-graphsurgeon's toposort)"
+    )
 
 
 def _cycle_member(graph: onnx.GraphProto, outer: frozenset[str]) -> str | None:
     """Kahn's algorithm over the graph's own edges; a node left over lies on (or behind) a cycle."""
-    producer = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+    producer = producer_index(graph)
     deps = [{producer[x] for x in n.input if x in producer} for n in graph.node]
     users: dict[int, list[int]] = {}
     for i, d in enumerate(deps):

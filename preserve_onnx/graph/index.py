@@ -107,6 +107,12 @@ class Scope:
     dq_zero_points: frozenset[str] = field(default_factory=frozenset)
 
 
+def producer_index(graph: GraphProto) -> dict[str, int]:
+    """Tensor name -> the index of the node of ``graph`` that produces it (this graph's own nodes only):
+    the one producer map the structure finders, check-order and :class:`GraphIndex` build on."""
+    return {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+
+
 def iter_graphs(model: onnx.ModelProto) -> Iterator[tuple[str, GraphProto]]:
     """``(path, graph)`` for every graph, in the same order as :func:`iter_scopes`, without building
     scopes (cheap: for walks that only look at nodes)."""
@@ -140,9 +146,11 @@ def iter_scopes(model: onnx.ModelProto) -> tuple[Scope, ...]:
         return _last_scopes[2]
     main = model.graph
     main_inputs = {vi.name: vi for vi in main.input}
-    scopes = tuple(_walk(
-        main, "", {}, {}, main_inputs, frozenset(), frozenset(), (frozenset(), frozenset(), frozenset())
-    ))
+    scopes = tuple(
+        _walk(
+            main, "", {}, {}, main_inputs, frozenset(), frozenset(), (frozenset(), frozenset(), frozenset())
+        )
+    )
     _last_scopes[:] = [model, key, scopes]
     return scopes
 
@@ -274,12 +282,9 @@ class GraphIndex:
         self.inputs = dict(outer.inputs) if outer else {}
         self.inputs.update((vi.name, vi) for vi in graph.input if vi.name not in self.inits)
         self.outputs = {vi.name: vi for vi in graph.output}
-        self.producer: dict[str, int] = {}
+        self.producer: dict[str, int] = producer_index(graph)
         self.consumers: dict[str, list[int]] = {}
         for i, node in enumerate(self.nodes):
-            for out in node.output:
-                if out:
-                    self.producer[out] = i
             for name in dict.fromkeys(node.input):
                 if name:
                     self.consumers.setdefault(name, []).append(i)

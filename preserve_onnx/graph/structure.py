@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from onnx import GraphProto, NodeProto, TensorProto
 
-from preserve_onnx.graph.index import MS_DOMAIN, Scope, is_default_domain
+from preserve_onnx.graph.index import MS_DOMAIN, Scope, is_default_domain, producer_index
 
 # Operators that only move or relabel a tensor's elements (their other inputs are shapes/perms).
 LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Cast", "Unsqueeze", "Squeeze", "Identity"})
@@ -97,10 +97,7 @@ def kv_cache_paths(graph: GraphProto) -> dict[str, KvCachePath]:
     Walks backwards from each graph output through layout operators to a ``Concat``, and from each of
     the Concat's inputs through layout operators to a graph input: one producer map, then short chains.
     """
-    producer: dict[str, int] = {}
-    for index, node in enumerate(graph.node):
-        for out in node.output:
-            producer[out] = index
+    producer = producer_index(graph)
     inputs = {vi.name: vi for vi in graph.input}
     for t in graph.initializer:
         inputs.pop(t.name, None)  # an input with a default value is a constant to every runtime
@@ -186,10 +183,10 @@ def attention_cores(graph: GraphProto) -> list[int]:
     23), and in plain-operator exports every ``MatMul`` whose first input is a ``Softmax`` output
     (through Cast/Dropout/Identity, or the value inputs of a ``Where`` that masks NaNs): the
     probabilities times V. Output 0 of each is the attention context that o_proj reads."""
-    producers = {out: node for node in graph.node for out in node.output if out}
+    producer = producer_index(graph)
 
     def from_softmax(tensor: str, depth: int = 0) -> bool:
-        src = producers.get(tensor)
+        src = graph.node[producer[tensor]] if tensor in producer else None
         if src is None or not is_default_domain(src.domain) or depth > 4:
             return False
         if src.op_type == "Softmax":
