@@ -113,10 +113,20 @@ def producer_index(graph: GraphProto) -> dict[str, int]:
     return {out: i for i, node in enumerate(graph.node) for out in node.output if out}
 
 
-def iter_graphs(model: onnx.ModelProto) -> Iterator[tuple[str, GraphProto]]:
+def iter_graphs(model: onnx.ModelProto) -> tuple[tuple[str, GraphProto], ...]:
     """``(path, graph)`` for every graph, in the same order as :func:`iter_scopes`, without building
-    scopes (cheap: for walks that only look at nodes)."""
-    yield from _walk_graphs(model.graph, "")
+    scopes (cheap: for walks that only look at nodes). Kept for the last model asked for, as
+    :func:`iter_scopes` keeps its scopes: the graphs are the model's own objects, so edits inside them
+    stay visible; a change of the main graph's node or initializer count walks it again."""
+    key = (len(model.graph.node), len(model.graph.initializer))
+    if _last_graphs[0] is model and _last_graphs[1] == key:
+        return _last_graphs[2]
+    graphs = tuple(_walk_graphs(model.graph, ""))
+    _last_graphs[:] = [model, key, graphs]
+    return graphs
+
+
+_last_graphs: list = [None, None, ()]  # [model, (nodes, initializers), its graphs]
 
 
 def _walk_graphs(graph: GraphProto, path: str) -> Iterator[tuple[str, GraphProto]]:
