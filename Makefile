@@ -53,12 +53,11 @@ $(VENV)/.mpi: $(VENV)/.installed
 	@touch $@
 
 # Ruff with the rules pyproject.toml selects (the layering bans of passes/, no print in the library), the
-# version the test extra pins.
+# version the test extra pins; `make test` runs it before pytest.
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup $(if $(NO_MPI),,mpi)
-	$(VENV)/bin/ruff check .
+test: setup $(if $(NO_MPI),,mpi) lint
 	$(if $(NO_MPI),,PRESERVE_REQUIRE_MPI=1) $(PY) -m pytest -q
 
 # The property tests (tests/test_properties.py) with fresh seeds for FUZZ_MINUTES of wall clock;
