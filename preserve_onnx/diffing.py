@@ -37,8 +37,18 @@ from preserve_onnx.graph.index import COLLECTIVE_OPS, MS_DOMAIN
 from preserve_onnx.model_io import external_info, load_model, model_files, validate_location
 from preserve_onnx.passes.verify_prefetches import StaleLinks, stale_links
 
-KINDS = ("model", "opset", "metadata", "function", "graph", "input", "output", "initializer",
-         "value_info", "node")
+KINDS = (
+    "model",
+    "opset",
+    "metadata",
+    "function",
+    "graph",
+    "input",
+    "output",
+    "initializer",
+    "value_info",
+    "node",
+)
 _MODEL_FIELDS = ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string")
 
 
@@ -96,9 +106,15 @@ class ModelDiff:
     @property
     def rewired_collectives(self) -> tuple[Entry, ...]:
         """Collectives whose only change is which tensors they read (what optimize and strip do)."""
-        return tuple(e for e in self.entries if e.kind == "node" and e.status == "changed"
-                     and e.op.split("::")[-1] in COLLECTIVE_OPS and e.op.startswith(MS_DOMAIN + "::")
-                     and all(c.field.startswith("input[") for c in e.changes))
+        return tuple(
+            e
+            for e in self.entries
+            if e.kind == "node"
+            and e.status == "changed"
+            and e.op.split("::")[-1] in COLLECTIVE_OPS
+            and e.op.startswith(MS_DOMAIN + "::")
+            and all(c.field.startswith("input[") for c in e.changes)
+        )
 
 
 @dataclass(frozen=True)
@@ -116,8 +132,13 @@ class Diff:
         return not self.only_a and not self.only_b and all(m.equal for m in self.models)
 
 
-def diff(a: onnx.ModelProto | str | Path, b: onnx.ModelProto | str | Path, *,
-         naming: PrefetchNaming | None = None, data: bool = False) -> Diff:
+def diff(
+    a: onnx.ModelProto | str | Path,
+    b: onnx.ModelProto | str | Path,
+    *,
+    naming: PrefetchNaming | None = None,
+    data: bool = False,
+) -> Diff:
     """Diff two models: ModelProtos, ``.onnx`` files, or two directories of models (paired by name).
 
     ``data=True`` also compares the bytes of external initializers (read from the data files next to
@@ -131,8 +152,11 @@ def diff(a: onnx.ModelProto | str | Path, b: onnx.ModelProto | str | Path, *,
         mb, base_b = (b, None) if isinstance(b, onnx.ModelProto) else (load_model(Path(b)), Path(b).parent)
         la = "a" if base_a is None else str(a)
         lb = "b" if base_b is None else str(b)
-        return Diff(la, lb, (diff_models(ma, mb, naming=naming, data=data, base_a=base_a, base_b=base_b,
-                                         labels=(la, lb)),))
+        return Diff(
+            la,
+            lb,
+            (diff_models(ma, mb, naming=naming, data=data, base_a=base_a, base_b=base_b, labels=(la, lb)),),
+        )
     a, b = Path(a), Path(b)
     for p in (a, b):
         if not p.exists():
@@ -147,25 +171,51 @@ def diff(a: onnx.ModelProto | str | Path, b: onnx.ModelProto | str | Path, *,
     if not common and not names_a and not names_b:
         raise PreserveError(f"no .onnx files in {a} or {b}")
     models = tuple(_diff_files(a / n, b / n, naming, data) for n in common)
-    return Diff(str(a), str(b), models, tuple(sorted(set(names_a) - set(names_b))),
-                tuple(sorted(set(names_b) - set(names_a))))
+    return Diff(
+        str(a),
+        str(b),
+        models,
+        tuple(sorted(set(names_a) - set(names_b))),
+        tuple(sorted(set(names_b) - set(names_a))),
+    )
 
 
 def _diff_files(a: Path, b: Path, naming: PrefetchNaming, data: bool) -> ModelDiff:
-    return diff_models(load_model(a), load_model(b), naming=naming, data=data, base_a=a.parent,
-                       base_b=b.parent, labels=(str(a), str(b)))
+    return diff_models(
+        load_model(a),
+        load_model(b),
+        naming=naming,
+        data=data,
+        base_a=a.parent,
+        base_b=b.parent,
+        labels=(str(a), str(b)),
+    )
 
 
-def diff_models(a: onnx.ModelProto, b: onnx.ModelProto, *, naming: PrefetchNaming | None = None,
-                data: bool = False, base_a: Path | None = None, base_b: Path | None = None,
-                labels: tuple[str, str] = ("a", "b")) -> ModelDiff:
+def diff_models(
+    a: onnx.ModelProto,
+    b: onnx.ModelProto,
+    *,
+    naming: PrefetchNaming | None = None,
+    data: bool = False,
+    base_a: Path | None = None,
+    base_b: Path | None = None,
+    labels: tuple[str, str] = ("a", "b"),
+) -> ModelDiff:
     """The differences between two loaded models; ``base_*`` are their folders (for ``data=True``)."""
     d = _Differ(naming or PrefetchNaming(), data, base_a, base_b)
     d.model(a, b)
     entries = d.entries
     if not entries and a.SerializeToString(deterministic=True) != b.SerializeToString(deterministic=True):
-        entries = [Entry("model", "changed", "", "(protobuf)",
-                         "the models differ in a field this diff does not break down")]
+        entries = [
+            Entry(
+                "model",
+                "changed",
+                "",
+                "(protobuf)",
+                "the models differ in a field this diff does not break down",
+            )
+        ]
     naming = naming or PrefetchNaming()
     return ModelDiff(labels[0], labels[1], tuple(entries), _stale(a, naming), _stale(b, naming))
 
@@ -193,17 +243,34 @@ class _Differ:
             self.add("model", "changed", "", "(model)", "model fields", changes)
         ops_a = {o.domain or "ai.onnx": str(o.version) for o in a.opset_import}  # "" is the default domain
         ops_b = {o.domain or "ai.onnx": str(o.version) for o in b.opset_import}
-        self.keyed("opset", "", ops_a, ops_b, lambda v: f"version {v}",
-                   lambda x, y: [Change("version", x, y)] if x != y else [])
+        self.keyed(
+            "opset",
+            "",
+            ops_a,
+            ops_b,
+            lambda v: f"version {v}",
+            lambda x, y: [Change("version", x, y)] if x != y else [],
+        )
         meta_a = {p.key: p.value for p in a.metadata_props}
         meta_b = {p.key: p.value for p in b.metadata_props}
-        self.keyed("metadata", "", meta_a, meta_b, repr,
-                   lambda x, y: [Change("value", repr(x), repr(y))] if x != y else [])
+        self.keyed(
+            "metadata",
+            "",
+            meta_a,
+            meta_b,
+            repr,
+            lambda x, y: [Change("value", repr(x), repr(y))] if x != y else [],
+        )
         fn_a = {_fn_key(f): f for f in a.functions}
         fn_b = {_fn_key(f): f for f in b.functions}
-        self.keyed("function", "", fn_a, fn_b, _function_detail,
-                   lambda x, y: [] if x == y else [Change("definition", _function_detail(x),
-                                                          _function_detail(y))])
+        self.keyed(
+            "function",
+            "",
+            fn_a,
+            fn_b,
+            _function_detail,
+            lambda x, y: [] if x == y else [Change("definition", _function_detail(x), _function_detail(y))],
+        )
         self.graph("", a.graph, b.graph)
 
     def keyed(self, kind: str, graph: str, a: dict, b: dict, describe, compare) -> None:
@@ -227,13 +294,25 @@ class _Differ:
         if changes:
             self.add("graph", "changed", path, path or "(main)", "graph fields", changes)
         for kind, la, lb in (("input", a.input, b.input), ("output", a.output, b.output)):
-            self.keyed(kind, path, _value_infos(la), _value_infos(lb), lambda v: v[1],
-                       lambda x, y: _io_changes(x, y))
-        self.keyed("initializer", path, {t.name: t for t in a.initializer},
-                   {t.name: t for t in b.initializer},
-                   _tensor_detail, self.tensor_changes)
-        self.keyed("value_info", path, _value_infos(a.value_info), _value_infos(b.value_info),
-                   lambda v: v[1], lambda x, y: [] if x[1] == y[1] else [Change("type", x[1], y[1])])
+            self.keyed(
+                kind, path, _value_infos(la), _value_infos(lb), lambda v: v[1], lambda x, y: _io_changes(x, y)
+            )
+        self.keyed(
+            "initializer",
+            path,
+            {t.name: t for t in a.initializer},
+            {t.name: t for t in b.initializer},
+            _tensor_detail,
+            self.tensor_changes,
+        )
+        self.keyed(
+            "value_info",
+            path,
+            _value_infos(a.value_info),
+            _value_infos(b.value_info),
+            lambda v: v[1],
+            lambda x, y: [] if x[1] == y[1] else [Change("type", x[1], y[1])],
+        )
         self.nodes(path, list(a.node), list(b.node))
 
     def nodes(self, path: str, a: list[onnx.NodeProto], b: list[onnx.NodeProto]) -> None:
@@ -242,25 +321,53 @@ class _Differ:
         matched_b = {j for _, j in pairs}
         for i, node in enumerate(a):
             if i not in matched_a:
-                self.add("node", "removed", path, _label(node), _node_detail(node), op=_op(node),
-                         prefetch=self.naming.matches(node))
+                self.add(
+                    "node",
+                    "removed",
+                    path,
+                    _label(node),
+                    _node_detail(node),
+                    op=_op(node),
+                    prefetch=self.naming.matches(node),
+                )
         for j, node in enumerate(b):
             if j not in matched_b:
-                self.add("node", "added", path, _label(node), _node_detail(node), op=_op(node),
-                         prefetch=self.naming.matches(node))
+                self.add(
+                    "node",
+                    "added",
+                    path,
+                    _label(node),
+                    _node_detail(node),
+                    op=_op(node),
+                    prefetch=self.naming.matches(node),
+                )
         subgraphs = []
         for i, j in sorted(pairs, key=lambda p: p[1]):
             changes, subs = _node_changes(a[i], b[j])
             if changes:
-                self.add("node", "changed", path, _label(b[j]), _node_detail(b[j]), tuple(changes),
-                         op=_op(b[j]), prefetch=self.naming.matches(b[j]))
+                self.add(
+                    "node",
+                    "changed",
+                    path,
+                    _label(b[j]),
+                    _node_detail(b[j]),
+                    tuple(changes),
+                    op=_op(b[j]),
+                    prefetch=self.naming.matches(b[j]),
+                )
             prefix = f"{path}/" if path else ""
             subgraphs += [(f"{prefix}{_label(b[j])}:{attr}", ga, gb) for attr, ga, gb in subs]
         moved = _first_moved(pairs, a)
         if moved is not None:
             node, previous = moved
-            self.add("graph", "changed", path, path or "(main)", "node order",
-                     (Change("node order", f"{node} after {previous}", f"{node} before {previous}"),))
+            self.add(
+                "graph",
+                "changed",
+                path,
+                path or "(main)",
+                "node order",
+                (Change("node order", f"{node} after {previous}", f"{node} before {previous}"),),
+            )
         for sub_path, ga, gb in subgraphs:
             self.graph(sub_path, ga, gb)
 
@@ -303,8 +410,10 @@ class _Differ:
             return _inline_digest(t)
         base = self.bases[side]
         if base is None:
-            raise PreserveError(f"initializer '{t.name}': --data needs the model's folder to read its "
-                                f"external data; pass a path rather than a loaded model")
+            raise PreserveError(
+                f"initializer '{t.name}': --data needs the model's folder to read its "
+                f"external data; pass a path rather than a loaded model"
+            )
         path = validate_location(t, base)
         info = external_info(t)
         offset = int(info.get("offset", 0) or 0)
@@ -384,8 +493,12 @@ def _node_changes(a: onnx.NodeProto, b: onnx.NodeProto):
     subs = []
     for name in [*attrs_a, *(n for n in attrs_b if n not in attrs_a)]:
         x, y = attrs_a.get(name), attrs_b.get(name)
-        if x is not None and y is not None and x.type == y.type and \
-                x.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
+        if (
+            x is not None
+            and y is not None
+            and x.type == y.type
+            and x.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS)
+        ):
             if x.type == AttributeProto.GRAPH:
                 subs.append((name, x.g, y.g))
             elif len(x.graphs) == len(y.graphs):
@@ -454,7 +567,7 @@ def _attr_str(attr: AttributeProto) -> str:
 
 
 def _short(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _field_changes(a, b, fields: Iterable[str]) -> list[Change]:

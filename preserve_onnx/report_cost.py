@@ -196,8 +196,14 @@ def chrome_trace(estimate: Estimate) -> dict:
 
 def _json_head(result: Estimate | Exploration) -> dict:
     """What every cost-model JSON document starts with: schema, source, hardware and the planning point."""
-    return {"schema": 1, "source": result.source, "hardware": result.hardware, "batch": result.batch,
-            "context": result.context, "ranks": result.ranks}
+    return {
+        "schema": 1,
+        "source": result.source,
+        "hardware": result.hardware,
+        "batch": result.batch,
+        "context": result.context,
+        "ranks": result.ranks,
+    }
 
 
 def estimate_dict(est: Estimate) -> dict:

@@ -39,12 +39,29 @@ def init(name: str, array) -> TensorProto:
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-def prefetch(anchor: str, x: str, out: str, *, domain: str = PRESERVE, op: str = "Prefetch",
-             max_size: int = 0, offset: int = 0, collective: str = "ar",
-             name: str | None = None) -> onnx.NodeProto:
+def prefetch(
+    anchor: str,
+    x: str,
+    out: str,
+    *,
+    domain: str = PRESERVE,
+    op: str = "Prefetch",
+    max_size: int = 0,
+    offset: int = 0,
+    collective: str = "ar",
+    name: str | None = None,
+) -> onnx.NodeProto:
     """A Prefetch node ``out = Prefetch(anchor, x)``, named ``prefetch_<out>`` unless ``name`` is given."""
-    return helper.make_node(op, [anchor, x], [out], name=name or f"prefetch_{out}", domain=domain,
-                            max_size=max_size, offset=offset, collective=collective)
+    return helper.make_node(
+        op,
+        [anchor, x],
+        [out],
+        name=name or f"prefetch_{out}",
+        domain=domain,
+        max_size=max_size,
+        offset=offset,
+        collective=collective,
+    )
 
 
 def collective(op: str, x: str, out: str, name: str, **attrs) -> onnx.NodeProto:
@@ -63,9 +80,16 @@ class G:
     lists themselves (``g.nodes``, ``g.inits``, ``g.inputs``, ``g.outputs``, ``g.value_info``).
     """
 
-    def __init__(self, name: str = "g", *, nodes: Iterable[onnx.NodeProto] = (),
-                 inputs: Iterable[onnx.ValueInfoProto] = (), outputs: Iterable[onnx.ValueInfoProto] = (),
-                 inits: Iterable[TensorProto] = (), value_info: Iterable[onnx.ValueInfoProto] = ()):
+    def __init__(
+        self,
+        name: str = "g",
+        *,
+        nodes: Iterable[onnx.NodeProto] = (),
+        inputs: Iterable[onnx.ValueInfoProto] = (),
+        outputs: Iterable[onnx.ValueInfoProto] = (),
+        inits: Iterable[TensorProto] = (),
+        value_info: Iterable[onnx.ValueInfoProto] = (),
+    ):
         self.name = name
         self.nodes: list[onnx.NodeProto] = list(nodes)
         self.inits: list[TensorProto] = list(inits)
@@ -95,8 +119,11 @@ class G:
     def weight(self, name, shape, dtype=np.float32, seed=0):
         """A random initializer (normal floats, integers in [-8, 8)), seeded by ``seed`` and its position."""
         rng = np.random.default_rng(seed + len(self.inits))
-        arr = rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else \
-            rng.integers(-8, 8, shape).astype(dtype)
+        arr = (
+            rng.standard_normal(shape).astype(dtype)
+            if np.issubdtype(dtype, np.floating)
+            else rng.integers(-8, 8, shape).astype(dtype)
+        )
         return self.init(name, arr)
 
     # -- nodes -------------------------------------------------------------------------------------
@@ -119,11 +146,13 @@ class G:
 
     # -- results -----------------------------------------------------------------------------------
     def graph(self) -> onnx.GraphProto:
-        return helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits,
-                                 value_info=self.value_info)
+        return helper.make_graph(
+            self.nodes, self.name, self.inputs, self.outputs, self.inits, value_info=self.value_info
+        )
 
-    def model(self, opset=17, *, ir_version=9, imports: Sequence[onnx.OperatorSetIdProto] | None = None
-              ) -> onnx.ModelProto:
+    def model(
+        self, opset=17, *, ir_version=9, imports: Sequence[onnx.OperatorSetIdProto] | None = None
+    ) -> onnx.ModelProto:
         """The model; opset ``imports``, by default the default domain at ``opset`` and com.microsoft."""
         imports = list(imports) if imports is not None else opsets(opset, MS)
         return helper.make_model(self.graph(), ir_version=ir_version, opset_imports=imports)

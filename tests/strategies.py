@@ -225,8 +225,14 @@ class _Builder:
         local = (ws.local or ws.base == "int8") and g is not self.main
         if ws.base == "const":
             out = self.name("const")
-            self.node(g, "Constant", [], [out], chain=True,
-                      value=init(out + "_value", self.values(shape, np.float32, scale)))
+            self.node(
+                g,
+                "Constant",
+                [],
+                [out],
+                chain=True,
+                value=init(out + "_value", self.values(shape, np.float32, scale)),
+            )
             self.facts.exprs[out] = []
             g.pool.append((shape, out))
             return out
@@ -240,9 +246,11 @@ class _Builder:
             q = self.init(g, "wq", self.values(store_shape, np.int8), local)
             per_axis = ws.per_axis and len(store_shape) == 2
             axis = 0
-            scale_arr = (np.abs(self.values((store_shape[axis],), np.float32)) + 0.5) * scale / 50 \
-                if per_axis \
+            scale_arr = (
+                (np.abs(self.values((store_shape[axis],), np.float32)) + 0.5) * scale / 50
+                if per_axis
                 else np.array(scale / 50, dtype=np.float32)
+            )
             s = self.init(g, "wscale", scale_arr.astype(np.float32), local)
             ins = [q, s]
             roots = [(q, "dq_weight")]
@@ -343,8 +351,15 @@ class _Builder:
             past = self.kv("ms", (2, "batch", n, "past", H // n), b.kv_share)[0]
             out, present = self.name("attn"), self.name("present")
             w, bias = self.weight(g, ws[0], (H, 3 * H), sc), self.weight(g, ws[1], (3 * H,), 0.1)
-            self.node(g, "Attention", [h, w, bias, "", past], [out, present], domain=MS, num_heads=n,
-                      unidirectional=1)
+            self.node(
+                g,
+                "Attention",
+                [h, w, bias, "", past],
+                [out, present],
+                domain=MS,
+                num_heads=n,
+                unidirectional=1,
+            )
             self.present(g, [present], [2, "batch", n, "total", H // n])
             h = out
         elif b.kind == "mha":
@@ -352,8 +367,14 @@ class _Builder:
             pk, pv = self.kv("mha", ("batch", n, "past", H // n), b.kv_share)
             out, rk, rv = self.name("mha"), self.name("present_key"), self.name("present_value")
             bias = self.weight(g, ws[0], (3 * H,), 0.1)
-            self.node(g, "MultiHeadAttention", [h, h, h, bias, "", "", pk, pv], [out, rk, rv], domain=MS,
-                      num_heads=n)
+            self.node(
+                g,
+                "MultiHeadAttention",
+                [h, h, h, bias, "", "", pk, pv],
+                [out, rk, rv],
+                domain=MS,
+                num_heads=n,
+            )
             self.present(g, [rk, rv], ["batch", n, "total", H // n])
             h = out
         elif b.kind == "gqa":
@@ -368,11 +389,21 @@ class _Builder:
             ins = [q, k, v, pk, pv, "seqlens_k", "total_sequence_length"]
             rotary = b.flags[1]
             if rotary:
-                ins += [self.weight(g, ws[3], (ROPE_CACHE, GQA_HEAD // 2), 1.0),
-                        self.weight(g, ws[4], (ROPE_CACHE, GQA_HEAD // 2), 1.0)]
+                ins += [
+                    self.weight(g, ws[3], (ROPE_CACHE, GQA_HEAD // 2), 1.0),
+                    self.weight(g, ws[4], (ROPE_CACHE, GQA_HEAD // 2), 1.0),
+                ]
             out, rk, rv = self.name("gqa"), self.name("present_key"), self.name("present_value")
-            self.node(g, "GroupQueryAttention", ins, [out, rk, rv], domain=MS, num_heads=n, kv_num_heads=kvn,
-                      do_rotary=int(rotary))
+            self.node(
+                g,
+                "GroupQueryAttention",
+                ins,
+                [out, rk, rv],
+                domain=MS,
+                num_heads=n,
+                kv_num_heads=kvn,
+                do_rotary=int(rotary),
+            )
             self.present(g, [rk, rv], ["batch", kvn, "total", GQA_HEAD])
             h = out
         elif b.kind == "attn23":
@@ -490,8 +521,17 @@ def weight_specs(draw, in_branch: bool = False) -> WeightSpec:
     )
 
 
-WEIGHT_COUNT = {"mm": 1, "mm0": 1, "gemm": 2, "nbits": 2, "msattn": 2, "mha": 1, "gqa": 5, "attn23": 0,
-                "none": 0}
+WEIGHT_COUNT = {
+    "mm": 1,
+    "mm0": 1,
+    "gemm": 2,
+    "nbits": 2,
+    "msattn": 2,
+    "mha": 1,
+    "gqa": 5,
+    "attn23": 0,
+    "none": 0,
+}
 
 
 @st.composite
@@ -585,15 +625,17 @@ class ShapeSpec(ShortRepr):
 def shape_specs(draw) -> ShapeSpec:
     known_rank = draw(st.integers(0, 7)) > 0
     if known_rank:
-        dims = tuple(draw(st.sampled_from((SHAPE_RUN[axis], f"{prefix}{axis}", None)))
-                     for axis, prefix in enumerate(draw(st.sampled_from(("batch", "d", "seq_")))
-                                                   for _ in range(3)))
+        dims = tuple(
+            draw(st.sampled_from((SHAPE_RUN[axis], f"{prefix}{axis}", None)))
+            for axis, prefix in enumerate(draw(st.sampled_from(("batch", "d", "seq_"))) for _ in range(3))
+        )
     else:
         dims = None
     # An input of unknown rank arrives as a scalar; AllReduce and a Prefetch whose X has another type
     # write their output as one (the documented limit), so unknown rank goes only through the others.
-    collective = draw(st.sampled_from(("AllReduce", "AllGather", "")) if known_rank else
-                      st.sampled_from(("AllGather", "")))
+    collective = draw(
+        st.sampled_from(("AllReduce", "AllGather", "")) if known_rank else st.sampled_from(("AllGather", ""))
+    )
     prefetches = draw(st.integers(0 if collective else 1, 3))
     world = draw(st.sampled_from((1, 2))) if collective else 1
     stages = []
@@ -654,8 +696,9 @@ def build_shape_model(spec: ShapeSpec, equivalent: bool = False) -> onnx.ModelPr
         elif spec.collective == "AllReduce":
             nodes.append(helper.make_node("Add", [cur, cur], [out], name="coll"))
         else:
-            nodes.append(helper.make_node("Concat", [cur] * spec.world, [out], name="coll",
-                                          axis=spec.gather_axis))
+            nodes.append(
+                helper.make_node("Concat", [cur] * spec.world, [out], name="coll", axis=spec.gather_axis)
+            )
         cur = out
     for s, stage in enumerate(spec.stages):
         shape = f"shape{s}"
@@ -664,10 +707,12 @@ def build_shape_model(spec: ShapeSpec, equivalent: bool = False) -> onnx.ModelPr
         for axis in (0, 1):
             inits.append(_ints(f"idx{s}_{axis}", axis))
             nodes += [
-                helper.make_node("Gather", [shape, f"idx{s}_{axis}"], [f"g{s}_{axis}"], name=f"g{s}_{axis}",
-                                 axis=0),
-                helper.make_node("Unsqueeze", [f"g{s}_{axis}", "axis0"], [f"u{s}_{axis}"],
-                                 name=f"u{s}_{axis}"),
+                helper.make_node(
+                    "Gather", [shape, f"idx{s}_{axis}"], [f"g{s}_{axis}"], name=f"g{s}_{axis}", axis=0
+                ),
+                helper.make_node(
+                    "Unsqueeze", [f"g{s}_{axis}", "axis0"], [f"u{s}_{axis}"], name=f"u{s}_{axis}"
+                ),
             ]
             parts.append(f"u{s}_{axis}")
         target = f"target{s}"
@@ -690,12 +735,19 @@ def build_shape_model(spec: ShapeSpec, equivalent: bool = False) -> onnx.ModelPr
             "unknown": [None] * 3,
         }[spec.value_info]
         value_infos.append(vi(f"/model/layers.0/{spec.collective}_output_0", TensorProto.FLOAT, declared))
-    return G("shapes", nodes=nodes, inputs=[vi("x", TensorProto.FLOAT, spec.dims)],
-             outputs=[vi("y", TensorProto.FLOAT, None)], inits=inits, value_info=value_infos).runtime_model()
+    return G(
+        "shapes",
+        nodes=nodes,
+        inputs=[vi("x", TensorProto.FLOAT, spec.dims)],
+        outputs=[vi("y", TensorProto.FLOAT, None)],
+        inits=inits,
+        value_info=value_infos,
+    ).runtime_model()
 
 
-def identity_twin(model: onnx.ModelProto,
-                  prefetch: tuple[str, str] = ("preserve", "Prefetch")) -> onnx.ModelProto:
+def identity_twin(
+    model: onnx.ModelProto, prefetch: tuple[str, str] = ("preserve", "Prefetch")
+) -> onnx.ModelProto:
     """A copy of ``model`` with every Prefetch and com.microsoft AllReduce / AllGather (subgraphs too)
     replaced by Identity of its input(s): the model whose loading docs/design.md §7's rule is about."""
     twin = onnx.ModelProto()
@@ -712,8 +764,10 @@ def identity_twin(model: onnx.ModelProto,
                 nodes.append(node)
                 continue
             count = 1 if (node.domain, node.op_type) == prefetch else len(node.output)
-            nodes += [helper.make_node("Identity", [node.input[i]], [node.output[i]], name=f"{node.name}/{i}")
-                      for i in range(count)]
+            nodes += [
+                helper.make_node("Identity", [node.input[i]], [node.output[i]], name=f"{node.name}/{i}")
+                for i in range(count)
+            ]
         del graph.node[:]
         graph.node.extend(nodes)
 

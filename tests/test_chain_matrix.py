@@ -42,8 +42,14 @@ def cli(*args):
 
 
 def save(model: onnx.ModelProto, dst: Path) -> None:
-    onnx.save(model, dst, save_as_external_data=True, all_tensors_to_one_file=True,
-              location=dst.name + ".data", size_threshold=1024)
+    onnx.save(
+        model,
+        dst,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=dst.name + ".data",
+        size_threshold=1024,
+    )
 
 
 def onnxslim_tool(src: Path, dst: Path) -> None:
@@ -89,14 +95,22 @@ def offline_optimization_tool(src: Path, dst: Path) -> None:
 
     from preserve_onnx.runtime.options import session_options
 
-    options = session_options(rank=0, world=2, group=f"chain-{dst.parent.name}-{dst.name}",
-                              level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, threads=1, timeout_s=10,
-                              prefetch=("preserve", "Prefetch"))
+    options = session_options(
+        rank=0,
+        world=2,
+        group=f"chain-{dst.parent.name}-{dst.name}",
+        level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        threads=1,
+        timeout_s=10,
+        prefetch=("preserve", "Prefetch"),
+    )
     options.optimized_model_filepath = str(dst)
-    options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                     dst.name + ".data")
-    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                     "1024")
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", dst.name + ".data"
+    )
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+    )
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
 
 
@@ -105,8 +119,9 @@ def quantize_dynamic_tool(src: Path, dst: Path) -> None:
 
     # What its error message asks for on a rank model (a MatMul feeding an AllReduce, which ONNX shape
     # inference leaves untyped): "Unable to find data type for weight_name=... use DefaultTensorType".
-    quantize_dynamic(src, dst, use_external_data_format=True,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    quantize_dynamic(
+        src, dst, use_external_data_format=True, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}
+    )
 
 
 def matmul_nbits_tool(src: Path, dst: Path) -> None:
@@ -143,10 +158,12 @@ TOOLS = {
     "shape-inference": Tool(shape_inference_tool, ("torch-llama-dynamo-fp32", "genai-qwen2-fp32")),
     "symbolic-shape-inference": Tool(symbolic_shape_tool, ("torch-llama-fp32", "torch-llama-dynamo-fp32")),
     "transformer-optimizer": Tool(transformer_optimizer_tool, ("torch-llama-fp32",)),
-    "offline-optimization": Tool(offline_optimization_tool, ("torch-llama-fp32", "genai-llama-fp32"),
-                                 drops_functions=True),
-    "quantize-dynamic": Tool(quantize_dynamic_tool, ("torch-llama-fp32", "genai-llama-fp32"),
-                             stales_links=True),
+    "offline-optimization": Tool(
+        offline_optimization_tool, ("torch-llama-fp32", "genai-llama-fp32"), drops_functions=True
+    ),
+    "quantize-dynamic": Tool(
+        quantize_dynamic_tool, ("torch-llama-fp32", "genai-llama-fp32"), stales_links=True
+    ),
     "matmul-nbits": Tool(matmul_nbits_tool, ("torch-llama-fp32", "genai-llama-fp32"), stales_links=True),
     "float16": Tool(float16_tool, ("torch-llama-fp32", "genai-llama-fp32"), stales_links=True),
 }
@@ -328,8 +345,10 @@ def test_both_shape_inferences_type_every_prefetch_output(sample, work):
     model = onnx.load(work[1](sample) / "model_00.onnx")
     outputs = prefetch_outputs(model)
     assert len(outputs) == 13
-    for inferred in (onnx.shape_inference.infer_shapes(model),
-                     SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)):
+    for inferred in (
+        onnx.shape_inference.infer_shapes(model),
+        SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False),
+    ):
         types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
         assert [types.get(name) for name in outputs] == [onnx.TensorProto.FLOAT] * 13
 

@@ -304,8 +304,12 @@ def test_the_planning_options_are_one_group_on_every_command_that_plans():
 
     group = [name for name, _, _ in _PLANNING_OPTIONS]
     click_app = typer.main.get_command(app)
-    for command, expected in (("optimize", group), ("inspect", group), ("estimate", group),
-                              ("explore", [n for n in group if n != "budget"])):
+    for command, expected in (
+        ("optimize", group),
+        ("inspect", group),
+        ("estimate", group),
+        ("explore", [n for n in group if n != "budget"]),
+    ):
         params = [p.name for p in click_app.commands[command].params]
         assert [p for p in params if p in group] == expected, command
     r = cli("explore", SAMPLES / "llama-gqa" / "tp2", "--budget", "1MiB")

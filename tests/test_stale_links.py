@@ -21,8 +21,10 @@ from tests.builders import if_model, two_layer_mlp
 
 runner = CliRunner()
 CONFIG = OptimizeConfig(budget=10_000)
-LINE = ("2 of 3 Prefetch links are stale: no other node reads 'w1', 'w2' (a quantizer or converter changed "
-        "the model after optimize); run optimize --replan")
+LINE = (
+    "2 of 3 Prefetch links are stale: no other node reads 'w1', 'w2' (a quantizer or converter changed "
+    "the model after optimize); run optimize --replan"
+)
 
 
 def cli(*args):
@@ -73,8 +75,10 @@ def test_a_link_whose_weight_a_node_now_computes_is_stale():
     links = stale_links(optimized)
     assert links.stale == (StaleLink("", "ar1/Prefetch/w3", "w3_cast", "computed"),)
     assert links.prefetch_only == ()  # w3 is still read (by the Identity): nothing to drop
-    assert links.describe() == ("1 of 3 Prefetch links is stale: a node now computes 'w3_cast' (a quantizer "
-                                "or converter changed the model after optimize); run optimize --replan")
+    assert links.describe() == (
+        "1 of 3 Prefetch links is stale: a node now computes 'w3_cast' (a quantizer "
+        "or converter changed the model after optimize); run optimize --replan"
+    )
     out, plan = optimize(optimized, OptimizeConfig(budget=10_000, replan=True))
     # w3 again, through the Identity (a constant-only chain)
     assert [p.tensor for wp in plan.windows for p in wp.prefetches] == ["w1", "w2", "w3"]
@@ -143,8 +147,14 @@ def test_drop_removes_only_the_named_unread_initializers():
 
 def write_external(model: onnx.ModelProto, folder, name="model_00.onnx", location=None):
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, folder / name, save_as_external_data=True, all_tensors_to_one_file=True,
-              location=location or name + ".data", size_threshold=0)
+    onnx.save(
+        model,
+        folder / name,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location or name + ".data",
+        size_threshold=0,
+    )
     return folder / name
 
 
@@ -169,8 +179,9 @@ def test_replan_leaves_the_dropped_bytes_out_of_the_copied_data_file(stale_dir, 
     data = tmp_path / "out" / "model_00.onnx.data"
     assert (before, data.stat().st_size) == (10240, 6144)
     written = onnx.load(tmp_path / "out" / "model_00.onnx", load_external_data=False)
-    offsets = {t.name: int({e.key: e.value for e in t.external_data}["offset"])
-               for t in written.graph.initializer}
+    offsets = {
+        t.name: int({e.key: e.value for e in t.external_data}["offset"]) for t in written.graph.initializer
+    }
     assert offsets == {"w0": 0, "w3": 1024, "w1_q": 2048, "w2_q": 4096}
     got, want = tensors(tmp_path / "out" / "model_00.onnx"), tensors(stale_dir / "model_00.onnx")
     assert sorted(got) == ["w0", "w1_q", "w2_q", "w3"]
@@ -181,8 +192,9 @@ def test_replan_leaves_the_dropped_bytes_out_of_the_copied_data_file(stale_dir, 
 
 def test_replan_beside_in_keeps_ins_data_file(stale_dir):
     before = (stale_dir / "model_00.onnx.data").read_bytes()
-    (o,) = optimize_path(stale_dir / "model_00.onnx", stale_dir / "replanned.onnx",
-                         OptimizeConfig(budget=10_000, replan=True))
+    (o,) = optimize_path(
+        stale_dir / "model_00.onnx", stale_dir / "replanned.onnx", OptimizeConfig(budget=10_000, replan=True)
+    )
     assert o.dropped.names == ("w1", "w2") and o.compacted == 0  # IN's own file: left as it is
     assert (stale_dir / "model_00.onnx.data").read_bytes() == before
     assert sorted(tensors(stale_dir / "replanned.onnx")) == ["w0", "w1_q", "w2_q", "w3"]
@@ -211,14 +223,29 @@ def test_cli_optimize_without_replan_names_the_stale_links(stale_dir, tmp_path):
 
 
 def test_cli_optimize_replan_says_what_it_dropped(stale_dir, tmp_path):
-    r = cli("optimize", stale_dir, tmp_path / "out", "--budget", "10000", "--replan",
-            "--report", tmp_path / "r.json")
+    r = cli(
+        "optimize",
+        stale_dir,
+        tmp_path / "out",
+        "--budget",
+        "10000",
+        "--replan",
+        "--report",
+        tmp_path / "r.json",
+    )
     assert r.exit_code == 0, r.output
-    assert ("model_00.onnx: 2 of 3 Prefetch links were stale; re-planned on the new weights, dropped 2 "
-            "initializers only they read (4.0 KiB), data files 4.0 KiB smaller") in r.output
+    assert (
+        "model_00.onnx: 2 of 3 Prefetch links were stale; re-planned on the new weights, dropped 2 "
+        "initializers only they read (4.0 KiB), data files 4.0 KiB smaller"
+    ) in r.output
     (model,) = json.loads((tmp_path / "r.json").read_text())["models"]
-    assert model["replan"] == {"prefetch_links": 3, "stale_links": 2, "dropped_initializers": ["w1", "w2"],
-                               "dropped_bytes": 4096, "data_bytes_left_out": 4096}
+    assert model["replan"] == {
+        "prefetch_links": 3,
+        "stale_links": 2,
+        "dropped_initializers": ["w1", "w2"],
+        "dropped_bytes": 4096,
+        "data_bytes_left_out": 4096,
+    }
 
 
 def test_cli_inspect_names_the_stale_links(stale_dir):
@@ -227,9 +254,13 @@ def test_cli_inspect_names_the_stale_links(stale_dir):
     assert f"model_00.onnx: {LINE}" in r.output
     doc = json.loads(cli("inspect", stale_dir / "model_00.onnx", "--budget", "10000", "--json").output)
     assert doc["models"][0]["stale_prefetches"] == {
-        "total": 3, "prefetch_only_initializers": ["w1", "w2"],
-        "stale": [{"graph": "", "node": "ar0/Prefetch/w1", "tensor": "w1", "reason": "unread"},
-                  {"graph": "", "node": "ar0/Prefetch/w2", "tensor": "w2", "reason": "unread"}]}
+        "total": 3,
+        "prefetch_only_initializers": ["w1", "w2"],
+        "stale": [
+            {"graph": "", "node": "ar0/Prefetch/w1", "tensor": "w1", "reason": "unread"},
+            {"graph": "", "node": "ar0/Prefetch/w2", "tensor": "w2", "reason": "unread"},
+        ],
+    }
 
 
 def test_cli_diff_names_the_stale_links_of_each_side(stale_dir, tmp_path):
@@ -255,7 +286,7 @@ def test_a_data_file_only_the_dropped_initializers_used_is_not_written(tmp_path,
                 info = {e.key: e.value for e in t.external_data}
                 start, length = int(info["offset"]), int(info["length"])
                 offset = f.tell()
-                f.write(data[start:start + length])
+                f.write(data[start : start + length])
                 del t.external_data[:]
                 entries = (("location", "old.data"), ("offset", str(offset)), ("length", str(length)))
                 for key, value in entries:

@@ -66,8 +66,10 @@ class Exploration:
 def device_cost(hw: HardwareProfile, l2_bytes: int) -> tuple[float, float]:
     """(area mm^2, cost $) of ``hw`` rebuilt with ``l2_bytes`` of L2."""
     if not hw.has_area_cost:
-        raise PreserveError(f"hardware '{hw.name}' has no area/cost figures (die_mm2, sram_mm2_per_mb, "
-                            f"wafer_cost_per_mm2, ...); add them to its TOML table to explore it")
+        raise PreserveError(
+            f"hardware '{hw.name}' has no area/cost figures (die_mm2, sram_mm2_per_mb, "
+            f"wafer_cost_per_mm2, ...); add them to its TOML table to explore it"
+        )
     logic = hw.die_mm2 - hw.l2_bytes / MIB * hw.sram_mm2_per_mb
     if logic <= 0:
         raise PreserveError(f"hardware '{hw.name}': die_mm2 is smaller than its L2's area")
@@ -76,8 +78,13 @@ def device_cost(hw: HardwareProfile, l2_bytes: int) -> tuple[float, float]:
     return area, area * hw.wafer_cost_per_mm2 / die_yield + hw.hbm_gb * hw.hbm_cost_per_gb + hw.package_cost
 
 
-def explore_path(path: Path, hw: HardwareProfile, config: OptimizeConfig, ranks: int | None = None,
-                 sizes_mib: tuple[int, ...] = L2_SWEEP_MIB) -> Exploration:
+def explore_path(
+    path: Path,
+    hw: HardwareProfile,
+    config: OptimizeConfig,
+    ranks: int | None = None,
+    sizes_mib: tuple[int, ...] = L2_SWEEP_MIB,
+) -> Exploration:
     """Sweep the L2 size of ``hw`` for one rank model (rank 0 of a directory)."""
     device_cost(hw, 0)  # refuse a profile without figures before any work
     model_path, model_ranks = rank_model(path, ranks)
@@ -92,13 +99,29 @@ def explore_path(path: Path, hw: HardwareProfile, config: OptimizeConfig, ranks:
         def ppc(step: float) -> float:
             return cfg.batch / step / model_ranks / cost
 
-        points.append(CostPoint(mib * MIB, area, cost, est.baseline_s, est.preserve_s, ppc(est.baseline_s),
-                                ppc(est.preserve_s)))
+        points.append(
+            CostPoint(
+                mib * MIB,
+                area,
+                cost,
+                est.baseline_s,
+                est.preserve_s,
+                ppc(est.baseline_s),
+                ppc(est.preserve_s),
+            )
+        )
     return Exploration(str(model_path), hw.name, cfg.batch, cfg.context, model_ranks, tuple(points))
 
 
-CSV_COLUMNS = ("l2_bytes", "area_mm2", "cost", "baseline_s", "preserve_s", "perf_per_cost_baseline",
-               "perf_per_cost_preserve")
+CSV_COLUMNS = (
+    "l2_bytes",
+    "area_mm2",
+    "cost",
+    "baseline_s",
+    "preserve_s",
+    "perf_per_cost_baseline",
+    "perf_per_cost_preserve",
+)
 
 
 def write_csv(path: Path, ex: Exploration) -> None:
@@ -142,8 +165,11 @@ def write_plot(path: Path, ex: Exploration) -> None:
         ax.axvline(best.l2_bytes / MIB, color=style, linestyle=":", linewidth=1)
     ax.set_xlabel("L2 size (MiB)")
     ax.set_ylabel("performance per cost (baseline best = 1)")
-    ax.set_title(f"{Path(ex.source).name} on {ex.hardware}: batch {ex.batch}, context {ex.context}, "
-                 f"{ex.ranks} rank{'s' if ex.ranks != 1 else ''}", fontsize=9)
+    ax.set_title(
+        f"{Path(ex.source).name} on {ex.hardware}: batch {ex.batch}, context {ex.context}, "
+        f"{ex.ranks} rank{'s' if ex.ranks != 1 else ''}",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -36,8 +36,9 @@ def parse_sweep(groups: list[str]) -> dict[str, tuple[int, ...]]:
         for part in group.replace(";", " ").split():
             key, sep, values = part.partition("=")
             if not sep or key not in SWEEP_KEYS:
-                raise UsageError(f"--sweep: expected key=v1,v2,... with key in {', '.join(SWEEP_KEYS)}; "
-                                 f"got '{part}'")
+                raise UsageError(
+                    f"--sweep: expected key=v1,v2,... with key in {', '.join(SWEEP_KEYS)}; got '{part}'"
+                )
             if key in out:
                 raise UsageError(f"--sweep: '{key}' given twice")
             try:
@@ -59,8 +60,14 @@ def _sweep_int(text: str) -> int:
     return int(text)
 
 
-def sweep_path(path: Path, hw: HardwareProfile, config: OptimizeConfig, grid: dict[str, tuple[int, ...]],
-               ranks: int | None = None, budget: int | None = None) -> tuple[SweepPoint, ...]:
+def sweep_path(
+    path: Path,
+    hw: HardwareProfile,
+    config: OptimizeConfig,
+    grid: dict[str, tuple[int, ...]],
+    ranks: int | None = None,
+    budget: int | None = None,
+) -> tuple[SweepPoint, ...]:
     """Speedups over the batch x context x ranks grid (missing keys: the single configured value)."""
     model_path, model_ranks = rank_model(path, ranks)
     model = load_model(model_path)
@@ -71,6 +78,16 @@ def sweep_path(path: Path, hw: HardwareProfile, config: OptimizeConfig, grid: di
             analysis = analyze(model, cfg, model_ranks, str(model_path))
             for p in grid.get("ranks", (model_ranks,)):
                 est = evaluate(analysis, hw, p, budget, cfg.l2_fraction)
-                points.append(SweepPoint(batch, context, p, est.baseline_s, est.preserve_s, est.upper_bound_s,
-                                         est.kv_read_bytes, est.hinted_bytes))
+                points.append(
+                    SweepPoint(
+                        batch,
+                        context,
+                        p,
+                        est.baseline_s,
+                        est.preserve_s,
+                        est.upper_bound_s,
+                        est.kv_read_bytes,
+                        est.hinted_bytes,
+                    )
+                )
     return tuple(points)

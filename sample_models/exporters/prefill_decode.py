@@ -29,7 +29,7 @@ def present_name(past: str) -> str:
     """``past_key_values.0.key`` -> ``present.0.key``; ``past.0.conv`` -> ``present.0.conv``."""
     for prefix in ("past_key_values.", "past."):
         if past.startswith(prefix):
-            return "present." + past[len(prefix):]
+            return "present." + past[len(prefix) :]
     raise ValueError(f"{past}: not a state input (past_key_values.* or past.*)")
 
 
@@ -41,8 +41,9 @@ def window_size(model: Path) -> int | None:
     return None if window is None else int(window["window_size"])
 
 
-def prefill_and_decode(model: Path, ids: np.ndarray, layers: int, kv_heads: int,
-                       head: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def prefill_and_decode(
+    model: Path, ids: np.ndarray, layers: int, kv_heads: int, head: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(prefill outputs, decode outputs): ``ids[:, :-1]`` with an empty KV-cache, then ``ids[:, -1:]``
     with the prefill's ``present.*`` as ``past_key_values.*``. ``layers``/``kv_heads`` size a graph input
     whose head count is symbolic (none of the committed exports has one)."""

@@ -627,8 +627,11 @@ def test_refuses_a_folder_without_exactly_one_model(tmp_path):
     shutil.copytree(SAMPLES / "llama-gqa" / "full", src)
     shutil.copy(src / "model.onnx", src / "other.onnx")
     refused(
-        src, tmp_path / "out", 2, r"export: the folder holds 2 \.onnx files; name the single-device model's "
-        r"file$"
+        src,
+        tmp_path / "out",
+        2,
+        r"export: the folder holds 2 \.onnx files; name the single-device model's "
+        r"file$",
     )
     refused(tmp_path / "missing.onnx", tmp_path / "out", 2, r"missing\.onnx: no such file or directory$")
 
