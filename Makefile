@@ -56,6 +56,7 @@ $(VENV)/.mpi: $(VENV)/.installed
 # version the test extra pins; `make test` runs it before pytest.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: setup $(if $(NO_MPI),,mpi) lint
 	$(if $(NO_MPI),,PRESERVE_REQUIRE_MPI=1) $(PY) -m pytest -q
