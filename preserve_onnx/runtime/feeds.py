@@ -23,11 +23,10 @@ from collections.abc import Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from preserve_onnx.errors import PreserveError
-from preserve_onnx.graph.dims import DecodeLayout, bind_lenient, decode_layout
+from preserve_onnx.graph.dims import DecodeLayout, bind_lenient
 from preserve_onnx.model_io import write_bytes_atomic
 from preserve_onnx.runtime.session import Ranks
 from preserve_onnx.runtime.values import TensorMeta, tensor_meta
@@ -47,21 +46,10 @@ _NAMED_DTYPES = {
 
 
 def layout_of(source: object) -> DecodeLayout:
-    """The decode layout (docs/design.md §2: KV-cache inputs, present -> past) of the first model behind
-    ``source`` (a RankSession or MpiRankSession keeps its models); an empty layout for bare metadata."""
-    models = getattr(source, "model_sources", None)
-    if not models:
-        return DecodeLayout()
-    known = getattr(source, "_decode_layout", None)
-    if known is None:  # once per session: every decode step asks
-        from preserve_onnx.model_io import load_model
-
-        first = models[0]
-        known = decode_layout(
-            first if isinstance(first, onnx.ModelProto) else load_model(pathlib.Path(first))
-        )
-        source._decode_layout = known
-    return known
+    """The decode layout (docs/design.md §2: KV-cache inputs, present -> past) of the models behind
+    ``source`` (a RankSession or MpiRankSession: :attr:`Ranks.decode_layout`); an empty layout for bare
+    metadata."""
+    return source.decode_layout if isinstance(source, Ranks) else DecodeLayout()
 
 
 def _input_meta(source: object) -> list[tuple[TensorMeta, ...]]:

@@ -25,6 +25,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -32,6 +33,8 @@ import onnx
 import onnxruntime as ort
 
 from preserve_onnx.errors import PreserveError
+from preserve_onnx.graph.dims import DecodeLayout, decode_layout
+from preserve_onnx.model_io import load_model
 from preserve_onnx.runtime.library import PREFETCH_KERNEL_ATTRS, native_library
 from preserve_onnx.runtime.options import (
     ModelLike,
@@ -114,6 +117,13 @@ class Ranks(abc.ABC):
         self._sessions: tuple[ort.InferenceSession, ...] = ()
         self._inputs: tuple[tuple[TensorMeta, ...], ...] = ()
         self._outputs: tuple[tuple[TensorMeta, ...], ...] = ()
+
+    @functools.cached_property
+    def decode_layout(self) -> DecodeLayout:
+        """The first rank's decode layout (docs/design.md §2: KV-cache inputs, present -> past), read from
+        its graph once per session (never its weights): every decode step asks."""
+        first = self.model_sources[0]
+        return decode_layout(first if isinstance(first, onnx.ModelProto) else load_model(Path(first)))
 
     @property
     def world_size(self) -> int:
